@@ -1,0 +1,16 @@
+"""Network types: one small class each behind ``Adapter``; ``build_adapter`` picks one for a layer's keys."""
+from __future__ import annotations
+
+from .base import Adapter
+from .dora import DoRA
+from .full import Full, Norm
+from .glora import GLoRA
+from .ia3 import IA3
+from .lokr import LoKr
+from .loha import LoHa
+from .lora import LoRA
+from .oft import OFT
+from .registry import build_adapter, kind_of
+
+__all__ = ["Adapter", "LoRA", "LoHa", "LoKr", "IA3", "GLoRA", "OFT", "Full", "Norm", "DoRA", "build_adapter",
+           "kind_of"]

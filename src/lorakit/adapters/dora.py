@@ -1,0 +1,60 @@
+"""DoRA as a wrapper around another adapter's ΔW (``dora_scale`` beside LoRA/LoHa/LoKr keys).
+
+The convention is told apart by the shape of the magnitude: ``(out, 1, …)`` or ``(out,)`` is per output row
+(PEFT, LyCORIS since Dec 2024), ``(1, in, …)`` per input column (older LyCORIS). Tools that assume one of them
+scramble the other silently; we never guess from anything but the shape.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import functional as fn
+from .base import Adapter, Tensor
+
+
+class DoRA(Adapter):
+    needs_weight = True
+    kind = "dora"
+    keys = ("dora_scale",)
+    linear_in_strength = False
+
+    def __init__(self, inner: Adapter, magnitude: Tensor, where: str) -> None:
+        self.inner = inner
+        super().__init__({"dora_scale": magnitude}, where)
+
+    @property
+    def magnitude(self) -> Tensor:
+        return self.t["dora_scale"]
+
+    @property
+    def per_output(self) -> bool:
+        m = self.magnitude
+        return m.dim() <= 1 or m.shape[0] != 1 or m.shape[1] == 1
+
+    @property
+    def kind_name(self) -> str:
+        return f"dora({getattr(self.inner, 'kind_name', self.inner.kind)})"
+
+    @property
+    def rank(self) -> int | None:
+        return self.inner.rank
+
+    @property
+    def alpha(self) -> float | None:
+        return self.inner.alpha
+
+    def shape_error(self, weight_shape: torch.Size) -> str | None:
+        err = self.inner.shape_error(weight_shape)
+        if err:
+            return err
+        axis = 0 if self.per_output else 1
+        n = self.magnitude.numel()
+        if n != weight_shape[axis]:
+            side = "output" if self.per_output else "input"
+            return f"dora_scale {tuple(self.magnitude.shape)} ({side} convention) does not fit the weight " \
+                   f"{tuple(weight_shape)}"
+        return None
+
+    def delta(self, weight: Tensor, strength: float, dyn: int | None = None) -> Tensor:
+        inner = self.inner.delta(weight, 1.0, dyn)
+        return fn.dora_delta(weight, inner, self.magnitude.float(), self.per_output, strength)

@@ -1,0 +1,31 @@
+"""Dialect readers: each has ``detect(sd, metadata)`` and ``to_canonical(sd, metadata) -> Canonical``.
+
+The list is tried in order; the first whose ``detect`` says yes reads the file. Specific dialects come before the
+broad ones (kohya's prefixes are the most common and the loosest)."""
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+
+from ..errors import InvalidLora, NotAMatch
+from . import attnprocs, cloneofsimo, comfy, kohya, peft
+from .base import COMPONENTS, Canonical, Grouped
+
+DIALECTS: list[ModuleType] = [cloneofsimo, attnprocs, peft, comfy, kohya]
+
+__all__ = ["Canonical", "Grouped", "COMPONENTS", "DIALECTS", "to_canonical"]
+
+
+def to_canonical(sd: dict[str, torch.Tensor], metadata: dict[str, str]) -> Canonical | None:
+    """The canonical form of a state dict, or ``None`` when no dialect recognises it."""
+    for dialect in DIALECTS:
+        if not dialect.detect(sd, metadata):
+            continue
+        try:
+            return dialect.to_canonical(sd, metadata)  # type: ignore[no-any-return]
+        except NotAMatch:
+            continue
+        except InvalidLora:
+            raise
+    return None

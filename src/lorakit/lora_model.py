@@ -1,0 +1,103 @@
+"""``load_lora(path) -> LoraModel``: a file read into one adapter per target module, with what it targets."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import arch as archmod
+from .adapters import Adapter, build_adapter, kind_of
+from .errors import InvalidLora, UnmatchedKeys, UnsupportedLora
+from .formats import to_canonical
+from .io import StateDict, load_file
+
+META_KEYS_IGNORED = ()
+
+
+@dataclass
+class LoraModel:
+    """A loaded LoRA. ``layers`` maps canonical module paths (``unet.down_blocks.0.…to_q``) to adapters."""
+
+    name: str
+    path: str | None
+    dialect: str
+    arch: str
+    layers: dict[str, Adapter]
+    metadata: dict[str, str] = field(default_factory=dict)
+    embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
+    leftovers: list[str] = field(default_factory=list)
+
+    @property
+    def network_types(self) -> list[str]:
+        return sorted({kind_of(a) for a in self.layers.values()})
+
+    @property
+    def ranks(self) -> list[int]:
+        return sorted({r for a in self.layers.values() if (r := a.rank) is not None})
+
+    @property
+    def rank(self) -> int | None:
+        """The most common rank (kohya's ``network_dim``); ``ranks`` lists them all."""
+        counts = Counter(r for a in self.layers.values() if (r := a.rank) is not None)
+        return counts.most_common(1)[0][0] if counts else None
+
+    @property
+    def alphas(self) -> list[float]:
+        return sorted({a for ad in self.layers.values() if (a := ad.alpha) is not None})
+
+    @property
+    def alpha(self) -> float | None:
+        counts = Counter(a for ad in self.layers.values() if (a := ad.alpha) is not None)
+        return counts.most_common(1)[0][0] if counts else None
+
+    def modules_per_component(self) -> dict[str, int]:
+        return dict(Counter(p.split(".", 1)[0] for p in self.layers))
+
+    def __repr__(self) -> str:
+        return (f"LoraModel({self.name!r}, arch={self.arch}, dialect={self.dialect}, types={self.network_types}, "
+                f"layers={len(self.layers)})")
+
+
+def load_lora(path: str | Path, *, strict: bool = False, name: str | None = None) -> LoraModel:
+    """Read a LoRA file of any supported dialect and network type."""
+    sd, metadata = load_file(path)
+    return lora_from_state_dict(sd, metadata, name=name or Path(path).stem, path=str(path), strict=strict)
+
+
+def lora_from_state_dict(sd: StateDict, metadata: dict[str, str], *, name: str = "lora", path: str | None = None,
+                         strict: bool = False) -> LoraModel:
+    family = archmod.foreign_family(list(sd), metadata)
+    if family:
+        raise UnsupportedLora(path, f"this is a LoRA for {family}; lorakit applies LoRAs to Stable Diffusion 1.x, "
+                                    "2.x and XL only")
+    canonical = to_canonical(sd, metadata)
+    if canonical is None:
+        sample = ", ".join(list(sd)[:3])
+        raise UnsupportedLora(path, "no known LoRA key layout (kohya, LyCORIS, diffusers, PEFT, cloneofsimo, "
+                                    f"ComfyUI) matches; first keys: {sample}")
+    layers, leftovers = _build_layers(canonical.groups, path)
+    leftovers = canonical.leftovers + leftovers
+    if not layers:
+        raise InvalidLora(path, f"no LoRA layers found ({len(leftovers)} keys not understood, e.g. "
+                                f"{', '.join(leftovers[:3])})")
+    if strict and leftovers:
+        raise UnmatchedKeys(path, f"{len(leftovers)} keys not understood (strict mode): {', '.join(leftovers[:5])}")
+    arch = archmod.detect(canonical.groups, metadata)
+    return LoraModel(name, path, canonical.dialect, arch, layers, metadata, canonical.embeddings, leftovers)
+
+
+def _build_layers(groups: dict[str, dict[str, torch.Tensor]], path: str | None) -> tuple[dict[str, Adapter],
+                                                                                          list[str]]:
+    layers: dict[str, Adapter] = {}
+    leftovers: list[str] = []
+    for module, leaves in groups.items():
+        try:
+            adapter, rest = build_adapter(leaves, module)
+        except InvalidLora as e:
+            raise InvalidLora(path, e.problem) from None
+        if adapter is not None:
+            layers[module] = adapter
+        leftovers.extend(f"{module}.{leaf}" for leaf in rest)
+    return layers, leftovers
