@@ -1,0 +1,129 @@
+"""Applying LoRAs to a model: ``apply_loras(target, [(lora, weight), ...])``.
+
+One ``Patcher`` per model holds its LoRA state, so successive calls switch sets by re-patching only what changes.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Union
+
+import torch
+
+from ..errors import LorakitError
+from ..lora_model import LoraModel, load_lora
+from .fused import FusedPatcher
+from .hooks import HookPatcher
+from .plan import LoraReport, build_plan
+from .targets import components_of
+from .weights import Weight, as_weight
+
+log = logging.getLogger("lorakit")
+
+LoraLike = Union[LoraModel, str, os.PathLike]
+WeightLike = Union[float, int, Mapping[str, object], Weight]
+MODES = ("fused", "hooks")
+
+
+class Patcher:
+    """The LoRA state of one model (its unet / text encoders)."""
+
+    def __init__(self, components: Mapping[str, torch.nn.Module]) -> None:
+        self.components = dict(components)
+        self.fused = FusedPatcher()
+        self.hooks = HookPatcher()
+        self.reports: list[LoraReport] = []
+
+    def set(self, loras: Sequence[tuple[LoraLike, WeightLike]] | Iterable[tuple[LoraLike, WeightLike]], *,
+            mode: str = "fused", strict: bool = False) -> list[LoraReport]:
+        """Make exactly ``loras`` active. Everything is checked first; on any error the model is left as it was
+        before the call's first change (all originals back)."""
+        if mode not in MODES:
+            raise LorakitError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        resolved = [(_as_lora(lora, strict), as_weight(w)) for lora, w in loras]
+        plan = build_plan(self.components, resolved, strict)
+        active, other = (self.fused, self.hooks) if mode == "fused" else (self.hooks, self.fused)
+        try:
+            other.restore()
+            active.apply(plan)
+        except BaseException:
+            self.restore()
+            raise
+        self.reports = plan.reports
+        for report in plan.reports:
+            log.info(report.line())
+        return plan.reports
+
+    def restore(self) -> None:
+        """Every parameter back to its original tensor (bit-exact); every hook removed."""
+        self.fused.restore()
+        self.hooks.restore()
+        self.reports = []
+
+
+_PATCHERS: "weakref.WeakKeyDictionary[torch.nn.Module, Patcher]" = weakref.WeakKeyDictionary()
+
+
+def patcher_for(target: object) -> Patcher:
+    """The one ``Patcher`` of a model (created on first use, keyed by its first component module)."""
+    components = components_of(target)
+    key = next(iter(components.values()))
+    patcher = _PATCHERS.get(key)
+    if patcher is None or patcher.components != components:
+        patcher = Patcher(components)
+        _PATCHERS[key] = patcher
+    return patcher
+
+
+class AppliedLoras:
+    """What ``apply_loras`` returns: the reports, and a context manager that restores on exit."""
+
+    def __init__(self, patcher: Patcher, reports: list[LoraReport]) -> None:
+        self.patcher = patcher
+        self.reports = reports
+
+    def restore(self) -> None:
+        self.patcher.restore()
+
+    def __enter__(self) -> "AppliedLoras":
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.patcher.restore()
+
+
+def apply_loras(target: object, loras: Sequence[tuple[LoraLike, WeightLike] | LoraLike], *, mode: str = "fused",
+                strict: bool = False) -> AppliedLoras:
+    """Apply LoRAs to a diffusers pipeline or ``{"unet": m, "text_encoder": m, "text_encoder_2": m}``.
+
+    ``loras``: ``(LoraModel | path, weight)`` pairs (a bare LoraModel/path means weight 1). Use as a context
+    manager to restore on exit, or call again with another set to switch (only changed parameters are
+    re-patched), and ``restore(target)`` to remove all."""
+    pairs = [item if isinstance(item, tuple) else (item, 1.0) for item in loras]
+    patcher = patcher_for(target)
+    return AppliedLoras(patcher, patcher.set(pairs, mode=mode, strict=strict))
+
+
+def restore(target: object) -> None:
+    """Remove every LoRA applied to ``target`` by lorakit."""
+    patcher_for(target).restore()
+
+
+_LOADED: dict[tuple[str, int, int, bool], LoraModel] = {}
+
+
+def _as_lora(lora: LoraLike, strict: bool) -> LoraModel:
+    if isinstance(lora, LoraModel):
+        return lora
+    p = Path(lora)
+    st = p.stat() if p.exists() else None
+    key = (str(p.resolve()), st.st_mtime_ns if st else 0, st.st_size if st else 0, strict)
+    if key not in _LOADED:
+        if len(_LOADED) > 32:
+            _LOADED.clear()
+        _LOADED[key] = load_lora(p, strict=strict)
+    return _LOADED[key]

@@ -1,0 +1,67 @@
+"""Hooks mode: forward hooks add each LoRA's output change; no weight is modified.
+
+LoRA/LoCon layers use the low-rank path ``m·s·up(down(x))`` (cheap when the strength changes every step); other
+types add ``op(x, ΔW, Δb)`` with ΔW cached per strength. Strengths can be changed between forwards without
+re-registering (``apply`` with the same layers only updates them).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..adapters import LoRA
+from ..adapters import functional as fn
+from .plan import Contribution, Plan
+
+
+class _LayerHook:
+    def __init__(self, module: torch.nn.Module, contribs: list[Contribution]) -> None:
+        self.contribs = contribs
+        self.cache: dict[tuple[int, float, int | None, torch.dtype], tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.handle = module.register_forward_hook(self)
+
+    def __call__(self, module: torch.nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        for c in self.contribs:
+            if isinstance(c.adapter, LoRA):
+                output = output + c.adapter.hook_output(module, x, module.weight, c.strength, c.dyn)
+            else:
+                d, b = self._delta(module, c, x.dtype)
+                output = output + fn.module_op(module, x, d, b)
+        return output
+
+    def _delta(self, module: torch.nn.Module, c: Contribution,
+               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        key = (id(c.adapter), c.strength, c.dyn, dtype)
+        if key not in self.cache:
+            w = module.weight.detach().float()
+            b = c.adapter.bias_delta(c.strength) if getattr(module, "bias", None) is not None else None
+            self.cache[key] = (c.adapter.delta(w, c.strength, c.dyn).to(dtype), None if b is None else b.to(dtype))
+        return self.cache[key]
+
+
+class HookPatcher:
+    def __init__(self) -> None:
+        self.hooks: dict[str, _LayerHook] = {}
+
+    def apply(self, plan: Plan) -> int:
+        for path in [p for p in self.hooks if p not in plan.layers]:
+            self.hooks.pop(path).handle.remove()
+        for path, contribs in plan.layers.items():
+            hook = self.hooks.get(path)
+            if hook is None:
+                self.hooks[path] = _LayerHook(plan.modules[path], contribs)
+            elif hook.contribs != contribs:
+                hook.contribs = contribs
+                hook.cache.clear()
+        return len(plan.layers)
+
+    def restore(self) -> None:
+        for hook in self.hooks.values():
+            hook.handle.remove()
+        self.hooks.clear()
+
+    @property
+    def active(self) -> bool:
+        return bool(self.hooks)

@@ -1,0 +1,122 @@
+"""Resolve a list of (LoraModel, Weight) onto a model, check everything, and say what will change.
+
+Every check happens here, before any weight is touched: architecture, module existence, shapes, weight specs.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..adapters import Adapter, kind_of
+from ..arch import NAMES, UNKNOWN
+from ..errors import IncompatibleLora, UnmatchedKeys
+from ..lora_model import LoraModel
+from .targets import SUPPORTED, find_module, model_arch
+from .weights import Weight
+
+ParamKey = tuple[str, str]  # (canonical module path, "weight" | "bias")
+
+
+@dataclass(frozen=True)
+class Contribution:
+    adapter: Adapter
+    strength: float
+    dyn: int | None
+
+
+@dataclass
+class LoraReport:
+    """What one LoRA did to a model: one readable line via ``line()``."""
+
+    name: str
+    path: str | None
+    types: list[str]
+    arch: str
+    patched: dict[str, int] = field(default_factory=dict)
+    unmatched: list[str] = field(default_factory=list)
+    leftover_keys: int = 0
+
+    def line(self) -> str:
+        parts = ", ".join(f"{c} {n}" for c, n in sorted(self.patched.items())) or "nothing"
+        text = f"LoRA {self.name}: {'/'.join(self.types)}, {self.arch}; patched {parts}"
+        if self.unmatched:
+            text += f"; {len(self.unmatched)} layers not in this model (e.g. {self.unmatched[0]})"
+        if self.leftover_keys:
+            text += f"; {self.leftover_keys} keys not understood"
+        return text
+
+
+@dataclass
+class Plan:
+    modules: dict[str, torch.nn.Module]
+    layers: dict[str, list[Contribution]]
+    reports: list[LoraReport]
+
+    def param_entries(self) -> dict[ParamKey, list[tuple[Contribution, str]]]:
+        """Per parameter: the contributions and which tensor of theirs (``weight`` or ``bias``) applies."""
+        out: dict[ParamKey, list[tuple[Contribution, str]]] = {}
+        for path, contribs in self.layers.items():
+            has_bias = getattr(self.modules[path], "bias", None) is not None
+            for c in contribs:
+                out.setdefault((path, "weight"), []).append((c, "weight"))
+                if has_bias and c.adapter.changes_bias and c.adapter.bias_delta(1.0) is not None:
+                    out.setdefault((path, "bias"), []).append((c, "bias"))
+        return out
+
+
+def build_plan(components: Mapping[str, torch.nn.Module], loras: Sequence[tuple[LoraModel, Weight]],
+               strict: bool = False) -> Plan:
+    arch = model_arch(components)
+    modules: dict[str, torch.nn.Module] = {}
+    layers: dict[str, list[Contribution]] = {}
+    reports = []
+    for lora, weight in loras:
+        _check_arch(lora, arch)
+        report = LoraReport(lora.name, lora.path, lora.network_types, lora.arch, leftover_keys=len(lora.leftovers))
+        errors: list[str] = []
+        for path, adapter in lora.layers.items():
+            module = find_module(components, path)
+            if module is None or not isinstance(module, SUPPORTED):
+                report.unmatched.append(path)
+                continue
+            problem = adapter.shape_error(module.weight.shape)
+            if problem:
+                errors.append(f"{path}: {problem}")
+                continue
+            strength = weight.for_path(path, arch)
+            modules[path] = module
+            report.patched[path.split(".", 1)[0]] = report.patched.get(path.split(".", 1)[0], 0) + 1
+            if strength != 0.0:
+                layers.setdefault(path, []).append(Contribution(adapter, strength, weight.dyn))
+        _raise_if_bad(lora, arch, errors, report, strict)
+        reports.append(report)
+    return Plan(modules, layers, reports)
+
+
+def _check_arch(lora: LoraModel, arch: str) -> None:
+    if UNKNOWN in (lora.arch, arch) or lora.arch == arch:
+        return
+    where = lora.path or lora.name
+    raise IncompatibleLora(f"{where}: this LoRA is for {NAMES[lora.arch]}, the model is {NAMES[arch]}; "
+                           "nothing was changed")
+
+
+def _raise_if_bad(lora: LoraModel, arch: str, errors: list[str], report: LoraReport, strict: bool) -> None:
+    where = lora.path or lora.name
+    if errors:
+        more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+        raise IncompatibleLora(f"{where}: {len(errors)} layers do not fit the model ({NAMES.get(arch, arch)}): "
+                               f"{'; '.join(errors[:3])}{more}; nothing was changed")
+    if report.patched == {} and lora.layers:
+        raise IncompatibleLora(f"{where}: none of its {len(lora.layers)} layers exists in this model "
+                               f"(e.g. {next(iter(lora.layers))}); nothing was changed")
+    if strict and (report.unmatched or lora.leftovers):
+        items = report.unmatched + lora.leftovers
+        raise UnmatchedKeys(lora.path, f"{len(items)} entries not applied (strict mode): {', '.join(items[:5])}")
+
+
+def summary_counts(plan: Plan) -> Counter[str]:
+    return Counter(kind_of(c.adapter) for cs in plan.layers.values() for c in cs)

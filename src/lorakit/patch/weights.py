@@ -1,0 +1,112 @@
+"""Weight specs: a float, or per part (``unet``, ``te``), per block (``in``/``mid``/``out`` as SD.Next, or a
+lora-block-weight vector / preset as ``lbw``), and DyLoRA ``dyn``.
+
+lbw vectors are told apart by length: SD1/SD2 17 (LoRA) or 26 (LoCon), SDXL 12 or 20; ``BASE`` is the text
+encoder(s). Blocks a vector does not list keep the part weight (×1). Layers outside every block (time
+embeddings) take the plain ``unet`` weight.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from ..errors import WeightSpecError
+from ..keymap import block_id
+
+_IN = [f"IN{i:02d}" for i in range(12)]
+_OUT = [f"OUT{i:02d}" for i in range(12)]
+VECTORS: dict[int, tuple[str, list[str]]] = {
+    17: ("sd", ["BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00"] + _OUT[3:12]),
+    26: ("sd", ["BASE"] + _IN + ["M00"] + _OUT),
+    12: ("sdxl", ["BASE", "IN04", "IN05", "IN07", "IN08", "M00"] + _OUT[0:6]),
+    20: ("sdxl", ["BASE"] + _IN[0:9] + ["M00"] + _OUT[0:9]),
+}
+PRESETS: dict[str, set[str]] = {
+    "NONE": set(), "ALL": {"BASE", *_IN, "M00", *_OUT},
+    "INS": {"BASE", "IN01", "IN02", "IN04"}, "IND": {"BASE", "IN05", "IN07", "IN08"},
+    "INALL": {"BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08"},
+    "MIDD": {"BASE", "IN05", "IN07", "IN08", "M00", "OUT03", "OUT04", "OUT05"},
+    "OUTD": {"BASE", "OUT03", "OUT04", "OUT05", "OUT06"},
+    "OUTS": {"BASE", "OUT07", "OUT08", "OUT09", "OUT10", "OUT11"},
+    "OUTALL": {"BASE", *_OUT[3:12]},
+}
+
+
+@dataclass(frozen=True)
+class Weight:
+    """A LoRA's strength. ``blocks`` maps block ids (``BASE``, ``IN04``, ``M00``, ``OUT03``…) to factors."""
+
+    unet: float = 1.0
+    te: float = 1.0
+    blocks: Mapping[str, float] = field(default_factory=dict)
+    dyn: int | None = None
+    arch_family: str | None = None  # "sd" or "sdxl" when an lbw vector fixed it
+
+    def for_path(self, canonical_path: str, arch: str) -> float:
+        """The multiplier of one layer: part weight × block factor."""
+        if self.arch_family and (arch == "sdxl") != (self.arch_family == "sdxl"):
+            raise WeightSpecError(f"a {len(self.blocks)}-value block-weight vector is for "
+                                  f"{'SDXL' if self.arch_family == 'sdxl' else 'SD1/SD2'}, the model is {arch}")
+        is_te = canonical_path.startswith("text_encoder")
+        base = self.te if is_te else self.unet
+        block = block_id(canonical_path, last_out=8 if arch == "sdxl" else 11)
+        return base * self.blocks.get(block, 1.0) if block else base
+
+    def key(self) -> tuple[object, ...]:
+        return (self.unet, self.te, tuple(sorted(self.blocks.items())), self.dyn)
+
+
+def as_weight(spec: float | int | Mapping[str, object] | Weight) -> Weight:
+    """Accept ``0.8``, ``Weight(...)`` or a mapping: ``{"unet": 1, "te": 0.5, "in": 0, "mid": 1, "out": 0,
+    "lbw": "OUTD" | [1, 0, …] | "1,0,…", "dyn": 4, "weight": 0.8}`` (``weight`` multiplies both parts)."""
+    if isinstance(spec, Weight):
+        return spec
+    if isinstance(spec, bool) or not isinstance(spec, (int, float, Mapping)):
+        raise WeightSpecError(f"a LoRA weight must be a number or a mapping, got {spec!r}")
+    if not isinstance(spec, Mapping):
+        return Weight(unet=float(spec), te=float(spec))
+    unknown = set(spec) - {"unet", "te", "in", "mid", "out", "lbw", "dyn", "weight"}
+    if unknown:
+        raise WeightSpecError(f"unknown weight part(s) {sorted(unknown)}; known: unet, te, in, mid, out, lbw, dyn, "
+                              "weight")
+    w = _num(spec.get("weight", 1.0), "weight")
+    unet = w * _num(spec.get("unet", 1.0), "unet")
+    te = w * _num(spec.get("te", 1.0), "te")
+    blocks, family = _blocks(spec)
+    dyn = spec.get("dyn")
+    if dyn is not None and (not isinstance(dyn, int) or isinstance(dyn, bool) or dyn < 1):
+        raise WeightSpecError(f"dyn must be a positive whole number, got {dyn!r}")
+    return Weight(unet, te, blocks, dyn, family)
+
+
+def _num(v: object, name: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise WeightSpecError(f"weight part {name!r} must be a number, got {v!r}")
+    return float(v)
+
+
+def _blocks(spec: Mapping[str, object]) -> tuple[dict[str, float], str | None]:
+    blocks: dict[str, float] = {}
+    if "lbw" in spec:
+        return _lbw(spec["lbw"])
+    for part, names in (("in", _IN), ("mid", ["M00"]), ("out", _OUT)):
+        if part in spec:
+            blocks.update({n: _num(spec[part], part) for n in names})
+    return blocks, None
+
+
+def _lbw(value: object) -> tuple[dict[str, float], str | None]:
+    if isinstance(value, str) and value.strip().upper() in PRESETS:
+        members = PRESETS[value.strip().upper()]
+        return {b: (1.0 if b in members else 0.0) for b in PRESETS["ALL"]}, None
+    if isinstance(value, str):
+        try:
+            value = [float(x) for x in value.split(",")]
+        except ValueError:
+            raise WeightSpecError(f"lbw must be a preset ({', '.join(PRESETS)}) or comma-separated numbers, got "
+                                  f"{value!r}") from None
+    if not isinstance(value, (list, tuple)) or len(value) not in VECTORS:
+        n = len(value) if isinstance(value, (list, tuple)) else "?"
+        raise WeightSpecError(f"an lbw vector has 17 or 26 values (SD1/SD2) or 12 or 20 (SDXL), got {n}")
+    family, names = VECTORS[len(value)]
+    return {n: _num(v, "lbw") for n, v in zip(names, value)}, family
