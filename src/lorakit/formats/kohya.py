@@ -27,7 +27,7 @@ def _split(key: str) -> tuple[str, str] | None:
         if module.startswith(prefix):
             path = unflatten(module[len(prefix):])
             if component is None:  # LyCORIS' own wrapper: the component is in the path
-                component = "text_encoder" if path.startswith(TE_HEADS) else "unet"
+                component = "text_encoder" if path.split(".", 1)[0] in TE_HEADS else "unet"
             return component_path(component, path), leaf
     return None
 
