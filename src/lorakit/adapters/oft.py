@@ -19,6 +19,8 @@ class OFT(Adapter):
             raise self.fail("OFT layer lacks oft_blocks")
         if self.blocks.dim() not in (3, 4) or self.blocks.shape[-1] != self.blocks.shape[-2]:
             raise self.fail(f"oft_blocks must be (n, b, b) or (m, n, b, b), got {tuple(self.blocks.shape)}")
+        if self.butterfly and self.blocks.shape[-1] % 2:
+            raise self.fail(f"BOFT blocks must have an even size, got {tuple(self.blocks.shape)}")
 
     @property
     def blocks(self) -> Tensor:

@@ -2,8 +2,9 @@
 lora-block-weight vector / preset as ``lbw``), and DyLoRA ``dyn``.
 
 lbw vectors are told apart by length: SD1/SD2 17 (LoRA) or 26 (LoCon), SDXL 12 or 20; ``BASE`` is the text
-encoder(s). Blocks a vector does not list keep the part weight (×1). Layers outside every block (time
-embeddings) take the plain ``unet`` weight.
+encoder(s). Blocks a vector does not list keep the part weight (×1). UNet layers outside every block (time and
+label embeddings) follow ``BASE`` under an lbw vector or preset (so ``NONE`` changes nothing and ``ALL``
+everything); ``in``/``mid``/``out`` leave them at the ``unet`` weight.
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ class Weight:
         is_te = canonical_path.startswith("text_encoder")
         base = self.te if is_te else self.unet
         block = block_id(canonical_path, last_out=8 if arch == "sdxl" else 11)
-        return base * self.blocks.get(block, 1.0) if block else base
+        return base * self.blocks.get(block or "BASE", 1.0)
 
     def key(self) -> tuple[object, ...]:
         return (self.unet, self.te, tuple(sorted(self.blocks.items())), self.dyn)

@@ -1,0 +1,168 @@
+"""Random LoRA tensors of every network type for any layer, and tiny models built from configs."""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+
+KINDS = ["lora", "locon-tucker", "loha", "loha-tucker", "lokr", "lokr-decomposed", "lokr-tucker", "ia3", "ia3-input",
+         "glora", "glora-old", "oft", "oft-diag-old", "boft", "full", "dora-out", "dora-in", "doha", "dokr"]
+NORM_KINDS = ["norm"]
+
+
+def _r(gen: torch.Generator, *shape: int, std: float = 0.1) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen) * std
+
+
+def _factor(n: int) -> tuple[int, int]:
+    """n = a·b with a the largest divisor ≤ √n."""
+    a = max(d for d in range(1, int(n ** 0.5) + 1) if n % d == 0)
+    return a, n // a
+
+
+def adapter_tensors(kind: str, shape: torch.Size | tuple[int, ...], rank: int = 4,
+                    gen: torch.Generator | None = None, alpha: float | None = None) -> dict[str, torch.Tensor]:
+    """kohya/LyCORIS leaf tensors of ``kind`` for a weight of ``shape`` ((out, in) or (out, in, k, k))."""
+    g = gen or torch.Generator().manual_seed(0)
+    out, inp, *k = shape
+    kk = 1
+    for s in k:
+        kk *= s
+    a = torch.tensor(float(alpha if alpha is not None else rank / 2))
+    if kind == "norm":
+        return {"w_norm": _r(g, out), "b_norm": _r(g, out)}
+    if kind == "lora":
+        return {"lora_down.weight": _r(g, rank, inp, *k), "lora_up.weight": _r(g, out, rank, *[1] * len(k)),
+                "alpha": a}
+    if kind == "locon-tucker":
+        if not k:
+            return adapter_tensors("lora", shape, rank, g, alpha)
+        return {"lora_down.weight": _r(g, rank, inp, 1, 1), "lora_mid.weight": _r(g, rank, rank, *k),
+                "lora_up.weight": _r(g, out, rank, 1, 1), "alpha": a}
+    if kind in ("loha", "doha"):
+        t = {"hada_w1_a": _r(g, out, rank), "hada_w1_b": _r(g, rank, inp * kk), "hada_w2_a": _r(g, out, rank),
+             "hada_w2_b": _r(g, rank, inp * kk), "alpha": a}
+        return _with_dora(t, kind == "doha", shape, g, True)
+    if kind == "loha-tucker":
+        if not k:
+            return adapter_tensors("loha", shape, rank, g, alpha)
+        return {"hada_t1": _r(g, rank, rank, *k), "hada_w1_a": _r(g, rank, out), "hada_w1_b": _r(g, rank, inp),
+                "hada_t2": _r(g, rank, rank, *k), "hada_w2_a": _r(g, rank, out), "hada_w2_b": _r(g, rank, inp),
+                "alpha": a}
+    if kind in ("lokr", "lokr-decomposed", "lokr-tucker", "dokr"):
+        return _lokr(kind, shape, rank, g, a)
+    if kind in ("ia3", "ia3-input"):
+        on_input = kind == "ia3-input"
+        n = inp if on_input else out
+        return {"weight": _r(g, n), "on_input": torch.tensor(int(on_input))}
+    if kind in ("glora", "glora-old"):
+        if kind == "glora":
+            return {"a1.weight": _r(g, inp, rank), "a2.weight": _r(g, rank, inp), "b1.weight": _r(g, out, rank),
+                    "b2.weight": _r(g, rank, inp * kk), "alpha": a}
+        return {"a1.weight": _r(g, rank, inp), "a2.weight": _r(g, inp, rank), "b1.weight": _r(g, rank, inp * kk),
+                "b2.weight": _r(g, out, rank), "alpha": a}
+    if kind in ("oft", "oft-diag-old"):
+        b, n = _factor(out)
+        key = "oft_blocks" if kind == "oft" else "oft_diag"
+        return {key: _r(g, n, b, b, std=0.05), "alpha": torch.tensor(0.0 if kind == "oft" else 0.0)}
+    if kind == "boft":
+        if out % 2:
+            return adapter_tensors("oft", shape, rank, g, alpha)
+        b = 2
+        n = out // b
+        stages = max(1, (n - 1).bit_length())
+        if n & (n - 1):  # butterfly needs a power-of-two block count; fall back to one stage
+            stages = 1
+        return {"oft_blocks": _r(g, stages, n, b, b, std=0.05), "alpha": torch.tensor(0.0)}
+    if kind == "full":
+        return {"diff": _r(g, *shape, std=0.01), "diff_b": _r(g, out, std=0.01)}
+    if kind in ("dora-out", "dora-in"):
+        return _with_dora(adapter_tensors("lora", shape, rank, g, alpha), True, shape, g, kind == "dora-out")
+    raise ValueError(kind)
+
+
+def _lokr(kind: str, shape: tuple[int, ...], rank: int, g: torch.Generator, a: torch.Tensor) -> dict[str, torch.Tensor]:
+    out, inp, *k = shape
+    o1, o2 = _factor(out)
+    i1, i2 = _factor(inp)
+    t: dict[str, torch.Tensor] = {"lokr_w1": _r(g, o1, i1)}
+    if kind == "lokr":
+        t["lokr_w2"] = _r(g, o2, i2, *k)
+    elif kind == "lokr-tucker" and k:
+        t.update({"lokr_t2": _r(g, rank, rank, *k), "lokr_w2_a": _r(g, rank, o2), "lokr_w2_b": _r(g, rank, i2)})
+        t["alpha"] = a
+    else:
+        t = {"lokr_w1_a": _r(g, o1, rank), "lokr_w1_b": _r(g, rank, i1), "lokr_w2_a": _r(g, o2, rank),
+             "lokr_w2_b": _r(g, rank, i2, *k), "alpha": a}
+    return _with_dora(t, kind == "dokr", shape, g, True)
+
+
+def _with_dora(t: dict[str, torch.Tensor], on: bool, shape: tuple[int, ...], g: torch.Generator,
+               per_output: bool) -> dict[str, torch.Tensor]:
+    if not on:
+        return t
+    out, inp, *k = shape
+    mag_shape = (out, 1, *[1] * len(k)) if per_output else (1, inp, *[1] * len(k))
+    t["dora_scale"] = 1.0 + torch.rand(*mag_shape, generator=g)
+    return t
+
+
+def kohya_name(canonical_path: str, sdxl: bool = False) -> str:
+    """The kohya module name real files use for a canonical path (text encoders under ``text_model``)."""
+    component, _, path = canonical_path.partition(".")
+    prefix = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if sdxl else "lora_te_",
+              "text_encoder_2": "lora_te2_"}[component]
+    if component.startswith("text_encoder"):
+        path = "text_model." + path
+    return prefix + path.replace(".", "_")
+
+
+def layer_paths(components: Mapping[str, torch.nn.Module], convs: bool = True) -> dict[str, torch.nn.Module]:
+    """Canonical path → module for every Linear (and Conv2d) of every component."""
+    kinds: tuple[type, ...] = (torch.nn.Linear, torch.nn.Conv2d) if convs else (torch.nn.Linear,)
+    out = {}
+    for component, root in components.items():
+        for name, module in root.named_modules():
+            if isinstance(module, kinds):
+                path = name[len("text_model."):] if name.startswith("text_model.") else name
+                out[f"{component}.{path}"] = module
+    return out
+
+
+def make_kohya_lora(components: Mapping[str, torch.nn.Module], kind: str | Callable[[str], str | None] = "lora",
+                    rank: int = 4, seed: int = 0, convs: bool = True, alpha: float | None = None,
+                    dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """A random kohya-named LoRA state dict for every Linear/Conv of ``components``. ``kind`` may be a function of
+    the canonical path (``None`` skips the layer)."""
+    gen = torch.Generator().manual_seed(seed)
+    sdxl = "text_encoder_2" in components
+    sd = {}
+    for path, module in layer_paths(components, convs).items():
+        k = kind(path) if callable(kind) else kind
+        if k is None:
+            continue
+        for leaf, t in adapter_tensors(k, tuple(module.weight.shape), rank, gen, alpha).items():
+            sd[f"{kohya_name(path, sdxl)}.{leaf}"] = t.to(dtype) if t.is_floating_point() else t
+    return sd
+
+
+def tiny_components(arch: str = "sd1", seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.nn.Module]:
+    """Tiny UNet + text encoder(s) with the layer kinds of the real ones (attention, GEGLU, resnets, conv)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    te_cfg = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=77, vocab_size=1000, projection_dim=32)
+    sdxl = arch == "sdxl"
+    unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D") if sdxl else ("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D") if sdxl else ("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64 if sdxl else 32, attention_head_dim=8, transformer_layers_per_block=2 if sdxl else 1,
+        addition_embed_type="text_time" if sdxl else None, addition_time_embed_dim=8 if sdxl else None,
+        projection_class_embeddings_input_dim=32 + 6 * 8 if sdxl else None)
+    out: dict[str, torch.nn.Module] = {"unet": unet, "text_encoder": CLIPTextModel(CLIPTextConfig(**te_cfg))}
+    if sdxl:
+        out["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**te_cfg))
+    return {k: v.to(dtype).eval() for k, v in out.items()}

@@ -1,0 +1,99 @@
+"""Tier 1: for every network type × Linear / Conv 1×1 / Conv 3×3 × fp32/fp16/bf16, the hook's output change equals
+running the layer with W + ΔW."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorakit.adapters import build_adapter
+from lorakit.adapters import functional as fn
+
+from .factories import KINDS, adapter_tensors
+
+LAYERS = {
+    "linear": lambda: torch.nn.Linear(24, 36),
+    "conv1x1": lambda: torch.nn.Conv2d(24, 36, 1),
+    "conv3x3": lambda: torch.nn.Conv2d(24, 36, 3, padding=1, stride=2),
+}
+TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-2, 2e-2), torch.bfloat16: (8e-2, 8e-2)}
+
+
+def _input(layer: str, dtype: torch.dtype) -> torch.Tensor:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 24, generator=g) if layer == "linear" else torch.randn(2, 24, 6, 6, generator=g)
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layer", list(LAYERS))
+@pytest.mark.parametrize("kind", KINDS)
+def test_hook_equals_weight_delta(kind: str, layer: str, dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    module = LAYERS[layer]().to(dtype)
+    w32 = module.weight.detach().float()
+    adapter, rest = build_adapter(adapter_tensors(kind, tuple(module.weight.shape)), "test.layer")
+    assert adapter is not None and rest == []
+    assert adapter.shape_error(module.weight.shape) is None
+    strength = 0.7
+    x = _input(layer, dtype)
+    delta = adapter.delta(w32, strength)
+    assert delta.shape == w32.shape and delta.abs().sum() > 0
+    bias = module.bias.detach().float()
+    db = adapter.bias_delta(strength)
+    expected = fn.module_op(module, x.float(), w32 + delta, bias + (db if db is not None else 0))
+    with torch.no_grad():
+        got = module(x) + adapter.hook_output(module, x, w32, strength)
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(got.float(), expected, rtol=rtol, atol=atol * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("layer", ["group", "layer"])
+def test_norm_layers(layer: str) -> None:
+    module = torch.nn.GroupNorm(4, 16) if layer == "group" else torch.nn.LayerNorm(16)
+    adapter, _ = build_adapter(adapter_tensors("norm", (16, 16)), "n")
+    x = torch.randn(2, 16, 3, 3) if layer == "group" else torch.randn(2, 5, 16)
+    w, b = module.weight.detach(), module.bias.detach()
+    patched = fn.module_op(module, x, w + adapter.delta(w, 0.5), b + adapter.bias_delta(0.5))
+    with torch.no_grad():
+        torch.testing.assert_close(module(x) + adapter.hook_output(module, x, w, 0.5), patched)
+
+
+@pytest.mark.parametrize("kind", ["lora", "loha", "lokr-decomposed", "full", "ia3", "glora"])
+def test_linear_types_scale_with_strength(kind: str) -> None:
+    w = torch.randn(36, 24)
+    adapter, _ = build_adapter(adapter_tensors(kind, (36, 24)), "x")
+    torch.testing.assert_close(adapter.delta(w, 0.3) * 2, adapter.delta(w, 0.6))
+
+
+def test_lora_formula_by_hand() -> None:
+    up, down = torch.randn(6, 2), torch.randn(2, 5)
+    adapter, _ = build_adapter({"lora_up.weight": up, "lora_down.weight": down, "alpha": torch.tensor(1.0)}, "x")
+    torch.testing.assert_close(adapter.delta(torch.zeros(6, 5), 0.8), 0.8 * 0.5 * up @ down)
+
+
+def test_explicit_scale_replaces_alpha_over_rank() -> None:
+    up, down = torch.randn(6, 2), torch.randn(2, 5)
+    adapter, _ = build_adapter({"lora_up.weight": up, "lora_down.weight": down, "alpha": torch.tensor(1.0),
+                                "scale": torch.tensor(3.0)}, "x")
+    torch.testing.assert_close(adapter.delta(torch.zeros(6, 5), 1.0), 3.0 * up @ down)
+
+
+def test_dyn_uses_first_ranks_with_full_rank_scale() -> None:
+    up, down = torch.randn(6, 4), torch.randn(4, 5)
+    adapter, _ = build_adapter({"lora_up.weight": up, "lora_down.weight": down, "alpha": torch.tensor(2.0)}, "x")
+    torch.testing.assert_close(adapter.delta(torch.zeros(6, 5), 1.0, dyn=2), 0.5 * up[:, :2] @ down[:2])
+
+
+def test_dora_conventions_told_apart_by_shape() -> None:
+    """The same magnitudes read per output vs per input give different weights; neither is broadcast wrongly."""
+    w = torch.randn(8, 8)
+    base = adapter_tensors("lora", (8, 8))
+    mag = 1 + torch.rand(8)
+    out_ad, _ = build_adapter({**base, "dora_scale": mag.reshape(8, 1)}, "x")
+    in_ad, _ = build_adapter({**base, "dora_scale": mag.reshape(1, 8)}, "x")
+    w_out = w + out_ad.delta(w, 1.0)
+    w_in = w + in_ad.delta(w, 1.0)
+    torch.testing.assert_close(w_out.norm(dim=1), mag)  # each output row has its magnitude
+    torch.testing.assert_close(w_in.norm(dim=0), mag)  # each input column has its magnitude
+    assert not torch.allclose(w_out, w_in)
+    torch.testing.assert_close(out_ad.delta(w, 0.0), torch.zeros_like(w))
