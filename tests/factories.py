@@ -153,7 +153,8 @@ def tiny_components(arch: str = "sd1", seed: int = 0, dtype: torch.dtype = torch
 
     torch.manual_seed(seed)
     te_cfg = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                  max_position_embeddings=77, vocab_size=1000, projection_dim=32)
+                  max_position_embeddings=77, vocab_size=1000, projection_dim=32,
+                  bos_token_id=0, eos_token_id=2, pad_token_id=1)
     sdxl = arch == "sdxl"
     unet = UNet2DConditionModel(
         sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,

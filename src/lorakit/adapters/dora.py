@@ -28,6 +28,8 @@ class DoRA(Adapter):
 
     @property
     def per_output(self) -> bool:
+        """(out, 1, …) or (out,) → per output; (1, in, …) → per input. Dialect readers whose magnitudes mean per
+        output whatever their shape (PEFT's conv ``(1, out, 1, 1)``) reshape them to (out, 1) first."""
         m = self.magnitude
         return m.dim() <= 1 or m.shape[0] != 1 or m.shape[1] == 1
 

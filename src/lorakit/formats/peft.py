@@ -35,6 +35,9 @@ def to_canonical(sd: dict[str, torch.Tensor], metadata: dict[str, str]) -> Canon
     if not detect(sd, metadata):
         raise NotAMatch
     out = group(sd, _split, "peft")
+    for leaves in out.groups.values():
+        if "dora_scale" in leaves:  # PEFT's magnitude is per output row, stored (out,) or, for convs, (1, out, 1, 1)
+            leaves["dora_scale"] = leaves["dora_scale"].reshape(-1, 1)
     _add_alphas(out, metadata.get("lora_adapter_metadata"))
     return out
 
