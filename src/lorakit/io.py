@@ -7,6 +7,7 @@ truncated or hostile file becomes an ``UnreadableFile`` naming the problem. ``.p
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .errors import UnreadableFile, UnsafePickle
+from .errors import LoraFileError, UnreadableFile, UnsafePickle
 
 StateDict = dict[str, torch.Tensor]
 
@@ -115,16 +116,24 @@ def _load_pickle(p: Path) -> StateDict:
     try:
         obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:
-        msg = str(e)
-        if "Weights only load failed" in msg or "Unsupported global" in msg or "UnpicklingError" in type(e).__name__:
-            first = msg.strip().splitlines()[-1] if msg.strip() else type(e).__name__
-            raise UnsafePickle(p, "pickle needs more than plain tensors and was refused (no code from it was run): "
-                               f"{first[:300]}") from None
-        raise UnreadableFile(p, f"not a readable torch file ({type(e).__name__}: {msg[:200]})") from None
+        raise _pickle_error(p, e) from None
     tensors = _collect_tensors(obj)
     if not tensors:
         raise UnreadableFile(p, "file holds no tensors")
     return tensors
+
+
+def _pickle_error(p: Path, e: Exception) -> LoraFileError:
+    """``UnsafePickle`` when the pickle asks for a class or function (refused, never run), else ``UnreadableFile``."""
+    msg = str(e)
+    match = re.search(r"Unsupported global: GLOBAL ([\w.]+)|Trying to [^.\n]*", msg)
+    if match:
+        what = match.group(1) or match.group(0)
+        return UnsafePickle(p, f"pickle needs more than plain tensors ({what}) and was refused; no code from it "
+                               "was run. Convert it to .safetensors with a tool you trust.")
+    detail = re.search(r"WeightsUnpickler error:\s*(.+)", msg)
+    reason = detail.group(1).strip().splitlines()[0] if detail else f"{type(e).__name__}: {msg.splitlines()[0]}"
+    return UnreadableFile(p, f"not a readable torch file ({reason[:200]})")
 
 
 def _collect_tensors(obj: object) -> StateDict:
@@ -142,3 +151,31 @@ def _file_size(p: Path) -> int:
     if not p.is_file():
         raise UnreadableFile(p, "not a regular file")
     return p.stat().st_size
+
+
+_DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                torch.bool: "BOOL"}
+
+
+def save_file(tensors: StateDict, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file byte-for-byte reproducibly: keys sorted, header padded to 8 bytes (the
+    ``safetensors`` package orders metadata differently from run to run)."""
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
+    blobs = []
+    offset = 0
+    for key in sorted(tensors):
+        t = tensors[key].detach().to("cpu").contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[key] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset,
+                                                                                                 offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with Path(path).open("wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for raw in blobs:
+            f.write(raw)

@@ -1,0 +1,104 @@
+"""What ``lorakit inspect`` reports: a LoRA file's facts as a plain dict (the ``--json`` schema) and as text.
+
+Schema ``lorakit.inspect/1`` — keys: schema, file, name, size_bytes, dialect, architecture, network_types, rank,
+ranks, alpha, alphas, layers, modules (per component), embeddings [{name, shape}], unrecognised_keys,
+trigger_words, hashes {sha256, autov2, addnet, a1111_short, sshs_model_hash, sshs_matches}, training {…}.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .arch import NAMES
+from .hashes import file_hashes
+from .lora_model import LoraModel, load_lora
+
+SCHEMA = "lorakit.inspect/1"
+TRAINING_KEYS = {
+    "ss_output_name": "output_name", "ss_sd_model_name": "base_model", "ss_base_model_version": "base_version",
+    "ss_network_module": "network_module", "ss_network_dim": "network_dim", "ss_network_alpha": "network_alpha",
+    "ss_network_args": "network_args", "ss_resolution": "resolution", "ss_num_train_images": "train_images",
+    "ss_num_epochs": "epochs", "ss_epoch": "epoch", "ss_steps": "steps", "ss_max_train_steps": "max_steps",
+    "ss_learning_rate": "learning_rate", "ss_unet_lr": "unet_lr", "ss_text_encoder_lr": "text_encoder_lr",
+    "ss_optimizer": "optimizer", "ss_lr_scheduler": "lr_scheduler", "ss_mixed_precision": "mixed_precision",
+    "ss_clip_skip": "clip_skip", "ss_training_comment": "comment", "modelspec.title": "title",
+    "modelspec.author": "author", "modelspec.description": "description", "modelspec.architecture": "architecture",
+}
+
+
+def trigger_words(metadata: dict[str, str], top: int = 10) -> list[str]:
+    """``modelspec.trigger_phrase`` first, then the most frequent tags of ``ss_tag_frequency``."""
+    words: list[str] = []
+    phrase = metadata.get("modelspec.trigger_phrase", "").strip()
+    if phrase:
+        words.append(phrase)
+    try:
+        freq = json.loads(metadata.get("ss_tag_frequency", "{}"))
+    except json.JSONDecodeError:
+        freq = {}
+    counts: Counter[str] = Counter()
+    for tags in freq.values() if isinstance(freq, dict) else []:
+        if isinstance(tags, dict):
+            counts.update({str(t).strip(): int(n) for t, n in tags.items() if str(t).strip()})
+    words += [t for t, _ in counts.most_common(top) if t not in words]
+    return words
+
+
+def training_summary(metadata: dict[str, str]) -> dict[str, str]:
+    out = {name: metadata[key] for key, name in TRAINING_KEYS.items() if metadata.get(key) not in (None, "", "None")}
+    started = metadata.get("ss_training_started_at")
+    if started:
+        try:
+            out["started_at"] = datetime.fromtimestamp(float(started), timezone.utc).isoformat(timespec="seconds")
+        except (ValueError, OverflowError):
+            pass
+    return out
+
+
+def describe(path: str | Path, lora: LoraModel | None = None) -> dict[str, Any]:
+    lora = lora or load_lora(path)
+    p = Path(path)
+    return {
+        "schema": SCHEMA, "file": str(p), "name": lora.name, "size_bytes": p.stat().st_size,
+        "dialect": lora.dialect, "architecture": lora.arch, "network_types": lora.network_types,
+        "rank": lora.rank, "ranks": lora.ranks, "alpha": lora.alpha, "alphas": lora.alphas,
+        "layers": len(lora.layers), "modules": lora.modules_per_component(),
+        "embeddings": [{"name": k, "shape": list(v.shape)} for k, v in lora.embeddings.items()],
+        "unrecognised_keys": lora.leftovers, "trigger_words": trigger_words(lora.metadata),
+        "hashes": file_hashes(p, lora.metadata).as_dict(), "training": training_summary(lora.metadata),
+    }
+
+
+def as_text(info: dict[str, Any]) -> str:
+    h = info["hashes"]
+    mods = ", ".join(f"{k} {v}" for k, v in sorted(info["modules"].items()))
+    lines = [
+        f"{info['name']}  ({info['file']}, {info['size_bytes'] / 1e6:.1f} MB)",
+        f"  format        {info['dialect']}",
+        f"  architecture  {NAMES.get(info['architecture'], info['architecture'])}",
+        f"  type          {', '.join(info['network_types'])}",
+        f"  rank / alpha  {_list(info['ranks'])} / {_list(info['alphas'])}",
+        f"  modules       {mods}  ({info['layers']} layers)",
+    ]
+    if info["embeddings"]:
+        lines.append("  embeddings    " + ", ".join(f"{e['name']} {tuple(e['shape'])}" for e in info["embeddings"]))
+    if info["unrecognised_keys"]:
+        lines.append(f"  not understood {len(info['unrecognised_keys'])} keys, e.g. {info['unrecognised_keys'][0]}")
+    lines.append(f"  trigger words {', '.join(info['trigger_words']) or '(none in metadata)'}")
+    lines.append(f"  hashes        AutoV2 {h['autov2']}  A1111 short {h['a1111_short']}  sha256 {h['sha256']}")
+    if h["sshs_model_hash"] is not None:
+        note = "matches" if h["sshs_matches"] else f"differs from the computed {h['addnet']}"
+        lines.append(f"                sshs_model_hash {h['sshs_model_hash']} ({note})")
+    for k, v in info["training"].items():
+        lines.append(f"  {k:<13} {v if len(v) < 100 else v[:97] + '...'}")
+    return "\n".join(lines)
+
+
+def _list(values: list[Any]) -> str:
+    if not values:
+        return "-"
+    return ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values[:6]) + (" …" if len(values) > 6
+                                                                                           else "")
