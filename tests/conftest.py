@@ -1,9 +1,20 @@
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
 from .factories import tiny_components
+
+
+ROOT = Path(__file__).resolve().parents[1]
+# Real LoRA files from the wild: ../shared/fixtures/real_loras beside the checkout (as in CI), or $LORAKIT_SHARED.
+REAL_LORAS = Path(os.environ.get("LORAKIT_SHARED", ROOT.parent / "shared")) / "fixtures" / "real_loras"
+if not REAL_LORAS.is_dir():
+    raise RuntimeError(f"real LoRA fixtures not found at {REAL_LORAS}: check out shared/ beside the repository or "
+                       "set LORAKIT_SHARED")
 
 
 @pytest.fixture

@@ -14,6 +14,8 @@ from safetensors.torch import load_file as st_load
 from lorakit.cli import main
 from lorakit.io import save_file
 
+from .conftest import REAL_LORAS
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "loras" / "ink_sketch_sd15.safetensors"
 SCHEMA_KEYS = {"schema", "file", "name", "size_bytes", "dialect", "architecture", "network_types", "rank", "ranks",
@@ -57,8 +59,7 @@ def test_sshs_model_hash_shown_and_compared(tmp_path: Path, capsys: pytest.Captu
 
 
 def test_inspect_text_real_files(capsys: pytest.CaptureFixture[str]) -> None:
-    real = ROOT.parent / "shared" / "fixtures" / "real_loras"
-    assert main(["inspect", str(real / "cloneofsimo_sd15_disney.safetensors")]) == 0
+    assert main(["inspect", str(REAL_LORAS / "cloneofsimo_sd15_disney.safetensors")]) == 0
     out = capsys.readouterr().out
     assert "cloneofsimo" in out and "Stable Diffusion 1.x" in out and "<s1> (768,)" in out
 

@@ -13,12 +13,11 @@ import lorakit
 from lorakit.configs import build_components
 from lorakit.patch.plan import build_plan
 
+from .conftest import REAL_LORAS
 from .factories import adapter_tensors, make_kohya_lora, tiny_components
 from .lyco import file_state_dict, make_network
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "real_loras"
-if not REAL.exists():  # a clone elsewhere: shared/ beside the repository root
-    REAL = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "real_loras"
+REAL = REAL_LORAS
 
 
 @pytest.fixture(scope="module")

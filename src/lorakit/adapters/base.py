@@ -66,6 +66,16 @@ class Adapter:
         """acc += ΔW(strength); ``acc`` fp32 with ``weight``'s shape. Subclasses may avoid the temporary."""
         acc.add_(self.delta(weight, strength, dyn))
 
+    def write_sum(self, out: Tensor, weight: Tensor, strength: float, dyn: int | None = None) -> bool:
+        """Write ``weight + ΔW(strength)`` into ``out`` in one pass when the type can (fp32 only); ``False``
+        means the caller copies ``weight`` and uses ``add_into``."""
+        return False
+
+    def low_rank(self, dyn: int | None = None) -> tuple[Tensor, Tensor, float] | None:
+        """``(up (out, r), down (r, in·k·k), scale)`` fp32 when ΔW = scale·up@down (lets weights be patched in
+        cache-sized row blocks); ``None`` for other types."""
+        return None
+
     def hook_output(self, module: torch.nn.Module, x: Tensor, weight: Tensor, strength: float,
                     dyn: int | None = None) -> Tensor:
         """The change of ``module``'s output for input ``x`` (hooks mode); equals using W + ΔW."""

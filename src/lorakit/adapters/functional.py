@@ -26,6 +26,11 @@ def lora_delta(up: Tensor, down: Tensor, mid: Tensor | None, scale: float, shape
     return d.mul_(scale).reshape(shape)
 
 
+def add_low_rank_rows(acc: Tensor, up: Tensor, down: Tensor, rows: slice, alpha: float) -> None:
+    """acc += alpha·(up[rows] @ down): rows ``rows`` of a low-rank ΔW, for patching in cache-sized blocks."""
+    acc.addmm_(up[rows], down, alpha=alpha)
+
+
 def _tucker(t: Tensor, wa: Tensor, wb: Tensor) -> Tensor:
     """LyCORIS Tucker rebuild: t (r, r, k…), wa (r, out), wb (r, in) → (out, in, k…)."""
     return torch.einsum("i j ..., i p, j r -> p r ...", t, wa, wb)

@@ -65,6 +65,20 @@ class LoRA(Adapter):
             return
         acc.view(acc.shape[0], -1).addmm_(fn.flat2(up), fn.flat2(down), alpha=self.scale() * strength)
 
+    def low_rank(self, dyn: int | None = None) -> tuple[Tensor, Tensor, float] | None:
+        if "lora_mid.weight" in self.t:
+            return None
+        up, down, _ = self._factors(dyn)
+        return fn.flat2(up), fn.flat2(down), self.scale()
+
+    def write_sum(self, out: Tensor, weight: Tensor, strength: float, dyn: int | None = None) -> bool:
+        if "lora_mid.weight" in self.t or weight.dtype != torch.float32 or out.dtype != torch.float32:
+            return False
+        up, down, _ = self._factors(dyn)
+        torch.addmm(weight.view(weight.shape[0], -1), fn.flat2(up), fn.flat2(down), alpha=self.scale() * strength,
+                    out=out.view(out.shape[0], -1))
+        return True
+
     def hook_output(self, module: torch.nn.Module, x: Tensor, weight: Tensor, strength: float,
                     dyn: int | None = None) -> Tensor:
         up, down, mid = self._factors(dyn)

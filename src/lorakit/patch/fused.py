@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import torch
 
+from ..adapters import functional as fn
 from .plan import Contribution, ParamKey, Plan
 
+CHUNK_ELEMENTS = 1 << 20  # 4 MiB of fp32 per block: stays in cache
 Signature = tuple[tuple[object, float, int | None, str], ...]
 
 
@@ -57,9 +59,19 @@ class FusedPatcher:
         orig = self.originals[key]
         current = param.data
         out = current if current.data_ptr() != orig.data_ptr() else torch.empty_like(orig)
+        if not self._sum_in_chunks(out, orig, contribs):
+            self._sum_whole(out, orig, contribs)
+        param.data = out
+
+    def _sum_whole(self, out: torch.Tensor, orig: torch.Tensor, contribs: list[tuple[Contribution, str]]) -> None:
+        """out = cast(fp32(orig) + Σ ΔW); fp32 weights are summed in ``out`` itself (one pass for a LoRA)."""
         acc = out if orig.dtype == torch.float32 else self._fp32(orig)
-        acc.copy_(orig)
         w32 = orig if orig.dtype == torch.float32 or not _needs_weight(contribs) else orig.float()
+        first, which0 = contribs[0]
+        if which0 == "weight" and acc is out and first.adapter.write_sum(acc, orig, first.strength, first.dyn):
+            contribs = contribs[1:]
+        else:
+            acc.copy_(orig)
         for c, which in contribs:
             if which == "weight":
                 c.adapter.add_into(acc, w32, c.strength, c.dyn)
@@ -67,7 +79,27 @@ class FusedPatcher:
                 acc.add_(c.adapter.bias_delta(c.strength).reshape(acc.shape))  # type: ignore[union-attr]
         if acc is not out:
             out.copy_(acc)
-        param.data = out
+
+    def _sum_in_chunks(self, out: torch.Tensor, orig: torch.Tensor,
+                       contribs: list[tuple[Contribution, str]]) -> bool:
+        """Half-precision weights, low-rank contributions only: fp32 sums over cache-sized row blocks, so no
+        full-size fp32 temporary exists. ``False`` (nothing written) when a contribution is not low-rank."""
+        if orig.dtype == torch.float32 or any(which != "weight" for _, which in contribs):
+            return False
+        factors = [(c.adapter.low_rank(c.dyn), c.strength) for c, _ in contribs]
+        if any(f is None for f, _ in factors):
+            return False
+        o2, w2 = out.view(out.shape[0], -1), orig.view(orig.shape[0], -1)
+        step = max(1, CHUNK_ELEMENTS // w2.shape[1])
+        for start in range(0, w2.shape[0], step):
+            rows = slice(start, min(start + step, w2.shape[0]))
+            acc = self._fp32(w2[rows])
+            acc.copy_(w2[rows])
+            for lr, strength in factors:
+                up, down, scale = lr  # type: ignore[misc]
+                fn.add_low_rank_rows(acc, up, down, rows, scale * strength)
+            o2[rows].copy_(acc)
+        return True
 
     def _fp32(self, like: torch.Tensor) -> torch.Tensor:
         """A reused fp32 scratch buffer with ``like``'s shape (half-precision weights are summed in fp32)."""

@@ -1,0 +1,74 @@
+"""Shared helpers for the hand-run benchmarks: timing and a peak-RSS sampler."""
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' LoRA factories
+
+
+def rss() -> int:
+    return psutil.Process(os.getpid()).memory_info().rss
+
+
+def trim() -> None:
+    """Give freed heap back to the OS, so RSS counts only live memory (else glibc's reuse of freed blocks hides
+    new allocations from RSS)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+class PeakRss:
+    """Samples this process's RSS every 2 ms; ``peak_over`` is the peak above the RSS at start (after
+    ``malloc_trim``)."""
+
+    def __init__(self) -> None:
+        trim()
+        self.start = rss()
+        self.peak = self.start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss())
+            time.sleep(0.002)
+
+    def __enter__(self) -> "PeakRss":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss())
+
+    @property
+    def peak_over(self) -> int:
+        return self.peak - self.start
+
+
+@contextmanager
+def timed(results: dict[str, float], name: str) -> Iterator[None]:
+    t = time.perf_counter()
+    yield
+    results[name] = time.perf_counter() - t
+
+
+def best_of(n: int, fn: Callable[[], None]) -> float:
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)

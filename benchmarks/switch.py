@@ -1,0 +1,146 @@
+"""Switching LoRAs on a full-size SD1.5 UNet + CLIP-L (random weights), side by side with diffusers.
+
+Two rank-32 kohya LoCon files (attention, feed-forward, resnet convolutions, up/down samplers, CLIP attention and
+MLP). Measures, in one process: lorakit apply A, switch A→B, restore; the floor (copying exactly the tensors that
+change, into preallocated buffers); diffusers ``load_lora_weights`` + ``fuse_lora`` and ``unfuse_lora`` +
+``unload_lora_weights`` on the same file; and lorakit's peak RSS over the model during apply/switch/restore.
+
+Run with nothing else busy:  python benchmarks/switch.py [--dtype fp32|fp16] [--rank 32]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from _common import PeakRss, best_of, timed
+
+import lorakit
+from lorakit.configs import build_components
+from lorakit.io import save_file
+from tests.factories import make_kohya_lora
+
+UNET_TARGETS = ("attentions", "resnets", "downsamplers", "upsamplers")
+
+
+def kohya_targets(path: str) -> str | None:
+    """kohya LoCon's default reach: Transformer2D, ResnetBlock2D, Down/Upsample in the UNet; CLIP attn + MLP."""
+    component, _, rest = path.partition(".")
+    if component == "unet":
+        return "lora" if any(f".{t}." in f".{rest}" for t in UNET_TARGETS) else None
+    return "lora" if ".self_attn." in path or ".mlp." in path else None
+
+
+def build(dtype: torch.dtype) -> dict[str, torch.nn.Module]:
+    comps = build_components("sd1", device="cpu")
+    return {k: v.to(dtype).eval().requires_grad_(False) for k, v in comps.items()}
+
+
+def floor_seconds(params: list[torch.Tensor]) -> float:
+    """Copying exactly the touched tensors into preallocated buffers: the memory-bandwidth floor of a switch."""
+    buffers = [torch.empty_like(p) for p in params]
+
+    def run() -> None:
+        for b, p in zip(buffers, params):
+            b.copy_(p)
+
+    t = best_of(3, run)
+    del buffers
+    return t
+
+
+def lorakit_phase(comps: dict[str, torch.nn.Module], a: Path, b: Path) -> dict[str, float]:
+    r: dict[str, float] = {}
+    la, lb = lorakit.load_lora(a), lorakit.load_lora(b)
+    for lora in (la, lb):  # fault the LoRA tensors in now, so the RSS below counts only patching
+        for adapter in lora.layers.values():
+            for t in adapter.t.values():
+                t.sum()
+    patcher = lorakit.patcher_for(comps)
+    gc.collect()
+    with PeakRss() as mem:
+        with timed(r, "apply_A"):
+            patcher.set([(la, 1.0)])
+        with timed(r, "switch_A_to_B"):
+            patcher.set([(lb, 1.0)])
+        with timed(r, "reapply_B"):
+            patcher.set([(lb, 1.0)])
+        with timed(r, "restore"):
+            patcher.restore()
+    r["peak_rss_over_model_gib"] = mem.peak_over / 2 ** 30
+    return r
+
+
+def diffusers_phase(comps: dict[str, torch.nn.Module], a: Path) -> dict[str, float]:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=None, text_encoder=comps["text_encoder"], tokenizer=None, unet=comps["unet"],
+                                   scheduler=None, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    r: dict[str, float] = {}
+    with timed(r, "diffusers_load"):
+        pipe.load_lora_weights(str(a.parent), weight_name=a.name, adapter_name="a")
+    with timed(r, "diffusers_fuse"):
+        pipe.fuse_lora(lora_scale=1.0)
+    with timed(r, "diffusers_unfuse"):
+        pipe.unfuse_lora()
+    with timed(r, "diffusers_unload"):
+        pipe.unload_lora_weights()
+    return r
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--skip-diffusers", action="store_true")
+    args = ap.parse_args()
+    dtype = torch.float32 if args.dtype == "fp32" else torch.float16
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    comps = build(dtype)
+    print(f"built SD1.5 UNet + CLIP-L ({args.dtype}) in {time.perf_counter() - t0:.1f} s")
+    tmp = Path(tempfile.mkdtemp())
+    files = []
+    for i, name in enumerate(("a", "b")):
+        sd = make_kohya_lora(comps, kohya_targets, rank=args.rank, seed=i, alpha=args.rank / 2, dtype=torch.float16)
+        save_file(sd, tmp / f"{name}.safetensors")
+        files.append(tmp / f"{name}.safetensors")
+    la = lorakit.load_lora(files[0])
+    touched = [lorakit.patch.targets.find_module(comps, p).weight for p in la.layers]  # type: ignore[union-attr]
+    touched_bytes = sum(p.numel() * p.element_size() for p in touched)
+    print(f"LoRA: {len(la.layers)} layers, {files[0].stat().st_size / 2**20:.1f} MiB; touched parameters "
+          f"{touched_bytes / 2**30:.2f} GiB")
+    results = {"floor_copy_touched": floor_seconds(touched)}
+    results.update(lorakit_phase(comps, *files))
+    if not args.skip_diffusers:
+        results.update(diffusers_phase(comps, files[0]))
+    results["touched_gib"] = touched_bytes / 2 ** 30
+    report(results, args)
+
+
+def report(r: dict[str, float], args: argparse.Namespace) -> None:
+    print(json.dumps({k: round(v, 3) for k, v in r.items()}, indent=1))
+    floor = r["floor_copy_touched"]
+    print(f"\nswitch A→B / floor           {r['switch_A_to_B'] / floor:5.2f}×  (target ≤ 1.5×)")
+    print(f"apply A / floor              {r['apply_A'] / floor:5.2f}×")
+    print(f"re-apply same set            {r['reapply_B'] * 1000:5.1f} ms")
+    print(f"restore                      {r['restore'] * 1000:5.1f} ms")
+    if "diffusers_fuse" in r:
+        d_apply = r["diffusers_load"] + r["diffusers_fuse"]
+        d_remove = r["diffusers_unfuse"] + r["diffusers_unload"]
+        print(f"diffusers load+fuse / lorakit apply      {d_apply / r['apply_A']:6.1f}×  (target ≥ 5×)")
+        print(f"diffusers unfuse+unload / lorakit restore {d_remove / max(r['restore'], 1e-9):6.1f}×")
+        print(f"diffusers switch (unfuse+unload+load+fuse) / lorakit switch "
+              f"{(d_apply + d_remove) / r['switch_A_to_B']:6.1f}×")
+    print(f"peak RSS over model          {r['peak_rss_over_model_gib']:.2f} GiB  (touched parameters "
+          f"{r['touched_gib']:.2f} GiB; target ≤ that)")
+
+
+if __name__ == "__main__":
+    main()
