@@ -63,8 +63,9 @@ def adapter_tensors(kind: str, shape: torch.Size | tuple[int, ...], rank: int = 
                 "b2.weight": _r(g, out, rank), "alpha": a}
     if kind in ("oft", "oft-diag-old"):
         b, n = _factor(out)
-        key = "oft_blocks" if kind == "oft" else "oft_diag"
-        return {key: _r(g, n, b, b, std=0.05), "alpha": torch.tensor(0.0 if kind == "oft" else 0.0)}
+        if kind == "oft":
+            return {"oft_blocks": _r(g, n, b, b, std=0.05), "alpha": torch.tensor(0.0)}
+        return {"oft_diag": torch.eye(b).repeat(n, 1, 1) + _r(g, n, b, b, std=0.05)}  # old files store R itself
     if kind == "boft":
         if out % 2:
             return adapter_tensors("oft", shape, rank, g, alpha)

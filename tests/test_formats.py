@@ -224,3 +224,22 @@ def test_file_roundtrip_safetensors(tmp_path: Path) -> None:
     save_file(sd, str(tmp_path / "x.safetensors"), metadata={"ss_network_dim": "4"})
     lora = lorakit.load_lora(tmp_path / "x.safetensors")
     assert lora.network_types == ["loha"] and lora.metadata["ss_network_dim"] == "4" and lora.rank == 4
+
+
+def test_sd2_full_coverage_and_detection() -> None:
+    """SD2: OpenCLIP-H as transformers CLIPTextModel (1024 wide, 23 layers), 1024-wide cross-attention."""
+    sd2 = build_components("sd2")
+    lora = lorakit.lora_from_state_dict(make_kohya_lora(sd2, "lora", rank=1), {}, name="sd2")
+    assert lora.arch == "sd2"
+    report = _coverage(sd2, lora)
+    assert report.patched["text_encoder"] == 23 * 6 and report.patched["unet"] > 250
+
+
+def test_onetrainer_sdxl_names(sdxl: dict[str, torch.nn.Module]) -> None:
+    t = adapter_tensors("lora", (1280, 1280), rank=2)
+    t1 = adapter_tensors("lora", (768, 768), rank=2)
+    sd = {f"lora_te2_text_projection.{k}": v for k, v in t.items()}
+    sd.update({f"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.{k}": v for k, v in t1.items()})
+    lora = lorakit.lora_from_state_dict(sd, {})
+    assert lora.arch == "sdxl"
+    assert _coverage(sdxl, lora).patched == {"text_encoder": 1, "text_encoder_2": 1}

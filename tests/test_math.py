@@ -97,3 +97,23 @@ def test_dora_conventions_told_apart_by_shape() -> None:
     torch.testing.assert_close(w_in.norm(dim=0), mag)  # each input column has its magnitude
     assert not torch.allclose(w_out, w_in)
     torch.testing.assert_close(out_ad.delta(w, 0.0), torch.zeros_like(w))
+
+
+def test_old_lycoris_oft_diag_is_the_rotation_itself() -> None:
+    """LyCORIS ≤ 2.x saved R (not B) as ``oft_diag``; identity blocks change nothing, a permutation permutes."""
+    w = torch.randn(4, 3)
+    identity, _ = build_adapter({"oft_diag": torch.eye(2).repeat(2, 1, 1)}, "x")
+    torch.testing.assert_close(identity.delta(w, 1.0), torch.zeros_like(w))
+    swap = torch.tensor([[0.0, 1.0], [1.0, 0.0]]).repeat(2, 1, 1)
+    permuted, _ = build_adapter({"oft_diag": swap}, "x")
+    torch.testing.assert_close(w + permuted.delta(w, 1.0), w[[1, 0, 3, 2]])
+    torch.testing.assert_close(permuted.delta(w, 0.5), 0.5 * permuted.delta(w, 1.0))
+
+
+def test_oft_constraint_limits_the_rotation() -> None:
+    """With constraint c the skew matrix Q is scaled to ‖Q‖ = c·out when larger (kohya/LyCORIS)."""
+    w = torch.randn(4, 3)
+    blocks = torch.randn(2, 2, 2)
+    free, _ = build_adapter({"oft_blocks": blocks, "alpha": torch.tensor(0.0)}, "x")
+    tight, _ = build_adapter({"oft_blocks": blocks, "alpha": torch.tensor(1e-3)}, "x")
+    assert tight.delta(w, 1.0).norm() < 0.05 * free.delta(w, 1.0).norm()

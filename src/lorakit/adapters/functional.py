@@ -107,9 +107,10 @@ def oft_rotate(weight: Tensor, r: Tensor) -> Tensor:
     return torch.einsum("k n m, k n ... -> k m ...", r, w).reshape(weight.shape)
 
 
-def oft_delta(weight: Tensor, blocks: Tensor, constraint: float, rescale: Tensor | None, strength: float) -> Tensor:
-    """OFT: ΔW = m·(rescale ⊙ R·W − W), R the Cayley rotation of each block (computed in fp32)."""
-    rotated = oft_rotate(weight, cayley(blocks, constraint))
+def oft_delta(weight: Tensor, rotation: Tensor, rescale: Tensor | None, strength: float) -> Tensor:
+    """OFT: ΔW = m·(rescale ⊙ R·W − W) for block rotations R (n, b, b) — the Cayley transform of ``oft_blocks``,
+    or old LyCORIS ``oft_diag`` as stored."""
+    rotated = oft_rotate(weight, rotation)
     if rescale is not None:
         rotated = rotated * rescale.reshape(-1, *[1] * (weight.dim() - 1))
     return (rotated - weight).mul_(strength)

@@ -1,5 +1,9 @@
 """OFT (kohya and LyCORIS ``oft_blocks`` (n, b, b); old LyCORIS ``oft_diag``) and BOFT (``oft_blocks``
-(m, n, b, b)): orthogonal rotations of the output axis. ``alpha`` is the constraint c (limit c·out on ‖Q‖)."""
+(m, n, b, b)): orthogonal rotations of the output axis. ``alpha`` is the constraint c (limit c·out on ‖Q‖).
+
+``oft_blocks`` hold B with R = Cayley(B − Bᵀ); old LyCORIS (≤ 2.x) saved the rotation itself as ``oft_diag``
+(its forward used ``r = oft_diag`` directly, as A1111 does), with an optional per-block ``rescale`` (n, b, 1)
+multiplying R."""
 from __future__ import annotations
 
 import torch
@@ -52,4 +56,7 @@ class OFT(Adapter):
         blocks = self.blocks.float()
         if self.butterfly:
             return fn.boft_delta(weight, blocks, c, rescale, strength)
-        return fn.oft_delta(weight, blocks, c, rescale, strength)
+        if "oft_diag" in self.t:
+            rotation = blocks if rescale is None else rescale.reshape(blocks.shape[0], -1, 1) * blocks
+            return fn.oft_delta(weight, rotation, None, strength)
+        return fn.oft_delta(weight, fn.cayley(blocks, c), rescale, strength)
