@@ -55,6 +55,7 @@ def floor_seconds(params: list[torch.Tensor]) -> float:
 
 
 def lorakit_phase(comps: dict[str, torch.nn.Module], a: Path, b: Path) -> dict[str, float]:
+    """Timings first (no sampler running), then a separate pass for peak memory."""
     r: dict[str, float] = {}
     la, lb = lorakit.load_lora(a), lorakit.load_lora(b)
     for lora in (la, lb):  # fault the LoRA tensors in now, so the RSS below counts only patching
@@ -63,15 +64,24 @@ def lorakit_phase(comps: dict[str, torch.nn.Module], a: Path, b: Path) -> dict[s
                 t.sum()
     patcher = lorakit.patcher_for(comps)
     gc.collect()
+    with timed(r, "apply_A_cold"):
+        patcher.set([(la, 1.0)])
+    switches = []
+    for target in (lb, la, lb):
+        t = time.perf_counter()
+        patcher.set([(target, 1.0)])
+        switches.append(time.perf_counter() - t)
+    r["switch_best_of_3"] = min(switches)
+    r["switch_median_of_3"] = sorted(switches)[1]
+    with timed(r, "reapply_same"):
+        patcher.set([(lb, 1.0)])
+    with timed(r, "restore"):
+        patcher.restore()
+    gc.collect()
     with PeakRss() as mem:
-        with timed(r, "apply_A"):
-            patcher.set([(la, 1.0)])
-        with timed(r, "switch_A_to_B"):
-            patcher.set([(lb, 1.0)])
-        with timed(r, "reapply_B"):
-            patcher.set([(lb, 1.0)])
-        with timed(r, "restore"):
-            patcher.restore()
+        patcher.set([(la, 1.0)])
+        patcher.set([(lb, 1.0)])
+        patcher.restore()
     r["peak_rss_over_model_gib"] = mem.peak_over / 2 ** 30
     return r
 
@@ -126,20 +136,20 @@ def main() -> None:
 
 def report(r: dict[str, float], args: argparse.Namespace) -> None:
     print(json.dumps({k: round(v, 3) for k, v in r.items()}, indent=1))
-    floor = r["floor_copy_touched"]
-    print(f"\nswitch A→B / floor           {r['switch_A_to_B'] / floor:5.2f}×  (target ≤ 1.5×)")
-    print(f"apply A / floor              {r['apply_A'] / floor:5.2f}×")
-    print(f"re-apply same set            {r['reapply_B'] * 1000:5.1f} ms")
-    print(f"restore                      {r['restore'] * 1000:5.1f} ms")
+    floor, switch = r["floor_copy_touched"], r["switch_best_of_3"]
+    print(f"\nswitch A→B / floor (copy of the touched tensors)  {switch / floor:5.2f}×  (target ≤ 1.5×)")
+    print(f"cold first apply / floor                          {r['apply_A_cold'] / floor:5.2f}×")
+    print(f"re-apply the same set                             {r['reapply_same'] * 1000:5.1f} ms")
+    print(f"restore                                           {r['restore'] * 1000:5.1f} ms")
     if "diffusers_fuse" in r:
         d_apply = r["diffusers_load"] + r["diffusers_fuse"]
         d_remove = r["diffusers_unfuse"] + r["diffusers_unload"]
-        print(f"diffusers load+fuse / lorakit apply      {d_apply / r['apply_A']:6.1f}×  (target ≥ 5×)")
-        print(f"diffusers unfuse+unload / lorakit restore {d_remove / max(r['restore'], 1e-9):6.1f}×")
-        print(f"diffusers switch (unfuse+unload+load+fuse) / lorakit switch "
-              f"{(d_apply + d_remove) / r['switch_A_to_B']:6.1f}×")
-    print(f"peak RSS over model          {r['peak_rss_over_model_gib']:.2f} GiB  (touched parameters "
-          f"{r['touched_gib']:.2f} GiB; target ≤ that)")
+        print(f"diffusers switch (unfuse+unload+load+fuse) / lorakit switch  {(d_apply + d_remove) / switch:5.1f}×"
+              "  (target ≥ 5×)")
+        print(f"diffusers load+fuse / lorakit cold first apply              {d_apply / r['apply_A_cold']:5.1f}×")
+        print(f"diffusers unfuse+unload / lorakit restore                   {d_remove / r['restore']:5.1f}×")
+    print(f"peak RSS over model {r['peak_rss_over_model_gib']:.2f} GiB; touched parameters {r['touched_gib']:.2f} GiB"
+          f" → {r['peak_rss_over_model_gib'] / r['touched_gib']:.3f}× (target ≤ 1)")
 
 
 if __name__ == "__main__":
