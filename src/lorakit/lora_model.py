@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable, TypeVar
 
 import torch
 
@@ -13,7 +14,7 @@ from .errors import InvalidLora, UnmatchedKeys, UnsupportedLora
 from .formats import to_canonical
 from .io import StateDict, load_file
 
-META_KEYS_IGNORED = ()
+T = TypeVar("T")
 
 
 @dataclass
@@ -40,8 +41,7 @@ class LoraModel:
     @property
     def rank(self) -> int | None:
         """The most common rank (kohya's ``network_dim``); ``ranks`` lists them all."""
-        counts = Counter(r for a in self.layers.values() if (r := a.rank) is not None)
-        return counts.most_common(1)[0][0] if counts else None
+        return _most_common(a.rank for a in self.layers.values())
 
     @property
     def alphas(self) -> list[float]:
@@ -49,8 +49,7 @@ class LoraModel:
 
     @property
     def alpha(self) -> float | None:
-        counts = Counter(a for ad in self.layers.values() if (a := ad.alpha) is not None)
-        return counts.most_common(1)[0][0] if counts else None
+        return _most_common(a.alpha for a in self.layers.values())
 
     def modules_per_component(self) -> dict[str, int]:
         return dict(Counter(p.split(".", 1)[0] for p in self.layers))
@@ -58,6 +57,11 @@ class LoraModel:
     def __repr__(self) -> str:
         return (f"LoraModel({self.name!r}, arch={self.arch}, dialect={self.dialect}, types={self.network_types}, "
                 f"layers={len(self.layers)})")
+
+
+def _most_common(values: Iterable[T | None]) -> T | None:
+    counts = Counter(v for v in values if v is not None)
+    return counts.most_common(1)[0][0] if counts else None
 
 
 def load_lora(path: str | Path, *, strict: bool = False, name: str | None = None) -> LoraModel:
