@@ -17,5 +17,8 @@ def clip_tokenizer(pad_token: str = PAD_CLIP_L) -> Any:
     """A transformers ``CLIPTokenizer`` (77 tokens) built from the shipped files; never downloads."""
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), model_max_length=77, pad_token=pad_token,
-                                         local_files_only=True)
+    tok = CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), model_max_length=77, pad_token=pad_token,
+                                        local_files_only=True)
+    # lorakit chunks long prompts itself (conditioning.py); transformers' "longer than 77" warning misleads here.
+    tok.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
+    return tok
