@@ -1,8 +1,11 @@
-"""Write examples/loras/ink_sketch_sd15.safetensors: a small, deterministic kohya-style LoRA for SD1.5 shapes.
+"""Write the example LoRAs in examples/loras, deterministically (byte-for-byte the same on every run).
 
-It is random (not trained): it exists so ``lorakit inspect`` and the tests have a realistic file — kohya key names
-for the UNet attention layers and CLIP-L, rank 2, fp16, and the training metadata kohya writes.
-Run: python examples/make_example_lora.py
+- ``ink_sketch_sd15.safetensors``: kohya-style LoRA with SD1.5 shapes (UNet attention + CLIP-L, rank 2, fp16) and
+  the training metadata kohya writes — for ``lorakit inspect``.
+- ``demo_style.safetensors``: a kohya LoCon (attention, feed-forward, resnet convolutions, CLIP) for the embedded
+  ``demo`` model, so ``lorakit generate`` works on a fresh machine.
+
+Both are random, not trained. Run: python examples/make_example_lora.py
 """
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ from lorakit.io import save_file
 
 from lorakit.configs import build_components
 
-OUT = Path(__file__).parent / "loras" / "ink_sketch_sd15.safetensors"
+LORAS = Path(__file__).parent / "loras"
+OUT = LORAS / "ink_sketch_sd15.safetensors"
 TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v",
            "attn2.to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out", "self_attn.q_proj",
            "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
@@ -46,6 +50,32 @@ def main() -> None:
     OUT.parent.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(OUT), metadata=metadata)
     print(f"wrote {OUT} ({OUT.stat().st_size / 1e6:.2f} MB, {len(sd)} tensors)")
+    demo_lora()
+
+
+def demo_lora() -> None:
+    from lorakit.models import demo_components
+
+    gen = torch.Generator().manual_seed(7)
+    sd: dict[str, torch.Tensor] = {}
+    comps = demo_components()
+    for component, prefix in (("unet", "lora_unet_"), ("text_encoder", "lora_te_text_model_")):
+        for name, module in comps[component].named_modules():
+            if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) or "embedding" in name:
+                continue
+            out_dim, in_dim = module.weight.shape[:2]
+            kernel = tuple(module.weight.shape[2:])
+            key = prefix + name.replace(".", "_")
+            sd[f"{key}.lora_down.weight"] = (torch.randn(4, in_dim, *kernel, generator=gen) * 0.1).half()
+            sd[f"{key}.lora_up.weight"] = (torch.randn(out_dim, 4, *[1] * len(kernel), generator=gen) * 0.1).half()
+            sd[f"{key}.alpha"] = torch.tensor(4.0).half()
+    tags = {"5_demo": {"demostyle": 12, "stripes": 7}}
+    metadata = {"ss_output_name": "demo_style", "ss_network_module": "networks.lora", "ss_network_dim": "4",
+                "ss_network_alpha": "4.0", "ss_tag_frequency": json.dumps(tags),
+                "modelspec.title": "Demo style for the embedded demo model (example, untrained)"}
+    out = LORAS / "demo_style.safetensors"
+    save_file(sd, str(out), metadata=metadata)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB, {len(sd)} tensors)")
 
 
 if __name__ == "__main__":

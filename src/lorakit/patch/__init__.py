@@ -39,9 +39,10 @@ class Patcher:
         self.reports: list[LoraReport] = []
 
     def set(self, loras: Sequence[tuple[LoraLike, WeightLike]] | Iterable[tuple[LoraLike, WeightLike]], *,
-            mode: str = "fused", strict: bool = False) -> list[LoraReport]:
+            mode: str = "fused", strict: bool = False, log_reports: bool = True) -> list[LoraReport]:
         """Make exactly ``loras`` active. Everything is checked first; on any error the model is left as it was
-        before the call's first change (all originals back)."""
+        before the call's first change (all originals back). Logs one line per LoRA unless ``log_reports`` is
+        false (per-step strength updates)."""
         if mode not in MODES:
             raise LorakitError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         resolved = [(_as_lora(lora, strict), as_weight(w)) for lora, w in loras]
@@ -54,7 +55,7 @@ class Patcher:
             self.restore()
             raise
         self.reports = plan.reports
-        for report in plan.reports:
+        for report in plan.reports if log_reports else []:
             log.info(report.line())
         return plan.reports
 

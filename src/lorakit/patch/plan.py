@@ -35,13 +35,15 @@ class LoraReport:
     path: str | None
     types: list[str]
     arch: str
+    weight: str = ""
     patched: dict[str, int] = field(default_factory=dict)
     unmatched: list[str] = field(default_factory=list)
     leftover_keys: int = 0
 
     def line(self) -> str:
         parts = ", ".join(f"{c} {n}" for c, n in sorted(self.patched.items())) or "nothing"
-        text = f"LoRA {self.name}: {'/'.join(self.types)}, {self.arch}; patched {parts}"
+        where = f" ({self.path})" if self.path else ""
+        text = f"LoRA {self.name}{where}: {'/'.join(self.types)}, {self.arch}; {self.weight}; patched {parts}"
         if self.unmatched:
             text += f"; {len(self.unmatched)} layers not in this model (e.g. {self.unmatched[0]})"
         if self.leftover_keys:
@@ -75,7 +77,8 @@ def build_plan(components: Mapping[str, torch.nn.Module], loras: Sequence[tuple[
     reports = []
     for lora, weight in loras:
         _check_arch(lora, arch)
-        report = LoraReport(lora.name, lora.path, lora.network_types, lora.arch, leftover_keys=len(lora.leftovers))
+        report = LoraReport(lora.name, lora.path, lora.network_types, lora.arch, weight.describe(),
+                            leftover_keys=len(lora.leftovers))
         errors: list[str] = []
         for path, adapter in lora.layers.items():
             module = find_module(components, path)

@@ -53,6 +53,14 @@ class Weight:
         block = block_id(canonical_path, last_out=8 if arch == "sdxl" else 11)
         return base * self.blocks.get(block or "BASE", 1.0)
 
+    def describe(self) -> str:
+        """``te 0.8, unet 1`` (+ block factors, dyn) for log lines."""
+        text = f"te {self.te:g}, unet {self.unet:g}"
+        if self.blocks:
+            off = sorted(b for b, v in self.blocks.items() if v != 1.0)
+            text += f", blocks ≠1: {', '.join(f'{b} {self.blocks[b]:g}' for b in off[:6])}" if off else ""
+        return text + (f", dyn {self.dyn}" if self.dyn else "")
+
     def key(self) -> tuple[object, ...]:
         return (self.unet, self.te, tuple(sorted(self.blocks.items())), self.dyn)
 

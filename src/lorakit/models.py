@@ -1,0 +1,106 @@
+"""Base models: the embedded demo model, and diffusers folders on disk (offline only).
+
+The demo model (``demo``) is a tiny Stable Diffusion 1-architecture pipeline — UNet with cross-attention, a CLIP
+text encoder with the real 49,408-token vocabulary, a VAE — built deterministically from a fixed seed, so a fresh
+machine can generate without downloading anything. Its weights are random: its images are noise-like patterns,
+not art. Point ``--model`` at a real model folder for real images.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import LorakitError
+
+DEMO = "demo"
+DEMO_SEED = 20261123
+
+
+class ModelError(LorakitError):
+    """A base model that cannot be loaded (names the path and the problem)."""
+
+
+@dataclass
+class BaseModel:
+    pipe: Any  # a diffusers StableDiffusionPipeline / StableDiffusionXLPipeline
+    name: str
+    hash: str  # A1111 "Model hash" (AutoV2-style, 10 hex digits)
+    arch: str  # "sd1", "sd2", "sdxl", or "demo"
+
+    @property
+    def sdxl(self) -> bool:
+        return self.arch == "sdxl"
+
+
+def load_model(spec: str | None) -> BaseModel:
+    """``None``/``"demo"``: the embedded demo model; else a diffusers model folder (``model_index.json``)."""
+    if spec in (None, DEMO):
+        return demo_model()
+    path = Path(spec)
+    if not path.exists():
+        raise ModelError(f"{path}: no such model file or folder")
+    if path.is_dir() and (path / "model_index.json").is_file():
+        return _diffusers_folder(path)
+    if path.is_file():
+        raise ModelError(f"{path}: single-file checkpoints (.safetensors/.ckpt) are not supported yet; use a "
+                         "diffusers model folder (with model_index.json)")
+    raise ModelError(f"{path}: not a diffusers model folder (no model_index.json)")
+
+
+def _diffusers_folder(path: Path) -> BaseModel:
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelError(f"{path / 'model_index.json'}: unreadable ({e})") from None
+    cls_name = index.get("_class_name", "")
+    cls = StableDiffusionXLPipeline if "XL" in cls_name else StableDiffusionPipeline
+    try:
+        pipe = cls.from_pretrained(str(path), local_files_only=True, safety_checker=None,
+                                   requires_safety_checker=False) if cls is StableDiffusionPipeline else \
+            cls.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:  # diffusers raises many types for a broken folder
+        raise ModelError(f"{path}: could not load the model ({type(e).__name__}: {str(e)[:200]})") from None
+    from .patch.targets import model_arch
+
+    arch = "sdxl" if cls is StableDiffusionXLPipeline else model_arch({"unet": pipe.unet})
+    digest = hashlib.sha256(json.dumps(index, sort_keys=True).encode() + str(path.resolve()).encode()).hexdigest()
+    return BaseModel(pipe, path.name, digest[:10], arch)
+
+
+def demo_components(seed: int = DEMO_SEED) -> dict[str, torch.nn.Module]:
+    """UNet, text encoder and VAE of the demo model, deterministic for a given torch version."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=32, block_out_channels=(64, 128), layers_per_block=1, norm_num_groups=32,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=8)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=49408,
+        max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+    vae = AutoencoderKL(block_out_channels=(32, 64, 64), latent_channels=4, norm_num_groups=32,
+                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3)
+    return {"unet": unet.eval(), "text_encoder": text_encoder.eval(), "vae": vae.eval()}
+
+
+def demo_model() -> BaseModel:
+    from diffusers import StableDiffusionPipeline
+
+    from .samplers import scheduler_for
+    from .tokenizer import clip_tokenizer
+
+    c = demo_components()
+    pipe = StableDiffusionPipeline(vae=c["vae"], text_encoder=c["text_encoder"], tokenizer=clip_tokenizer(),
+                                   unet=c["unet"], scheduler=scheduler_for("Euler a"), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    digest = hashlib.sha256(f"lorakit-demo-sd1/{DEMO_SEED}/{torch.__version__}".encode()).hexdigest()
+    return BaseModel(pipe, DEMO, digest[:10], "demo")
