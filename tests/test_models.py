@@ -1,0 +1,81 @@
+"""Base models from diffusers folders, offline: a tiny SD1 and a tiny SDXL pipeline saved and loaded back."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import lorakit
+from lorakit.io import save_file
+from lorakit.library import LoraIndex
+from lorakit.models import ModelError, load_model
+from lorakit.pipeline import Generator, Request
+from lorakit.tokenizer import PAD_OPENCLIP, clip_tokenizer
+
+from .factories import make_kohya_lora
+
+
+def _tiny_sdxl() -> object:
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    te_cfg = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                  vocab_size=49408, max_position_embeddings=77, projection_dim=32)
+    unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=8, transformer_layers_per_block=2, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8)
+    vae = AutoencoderKL(block_out_channels=(8, 8), latent_channels=4, norm_num_groups=8,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**te_cfg)), tokenizer=clip_tokenizer(),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**te_cfg)), tokenizer_2=clip_tokenizer(PAD_OPENCLIP),
+        unet=unet, scheduler=EulerDiscreteScheduler(beta_schedule="scaled_linear"))
+
+
+def _generate_with_lora(folder: Path, tmp: Path) -> tuple[np.ndarray, np.ndarray]:
+    model = load_model(str(folder))
+    comps = {k: getattr(model.pipe, k) for k in ("unet", "text_encoder", "text_encoder_2") if
+             getattr(model.pipe, k, None) is not None}
+    save_file(make_kohya_lora(comps, "lora", rank=2, seed=3), tmp / "tiny_style.safetensors")
+    gen = Generator(model, LoraIndex([tmp]))
+    try:
+        req = dict(steps=2, width=64, height=64, seed=1)
+        plain = np.asarray(gen(Request("a cat", **req)).images[0])  # type: ignore[arg-type]
+        styled = np.asarray(gen(Request("a cat <lora:tiny_style:1>", **req)).images[0])  # type: ignore[arg-type]
+    finally:
+        gen.close()
+    return plain, styled
+
+
+def test_sd1_folder_loads_offline_and_generates(tmp_path: Path) -> None:
+    load_model(None).pipe.save_pretrained(tmp_path / "sd1")
+    model = load_model(str(tmp_path / "sd1"))
+    assert model.name == "sd1" and not model.sdxl and len(model.hash) == 10
+    plain, styled = _generate_with_lora(tmp_path / "sd1", tmp_path)
+    assert plain.shape == (64, 64, 3) and not np.array_equal(plain, styled)
+
+
+def test_sdxl_folder_two_encoders_pooled_and_lora(tmp_path: Path) -> None:
+    _tiny_sdxl().save_pretrained(tmp_path / "xl")  # type: ignore[attr-defined]
+    model = load_model(str(tmp_path / "xl"))
+    assert model.sdxl and model.arch == "sdxl"
+    plain, styled = _generate_with_lora(tmp_path / "xl", tmp_path)
+    assert not np.array_equal(plain, styled)
+
+
+@pytest.mark.parametrize("make,msg", [
+    (lambda p: p, "no such model"),
+    (lambda p: (p.mkdir(), p)[1], "not a diffusers model folder"),
+    (lambda p: (p.write_bytes(b"x"), p)[1], "single-file checkpoints"),
+    (lambda p: (p.mkdir(), (p / "model_index.json").write_text("{bad"), p)[2], "unreadable"),
+])
+def test_bad_model_paths(tmp_path: Path, make: object, msg: str) -> None:
+    path = make(tmp_path / "m")  # type: ignore[operator]
+    with pytest.raises(ModelError, match=msg):
+        load_model(str(path))
+    assert isinstance(ModelError("x"), lorakit.LorakitError)
