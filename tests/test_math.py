@@ -117,3 +117,12 @@ def test_oft_constraint_limits_the_rotation() -> None:
     free, _ = build_adapter({"oft_blocks": blocks, "alpha": torch.tensor(0.0)}, "x")
     tight, _ = build_adapter({"oft_blocks": blocks, "alpha": torch.tensor(1e-3)}, "x")
     assert tight.delta(w, 1.0).norm() < 0.05 * free.delta(w, 1.0).norm()
+
+
+@pytest.mark.parametrize("kind", ["glora", "glora-old"])
+def test_glora_layout_when_input_width_equals_rank(kind: str) -> None:
+    """conv_in (32, 4, 3, 3) with rank 4: a1 is square, the b1/b2 chain still tells the layouts apart."""
+    w = torch.randn(32, 4, 3, 3)
+    adapter, _ = build_adapter(adapter_tensors(kind, tuple(w.shape), rank=4), "conv_in")
+    assert adapter.old_layout == (kind == "glora-old")
+    assert adapter.shape_error(w.shape) is None and adapter.delta(w, 1.0).shape == w.shape

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import zlib
 
 import pytest
 import torch
@@ -35,7 +36,7 @@ def _lora(c: dict[str, torch.nn.Module], kind: object, seed: int = 0, **kw: obje
 
 
 def _kind_for(path: str) -> str:
-    return KINDS[hash(path) % len(KINDS)]
+    return KINDS[zlib.crc32(path.encode()) % len(KINDS)]  # stable across processes, unlike hash()
 
 
 @pytest.mark.parametrize("arch", ["sd1", "sdxl"])

@@ -21,6 +21,10 @@ OPENCLIP_H: dict[str, Any] = dict(_CLIP, hidden_size=1024, intermediate_size=409
 CLIP_G: dict[str, Any] = dict(_CLIP, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
                               num_attention_heads=20, hidden_act="gelu", projection_dim=1280, pad_token_id=1)
 
+SD_VAE: dict[str, Any] = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4,
+                              down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                              sample_size=512)
+
 ARCHS: dict[str, dict[str, dict[str, Any]]] = {
     "sd1": {"unet": SD1_UNET, "text_encoder": CLIP_L},
     "sd2": {"unet": SD2_UNET, "text_encoder": OPENCLIP_H},

@@ -1,5 +1,6 @@
-"""GLoRA: ΔW = s·(W·A1·A2 + B1·B2). Two layouts exist; the old one is told apart by the shape of ``a1``
-(new: (in, r); old: (r, in))."""
+"""GLoRA: ΔW = s·(W·A1·A2 + B1·B2). Two layouts exist — new: b1 (out, r), b2 (r, in·k·k); old: b1 (r, in·k·k),
+b2 (out, r) — told apart by which order of b1, b2 chains; only when both do (out = in·k·k = r) does the shape of
+``a1`` decide (new (in, r), old (r, in))."""
 from __future__ import annotations
 
 import torch
@@ -19,6 +20,10 @@ class GLoRA(Adapter):
 
     @property
     def old_layout(self) -> bool:
+        b1, b2 = fn.flat2(self.t["b1.weight"]), fn.flat2(self.t["b2.weight"])
+        new_chain, old_chain = b1.shape[1] == b2.shape[0], b2.shape[1] == b1.shape[0]
+        if new_chain != old_chain:
+            return old_chain
         a1 = fn.flat2(self.t["a1.weight"])
         return a1.shape[0] < a1.shape[1]
 

@@ -1,0 +1,129 @@
+"""lorakit's overhead around bare diffusers, and the cost of step-wise LoRA weights.
+
+1. The same generation, bare diffusers vs lorakit's Generator, with one LoRA fused (for bare diffusers the LoRA is
+   fused beforehand with lorakit and the pipeline called with the same prompt embeddings, so both run identical
+   math): on the demo model at 256 px, and on a full-size SD1.5 UNet + CLIP-L + VAE with random weights, 2 steps
+   at 256 px. Overhead = lorakit / bare − 1 (target ≤ 2 %).
+2. A step schedule (``unet=0@0,1@1``) run in hooks mode (strengths updated before each step) vs re-patching the
+   fused weights before each step, vs a constant fused LoRA.
+
+Run with nothing else busy:  python benchmarks/generate.py [--full-only | --tiny-only]
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from _common import best_of
+
+from lorakit.conditioning import encode_pair
+from lorakit.io import save_file
+from lorakit.library import LoraIndex
+from lorakit.models import BaseModel, demo_model
+from lorakit.pipeline import Generator, Request
+from lorakit.samplers import scheduler_for
+from tests.factories import make_kohya_lora
+
+
+def full_sd15() -> BaseModel:
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+
+    from lorakit.configs import SD_VAE, build_components
+    from lorakit.tokenizer import clip_tokenizer
+
+    torch.manual_seed(0)
+    c = build_components("sd1", device="cpu")
+    pipe = StableDiffusionPipeline(vae=AutoencoderKL(**SD_VAE).eval(), text_encoder=c["text_encoder"].eval(),
+                                   tokenizer=clip_tokenizer(), unet=c["unet"].eval(), scheduler=scheduler_for("Euler"),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return BaseModel(pipe, "random-sd15", "0" * 10, "sd1")
+
+
+def attention_only(path: str) -> str | None:
+    return "lora" if ".attn" in path or "self_attn" in path else None
+
+
+def overhead(model: BaseModel, steps: int, size: int, repeats: int) -> dict[str, float]:
+    pipe = model.pipe
+    pipe.set_progress_bar_config(disable=True)
+    tmp = Path(tempfile.mkdtemp())
+    comps = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    save_file(make_kohya_lora(comps, attention_only, rank=16, seed=1), tmp / "style.safetensors")
+    gen = Generator(model, LoraIndex([tmp]))
+    req = Request("a cabin in the woods, (masterpiece:1.2) <lora:style:0.8>", "blurry", steps=steps, cfg=7.0,
+                  sampler="Euler", seed=1, width=size, height=size)
+    gen(req)  # warm-up; leaves the LoRA fused, as a server between requests
+    cond, uncond = encode_pair("a cabin in the woods, (masterpiece:1.2)", "blurry", [(pipe.text_encoder,
+                                                                                     pipe.tokenizer)])
+
+    def bare() -> None:
+        with torch.no_grad():
+            pipe(prompt_embeds=cond.embeds, negative_prompt_embeds=uncond.embeds, num_inference_steps=steps,
+                 guidance_scale=7.0, width=size, height=size, generator=torch.Generator().manual_seed(1))
+
+    def ours() -> None:
+        gen(req)
+
+    t_bare, t_ours = [], []
+    for _ in range(repeats):  # interleaved, so drift hits both alike
+        t_bare.append(best_of(1, bare))
+        t_ours.append(best_of(1, ours))
+    gen.close()
+    b, o = min(t_bare), min(t_ours)
+    return {"bare_s": b, "lorakit_s": o, "overhead_pct": (o / b - 1) * 100}
+
+
+def schedule_cost(model: BaseModel, steps: int, size: int) -> dict[str, float]:
+    pipe = model.pipe
+    tmp = Path(tempfile.mkdtemp())
+    comps = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    save_file(make_kohya_lora(comps, attention_only, rank=16, seed=2), tmp / "s.safetensors")
+    gen = Generator(model, LoraIndex([tmp]))
+    base = dict(steps=steps, cfg=7.0, sampler="Euler", seed=1, width=size, height=size)
+    out: dict[str, float] = {}
+    for label, prompt in (("constant_fused", "a cabin <lora:s:1>"), ("scheduled_hooks", "a cabin <lora:s:unet=0@0,1@1>")):
+        gen(Request(prompt, **base))  # type: ignore[arg-type]
+        t = time.perf_counter()
+        gen(Request(prompt, **base))  # type: ignore[arg-type]
+        out[label] = time.perf_counter() - t
+    lora = gen.patcher.reports  # noqa: F841  (keeps the patcher warm)
+    ref_prompt = "a cabin <lora:s:unet=0@0,1@1>"
+    original_apply = gen._apply
+
+    def fused_every_step(refs, loras, n, step):  # type: ignore[no-untyped-def]
+        pairs = [(l, r.spec(step or 1, n)) for r, l in zip(refs, loras)]
+        gen.patcher.set(pairs, mode="fused", log_reports=False)
+
+    gen._apply = fused_every_step  # type: ignore[method-assign]
+    gen(Request(ref_prompt, **base))  # type: ignore[arg-type]
+    t = time.perf_counter()
+    gen(Request(ref_prompt, **base))  # type: ignore[arg-type]
+    out["scheduled_repatch_fused"] = time.perf_counter() - t
+    gen._apply = original_apply  # type: ignore[method-assign]
+    gen.close()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tiny-only", action="store_true")
+    ap.add_argument("--full-only", action="store_true")
+    args = ap.parse_args()
+    if not args.full_only:
+        tiny = demo_model()
+        print("demo model, 256 px, 8 steps:", {k: round(v, 4) for k, v in overhead(tiny, 8, 256, 5).items()})
+        print("demo model schedule, 256 px, 8 steps:", {k: round(v, 3) for k, v in schedule_cost(tiny, 8, 256).items()})
+    if not args.tiny_only:
+        t = time.perf_counter()
+        full = full_sd15()
+        print(f"built random full-size SD1.5 in {time.perf_counter() - t:.1f} s")
+        print("full SD1.5, 256 px, 2 steps:", {k: round(v, 4) for k, v in overhead(full, 2, 256, 3).items()})
+        print("full SD1.5 schedule, 256 px, 4 steps:", {k: round(v, 3) for k, v in schedule_cost(full, 4, 256).items()})
+
+
+if __name__ == "__main__":
+    main()
