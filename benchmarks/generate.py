@@ -1,11 +1,13 @@
 """lorakit's overhead around bare diffusers, and the cost of step-wise LoRA weights.
 
-1. The same generation, bare diffusers vs lorakit's Generator, with one LoRA fused (for bare diffusers the LoRA is
-   fused beforehand with lorakit and the pipeline called with the same prompt embeddings, so both run identical
-   math): on the demo model at 256 px, and on a full-size SD1.5 UNet + CLIP-L + VAE with random weights, 2 steps
-   at 256 px. Overhead = lorakit / bare − 1 (target ≤ 2 %).
+1. The same generation, bare diffusers vs lorakit's Generator, with one LoRA fused: bare diffusers gets the prompt
+   and negative prompt as text (its own encoding) with the LoRA already fused; lorakit parses the tags, resolves
+   and applies the LoRA (already active from the previous request, as in a server), encodes the A1111 way and
+   writes the infotext. On the demo model at 256 px, 8 steps, and on a full-size SD1.5 UNet + CLIP-L + VAE with
+   random weights, 2 steps at 256 px. Overhead = lorakit / bare − 1 (target ≤ 2 %).
 2. A step schedule (``unet=0@0,1@1``) run in hooks mode (strengths updated before each step) vs re-patching the
-   fused weights before each step, vs a constant fused LoRA.
+   fused weights before each step, vs a constant fused LoRA; with an attention-only rank-16 LoRA and a rank-32
+   LoCon over every layer kohya reaches.
 
 Run with nothing else busy:  python benchmarks/generate.py [--full-only | --tiny-only]
 """
@@ -20,7 +22,6 @@ import torch
 
 from _common import best_of
 
-from lorakit.conditioning import encode_pair
 from lorakit.io import save_file
 from lorakit.library import LoraIndex
 from lorakit.models import BaseModel, demo_model
@@ -57,12 +58,10 @@ def overhead(model: BaseModel, steps: int, size: int, repeats: int) -> dict[str,
     req = Request("a cabin in the woods, (masterpiece:1.2) <lora:style:0.8>", "blurry", steps=steps, cfg=7.0,
                   sampler="Euler", seed=1, width=size, height=size)
     gen(req)  # warm-up; leaves the LoRA fused, as a server between requests
-    cond, uncond = encode_pair("a cabin in the woods, (masterpiece:1.2)", "blurry", [(pipe.text_encoder,
-                                                                                     pipe.tokenizer)])
 
     def bare() -> None:
         with torch.no_grad():
-            pipe(prompt_embeds=cond.embeds, negative_prompt_embeds=uncond.embeds, num_inference_steps=steps,
+            pipe(prompt="a cabin in the woods, (masterpiece:1.2)", negative_prompt="blurry", num_inference_steps=steps,
                  guidance_scale=7.0, width=size, height=size, generator=torch.Generator().manual_seed(1))
 
     def ours() -> None:
@@ -77,11 +76,13 @@ def overhead(model: BaseModel, steps: int, size: int, repeats: int) -> dict[str,
     return {"bare_s": b, "lorakit_s": o, "overhead_pct": (o / b - 1) * 100}
 
 
-def schedule_cost(model: BaseModel, steps: int, size: int) -> dict[str, float]:
+def schedule_cost(model: BaseModel, steps: int, size: int, targets: object = attention_only,
+                  rank: int = 16) -> dict[str, float]:
     pipe = model.pipe
+    pipe.set_progress_bar_config(disable=True)
     tmp = Path(tempfile.mkdtemp())
     comps = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
-    save_file(make_kohya_lora(comps, attention_only, rank=16, seed=2), tmp / "s.safetensors")
+    save_file(make_kohya_lora(comps, targets, rank=rank, seed=2), tmp / "s.safetensors")  # type: ignore[arg-type]
     gen = Generator(model, LoraIndex([tmp]))
     base = dict(steps=steps, cfg=7.0, sampler="Euler", seed=1, width=size, height=size)
     out: dict[str, float] = {}
@@ -90,7 +91,6 @@ def schedule_cost(model: BaseModel, steps: int, size: int) -> dict[str, float]:
         t = time.perf_counter()
         gen(Request(prompt, **base))  # type: ignore[arg-type]
         out[label] = time.perf_counter() - t
-    lora = gen.patcher.reports  # noqa: F841  (keeps the patcher warm)
     ref_prompt = "a cabin <lora:s:unet=0@0,1@1>"
     original_apply = gen._apply
 
@@ -112,17 +112,29 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny-only", action="store_true")
     ap.add_argument("--full-only", action="store_true")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats of the full-size overhead run")
+    ap.add_argument("--skip-schedule", action="store_true")
     args = ap.parse_args()
     if not args.full_only:
         tiny = demo_model()
         print("demo model, 256 px, 8 steps:", {k: round(v, 4) for k, v in overhead(tiny, 8, 256, 5).items()})
-        print("demo model schedule, 256 px, 8 steps:", {k: round(v, 3) for k, v in schedule_cost(tiny, 8, 256).items()})
+        if not args.skip_schedule:
+            print("demo model schedule, 256 px, 8 steps:",
+                  {k: round(v, 3) for k, v in schedule_cost(tiny, 8, 256).items()})
     if not args.tiny_only:
         t = time.perf_counter()
         full = full_sd15()
         print(f"built random full-size SD1.5 in {time.perf_counter() - t:.1f} s")
-        print("full SD1.5, 256 px, 2 steps:", {k: round(v, 4) for k, v in overhead(full, 2, 256, 3).items()})
-        print("full SD1.5 schedule, 256 px, 4 steps:", {k: round(v, 3) for k, v in schedule_cost(full, 4, 256).items()})
+        print("full SD1.5, 256 px, 2 steps:",
+              {k: round(v, 4) for k, v in overhead(full, 2, 256, args.repeats).items()})
+        if args.skip_schedule:
+            return
+        print("full SD1.5 schedule, attention rank 16, 256 px, 4 steps:",
+              {k: round(v, 3) for k, v in schedule_cost(full, 4, 256).items()})
+        from switch import kohya_targets
+
+        print("full SD1.5 schedule, LoCon rank 32, 256 px, 4 steps:",
+              {k: round(v, 3) for k, v in schedule_cost(full, 4, 256, kohya_targets, 32).items()})
 
 
 if __name__ == "__main__":
