@@ -79,3 +79,15 @@ def test_bad_model_paths(tmp_path: Path, make: object, msg: str) -> None:
     with pytest.raises(ModelError, match=msg):
         load_model(str(path))
     assert isinstance(ModelError("x"), lorakit.LorakitError)
+
+
+def test_v_prediction_from_the_model_folder_is_kept(tmp_path: Path) -> None:
+    """An SD2-768-style folder whose scheduler predicts v keeps doing so whatever sampler is chosen."""
+    model = load_model(None)
+    model.pipe.scheduler = model.pipe.scheduler.__class__.from_config(model.pipe.scheduler.config,
+                                                                      prediction_type="v_prediction")
+    model.pipe.save_pretrained(tmp_path / "v")
+    gen = Generator(load_model(str(tmp_path / "v")), LoraIndex([]))
+    gen(Request("a cat", steps=1, width=64, height=64, seed=1, sampler="DPM++ 2M"))
+    assert gen.prediction_type == "v_prediction"
+    assert gen.model.pipe.scheduler.config.prediction_type == "v_prediction"

@@ -59,6 +59,8 @@ class Generator:
         self.index = loras
         self.patcher = patcher_for(model.pipe)
         self._hashes: dict[str, str] = {}
+        # The model's own scheduler says what its UNet predicts (SD2-768 models predict v, not the noise).
+        self.prediction_type = str(model.pipe.scheduler.config.get("prediction_type", "epsilon"))
 
     def close(self) -> None:
         """Put every weight back (bit-exact)."""
@@ -84,7 +86,7 @@ class Generator:
         self._apply(refs, loras, steps, step=1 if scheduled else None)
         encoders = self._encoders()
         cond, uncond = encode_pair(pos.text, neg.text, encoders, settings["clip_skip"], self.model.sdxl)
-        self.model.pipe.scheduler = scheduler_for(settings["sampler"])
+        self.model.pipe.scheduler = scheduler_for(settings["sampler"], self.prediction_type)
         seed = req.seed if req.seed is not None else random.randrange(2 ** 32)
         seeds = [seed + i for i in range(req.batch)]
         callback = self._step_callback(refs, loras, steps, pos.text, neg.text, settings) if scheduled else None

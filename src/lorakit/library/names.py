@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import LorakitError
-from ..io import read_metadata
+from ..header import read_metadata
 
 SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
 ENV = "LORAKIT_LORA_DIRS"
