@@ -26,7 +26,7 @@ def _generate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .infotext import save_png
-    from .library import LoraIndex
+    from .library import EmbeddingIndex, LoraIndex
     from .models import load_model
     from .pipeline import Generator, Request
     from .settings import load_settings
@@ -34,7 +34,9 @@ def _generate(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     prompts = _prompts(args)
     model = load_model(args.model or settings.model)
-    generator = Generator(model, LoraIndex(args.lora_dir or settings.lora_dirs))
+    embedding_dirs = args.embeddings_dir or settings.embedding_dirs
+    generator = Generator(model, LoraIndex(args.lora_dir or settings.lora_dirs),
+                          EmbeddingIndex(embedding_dirs) if embedding_dirs else None)
     out = Path(args.output)
     many = len(prompts) > 1 or args.batch > 1
     n = 0
@@ -78,6 +80,8 @@ def _add_generate(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") ->
     p.add_argument("-m", "--model", help="a diffusers model folder; default: the embedded demo model")
     p.add_argument("-l", "--lora-dir", action="append", help="LoRA folder (repeatable); also $LORAKIT_LORA_DIRS "
                                                              "or lora_dirs in lorakit.toml")
+    p.add_argument("-e", "--embeddings-dir", action="append", help="textual-inversion embeddings folder "
+                                                                   "(repeatable; also embedding_dirs in lorakit.toml)")
     p.add_argument("--steps", type=int, help="sampling steps (default 20; 6 with an LCM LoRA)")
     p.add_argument("--cfg", type=float, help="CFG scale (default 7; 1.5 with an LCM LoRA)")
     p.add_argument("--sampler", help="Euler, Euler a (default), DPM++ 2M, DPM++ 2M Karras, DDIM, UniPC, LCM")

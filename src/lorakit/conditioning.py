@@ -6,15 +6,24 @@ tokens; a chunk that overflows is cut at its last comma when that comma is among
 its token embeddings are multiplied by their emphasis weights and rescaled to the unweighted mean, and the chunks
 are concatenated: a prompt of n chunks gives a (1, 77·n, width) conditioning. Positive and negative conditionings
 are padded with empty chunks to the same length.
+
+Textual-inversion embeddings named in the prompt take one token position per vector (kept whole within a chunk
+when they fit); their vectors replace the token embeddings at those positions through a forward hook on the text
+encoder's input embedding, for the duration of the call — no weight is changed.
 """
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from .emphasis import BREAK, parse_emphasis
+from .errors import LorakitError
+from .library.embeddings import Embedding
 
 CHUNK = 75
 COMMA_BACKTRACK = 20
@@ -24,37 +33,82 @@ COMMA_BACKTRACK = 20
 class Chunk:
     tokens: list[int] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
+    vectors: dict[int, tuple[str, int]] = field(default_factory=dict)  # position → (embedding, row)
+
+    def split(self, cut: int) -> tuple["Chunk", "Chunk"]:
+        head = Chunk(self.tokens[:cut], self.weights[:cut], {p: v for p, v in self.vectors.items() if p < cut})
+        tail = Chunk(self.tokens[cut:], self.weights[cut:], {p - cut: v for p, v in self.vectors.items() if p >= cut})
+        return head, tail
 
 
-def chunk_prompt(text: str, tokenizer: Any) -> list[Chunk]:
-    """Token ids and emphasis weights, packed into 75-token chunks (unpadded)."""
+def chunk_prompt(text: str, tokenizer: Any, embeddings: Mapping[str, int] | None = None) -> list[Chunk]:
+    """Token ids, emphasis weights and embedding positions, packed into 75-token chunks (unpadded).
+    ``embeddings``: name → number of vectors."""
     comma = tokenizer.convert_tokens_to_ids(",</w>")
+    placeholder = tokenizer.convert_tokens_to_ids("*</w>")
+    names = _names_regex(embeddings or {})
+    lookup = {n.lower(): n for n in embeddings or {}}
     chunks: list[Chunk] = []
-    current = Chunk()
-    last_comma = -1
+    state = {"chunk": Chunk(), "comma": -1}
 
     def close(keep_from: int | None = None) -> None:
         """End the current chunk; tokens from ``keep_from`` on move to the next one."""
-        nonlocal current, last_comma
-        cut = len(current.tokens) if keep_from is None else keep_from
-        chunks.append(Chunk(current.tokens[:cut], current.weights[:cut]))
-        current, last_comma = Chunk(current.tokens[cut:], current.weights[cut:]), -1
+        current: Chunk = state["chunk"]  # type: ignore[assignment]
+        head, tail = current.split(len(current.tokens) if keep_from is None else keep_from)
+        chunks.append(head)
+        state["chunk"], state["comma"] = tail, -1
+
+    def add(token: int, weight: float, vector: tuple[str, int] | None = None) -> None:
+        current: Chunk = state["chunk"]  # type: ignore[assignment]
+        if len(current.tokens) == CHUNK:
+            last = int(state["comma"])  # type: ignore[call-overload]
+            close(last + 1 if last >= 0 and CHUNK - last <= COMMA_BACKTRACK else None)
+            current = state["chunk"]  # type: ignore[assignment]
+        if token == comma and vector is None:
+            state["comma"] = len(current.tokens)
+        if vector is not None:
+            current.vectors[len(current.tokens)] = vector
+        current.tokens.append(token)
+        current.weights.append(weight)
 
     for piece, weight in parse_emphasis(text):
         if (piece, weight) == BREAK:
             close()
             continue
-        for token in tokenizer.convert_tokens_to_ids(tokenizer.tokenize(piece)):
-            if len(current.tokens) == CHUNK:
-                near_end = last_comma >= 0 and CHUNK - last_comma <= COMMA_BACKTRACK
-                close(last_comma + 1 if near_end else None)
-            if token == comma:
-                last_comma = len(current.tokens)
-            current.tokens.append(token)
-            current.weights.append(weight)
-    if current.tokens or not chunks:
+        for part, name in _split_names(piece, names, lookup):
+            if name is None:
+                for token in tokenizer.convert_tokens_to_ids(tokenizer.tokenize(part)):
+                    add(token, weight)
+                continue
+            count = (embeddings or {})[name]
+            current: Chunk = state["chunk"]  # type: ignore[assignment]
+            if current.tokens and len(current.tokens) + count > CHUNK >= count:
+                close()  # keep the embedding whole in the next chunk
+            for row in range(count):
+                add(placeholder, weight, (name, row))
+    if state["chunk"].tokens or not chunks:  # type: ignore[attr-defined]
         close()
     return chunks
+
+
+def _names_regex(embeddings: Mapping[str, int]) -> re.Pattern[str] | None:
+    if not embeddings:
+        return None
+    alternatives = "|".join(re.escape(n) for n in sorted(embeddings, key=len, reverse=True))
+    return re.compile(r"(?<![\w-])(" + alternatives + r")(?![\w-])", re.IGNORECASE)
+
+
+def _split_names(text: str, names: re.Pattern[str] | None,
+                 lookup: Mapping[str, str]) -> Iterator[tuple[str, str | None]]:
+    """Text parts and embedding names (spelled as registered: ``lookup`` maps lower case to that), in order."""
+    pos = 0
+    for m in names.finditer(text) if names is not None else ():
+        if m.start() > pos:
+            yield text[pos:m.start()], None
+        yield m.group(1), lookup[m.group(1).lower()]
+        pos = m.end()
+    if pos < len(text) or not text:
+        yield text[pos:], None
 
 
 def padded_ids(chunk: Chunk, tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,18 +151,24 @@ class Conditioning:
 
 
 def encode_prompt(text: str, encoders: list[tuple[torch.nn.Module, Any]], clip_skip: int = 1,
-                  sdxl: bool = False, min_chunks: int = 1) -> Conditioning:
+                  sdxl: bool = False, min_chunks: int = 1,
+                  embeddings: Mapping[str, Embedding] | None = None) -> Conditioning:
     """Encode with one encoder (SD1/SD2) or two (SDXL: penultimate layers side by side, pooled from the second)."""
+    embeddings = embeddings or {}
+    counts = {name: e.tokens for name, e in embeddings.items()}
     per_encoder = []
     pooled = None
-    for encoder, tokenizer in encoders:
-        chunks = chunk_prompt(text, tokenizer)
+    for index, (encoder, tokenizer) in enumerate(encoders):
+        chunks = chunk_prompt(text, tokenizer, counts)
         chunks += [Chunk() for _ in range(min_chunks - len(chunks))]
         hidden = []
         for i, chunk in enumerate(chunks):
             ids, weights = padded_ids(chunk, tokenizer)
+            rows = {pos + 1: _vector(embeddings[name], index, row, encoder) for pos, (name, row) in
+                    chunk.vectors.items()}
             skip = max(clip_skip, 2) if sdxl else clip_skip
-            h, p = encode_chunk(encoder, ids, weights, skip, final_norm=not sdxl)
+            with _injected(encoder, rows):
+                h, p = encode_chunk(encoder, ids, weights, skip, final_norm=not sdxl)
             hidden.append(h)
             if i == 0 and p is not None:
                 pooled = p
@@ -116,11 +176,46 @@ def encode_prompt(text: str, encoders: list[tuple[torch.nn.Module, Any]], clip_s
     return Conditioning(torch.cat(per_encoder, dim=-1), pooled)
 
 
+def _vector(embedding: Embedding, encoder_index: int, row: int, encoder: torch.nn.Module) -> torch.Tensor:
+    width = encoder.get_input_embeddings().weight.shape[1]
+    where = embedding.path or embedding.name
+    if encoder_index >= len(embedding.vectors):
+        raise LorakitError(f"{where}: embedding {embedding.name!r} has vectors for {len(embedding.vectors)} text "
+                           f"encoder(s); this model has more (an SD1/SD2 embedding on SDXL?)")
+    vectors = embedding.vectors[encoder_index]
+    if vectors.shape[1] != width:
+        raise LorakitError(f"{where}: embedding {embedding.name!r} is {vectors.shape[1]} wide, the text encoder "
+                           f"expects {width} (made for another base model)")
+    return vectors[row]
+
+
+@contextmanager
+def _injected(encoder: torch.nn.Module, rows: Mapping[int, torch.Tensor]) -> Iterator[None]:
+    """Replace the token embeddings at ``rows`` (position → vector) during one forward."""
+    if not rows:
+        yield
+        return
+
+    def hook(module: torch.nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+        out = out.clone()
+        for pos, vec in rows.items():
+            out[:, pos] = vec.to(out.dtype)
+        return out
+
+    handle = encoder.get_input_embeddings().register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def encode_pair(prompt: str, negative: str, encoders: list[tuple[torch.nn.Module, Any]], clip_skip: int = 1,
-                sdxl: bool = False) -> tuple[Conditioning, Conditioning]:
+                sdxl: bool = False, embeddings: Mapping[str, Embedding] | None = None
+                ) -> tuple[Conditioning, Conditioning]:
     """Positive and negative conditionings with the same number of chunks."""
     tok = encoders[0][1]
-    n = max(len(chunk_prompt(prompt, tok)), len(chunk_prompt(negative, tok)))
+    counts = {name: e.tokens for name, e in (embeddings or {}).items()}
+    n = max(len(chunk_prompt(prompt, tok, counts)), len(chunk_prompt(negative, tok, counts)))
     with torch.no_grad():
-        return (encode_prompt(prompt, encoders, clip_skip, sdxl, n),
-                encode_prompt(negative, encoders, clip_skip, sdxl, n))
+        return (encode_prompt(prompt, encoders, clip_skip, sdxl, n, embeddings),
+                encode_prompt(negative, encoders, clip_skip, sdxl, n, embeddings))

@@ -17,7 +17,8 @@ import torch
 from .errors import LoraFileError, UnreadableFile, UnsafePickle
 from .header import Header, TensorInfo, file_size, read_header, read_metadata
 
-__all__ = ["StateDict", "Header", "TensorInfo", "read_header", "read_metadata", "load_file", "save_file"]
+__all__ = ["StateDict", "Header", "TensorInfo", "read_header", "read_metadata", "load_file", "load_pickle",
+           "save_file"]
 
 StateDict = dict[str, torch.Tensor]
 
@@ -38,13 +39,18 @@ def load_file(path: str | Path) -> tuple[StateDict, dict[str, str]]:
         raise UnreadableFile(p, f"safetensors could not read the tensors ({e})") from None
 
 
-def _load_pickle(p: Path) -> StateDict:
+def load_pickle(path: str | Path) -> object:
+    """The object in a ``.pt/.bin/.ckpt`` file, through ``torch.load(weights_only=True)`` only."""
+    p = Path(path)
     file_size(p)
     try:
-        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+        return torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:
         raise _pickle_error(p, e) from None
-    tensors = _collect_tensors(obj)
+
+
+def _load_pickle(p: Path) -> StateDict:
+    tensors = _collect_tensors(load_pickle(p))
     if not tensors:
         raise UnreadableFile(p, "file holds no tensors")
     return tensors

@@ -19,7 +19,8 @@ from .errors import LorakitError
 from .fast_loras import SETTINGS, fast_kind
 from .hashes import file_hashes
 from .infotext import infotext
-from .library import LoraIndex
+from .library import EmbeddingIndex, LoraIndex, bundled_embeddings
+from .library.embeddings import Embedding
 from .lora_model import LoraModel
 from .models import BaseModel
 from .patch import _as_lora, patcher_for
@@ -54,9 +55,10 @@ class Result:
 
 
 class Generator:
-    def __init__(self, model: BaseModel, loras: LoraIndex) -> None:
+    def __init__(self, model: BaseModel, loras: LoraIndex, embeddings: EmbeddingIndex | None = None) -> None:
         self.model = model
         self.index = loras
+        self.embeddings = embeddings
         self.patcher = patcher_for(model.pipe)
         self._hashes: dict[str, str] = {}
         # The model's own scheduler says what its UNet predicts (SD2-768 models predict v, not the noise).
@@ -85,11 +87,13 @@ class Generator:
         steps = int(settings["steps"])
         self._apply(refs, loras, steps, step=1 if scheduled else None)
         encoders = self._encoders()
-        cond, uncond = encode_pair(pos.text, neg.text, encoders, settings["clip_skip"], self.model.sdxl)
+        embeds = self._embeddings_for(pos.text + "\n" + neg.text, loras)
+        cond, uncond = encode_pair(pos.text, neg.text, encoders, settings["clip_skip"], self.model.sdxl, embeds)
         self.model.pipe.scheduler = scheduler_for(settings["sampler"], self.prediction_type)
         seed = req.seed if req.seed is not None else random.randrange(2 ** 32)
         seeds = [seed + i for i in range(req.batch)]
-        callback = self._step_callback(refs, loras, steps, pos.text, neg.text, settings) if scheduled else None
+        callback = self._step_callback(refs, loras, steps, pos.text, neg.text, settings, embeds) if scheduled \
+            else None
         images = self._run(cond, uncond, settings, req, seeds, callback)
         texts = [self._infotext(req, settings, s, refs, loras) for s in seeds]
         return Result(images, seeds, texts, notes)
@@ -134,8 +138,17 @@ class Generator:
             pairs.append((pipe.text_encoder_2, pipe.tokenizer_2))
         return pairs
 
+    def _embeddings_for(self, text: str, loras: list[LoraModel]) -> dict[str, Embedding]:
+        """Embeddings from the embedding folders named in the text, and those bundled in the prompt's LoRAs."""
+        found = self.embeddings.used_in(text) if self.embeddings else {}
+        for lora in loras:
+            found.update(bundled_embeddings(lora.embeddings, lora.path))
+        for name in found:
+            log.info(f"embedding {name} ({found[name].path}): {found[name].tokens} token(s)")
+        return found
+
     def _step_callback(self, refs: list[LoraRef], loras: list[LoraModel], steps: int, prompt: str, negative: str,
-                       settings: dict[str, Any]) -> Any:
+                       settings: dict[str, Any], embeds: dict[str, Embedding]) -> Any:
         """Before each next step: the scheduled strengths of that step; re-encode when a te schedule moves."""
         te_scheduled = any(not isinstance(r.te, float) or r.start is not None or r.stop is not None for r in refs)
         cfg = float(settings["cfg"]) > 1
@@ -146,7 +159,7 @@ class Generator:
             self._apply(refs, loras, steps, step=i + 2)
             if te_scheduled:
                 cond, uncond = encode_pair(prompt, negative, self._encoders(), settings["clip_skip"],
-                                           self.model.sdxl)
+                                           self.model.sdxl, embeds)
                 kwargs["prompt_embeds"] = torch.cat([uncond.embeds, cond.embeds]) if cfg else cond.embeds
             return kwargs
 

@@ -1,5 +1,6 @@
 """User settings: ``lorakit.toml`` in the working folder, else ``~/.config/lorakit/config.toml`` (or the file
-named by ``--config``), plus ``$LORAKIT_LORA_DIRS``. Keys: ``model`` (path), ``lora_dirs`` (list of paths).
+named by ``--config``), plus ``$LORAKIT_LORA_DIRS``. Keys: ``model`` (path), ``lora_dirs``, ``embedding_dirs``
+(lists of paths).
 Command-line flags win over the file; the file's ``lora_dirs`` and the environment's are combined."""
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ SEARCH = (Path("lorakit.toml"), Path.home() / ".config" / "lorakit" / "config.to
 class Settings:
     model: str | None = None
     lora_dirs: list[Path] = field(default_factory=list)
+    embedding_dirs: list[Path] = field(default_factory=list)
 
 
 def load_settings(path: str | None = None) -> Settings:
@@ -27,8 +29,9 @@ def load_settings(path: str | None = None) -> Settings:
             data = tomllib.loads(candidates[0].read_text(encoding="utf-8"))
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise LorakitError(f"{candidates[0]}: unreadable settings file ({e})") from None
-    dirs = data.get("lora_dirs", [])
-    if not isinstance(dirs, list):
-        raise LorakitError(f"{candidates[0]}: lora_dirs must be a list of folders")
+    dirs, embedding_dirs = data.get("lora_dirs", []), data.get("embedding_dirs", [])
+    if not isinstance(dirs, list) or not isinstance(embedding_dirs, list):
+        raise LorakitError(f"{candidates[0]}: lora_dirs and embedding_dirs must be lists of folders")
     model = data.get("model")
-    return Settings(str(model) if model else None, [Path(str(d)) for d in dirs] + lora_dirs_from_env())
+    return Settings(str(model) if model else None, [Path(str(d)) for d in dirs] + lora_dirs_from_env(),
+                    [Path(str(d)) for d in embedding_dirs])

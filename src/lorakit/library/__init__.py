@@ -1,4 +1,5 @@
-"""Folders of LoRA files: finding a LoRA by the name a prompt uses. No torch import here."""
+"""Folders of LoRA files and embeddings: finding them by the names a prompt uses. Importing it needs no torch."""
+from .embeddings import Embedding, EmbeddingIndex, bundled_embeddings
 from .names import LoraIndex, LoraNameError, lora_dirs_from_env
 
-__all__ = ["LoraIndex", "LoraNameError", "lora_dirs_from_env"]
+__all__ = ["LoraIndex", "LoraNameError", "lora_dirs_from_env", "Embedding", "EmbeddingIndex", "bundled_embeddings"]
