@@ -91,3 +91,20 @@ def test_v_prediction_from_the_model_folder_is_kept(tmp_path: Path) -> None:
     gen(Request("a cat", steps=1, width=64, height=64, seed=1, sampler="DPM++ 2M"))
     assert gen.prediction_type == "v_prediction"
     assert gen.model.pipe.scheduler.config.prediction_type == "v_prediction"
+
+
+def test_sd1_lora_on_sdxl_model_fails_clearly_and_writes_nothing(tmp_path: Path) -> None:
+    from lorakit.cli import main
+
+    _tiny_sdxl().save_pretrained(tmp_path / "xl")  # type: ignore[attr-defined]
+    examples = Path(__file__).resolve().parents[1] / "examples" / "loras"
+    out = tmp_path / "x.png"
+    model = load_model(str(tmp_path / "xl"))
+    gen = Generator(model, LoraIndex([examples]))
+    before = {n: p.detach().clone() for n, p in model.pipe.unet.named_parameters()}
+    with pytest.raises(lorakit.IncompatibleLora, match="for Stable Diffusion 1.x, the model is Stable Diffusion XL"):
+        gen(Request("a cat <lora:ink_sketch_sd15:1>", steps=1, width=64, height=64, seed=1))
+    assert all(torch.equal(p, before[n]) for n, p in model.pipe.unet.named_parameters())
+    assert main(["generate", "a cat <lora:ink_sketch_sd15>", "-m", str(tmp_path / "xl"), "-l", str(examples),
+                 "--steps", "1", "-W", "64", "-H", "64", "-o", str(out)]) == 2
+    assert not out.exists()
