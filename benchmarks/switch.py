@@ -50,7 +50,7 @@ def floor_seconds(params: list[torch.Tensor]) -> float:
             b.copy_(p)
 
     t = best_of(3, run)
-    del buffers
+    buffers.clear()
     return t
 
 

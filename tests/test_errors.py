@@ -1,11 +1,9 @@
 """Every bad input gives a lorakit error that names the file and the problem, never a deep traceback."""
 from __future__ import annotations
 
-import io
 import json
 import pickle
 import struct
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 import lorakit
-from lorakit.io import load_file, read_header
+from lorakit.io import read_header
 
 from .conftest import assert_original, snapshot
 from .factories import adapter_tensors, make_kohya_lora, tiny_components

@@ -15,7 +15,7 @@ from lorakit.patch.plan import build_plan
 
 from .conftest import REAL_LORAS
 from .factories import adapter_tensors, make_kohya_lora, tiny_components
-from .lyco import file_state_dict, make_network
+from .lyco import file_state_dict
 
 REAL = REAL_LORAS
 

@@ -41,54 +41,62 @@ class Chunk:
         return head, tail
 
 
+class _Packer:
+    """Packs (token, weight) pairs into 75-token chunks, cutting at a late comma as A1111 does."""
+
+    def __init__(self, comma: int) -> None:
+        self.comma = comma
+        self.chunks: list[Chunk] = []
+        self.current = Chunk()
+        self.last_comma = -1
+
+    def close(self, keep_from: int | None = None) -> None:
+        """End the current chunk; tokens from ``keep_from`` on move to the next one."""
+        head, self.current = self.current.split(len(self.current.tokens) if keep_from is None else keep_from)
+        self.chunks.append(head)
+        self.last_comma = -1
+
+    def add(self, token: int, weight: float, vector: tuple[str, int] | None = None) -> None:
+        if len(self.current.tokens) == CHUNK:
+            late = self.last_comma >= 0 and CHUNK - self.last_comma <= COMMA_BACKTRACK
+            self.close(self.last_comma + 1 if late else None)
+        if token == self.comma and vector is None:
+            self.last_comma = len(self.current.tokens)
+        if vector is not None:
+            self.current.vectors[len(self.current.tokens)] = vector
+        self.current.tokens.append(token)
+        self.current.weights.append(weight)
+
+    def add_embedding(self, name: str, count: int, weight: float, placeholder: int) -> None:
+        if self.current.tokens and len(self.current.tokens) + count > CHUNK >= count:
+            self.close()  # keep the embedding whole in the next chunk
+        for row in range(count):
+            self.add(placeholder, weight, (name, row))
+
+    def finish(self) -> list[Chunk]:
+        if self.current.tokens or not self.chunks:
+            self.close()
+        return self.chunks
+
+
 def chunk_prompt(text: str, tokenizer: Any, embeddings: Mapping[str, int] | None = None) -> list[Chunk]:
     """Token ids, emphasis weights and embedding positions, packed into 75-token chunks (unpadded).
     ``embeddings``: name → number of vectors."""
-    comma = tokenizer.convert_tokens_to_ids(",</w>")
+    embeddings = embeddings or {}
+    packer = _Packer(tokenizer.convert_tokens_to_ids(",</w>"))
     placeholder = tokenizer.convert_tokens_to_ids("*</w>")
-    names = _names_regex(embeddings or {})
-    lookup = {n.lower(): n for n in embeddings or {}}
-    chunks: list[Chunk] = []
-    state = {"chunk": Chunk(), "comma": -1}
-
-    def close(keep_from: int | None = None) -> None:
-        """End the current chunk; tokens from ``keep_from`` on move to the next one."""
-        current: Chunk = state["chunk"]  # type: ignore[assignment]
-        head, tail = current.split(len(current.tokens) if keep_from is None else keep_from)
-        chunks.append(head)
-        state["chunk"], state["comma"] = tail, -1
-
-    def add(token: int, weight: float, vector: tuple[str, int] | None = None) -> None:
-        current: Chunk = state["chunk"]  # type: ignore[assignment]
-        if len(current.tokens) == CHUNK:
-            last = int(state["comma"])  # type: ignore[call-overload]
-            close(last + 1 if last >= 0 and CHUNK - last <= COMMA_BACKTRACK else None)
-            current = state["chunk"]  # type: ignore[assignment]
-        if token == comma and vector is None:
-            state["comma"] = len(current.tokens)
-        if vector is not None:
-            current.vectors[len(current.tokens)] = vector
-        current.tokens.append(token)
-        current.weights.append(weight)
-
+    names, lookup = _names_regex(embeddings), {n.lower(): n for n in embeddings}
     for piece, weight in parse_emphasis(text):
         if (piece, weight) == BREAK:
-            close()
+            packer.close()
             continue
         for part, name in _split_names(piece, names, lookup):
-            if name is None:
-                for token in tokenizer.convert_tokens_to_ids(tokenizer.tokenize(part)):
-                    add(token, weight)
+            if name is not None:
+                packer.add_embedding(name, embeddings[name], weight, placeholder)
                 continue
-            count = (embeddings or {})[name]
-            current: Chunk = state["chunk"]  # type: ignore[assignment]
-            if current.tokens and len(current.tokens) + count > CHUNK >= count:
-                close()  # keep the embedding whole in the next chunk
-            for row in range(count):
-                add(placeholder, weight, (name, row))
-    if state["chunk"].tokens or not chunks:  # type: ignore[attr-defined]
-        close()
-    return chunks
+            for token in tokenizer.convert_tokens_to_ids(tokenizer.tokenize(part)):
+                packer.add(token, weight)
+    return packer.finish()
 
 
 def _names_regex(embeddings: Mapping[str, int]) -> re.Pattern[str] | None:

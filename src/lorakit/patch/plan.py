@@ -4,13 +4,12 @@ Every check happens here, before any weight is touched: architecture, module exi
 """
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from ..adapters import Adapter, kind_of
+from ..adapters import Adapter
 from ..arch import NAMES, UNKNOWN
 from ..errors import IncompatibleLora, UnmatchedKeys
 from ..lora_model import LoraModel
@@ -120,6 +119,3 @@ def _raise_if_bad(lora: LoraModel, arch: str, errors: list[str], report: LoraRep
         items = report.unmatched + lora.leftovers
         raise UnmatchedKeys(lora.path, f"{len(items)} entries not applied (strict mode): {', '.join(items[:5])}")
 
-
-def summary_counts(plan: Plan) -> Counter[str]:
-    return Counter(kind_of(c.adapter) for cs in plan.layers.values() for c in cs)

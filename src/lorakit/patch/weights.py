@@ -61,9 +61,6 @@ class Weight:
             text += f", blocks ≠1: {', '.join(f'{b} {self.blocks[b]:g}' for b in off[:6])}" if off else ""
         return text + (f", dyn {self.dyn}" if self.dyn else "")
 
-    def key(self) -> tuple[object, ...]:
-        return (self.unet, self.te, tuple(sorted(self.blocks.items())), self.dyn)
-
 
 def as_weight(spec: float | int | Mapping[str, object] | Weight) -> Weight:
     """Accept ``0.8``, ``Weight(...)`` or a mapping: ``{"unet": 1, "te": 0.5, "in": 0, "mid": 1, "out": 0,
