@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,9 @@ def load_pickle(path: str | Path) -> object:
     p = Path(path)
     file_size(p)
     try:
-        return torch.load(str(p), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # legacy raw pickles load fine; torch's protocol notice only confuses
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:
         raise _pickle_error(p, e) from None
 
