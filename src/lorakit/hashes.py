@@ -48,3 +48,30 @@ def file_hashes(path: str | Path, metadata: dict[str, str] | None = None) -> Has
     claimed = (metadata or {}).get("sshs_model_hash")
     return Hashes(full, full[:10], addnet, addnet[:12], claimed,
                   None if claimed is None else claimed.lower() == addnet)
+
+
+def cached_sha256(path: str | Path) -> str:
+    """SHA-256 of a (large) file, cached in ``~/.cache/lorakit/sha256.json`` by path, size and mtime."""
+    import json
+    import os
+
+    p = Path(path).resolve()
+    st = p.stat()
+    cache_file = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lorakit" / "sha256.json"
+    key = f"{p}|{st.st_size}|{st.st_mtime_ns}"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key not in cache:
+        h = hashlib.sha256()
+        with p.open("rb") as f:
+            while chunk := f.read(CHUNK):
+                h.update(chunk)
+        cache[key] = h.hexdigest()
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            cache_file.write_text(json.dumps(cache))
+        except OSError:
+            pass  # an unwritable cache only costs time
+    return str(cache[key])

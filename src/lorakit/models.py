@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,8 @@ DEMO_SEED = 20261123
 
 
 class ModelError(LorakitError):
-    """A base model that cannot be loaded (names the path and the problem)."""
+    """A base model that cannot be loaded (names the path and the problem). Single files raise
+    ``single_file.CheckpointError``, a ``LorakitError`` too."""
 
 
 @dataclass
@@ -47,9 +49,24 @@ def load_model(spec: str | None) -> BaseModel:
     if path.is_dir() and (path / "model_index.json").is_file():
         return _diffusers_folder(path)
     if path.is_file():
-        raise ModelError(f"{path}: single-file checkpoints (.safetensors/.ckpt) are not supported yet; use a "
-                         "diffusers model folder (with model_index.json)")
+        return load_single_file(path)
     raise ModelError(f"{path}: not a diffusers model folder (no model_index.json)")
+
+
+def load_single_file(path: Path, configs: Mapping[str, Mapping[str, Any]] | None = None) -> BaseModel:
+    """An A1111-style ``.safetensors``/``.ckpt`` checkpoint (SD1; ``configs`` default to full-size SD1.5)."""
+    from .configs import CLIP_L, SD1_UNET, SD_VAE
+    from .hashes import cached_sha256
+    from .single_file import CheckpointError, checkpoint_arch, checkpoint_tensors, sd1_pipeline
+
+    sd = checkpoint_tensors(path)
+    arch = checkpoint_arch(sd, path)
+    if arch != "sd1":
+        raise CheckpointError(f"{path}: a {'Stable Diffusion XL' if arch == 'sdxl' else 'Stable Diffusion 2.x'} "
+                              "single-file checkpoint; lorakit loads SD1 single files so far — use the model as a "
+                              "diffusers folder")
+    pipe = sd1_pipeline(sd, path, configs or {"unet": SD1_UNET, "vae": SD_VAE, "text_encoder": CLIP_L})
+    return BaseModel(pipe, path.stem, cached_sha256(path)[:10], arch)
 
 
 def _diffusers_folder(path: Path) -> BaseModel:

@@ -1,0 +1,81 @@
+"""Export an SD1 diffusers pipeline as an A1111-style single-file checkpoint (LDM key names).
+
+The inverse of the conversion ``models.load_single_file`` does on reading; general in ``layers_per_block`` so
+small test pipelines can be written too. UNet: ``model.diffusion_model.``; VAE: ``first_stage_model.`` (its
+attention projections become 1×1 convolutions); CLIP-L: ``cond_stage_model.transformer.text_model.``.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+UNET, VAE, CLIP = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.text_model."
+_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
+           "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_TOP = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+        "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+
+
+def unet_to_ldm(name: str, config: Any) -> str:
+    """One diffusers UNet parameter name → its LDM name (``down_blocks.1.attentions.0.proj_in.weight`` →
+    ``input_blocks.4.1.proj_in.weight`` for two layers per block)."""
+    per = config.layers_per_block + 1
+    for old, new in _TOP.items():
+        if name.startswith(old + "."):
+            return new + name[len(old):]
+    parts = name.split(".")
+    if parts[0] == "mid_block":
+        kind, j, rest = parts[1], int(parts[2]), ".".join(parts[3:])
+        return f"middle_block.{1 if kind == 'attentions' else 2 * j}.{_resnet(rest) if kind == 'resnets' else rest}"
+    block, i, kind, j, rest = parts[0], int(parts[1]), parts[2], int(parts[3]), ".".join(parts[4:])
+    if block == "down_blocks":
+        if kind == "downsamplers":
+            return f"input_blocks.{1 + i * per + per - 1}.0.op.{rest.split('.', 1)[1]}"
+        return f"input_blocks.{1 + i * per + j}.{_sub(kind, rest)}"
+    if kind == "upsamplers":
+        has_attn = "CrossAttn" in config.up_block_types[i]
+        return f"output_blocks.{i * per + per - 1}.{2 if has_attn else 1}.conv.{rest.split('.', 1)[1]}"
+    return f"output_blocks.{i * per + j}.{_sub(kind, rest)}"
+
+
+def _sub(kind: str, rest: str) -> str:
+    return f"0.{_resnet(rest)}" if kind == "resnets" else f"1.{rest}"
+
+
+def _resnet(rest: str) -> str:
+    head, _, param = rest.partition(".")
+    return f"{_RESNET[head]}.{param}"
+
+
+def vae_to_ldm(name: str, config: Any) -> str:
+    """One diffusers VAE parameter name → its LDM name (decoder blocks run in reverse order in LDM)."""
+    n_up = len(config.up_block_types)
+    subs = [(r"^(encoder|decoder)\.conv_norm_out", r"\1.norm_out"),
+            (r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)", r"encoder.down.\1.block.\2"),
+            (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0", r"encoder.down.\1.downsample"),
+            (r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)", lambda m: f"decoder.up.{n_up - 1 - int(m[1])}.block.{m[2]}"),
+            (r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0", lambda m: f"decoder.up.{n_up - 1 - int(m[1])}.upsample"),
+            (r"^(encoder|decoder)\.mid_block\.resnets\.(\d+)", lambda m: f"{m[1]}.mid.block_{int(m[2]) + 1}"),
+            (r"^(encoder|decoder)\.mid_block\.attentions\.0\.", r"\1.mid.attn_1."),
+            (r"conv_shortcut", "nin_shortcut"), (r"attn_1\.group_norm", "attn_1.norm"),
+            (r"attn_1\.to_q", "attn_1.q"), (r"attn_1\.to_k", "attn_1.k"), (r"attn_1\.to_v", "attn_1.v"),
+            (r"attn_1\.to_out\.0", "attn_1.proj_out")]
+    for pattern, repl in subs:
+        name = re.sub(pattern, repl, name)  # type: ignore[arg-type]
+    return name
+
+
+def sd1_checkpoint(pipe: Any) -> dict[str, torch.Tensor]:
+    """The single-file state dict of an SD1 pipeline (UNet, VAE, CLIP-L text encoder)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in pipe.unet.state_dict().items():
+        out[UNET + unet_to_ldm(name, pipe.unet.config)] = t
+    for name, t in pipe.vae.state_dict().items():
+        ldm = vae_to_ldm(name, pipe.vae.config)
+        is_attn_proj = re.search(r"attn_1\.(q|k|v|proj_out)\.weight$", ldm) is not None
+        out[VAE + ldm] = t[:, :, None, None] if is_attn_proj and t.dim() == 2 else t
+    for name, t in pipe.text_encoder.state_dict().items():
+        out[CLIP + (name[len("text_model."):] if name.startswith("text_model.") else name)] = t
+    return {k: v.contiguous() for k, v in out.items()}

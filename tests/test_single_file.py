@@ -1,0 +1,106 @@
+"""A1111-style single-file checkpoints: written from a tiny SD1 pipeline, loaded back offline, exactly."""
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import lorakit
+from lorakit.cli import main
+from lorakit.io import save_file
+from lorakit.models import BaseModel, load_model, load_single_file
+from lorakit.pipeline import Generator, Request
+from lorakit.library import LoraIndex
+from lorakit.single_file import CheckpointError
+from lorakit.tools.checkpoint import sd1_checkpoint
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "loras"
+
+
+@pytest.fixture(scope="module")
+def demo() -> BaseModel:
+    return load_model(None)
+
+
+def _configs(pipe: object) -> dict[str, dict[str, object]]:
+    return {"unet": dict(pipe.unet.config), "vae": dict(pipe.vae.config),  # type: ignore[attr-defined]
+            "text_encoder": pipe.text_encoder.config.to_dict()}  # type: ignore[attr-defined]
+
+
+def _image(model: BaseModel) -> np.ndarray:
+    gen = Generator(model, LoraIndex([EXAMPLES]))
+    try:
+        req = Request("a cat <lora:demo_style:0.7>", steps=2, width=64, height=64, seed=9)
+        return np.asarray(gen(req).images[0])
+    finally:
+        gen.close()
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_tiny_sd1_checkpoint_roundtrip_offline(demo: BaseModel, tmp_path: Path, suffix: str) -> None:
+    sd = sd1_checkpoint(demo.pipe)
+    path = tmp_path / f"tiny{suffix}"
+    if suffix == ".ckpt":
+        torch.save({"state_dict": sd, "global_step": 1}, str(path))
+    else:
+        save_file(sd, path)
+    loaded = load_single_file(path, _configs(demo.pipe))
+    for comp in ("unet", "vae", "text_encoder"):
+        a, b = getattr(demo.pipe, comp).state_dict(), getattr(loaded.pipe, comp).state_dict()
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), comp
+    assert loaded.name == "tiny" and len(loaded.hash) == 10
+    assert np.array_equal(_image(loaded), _image(demo))
+
+
+def test_full_size_sd15_keys_and_shapes_map_exactly() -> None:
+    """The full-size SD1.5 layout (on the meta device): every tensor of a checkpoint lands in the model."""
+    from diffusers import AutoencoderKL
+
+    from lorakit.configs import CLIP_L, SD1_UNET, SD_VAE, build_components
+    from lorakit.single_file import sd1_pipeline
+
+    comps = build_components("sd1")
+    with torch.device("meta"):
+        vae = AutoencoderKL(**SD_VAE)
+    sd = sd1_checkpoint(SimpleNamespace(unet=comps["unet"], vae=vae, text_encoder=comps["text_encoder"]))
+    assert sum(k.startswith("model.diffusion_model.") for k in sd) == len(comps["unet"].state_dict())
+    pipe = sd1_pipeline(sd, Path("meta.safetensors"), {"unet": SD1_UNET, "vae": SD_VAE, "text_encoder": CLIP_L})
+    assert sum(p.numel() for p in pipe.unet.parameters()) == 859_520_964
+
+
+def test_lora_passed_as_model(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="this is a LoRA, not a base model"):
+        load_model(str(EXAMPLES / "demo_style.safetensors"))
+
+
+def test_sdxl_single_file_refused_clearly(tmp_path: Path) -> None:
+    path = tmp_path / "xl.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1),
+               "conditioner.embedders.0.transformer.text_model.x": torch.zeros(1)}, path)
+    with pytest.raises(CheckpointError, match="Stable Diffusion XL single-file checkpoint.*diffusers folder"):
+        load_model(str(path))
+
+
+@pytest.mark.parametrize("keys,msg", [({"foo.bar": torch.zeros(1)}, "not a Stable Diffusion checkpoint"),
+                                      ({"double_blocks.0.img_attn.qkv.weight": torch.zeros(1)}, "a Flux file")])
+def test_not_sd_files(tmp_path: Path, keys: dict[str, torch.Tensor], msg: str) -> None:
+    path = tmp_path / "x.safetensors"
+    save_file(keys, path)
+    with pytest.raises(CheckpointError, match=msg):
+        load_model(str(path))
+
+
+def test_tiny_checkpoint_with_full_size_configs_fails_clearly(demo: BaseModel, tmp_path: Path) -> None:
+    save_file(sd1_checkpoint(demo.pipe), tmp_path / "tiny.safetensors")
+    with pytest.raises(CheckpointError, match="tiny.safetensors: the UNet"):
+        load_model(str(tmp_path / "tiny.safetensors"))
+
+
+def test_cli_lora_as_model_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "a cat", "-m", str(EXAMPLES / "demo_style.safetensors"), "-o",
+                 str(tmp_path / "x.png")]) == 2
+    assert "this is a LoRA" in capsys.readouterr().err
+    assert isinstance(CheckpointError("x"), lorakit.LorakitError)
