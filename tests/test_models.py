@@ -71,12 +71,12 @@ def test_sdxl_folder_two_encoders_pooled_and_lora(tmp_path: Path) -> None:
 @pytest.mark.parametrize("make,msg", [
     (lambda p: p, "no such model"),
     (lambda p: (p.mkdir(), p)[1], "not a diffusers model folder"),
-    (lambda p: (p.write_bytes(b"x"), p)[1], "single-file checkpoints"),
+    (lambda p: (p.write_bytes(b"x"), p)[1], "too short to be a safetensors file"),
     (lambda p: (p.mkdir(), (p / "model_index.json").write_text("{bad"), p)[2], "unreadable"),
 ])
 def test_bad_model_paths(tmp_path: Path, make: object, msg: str) -> None:
     path = make(tmp_path / "m")  # type: ignore[operator]
-    with pytest.raises(ModelError, match=msg):
+    with pytest.raises(lorakit.LorakitError, match=msg):
         load_model(str(path))
     assert isinstance(ModelError("x"), lorakit.LorakitError)
 
