@@ -60,14 +60,15 @@ def test_full_size_sd15_keys_and_shapes_map_exactly() -> None:
     from diffusers import AutoencoderKL
 
     from lorakit.configs import CLIP_L, SD1_UNET, SD_VAE, build_components
-    from lorakit.single_file import sd1_pipeline
+    from lorakit.single_file import build_pipeline
 
     comps = build_components("sd1")
     with torch.device("meta"):
         vae = AutoencoderKL(**SD_VAE)
     sd = sd1_checkpoint(SimpleNamespace(unet=comps["unet"], vae=vae, text_encoder=comps["text_encoder"]))
     assert sum(k.startswith("model.diffusion_model.") for k in sd) == len(comps["unet"].state_dict())
-    pipe = sd1_pipeline(sd, Path("meta.safetensors"), {"unet": SD1_UNET, "vae": SD_VAE, "text_encoder": CLIP_L})
+    pipe = build_pipeline(sd, Path("meta.safetensors"), "sd1", {"unet": SD1_UNET, "vae": SD_VAE,
+                                                                 "text_encoder": CLIP_L})
     assert sum(p.numel() for p in pipe.unet.parameters()) == 859_520_964
 
 
@@ -76,12 +77,50 @@ def test_lora_passed_as_model(tmp_path: Path) -> None:
         load_model(str(EXAMPLES / "demo_style.safetensors"))
 
 
-def test_sdxl_single_file_refused_clearly(tmp_path: Path) -> None:
-    path = tmp_path / "xl.safetensors"
-    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1),
-               "conditioner.embedders.0.transformer.text_model.x": torch.zeros(1)}, path)
-    with pytest.raises(CheckpointError, match="Stable Diffusion XL single-file checkpoint.*diffusers folder"):
-        load_model(str(path))
+def _tiny_sd2() -> object:
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from lorakit.tokenizer import PAD_OPENCLIP, clip_tokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(32, 64), layers_per_block=2, norm_num_groups=8, cross_attention_dim=32,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True)
+    vae = AutoencoderKL(block_out_channels=(8, 8), latent_channels=4, norm_num_groups=8,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    te = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                                      vocab_size=49408, max_position_embeddings=77, hidden_act="gelu"))
+    return StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=clip_tokenizer(PAD_OPENCLIP), unet=unet,
+                                   scheduler=EulerDiscreteScheduler(prediction_type="v_prediction"),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+@pytest.mark.parametrize("arch", ["sd2", "sdxl"])
+def test_tiny_sd2_and_sdxl_checkpoint_roundtrip(tmp_path: Path, arch: str) -> None:
+    """OpenCLIP-named text encoders (fused q/k/v) and SDXL's two encoders + label embedding, exactly."""
+    from lorakit.tools.checkpoint import to_checkpoint
+
+    from .test_models import _tiny_sdxl
+
+    pipe = _tiny_sd2() if arch == "sd2" else _tiny_sdxl()
+    save_file(to_checkpoint(pipe, arch), tmp_path / f"{arch}.safetensors")
+    configs = _configs(pipe)
+    if arch == "sdxl":
+        configs["text_encoder_2"] = pipe.text_encoder_2.config.to_dict()  # type: ignore[attr-defined]
+    loaded = load_single_file(tmp_path / f"{arch}.safetensors", configs)
+    assert loaded.arch == arch and loaded.sdxl == (arch == "sdxl")
+    names = ("unet", "vae", "text_encoder") + (("text_encoder_2",) if arch == "sdxl" else ())
+    for comp in names:
+        a, b = getattr(pipe, comp).state_dict(), getattr(loaded.pipe, comp).state_dict()
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), comp
+    if arch == "sd2":
+        assert loaded.pipe.scheduler.config.prediction_type == "v_prediction"
+    original = BaseModel(pipe, "orig", "0" * 10, arch)
+    gen_a, gen_b = Generator(original, LoraIndex([])), Generator(loaded, LoraIndex([]))
+    req = Request("a cat, (masterpiece:1.2)", "blurry", steps=2, width=64, height=64, seed=3)
+    assert np.array_equal(np.asarray(gen_a(req).images[0]), np.asarray(gen_b(req).images[0]))
 
 
 @pytest.mark.parametrize("keys,msg", [({"foo.bar": torch.zeros(1)}, "not a Stable Diffusion checkpoint"),

@@ -25,6 +25,8 @@ SD_VAE: dict[str, Any] = dict(block_out_channels=[128, 256, 512, 512], layers_pe
                               down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
                               sample_size=512)
 
+SDXL_VAE: dict[str, Any] = dict(SD_VAE, sample_size=1024, scaling_factor=0.13025)
+
 ARCHS: dict[str, dict[str, dict[str, Any]]] = {
     "sd1": {"unet": SD1_UNET, "text_encoder": CLIP_L},
     "sd2": {"unet": SD2_UNET, "text_encoder": OPENCLIP_H},

@@ -15,10 +15,13 @@ SETTINGS = {"sampler": "LCM", "cfg": 1.5, "steps": 6}
 
 
 def fast_kind(lora: LoraModel) -> str | None:
-    """``"lcm"``, ``"hyper"``, ``"turbo"`` or ``None`` from the file name, ``ss_output_name`` and modelspec text."""
+    """``"lcm"``, ``"hyper"``, ``"turbo"`` or ``None`` from the file name and the metadata's names, titles and
+    descriptions. Known file hashes are not used: the official LCM-LoRA files are both published as
+    ``pytorch_lora_weights.safetensors`` and their hashes are not available offline — rename them (e.g.
+    ``lcm-lora-sdv1-5.safetensors``), as SD.Next also advises."""
     meta = lora.metadata
-    text = " ".join([lora.name, meta.get("ss_output_name", ""), meta.get("modelspec.title", ""),
-                     meta.get("modelspec.description", "")]).lower()
+    described = [v for k, v in meta.items() if any(w in k.lower() for w in ("name", "title", "description"))]
+    text = " ".join([lora.name, *described]).lower()
     for kind, pattern in PATTERNS.items():
         if pattern.search(text):
             return kind

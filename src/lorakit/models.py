@@ -54,18 +54,14 @@ def load_model(spec: str | None) -> BaseModel:
 
 
 def load_single_file(path: Path, configs: Mapping[str, Mapping[str, Any]] | None = None) -> BaseModel:
-    """An A1111-style ``.safetensors``/``.ckpt`` checkpoint (SD1; ``configs`` default to full-size SD1.5)."""
-    from .configs import CLIP_L, SD1_UNET, SD_VAE
+    """An A1111-style ``.safetensors``/``.ckpt`` checkpoint (SD1, SD2, SDXL; ``configs`` default to the full-size
+    ones of the architecture its tensors show)."""
     from .hashes import cached_sha256
-    from .single_file import CheckpointError, checkpoint_arch, checkpoint_tensors, sd1_pipeline
+    from .single_file import build_pipeline, checkpoint_arch, checkpoint_tensors, default_configs
 
     sd = checkpoint_tensors(path)
     arch = checkpoint_arch(sd, path)
-    if arch != "sd1":
-        raise CheckpointError(f"{path}: a {'Stable Diffusion XL' if arch == 'sdxl' else 'Stable Diffusion 2.x'} "
-                              "single-file checkpoint; lorakit loads SD1 single files so far — use the model as a "
-                              "diffusers folder")
-    pipe = sd1_pipeline(sd, path, configs or {"unet": SD1_UNET, "vae": SD_VAE, "text_encoder": CLIP_L})
+    pipe = build_pipeline(sd, path, arch, configs or default_configs(arch))
     return BaseModel(pipe, path.stem, cached_sha256(path)[:10], arch)
 
 

@@ -1,9 +1,9 @@
 """A1111-style single-file checkpoints (``.safetensors``/``.ckpt``): what the file is, from its tensors, and an
-offline SD1 pipeline built from it with the shipped configs (components made on the ``meta`` device, then filled
-with the converted tensors — no random initialisation, no download).
+offline SD1 / SD2 / SDXL pipeline built from it with the shipped configs (components made on the ``meta`` device,
+then filled with the tensors converted by diffusers' LDM converters — no random initialisation, no download).
 
-SD2 and SDXL single files are recognised and refused with a clear message for now (their OpenCLIP text encoder
-conversion is not covered by tests yet); use a diffusers folder for them.
+SD2 single files are taken to predict v (SD2.x 768, as diffusers also assumes); an SD2 512-base model is
+epsilon — use it as a diffusers folder, whose scheduler says so.
 """
 from __future__ import annotations
 
@@ -49,31 +49,75 @@ def checkpoint_arch(sd: Mapping[str, torch.Tensor], path: Path) -> str:
     return "sd1"
 
 
-def sd1_pipeline(sd: Mapping[str, torch.Tensor], path: Path, configs: Mapping[str, Mapping[str, Any]]) -> Any:
-    """Build a StableDiffusionPipeline from an SD1 single-file state dict and component configs."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
-                                                     convert_ldm_vae_checkpoint)
-    from transformers import CLIPTextConfig, CLIPTextModel
+def default_configs(arch: str) -> dict[str, Mapping[str, Any]]:
+    from .configs import CLIP_G, CLIP_L, OPENCLIP_H, SD1_UNET, SD2_UNET, SD_VAE, SDXL_UNET, SDXL_VAE
 
-    from .samplers import scheduler_for
-    from .tokenizer import clip_tokenizer
+    return {"sd1": {"unet": SD1_UNET, "vae": SD_VAE, "text_encoder": CLIP_L},
+            "sd2": {"unet": SD2_UNET, "vae": SD_VAE, "text_encoder": OPENCLIP_H},
+            "sdxl": {"unet": SDXL_UNET, "vae": SDXL_VAE, "text_encoder": CLIP_L, "text_encoder_2": CLIP_G}}[arch]
+
+
+def build_pipeline(sd: Mapping[str, torch.Tensor], path: Path, arch: str,
+                   configs: Mapping[str, Mapping[str, Any]]) -> Any:
+    """A diffusers pipeline from a single-file state dict of ``arch`` and component configs."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
     sd = dict(sd)
     with torch.device("meta"):
         unet = UNet2DConditionModel(**configs["unet"])
         vae = AutoencoderKL(**configs["vae"])
-        text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
     _fill(unet, convert_ldm_unet_checkpoint(sd, dict(unet.config)), path, "UNet")
     _fill(vae, convert_ldm_vae_checkpoint(sd, dict(vae.config)), path, "VAE")
-    te = convert_ldm_clip_checkpoint(sd)
-    if not hasattr(text_encoder, "text_model"):  # transformers 5 CLIPTextModel has no text_model level
-        te = {k[len("text_model."):] if k.startswith("text_model.") else k: v for k, v in te.items()}
-    te.pop("embeddings.position_ids", None)
-    _fill(text_encoder, te, path, "text encoder")
-    return StableDiffusionPipeline(vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=clip_tokenizer(),
-                                   unet=unet.eval(), scheduler=scheduler_for("Euler a"), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    encoders = _text_encoders(sd, path, arch, configs)
+    return _assemble(arch, unet.eval(), vae.eval(), encoders)
+
+
+def _text_encoders(sd: dict[str, torch.Tensor], path: Path, arch: str,
+                   configs: Mapping[str, Mapping[str, Any]]) -> list[torch.nn.Module]:
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    with torch.device("meta"):
+        first = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
+        second = CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_encoder_2"])) if arch == "sdxl" else None
+    if arch == "sd1":
+        states = [convert_ldm_clip_checkpoint(sd)]
+    elif arch == "sd2":
+        states = [convert_open_clip_checkpoint(first, sd, prefix="cond_stage_model.model.")]
+    else:
+        states = [convert_ldm_clip_checkpoint(sd, remove_prefix="conditioner.embedders.0.transformer."),
+                  convert_open_clip_checkpoint(second, sd, prefix="conditioner.embedders.1.model.")]
+    out = []
+    for i, (encoder, state) in enumerate(zip([first, second], states)):
+        assert encoder is not None
+        _fill(encoder, _for_module(state, encoder), path, f"text encoder {i + 1}")
+        out.append(encoder.eval())
+    return out
+
+
+def _for_module(state: dict[str, torch.Tensor], encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Converted keys say ``text_model.…``; transformers 5 ``CLIPTextModel`` has no such level."""
+    if hasattr(encoder, "text_model"):
+        return state
+    return {k[len("text_model."):] if k.startswith("text_model.") else k: v for k, v in state.items()}
+
+
+def _assemble(arch: str, unet: Any, vae: Any, encoders: list[torch.nn.Module]) -> Any:
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from .samplers import scheduler_for
+    from .tokenizer import PAD_OPENCLIP, clip_tokenizer
+
+    scheduler = scheduler_for("Euler a", "v_prediction" if arch == "sd2" else "epsilon")
+    if arch == "sdxl":
+        return StableDiffusionXLPipeline(vae=vae, text_encoder=encoders[0], tokenizer=clip_tokenizer(),
+                                         text_encoder_2=encoders[1], tokenizer_2=clip_tokenizer(PAD_OPENCLIP),
+                                         unet=unet, scheduler=scheduler)
+    tokenizer = clip_tokenizer(PAD_OPENCLIP if arch == "sd2" else "<|endoftext|>")
+    return StableDiffusionPipeline(vae=vae, text_encoder=encoders[0], tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
 
 
 def _fill(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, what: str) -> None:
@@ -81,7 +125,7 @@ def _fill(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, w
     missing = sorted(expected - set(state))
     if missing:
         raise CheckpointError(f"{path}: the {what} lacks {len(missing)} tensors (e.g. {missing[0]}); not a complete "
-                              "SD1 checkpoint")
+                              "checkpoint of this architecture")
     wrong = [k for k in expected if tuple(state[k].shape) != tuple(module.state_dict()[k].shape)]
     if wrong:
         raise CheckpointError(f"{path}: the {what} tensor {wrong[0]} is {tuple(state[wrong[0]].shape)}, expected "

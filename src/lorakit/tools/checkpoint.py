@@ -1,8 +1,10 @@
-"""Export an SD1 diffusers pipeline as an A1111-style single-file checkpoint (LDM key names).
+"""Export a diffusers SD1 / SD2 / SDXL pipeline as an A1111-style single-file checkpoint (LDM key names).
 
 The inverse of the conversion ``models.load_single_file`` does on reading; general in ``layers_per_block`` so
 small test pipelines can be written too. UNet: ``model.diffusion_model.``; VAE: ``first_stage_model.`` (its
-attention projections become 1×1 convolutions); CLIP-L: ``cond_stage_model.transformer.text_model.``.
+attention projections become 1×1 convolutions); text encoders: SD1 ``cond_stage_model.transformer.text_model.``
+(transformers names), SD2 ``cond_stage_model.model.`` (OpenCLIP names: fused q/k/v ``in_proj``, ``ln_1``,
+``c_fc``…), SDXL ``conditioner.embedders.0.transformer.text_model.`` and ``conditioner.embedders.1.model.``.
 """
 from __future__ import annotations
 
@@ -15,7 +17,11 @@ UNET, VAE, CLIP = "model.diffusion_model.", "first_stage_model.", "cond_stage_mo
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
            "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 _TOP = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
-        "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+        "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2",
+        "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+TEXT_PREFIXES = {"sd1": ("cond_stage_model.transformer.text_model.", None),
+                 "sd2": (None, "cond_stage_model.model."),
+                 "sdxl": ("conditioner.embedders.0.transformer.text_model.", "conditioner.embedders.1.model.")}
 
 
 def unet_to_ldm(name: str, config: Any) -> str:
@@ -67,8 +73,8 @@ def vae_to_ldm(name: str, config: Any) -> str:
     return name
 
 
-def sd1_checkpoint(pipe: Any) -> dict[str, torch.Tensor]:
-    """The single-file state dict of an SD1 pipeline (UNet, VAE, CLIP-L text encoder)."""
+def to_checkpoint(pipe: Any, arch: str) -> dict[str, torch.Tensor]:
+    """The single-file state dict of a pipeline: UNet, VAE and the text encoder(s) of ``arch``."""
     out: dict[str, torch.Tensor] = {}
     for name, t in pipe.unet.state_dict().items():
         out[UNET + unet_to_ldm(name, pipe.unet.config)] = t
@@ -76,6 +82,44 @@ def sd1_checkpoint(pipe: Any) -> dict[str, torch.Tensor]:
         ldm = vae_to_ldm(name, pipe.vae.config)
         is_attn_proj = re.search(r"attn_1\.(q|k|v|proj_out)\.weight$", ldm) is not None
         out[VAE + ldm] = t[:, :, None, None] if is_attn_proj and t.dim() == 2 else t
-    for name, t in pipe.text_encoder.state_dict().items():
-        out[CLIP + (name[len("text_model."):] if name.startswith("text_model.") else name)] = t
+    hf_prefix, openclip_prefix = TEXT_PREFIXES[arch]
+    if hf_prefix:
+        out.update({hf_prefix + k: v for k, v in _text_state(pipe.text_encoder).items()})
+    if openclip_prefix:
+        encoder = pipe.text_encoder_2 if arch == "sdxl" else pipe.text_encoder
+        out.update({openclip_prefix + k: v for k, v in openclip_state(encoder).items()})
     return {k: v.contiguous() for k, v in out.items()}
+
+
+def sd1_checkpoint(pipe: Any) -> dict[str, torch.Tensor]:
+    return to_checkpoint(pipe, "sd1")
+
+
+def _text_state(encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A text encoder's tensors under transformers' CLIPTextModel names without the ``text_model.`` level."""
+    return {(k[len("text_model."):] if k.startswith("text_model.") else k): v
+            for k, v in encoder.state_dict().items() if not k.endswith("position_ids")}
+
+
+def openclip_state(encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A transformers CLIP text encoder's tensors in OpenCLIP names (q, k, v fused into ``in_proj``)."""
+    sd = _text_state(encoder)
+    out = {"positional_embedding": sd.pop("embeddings.position_embedding.weight"),
+           "token_embedding.weight": sd.pop("embeddings.token_embedding.weight"),
+           "ln_final.weight": sd.pop("final_layer_norm.weight"), "ln_final.bias": sd.pop("final_layer_norm.bias")}
+    if "text_projection.weight" in sd:
+        out["text_projection"] = sd.pop("text_projection.weight").T
+    layers = sorted({int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers.")})
+    for i in layers:
+        src, dst = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for part in ("weight", "bias"):
+            out[dst + f"attn.in_proj_{part}"] = torch.cat([sd.pop(src + f"self_attn.{p}_proj.{part}")
+                                                           for p in ("q", "k", "v")])
+            out[dst + f"attn.out_proj.{part}"] = sd.pop(src + f"self_attn.out_proj.{part}")
+            out[dst + f"ln_1.{part}"] = sd.pop(src + f"layer_norm1.{part}")
+            out[dst + f"ln_2.{part}"] = sd.pop(src + f"layer_norm2.{part}")
+            out[dst + f"mlp.c_fc.{part}"] = sd.pop(src + f"mlp.fc1.{part}")
+            out[dst + f"mlp.c_proj.{part}"] = sd.pop(src + f"mlp.fc2.{part}")
+    if sd:
+        raise ValueError(f"text-encoder tensors without an OpenCLIP name: {sorted(sd)[:3]}")
+    return out
