@@ -188,3 +188,24 @@ def test_cli_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert main(["generate", "a cat", "--model", str(tmp_path / "missing")]) == 2
     assert "no such model" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_lcm_lora_known_by_hash_under_its_published_name(gen: Generator, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The official files are called pytorch_lora_weights.safetensors: their hash still tells them apart."""
+    import hashlib
+
+    from lorakit import fast_loras
+
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    shutil.copy(EXAMPLES / "demo_style.safetensors", path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setitem(fast_loras.KNOWN_HASHES, digest, ("lcm", path.stat().st_size))
+    g = Generator(gen.model, LoraIndex([tmp_path]))
+    try:
+        result = g(Request("a cat <lora:pytorch_lora_weights:1>", width=64, height=64, seed=1))
+        assert "Sampler: LCM, CFG scale: 1.5" in result.infotexts[0]
+    finally:
+        g.close()
+    assert fast_loras.fast_kind(lorakit.load_lora(EXAMPLES / "ink_sketch_sd15.safetensors")) is None
