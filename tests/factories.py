@@ -5,6 +5,8 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from lorakit.tokenizer import PAD_OPENCLIP, clip_tokenizer
+
 KINDS = ["lora", "locon-tucker", "loha", "loha-tucker", "lokr", "lokr-decomposed", "lokr-tucker", "ia3", "ia3-input",
          "glora", "glora-old", "oft", "oft-diag-old", "boft", "full", "dora-out", "dora-in", "doha", "dokr"]
 NORM_KINDS = ["norm"]
@@ -168,3 +170,41 @@ def tiny_components(arch: str = "sd1", seed: int = 0, dtype: torch.dtype = torch
     if sdxl:
         out["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**te_cfg))
     return {k: v.to(dtype).eval() for k, v in out.items()}
+
+
+def tiny_sdxl_pipeline() -> object:
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    te_cfg = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                  vocab_size=49408, max_position_embeddings=77, projection_dim=32)
+    unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=8, transformer_layers_per_block=2, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8)
+    vae = AutoencoderKL(block_out_channels=(8, 8), latent_channels=4, norm_num_groups=8,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**te_cfg)), tokenizer=clip_tokenizer(),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**te_cfg)), tokenizer_2=clip_tokenizer(PAD_OPENCLIP),
+        unet=unet, scheduler=EulerDiscreteScheduler(beta_schedule="scaled_linear", steps_offset=1))
+
+
+def tiny_sd2_pipeline() -> object:
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(32, 64), layers_per_block=2, norm_num_groups=8, cross_attention_dim=32,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True)
+    vae = AutoencoderKL(block_out_channels=(8, 8), latent_channels=4, norm_num_groups=8,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    te = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                                      vocab_size=49408, max_position_embeddings=77, hidden_act="gelu"))
+    return StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=clip_tokenizer(PAD_OPENCLIP), unet=unet,
+                                   scheduler=EulerDiscreteScheduler(prediction_type="v_prediction", steps_offset=1),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)

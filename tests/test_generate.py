@@ -209,3 +209,10 @@ def test_lcm_lora_known_by_hash_under_its_published_name(gen: Generator, tmp_pat
     finally:
         g.close()
     assert fast_loras.fast_kind(lorakit.load_lora(EXAMPLES / "ink_sketch_sd15.safetensors")) is None
+
+
+def test_emphasis_changes_the_image_and_weight_one_does_not(gen: Generator) -> None:
+    plain = np.asarray(gen(_req("a red cat")).images[0])
+    same = np.asarray(gen(_req("a (red:1.0) cat")).images[0])
+    strong = np.asarray(gen(_req("a (red:1.5) cat")).images[0])
+    assert np.array_equal(plain, same) and not np.array_equal(plain, strong)

@@ -12,29 +12,8 @@ from lorakit.io import save_file
 from lorakit.library import LoraIndex
 from lorakit.models import ModelError, load_model
 from lorakit.pipeline import Generator, Request
-from lorakit.tokenizer import PAD_OPENCLIP, clip_tokenizer
 
-from .factories import make_kohya_lora
-
-
-def _tiny_sdxl() -> object:
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    torch.manual_seed(0)
-    te_cfg = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                  vocab_size=49408, max_position_embeddings=77, projection_dim=32)
-    unet = UNet2DConditionModel(
-        sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=64, attention_head_dim=8, transformer_layers_per_block=2, addition_embed_type="text_time",
-        addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8)
-    vae = AutoencoderKL(block_out_channels=(8, 8), latent_channels=4, norm_num_groups=8,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
-    return StableDiffusionXLPipeline(
-        vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**te_cfg)), tokenizer=clip_tokenizer(),
-        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**te_cfg)), tokenizer_2=clip_tokenizer(PAD_OPENCLIP),
-        unet=unet, scheduler=EulerDiscreteScheduler(beta_schedule="scaled_linear"))
+from .factories import make_kohya_lora, tiny_sd2_pipeline, tiny_sdxl_pipeline
 
 
 def _generate_with_lora(folder: Path, tmp: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -60,8 +39,16 @@ def test_sd1_folder_loads_offline_and_generates(tmp_path: Path) -> None:
     assert plain.shape == (64, 64, 3) and not np.array_equal(plain, styled)
 
 
+def test_sd2_folder_openclip_tokenizer_and_lora(tmp_path: Path) -> None:
+    tiny_sd2_pipeline().save_pretrained(tmp_path / "sd2")  # type: ignore[attr-defined]
+    model = load_model(str(tmp_path / "sd2"))
+    assert model.pipe.tokenizer.pad_token == "!" and model.pipe.scheduler.config.prediction_type == "v_prediction"
+    plain, styled = _generate_with_lora(tmp_path / "sd2", tmp_path)
+    assert not np.array_equal(plain, styled)
+
+
 def test_sdxl_folder_two_encoders_pooled_and_lora(tmp_path: Path) -> None:
-    _tiny_sdxl().save_pretrained(tmp_path / "xl")  # type: ignore[attr-defined]
+    tiny_sdxl_pipeline().save_pretrained(tmp_path / "xl")  # type: ignore[attr-defined]
     model = load_model(str(tmp_path / "xl"))
     assert model.sdxl and model.arch == "sdxl"
     plain, styled = _generate_with_lora(tmp_path / "xl", tmp_path)
@@ -96,7 +83,7 @@ def test_v_prediction_from_the_model_folder_is_kept(tmp_path: Path) -> None:
 def test_sd1_lora_on_sdxl_model_fails_clearly_and_writes_nothing(tmp_path: Path) -> None:
     from lorakit.cli import main
 
-    _tiny_sdxl().save_pretrained(tmp_path / "xl")  # type: ignore[attr-defined]
+    tiny_sdxl_pipeline().save_pretrained(tmp_path / "xl")  # type: ignore[attr-defined]
     examples = Path(__file__).resolve().parents[1] / "examples" / "loras"
     out = tmp_path / "x.png"
     model = load_model(str(tmp_path / "xl"))

@@ -17,6 +17,8 @@ from lorakit.library import LoraIndex
 from lorakit.single_file import CheckpointError
 from lorakit.tools.checkpoint import sd1_checkpoint
 
+from .factories import tiny_sd2_pipeline, tiny_sdxl_pipeline
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "loras"
 
 
@@ -77,34 +79,12 @@ def test_lora_passed_as_model(tmp_path: Path) -> None:
         load_model(str(EXAMPLES / "demo_style.safetensors"))
 
 
-def _tiny_sd2() -> object:
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from lorakit.tokenizer import PAD_OPENCLIP, clip_tokenizer
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8, block_out_channels=(32, 64), layers_per_block=2, norm_num_groups=8, cross_attention_dim=32,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True)
-    vae = AutoencoderKL(block_out_channels=(8, 8), latent_channels=4, norm_num_groups=8,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
-    te = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                                      vocab_size=49408, max_position_embeddings=77, hidden_act="gelu"))
-    return StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=clip_tokenizer(PAD_OPENCLIP), unet=unet,
-                                   scheduler=EulerDiscreteScheduler(prediction_type="v_prediction"),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-
-
 @pytest.mark.parametrize("arch", ["sd2", "sdxl"])
 def test_tiny_sd2_and_sdxl_checkpoint_roundtrip(tmp_path: Path, arch: str) -> None:
     """OpenCLIP-named text encoders (fused q/k/v) and SDXL's two encoders + label embedding, exactly."""
     from lorakit.tools.checkpoint import to_checkpoint
 
-    from .test_models import _tiny_sdxl
-
-    pipe = _tiny_sd2() if arch == "sd2" else _tiny_sdxl()
+    pipe = tiny_sd2_pipeline() if arch == "sd2" else tiny_sdxl_pipeline()
     save_file(to_checkpoint(pipe, arch), tmp_path / f"{arch}.safetensors")
     configs = _configs(pipe)
     if arch == "sdxl":
