@@ -216,3 +216,17 @@ def test_emphasis_changes_the_image_and_weight_one_does_not(gen: Generator) -> N
     same = np.asarray(gen(_req("a (red:1.0) cat")).images[0])
     strong = np.asarray(gen(_req("a (red:1.5) cat")).images[0])
     assert np.array_equal(plain, same) and not np.array_equal(plain, strong)
+
+
+def test_unreadable_lora_fails_clearly_without_image(gen: Generator, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "broken.safetensors").write_bytes((EXAMPLES / "demo_style.safetensors").read_bytes()[:5000])
+    snap = snapshot(_components(gen.model))
+    g = Generator(gen.model, LoraIndex([tmp_path]))
+    with pytest.raises(lorakit.UnreadableFile, match="broken.safetensors: .*outside the file"):
+        g(_req("a cat <lora:broken:1>"))
+    assert_original(_components(gen.model), snap)
+    out = tmp_path / "x.png"
+    assert main(["generate", "a cat <lora:broken>", "-l", str(tmp_path), "--steps", "1", "-W", "64", "-H", "64",
+                 "-o", str(out)]) == 2
+    assert "broken.safetensors" in capsys.readouterr().err and not out.exists()
