@@ -1,0 +1,47 @@
+"""LoRA folders from lorakit.toml and $LORAKIT_LORA_DIRS; command-line folders replace both."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+import lorakit
+from lorakit.settings import load_settings
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "loras"
+
+
+def test_config_file_and_environment_are_combined(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "lorakit.toml"
+    cfg.write_text(f'model = "/models/sd15"\nlora_dirs = ["{tmp_path / "a"}"]\nembedding_dirs = ["{tmp_path / "e"}"]\n')
+    monkeypatch.setenv("LORAKIT_LORA_DIRS", os.pathsep.join([str(tmp_path / "b"), str(tmp_path / "c")]))
+    s = load_settings(str(cfg))
+    assert s.model == "/models/sd15" and s.embedding_dirs == [tmp_path / "e"]
+    assert s.lora_dirs == [tmp_path / "a", tmp_path / "b", tmp_path / "c"]
+
+
+def test_settings_file_found_in_working_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LORAKIT_LORA_DIRS", raising=False)
+    (tmp_path / "lorakit.toml").write_text(f'lora_dirs = ["{EXAMPLES}"]\n')
+    assert load_settings().lora_dirs == [EXAMPLES]
+
+
+def test_bad_settings_file(tmp_path: Path) -> None:
+    (tmp_path / "x.toml").write_text("lora_dirs = 3\n")
+    with pytest.raises(lorakit.LorakitError, match="must be lists of folders"):
+        load_settings(str(tmp_path / "x.toml"))
+    (tmp_path / "y.toml").write_text("lora_dirs = [\n")
+    with pytest.raises(lorakit.LorakitError, match="unreadable settings file"):
+        load_settings(str(tmp_path / "y.toml"))
+
+
+def test_generate_uses_the_environment_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lorakit.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LORAKIT_LORA_DIRS", str(EXAMPLES))
+    assert main(["generate", "a cat <lora:demo_style:0.5>", "--steps", "1", "-W", "64", "-H", "64", "-o",
+                 str(tmp_path / "x.png")]) == 0
+    assert (tmp_path / "x.png").exists()
