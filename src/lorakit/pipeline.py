@@ -187,9 +187,10 @@ class Generator:
         return infotext(req.prompt, req.negative, params, hashes)
 
     def _short_hash(self, lora: LoraModel) -> str:
-        if lora.path not in self._hashes:
-            self._hashes[str(lora.path)] = file_hashes(str(lora.path), lora.metadata).a1111_short
-        return self._hashes[str(lora.path)]
+        key = str(lora.path)
+        if key not in self._hashes:
+            self._hashes[key] = file_hashes(key, lora.metadata).a1111_short
+        return self._hashes[key]
 
 
 def _check_limits(req: Request, settings: dict[str, Any]) -> None:

@@ -21,7 +21,6 @@ class Adapter:
     kind: ClassVar[str] = "?"
     detect: ClassVar[tuple[str, ...]] = ()
     keys: ClassVar[tuple[str, ...]] = ()
-    linear_in_strength: ClassVar[bool] = True  # ΔW(m) == m·ΔW(1)
     changes_bias: ClassVar[bool] = False
     needs_weight: ClassVar[bool] = False  # ΔW depends on W's values, not only its shape
 

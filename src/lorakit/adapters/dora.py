@@ -16,7 +16,6 @@ class DoRA(Adapter):
     needs_weight = True
     kind = "dora"
     keys = ("dora_scale",)
-    linear_in_strength = False
 
     def __init__(self, inner: Adapter, magnitude: Tensor, where: str) -> None:
         self.inner = inner

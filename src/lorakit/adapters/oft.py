@@ -42,8 +42,6 @@ class OFT(Adapter):
     def rank(self) -> int:
         return int(self.blocks.shape[-3])  # number of blocks (kohya's network_dim)
 
-    linear_in_strength = False  # BOFT moves each stage; OFT is linear but treated alike
-
     def shape_error(self, weight_shape: torch.Size) -> str | None:
         n, b = self.blocks.shape[-3], self.blocks.shape[-1]
         if n * b != weight_shape[0]:

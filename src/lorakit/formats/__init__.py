@@ -8,13 +8,13 @@ from types import ModuleType
 
 import torch
 
-from ..errors import InvalidLora, NotAMatch
+from ..errors import NotAMatch
 from . import attnprocs, cloneofsimo, comfy, kohya, peft
-from .base import COMPONENTS, Canonical, Grouped
+from .base import Canonical, Grouped
 
 DIALECTS: list[ModuleType] = [cloneofsimo, attnprocs, peft, comfy, kohya]
 
-__all__ = ["Canonical", "Grouped", "COMPONENTS", "DIALECTS", "to_canonical"]
+__all__ = ["Canonical", "Grouped", "DIALECTS", "to_canonical"]
 
 
 def to_canonical(sd: dict[str, torch.Tensor], metadata: dict[str, str]) -> Canonical | None:
@@ -26,6 +26,4 @@ def to_canonical(sd: dict[str, torch.Tensor], metadata: dict[str, str]) -> Canon
             return dialect.to_canonical(sd, metadata)  # type: ignore[no-any-return]
         except NotAMatch:
             continue
-        except InvalidLora:
-            raise
     return None

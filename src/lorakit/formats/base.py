@@ -14,7 +14,6 @@ import torch
 from ..keymap import canonical_te_path, is_ldm_path, ldm_to_diffusers
 
 Grouped = dict[str, dict[str, torch.Tensor]]
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 
 @dataclass
