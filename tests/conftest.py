@@ -17,6 +17,12 @@ if not REAL_LORAS.is_dir():
                        "set LORAKIT_SHARED")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The library index and hash caches live under $XDG_CACHE_HOME: keep the tests' out of the user's."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+
+
 @pytest.fixture
 def tiny() -> dict[str, torch.nn.Module]:
     return tiny_components("sd1")

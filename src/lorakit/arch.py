@@ -3,8 +3,10 @@ non-SD families recognised by name so they can be refused clearly."""
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 SD1, SD2, SDXL, UNKNOWN = "sd1", "sd2", "sdxl", "unknown"
 NAMES = {SD1: "Stable Diffusion 1.x", SD2: "Stable Diffusion 2.x", SDXL: "Stable Diffusion XL", UNKNOWN: "unknown"}
@@ -46,7 +48,7 @@ def from_metadata(metadata: dict[str, str]) -> str | None:
     return None
 
 
-def from_groups(groups: dict[str, dict[str, torch.Tensor]]) -> str | None:
+def from_groups(groups: dict[str, dict[str, "torch.Tensor"]]) -> str | None:
     """From shapes and names of canonical groups: a second text encoder, SDXL-only layers, the cross-attention
     input width (768/1024/2048) or the text-encoder width (768/1024)."""
     if any(p.startswith("text_encoder_2.") or p.startswith("unet.add_embedding") for p in groups):
@@ -64,13 +66,13 @@ def from_groups(groups: dict[str, dict[str, torch.Tensor]]) -> str | None:
     return None
 
 
-def _input_width(leaves: dict[str, torch.Tensor]) -> int | None:
+def _input_width(leaves: dict[str, "torch.Tensor"]) -> int | None:
     for key in ("lora_down.weight", "hada_w1_b", "diff"):
         if key in leaves and leaves[key].dim() >= 2:
             return int(leaves[key].shape[1]) if key != "hada_w1_b" or leaves[key].dim() == 2 else None
     return None
 
 
-def detect(groups: dict[str, dict[str, torch.Tensor]], metadata: dict[str, str]) -> str:
+def detect(groups: dict[str, dict[str, "torch.Tensor"]], metadata: dict[str, str]) -> str:
     """Shapes win over metadata (metadata is often copied from another run)."""
     return from_groups(groups) or from_metadata(metadata) or UNKNOWN

@@ -6,56 +6,15 @@ trigger_words, hashes {sha256, autov2, addnet, a1111_short, sshs_model_hash, ssh
 """
 from __future__ import annotations
 
-import json
-from collections import Counter
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from .arch import NAMES
 from .hashes import file_hashes
+from .library.training import trigger_words, training_summary
 from .lora_model import LoraModel, load_lora
 
 SCHEMA = "lorakit.inspect/1"
-TRAINING_KEYS = {
-    "ss_output_name": "output_name", "ss_sd_model_name": "base_model", "ss_base_model_version": "base_version",
-    "ss_network_module": "network_module", "ss_network_dim": "network_dim", "ss_network_alpha": "network_alpha",
-    "ss_network_args": "network_args", "ss_resolution": "resolution", "ss_num_train_images": "train_images",
-    "ss_num_epochs": "epochs", "ss_epoch": "epoch", "ss_steps": "steps", "ss_max_train_steps": "max_steps",
-    "ss_learning_rate": "learning_rate", "ss_unet_lr": "unet_lr", "ss_text_encoder_lr": "text_encoder_lr",
-    "ss_optimizer": "optimizer", "ss_lr_scheduler": "lr_scheduler", "ss_mixed_precision": "mixed_precision",
-    "ss_clip_skip": "clip_skip", "ss_training_comment": "comment", "modelspec.title": "title",
-    "modelspec.author": "author", "modelspec.description": "description", "modelspec.architecture": "architecture",
-}
-
-
-def trigger_words(metadata: dict[str, str], top: int = 10) -> list[str]:
-    """``modelspec.trigger_phrase`` first, then the most frequent tags of ``ss_tag_frequency``."""
-    words: list[str] = []
-    phrase = metadata.get("modelspec.trigger_phrase", "").strip()
-    if phrase:
-        words.append(phrase)
-    try:
-        freq = json.loads(metadata.get("ss_tag_frequency", "{}"))
-    except json.JSONDecodeError:
-        freq = {}
-    counts: Counter[str] = Counter()
-    for tags in freq.values() if isinstance(freq, dict) else []:
-        if isinstance(tags, dict):
-            counts.update({str(t).strip(): int(n) for t, n in tags.items() if str(t).strip()})
-    words += [t for t, _ in counts.most_common(top) if t not in words]
-    return words
-
-
-def training_summary(metadata: dict[str, str]) -> dict[str, str]:
-    out = {name: metadata[key] for key, name in TRAINING_KEYS.items() if metadata.get(key) not in (None, "", "None")}
-    started = metadata.get("ss_training_started_at")
-    if started:
-        try:
-            out["started_at"] = datetime.fromtimestamp(float(started), timezone.utc).isoformat(timespec="seconds")
-        except (ValueError, OverflowError):
-            pass
-    return out
 
 
 def describe(path: str | Path, lora: LoraModel | None = None) -> dict[str, Any]:

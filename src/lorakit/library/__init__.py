@@ -1,5 +1,10 @@
-"""Folders of LoRA files and embeddings: finding them by the names a prompt uses. Importing it needs no torch."""
+"""Folders of LoRA files and embeddings: the indexed library, names a prompt uses, metadata. Importing it (and
+scanning safetensors files) needs no torch."""
 from .embeddings import Embedding, EmbeddingIndex, bundled_embeddings
-from .names import LoraIndex, LoraNameError, lora_dirs_from_env
+from .library import Library, LoraEntry
+from .names import LoraNameError, lora_dirs_from_env
 
-__all__ = ["LoraIndex", "LoraNameError", "lora_dirs_from_env", "Embedding", "EmbeddingIndex", "bundled_embeddings"]
+LoraIndex = Library  # the name used before the library had an index
+
+__all__ = ["Library", "LoraEntry", "LoraIndex", "LoraNameError", "lora_dirs_from_env", "Embedding",
+           "EmbeddingIndex", "bundled_embeddings"]

@@ -1,19 +1,19 @@
-"""Resolve the name in ``<lora:NAME>`` to a file in one or more LoRA folders.
+"""Resolve the name in ``<lora:NAME>`` to a file of the LoRA library.
 
 A name matches, in this order: the path below a folder without suffix (``style/ink``), the file stem (``ink``),
 then the alias in the file's metadata (``ss_output_name``). Case is ignored. Several different files matching
-is an error that lists them — never a guess; no match lists the closest names.
+is an error that lists them — never a guess; no match lists the closest names. Only indexed files can match, so
+a name can never reach outside the library folders (``../x`` or an absolute path is just an unknown name).
 """
 from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 from ..errors import LorakitError
-from ..header import read_metadata
 
 SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
 ENV = "LORAKIT_LORA_DIRS"
@@ -23,14 +23,12 @@ class LoraNameError(LorakitError):
     """A LoRA name that matches no file, or several."""
 
 
-@dataclass(frozen=True)
-class LoraFile:
+class Named(Protocol):
     path: Path
-    subpath: str  # relative to its folder, '/'-separated, without suffix
+    subpath: str
 
     @property
-    def stem(self) -> str:
-        return self.path.stem
+    def alias(self) -> str: ...
 
 
 def lora_dirs_from_env() -> list[Path]:
@@ -38,57 +36,24 @@ def lora_dirs_from_env() -> list[Path]:
     return [Path(p) for p in os.environ.get(ENV, "").split(os.pathsep) if p]
 
 
-class LoraIndex:
-    def __init__(self, dirs: Iterable[str | Path]) -> None:
-        self.dirs = [Path(d) for d in dirs]
-        self.files: list[LoraFile] = []
-        for root in self.dirs:
-            if not root.is_dir():
-                raise LoraNameError(f"{root}: LoRA folder does not exist")
-            for path in sorted(root.rglob("*")):
-                if path.suffix.lower() in SUFFIXES and path.is_file():
-                    self.files.append(LoraFile(path, path.relative_to(root).with_suffix("").as_posix()))
-        self._aliases: dict[Path, str] | None = None
+def resolve_name(entries: Sequence[Named], name: str, dirs: Sequence[Path]) -> Path:
+    key = name.strip().replace("\\", "/").lower()
+    for field in ("subpath", "stem", "alias"):
+        found = sorted({e.path for e in entries if _field(e, field).lower() == key})
+        if len(found) == 1:
+            return found[0]
+        if found:
+            sub = next(e.subpath for e in entries if e.path == found[0])
+            raise LoraNameError(f"LoRA name {name!r} is ambiguous: it is the {field} of "
+                                f"{', '.join(str(p) for p in found)}; write the sub-path (e.g. {sub!r})")
+    where = ", ".join(str(d) for d in dirs) or "(no LoRA folder given: use --lora-dir)"
+    names = sorted({e.subpath for e in entries} | {e.path.stem for e in entries})
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+    hint = f"; closest: {', '.join(close)}" if close else ""
+    raise LoraNameError(f"no LoRA named {name!r} in {where}{hint}")
 
-    def resolve(self, name: str) -> Path:
-        key = name.strip().replace("\\", "/").lower()
-        for field in ("subpath", "stem", "alias"):
-            found = sorted({f.path for f in self.files if self._field(f, field).lower() == key})
-            if len(found) == 1:
-                return found[0]
-            if found:
-                raise LoraNameError(f"LoRA name {name!r} is ambiguous: it is the {field} of "
-                                    f"{', '.join(str(p) for p in found)}; write the sub-path (e.g. "
-                                    f"{self._subpath(found[0])!r})")
-        raise LoraNameError(self._unknown(name))
 
-    def _field(self, f: LoraFile, field: str) -> str:
-        if field == "alias":
-            return self.aliases().get(f.path, "")
-        return str(getattr(f, field))
-
-    def _subpath(self, path: Path) -> str:
-        return next(f.subpath for f in self.files if f.path == path)
-
-    def aliases(self) -> dict[Path, str]:
-        """``ss_output_name`` of each safetensors file (read from headers once, on first need)."""
-        if self._aliases is None:
-            self._aliases = {}
-            for f in self.files:
-                if f.path.suffix.lower() == ".safetensors":
-                    try:
-                        alias = read_metadata(f.path).get("ss_output_name", "")
-                    except LorakitError:
-                        continue
-                    if alias:
-                        self._aliases[f.path] = alias
-        return self._aliases
-
-    def names(self) -> list[str]:
-        return sorted({f.subpath for f in self.files} | {f.stem for f in self.files})
-
-    def _unknown(self, name: str) -> str:
-        where = ", ".join(str(d) for d in self.dirs) or "(no LoRA folder given: use --lora-dir)"
-        close = difflib.get_close_matches(name, self.names(), n=5, cutoff=0.5)
-        hint = f"; closest: {', '.join(close)}" if close else ""
-        return f"no LoRA named {name!r} in {where}{hint}"
+def _field(e: Named, field: str) -> str:
+    if field == "stem":
+        return e.path.stem
+    return str(getattr(e, field) or "")

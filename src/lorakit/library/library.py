@@ -1,0 +1,233 @@
+"""A library of LoRA folders: recursive scan, SQLite index, names, metadata, trigger words, previews, hashes.
+
+``Library(dirs).refresh()`` walks the folders (symlinked folders followed once), compares each file's size and
+mtime with the index and parses only new or changed headers — in worker processes when there are many. Sidecar
+files (previews, ``.civitai.info``, A1111's ``NAME.json``) are re-read when theirs change. Importing and
+scanning need no torch (pickled ``.pt``/``.bin`` LoRAs load it when first summarised).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import LorakitError
+from .names import SUFFIXES, LoraNameError, resolve_name
+from .sidecars import Sidecars, read_sidecars, sidecar_names
+from .store import Store
+from .summary import summarise
+from .training import trigger_words, training_summary
+
+PARALLEL_FROM = 200  # files to parse before worker processes pay for themselves
+
+
+@dataclass
+class Found:
+    """A LoRA file seen by the walk."""
+
+    path: Path
+    root: Path
+    size: int
+    mtime_ns: int
+    sidecars: str  # signature: "name:mtime_ns|…" of the sidecars present
+    present: frozenset[str]  # the sidecar names that exist
+
+
+@dataclass
+class LoraEntry:
+    path: Path
+    root: Path
+    subpath: str  # below its folder, '/'-separated, without suffix
+    size: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+    @property
+    def id(self) -> str:
+        return hashlib.sha1(str(self.path).encode()).hexdigest()[:16]
+
+    @property
+    def alias(self) -> str:
+        return str(self.info.get("alias") or "")
+
+    @property
+    def base(self) -> str:
+        """Shapes first; when they say nothing, the user's ``sd version`` or Civitai's base model."""
+        base = str(self.info.get("base", "unknown"))
+        return base if base != "unknown" else str(self.sidecars.sd_version or "unknown")
+
+    @property
+    def sidecars(self) -> Sidecars:
+        return Sidecars(**self.info.get("sidecars", {}))
+
+    @property
+    def trigger_words(self) -> list[str]:
+        """Explicit words first (A1111 activation text, Civitai trainedWords, modelspec.trigger_phrase), then the
+        most frequent training tags."""
+        side = self.sidecars
+        words = [side.activation_text] if side.activation_text else []
+        words += side.trained_words + list(self.info.get("triggers", []))
+        return list(dict.fromkeys(w for w in words if w))
+
+    @property
+    def explicit_trigger_words(self) -> list[str]:
+        """What auto-apply adds: words someone declared as triggers (never mere frequent tags)."""
+        side = self.sidecars
+        words = [side.activation_text] if side.activation_text else []
+        phrase = self.info.get("trigger_phrase") or ""
+        return list(dict.fromkeys(w for w in words + side.trained_words + [phrase] if w))
+
+
+class Library:
+    """LoRA files in ``dirs``, indexed in ``index`` (default ``~/.cache/lorakit/library.sqlite3``)."""
+
+    def __init__(self, dirs: Iterable[str | Path], index: str | Path | None = None, scan: bool = True) -> None:
+        self.dirs = [Path(d) for d in dirs]
+        for root in self.dirs:
+            if not root.is_dir():
+                raise LoraNameError(f"{root}: LoRA folder does not exist")
+        self.store = Store(index)
+        self.entries: list[LoraEntry] = []
+        self.last_scan: dict[str, float] = {}
+        if scan:
+            self.refresh()
+
+    def refresh(self) -> dict[str, float]:
+        """Re-scan the folders; returns counts and seconds (``files``, ``parsed``, ``sidecars``, ``removed``)."""
+        t0 = time.perf_counter()
+        found = [f for root in self.dirs for f in walk(root)]
+        known = self.store.rows()
+        changed = [f for f in found if (k := known.get(str(f.path))) is None or k[:2] != (f.size, f.mtime_ns)]
+        side_only = [f for f in found if (k := known.get(str(f.path))) and k[:2] == (f.size, f.mtime_ns)
+                     and k[2] != f.sidecars]
+        rows = _parse_all(changed)
+        infos = {r[0]: r[4] for r in rows}
+        for f in side_only:
+            info = json.loads(known[str(f.path)][3])
+            info["sidecars"] = read_sidecars(f.path.parent, f.path.stem, set(f.present)).as_dict()
+            infos[str(f.path)] = json.dumps(info)
+            self.store.update_info(str(f.path), f.sidecars, infos[str(f.path)])
+        seen = {str(f.path) for f in found}
+        gone = [p for p in known if p not in seen and any(_under(p, r) for r in self.dirs)]
+        self.store.write(rows, gone)
+        self.entries = [LoraEntry(f.path, f.root, f.path.relative_to(f.root).with_suffix("").as_posix(), f.size,
+                                  json.loads(infos.get(str(f.path)) or known[str(f.path)][3])) for f in found]
+        self.last_scan = {"files": len(found), "parsed": len(changed), "sidecars": len(side_only),
+                          "removed": len(gone), "seconds": time.perf_counter() - t0}
+        return self.last_scan
+
+    def resolve(self, name: str) -> Path:
+        """The file a prompt's ``<lora:NAME>`` means; only files inside the library folders can match. A name not
+        found triggers one re-scan (a file just added) before the error."""
+        try:
+            return resolve_name(self.entries, name, self.dirs)
+        except LoraNameError:
+            self.refresh()
+            return resolve_name(self.entries, name, self.dirs)
+
+    def entry(self, path: str | Path) -> LoraEntry:
+        for e in self.entries:
+            if e.path == Path(path):
+                return e
+        raise LoraNameError(f"{path}: not in the LoRA library")
+
+    def by_id(self, entry_id: str) -> LoraEntry:
+        for e in self.entries:
+            if e.id == entry_id:
+                return e
+        raise LoraNameError(f"no LoRA with id {entry_id!r}")
+
+    def metadata(self, entry: LoraEntry) -> dict[str, str]:
+        return dict(json.loads(self.store.metadata(str(entry.path))))
+
+    def hashes(self, entry: LoraEntry) -> dict[str, str]:
+        """SHA-256 (AutoV2 = first 10 hex) and the A1111 short hash, computed once and kept in the index."""
+        sha, addnet = self.store.hashes(str(entry.path))
+        if sha is None or addnet is None:
+            from ..hashes import file_hashes
+
+            h = file_hashes(entry.path)
+            sha, addnet = h.sha256, h.addnet
+            self.store.set_hashes(str(entry.path), sha, addnet)
+        return {"sha256": sha, "autov2": sha[:10], "addnet": addnet, "a1111_short": addnet[:12]}
+
+    def search(self, base: str | None = None, text: str | None = None) -> list[LoraEntry]:
+        needle = (text or "").lower()
+        return [e for e in sorted(self.entries, key=lambda e: e.subpath.lower())
+                if (not base or e.base == base) and (not needle or needle in _haystack(e))]
+
+
+def _haystack(e: LoraEntry) -> str:
+    return " ".join([e.subpath, e.alias, *e.trigger_words, e.sidecars.description]).lower()
+
+
+def _under(path: str, root: Path) -> bool:
+    return path.startswith(str(root).rstrip(os.sep) + os.sep)
+
+
+def walk(root: Path) -> list[Found]:
+    """LoRA files below ``root`` in name order; symlinked folders are followed, each real folder once."""
+    out: list[Found] = []
+    seen: set[tuple[int, int]] = set()
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            st = folder.stat()
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            with os.scandir(folder) as it:
+                items = sorted(it, key=lambda d: d.name)
+        except OSError:
+            continue  # an unreadable sub-folder is skipped, not fatal
+        names = {d.name: d for d in items}
+        for d in items:
+            if d.is_dir():
+                stack.append(Path(d.path))
+            elif d.name.lower().endswith(SUFFIXES) and d.is_file():
+                st = d.stat()
+                stem = d.name.rsplit(".", 1)[0]
+                present = [n for n in sidecar_names(stem) if n in names]
+                sig = "|".join(f"{n}:{names[n].stat().st_mtime_ns}" for n in present)
+                out.append(Found(Path(d.path), root, st.st_size, st.st_mtime_ns, sig, frozenset(present)))
+    return out
+
+
+def _parse_all(files: list[Found]) -> list[tuple[str, int, int, str, str, str]]:
+    if len(files) < PARALLEL_FROM or (os.cpu_count() or 1) < 2:
+        return [_parse(f) for f in files]
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork" if hasattr(os, "fork") else "spawn")
+    with ctx.Pool(os.cpu_count()) as pool:
+        return pool.map(_parse, files, chunksize=64)
+
+
+def _parse(f: Found) -> tuple[str, int, int, str, str, str]:
+    """One index row: ``(path, size, mtime_ns, sidecar signature, info JSON, metadata JSON)``. An unreadable file
+    is indexed with its error (listed, never hidden)."""
+    info: dict[str, Any]
+    metadata: dict[str, str] = {}
+    try:
+        s = summarise(f.path)
+        metadata = s.metadata
+        info = {k: v for k, v in s.as_dict().items() if k != "metadata"}
+    except LorakitError as e:
+        info = {"base": "unknown", "types": [], "error": str(e)}
+    except Exception as e:  # a pickle that torch cannot read raises torch's own types
+        info = {"base": "unknown", "types": [], "error": f"{f.path}: unreadable ({type(e).__name__}: {e})"}
+    info["alias"] = metadata.get("ss_output_name", "")
+    info["trigger_phrase"] = metadata.get("modelspec.trigger_phrase", "").strip()
+    info["triggers"] = trigger_words(metadata)
+    info["training"] = training_summary(metadata)
+    info["sidecars"] = read_sidecars(f.path.parent, f.path.stem, set(f.present)).as_dict()
+    return (str(f.path), f.size, f.mtime_ns, f.sidecars, json.dumps(info), json.dumps(metadata))

@@ -1,0 +1,96 @@
+"""Files beside a LoRA that users and other tools rely on (same folder, same stem):
+
+- previews: ``NAME.png``, ``NAME.preview.png`` (also ``.jpg``, ``.jpeg``, ``.webp``, ``.gif``), as A1111 finds them;
+- ``NAME.civitai.info``: Civitai's JSON (``trainedWords``, ``baseModel``, ``description``);
+- ``NAME.json``: A1111's user metadata (``activation text``, ``preferred weight``, ``negative text``,
+  ``sd version``, ``notes``, ``description``).
+
+Broken sidecars are ignored (with the reason kept), never fatal: they are the user's notes, not the LoRA.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+PREVIEW_EXTS = ("png", "jpg", "jpeg", "webp", "gif")
+# Civitai "baseModel" / A1111 "sd version" → lorakit base names.
+BASE_WORDS = [(re.compile(r"xl|pony|illustrious|noobai", re.I), "sdxl"), (re.compile(r"\b2(\.\d)?\b|sd2", re.I), "sd2"),
+              (re.compile(r"\b1(\.\d)?\b|sd1", re.I), "sd1")]
+
+
+@dataclass
+class Sidecars:
+    preview: str | None = None  # file name beside the LoRA
+    activation_text: str = ""
+    negative_text: str = ""
+    preferred_weight: float | None = None
+    sd_version: str | None = None  # sd1 / sd2 / sdxl, from NAME.json or the Civitai baseModel
+    notes: str = ""
+    description: str = ""
+    trained_words: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def sidecar_names(stem: str) -> list[str]:
+    """Every sidecar name a LoRA called ``stem`` may have, in order of preference."""
+    previews = [f"{stem}{mid}.{ext}" for ext in PREVIEW_EXTS for mid in ("", ".preview")]
+    return previews + [f"{stem}.civitai.info", f"{stem}.json"]
+
+
+def read_sidecars(folder: Path, stem: str, present: set[str]) -> Sidecars:
+    """``present``: the file names of ``folder`` (from the directory listing; no extra stat calls)."""
+    out = Sidecars()
+    out.preview = next((n for n in sidecar_names(stem)[:-2] if n in present), None)
+    if f"{stem}.civitai.info" in present:
+        _civitai(out, _json(folder / f"{stem}.civitai.info", out))
+    if f"{stem}.json" in present:
+        _user_metadata(out, _json(folder / f"{stem}.json", out))
+    return out
+
+
+def _json(path: Path, out: Sidecars) -> dict[str, Any]:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        out.problems.append(f"{path.name}: unreadable ({e})")
+        return {}
+    if not isinstance(obj, dict):
+        out.problems.append(f"{path.name}: not a JSON object")
+        return {}
+    return obj
+
+
+def _civitai(out: Sidecars, info: dict[str, Any]) -> None:
+    words = info.get("trainedWords") or []
+    out.trained_words = [str(w).strip() for w in words if str(w).strip()] if isinstance(words, list) else []
+    out.sd_version = out.sd_version or base_from_words(str(info.get("baseModel", "")))
+    if not out.description and isinstance(info.get("description"), str):
+        out.description = re.sub(r"<[^>]+>", " ", info["description"]).strip()
+
+
+def _user_metadata(out: Sidecars, meta: dict[str, Any]) -> None:
+    out.activation_text = str(meta.get("activation text", "") or "").strip()
+    out.negative_text = str(meta.get("negative text", "") or "").strip()
+    out.notes = str(meta.get("notes", "") or "")
+    out.description = str(meta.get("description", "") or "") or out.description
+    try:
+        weight = float(meta.get("preferred weight", 0) or 0)
+    except (TypeError, ValueError):
+        weight = 0.0
+    out.preferred_weight = weight or None  # A1111: 0 means "the default weight"
+    version = base_from_words(str(meta.get("sd version", "") or ""))
+    out.sd_version = version or out.sd_version
+
+
+def base_from_words(text: str) -> str | None:
+    """``SD 1.5`` → sd1, ``SDXL 1.0`` / ``Pony`` → sdxl, ``SD 2.1`` → sd2; unknown words → ``None``."""
+    for pattern, base in BASE_WORDS:
+        if pattern.search(text):
+            return base
+    return None

@@ -1,0 +1,67 @@
+"""The library's SQLite index (stdlib ``sqlite3``): one row per LoRA file, keyed by path and validated by size and
+mtime, so a re-scan parses only what changed. ``info`` is a small JSON summary (what listings need);
+``metadata`` (often tens of KB) is read only on request; hashes are filled in lazily."""
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+
+SCHEMA = """CREATE TABLE IF NOT EXISTS loras (
+    path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, sidecars TEXT NOT NULL,
+    info TEXT NOT NULL, metadata TEXT NOT NULL, sha256 TEXT, addnet TEXT)"""
+VERSION = 1  # bump when the info layout changes: old rows are dropped
+
+
+def default_index_path() -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "lorakit" / "library.sqlite3"
+
+
+class Store:
+    def __init__(self, path: Path | str | None = None) -> None:
+        target = str(path) if path is not None else str(default_index_path())
+        if target != ":memory:":
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+        self.lock = threading.Lock()
+        self.db = sqlite3.connect(target, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        if self.db.execute("PRAGMA user_version").fetchone()[0] != VERSION:
+            self.db.execute("DROP TABLE IF EXISTS loras")
+            self.db.execute(f"PRAGMA user_version={VERSION}")
+        self.db.execute(SCHEMA)
+        self.db.commit()
+
+    def rows(self) -> dict[str, tuple[int, int, str, str]]:
+        """path → (size, mtime_ns, sidecar signature, info JSON)."""
+        with self.lock:
+            cur = self.db.execute("SELECT path, size, mtime_ns, sidecars, info FROM loras")
+            return {r[0]: (r[1], r[2], r[3], r[4]) for r in cur}
+
+    def write(self, rows: Iterable[tuple[str, int, int, str, str, str]], gone: Iterable[str]) -> None:
+        """Insert/replace ``(path, size, mtime_ns, sidecars, info, metadata)`` rows and delete ``gone`` paths."""
+        with self.lock, self.db:
+            self.db.executemany("INSERT OR REPLACE INTO loras (path, size, mtime_ns, sidecars, info, metadata) "
+                                "VALUES (?, ?, ?, ?, ?, ?)", rows)
+            self.db.executemany("DELETE FROM loras WHERE path = ?", ((p,) for p in gone))
+
+    def update_info(self, path: str, sidecars: str, info: str) -> None:
+        with self.lock, self.db:
+            self.db.execute("UPDATE loras SET sidecars = ?, info = ? WHERE path = ?", (sidecars, info, path))
+
+    def metadata(self, path: str) -> str:
+        with self.lock:
+            row = self.db.execute("SELECT metadata FROM loras WHERE path = ?", (path,)).fetchone()
+        return row[0] if row else "{}"
+
+    def hashes(self, path: str) -> tuple[str | None, str | None]:
+        with self.lock:
+            row = self.db.execute("SELECT sha256, addnet FROM loras WHERE path = ?", (path,)).fetchone()
+        return (row[0], row[1]) if row else (None, None)
+
+    def set_hashes(self, path: str, sha256: str, addnet: str) -> None:
+        with self.lock, self.db:
+            self.db.execute("UPDATE loras SET sha256 = ?, addnet = ? WHERE path = ?", (sha256, addnet, path))
