@@ -56,6 +56,24 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _list(args: argparse.Namespace) -> int:
+    from .library import Library
+    from .library.listing import SCHEMA, as_table, entry_dict
+    from .settings import load_settings
+
+    dirs = args.lora_dir or load_settings(args.config).lora_dirs
+    if not dirs:
+        raise LorakitError("no LoRA folder: give --lora-dir, set $LORAKIT_LORA_DIRS, or lora_dirs in lorakit.toml")
+    library = Library(dirs)
+    entries = library.search(args.base, args.search)
+    if args.json:
+        print(json.dumps({"schema": SCHEMA, "loras": [entry_dict(e) for e in entries]}, indent=2))
+    else:
+        print(as_table(entries))
+        print(f"{len(entries)} of {len(library.entries)} LoRAs")
+    return 0
+
+
 def _prompts(args: argparse.Namespace) -> list[str]:
     if args.prompts_file:
         from pathlib import Path
@@ -97,6 +115,43 @@ def _add_generate(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") ->
     p.set_defaults(func=_generate, verbose_default=True)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .library import EmbeddingIndex, Library
+    from .models import load_model
+    from .server import create_app
+    from .settings import load_settings
+
+    settings = load_settings(args.config)
+    dirs = args.lora_dir or settings.lora_dirs
+    embedding_dirs = args.embeddings_dir or settings.embedding_dirs
+    library = Library(dirs)
+    print(f"{len(library.entries)} LoRAs in {', '.join(str(d) for d in dirs) or '(no folder)'} "
+          f"({library.last_scan['seconds']:.2f} s)")
+    app = create_app(load_model(args.model or settings.model), library,
+                     EmbeddingIndex(embedding_dirs) if embedding_dirs else None, args.api_auth, args.auto_triggers)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_auth:
+        print(f"warning: listening on {args.host} without --api-auth: anyone who reaches it can generate")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def _add_serve(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    p = sub.add_parser("serve", help="A1111-compatible HTTP API (/sdapi/v1) and a web page to browse LoRAs")
+    p.add_argument("-m", "--model", help="a diffusers model folder or single file; default: the embedded demo model")
+    p.add_argument("-l", "--lora-dir", action="append", help="LoRA folder (repeatable); also $LORAKIT_LORA_DIRS "
+                                                             "or lora_dirs in lorakit.toml")
+    p.add_argument("-e", "--embeddings-dir", action="append", help="textual-inversion embeddings folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860, as A1111)")
+    p.add_argument("--api-auth", help="USER:PASSWORD: require HTTP basic auth for the API and the page")
+    p.add_argument("--auto-triggers", action="store_true", help="add each LoRA's declared trigger words that the "
+                                                                "prompt lacks (off by default)")
+    p.add_argument("--config", help="settings file (default ./lorakit.toml, then ~/.config/lorakit/config.toml)")
+    p.set_defaults(func=_serve, verbose_default=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA support for Stable Diffusion.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
@@ -107,6 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="fail on keys lorakit does not understand")
     p.set_defaults(func=_inspect)
     _add_generate(sub)
+    p = sub.add_parser("list", help="the LoRAs in your folders: name, base, type, rank, size, trigger words")
+    p.add_argument("-l", "--lora-dir", action="append", help="LoRA folder (repeatable); default: lorakit.toml / "
+                                                             "$LORAKIT_LORA_DIRS")
+    p.add_argument("--base", choices=["sd1", "sd2", "sdxl", "unknown"], help="only LoRAs for this base model")
+    p.add_argument("--search", help="only names, aliases, trigger words or descriptions containing this text")
+    p.add_argument("--json", action="store_true", help="machine-readable output (schema lorakit.list/1)")
+    p.add_argument("--config", help="settings file (default ./lorakit.toml, then ~/.config/lorakit/config.toml)")
+    p.set_defaults(func=_list)
+    _add_serve(sub)
     return parser
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -44,6 +44,7 @@ class Request:
     height: int = 512
     batch: int = 1
     clip_skip: int | None = None
+    auto_triggers: bool = False  # add the LoRAs' declared trigger words that the prompt lacks
 
 
 @dataclass
@@ -52,6 +53,8 @@ class Result:
     seeds: list[int]
     infotexts: list[str]
     notes: list[str] = field(default_factory=list)
+    prompt: str = ""  # the prompt as used (with added trigger words)
+    settings: dict[str, Any] = field(default_factory=dict)  # steps, cfg, sampler, clip_skip as used
 
 
 class Generator:
@@ -61,6 +64,7 @@ class Generator:
         self.embeddings = embeddings
         self.patcher = patcher_for(model.pipe)
         self._hashes: dict[str, str] = {}
+        self.on_step: Callable[[int, int], None] | None = None  # (step done, steps): progress reports
         # The model's own scheduler says what its UNet predicts (SD2-768 models predict v, not the noise).
         self.prediction_type = str(model.pipe.scheduler.config.get("prediction_type", "epsilon"))
 
@@ -80,23 +84,37 @@ class Generator:
         for warning in pos.warnings + neg.warnings:
             log.warning(warning)
         refs = pos.loras + neg.loras
-        loras = [_as_lora(self.index.resolve(r.name), strict=False) for r in refs]
+        paths = [self.index.resolve(r.name) for r in refs]
+        loras = [_as_lora(p, strict=False) for p in paths]
+        added = self._missing_triggers(pos.text, paths[:len(pos.loras)]) if req.auto_triggers else ""
+        text = pos.text + added
         settings, notes = self._settings(req, loras)
         _check_limits(req, settings)
         scheduled = any(r.scheduled for r in refs)
         steps = int(settings["steps"])
         self._apply(refs, loras, steps, step=1 if scheduled else None)
         encoders = self._encoders()
-        embeds = self._embeddings_for(pos.text + "\n" + neg.text, loras)
-        cond, uncond = encode_pair(pos.text, neg.text, encoders, settings["clip_skip"], self.model.sdxl, embeds)
+        embeds = self._embeddings_for(text + "\n" + neg.text, loras)
+        cond, uncond = encode_pair(text, neg.text, encoders, settings["clip_skip"], self.model.sdxl, embeds)
         self.model.pipe.scheduler = scheduler_for(settings["sampler"], self.prediction_type)
         seed = req.seed if req.seed is not None else random.randrange(2 ** 32)
         seeds = [seed + i for i in range(req.batch)]
-        callback = self._step_callback(refs, loras, steps, pos.text, neg.text, settings, embeds) if scheduled \
+        callback = self._step_callback(refs, loras, steps, text, neg.text, settings, embeds) if scheduled \
             else None
         images = self._run(cond, uncond, settings, req, seeds, callback)
-        texts = [self._infotext(req, settings, s, refs, loras) for s in seeds]
-        return Result(images, seeds, texts, notes)
+        prompt = req.prompt + added
+        texts = [self._infotext(req, prompt, settings, s, refs, loras) for s in seeds]
+        return Result(images, seeds, texts, notes, prompt, settings)
+
+    def _missing_triggers(self, text: str, paths: list[Any]) -> str:
+        """``", word, …"``: each LoRA's declared trigger words that ``text`` lacks (case-blind, each once)."""
+        added = ""
+        entry = getattr(self.index, "entry", None)
+        for path in paths if entry else []:
+            for word in entry(path).explicit_trigger_words:
+                if word.lower() not in (text + added).lower():
+                    added += f", {word}" if (text + added).strip() else word
+        return added
 
     def _settings(self, req: Request, loras: list[LoraModel]) -> tuple[dict[str, Any], list[str]]:
         """Explicit request values win; then what a fast (LCM/Turbo/Hyper) LoRA needs; then defaults."""
@@ -173,23 +191,34 @@ class Generator:
             num_images_per_prompt=req.batch, generator=[torch.Generator().manual_seed(s) for s in seeds])
         if self.model.sdxl:
             kwargs.update(pooled_prompt_embeds=cond.pooled, negative_pooled_prompt_embeds=uncond.pooled)
-        if callback is not None:
-            kwargs.update(callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["prompt_embeds"])
+        if callback is not None or self.on_step is not None:
+            kwargs.update(callback_on_step_end=self._with_progress(callback, int(settings["steps"])),
+                          callback_on_step_end_tensor_inputs=["prompt_embeds"] if callback else ["latents"])
         with torch.no_grad():
             return list(self.model.pipe(**kwargs).images)
 
-    def _infotext(self, req: Request, settings: dict[str, Any], seed: int, refs: list[LoraRef],
+    def _with_progress(self, callback: Any, steps: int) -> Any:
+        def step_end(pipe: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            if self.on_step is not None:
+                self.on_step(i + 1, steps)
+            return callback(pipe, i, t, kwargs) if callback is not None else kwargs
+
+        return step_end
+
+    def _infotext(self, req: Request, prompt: str, settings: dict[str, Any], seed: int, refs: list[LoraRef],
                   loras: list[LoraModel]) -> str:
         params = {"Steps": settings["steps"], "Sampler": settings["sampler"], "CFG scale": settings["cfg"],
                   "Seed": seed, "Size": f"{req.width}x{req.height}", "Model hash": self.model.hash,
                   "Model": self.model.name, "Clip skip": settings["clip_skip"] if settings["clip_skip"] > 1 else None}
         hashes = {ref.name: self._short_hash(lora) for ref, lora in zip(refs, loras)}
-        return infotext(req.prompt, req.negative, params, hashes)
+        return infotext(prompt, req.negative, params, hashes)
 
     def _short_hash(self, lora: LoraModel) -> str:
         key = str(lora.path)
         if key not in self._hashes:
-            self._hashes[key] = file_hashes(key, lora.metadata).a1111_short
+            hashes = getattr(self.index, "hashes", None)  # the library keeps them in its index
+            self._hashes[key] = hashes(self.index.entry(key))["a1111_short"] if hashes else \
+                file_hashes(key, lora.metadata).a1111_short
         return self._hashes[key]
 
 

@@ -12,39 +12,54 @@ import json
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from ..errors import LorakitError
+from ..header import read_metadata
 from .names import SUFFIXES, LoraNameError, resolve_name
-from .sidecars import Sidecars, read_sidecars, sidecar_names
+from .sidecars import Sidecars, read_sidecars, sidecars_by_stem
 from .store import Store
 from .summary import summarise
 from .training import trigger_words, training_summary
 
 PARALLEL_FROM = 200  # files to parse before worker processes pay for themselves
+WORKERS = 8
 
 
 @dataclass
 class Found:
     """A LoRA file seen by the walk."""
 
-    path: Path
+    file: str
     root: Path
     size: int
     mtime_ns: int
     sidecars: str  # signature: "name:mtime_ns|…" of the sidecars present
     present: frozenset[str]  # the sidecar names that exist
 
+    @property
+    def path(self) -> Path:
+        return Path(self.file)
+
 
 @dataclass
 class LoraEntry:
-    path: Path
+    file: str
     root: Path
     subpath: str  # below its folder, '/'-separated, without suffix
     size: int
-    info: dict[str, Any] = field(default_factory=dict)
+    raw_info: str = "{}"  # the index's JSON, decoded on first use (a warm scan of 10,000 files decodes none)
+
+    @cached_property
+    def path(self) -> Path:
+        return Path(self.file)
+
+    @cached_property
+    def info(self) -> dict[str, Any]:
+        return dict(json.loads(self.raw_info))
 
     @property
     def name(self) -> str:
@@ -105,21 +120,21 @@ class Library:
         t0 = time.perf_counter()
         found = [f for root in self.dirs for f in walk(root)]
         known = self.store.rows()
-        changed = [f for f in found if (k := known.get(str(f.path))) is None or k[:2] != (f.size, f.mtime_ns)]
-        side_only = [f for f in found if (k := known.get(str(f.path))) and k[:2] == (f.size, f.mtime_ns)
+        changed = [f for f in found if (k := known.get(f.file)) is None or k[:2] != (f.size, f.mtime_ns)]
+        side_only = [f for f in found if (k := known.get(f.file)) and k[:2] == (f.size, f.mtime_ns)
                      and k[2] != f.sidecars]
         rows = _parse_all(changed)
         infos = {r[0]: r[4] for r in rows}
         for f in side_only:
-            info = json.loads(known[str(f.path)][3])
+            info = json.loads(known[f.file][3])
             info["sidecars"] = read_sidecars(f.path.parent, f.path.stem, set(f.present)).as_dict()
-            infos[str(f.path)] = json.dumps(info)
-            self.store.update_info(str(f.path), f.sidecars, infos[str(f.path)])
-        seen = {str(f.path) for f in found}
+            infos[f.file] = json.dumps(info)
+            self.store.update_info(f.file, f.sidecars, infos[f.file])
+        seen = {f.file for f in found}
         gone = [p for p in known if p not in seen and any(_under(p, r) for r in self.dirs)]
         self.store.write(rows, gone)
-        self.entries = [LoraEntry(f.path, f.root, f.path.relative_to(f.root).with_suffix("").as_posix(), f.size,
-                                  json.loads(infos.get(str(f.path)) or known[str(f.path)][3])) for f in found]
+        self.entries = [LoraEntry(f.file, f.root, _subpath(f), f.size, infos.get(f.file) or known[f.file][3])
+                        for f in found]
         self.last_scan = {"files": len(found), "parsed": len(changed), "sidecars": len(side_only),
                           "removed": len(gone), "seconds": time.perf_counter() - t0}
         return self.last_scan
@@ -146,7 +161,12 @@ class Library:
         raise LoraNameError(f"no LoRA with id {entry_id!r}")
 
     def metadata(self, entry: LoraEntry) -> dict[str, str]:
-        return dict(json.loads(self.store.metadata(str(entry.path))))
+        """The file's full metadata, read from its header now (the index keeps only what listings need: storing
+        every file's tens of KB of tag lists would double a cold scan)."""
+        try:
+            return read_metadata(entry.path)
+        except LorakitError:
+            return {}
 
     def hashes(self, entry: LoraEntry) -> dict[str, str]:
         """SHA-256 (AutoV2 = first 10 hex) and the A1111 short hash, computed once and kept in the index."""
@@ -169,6 +189,11 @@ def _haystack(e: LoraEntry) -> str:
     return " ".join([e.subpath, e.alias, *e.trigger_words, e.sidecars.description]).lower()
 
 
+def _subpath(f: Found) -> str:
+    rel = f.file[len(str(f.root).rstrip(os.sep)) + 1:]
+    return rel.rsplit(".", 1)[0].replace(os.sep, "/")
+
+
 def _under(path: str, root: Path) -> bool:
     return path.startswith(str(root).rstrip(os.sep) + os.sep)
 
@@ -177,11 +202,11 @@ def walk(root: Path) -> list[Found]:
     """LoRA files below ``root`` in name order; symlinked folders are followed, each real folder once."""
     out: list[Found] = []
     seen: set[tuple[int, int]] = set()
-    stack = [root]
+    stack = [str(root)]
     while stack:
         folder = stack.pop()
         try:
-            st = folder.stat()
+            st = os.stat(folder)
             if (st.st_dev, st.st_ino) in seen:
                 continue
             seen.add((st.st_dev, st.st_ino))
@@ -189,38 +214,40 @@ def walk(root: Path) -> list[Found]:
                 items = sorted(it, key=lambda d: d.name)
         except OSError:
             continue  # an unreadable sub-folder is skipped, not fatal
-        names = {d.name: d for d in items}
-        for d in items:
-            if d.is_dir():
-                stack.append(Path(d.path))
-            elif d.name.lower().endswith(SUFFIXES) and d.is_file():
-                st = d.stat()
-                stem = d.name.rsplit(".", 1)[0]
-                present = [n for n in sidecar_names(stem) if n in names]
-                sig = "|".join(f"{n}:{names[n].stat().st_mtime_ns}" for n in present)
-                out.append(Found(Path(d.path), root, st.st_size, st.st_mtime_ns, sig, frozenset(present)))
+        loras = [d for d in items if d.name.lower().endswith(SUFFIXES)]
+        sidecars = sidecars_by_stem(d.name for d in items if not d.name.lower().endswith(SUFFIXES))
+        names = {d.name: d for d in items} if sidecars else {}
+        stack.extend(d.path for d in reversed(items) if d.is_dir())
+        for d in loras:
+            if not d.is_file():
+                continue
+            st = d.stat()
+            present = sidecars.get(d.name.rsplit(".", 1)[0], [])
+            sig = "|".join(f"{n}:{names[n].stat().st_mtime_ns}" for n in present)
+            out.append(Found(d.path, root, st.st_size, st.st_mtime_ns, sig, frozenset(present)))
     return out
 
 
-def _parse_all(files: list[Found]) -> list[tuple[str, int, int, str, str, str]]:
+def _parse_all(files: list[Found]) -> list[tuple[str, int, int, str, str]]:
     if len(files) < PARALLEL_FROM or (os.cpu_count() or 1) < 2:
         return [_parse(f) for f in files]
     import multiprocessing
 
     ctx = multiprocessing.get_context("fork" if hasattr(os, "fork") else "spawn")
-    with ctx.Pool(os.cpu_count()) as pool:
-        return pool.map(_parse, files, chunksize=64)
+    # More workers than cores: a cold disk is latency-bound, and each worker keeps one read in flight.
+    with ctx.Pool(WORKERS) as pool:
+        return pool.map(_parse, files, chunksize=32)
 
 
-def _parse(f: Found) -> tuple[str, int, int, str, str, str]:
-    """One index row: ``(path, size, mtime_ns, sidecar signature, info JSON, metadata JSON)``. An unreadable file
+def _parse(f: Found) -> tuple[str, int, int, str, str]:
+    """One index row: ``(path, size, mtime_ns, sidecar signature, info JSON)``. An unreadable file
     is indexed with its error (listed, never hidden)."""
     info: dict[str, Any]
     metadata: dict[str, str] = {}
     try:
         s = summarise(f.path)
         metadata = s.metadata
-        info = {k: v for k, v in s.as_dict().items() if k != "metadata"}
+        info = s.info()
     except LorakitError as e:
         info = {"base": "unknown", "types": [], "error": str(e)}
     except Exception as e:  # a pickle that torch cannot read raises torch's own types
@@ -230,4 +257,4 @@ def _parse(f: Found) -> tuple[str, int, int, str, str, str]:
     info["triggers"] = trigger_words(metadata)
     info["training"] = training_summary(metadata)
     info["sidecars"] = read_sidecars(f.path.parent, f.path.stem, set(f.present)).as_dict()
-    return (str(f.path), f.size, f.mtime_ns, f.sidecars, json.dumps(info), json.dumps(metadata))
+    return (f.file, f.size, f.mtime_ns, f.sidecars, json.dumps(info))

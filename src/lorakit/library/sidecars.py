@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 PREVIEW_EXTS = ("png", "jpg", "jpeg", "webp", "gif")
@@ -34,13 +35,28 @@ class Sidecars:
     problems: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def sidecar_names(stem: str) -> list[str]:
     """Every sidecar name a LoRA called ``stem`` may have, in order of preference."""
     previews = [f"{stem}{mid}.{ext}" for ext in PREVIEW_EXTS for mid in ("", ".preview")]
     return previews + [f"{stem}.civitai.info", f"{stem}.json"]
+
+
+SIDECAR_SUFFIXES = tuple(f"{mid}.{ext}" for ext in PREVIEW_EXTS for mid in (".preview", "")) + (".civitai.info",
+                                                                                               ".json")
+
+
+def sidecars_by_stem(names: Iterable[str]) -> dict[str, list[str]]:
+    """Sidecar file names of one folder grouped by the LoRA stem they belong to."""
+    out: dict[str, list[str]] = {}
+    for name in names:
+        for suffix in SIDECAR_SUFFIXES:
+            if name.endswith(suffix):
+                out.setdefault(name[: -len(suffix)], []).append(name)
+                break
+    return out
 
 
 def read_sidecars(folder: Path, stem: str, present: set[str]) -> Sidecars:

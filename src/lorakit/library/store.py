@@ -1,6 +1,6 @@
 """The library's SQLite index (stdlib ``sqlite3``): one row per LoRA file, keyed by path and validated by size and
 mtime, so a re-scan parses only what changed. ``info`` is a small JSON summary (what listings need);
-``metadata`` (often tens of KB) is read only on request; hashes are filled in lazily."""
+the full metadata is read from the file on request; hashes are filled in lazily."""
 from __future__ import annotations
 
 import os
@@ -11,8 +11,8 @@ from pathlib import Path
 
 SCHEMA = """CREATE TABLE IF NOT EXISTS loras (
     path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, sidecars TEXT NOT NULL,
-    info TEXT NOT NULL, metadata TEXT NOT NULL, sha256 TEXT, addnet TEXT)"""
-VERSION = 1  # bump when the info layout changes: old rows are dropped
+    info TEXT NOT NULL, sha256 TEXT, addnet TEXT)"""
+VERSION = 2  # bump when the info layout changes: old rows are dropped
 
 
 def default_index_path() -> Path:
@@ -41,21 +41,16 @@ class Store:
             cur = self.db.execute("SELECT path, size, mtime_ns, sidecars, info FROM loras")
             return {r[0]: (r[1], r[2], r[3], r[4]) for r in cur}
 
-    def write(self, rows: Iterable[tuple[str, int, int, str, str, str]], gone: Iterable[str]) -> None:
-        """Insert/replace ``(path, size, mtime_ns, sidecars, info, metadata)`` rows and delete ``gone`` paths."""
+    def write(self, rows: Iterable[tuple[str, int, int, str, str]], gone: Iterable[str]) -> None:
+        """Insert/replace ``(path, size, mtime_ns, sidecars, info)`` rows and delete ``gone`` paths."""
         with self.lock, self.db:
-            self.db.executemany("INSERT OR REPLACE INTO loras (path, size, mtime_ns, sidecars, info, metadata) "
-                                "VALUES (?, ?, ?, ?, ?, ?)", rows)
+            self.db.executemany("INSERT OR REPLACE INTO loras (path, size, mtime_ns, sidecars, info) "
+                                "VALUES (?, ?, ?, ?, ?)", rows)
             self.db.executemany("DELETE FROM loras WHERE path = ?", ((p,) for p in gone))
 
     def update_info(self, path: str, sidecars: str, info: str) -> None:
         with self.lock, self.db:
             self.db.execute("UPDATE loras SET sidecars = ?, info = ? WHERE path = ?", (sidecars, info, path))
-
-    def metadata(self, path: str) -> str:
-        with self.lock:
-            row = self.db.execute("SELECT metadata FROM loras WHERE path = ?", (path,)).fetchone()
-        return row[0] if row else "{}"
 
     def hashes(self, path: str) -> tuple[str | None, str | None]:
         with self.lock:

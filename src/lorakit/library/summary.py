@@ -1,24 +1,29 @@
 """What the LoRA library shows of a file, read from its safetensors header alone, fast and without torch.
 
-A full ``json.loads`` of a kohya SD1.5 header (800 entries, ~110 KB) costs ~0.6 ms; a library of 10,000 files
-cannot afford that. The fast path parses ``__metadata__`` with the JSON decoder and splits the tensor entries
-as text (safetensors' own writer emits ``"key":{"dtype":…,"shape":[…],"data_offsets":[…]}`` with no spaces);
-anything else falls back to the full parse. Types and base are read from key names and a few shapes
+A full ``json.loads`` of a kohya SD1.5 header (800 entries, ~110 KB) costs ~0.6 ms and an SDXL header is ~400 KB;
+a library of 10,000 files can afford neither the parse nor the reads. So a long header is read at its two ends
+only (metadata and text encoders first, the UNet's last blocks last: safetensors sorts keys); ``__metadata__`` is
+decoded with the JSON decoder and the entries are split as text (safetensors' own writer emits
+``"key":{"dtype":…,"shape":[…],"data_offsets":[…]}`` with no spaces). Another layout, or ends that do not tell
+the base model, fall back to reading and parsing the whole header. Types and base are read from key names and a few shapes
 (``lorakit inspect`` gives the exact per-layer picture).
 """
 from __future__ import annotations
 
 import json
+import os
+import re
 import struct
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .. import arch as archmod
 from ..errors import UnreadableFile
 from ..header import MAX_HEADER_BYTES
 
-Entries = dict[str, str]  # key -> the rest of its header entry ('"dtype":"F16","shape":[4,768],…')
+HEAD, TAIL = 24_000, 12_000  # bytes read at each end of a long header
+KEYS = 6_000  # characters of entries at each end whose key names are looked at (~50 keys)
 
 TAIL_TYPES = {
     "lora_up.weight": "lora", "lora_down.weight": "lora", "lora_A.weight": "lora", "lora_B.weight": "lora",
@@ -33,11 +38,13 @@ CONV_MARKERS = ("_conv1.", "_conv2.", "conv_in.", "conv_out.", "samplers_0_conv.
                 "_op.", ".conv1.", ".conv2.")
 SDXL_MARKERS = ("lora_te2_", "text_encoder_2.", "te2.", "add_embedding", "label_emb", "transformer_blocks_1_",
                 "transformer_blocks.1.")
-RANK_TAILS = ("lora_down.weight", "lora_A.weight", "down.weight", ":down")
-WIDTH_TAILS = ("attn2_to_k.lora_down.weight", "attn2.to_k.lora_A.weight", "attn2.to_k.lora_down.weight",
-               "attn2.processor.to_k_lora.down.weight", "attn2_to_k.hada_w1_b")
-TE_WIDTH_TAILS = ("self_attn_q_proj.lora_down.weight", "self_attn.q_proj.lora_A.weight",
-                  "self_attn.q_proj.lora_down.weight", "text_encoder:0:down")
+SHAPE = r'[^"]*":\{"dtype":"\w+","shape":\['
+RANK_RE = re.compile(r'(?:lora_down|lora_A|lora\.down|_lora\.down|hada_w1_b)(?:\.default)?(?:\.weight)?' + SHAPE + r"(\d+)")
+WIDTH_RE = re.compile(r'attn2[._](?:processor\.)?to_k[._](?:lora_down|lora_A|lora\.down|hada_w1_b)' + SHAPE + r"\d+,(\d+)")
+TE_WIDTH_RE = re.compile(r'(?:self_attn[._]q_proj[._](?:lora_down|lora_A)|text_encoder:0:down)' + SHAPE + r"\d+,(\d+)")
+COMPONENTS = (("unet", ("unet", "input_blocks", "down_blocks", "mid_block", "up_blocks", "output_blocks")),
+              ("te", ("lora_te_", "lora_te1_", "text_encoder.", "text_encoder:", "te1.")),
+              ("te2", ("lora_te2_", "text_encoder_2.", "te2.")))
 FLOAT_CODES = {"F32": ("<f", 4), "F16": ("<e", 2), "F64": ("<d", 8)}
 
 
@@ -47,130 +54,174 @@ class Summary:
     types: list[str]
     rank: int | None
     alpha: float | None
-    tensors: int
+    tensors: int | None  # None when only the header's ends were read
     components: list[str]  # unet, te, te2
     metadata: dict[str, str] = field(default_factory=dict)
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def info(self) -> dict[str, Any]:
+        """Everything but the metadata, as plain JSON-able values."""
+        return {"base": self.base, "types": self.types, "rank": self.rank, "alpha": self.alpha,
+                "tensors": self.tensors, "components": self.components}
 
 
-def read_raw_header(path: Path) -> tuple[str, int]:
-    """The header text and the byte offset of the tensor data."""
+def read_raw_header(path: Path, partial: bool = True) -> tuple[str, str | None, int]:
+    """``(head, tail, data offset)``. A header longer than ``HEAD + TAIL`` bytes is read as its first ``HEAD`` and
+    last ``TAIL`` bytes (``tail`` is ``None`` when ``head`` is the whole header)."""
     with path.open("rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)  # no read-ahead: only the header's ends
+        first = f.read(8)
+        if len(first) < 8:
             raise UnreadableFile(path, "too short to be a safetensors file")
-        (n,) = struct.unpack("<Q", head)
+        (n,) = struct.unpack("<Q", first)
         size = path.stat().st_size
         if n > MAX_HEADER_BYTES or n + 8 > size:
             raise UnreadableFile(path, f"not a safetensors file or truncated: header claims {n} bytes, file has {size}")
-        raw = f.read(n)
+        if not partial or n <= HEAD + TAIL:
+            return _utf8(path, f.read(n)), None, 8 + n
+        head = f.read(HEAD)
+        f.seek(8 + n - TAIL)
+        tail = f.read(TAIL)
+    return head.decode("utf-8", "ignore"), tail.decode("utf-8", "ignore"), 8 + n
+
+
+def _utf8(path: Path, raw: bytes) -> str:
     try:
-        return raw.decode("utf-8"), 8 + n
+        return raw.decode("utf-8")
     except UnicodeDecodeError:
         raise UnreadableFile(path, "safetensors header is not UTF-8") from None
 
 
-def split_header(path: Path, text: str) -> tuple[dict[str, str], Entries]:
-    """``(metadata, {key: entry text})``: fast for safetensors' compact layout, exact JSON otherwise."""
-    meta: dict[str, Any] = {}
+def split_metadata(path: Path, text: str) -> tuple[str, dict[str, str], str]:
+    """``(metadata JSON text, metadata, the header without it)``; only the metadata object is decoded."""
     at = text.find('"__metadata__":')
-    body = text
-    if at >= 0:
-        try:
-            meta, end = json.JSONDecoder().raw_decode(text, at + 15)
-        except json.JSONDecodeError:
-            return _full_parse(path, text)
-        body = text[:at] + text[end:].lstrip(",")
-    if '":{"dtype":"' not in body or not isinstance(meta, dict):
-        return _full_parse(path, text)
-    parts = body.strip().lstrip("{").lstrip(",").lstrip('"').rstrip("}").split('},"')
-    entries = {}
-    for p in parts:
-        key, _, rest = p.partition('":{')
-        entries[key] = rest
-    if len(entries) != body.count('"data_offsets"'):
-        return _full_parse(path, text)  # a key with an escaped quote, or another writer's layout
-    return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}, entries
-
-
-def _full_parse(path: Path, text: str) -> tuple[dict[str, str], Entries]:
+    if at < 0:
+        return "{}", {}, text
     try:
-        obj = json.loads(text)
+        meta, end = json.JSONDecoder().raw_decode(text, at + 15)
+    except json.JSONDecodeError as e:
+        raise UnreadableFile(path, f"safetensors header is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise UnreadableFile(path, "safetensors __metadata__ is not an object")
+    metadata = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+    return text[at + 15:end], metadata, text[:at] + text[end:].lstrip(",")
+
+
+def compact_body(path: Path, body: str) -> str:
+    """The tensor entries in safetensors' compact layout (re-serialised when another writer spaced them)."""
+    if '":{"dtype":"' in body[:4096]:
+        return body
+    try:
+        obj = json.loads(body)
     except json.JSONDecodeError as e:
         raise UnreadableFile(path, f"safetensors header is not valid JSON ({e})") from None
     if not isinstance(obj, dict):
         raise UnreadableFile(path, "safetensors header is not a JSON object")
-    meta = obj.pop("__metadata__", None) or {}
-    entries = {k: json.dumps(v, separators=(",", ":"))[1:-1] for k, v in obj.items() if isinstance(v, dict)}
-    return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}, entries
+    return json.dumps(obj, separators=(",", ":"))
 
 
-def shape_of(entry: str) -> list[int]:
-    i = entry.find('"shape":[')
-    j = entry.find("]", i)
-    inner = entry[i + 9:j] if i >= 0 else ""
-    return [int(s) for s in inner.split(",") if s.strip()]
+def sample_keys(body: str, tail: str | None) -> list[str]:
+    """Key names of the first and last ~60 entries (``tail``: the header's last bytes, when it was read in two
+    parts); entries cut at a chunk's edge are left out."""
+    if tail is None and len(body) <= 2 * KEYS:
+        chunks = [(body, False, False)]
+    else:
+        chunks = [(body[:KEYS], False, True), ((body if tail is None else tail)[-KEYS:], True, False)]
+    keys = []
+    for chunk, cut_start, cut_end in chunks:
+        parts = chunk.lstrip('{,"').split('},"')
+        for part in parts[int(cut_start):len(parts) - int(cut_end)]:
+            key, sep, _ = part.partition('":{')
+            if sep:
+                keys.append(key)
+    return keys
 
 
-def summarise_safetensors(path: Path) -> Summary:
-    text, data_start = read_raw_header(path)
-    metadata, entries = split_header(path, text)
-    keys = list(entries)
-    blob = "\n".join(keys) + "\n"
+def summarise_safetensors(path: Path, partial: bool = True) -> Summary:
+    head, tail, data_start = read_raw_header(path, partial)
+    try:
+        _, metadata, body = split_metadata(path, head)
+    except UnreadableFile:
+        if tail is None:
+            raise
+        return summarise_safetensors(path, partial=False)  # metadata longer than HEAD
+    if tail is not None and ('":{"dtype":"' not in head or '"__metadata__"' not in head and '"__metadata__"' in tail):
+        return summarise_safetensors(path, partial=False)  # another writer's layout: read it all
+    body = compact_body(path, body) if tail is None else body
+    text = body if tail is None else body + "\n" + tail
+    count = body.count('"data_offsets"') if tail is None else None
+    summary = summarise_keys(sample_keys(body, tail), text, count, metadata,
+                             lambda key: _tensor_value(path, text, key, data_start))
+    if summary.base == archmod.UNKNOWN and tail is not None:
+        return summarise_safetensors(path, partial=False)  # the shapes that tell are in the middle
+    return summary
+
+
+def summarise_keys(keys: list[str], body: str, count: int | None, metadata: dict[str, str],
+                   value: Callable[[str], float | None]) -> Summary:
+    """``keys``: a sample of key names; ``body``: every entry as compact header text (searched with C-speed
+    string and regex scans, never a Python loop per key)."""
     tails = {k[k.rfind(".", 0, len(k) - 7) + 1:] if k.endswith(".weight") else k[k.rfind(".") + 1:] for k in keys}
+    blob = "\n".join(keys)
     types = _types(tails, blob, metadata)
-    base = _base(keys, blob, entries, metadata)
-    rank = _first_dim(entries, keys, RANK_TAILS, 0)
-    alpha = _alpha(path, entries, keys, data_start, metadata)
-    comps = [c for c, marks in (("unet", ("unet", "input_blocks", "down_blocks", "mid_block", "up_blocks")),
-                                ("te", ("lora_te_", "lora_te1_", "text_encoder.", "text_encoder:", "te1.")),
-                                ("te2", ("lora_te2_", "text_encoder_2.", "te2."))) if any(m in blob for m in marks)]
-    return Summary(base, types, rank, alpha, len(keys), comps, metadata)
+    base = _base(keys, blob, body, metadata)
+    comps = [c for c, marks in COMPONENTS if any(m in blob for m in marks)]
+    if base == archmod.SDXL and "te2" not in comps and any(m in body for m in ("lora_te2_", "text_encoder_2.")):
+        comps.append("te2")
+    return Summary(base, types, _rank(body, metadata), _alpha(body, metadata, value), count, comps, metadata)
 
 
 def _types(tails: set[str], blob: str, metadata: dict[str, str]) -> list[str]:
     found = {TAIL_TYPES[t] for t in tails if t in TAIL_TYPES}
     if any(":" in t and t.endswith((":up", ":down")) for t in tails):
         found.add("lora")  # cloneofsimo
-    if "lora" in found and ("locon" in found or any(m in blob for m in CONV_MARKERS)):
+    args = metadata.get("ss_network_args", "")
+    conv = "conv_dim" in args or any(m in blob for m in CONV_MARKERS)
+    if "lora" in found and ("locon" in found or conv):
         found.discard("lora")
         found.add("locon")
     return sorted(found)
 
 
-def _base(keys: list[str], blob: str, entries: Entries, metadata: dict[str, str]) -> str:
-    foreign = archmod.foreign_family(keys[:64], metadata)
+def _base(keys: list[str], blob: str, body: str, metadata: dict[str, str]) -> str:
+    foreign = archmod.foreign_family(keys[:4] + keys[-4:], metadata)  # every key of such a file says so
     if foreign:
         return foreign
     if any(m in blob for m in SDXL_MARKERS):
         return archmod.SDXL
-    width = _first_dim(entries, keys, WIDTH_TAILS, 1)
-    if width in archmod.CROSS_DIM:
-        return archmod.CROSS_DIM[width]
-    te_width = _first_dim(entries, keys, TE_WIDTH_TAILS, 1)
-    if te_width in archmod.TE_WIDTH:
-        return archmod.TE_WIDTH[te_width]
+    m = WIDTH_RE.search(body)
+    if m and int(m[1]) in archmod.CROSS_DIM:
+        return archmod.CROSS_DIM[int(m[1])]
+    m = TE_WIDTH_RE.search(body)
+    if m and int(m[1]) in archmod.TE_WIDTH:
+        return archmod.TE_WIDTH[int(m[1])]
     return archmod.from_metadata(metadata) or archmod.UNKNOWN
 
 
-def _first_dim(entries: Entries, keys: list[str], tails: tuple[str, ...], dim: int) -> int | None:
-    key = next((k for k in keys if k.endswith(tails)), None)
-    shape = shape_of(entries[key]) if key else []
-    return shape[dim] if len(shape) > dim else None
+def _rank(body: str, metadata: dict[str, str]) -> int | None:
+    m = RANK_RE.search(body)
+    if m:
+        return int(m[1])
+    dim = metadata.get("ss_network_dim", "")
+    return int(dim) if dim.isdigit() else None
 
 
-def _alpha(path: Path, entries: Entries, keys: list[str], data_start: int, metadata: dict[str, str]) -> float | None:
+def _alpha(body: str, metadata: dict[str, str], value: Callable[[str], float | None]) -> float | None:
     """kohya's ``ss_network_alpha``, else the value of the first ``.alpha`` tensor (one small read)."""
     try:
         return float(metadata["ss_network_alpha"])
     except (KeyError, ValueError):
         pass
-    key = next((k for k in keys if k.endswith(".alpha")), None)
-    if key is None:
+    at = body.find('.alpha":{')
+    if at < 0:
         return None
-    entry = entries[key]
+    start = body.rfind('"', 0, at) + 1
+    return value(body[start:at + 6])
+
+
+def _tensor_value(path: Path, body: str, key: str, data_start: int) -> float | None:
+    at = body.find(f'"{key}":{{')
+    entry = body[at:body.find("}", at)]
     dtype = entry[entry.find('"dtype":"') + 9:].partition('"')[0]
     start = int(entry[entry.find('"data_offsets":[') + 16:].partition(",")[0])
     with path.open("rb") as f:
@@ -183,23 +234,18 @@ def _alpha(path: Path, entries: Entries, keys: list[str], data_start: int, metad
 
 
 def summarise_pickle(path: Path) -> Summary:
-    """Pickled LoRAs (``.pt``/``.bin``/``.ckpt``) need torch (loaded safely); their keys are summarised the same way."""
+    """Pickled LoRAs (``.pt``/``.bin``/``.ckpt``) need torch (loaded safely); summarised like safetensors."""
     from ..io import load_pickle
 
     obj = load_pickle(path)
     sd = obj.get("state_dict", obj) if isinstance(obj, dict) else {}
-    entries = {str(k): f'"dtype":"F32","shape":[{",".join(str(s) for s in v.shape)}],"data_offsets":[0,0]'
-               for k, v in sd.items() if hasattr(v, "shape")}
-    if not entries:
+    tensors = {str(k): v for k, v in sd.items() if hasattr(v, "shape")}
+    if not tensors:
         raise UnreadableFile(path, "no tensors in the file")
-    keys = list(entries)
-    blob = "\n".join(keys) + "\n"
-    tails = {k[k.rfind(".", 0, len(k) - 7) + 1:] if k.endswith(".weight") else k[k.rfind(".") + 1:] for k in keys}
-    alpha_key = next((k for k in keys if k.endswith(".alpha")), None)
-    alpha = float(sd[alpha_key]) if alpha_key else None
-    comps = sorted({"te" if "te" in k.split("_")[1:2] or k.startswith("text_encoder") else "unet" for k in keys})
-    return Summary(_base(keys, blob, entries, {}), _types(tails, blob, {}), _first_dim(entries, keys, RANK_TAILS, 0),
-                   alpha, len(keys), comps, {})
+    body = json.dumps({k: {"dtype": "F32", "shape": list(v.shape), "data_offsets": [0, 0]}
+                       for k, v in tensors.items()}, separators=(",", ":"))
+    return summarise_keys(list(tensors), body, len(tensors), {},
+                          lambda key: float(tensors[key].float().reshape(-1)[0]) if key in tensors else None)
 
 
 def summarise(path: Path) -> Summary:

@@ -30,8 +30,14 @@ def trigger_words(metadata: dict[str, str], top: int = 10) -> list[str]:
     counts: Counter[str] = Counter()
     for tags in freq.values() if isinstance(freq, dict) else []:
         if isinstance(tags, dict):
-            counts.update({str(t).strip(): int(n) for t, n in tags.items() if str(t).strip()})
-    words += [t for t, _ in counts.most_common(top) if t not in words]
+            try:
+                counts.update(tags)  # C speed; tags are normalised below, on the few that are shown
+            except TypeError:
+                continue
+    for tag, _ in counts.most_common(top + 5):
+        tag = str(tag).strip()
+        if tag and tag not in words and len(words) < top + bool(phrase):
+            words.append(tag)
     return words
 
 
