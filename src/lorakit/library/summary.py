@@ -38,6 +38,7 @@ CONV_MARKERS = ("_conv1.", "_conv2.", "conv_in.", "conv_out.", "samplers_0_conv.
                 "_op.", ".conv1.", ".conv2.")
 SDXL_MARKERS = ("lora_te2_", "text_encoder_2.", "te2.", "add_embedding", "label_emb", "transformer_blocks_1_",
                 "transformer_blocks.1.")
+META_RE = re.compile(r'"__metadata__"\s*:\s*')
 SHAPE = r'[^"]*":\{"dtype":"\w+","shape":\['
 RANK_RE = re.compile(r'(?:lora_down|lora_A|lora\.down|_lora\.down|hada_w1_b)(?:\.default)?(?:\.weight)?' + SHAPE + r"(\d+)")
 WIDTH_RE = re.compile(r'attn2[._](?:processor\.)?to_k[._](?:lora_down|lora_A|lora\.down|hada_w1_b)' + SHAPE + r"\d+,(\d+)")
@@ -94,17 +95,18 @@ def _utf8(path: Path, raw: bytes) -> str:
 
 def split_metadata(path: Path, text: str) -> tuple[str, dict[str, str], str]:
     """``(metadata JSON text, metadata, the header without it)``; only the metadata object is decoded."""
-    at = text.find('"__metadata__":')
-    if at < 0:
+    found = META_RE.search(text)
+    if found is None:
         return "{}", {}, text
+    at = found.start()
     try:
-        meta, end = json.JSONDecoder().raw_decode(text, at + 15)
+        meta, end = json.JSONDecoder().raw_decode(text, found.end())
     except json.JSONDecodeError as e:
         raise UnreadableFile(path, f"safetensors header is not valid JSON ({e})") from None
     if not isinstance(meta, dict):
         raise UnreadableFile(path, "safetensors __metadata__ is not an object")
     metadata = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
-    return text[at + 15:end], metadata, text[:at] + text[end:].lstrip(",")
+    return text[found.end():end], metadata, text[:at] + text[end:].lstrip().lstrip(",")
 
 
 def compact_body(path: Path, body: str) -> str:
