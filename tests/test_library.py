@@ -68,6 +68,23 @@ def test_spaced_header_from_another_writer_is_parsed_exactly(tmp_path: Path) -> 
     assert (s.base, s.types, s.rank, s.tensors) == ("sd1", ["lora"], 2, 792)
 
 
+def test_foreign_and_sdxl_files_are_told_apart(tmp_path: Path) -> None:
+    import torch
+
+    from lorakit.io import save_file
+
+    t = torch.zeros(2, 8)
+    save_file({f"lora_unet_double_blocks_{i}_img_attn_proj.lora_down.weight": t for i in range(3)},
+              tmp_path / "flux.safetensors", {"ss_base_model_version": "flux1"})
+    save_file({"lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": t,
+               "lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_k.lora_down.weight": torch.zeros(2, 2048),
+               "lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_k.hada_w1_a": t},
+              tmp_path / "xl.safetensors", {})
+    assert summarise(tmp_path / "flux.safetensors").base == "Flux"
+    xl = summarise(tmp_path / "xl.safetensors")
+    assert (xl.base, xl.types, xl.components) == ("sdxl", ["loha", "lora"], ["unet", "te2"])
+
+
 def test_scan_indexes_once_and_rescans_only_changes(folder: Path, tmp_path: Path) -> None:
     index = tmp_path / "index.sqlite3"
     lib = Library([folder], index=index)

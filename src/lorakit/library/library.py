@@ -26,7 +26,7 @@ from .summary import summarise
 from .training import trigger_words, training_summary
 
 PARALLEL_FROM = 200  # files to parse before worker processes pay for themselves
-WORKERS = 8
+WORKERS = 4
 
 
 @dataclass
@@ -236,7 +236,7 @@ def _parse_all(files: list[Found]) -> list[tuple[str, int, int, str, str]]:
     ctx = multiprocessing.get_context("fork" if hasattr(os, "fork") else "spawn")
     # More workers than cores: a cold disk is latency-bound, and each worker keeps one read in flight.
     with ctx.Pool(WORKERS) as pool:
-        return pool.map(_parse, files, chunksize=32)
+        return pool.map(_parse, files, chunksize=max(16, len(files) // (WORKERS * 8)))
 
 
 def _parse(f: Found) -> tuple[str, int, int, str, str]:

@@ -23,7 +23,7 @@ from ..errors import UnreadableFile
 from ..header import MAX_HEADER_BYTES
 
 HEAD, TAIL = 24_000, 12_000  # bytes read at each end of a long header
-KEYS = 6_000  # characters of entries at each end whose key names are looked at (~50 keys)
+KEYS = 3_500  # characters of entries at each end whose key names are looked at (~30 keys)
 
 TAIL_TYPES = {
     "lora_up.weight": "lora", "lora_down.weight": "lora", "lora_A.weight": "lora", "lora_B.weight": "lora",
@@ -186,7 +186,7 @@ def _types(tails: set[str], blob: str, metadata: dict[str, str]) -> list[str]:
 
 
 def _base(keys: list[str], blob: str, body: str, metadata: dict[str, str]) -> str:
-    foreign = archmod.foreign_family(keys[:4] + keys[-4:], metadata)  # every key of such a file says so
+    foreign = archmod.foreign_family(keys[:4] + keys[-4:], metadata)  # every key of a Flux/SD3 file says so
     if foreign:
         return foreign
     if any(m in blob for m in SDXL_MARKERS):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from datetime import datetime, timezone
+from typing import Any
 
 TRAINING_KEYS = {
     "ss_output_name": "output_name", "ss_sd_model_name": "base_model", "ss_base_model_version": "base_version",
@@ -27,14 +28,18 @@ def trigger_words(metadata: dict[str, str], top: int = 10) -> list[str]:
         freq = json.loads(metadata.get("ss_tag_frequency", "{}"))
     except json.JSONDecodeError:
         freq = {}
-    counts: Counter[str] = Counter()
-    for tags in freq.values() if isinstance(freq, dict) else []:
-        if isinstance(tags, dict):
-            try:
-                counts.update(tags)  # C speed; tags are normalised below, on the few that are shown
-            except TypeError:
-                continue
-    for tag, _ in counts.most_common(top + 5):
+    tables = [t for t in freq.values() if isinstance(t, dict)] if isinstance(freq, dict) else []
+    counts: dict[str, Any] = tables[0] if len(tables) == 1 else Counter()
+    for tags in tables if len(tables) > 1 else []:
+        try:
+            counts.update(tags)  # type: ignore[attr-defined]  # C speed; tags are normalised below, on the few shown
+        except TypeError:
+            continue
+    try:
+        ranked = sorted(counts, key=counts.__getitem__, reverse=True)[:top + 5]
+    except TypeError:  # counts that are not numbers
+        ranked = []
+    for tag in ranked:
         tag = str(tag).strip()
         if tag and tag not in words and len(words) < top + bool(phrase):
             words.append(tag)
