@@ -8,6 +8,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -112,8 +113,17 @@ def test_parallel_scan_gives_the_same_index(folder: Path, tmp_path: Path, monkey
         shutil.copy(EXAMPLES / "demo_style.safetensors", folder / f"copy_{i}.safetensors")
     serial = Library([folder], index=tmp_path / "a.sqlite3")
     monkeypatch.setattr(libmod, "PARALLEL_FROM", 2)
-    parallel = Library([folder], index=tmp_path / "b.sqlite3")
+    parallel = Library([folder], index=tmp_path / "b.sqlite3")  # forked workers
     assert [(e.subpath, e.info) for e in serial.entries] == [(e.subpath, e.info) for e in parallel.entries]
+    stop = threading.Event()
+    busy = threading.Thread(target=stop.wait)  # as in a server: other threads alive → spawned workers
+    busy.start()
+    try:
+        spawned = Library([folder], index=tmp_path / "c.sqlite3")
+    finally:
+        stop.set()
+        busy.join()
+    assert [(e.subpath, e.info) for e in serial.entries] == [(e.subpath, e.info) for e in spawned.entries]
 
 
 def test_sidecars_trigger_words_preview_and_their_changes(folder: Path, tmp_path: Path) -> None:

@@ -133,6 +133,7 @@ def _serve(args: argparse.Namespace) -> int:
                      EmbeddingIndex(embedding_dirs) if embedding_dirs else None, args.api_auth, args.auto_triggers)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_auth:
         print(f"warning: listening on {args.host} without --api-auth: anyone who reaches it can generate")
+    print(f"lorakit: serving the page and the A1111 API on http://{args.host}:{args.port}/ (Ctrl+C stops)")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -233,7 +234,9 @@ def _parse_all(files: list[Found]) -> list[tuple[str, int, int, str, str]]:
         return [_parse(f) for f in files]
     import multiprocessing
 
-    ctx = multiprocessing.get_context("fork" if hasattr(os, "fork") else "spawn")
+    # fork is fast, but forking a process with other threads (a server) can copy a lock held mid-operation
+    method = "fork" if hasattr(os, "fork") and threading.active_count() == 1 else "spawn"
+    ctx = multiprocessing.get_context(method)
     # More workers than cores: a cold disk is latency-bound, and each worker keeps one read in flight.
     with ctx.Pool(WORKERS) as pool:
         return pool.map(_parse, files, chunksize=max(16, len(files) // (WORKERS * 8)))
