@@ -195,3 +195,35 @@ def test_api_auth(tmp_path: Path) -> None:
         api = webuiapi.WebUIApi(port=int(url.rsplit(":", 1)[1]), username="ann", password="s3cret")
         assert api.get_sd_models()[0]["model_name"] == "demo"
         assert len(api.txt2img(prompt="a <lora:demo_style:1>", steps=2, width=64, height=64).images) == 1
+
+
+def test_lorakit_serve_command_with_webuiapi(tmp_path: Path) -> None:
+    """The real command, as a user starts it: embedded demo model, a LoRA folder, localhost."""
+    import os
+    import subprocess
+    import sys
+
+    from .servers import free_port
+
+    port = free_port()
+    env = {**os.environ, "LORAKIT_LORA_DIRS": ""}
+    proc = subprocess.Popen([sys.executable, "-m", "lorakit.cli", "serve", "--lora-dir",
+                             str(Path(__file__).resolve().parents[1] / "examples" / "loras"), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                requests.get(f"http://127.0.0.1:{port}/sdapi/v1/options", timeout=5)
+                break
+            except requests.ConnectionError:
+                assert proc.poll() is None and time.time() < deadline, "lorakit serve did not start"
+                time.sleep(0.5)
+        api = webuiapi.WebUIApi(port=port)
+        result = api.txt2img(prompt="a cabin <lora:demo_style:0.7>", seed=2, steps=3, width=64, height=64)
+        assert result.images[0].size == (64, 64) and "demo_style: 24763f94e151" in result.info["infotexts"][0]
+        assert requests.get(f"http://127.0.0.1:{port}/", timeout=30).text.startswith("<!doctype html>")
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0]
+    assert f"http://127.0.0.1:{port}/" in out
