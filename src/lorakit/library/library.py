@@ -259,5 +259,5 @@ def _parse(f: Found) -> tuple[str, int, int, str, str]:
     info["trigger_phrase"] = metadata.get("modelspec.trigger_phrase", "").strip()
     info["triggers"] = trigger_words(metadata)
     info["training"] = training_summary(metadata)
-    info["sidecars"] = read_sidecars(f.path.parent, f.path.stem, set(f.present)).as_dict()
+    info["sidecars"] = read_sidecars(f.path.parent, f.path.stem, set(f.present)).as_dict() if f.present else {}
     return (f.file, f.size, f.mtime_ns, f.sidecars, json.dumps(info))

@@ -60,8 +60,10 @@ def sidecars_by_stem(names: Iterable[str]) -> dict[str, list[str]]:
 
 
 def read_sidecars(folder: Path, stem: str, present: set[str]) -> Sidecars:
-    """``present``: the file names of ``folder`` (from the directory listing; no extra stat calls)."""
+    """``present``: the sidecar names that exist (from the directory listing; no extra stat calls)."""
     out = Sidecars()
+    if not present:
+        return out
     out.preview = next((n for n in sidecar_names(stem)[:-2] if n in present), None)
     if f"{stem}.civitai.info" in present:
         _civitai(out, _json(folder / f"{stem}.civitai.info", out))

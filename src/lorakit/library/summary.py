@@ -67,23 +67,27 @@ class Summary:
 
 def read_raw_header(path: Path, partial: bool = True) -> tuple[str, str | None, int]:
     """``(head, tail, data offset)``. A header longer than ``HEAD + TAIL`` bytes is read as its first ``HEAD`` and
-    last ``TAIL`` bytes (``tail`` is ``None`` when ``head`` is the whole header)."""
-    with path.open("rb") as f:
+    last ``TAIL`` bytes (``tail`` is ``None`` when ``head`` is the whole header): two ``pread`` calls."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise UnreadableFile(path, f"cannot read ({e.strerror})") from None
+    try:
+        size = os.fstat(fd).st_size
         if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)  # no read-ahead: only the header's ends
-        first = f.read(8)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no read-ahead: only the header's ends are read
+        first = os.pread(fd, 8 + HEAD, 0)
         if len(first) < 8:
             raise UnreadableFile(path, "too short to be a safetensors file")
-        (n,) = struct.unpack("<Q", first)
-        size = path.stat().st_size
+        (n,) = struct.unpack("<Q", first[:8])
         if n > MAX_HEADER_BYTES or n + 8 > size:
             raise UnreadableFile(path, f"not a safetensors file or truncated: header claims {n} bytes, file has {size}")
-        if not partial or n <= HEAD + TAIL:
-            return _utf8(path, f.read(n)), None, 8 + n
-        head = f.read(HEAD)
-        f.seek(8 + n - TAIL)
-        tail = f.read(TAIL)
-    return head.decode("utf-8", "ignore"), tail.decode("utf-8", "ignore"), 8 + n
+        if partial and n > HEAD + TAIL:
+            tail = os.pread(fd, TAIL, 8 + n - TAIL)
+            return first[8:].decode("utf-8", "ignore"), tail.decode("utf-8", "ignore"), 8 + n
+        return _utf8(path, first[8:8 + n] if n <= HEAD else os.pread(fd, n, 8)), None, 8 + n
+    finally:
+        os.close(fd)
 
 
 def _utf8(path: Path, raw: bytes) -> str:
