@@ -32,7 +32,7 @@ def demo_lora_folder(root: Path) -> Path:
     save_file(make_kohya_lora(comps, lambda p: "lora" if p.startswith("unet") else None, seed=2),
               root / "chars" / "unet_only.safetensors", {})
     (root / "chars" / "unet_only.json").write_text(json.dumps({"activation text": "unetword",
-                                                               "preferred weight": 0.6}))
+                                                               "preferred weight": 0.6, "negative text": "lowres"}))
     from PIL import Image
 
     Image.new("RGB", (32, 32), (200, 80, 40)).save(root / "chars" / "unet_only.preview.png")

@@ -70,6 +70,8 @@ def test_click_inserts_at_cursor_then_generate(page: tuple[Any, str]) -> None:
     pg.eval_on_selector("#prompt", "el => el.setSelectionRange(el.value.length, el.value.length)")
     pg.click(".lora-card[data-name='unet_only']")
     assert pg.input_value("#prompt").endswith("woods <lora:unet_only:0.6>, unetword")
+    assert pg.input_value("#negative") == "lowres"  # A1111's "negative text" goes to the negative prompt
+    pg.fill("#negative", "")
     for field, value in (("#steps", "4"), ("#width", "64"), ("#height", "64"), ("#seed", "7")):
         pg.fill(field, value)
     pg.click("#generate")

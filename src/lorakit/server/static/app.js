@@ -67,6 +67,11 @@ function insertLora(lora) {
     const missing = words.filter((w) => !box.value.toLowerCase().includes(w.toLowerCase()));
     if (missing.length) text += ", " + missing.join(", ");
   }
+  const negative = $("negative");
+  if ($("insert-triggers").checked && lora.negative_text &&
+      !negative.value.toLowerCase().includes(lora.negative_text.toLowerCase())) {
+    negative.value = negative.value.trim() ? `${negative.value.trim()}, ${lora.negative_text}` : lora.negative_text;
+  }
   const start = box.selectionStart ?? box.value.length, end = box.selectionEnd ?? start;
   const before = box.value.slice(0, start), after = box.value.slice(end);
   const pad = before && !/\s$/.test(before) ? " " : "";
