@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LorakitError
-from ..header import read_metadata
 from .names import SUFFIXES, LoraNameError, resolve_name
 from .sidecars import Sidecars, read_sidecars, sidecars_by_stem
 from .store import Store
-from .summary import summarise
+from .summary import read_metadata_fast, summarise
 from .training import trigger_words, training_summary
 
 PARALLEL_FROM = 200  # files to parse before worker processes pay for themselves
@@ -164,8 +163,10 @@ class Library:
     def metadata(self, entry: LoraEntry) -> dict[str, str]:
         """The file's full metadata, read from its header now (the index keeps only what listings need: storing
         every file's tens of KB of tag lists would double a cold scan)."""
+        if entry.path.suffix.lower() != ".safetensors":
+            return {}
         try:
-            return read_metadata(entry.path)
+            return read_metadata_fast(entry.path)
         except LorakitError:
             return {}
 

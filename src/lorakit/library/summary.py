@@ -163,6 +163,17 @@ def summarise_safetensors(path: Path, partial: bool = True) -> Summary:
     return summary
 
 
+def read_metadata_fast(path: Path) -> dict[str, str]:
+    """A safetensors file's metadata from the header's first bytes (the whole header only when it must)."""
+    head, tail, _ = read_raw_header(path)
+    try:
+        return split_metadata(path, head)[1]
+    except UnreadableFile:
+        if tail is None:
+            raise
+        return split_metadata(path, read_raw_header(path, partial=False)[0])[1]
+
+
 def summarise_keys(keys: list[str], body: str, count: int | None, metadata: dict[str, str],
                    value: Callable[[str], float | None]) -> Summary:
     """``keys``: a sample of key names; ``body``: every entry as compact header text (searched with C-speed
