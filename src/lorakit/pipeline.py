@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -17,9 +18,8 @@ import torch
 from .conditioning import encode_pair
 from .errors import LorakitError
 from .fast_loras import SETTINGS, fast_kind
-from .hashes import file_hashes
 from .infotext import infotext
-from .library import EmbeddingIndex, LoraIndex, bundled_embeddings
+from .library import EmbeddingIndex, Library, bundled_embeddings
 from .library.embeddings import Embedding
 from .lora_model import LoraModel
 from .models import BaseModel
@@ -58,12 +58,11 @@ class Result:
 
 
 class Generator:
-    def __init__(self, model: BaseModel, loras: LoraIndex, embeddings: EmbeddingIndex | None = None) -> None:
+    def __init__(self, model: BaseModel, loras: Library, embeddings: EmbeddingIndex | None = None) -> None:
         self.model = model
         self.index = loras
         self.embeddings = embeddings
         self.patcher = patcher_for(model.pipe)
-        self._hashes: dict[str, str] = {}
         self.on_step: Callable[[int, int], None] | None = None  # (step done, steps): progress reports
         # The model's own scheduler says what its UNet predicts (SD2-768 models predict v, not the noise).
         self.prediction_type = str(model.pipe.scheduler.config.get("prediction_type", "epsilon"))
@@ -106,12 +105,11 @@ class Generator:
         texts = [self._infotext(req, prompt, settings, s, refs, loras) for s in seeds]
         return Result(images, seeds, texts, notes, prompt, settings)
 
-    def _missing_triggers(self, text: str, paths: list[Any]) -> str:
+    def _missing_triggers(self, text: str, paths: list[Path]) -> str:
         """``", word, …"``: each LoRA's declared trigger words that ``text`` lacks (case-blind, each once)."""
         added = ""
-        entry = getattr(self.index, "entry", None)
-        for path in paths if entry else []:
-            for word in entry(path).explicit_trigger_words:
+        for path in paths:
+            for word in self.index.entry(path).explicit_trigger_words:
                 if word.lower() not in (text + added).lower():
                     added += f", {word}" if (text + added).strip() else word
         return added
@@ -214,12 +212,8 @@ class Generator:
         return infotext(prompt, req.negative, params, hashes)
 
     def _short_hash(self, lora: LoraModel) -> str:
-        key = str(lora.path)
-        if key not in self._hashes:
-            hashes = getattr(self.index, "hashes", None)  # the library keeps them in its index
-            self._hashes[key] = hashes(self.index.entry(key))["a1111_short"] if hashes else \
-                file_hashes(key, lora.metadata).a1111_short
-        return self._hashes[key]
+        """A1111's short hash, computed once per file version and kept in the library's index."""
+        return self.index.hashes(self.index.entry(str(lora.path)))["a1111_short"]
 
 
 def _check_limits(req: Request, settings: dict[str, Any]) -> None:

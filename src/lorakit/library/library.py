@@ -111,6 +111,7 @@ class Library:
                 raise LoraNameError(f"{root}: LoRA folder does not exist")
         self.store = Store(index)
         self.entries: list[LoraEntry] = []
+        self._by_file: dict[str, LoraEntry] = {}
         self.last_scan: dict[str, float] = {}
         if scan:
             self.refresh()
@@ -135,6 +136,7 @@ class Library:
         self.store.write(rows, gone)
         self.entries = [LoraEntry(f.file, f.root, _subpath(f), f.size, infos.get(f.file) or known[f.file][3])
                         for f in found]
+        self._by_file = {e.file: e for e in self.entries}
         self.last_scan = {"files": len(found), "parsed": len(changed), "sidecars": len(side_only),
                           "removed": len(gone), "seconds": time.perf_counter() - t0}
         return self.last_scan
@@ -149,6 +151,8 @@ class Library:
             return resolve_name(self.entries, name, self.dirs)
 
     def entry(self, path: str | Path) -> LoraEntry:
+        if str(path) in self._by_file:
+            return self._by_file[str(path)]
         for e in self.entries:
             if e.path == Path(path):
                 return e
