@@ -186,6 +186,20 @@ def test_hashes_are_computed_once_and_kept(folder: Path, tmp_path: Path) -> None
     assert Library([folder], index=index).store.hashes(str(e.path)) == (truth.sha256, truth.addnet)
 
 
+def test_full_metadata_is_read_once_then_kept_until_the_file_changes(folder: Path, tmp_path: Path) -> None:
+    from lorakit.header import read_metadata
+
+    index = tmp_path / "i.sqlite3"
+    lib = Library([folder], index=index)
+    e = lib.entry(folder / "styles" / "ink.safetensors")
+    assert lib.store.metadata([e.file]) == {}  # not stored by the scan
+    assert lib.metadata([e]) == [read_metadata(e.path)]
+    assert json.loads(Library([folder], index=index).store.metadata([e.file])[e.file])["ss_output_name"] == \
+        "ink_sketch"
+    os.utime(e.path, ns=(e.path.stat().st_atime_ns, e.path.stat().st_mtime_ns + 10 ** 9))
+    assert Library([folder], index=index).store.metadata([e.file]) == {}  # re-parsed: stale metadata dropped
+
+
 def test_incompatibility_reasons() -> None:
     assert incompatibility("sd1", "sd1") is None and incompatibility("unknown", "sdxl") is None
     assert incompatibility("sdxl", "sd1") == "made for Stable Diffusion XL; the model is Stable Diffusion 1.x"

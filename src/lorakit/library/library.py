@@ -164,15 +164,15 @@ class Library:
                 return e
         raise LoraNameError(f"no LoRA with id {entry_id!r}")
 
-    def metadata(self, entry: LoraEntry) -> dict[str, str]:
-        """The file's full metadata, read from its header now (the index keeps only what listings need: storing
-        every file's tens of KB of tag lists would double a cold scan)."""
-        if entry.path.suffix.lower() != ".safetensors":
-            return {}
-        try:
-            return read_metadata_fast(entry.path)
-        except LorakitError:
-            return {}
+    def metadata(self, entries: list[LoraEntry]) -> list[dict[str, str]]:
+        """The files' full metadata: read from the headers on first request, then kept in the index (a cold scan
+        does not store it: tens of KB of tag lists per file would make it half as fast again)."""
+        stored = self.store.metadata([e.file for e in entries])
+        fresh = [(e.file, json.dumps(_file_metadata(e))) for e in entries if e.file not in stored]
+        if fresh:
+            self.store.set_metadata(fresh)
+            stored.update(fresh)
+        return [dict(json.loads(stored[e.file])) for e in entries]
 
     def hashes(self, entry: LoraEntry) -> dict[str, str]:
         """SHA-256 (AutoV2 = first 10 hex) and the A1111 short hash, computed once and kept in the index."""
@@ -189,6 +189,15 @@ class Library:
         needle = (text or "").lower()
         return [e for e in sorted(self.entries, key=lambda e: e.subpath.lower())
                 if (not base or e.base == base) and (not needle or needle in _haystack(e))]
+
+
+def _file_metadata(e: LoraEntry) -> dict[str, str]:
+    if e.path.suffix.lower() != ".safetensors":
+        return {}
+    try:
+        return read_metadata_fast(e.path)
+    except LorakitError:
+        return {}
 
 
 def _haystack(e: LoraEntry) -> str:

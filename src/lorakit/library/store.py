@@ -1,6 +1,7 @@
 """The library's SQLite index (stdlib ``sqlite3``): one row per LoRA file, keyed by path and validated by size and
 mtime, so a re-scan parses only what changed. ``info`` is a small JSON summary (what listings need);
-the full metadata is read from the file on request; hashes are filled in lazily."""
+the full metadata (often tens of KB of tag lists) and the hashes are filled in lazily, on first request
+(``INSERT OR REPLACE`` of a changed file clears them)."""
 from __future__ import annotations
 
 import os
@@ -11,8 +12,8 @@ from pathlib import Path
 
 SCHEMA = """CREATE TABLE IF NOT EXISTS loras (
     path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, sidecars TEXT NOT NULL,
-    info TEXT NOT NULL, sha256 TEXT, addnet TEXT)"""
-VERSION = 2  # bump when the info layout changes: old rows are dropped
+    info TEXT NOT NULL, metadata TEXT, sha256 TEXT, addnet TEXT)"""
+VERSION = 3  # bump when the info layout changes: old rows are dropped
 
 
 def default_index_path() -> Path:
@@ -51,6 +52,17 @@ class Store:
     def update_info(self, path: str, sidecars: str, info: str) -> None:
         with self.lock, self.db:
             self.db.execute("UPDATE loras SET sidecars = ?, info = ? WHERE path = ?", (sidecars, info, path))
+
+    def metadata(self, paths: list[str]) -> dict[str, str]:
+        """path → metadata JSON, for the paths whose metadata is stored."""
+        with self.lock:
+            rows = self.db.execute("SELECT path, metadata FROM loras WHERE metadata IS NOT NULL").fetchall()
+        wanted = set(paths)
+        return {p: m for p, m in rows if p in wanted}
+
+    def set_metadata(self, items: list[tuple[str, str]]) -> None:
+        with self.lock, self.db:
+            self.db.executemany("UPDATE loras SET metadata = ? WHERE path = ?", ((m, p) for p, m in items))
 
     def hashes(self, path: str) -> tuple[str | None, str | None]:
         with self.lock:

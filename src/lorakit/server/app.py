@@ -107,8 +107,9 @@ def _a1111_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/sdapi/v1/loras")
     def loras() -> list[dict[str, Any]]:
-        return [{"name": e.name, "alias": e.alias or e.name, "path": str(e.path),
-                 "metadata": state.library.metadata(e)} for e in state.library.entries]
+        entries = state.library.entries
+        return [{"name": e.name, "alias": e.alias or e.name, "path": str(e.path), "metadata": meta}
+                for e, meta in zip(entries, state.library.metadata(entries))]
 
     @app.post("/sdapi/v1/refresh-loras")
     def refresh_loras() -> None:
