@@ -55,10 +55,14 @@ class Store:
 
     def metadata(self, paths: list[str]) -> dict[str, str]:
         """path → metadata JSON, for the paths whose metadata is stored."""
+        out: dict[str, str] = {}
         with self.lock:
-            rows = self.db.execute("SELECT path, metadata FROM loras WHERE metadata IS NOT NULL").fetchall()
-        wanted = set(paths)
-        return {p: m for p, m in rows if p in wanted}
+            for i in range(0, len(paths), 500):  # SQLite's bound-parameter limit is larger; 500 keeps it portable
+                chunk = paths[i:i + 500]
+                marks = ",".join("?" * len(chunk))
+                out.update(self.db.execute(f"SELECT path, metadata FROM loras WHERE metadata IS NOT NULL AND path IN "
+                                           f"({marks})", chunk).fetchall())
+        return out
 
     def set_metadata(self, items: list[tuple[str, str]]) -> None:
         with self.lock, self.db:
