@@ -43,8 +43,7 @@ def read_header(path: str | Path) -> Header:
         if len(head) < 8:
             raise UnreadableFile(p, f"file is {size} bytes long: too short to be a safetensors file")
         (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER_BYTES or n + 8 > size:
-            raise UnreadableFile(p, f"not a safetensors file or truncated: header claims {n} bytes, file has {size}")
+        check_header_length(p, n, size)
         raw = f.read(n)
     try:
         obj = json.loads(raw.decode("utf-8"))
@@ -53,6 +52,12 @@ def read_header(path: str | Path) -> Header:
     if not isinstance(obj, dict):
         raise UnreadableFile(p, "safetensors header is not a JSON object")
     return _parse_header(p, obj, 8 + n, size)
+
+
+def check_header_length(p: Path, n: int, size: int) -> None:
+    """The 8-byte length prefix must fit the file and safetensors' own limit."""
+    if n > MAX_HEADER_BYTES or n + 8 > size:
+        raise UnreadableFile(p, f"not a safetensors file or truncated: header claims {n} bytes, file has {size}")
 
 
 def _parse_header(p: Path, obj: dict[str, Any], data_start: int, size: int) -> Header:

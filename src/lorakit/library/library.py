@@ -79,7 +79,7 @@ class LoraEntry:
         base = str(self.info.get("base", "unknown"))
         return base if base != "unknown" else str(self.sidecars.sd_version or "unknown")
 
-    @property
+    @cached_property
     def sidecars(self) -> Sidecars:
         return Sidecars(**self.info.get("sidecars", {}))
 
@@ -128,7 +128,7 @@ class Library:
         infos = {r[0]: r[4] for r in rows}
         for f in side_only:
             info = json.loads(known[f.file][3])
-            info["sidecars"] = read_sidecars(f.path.parent, f.path.stem, set(f.present)).as_dict()
+            info["sidecars"] = _sidecars_info(f)
             infos[f.file] = json.dumps(info)
             self.store.update_info(f.file, f.sidecars, infos[f.file])
         seen = {f.file for f in found}
@@ -256,6 +256,10 @@ def _parse_all(files: list[Found]) -> list[tuple[str, int, int, str, str]]:
         return pool.map(_parse, files, chunksize=max(16, len(files) // (WORKERS * 8)))
 
 
+def _sidecars_info(f: Found) -> dict[str, Any]:
+    return read_sidecars(f.path.parent, f.path.stem, set(f.present)).as_dict() if f.present else {}
+
+
 def _parse(f: Found) -> tuple[str, int, int, str, str]:
     """One index row: ``(path, size, mtime_ns, sidecar signature, info JSON)``. An unreadable file
     is indexed with its error (listed, never hidden)."""
@@ -273,5 +277,5 @@ def _parse(f: Found) -> tuple[str, int, int, str, str]:
     info["trigger_phrase"] = metadata.get("modelspec.trigger_phrase", "").strip()
     info["triggers"] = trigger_words(metadata)
     info["training"] = training_summary(metadata)
-    info["sidecars"] = read_sidecars(f.path.parent, f.path.stem, set(f.present)).as_dict() if f.present else {}
+    info["sidecars"] = _sidecars_info(f)
     return (f.file, f.size, f.mtime_ns, f.sidecars, json.dumps(info))

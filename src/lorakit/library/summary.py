@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from .. import arch as archmod
 from ..errors import UnreadableFile
-from ..header import MAX_HEADER_BYTES
+from ..header import check_header_length
 
 HEAD, TAIL = 24_000, 12_000  # bytes read at each end of a long header
 KEYS = 3_500  # characters of entries at each end whose key names are looked at (~30 keys)
@@ -80,8 +80,7 @@ def read_raw_header(path: Path, partial: bool = True) -> tuple[str, str | None, 
         if len(first) < 8:
             raise UnreadableFile(path, "too short to be a safetensors file")
         (n,) = struct.unpack("<Q", first[:8])
-        if n > MAX_HEADER_BYTES or n + 8 > size:
-            raise UnreadableFile(path, f"not a safetensors file or truncated: header claims {n} bytes, file has {size}")
+        check_header_length(path, n, size)
         if partial and n > HEAD + TAIL:
             tail = os.pread(fd, TAIL, 8 + n - TAIL)
             return first[8:].decode("utf-8", "ignore"), tail.decode("utf-8", "ignore"), 8 + n
@@ -97,11 +96,11 @@ def _utf8(path: Path, raw: bytes) -> str:
         raise UnreadableFile(path, "safetensors header is not UTF-8") from None
 
 
-def split_metadata(path: Path, text: str) -> tuple[str, dict[str, str], str]:
-    """``(metadata JSON text, metadata, the header without it)``; only the metadata object is decoded."""
+def split_metadata(path: Path, text: str) -> tuple[dict[str, str], str]:
+    """``(metadata, the header without it)``; only the metadata object is decoded."""
     found = META_RE.search(text)
     if found is None:
-        return "{}", {}, text
+        return {}, text
     at = found.start()
     try:
         meta, end = json.JSONDecoder().raw_decode(text, found.end())
@@ -110,7 +109,7 @@ def split_metadata(path: Path, text: str) -> tuple[str, dict[str, str], str]:
     if not isinstance(meta, dict):
         raise UnreadableFile(path, "safetensors __metadata__ is not an object")
     metadata = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
-    return text[found.end():end], metadata, text[:at] + text[end:].lstrip().lstrip(",")
+    return metadata, text[:at] + text[end:].lstrip().lstrip(",")
 
 
 def compact_body(path: Path, body: str) -> str:
@@ -146,7 +145,7 @@ def sample_keys(body: str, tail: str | None) -> list[str]:
 def summarise_safetensors(path: Path, partial: bool = True) -> Summary:
     head, tail, data_start = read_raw_header(path, partial)
     try:
-        _, metadata, body = split_metadata(path, head)
+        metadata, body = split_metadata(path, head)
     except UnreadableFile:
         if tail is None:
             raise
@@ -167,11 +166,11 @@ def read_metadata_fast(path: Path) -> dict[str, str]:
     """A safetensors file's metadata from the header's first bytes (the whole header only when it must)."""
     head, tail, _ = read_raw_header(path)
     try:
-        return split_metadata(path, head)[1]
+        return split_metadata(path, head)[0]
     except UnreadableFile:
         if tail is None:
             raise
-        return split_metadata(path, read_raw_header(path, partial=False)[0])[1]
+        return split_metadata(path, read_raw_header(path, partial=False)[0])[0]
 
 
 def summarise_keys(keys: list[str], body: str, count: int | None, metadata: dict[str, str],
