@@ -19,22 +19,21 @@ import time
 from pathlib import Path
 
 import torch
-
 from _common import best_of
 
-from lorakit.io import save_file
+from lorakit.files.io import save_file
+from lorakit.generate.pipeline import Generator, Request
+from lorakit.generate.samplers import scheduler_for
 from lorakit.library import LoraIndex
-from lorakit.models import BaseModel, demo_model
-from lorakit.pipeline import Generator, Request
-from lorakit.samplers import scheduler_for
+from lorakit.models.loading import BaseModel, demo_model
 from tests.factories import make_kohya_lora
 
 
 def full_sd15() -> BaseModel:
     from diffusers import AutoencoderKL, StableDiffusionPipeline
 
-    from lorakit.configs import SD_VAE, build_components
-    from lorakit.tokenizer import clip_tokenizer
+    from lorakit.generate.tokenizer import clip_tokenizer
+    from lorakit.models.configs import SD_VAE, build_components
 
     torch.manual_seed(0)
     c = build_components("sd1", device="cpu")

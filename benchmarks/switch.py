@@ -17,12 +17,11 @@ import time
 from pathlib import Path
 
 import torch
-
 from _common import PeakRss, best_of, timed
 
 import lorakit
-from lorakit.configs import build_components
-from lorakit.io import save_file
+from lorakit.files.io import save_file
+from lorakit.models.configs import build_components
 from tests.factories import make_kohya_lora
 
 UNET_TARGETS = ("attentions", "resnets", "downsamplers", "upsamplers")

@@ -13,9 +13,9 @@ import json
 from pathlib import Path
 
 import torch
-from lorakit.io import save_file
 
-from lorakit.configs import build_components
+from lorakit.files.io import save_file
+from lorakit.models.configs import build_components
 
 LORAS = Path(__file__).parent / "loras"
 OUT = LORAS / "ink_sketch_sd15.safetensors"
@@ -54,7 +54,7 @@ def main() -> None:
 
 
 def demo_lora() -> None:
-    from lorakit.models import demo_components
+    from lorakit.models.loading import demo_components
 
     gen = torch.Generator().manual_seed(7)
     sd: dict[str, torch.Tensor] = {}

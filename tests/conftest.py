@@ -8,7 +8,6 @@ import torch
 
 from .factories import tiny_components
 
-
 ROOT = Path(__file__).resolve().parents[1]
 # Real LoRA files from the wild: ../shared/fixtures/real_loras beside the checkout (as in CI), or $LORAKIT_SHARED.
 REAL_LORAS = Path(os.environ.get("LORAKIT_SHARED", ROOT.parent / "shared")) / "fixtures" / "real_loras"

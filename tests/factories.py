@@ -5,7 +5,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from lorakit.tokenizer import PAD_OPENCLIP, clip_tokenizer
+from lorakit.generate.tokenizer import PAD_OPENCLIP, clip_tokenizer
 
 KINDS = ["lora", "locon-tucker", "loha", "loha-tucker", "lokr", "lokr-decomposed", "lokr-tucker", "ia3", "ia3-input",
          "glora", "glora-old", "oft", "oft-diag-old", "boft", "full", "dora-out", "dora-in", "doha", "dokr"]
@@ -173,7 +173,12 @@ def tiny_components(arch: str = "sd1", seed: int = 0, dtype: torch.dtype = torch
 
 
 def tiny_sdxl_pipeline() -> object:
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(0)
@@ -193,7 +198,12 @@ def tiny_sdxl_pipeline() -> object:
 
 
 def tiny_sd2_pipeline() -> object:
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 import lycoris.logging as lycoris_logging
+import torch
 from lycoris import DyLoraModule, FullModule, LohaModule, LokrModule, create_lycoris
 
 lycoris_logging.logger.setLevel(logging.ERROR)

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
-from lorakit.io import save_file
-from lorakit.models import demo_components
+
+from lorakit.files.io import save_file
+from lorakit.models.loading import demo_components
 
 from .factories import make_kohya_lora
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from lorakit.library import Library
-from lorakit.models import demo_model
+from lorakit.models.loading import demo_model
 from lorakit.server import create_app
 
 from .servers import demo_lora_folder, running

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file as st_load
 
 from lorakit.cli import main
-from lorakit.io import save_file
+from lorakit.files.io import save_file
 
 from .conftest import REAL_LORAS
 

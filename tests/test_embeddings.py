@@ -8,13 +8,15 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.conditioning import encode_prompt
-from lorakit.io import save_file
+import lorakit.files.hashes
+import lorakit.files.io
+from lorakit.files.io import save_file
+from lorakit.generate.conditioning import encode_prompt
+from lorakit.generate.pipeline import Generator, Request
+from lorakit.generate.tokenizer import clip_tokenizer
 from lorakit.library import EmbeddingIndex, LoraIndex
 from lorakit.library.embeddings import Embedding, load_embedding
-from lorakit.models import load_model
-from lorakit.pipeline import Generator, Request
-from lorakit.tokenizer import clip_tokenizer
+from lorakit.models.loading import BaseModel, load_model
 
 from .conftest import assert_original, snapshot
 
@@ -22,7 +24,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "loras"
 
 
 @pytest.fixture(scope="module")
-def model() -> lorakit.models.BaseModel:
+def model() -> BaseModel:
     return load_model(None)
 
 
@@ -32,7 +34,7 @@ def _a1111_pt(path: Path, vectors: torch.Tensor) -> Path:
     return path
 
 
-def test_embedding_equal_to_word_vectors_gives_the_words_conditioning(model: lorakit.models.BaseModel) -> None:
+def test_embedding_equal_to_word_vectors_gives_the_words_conditioning(model: BaseModel) -> None:
     te, tok = model.pipe.text_encoder, clip_tokenizer()
     ids = tok("red cat", add_special_tokens=False).input_ids
     vectors = te.get_input_embeddings().weight[ids].detach().clone()
@@ -72,7 +74,7 @@ def test_sdxl_pair(tmp_path: Path) -> None:
 
 
 def test_embedding_in_negative_prompt_changes_image_and_unused_changes_nothing(
-        model: lorakit.models.BaseModel, tmp_path: Path) -> None:
+        model: BaseModel, tmp_path: Path) -> None:
     _a1111_pt(tmp_path / "bad-artist.pt", torch.randn(2, 64))
     snap = snapshot({"text_encoder": model.pipe.text_encoder})
     plain_gen = Generator(model, LoraIndex([]))
@@ -87,8 +89,8 @@ def test_embedding_in_negative_prompt_changes_image_and_unused_changes_nothing(
     assert_original({"text_encoder": model.pipe.text_encoder}, snap)
 
 
-def test_bundled_embedding_is_loaded_with_its_lora(model: lorakit.models.BaseModel, tmp_path: Path) -> None:
-    sd = lorakit.io.load_file(EXAMPLES / "demo_style.safetensors")[0]
+def test_bundled_embedding_is_loaded_with_its_lora(model: BaseModel, tmp_path: Path) -> None:
+    sd = lorakit.files.io.load_file(EXAMPLES / "demo_style.safetensors")[0]
     save_file(sd, tmp_path / "plain.safetensors")
     save_file({**sd, "bundle_emb.mychar.string_to_param.*": torch.randn(2, 64)}, tmp_path / "bundled.safetensors")
     gen = Generator(model, LoraIndex([tmp_path]))
@@ -99,7 +101,7 @@ def test_bundled_embedding_is_loaded_with_its_lora(model: lorakit.models.BaseMod
     assert not np.array_equal(a, b)
 
 
-def test_wrong_width_names_the_file(model: lorakit.models.BaseModel, tmp_path: Path) -> None:
+def test_wrong_width_names_the_file(model: BaseModel, tmp_path: Path) -> None:
     _a1111_pt(tmp_path / "sd15emb.pt", torch.randn(1, 768))
     gen = Generator(model, LoraIndex([]), EmbeddingIndex([tmp_path]))
     with pytest.raises(lorakit.LorakitError, match="sd15emb.pt: embedding 'sd15emb' is 768 wide, the text encoder "
@@ -108,7 +110,7 @@ def test_wrong_width_names_the_file(model: lorakit.models.BaseModel, tmp_path: P
 
 
 def test_long_embedding_stays_whole_in_the_next_chunk() -> None:
-    from lorakit.conditioning import chunk_prompt
+    from lorakit.generate.conditioning import chunk_prompt
 
     chunks = chunk_prompt(" ".join(["cat"] * 73) + " styleemb dog", clip_tokenizer(), {"styleemb": 3})
     assert [len(c.tokens) for c in chunks] == [73, 4] and sorted(chunks[1].vectors) == [0, 1, 2]

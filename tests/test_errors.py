@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 import lorakit
-from lorakit.io import read_header
+from lorakit.files.io import read_header
 
 from .conftest import assert_original, snapshot
 from .factories import adapter_tensors, make_kohya_lora, tiny_components
@@ -166,7 +166,7 @@ def test_strict_load_reports_unknown_keys(tmp_path: Path) -> None:
 
 
 def test_sd1_lora_on_sdxl_model_names_both_and_touches_nothing() -> None:
-    from lorakit.configs import build_components
+    from lorakit.models.configs import build_components
 
     sdxl = build_components("sdxl")
     t = adapter_tensors("lora", (320, 768))

@@ -10,7 +10,9 @@ import torch
 from safetensors.torch import save_file
 
 import lorakit
-from lorakit.configs import build_components
+import lorakit.files.hashes
+import lorakit.files.io
+from lorakit.models.configs import build_components
 from lorakit.patch.plan import build_plan
 
 from .conftest import REAL_LORAS
@@ -57,7 +59,7 @@ def test_cloneofsimo_embeddings_and_old_layer_order() -> None:
 
 
 def test_attnprocs_with_unet_prefix_and_text_encoder(sd15: dict[str, torch.nn.Module]) -> None:
-    sd = {f"unet.{k}": v for k, v in lorakit.io.load_file(REAL / "diffusers_attnprocs_sd15_pokemon.safetensors")[
+    sd = {f"unet.{k}": v for k, v in lorakit.files.io.load_file(REAL / "diffusers_attnprocs_sd15_pokemon.safetensors")[
         0].items()}
     sd["text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.up.weight"] = torch.zeros(768, 4)
     sd["text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.down.weight"] = torch.zeros(4, 768)

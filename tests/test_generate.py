@@ -10,10 +10,12 @@ import torch
 from PIL import Image
 
 import lorakit
+import lorakit.files.hashes
+import lorakit.files.io
 from lorakit.cli import main
+from lorakit.generate.pipeline import Generator, Request
 from lorakit.library import LoraIndex, LoraNameError
-from lorakit.models import load_model
-from lorakit.pipeline import Generator, Request
+from lorakit.models.loading import BaseModel, load_model
 
 from .conftest import assert_original, snapshot
 
@@ -21,12 +23,12 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "loras"
 
 
 @pytest.fixture(scope="module")
-def model() -> lorakit.models.BaseModel:
+def model() -> BaseModel:
     return load_model(None)
 
 
 @pytest.fixture
-def gen(model: lorakit.models.BaseModel) -> Generator:
+def gen(model: BaseModel) -> Generator:
     g = Generator(model, LoraIndex([EXAMPLES]))
     yield g
     g.close()
@@ -42,7 +44,7 @@ def _px(image: Image.Image) -> np.ndarray:
     return np.asarray(image)
 
 
-def _components(model: lorakit.models.BaseModel) -> dict[str, torch.nn.Module]:
+def _components(model: BaseModel) -> dict[str, torch.nn.Module]:
     return {"unet": model.pipe.unet, "text_encoder": model.pipe.text_encoder}
 
 
@@ -95,7 +97,7 @@ def test_te_schedule_reencodes_the_prompt(gen: Generator) -> None:
 
 def test_infotext_a1111_format(gen: Generator) -> None:
     text = gen(_req("a cat <lora:demo_style:0.7>", "ugly", cfg=5.5, sampler="dpm++ 2m karras")).infotexts[0]
-    short = lorakit.hashes.file_hashes(EXAMPLES / "demo_style.safetensors").a1111_short
+    short = lorakit.files.hashes.file_hashes(EXAMPLES / "demo_style.safetensors").a1111_short
     lines = text.split("\n")
     assert lines[0] == "a cat <lora:demo_style:0.7>" and lines[1] == "Negative prompt: ugly"
     assert lines[2].startswith("Steps: 3, Sampler: DPM++ 2M Karras, CFG scale: 5.5, Seed: 5, Size: 64x64, Model hash: ")
@@ -195,7 +197,7 @@ def test_lcm_lora_known_by_hash_under_its_published_name(gen: Generator, tmp_pat
     """The official files are called pytorch_lora_weights.safetensors: their hash still tells them apart."""
     import hashlib
 
-    from lorakit import fast_loras
+    from lorakit.generate import fast_loras
 
     path = tmp_path / "pytorch_lora_weights.safetensors"
     shutil.copy(EXAMPLES / "demo_style.safetensors", path)

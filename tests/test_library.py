@@ -72,7 +72,7 @@ def test_spaced_header_from_another_writer_is_parsed_exactly(tmp_path: Path) -> 
 def test_foreign_and_sdxl_files_are_told_apart(tmp_path: Path) -> None:
     import torch
 
-    from lorakit.io import save_file
+    from lorakit.files.io import save_file
 
     t = torch.zeros(2, 8)
     save_file({f"lora_unet_double_blocks_{i}_img_attn_proj.lora_down.weight": t for i in range(3)},
@@ -175,7 +175,7 @@ def test_a_file_added_later_is_found_by_name(folder: Path, tmp_path: Path) -> No
 
 
 def test_hashes_are_computed_once_and_kept(folder: Path, tmp_path: Path) -> None:
-    from lorakit.hashes import file_hashes
+    from lorakit.files.hashes import file_hashes
 
     index = tmp_path / "i.sqlite3"
     lib = Library([folder], index=index)
@@ -187,7 +187,7 @@ def test_hashes_are_computed_once_and_kept(folder: Path, tmp_path: Path) -> None
 
 
 def test_full_metadata_is_read_once_then_kept_until_the_file_changes(folder: Path, tmp_path: Path) -> None:
-    from lorakit.header import read_metadata
+    from lorakit.files.header import read_metadata
 
     index = tmp_path / "i.sqlite3"
     lib = Library([folder], index=index)

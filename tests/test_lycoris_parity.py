@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.configs import build_components
+from lorakit.models.configs import build_components
 
 from .lyco import file_state_dict, make_network, merged_weights
 

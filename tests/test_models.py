@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.io import save_file
+from lorakit.files.io import save_file
+from lorakit.generate.pipeline import Generator, Request
 from lorakit.library import LoraIndex
-from lorakit.models import ModelError, load_model
-from lorakit.pipeline import Generator, Request
+from lorakit.models.loading import ModelError, load_model
 
 from .factories import make_kohya_lora, tiny_sd2_pipeline, tiny_sdxl_pipeline
 

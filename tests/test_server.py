@@ -18,7 +18,7 @@ import webuiapi
 from PIL import Image
 
 from lorakit.library import Library
-from lorakit.models import demo_model
+from lorakit.models.loading import demo_model
 from lorakit.server import create_app
 
 from .conftest import assert_original, snapshot

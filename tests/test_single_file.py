@@ -10,11 +10,11 @@ import torch
 
 import lorakit
 from lorakit.cli import main
-from lorakit.io import save_file
-from lorakit.models import BaseModel, load_model, load_single_file
-from lorakit.pipeline import Generator, Request
+from lorakit.files.io import save_file
+from lorakit.generate.pipeline import Generator, Request
 from lorakit.library import LoraIndex
-from lorakit.single_file import CheckpointError
+from lorakit.models.loading import BaseModel, load_model, load_single_file
+from lorakit.models.single_file import CheckpointError
 from lorakit.tools.checkpoint import sd1_checkpoint
 
 from .factories import tiny_sd2_pipeline, tiny_sdxl_pipeline
@@ -61,8 +61,8 @@ def test_full_size_sd15_keys_and_shapes_map_exactly() -> None:
     """The full-size SD1.5 layout (on the meta device): every tensor of a checkpoint lands in the model."""
     from diffusers import AutoencoderKL
 
-    from lorakit.configs import CLIP_L, SD1_UNET, SD_VAE, build_components
-    from lorakit.single_file import build_pipeline
+    from lorakit.models.configs import CLIP_L, SD1_UNET, SD_VAE, build_components
+    from lorakit.models.single_file import build_pipeline
 
     comps = build_components("sd1")
     with torch.device("meta"):

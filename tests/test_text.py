@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from lorakit.emphasis import parse_emphasis
-from lorakit.tokenizer import PAD_OPENCLIP, clip_tokenizer
+from lorakit.generate.emphasis import parse_emphasis
+from lorakit.generate.tokenizer import PAD_OPENCLIP, clip_tokenizer
 
 
 def test_tokenizer_offline_ids() -> None:
@@ -52,7 +52,7 @@ def test_a1111_emphasis(text: str, expected: list[tuple[str, float]]) -> None:
 import torch  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
 
-from lorakit.conditioning import chunk_prompt, encode_pair, encode_prompt  # noqa: E402
+from lorakit.generate.conditioning import chunk_prompt, encode_pair, encode_prompt  # noqa: E402
 
 
 def _te(cls: type = CLIPTextModel, width: int = 32) -> torch.nn.Module:

@@ -13,8 +13,17 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .errors import (IncompatibleLora, InvalidLora, LoraFileError, LorakitError, UnmatchedKeys, UnreadableFile,
-                     UnsafePickle, UnsupportedLora, WeightSpecError)
+from .errors import (
+    IncompatibleLora,
+    InvalidLora,
+    LoraFileError,
+    LorakitError,
+    UnmatchedKeys,
+    UnreadableFile,
+    UnsafePickle,
+    UnsupportedLora,
+    WeightSpecError,
+)
 
 __version__ = "0.1.0"
 

@@ -7,6 +7,7 @@ import logging
 import sys
 
 from .errors import LorakitError
+from .keymap.arch import LORA_BASES
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -25,10 +26,10 @@ def _inspect(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .infotext import save_png
+    from .generate.infotext import save_png
+    from .generate.pipeline import Generator, Request
     from .library import EmbeddingIndex, LoraIndex
-    from .models import load_model
-    from .pipeline import Generator, Request
+    from .models.loading import load_model
     from .settings import load_settings
 
     settings = load_settings(args.config)
@@ -119,7 +120,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .library import EmbeddingIndex, Library
-    from .models import load_model
+    from .models.loading import load_model
     from .server import create_app
     from .settings import load_settings
 
@@ -166,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="the LoRAs in your folders: name, base, type, rank, size, trigger words")
     p.add_argument("-l", "--lora-dir", action="append", help="LoRA folder (repeatable); default: lorakit.toml / "
                                                              "$LORAKIT_LORA_DIRS")
-    p.add_argument("--base", choices=["sd1", "sd2", "sdxl", "unknown"], help="only LoRAs for this base model")
+    p.add_argument("--base", choices=[a.value for a in LORA_BASES], help="only LoRAs for this base model")
     p.add_argument("--search", help="only names, aliases, trigger words or descriptions containing this text")
     p.add_argument("--json", action="store_true", help="machine-readable output (schema lorakit.list/1)")
     p.add_argument("--config", help="settings file (default ./lorakit.toml, then ~/.config/lorakit/config.toml)")

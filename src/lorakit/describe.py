@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .arch import NAMES
-from .hashes import file_hashes
-from .library.training import trigger_words, training_summary
+from .files.hashes import file_hashes
+from .keymap.arch import NAMES
+from .library.training import training_summary, trigger_words
 from .lora_model import LoraModel, load_lora
 
 SCHEMA = "lorakit.inspect/1"

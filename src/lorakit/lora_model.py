@@ -1,18 +1,19 @@
 """``load_lora(path) -> LoraModel``: a file read into one adapter per target module, with what it targets."""
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, TypeVar
+from typing import Iterable, TypeVar, Union
 
 import torch
 
-from . import arch as archmod
 from .adapters import Adapter, build_adapter, kind_of
 from .errors import InvalidLora, UnmatchedKeys, UnsupportedLora
+from .files.io import StateDict, load_file
 from .formats import to_canonical
-from .io import StateDict, load_file
+from .keymap import arch as archmod
 
 T = TypeVar("T")
 
@@ -105,3 +106,23 @@ def _build_layers(groups: dict[str, dict[str, torch.Tensor]], path: str | None) 
             layers[module] = adapter
         leftovers.extend(f"{module}.{leaf}" for leaf in rest)
     return layers, leftovers
+
+
+LoraLike = Union["LoraModel", str, os.PathLike[str]]
+_LOADED: dict[tuple[str, int, int, bool], LoraModel] = {}
+_CACHE_SIZE = 32
+
+
+def load_cached(lora: LoraLike, *, strict: bool = False) -> LoraModel:
+    """``lora`` itself, or the file loaded once per (path, mtime, size, strict) — the load cache shared by every
+    request, so a LoRA used again is not read again while its file is unchanged."""
+    if isinstance(lora, LoraModel):
+        return lora
+    p = Path(lora)
+    st = p.stat() if p.exists() else None
+    key = (str(p.resolve()), st.st_mtime_ns if st else 0, st.st_size if st else 0, strict)
+    if key not in _LOADED:
+        if len(_LOADED) >= _CACHE_SIZE:
+            _LOADED.pop(next(iter(_LOADED)))  # the oldest entry
+        _LOADED[key] = load_lora(p, strict=strict)
+    return _LOADED[key]

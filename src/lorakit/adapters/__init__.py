@@ -6,8 +6,8 @@ from .dora import DoRA
 from .full import Full, Norm
 from .glora import GLoRA
 from .ia3 import IA3
-from .lokr import LoKr
 from .loha import LoHa
+from .lokr import LoKr
 from .lora import LoRA
 from .oft import OFT
 from .registry import build_adapter, kind_of

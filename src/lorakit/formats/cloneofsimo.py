@@ -11,7 +11,11 @@ import re
 import torch
 
 from ..errors import InvalidLora, NotAMatch
-from ..keymap.sd_unet import ATTN_LINEARS, clip_attention_linears, sd1_transformer_blocks
+from ..keymap.sd_unet import (
+    ATTN_LINEARS,
+    clip_attention_linears,
+    sd1_transformer_blocks,
+)
 from .base import Canonical
 
 _KEY = re.compile(r"^(unet|text_encoder):(\d+):(up|down|alpha)$")

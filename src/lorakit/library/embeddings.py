@@ -46,7 +46,7 @@ def embedding_from_tensors(name: str, tensors: Mapping[str, Any], path: str | No
 
 
 def load_embedding(path: str | Path) -> Embedding:
-    from ..io import load_file, load_pickle
+    from ..files.io import load_file, load_pickle
 
     p = Path(path)
     if p.suffix.lower() == ".safetensors":

@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LorakitError
+from ..keymap.arch import Arch
 from .names import SUFFIXES, LoraNameError, resolve_name
 from .sidecars import Sidecars, read_sidecars, sidecars_by_stem
 from .store import Store
 from .summary import read_metadata_fast, summarise
-from .training import trigger_words, training_summary
+from .training import training_summary, trigger_words
 
 PARALLEL_FROM = 200  # files to parse before worker processes pay for themselves
 WORKERS = 4
@@ -76,8 +77,8 @@ class LoraEntry:
     @property
     def base(self) -> str:
         """Shapes first; when they say nothing, the user's ``sd version`` or Civitai's base model."""
-        base = str(self.info.get("base", "unknown"))
-        return base if base != "unknown" else str(self.sidecars.sd_version or "unknown")
+        base = str(self.info.get("base", Arch.UNKNOWN))
+        return base if base != Arch.UNKNOWN else str(self.sidecars.sd_version or Arch.UNKNOWN)
 
     @cached_property
     def sidecars(self) -> Sidecars:
@@ -178,7 +179,7 @@ class Library:
         """SHA-256 (AutoV2 = first 10 hex) and the A1111 short hash, computed once and kept in the index."""
         sha, addnet = self.store.hashes(str(entry.path))
         if sha is None or addnet is None:
-            from ..hashes import file_hashes
+            from ..files.hashes import file_hashes
 
             h = file_hashes(entry.path)
             sha, addnet = h.sha256, h.addnet
@@ -270,9 +271,9 @@ def _parse(f: Found) -> tuple[str, int, int, str, str]:
         metadata = s.metadata
         info = s.info()
     except LorakitError as e:
-        info = {"base": "unknown", "types": [], "error": str(e)}
+        info = {"base": Arch.UNKNOWN, "types": [], "error": str(e)}
     except Exception as e:  # a pickle that torch cannot read raises torch's own types
-        info = {"base": "unknown", "types": [], "error": f"{f.path}: unreadable ({type(e).__name__}: {e})"}
+        info = {"base": Arch.UNKNOWN, "types": [], "error": f"{f.path}: unreadable ({type(e).__name__}: {e})"}
     info["alias"] = metadata.get("ss_output_name", "")
     info["trigger_phrase"] = metadata.get("modelspec.trigger_phrase", "").strip()
     info["triggers"] = trigger_words(metadata)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..arch import NAMES
+from ..keymap.arch import NAMES, Arch
 from .library import LoraEntry
 
 SCHEMA = "lorakit.list/1"
-MODEL_NAMES = {**NAMES, "demo": "the embedded demo model"}
 
 
 def entry_dict(e: LoraEntry) -> dict[str, Any]:
@@ -31,12 +30,12 @@ def incompatibility(lora_base: str, model_arch: str) -> str | None:
     """Why a LoRA made for ``lora_base`` does not fit a ``model_arch`` model, or ``None`` when it may. A LoRA
     whose base is unknown may fit; the demo model (a tiny SD1-architecture network) fits only LoRAs made for it,
     whose shapes match no full-size base."""
-    if lora_base == "unknown" or lora_base == model_arch:
+    if lora_base == Arch.UNKNOWN or lora_base == model_arch:
         return None
     lora_name = NAMES.get(lora_base, lora_base)
     if lora_base not in NAMES:
         return f"made for {lora_name}, which lorakit does not apply"
-    return f"made for {lora_name}; the model is {MODEL_NAMES.get(model_arch, model_arch)}"
+    return f"made for {lora_name}; the model is {NAMES.get(model_arch, model_arch)}"
 
 
 def as_table(entries: list[LoraEntry]) -> str:

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from collections.abc import Iterable
 from typing import Any
+
+from ..keymap.arch import Arch
 
 PREVIEW_EXTS = ("png", "jpg", "jpeg", "webp", "gif")
 # Civitai "baseModel" / A1111 "sd version" → lorakit base names.
-BASE_WORDS = [(re.compile(r"xl|pony|illustrious|noobai", re.I), "sdxl"), (re.compile(r"\b2(\.\d)?\b|sd2", re.I), "sd2"),
-              (re.compile(r"\b1(\.\d)?\b|sd1", re.I), "sd1")]
+BASE_WORDS = [(re.compile(r"xl|pony|illustrious|noobai", re.I), Arch.SDXL), (re.compile(r"\b2(\.\d)?\b|sd2", re.I), Arch.SD2),
+              (re.compile(r"\b1(\.\d)?\b|sd1", re.I), Arch.SD1)]
 
 
 @dataclass

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .. import arch as archmod
 from ..errors import UnreadableFile
-from ..header import check_header_length
+from ..files.header import check_header_length
+from ..keymap import arch as archmod
 
 HEAD, TAIL = 24_000, 12_000  # bytes read at each end of a long header
 KEYS = 3_500  # characters of entries at each end whose key names are looked at (~30 keys)
@@ -251,7 +251,7 @@ def _tensor_value(path: Path, body: str, key: str, data_start: int) -> float | N
 
 def summarise_pickle(path: Path) -> Summary:
     """Pickled LoRAs (``.pt``/``.bin``/``.ckpt``) need torch (loaded safely); summarised like safetensors."""
-    from ..io import load_pickle
+    from ..files.io import load_pickle
 
     obj = load_pickle(path)
     sd = obj.get("state_dict", obj) if isinstance(obj, dict) else {}

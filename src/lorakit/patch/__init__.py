@@ -5,17 +5,15 @@ One ``Patcher`` per model holds its LoRA state, so successive calls switch sets 
 from __future__ import annotations
 
 import logging
-import os
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from types import TracebackType
 from typing import Union
 
 import torch
 
 from ..errors import LorakitError
-from ..lora_model import LoraModel, load_lora
+from ..lora_model import LoraLike, load_cached
 from .fused import FusedPatcher
 from .hooks import HookPatcher
 from .plan import LoraReport, build_plan
@@ -24,7 +22,6 @@ from .weights import Weight, as_weight
 
 log = logging.getLogger("lorakit")
 
-LoraLike = Union[LoraModel, str, os.PathLike]
 WeightLike = Union[float, int, Mapping[str, object], Weight]
 MODES = ("fused", "hooks")
 
@@ -45,7 +42,7 @@ class Patcher:
         false (per-step strength updates)."""
         if mode not in MODES:
             raise LorakitError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        resolved = [(_as_lora(lora, strict), as_weight(w)) for lora, w in loras]
+        resolved = [(load_cached(lora, strict=strict), as_weight(w)) for lora, w in loras]
         plan = build_plan(self.components, resolved, strict)
         active, other = (self.fused, self.hooks) if mode == "fused" else (self.hooks, self.fused)
         try:
@@ -112,19 +109,3 @@ def apply_loras(target: object, loras: Sequence[tuple[LoraLike, WeightLike] | Lo
 def restore(target: object) -> None:
     """Remove every LoRA applied to ``target`` by lorakit."""
     patcher_for(target).restore()
-
-
-_LOADED: dict[tuple[str, int, int, bool], LoraModel] = {}
-
-
-def _as_lora(lora: LoraLike, strict: bool) -> LoraModel:
-    if isinstance(lora, LoraModel):
-        return lora
-    p = Path(lora)
-    st = p.stat() if p.exists() else None
-    key = (str(p.resolve()), st.st_mtime_ns if st else 0, st.st_size if st else 0, strict)
-    if key not in _LOADED:
-        if len(_LOADED) > 32:
-            _LOADED.clear()
-        _LOADED[key] = load_lora(p, strict=strict)
-    return _LOADED[key]

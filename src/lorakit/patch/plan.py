@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..adapters import Adapter
-from ..arch import NAMES, UNKNOWN
 from ..errors import IncompatibleLora, UnmatchedKeys
+from ..keymap.arch import NAMES, UNKNOWN
 from ..lora_model import LoraModel
 from .targets import SUPPORTED, find_module, model_arch
 from .weights import Weight

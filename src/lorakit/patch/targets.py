@@ -6,8 +6,8 @@ from collections.abc import Mapping
 
 import torch
 
-from ..arch import SD1, SD2, SDXL, UNKNOWN
 from ..errors import LorakitError
+from ..keymap.arch import SD1, SD2, SDXL, UNKNOWN
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 SUPPORTED = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm)

@@ -13,14 +13,15 @@ from dataclasses import dataclass, field
 
 from ..errors import WeightSpecError
 from ..keymap import block_id
+from ..keymap.arch import Arch
 
 _IN = [f"IN{i:02d}" for i in range(12)]
 _OUT = [f"OUT{i:02d}" for i in range(12)]
 VECTORS: dict[int, tuple[str, list[str]]] = {
     17: ("sd", ["BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00"] + _OUT[3:12]),
     26: ("sd", ["BASE"] + _IN + ["M00"] + _OUT),
-    12: ("sdxl", ["BASE", "IN04", "IN05", "IN07", "IN08", "M00"] + _OUT[0:6]),
-    20: ("sdxl", ["BASE"] + _IN[0:9] + ["M00"] + _OUT[0:9]),
+    12: (Arch.SDXL, ["BASE", "IN04", "IN05", "IN07", "IN08", "M00"] + _OUT[0:6]),
+    20: (Arch.SDXL, ["BASE"] + _IN[0:9] + ["M00"] + _OUT[0:9]),
 }
 PRESETS: dict[str, set[str]] = {
     "NONE": set(), "ALL": {"BASE", *_IN, "M00", *_OUT},
@@ -41,16 +42,16 @@ class Weight:
     te: float = 1.0
     blocks: Mapping[str, float] = field(default_factory=dict)
     dyn: int | None = None
-    arch_family: str | None = None  # "sd" or "sdxl" when an lbw vector fixed it
+    arch_family: str | None = None  # "sd" or Arch.SDXL when an lbw vector fixed it
 
     def for_path(self, canonical_path: str, arch: str) -> float:
         """The multiplier of one layer: part weight × block factor."""
-        if self.arch_family and (arch == "sdxl") != (self.arch_family == "sdxl"):
+        if self.arch_family and (arch == Arch.SDXL) != (self.arch_family == Arch.SDXL):
             raise WeightSpecError(f"a {len(self.blocks)}-value block-weight vector is for "
                                   f"{'SDXL' if self.arch_family == 'sdxl' else 'SD1/SD2'}, the model is {arch}")
         is_te = canonical_path.startswith("text_encoder")
         base = self.te if is_te else self.unet
-        block = block_id(canonical_path, last_out=8 if arch == "sdxl" else 11)
+        block = block_id(canonical_path, last_out=8 if arch == Arch.SDXL else 11)
         return base * self.blocks.get(block or "BASE", 1.0)
 
     def describe(self) -> str:

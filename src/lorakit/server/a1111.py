@@ -15,8 +15,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import __version__
-from ..pipeline import LIMITS, Request, Result
-from ..samplers import SAMPLERS
+from ..generate.pipeline import LIMITS, Request, Result
+from ..generate.samplers import SAMPLERS
 
 MAX_IMAGES = 16  # batch_size × n_iter per request
 

@@ -13,16 +13,17 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
 
-from fastapi import FastAPI, Request as HttpRequest
+from fastapi import FastAPI
+from fastapi import Request as HttpRequest
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import LorakitError
+from ..generate.pipeline import Generator
 from ..library import EmbeddingIndex, Library
 from ..library.listing import entry_dict, incompatibility
-from ..models import BaseModel
-from ..pipeline import Generator
+from ..models.loading import BaseModel
 from . import a1111
 from .worker import GenerationQueue
 

@@ -9,7 +9,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..pipeline import Generator, Request, Result
+from ..generate.pipeline import Generator, Request, Result
 
 
 @dataclass

@@ -13,15 +13,17 @@ from typing import Any
 
 import torch
 
+from ..keymap.arch import Arch
+
 UNET, VAE, CLIP = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.text_model."
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
            "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 _TOP = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
         "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2",
         "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
-TEXT_PREFIXES = {"sd1": ("cond_stage_model.transformer.text_model.", None),
-                 "sd2": (None, "cond_stage_model.model."),
-                 "sdxl": ("conditioner.embedders.0.transformer.text_model.", "conditioner.embedders.1.model.")}
+TEXT_PREFIXES = {Arch.SD1: ("cond_stage_model.transformer.text_model.", None),
+                 Arch.SD2: (None, "cond_stage_model.model."),
+                 Arch.SDXL: ("conditioner.embedders.0.transformer.text_model.", "conditioner.embedders.1.model.")}
 
 
 def unet_to_ldm(name: str, config: Any) -> str:
@@ -86,13 +88,13 @@ def to_checkpoint(pipe: Any, arch: str) -> dict[str, torch.Tensor]:
     if hf_prefix:
         out.update({hf_prefix + k: v for k, v in _text_state(pipe.text_encoder).items()})
     if openclip_prefix:
-        encoder = pipe.text_encoder_2 if arch == "sdxl" else pipe.text_encoder
+        encoder = pipe.text_encoder_2 if arch == Arch.SDXL else pipe.text_encoder
         out.update({openclip_prefix + k: v for k, v in openclip_state(encoder).items()})
     return {k: v.contiguous() for k, v in out.items()}
 
 
 def sd1_checkpoint(pipe: Any) -> dict[str, torch.Tensor]:
-    return to_checkpoint(pipe, "sd1")
+    return to_checkpoint(pipe, Arch.SD1)
 
 
 def _text_state(encoder: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..keymap.arch import Arch
+
 SD1_UNET: dict[str, Any] = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
 SD2_UNET: dict[str, Any] = dict(sample_size=96, cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20],
                                 use_linear_projection=True)
@@ -28,9 +30,9 @@ SD_VAE: dict[str, Any] = dict(block_out_channels=[128, 256, 512, 512], layers_pe
 SDXL_VAE: dict[str, Any] = dict(SD_VAE, sample_size=1024, scaling_factor=0.13025)
 
 ARCHS: dict[str, dict[str, dict[str, Any]]] = {
-    "sd1": {"unet": SD1_UNET, "text_encoder": CLIP_L},
-    "sd2": {"unet": SD2_UNET, "text_encoder": OPENCLIP_H},
-    "sdxl": {"unet": SDXL_UNET, "text_encoder": CLIP_L, "text_encoder_2": CLIP_G},
+    Arch.SD1: {"unet": SD1_UNET, "text_encoder": CLIP_L},
+    Arch.SD2: {"unet": SD2_UNET, "text_encoder": OPENCLIP_H},
+    Arch.SDXL: {"unet": SDXL_UNET, "text_encoder": CLIP_L, "text_encoder_2": CLIP_G},
 }
 
 

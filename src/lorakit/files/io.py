@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .errors import LoraFileError, UnreadableFile, UnsafePickle
+from ..errors import LoraFileError, UnreadableFile, UnsafePickle
 from .header import Header, TensorInfo, file_size, read_header, read_metadata
 
 __all__ = ["StateDict", "Header", "TensorInfo", "read_header", "read_metadata", "load_file", "load_pickle",

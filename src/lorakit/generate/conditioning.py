@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
+from ..errors import LorakitError
+from ..library.embeddings import Embedding
 from .emphasis import BREAK, parse_emphasis
-from .errors import LorakitError
-from .library.embeddings import Embedding
 
 CHUNK = 75
 COMMA_BACKTRACK = 20

@@ -4,10 +4,9 @@ where the user did not set it explicitly."""
 from __future__ import annotations
 
 import re
-
 from pathlib import Path
 
-from .lora_model import LoraModel
+from ..lora_model import LoraModel
 
 # Whole-file SHA-256 of well-known files → (kind, size in bytes). The official LCM-LoRAs are published as
 # "pytorch_lora_weights.safetensors", so people keep them under that name; the hash still tells. Sources: the
@@ -40,7 +39,7 @@ def _from_hash(lora: LoraModel) -> str | None:
     sizes = {s for _, s in KNOWN_HASHES.values()}
     if not (SIZE_WINDOW[0] <= size <= SIZE_WINDOW[1] or size in sizes):
         return None
-    from .hashes import cached_sha256
+    from ..files.hashes import cached_sha256
 
     known = KNOWN_HASHES.get(cached_sha256(lora.path))
     return known[0] if known else None

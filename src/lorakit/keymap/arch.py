@@ -3,13 +3,29 @@ non-SD families recognised by name so they can be refused clearly."""
 from __future__ import annotations
 
 import re
+from enum import StrEnum
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
 
-SD1, SD2, SDXL, UNKNOWN = "sd1", "sd2", "sdxl", "unknown"
-NAMES = {SD1: "Stable Diffusion 1.x", SD2: "Stable Diffusion 2.x", SDXL: "Stable Diffusion XL", UNKNOWN: "unknown"}
+
+
+class Arch(StrEnum):
+    """A Stable Diffusion architecture. A ``str`` (``Arch.SD1 == "sd1"``), so it travels through JSON, SQLite and
+    the command line as its value."""
+
+    SD1 = "sd1"
+    SD2 = "sd2"
+    SDXL = "sdxl"
+    DEMO = "demo"  # the embedded demo model (SD1 architecture, tiny widths)
+    UNKNOWN = "unknown"
+
+
+SD1, SD2, SDXL, DEMO, UNKNOWN = Arch.SD1, Arch.SD2, Arch.SDXL, Arch.DEMO, Arch.UNKNOWN
+LORA_BASES = (SD1, SD2, SDXL, UNKNOWN)  # what a LoRA file can be made for
+NAMES = {SD1: "Stable Diffusion 1.x", SD2: "Stable Diffusion 2.x", SDXL: "Stable Diffusion XL",
+         DEMO: "the embedded demo model", UNKNOWN: "unknown"}
 
 # Markers of model families lorakit does not apply (matched against raw keys).
 FOREIGN: list[tuple[str, re.Pattern[str]]] = [

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from .. import __version__
 
 
 def infotext(prompt: str, negative: str, params: dict[str, Any], lora_hashes: dict[str, str]) -> str:

@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
-from .errors import LorakitError
+from ..errors import LorakitError
+from ..keymap.arch import Arch
 
-DEMO = "demo"
+DEMO = Arch.DEMO
 DEMO_SEED = 20261123
 
 
@@ -32,11 +33,11 @@ class BaseModel:
     pipe: Any  # a diffusers StableDiffusionPipeline / StableDiffusionXLPipeline
     name: str
     hash: str  # A1111 "Model hash" (AutoV2-style, 10 hex digits)
-    arch: str  # "sd1", "sd2", "sdxl", or "demo"
+    arch: Arch
 
     @property
     def sdxl(self) -> bool:
-        return self.arch == "sdxl"
+        return self.arch == Arch.SDXL
 
 
 def load_model(spec: str | None) -> BaseModel:
@@ -56,8 +57,13 @@ def load_model(spec: str | None) -> BaseModel:
 def load_single_file(path: Path, configs: Mapping[str, Mapping[str, Any]] | None = None) -> BaseModel:
     """An A1111-style ``.safetensors``/``.ckpt`` checkpoint (SD1, SD2, SDXL; ``configs`` default to the full-size
     ones of the architecture its tensors show)."""
-    from .hashes import cached_sha256
-    from .single_file import build_pipeline, checkpoint_arch, checkpoint_tensors, default_configs
+    from ..files.hashes import cached_sha256
+    from .single_file import (
+        build_pipeline,
+        checkpoint_arch,
+        checkpoint_tensors,
+        default_configs,
+    )
 
     sd = checkpoint_tensors(path)
     arch = checkpoint_arch(sd, path)
@@ -80,9 +86,9 @@ def _diffusers_folder(path: Path) -> BaseModel:
             cls.from_pretrained(str(path), local_files_only=True)
     except Exception as e:  # diffusers raises many types for a broken folder
         raise ModelError(f"{path}: could not load the model ({type(e).__name__}: {str(e)[:200]})") from None
-    from .patch.targets import model_arch
+    from ..patch.targets import model_arch
 
-    arch = "sdxl" if cls is StableDiffusionXLPipeline else model_arch({"unet": pipe.unet})
+    arch = Arch.SDXL if cls is StableDiffusionXLPipeline else model_arch({"unet": pipe.unet})
     digest = hashlib.sha256(json.dumps(index, sort_keys=True).encode() + str(path.resolve()).encode()).hexdigest()
     return BaseModel(pipe, path.name, digest[:10], arch)
 
@@ -108,12 +114,12 @@ def demo_components(seed: int = DEMO_SEED) -> dict[str, torch.nn.Module]:
 def demo_model() -> BaseModel:
     from diffusers import StableDiffusionPipeline
 
-    from .samplers import scheduler_for
-    from .tokenizer import clip_tokenizer
+    from ..generate.samplers import scheduler_for
+    from ..generate.tokenizer import clip_tokenizer
 
     c = demo_components()
     pipe = StableDiffusionPipeline(vae=c["vae"], text_encoder=c["text_encoder"], tokenizer=clip_tokenizer(),
                                    unet=c["unet"], scheduler=scheduler_for("Euler a"), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     digest = hashlib.sha256(f"lorakit-demo-sd1/{DEMO_SEED}/{torch.__version__}".encode()).hexdigest()
-    return BaseModel(pipe, DEMO, digest[:10], "demo")
+    return BaseModel(pipe, DEMO, digest[:10], Arch.DEMO)

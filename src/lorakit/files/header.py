@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import UnreadableFile
+from ..errors import UnreadableFile
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 SAFETENSORS_DTYPES = {

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from .arch import foreign_family
-from .errors import LorakitError
+from ..errors import LorakitError
+from ..keymap.arch import Arch, foreign_family
 
 UNET_PREFIX = "model.diffusion_model."
 
@@ -24,7 +24,7 @@ class CheckpointError(LorakitError):
 
 
 def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from .io import load_file
+    from ..files.io import load_file
 
     return load_file(path)[0]
 
@@ -36,32 +36,44 @@ def checkpoint_arch(sd: Mapping[str, torch.Tensor], path: Path) -> str:
         family = foreign_family(keys, {})
         if family:
             raise CheckpointError(f"{path}: a {family} file; lorakit runs Stable Diffusion 1.x, 2.x and XL models")
-        from .formats import to_canonical
+        from ..formats import to_canonical
 
         if to_canonical(dict(sd), {}) is not None:
             raise CheckpointError(f"{path}: this is a LoRA, not a base model — put it in a LoRA folder "
                                   "(--lora-dir) and name it in the prompt")
         raise CheckpointError(f"{path}: not a Stable Diffusion checkpoint (no {UNET_PREFIX}* keys)")
     if any(k.startswith("conditioner.") for k in keys):
-        return "sdxl"
+        return Arch.SDXL
     if any(k.startswith("cond_stage_model.model.") for k in keys):
-        return "sd2"
-    return "sd1"
+        return Arch.SD2
+    return Arch.SD1
 
 
 def default_configs(arch: str) -> dict[str, Mapping[str, Any]]:
-    from .configs import CLIP_G, CLIP_L, OPENCLIP_H, SD1_UNET, SD2_UNET, SD_VAE, SDXL_UNET, SDXL_VAE
+    from .configs import (
+        CLIP_G,
+        CLIP_L,
+        OPENCLIP_H,
+        SD1_UNET,
+        SD2_UNET,
+        SD_VAE,
+        SDXL_UNET,
+        SDXL_VAE,
+    )
 
-    return {"sd1": {"unet": SD1_UNET, "vae": SD_VAE, "text_encoder": CLIP_L},
-            "sd2": {"unet": SD2_UNET, "vae": SD_VAE, "text_encoder": OPENCLIP_H},
-            "sdxl": {"unet": SDXL_UNET, "vae": SDXL_VAE, "text_encoder": CLIP_L, "text_encoder_2": CLIP_G}}[arch]
+    return {Arch.SD1: {"unet": SD1_UNET, "vae": SD_VAE, "text_encoder": CLIP_L},
+            Arch.SD2: {"unet": SD2_UNET, "vae": SD_VAE, "text_encoder": OPENCLIP_H},
+            Arch.SDXL: {"unet": SDXL_UNET, "vae": SDXL_VAE, "text_encoder": CLIP_L, "text_encoder_2": CLIP_G}}[arch]
 
 
 def build_pipeline(sd: Mapping[str, torch.Tensor], path: Path, arch: str,
                    configs: Mapping[str, Mapping[str, Any]]) -> Any:
     """A diffusers pipeline from a single-file state dict of ``arch`` and component configs."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+    )
 
     sd = dict(sd)
     with torch.device("meta"):
@@ -75,15 +87,18 @@ def build_pipeline(sd: Mapping[str, torch.Tensor], path: Path, arch: str,
 
 def _text_encoders(sd: dict[str, torch.Tensor], path: Path, arch: str,
                    configs: Mapping[str, Mapping[str, Any]]) -> list[torch.nn.Module]:
-    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_open_clip_checkpoint,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     with torch.device("meta"):
         first = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
-        second = CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_encoder_2"])) if arch == "sdxl" else None
-    if arch == "sd1":
+        second = CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_encoder_2"])) if arch == Arch.SDXL else None
+    if arch == Arch.SD1:
         states = [convert_ldm_clip_checkpoint(sd)]
-    elif arch == "sd2":
+    elif arch == Arch.SD2:
         states = [convert_open_clip_checkpoint(first, sd, prefix="cond_stage_model.model.")]
     else:
         states = [convert_ldm_clip_checkpoint(sd, remove_prefix="conditioner.embedders.0.transformer."),
@@ -106,15 +121,15 @@ def _for_module(state: dict[str, torch.Tensor], encoder: torch.nn.Module) -> dic
 def _assemble(arch: str, unet: Any, vae: Any, encoders: list[torch.nn.Module]) -> Any:
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from .samplers import scheduler_for
-    from .tokenizer import PAD_OPENCLIP, clip_tokenizer
+    from ..generate.samplers import scheduler_for
+    from ..generate.tokenizer import PAD_OPENCLIP, clip_tokenizer
 
-    scheduler = scheduler_for("Euler a", "v_prediction" if arch == "sd2" else "epsilon")
-    if arch == "sdxl":
+    scheduler = scheduler_for("Euler a", "v_prediction" if arch == Arch.SD2 else "epsilon")
+    if arch == Arch.SDXL:
         return StableDiffusionXLPipeline(vae=vae, text_encoder=encoders[0], tokenizer=clip_tokenizer(),
                                          text_encoder_2=encoders[1], tokenizer_2=clip_tokenizer(PAD_OPENCLIP),
                                          unet=unet, scheduler=scheduler)
-    tokenizer = clip_tokenizer(PAD_OPENCLIP if arch == "sd2" else "<|endoftext|>")
+    tokenizer = clip_tokenizer(PAD_OPENCLIP if arch == Arch.SD2 else "<|endoftext|>")
     return StableDiffusionPipeline(vae=vae, text_encoder=encoders[0], tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)

@@ -15,16 +15,16 @@ from typing import Any, Callable
 
 import torch
 
+from ..errors import LorakitError
+from ..library import EmbeddingIndex, Library, bundled_embeddings
+from ..library.embeddings import Embedding
+from ..lora_model import LoraModel, load_cached
+from ..models.loading import BaseModel
+from ..patch import patcher_for
+from ..prompt import LoraRef, parse_prompt
 from .conditioning import encode_pair
-from .errors import LorakitError
 from .fast_loras import SETTINGS, fast_kind
 from .infotext import infotext
-from .library import EmbeddingIndex, Library, bundled_embeddings
-from .library.embeddings import Embedding
-from .lora_model import LoraModel
-from .models import BaseModel
-from .patch import _as_lora, patcher_for
-from .prompt import LoraRef, parse_prompt
 from .samplers import sampler_name, scheduler_for
 
 log = logging.getLogger("lorakit")
@@ -84,7 +84,7 @@ class Generator:
             log.warning(warning)
         refs = pos.loras + neg.loras
         paths = [self.index.resolve(r.name) for r in refs]
-        loras = [_as_lora(p, strict=False) for p in paths]
+        loras = [load_cached(p) for p in paths]
         added = self._missing_triggers(pos.text, paths[:len(pos.loras)]) if req.auto_triggers else ""
         text = pos.text + added
         settings, notes = self._settings(req, loras)

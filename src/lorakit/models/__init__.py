@@ -1,0 +1,14 @@
+"""Base models: the embedded demo model, diffusers folders and A1111 single files (offline), with the shipped
+configs of every supported architecture."""
+from __future__ import annotations
+
+from .loading import (
+    BaseModel,
+    ModelError,
+    demo_components,
+    demo_model,
+    load_model,
+    load_single_file,
+)
+
+__all__ = ["BaseModel", "ModelError", "demo_components", "demo_model", "load_model", "load_single_file"]
