@@ -16,6 +16,24 @@ if not REAL_LORAS.is_dir():
                        "set LORAKIT_SHARED")
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--fuzz", action="store_true", help="run the long fuzz tests (marker fuzz)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``fuzz`` run with ``--fuzz`` or when ``-m`` names the marker; otherwise they are skipped."""
+    if config.getoption("--fuzz") or "fuzz" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="long fuzz run: use --fuzz or -m fuzz")
+    for item in items:
+        if "fuzz" in item.keywords:
+            item.add_marker(skip)
+
+
+# The suite is the CPU suite, also on a machine with a GPU (its references are CPU fp32); test_gpu.py asks for CUDA.
+os.environ.setdefault("LORAKIT_DEVICE", "cpu")
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """The library index and hash caches live under $XDG_CACHE_HOME: keep the tests' out of the user's."""

@@ -70,6 +70,26 @@ def test_errors_exit_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert err.strip().count("\n") == 0 and "missing.safetensors: no such file" in err
 
 
+def test_inspect_reports_every_file_and_fails_at_the_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "torn.safetensors"
+    bad.write_bytes(EXAMPLE.read_bytes()[:-100])
+    demo = ROOT / "examples" / "loras" / "demo_style.safetensors"
+    assert main(["inspect", str(EXAMPLE), str(bad), str(demo)]) == 2
+    out, err = capsys.readouterr()
+    assert "ink_sketch_sd15  (" in out and "demo_style  (" in out  # the files after the bad one are reported
+    assert err.count("\n") == 1 and err.startswith("lorakit: error: ") and "torn.safetensors" in err
+    assert main(["inspect", "--json", str(EXAMPLE), str(bad), str(demo)]) == 2
+    infos = json.loads(capsys.readouterr().out)
+    assert [i["file"] for i in infos] == [str(EXAMPLE), str(bad), str(demo)]
+    assert set(infos[0]) == set(infos[2]) == SCHEMA_KEYS
+    assert set(infos[1]) == {"schema", "file", "error"} and "torn.safetensors" in infos[1]["error"]
+    assert main(["inspect", "--json", str(EXAMPLE), str(demo)]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 2
+    assert main(["inspect", "--json", str(bad)]) == 2  # one file: one object, or nothing but the error
+    out, err = capsys.readouterr()
+    assert out == "" and "torn.safetensors" in err
+
+
 def test_console_script_runs() -> None:
     out = subprocess.run([sys.executable, "-m", "lorakit.cli", "inspect", str(EXAMPLE)], capture_output=True,
                          text=True, check=True).stdout

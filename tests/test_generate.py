@@ -68,22 +68,32 @@ def test_lora_in_negative_prompt_is_applied(gen: Generator) -> None:
 def test_same_seed_same_image_and_batch_seeds(gen: Generator) -> None:
     a = gen(_req("a cat <lora:demo_style:0.5>", seed=11, batch=2))
     b = gen(_req("a cat <lora:demo_style:0.5>", seed=11))
-    assert a.seeds == [11, 12] and np.array_equal(_px(a.images[0]), _px(b.images[0]))
+    again = gen(_req("a cat <lora:demo_style:0.5>", seed=11))
+    assert np.array_equal(_px(b.images[0]), _px(again.images[0]))  # the same request: bitwise the same image
+    # Image 0 of a batch has the noise of the same seed, but the CPU's matrix kernels block a batch of 2
+    # differently from a batch of 1, so a few pixels may round to the next level (seen: 1/255 on 0.04 %).
+    assert a.seeds == [11, 12]
+    assert np.abs(_px(a.images[0]).astype(int) - _px(b.images[0]).astype(int)).max() <= 1
     assert not np.array_equal(_px(a.images[0]), _px(a.images[1]))
 
 
 def test_step_schedule_sets_each_steps_strength(gen: Generator, monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[tuple[str, float, float]] = []
-    original = gen.patcher.set
+    set_, update = gen.patcher.set, gen.patcher.update
 
-    def spy(loras: list, **kw: object) -> object:  # type: ignore[type-arg]
+    def spy_set(loras: list, **kw: object) -> object:  # type: ignore[type-arg]
         lora, spec = loras[0]
         seen.append((str(kw.get("mode")), spec["unet"], spec["te"]))
-        return original(loras, **kw)
+        return set_(loras, **kw)
 
-    monkeypatch.setattr(gen.patcher, "set", spy)
+    def spy_update(specs: list) -> None:  # type: ignore[type-arg]
+        seen.append(("update", specs[0]["unet"], specs[0]["te"]))
+        update(specs)
+
+    monkeypatch.setattr(gen.patcher, "set", spy_set)
+    monkeypatch.setattr(gen.patcher, "update", spy_update)
     scheduled = _px(gen(_req("a cat <lora:demo_style:te=1:unet=0@0,1@1>", steps=4)).images[0])
-    assert [s[0] for s in seen] == ["hooks"] * 4
+    assert [s[0] for s in seen] == ["hooks"] + ["update"] * 3  # checked once, then only strengths move
     assert [s[1] for s in seen] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     constant = _px(gen(_req("a cat <lora:demo_style:1>", steps=4)).images[0])
     assert not np.array_equal(scheduled, constant)
@@ -136,7 +146,7 @@ def test_error_during_sampling_leaves_original_weights(gen: Generator, monkeypat
     def boom(**kw: object) -> None:
         raise RuntimeError("sampler exploded")
 
-    monkeypatch.setattr(gen, "_run", lambda *a: boom())
+    monkeypatch.setattr(gen, "_sample", lambda *a: boom())
     with pytest.raises(RuntimeError):
         gen(_req("a cat <lora:demo_style:1>"))
     assert_original(_components(gen.model), snap)
@@ -155,14 +165,14 @@ def test_name_resolution_subpath_alias_and_ambiguity(tmp_path: Path) -> None:
     shutil.copy(src, tmp_path / "other" / "ink.safetensors")
     shutil.copy(src, tmp_path / "renamed_file.safetensors")
     index = LoraIndex([tmp_path])
-    assert index.resolve("style/ink") == tmp_path / "style" / "ink.safetensors"
-    assert index.resolve("Renamed_File") == tmp_path / "renamed_file.safetensors"
+    assert index.resolve("style/ink").path == tmp_path / "style" / "ink.safetensors"
+    assert index.resolve("Renamed_File").path == tmp_path / "renamed_file.safetensors"
     with pytest.raises(LoraNameError, match="ambiguous.*style/ink|ambiguous.*other/ink"):
         index.resolve("ink")
     index2 = LoraIndex([tmp_path / "style", EXAMPLES])
-    assert index2.resolve("demo_style") == EXAMPLES / "demo_style.safetensors"
+    assert index2.resolve("demo_style").path == EXAMPLES / "demo_style.safetensors"
     only_alias = LoraIndex([tmp_path / "style"])
-    assert only_alias.resolve("demo_style") == tmp_path / "style" / "ink.safetensors"  # ss_output_name
+    assert only_alias.resolve("demo_style").path == tmp_path / "style" / "ink.safetensors"  # ss_output_name
 
 
 def test_cli_generate_writes_png_with_parameters(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -41,7 +41,8 @@ def test_summaries_agree_with_the_full_loader(folder: Path) -> None:
 
     for path in sorted(folder.rglob("*.*")):
         s, full = summarise(path), load_lora(path)
-        assert s.base == full.arch, path.name
+        # the demo model's LoRAs: the library names their base (for the page); the loader leaves it unknown
+        assert s.base == full.arch or (s.base, full.arch) == ("demo", "unknown"), path.name
         assert s.rank in (full.rank, None), path.name
         kinds = {t.split("(")[0] for t in full.network_types}
         assert set(s.types) <= kinds | {"locon"} and s.types, path.name
@@ -137,9 +138,10 @@ def test_sidecars_trigger_words_preview_and_their_changes(folder: Path, tmp_path
     ink = Library([folder], index=index).entry(folder / "styles" / "ink.safetensors")
     assert ink.sidecars.preview == "ink.preview.png"
     assert ink.sidecars.preferred_weight == 0.7 and ink.sidecars.negative_text == "color"
-    assert ink.trigger_words[:3] == ["inksketch, monochrome", "ink_style", "sketchy"]
+    assert ink.trigger_words[:4] == ["inksketch", "monochrome", "ink_style", "sketchy"]
     assert "lineart" in ink.trigger_words  # from ss_tag_frequency, after the declared ones
-    assert ink.explicit_trigger_words == ["inksketch, monochrome", "ink_style", "sketchy"]
+    assert ink.trigger_words.count("inksketch") == 1  # also a training tag: listed once
+    assert ink.explicit_trigger_words == ink.trigger_phrases == ["inksketch", "monochrome", "ink_style", "sketchy"]
     (folder / "styles" / "ink.json").write_text(json.dumps({"activation text": "changed"}))
     os.utime(folder / "styles" / "ink.json", ns=(1, 2 * 10 ** 18))
     lib = Library([folder], index=index)
@@ -161,8 +163,8 @@ def test_names_resolve_only_inside_the_folders(folder: Path, tmp_path: Path) -> 
     outside = tmp_path / "outside.safetensors"
     shutil.copy(EXAMPLES / "demo_style.safetensors", outside)
     lib = Library([folder], index=tmp_path / "i.sqlite3")
-    assert lib.resolve("styles/ink") == folder / "styles" / "ink.safetensors"
-    assert lib.resolve("ink_sketch") == folder / "styles" / "ink.safetensors"  # ss_output_name alias
+    assert lib.resolve("styles/ink").path == folder / "styles" / "ink.safetensors"
+    assert lib.resolve("ink_sketch") is lib.entry(folder / "styles" / "ink.safetensors")  # ss_output_name alias
     for name in ("../outside", str(outside), str(outside.with_suffix("")), "styles/../../outside"):
         with pytest.raises(LoraNameError, match="no LoRA named"):
             lib.resolve(name)
@@ -171,7 +173,7 @@ def test_names_resolve_only_inside_the_folders(folder: Path, tmp_path: Path) -> 
 def test_a_file_added_later_is_found_by_name(folder: Path, tmp_path: Path) -> None:
     lib = Library([folder], index=tmp_path / "i.sqlite3")
     shutil.copy(EXAMPLES / "demo_style.safetensors", folder / "fresh.safetensors")
-    assert lib.resolve("fresh") == folder / "fresh.safetensors"
+    assert lib.resolve("fresh").path == folder / "fresh.safetensors"
 
 
 def test_hashes_are_computed_once_and_kept(folder: Path, tmp_path: Path) -> None:
@@ -183,7 +185,8 @@ def test_hashes_are_computed_once_and_kept(folder: Path, tmp_path: Path) -> None
     h = lib.hashes(e)
     truth = file_hashes(e.path)
     assert (h["sha256"], h["a1111_short"]) == (truth.sha256, truth.a1111_short)
-    assert Library([folder], index=index).store.hashes(str(e.path)) == (truth.sha256, truth.addnet)
+    row = Library([folder], index=index).store.db.execute("SELECT sha256, addnet FROM hashes").fetchall()
+    assert row == [(truth.sha256, truth.addnet)]
 
 
 def test_full_metadata_is_read_once_then_kept_until_the_file_changes(folder: Path, tmp_path: Path) -> None:
@@ -201,7 +204,7 @@ def test_full_metadata_is_read_once_then_kept_until_the_file_changes(folder: Pat
 
 
 def test_incompatibility_reasons() -> None:
-    assert incompatibility("sd1", "sd1") is None and incompatibility("unknown", "sdxl") is None
+    assert incompatibility("sd1", "sd1") is None and incompatibility("unknown", "sdxl") is None  # fit: "maybe"
     assert incompatibility("sdxl", "sd1") == "made for Stable Diffusion XL; the model is Stable Diffusion 1.x"
     assert "demo model" in str(incompatibility("sd1", "demo"))
     assert "does not apply" in str(incompatibility("Flux", "sdxl"))

@@ -126,3 +126,58 @@ def test_glora_layout_when_input_width_equals_rank(kind: str) -> None:
     adapter, _ = build_adapter(adapter_tensors(kind, tuple(w.shape), rank=4), "conv_in")
     assert adapter.old_layout == (kind == "glora-old")
     assert adapter.shape_error(w.shape) is None and adapter.delta(w, 1.0).shape == w.shape
+
+
+@pytest.mark.parametrize("module", [torch.nn.Conv2d(4, 32, 3, padding=1), torch.nn.Linear(4, 32)],
+                         ids=["conv_in", "linear"])
+def test_glora_with_input_narrower_than_rank_equals_lycoris(module: torch.nn.Module) -> None:
+    """conv_in has 4 input channels; GLoRA of rank 8 on it (a1 (4, 8), a2 (8, 4), b1 (32, 8), b2 (8, 4, 3, 3)) is
+    read in the new layout with rank 8 and applied exactly as LyCORIS merges it."""
+    from lycoris.modules.glora import GLoRAModule
+
+    ref = GLoRAModule("lycoris_x", module, 1.0, lora_dim=8, alpha=4.0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    merged, _ = ref.get_merged_weight(multiplier=1.0, shape=module.weight.shape, device=torch.device("cpu"))
+    adapter, rest = build_adapter({k: v.detach().clone() for k, v in ref.state_dict().items()}, "x")
+    assert rest == [] and adapter.rank == 8 and not adapter.old_layout
+    assert adapter.shape_error(module.weight.shape) is None
+    w = module.weight.detach()
+    torch.testing.assert_close(w + adapter.delta(w, 1.0), merged.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_loha_factors_of_different_ranks() -> None:
+    """Each Hadamard factor is a product of its own pair; their ranks need not agree (α/r uses w1's)."""
+    g = torch.Generator().manual_seed(0)
+    w1a, w1b, w2a, w2b = (torch.randn(s, generator=g) for s in ((6, 4), (4, 5), (6, 2), (2, 5)))
+    adapter, _ = build_adapter({"hada_w1_a": w1a, "hada_w1_b": w1b, "hada_w2_a": w2a, "hada_w2_b": w2b,
+                                "alpha": torch.tensor(2.0)}, "x")
+    assert adapter.shape_error(torch.Size((6, 5))) is None
+    torch.testing.assert_close(adapter.delta(torch.zeros(6, 5), 1.0), 0.5 * (w1a @ w1b) * (w2a @ w2b))
+
+
+def test_flattened_lokr_factor_is_the_same_change() -> None:
+    """LoKr's w2_b may hold a conv's (in₂, kh, kw) flattened to in₂·kh·kw columns: the same ΔW."""
+    t = adapter_tensors("lokr-decomposed", (36, 24, 3, 3))
+    flat = {**t, "lokr_w2_b": t["lokr_w2_b"].reshape(t["lokr_w2_b"].shape[0], -1)}
+    w = torch.randn(36, 24, 3, 3)
+    a, _ = build_adapter(t, "x")
+    b, _ = build_adapter(flat, "x")
+    assert b.shape_error(w.shape) is None
+    torch.testing.assert_close(b.delta(w, 1.0), a.delta(w, 1.0))
+    assert b.shape_error(torch.Size((36, 24, 2, 2))) is not None  # 54 columns are no whole 2×2 kernels
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_delta_is_made_on_the_device_of_its_tensors(kind: str) -> None:
+    """Every tensor the math makes is created beside its inputs: with factors and weight on the ``meta`` device
+    (standing in for CUDA/MPS; scalars stay on the CPU, as ``patch.placement`` keeps them), any tensor made on the
+    CPU would fail to combine."""
+    for shape in ((36, 24), (36, 24, 3, 3)):
+        leaves = {k: v if v.dim() == 0 else v.to("meta") for k, v in adapter_tensors(kind, shape).items()}
+        adapter, _ = build_adapter(leaves, "x")
+        for strength in (1.0, 0.7):
+            d = adapter.delta(torch.empty(shape, device="meta"), strength)
+            assert d.device.type == "meta" and d.shape == shape

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
+import os
+import re
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -112,16 +116,16 @@ def test_failed_request_leaves_weights_original(server: tuple[str, Any]) -> None
     assert "ink_sketch_sd15" in r.json()["detail"]
     assert_original(comps, pristine)
     generator = state.queue.generator
-    original_run = generator._run
+    original_sample = generator._sample
 
     def broken(*args: Any, **kw: Any) -> Any:  # fails mid-generation, LoRAs applied
         raise RuntimeError("out of memory (simulated)")
 
-    generator._run = broken
+    generator._sample = broken
     try:
         assert _post(url, {"prompt": "x <lora:loha_style:1>", **SMALL}).status_code == 500
     finally:
-        generator._run = original_run
+        generator._sample = original_sample
     assert_original(comps, pristine)
     assert _post(url, {"prompt": "x <lora:loha_style:1>", **SMALL}).ok
 
@@ -148,6 +152,111 @@ def test_progress_reports_the_running_job(server: tuple[str, Any]) -> None:
 def test_limits_are_422_with_the_field(server: tuple[str, Any], body: dict[str, Any], field: str) -> None:
     r = _post(server[0], body)
     assert r.status_code == 422 and field in r.text
+
+
+BODY = '{"prompt": "a", "steps": 2, "width": 64, "height": 64, %s}'
+
+
+@pytest.mark.parametrize("field, where", [
+    ('"cfg_scale": NaN', ["body", "cfg_scale"]), ('"cfg_scale": Infinity', ["body", "cfg_scale"]),
+    ('"steps": -Infinity', ["body", "steps"]), ('"cfg_scale": 1e400', ["body", "cfg_scale"]),
+    ('"some_future_field": {"x": [1, NaN]}', ["body", "some_future_field", "x", 1]),
+    ('"override_settings": {"x": 1e999}', ["body", "override_settings", "x"]),
+    ('"negative_prompt": "bad \\udc80 text"', ["body", "negative_prompt"]),
+    ('"styles": ["\\ud800"]', ["body", "styles", 0]),
+    ('"seed": 18446744073709551616', ["body", "seed"]), ('"seed": -2', ["body", "seed"]),
+    ('"seed": ' + "7" * 5000, ["body", "seed"]),
+    ('"override_settings": {"CLIP_stop_at_last_layers": "abc"}', ["body", "override_settings",
+                                                                   "CLIP_stop_at_last_layers"]),
+    ('"override_settings": {"CLIP_stop_at_last_layers": 1000}', ["body", "override_settings",
+                                                                  "CLIP_stop_at_last_layers"]),
+    ('"override_settings": {"CLIP_stop_at_last_layers": true}', ["body", "override_settings",
+                                                                  "CLIP_stop_at_last_layers"]),
+    ('"x": ' + "[" * 100 + "]" * 100, ["body", "x"] + [0] * 63),
+])
+def test_odd_json_values_are_422_naming_the_field(server: tuple[str, Any], field: str, where: list[Any]) -> None:
+    """Python's json reads NaN, Infinity, 1e400 and lone surrogates; each used to end in a 500."""
+    r = requests.post(f"{server[0]}/sdapi/v1/txt2img", data=(BODY % field).encode(), timeout=60,
+                      headers={"Content-Type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["loc"] == where, r.text
+
+
+def test_lone_surrogate_in_the_prompt_is_422(server: tuple[str, Any]) -> None:
+    r = requests.post(f"{server[0]}/sdapi/v1/txt2img", data=b'{"prompt": "a \\ud800 <lora:demo_style:1>"}',
+                      headers={"Content-Type": "application/json"}, timeout=60)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "prompt"]
+    assert "lone surrogate" in r.json()["detail"][0]["msg"]
+    r = requests.post(f"{server[0]}/sdapi/v1/txt2img", data=b'{"prompt": "\xff"}', timeout=60,
+                      headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and "UTF-8" in r.text
+
+
+def test_options_are_checked_and_cannot_poison_later_requests(server: tuple[str, Any]) -> None:
+    url, (state, _) = server
+    before = requests.get(f"{url}/sdapi/v1/options", timeout=30).json()
+    for bad in ("abc", 9, 10 ** 6, 0, -1, 1.5, True, None, [2]):
+        r = requests.post(f"{url}/sdapi/v1/options", json={"CLIP_stop_at_last_layers": bad}, timeout=30)
+        assert r.status_code == 422, bad
+        assert r.json()["detail"][0]["loc"] == ["body", "CLIP_stop_at_last_layers"]
+        assert f"from 1 to {state.clip_layers}" in r.json()["detail"][0]["msg"]
+    r = requests.post(f"{url}/sdapi/v1/options", json={"lorakit_auto_trigger_words": "maybe"}, timeout=30)
+    assert r.status_code == 422 and "true or false" in r.text
+    # a bad value among good ones changes nothing
+    r = requests.post(f"{url}/sdapi/v1/options", json={"samples_format": "jpg", "CLIP_stop_at_last_layers": "x"},
+                      timeout=30)
+    assert r.status_code == 422
+    # unknown keys: accepted and ignored, as A1111 does
+    assert requests.post(f"{url}/sdapi/v1/options", json={"show_progress_every_n_steps": 5}, timeout=30).ok
+    assert requests.get(f"{url}/sdapi/v1/options", timeout=30).json() == before
+    assert _post(url, {"prompt": "a cat", **SMALL}).ok
+
+
+def test_prompt_length_is_capped(server: tuple[str, Any]) -> None:
+    """20,000 characters a prompt: a 120k-character BREAK prompt or a 10M-character one must not hold the only
+    worker (they did for > 60 s); the 422 names the field and the limit and does not echo the prompt."""
+    url = server[0]
+    assert _post(url, {"prompt": "a, " * 6666, **SMALL}).ok  # 19,998 characters
+    for field, text in (("prompt", "BREAK " * 20_000), ("negative_prompt", "x" * 20_001), ("prompt", "a" * 10 ** 7)):
+        start = time.perf_counter()
+        r = _post(url, {field: text, **SMALL} if field == "prompt" else {"prompt": "a", field: text, **SMALL})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", field]
+        assert "at most 20000 characters" in r.json()["detail"][0]["msg"]
+        assert len(r.content) < 2000 and time.perf_counter() - start < 30
+
+
+def test_malformed_tag_is_refused_before_queueing(server: tuple[str, Any]) -> None:
+    r = _post(server[0], {"prompt": "a <lora:demo_style:nan>", **SMALL})
+    assert r.status_code == 422 and r.json()["error"] == "PromptSyntaxError" and "column 20" in r.json()["detail"]
+
+
+def test_refresh_counts_are_whole_numbers_and_favicon(server: tuple[str, Any]) -> None:
+    counts = requests.post(f"{server[0]}/lorakit/v1/refresh", timeout=30).json()
+    assert counts["files"] == 4 and all(type(counts[k]) is int for k in ("files", "parsed", "sidecars", "removed"))
+    assert isinstance(counts["seconds"], float)
+    icon = requests.get(f"{server[0]}/favicon.ico", timeout=30)
+    assert icon.ok and icon.headers["content-type"].startswith("image/svg+xml")
+
+
+def test_one_log_line_per_request(server: tuple[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="lorakit.server"):
+        assert _post(server[0], {"prompt": "a <lora:demo_style:0.5>", "negative_prompt": "<lora:loha_style:1>",
+                                 **SMALL}).ok
+        requests.get(f"{server[0]}/sdapi/v1/options", timeout=30)
+        requests.get(f"{server[0]}/sdapi/v1/progress", timeout=30)  # a poll: not logged
+        _post(server[0], {"prompt": "a", "width": 63})
+        ours = ("/sdapi/v1/txt2img", "/sdapi/v1/options", "/sdapi/v1/progress")
+        deadline = time.time() + 10  # a line is written once the response is sent: the client may be first
+        while True:
+            lines = [r.getMessage() for r in caplog.records
+                     if r.name == "lorakit.server" and r.getMessage().split()[1] in ours]
+            if len(lines) >= 3 or time.time() > deadline:
+                break
+            time.sleep(0.05)
+    assert len(lines) == 3, lines
+    assert re.fullmatch(r"POST /sdapi/v1/txt2img 200 \d+\.\d\d s LoRAs: demo_style, loha_style", lines[0])
+    assert re.fullmatch(r"GET /sdapi/v1/options 200 \d+\.\d\d s", lines[1])
+    assert lines[2].startswith("POST /sdapi/v1/txt2img 422 ")
 
 
 def test_malformed_json_is_422(server: tuple[str, Any]) -> None:
@@ -199,7 +308,6 @@ def test_api_auth(tmp_path: Path) -> None:
 
 def test_lorakit_serve_command_with_webuiapi(tmp_path: Path) -> None:
     """The real command, as a user starts it: embedded demo model, a LoRA folder, localhost."""
-    import os
     import subprocess
     import sys
 
@@ -227,3 +335,19 @@ def test_lorakit_serve_command_with_webuiapi(tmp_path: Path) -> None:
         proc.terminate()
         out = proc.communicate(timeout=30)[0]
     assert f"http://127.0.0.1:{port}/" in out
+    # one line per request by default (no -v): method, path, status, time, and the LoRAs of a txt2img
+    assert re.search(r"^POST /sdapi/v1/txt2img 200 \d+\.\d\d s LoRAs: demo_style$", out, re.M), out
+
+
+def test_lorakit_serve_port_in_use_is_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "lorakit.cli", "serve", "--port", str(port)], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120, env={**os.environ, "LORAKIT_LORA_DIRS": ""})
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"lorakit serve: port {port} is in use" and "serving" not in proc.stdout

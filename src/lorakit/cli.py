@@ -4,23 +4,36 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from .errors import LorakitError
-from .keymap.arch import LORA_BASES
+from .keymap.arch import LORA_BASES, Arch
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .describe import as_text, describe
+    """Each file in turn: a bad one is one error line (stderr) and the rest are still reported; exit 2 at the end
+    if any failed. ``--json``: one object for one file (nothing when it fails), else a list in which a bad file
+    is ``{"schema", "file", "error"}``."""
+    from .describe import as_text, describe, failure
     from .lora_model import load_lora
 
-    for i, path in enumerate(args.files):
-        info = describe(path, load_lora(path, strict=args.strict))
-        if args.json:
-            print(json.dumps(info, indent=2))
-        else:
-            print(("\n" if i else "") + as_text(info))
-    return 0
+    infos, failed = [], False
+    for path in args.files:
+        try:
+            info = describe(path, load_lora(path, strict=args.strict))
+        except LorakitError as e:
+            failed = True
+            sys.stdout.flush()  # keep the error line in its place among the reports
+            print(f"lorakit: error: {e}", file=sys.stderr)
+            infos.append(failure(path, e))
+            continue
+        infos.append(info)
+        if not args.json:
+            print(("\n" if len(infos) > 1 else "") + as_text(info), flush=True)
+    if args.json and (len(infos) > 1 or not failed):
+        print(json.dumps(infos if len(infos) > 1 else infos[0], indent=2))
+    return 2 if failed else 0
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -34,7 +47,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config)
     prompts = _prompts(args)
-    model = load_model(args.model or settings.model)
+    model = load_model(args.model or settings.model, **settings.device_options(args))
     embedding_dirs = args.embeddings_dir or settings.embedding_dirs
     generator = Generator(model, LoraIndex(args.lora_dir or settings.lora_dirs),
                           EmbeddingIndex(embedding_dirs) if embedding_dirs else None)
@@ -44,7 +57,7 @@ def _generate(args: argparse.Namespace) -> int:
     try:
         for prompt in prompts:
             req = Request(prompt, args.negative, args.steps, args.cfg, args.sampler, args.seed, args.width,
-                          args.height, args.batch, args.clip_skip)
+                          args.height, args.batch, args.clip_skip, args.auto_triggers)
             result = generator(req)
             for image, text in zip(result.images, result.infotexts):
                 n += 1
@@ -71,7 +84,9 @@ def _list(args: argparse.Namespace) -> int:
         print(json.dumps({"schema": SCHEMA, "loras": [entry_dict(e) for e in entries]}, indent=2))
     else:
         print(as_table(entries))
-        print(f"{len(entries)} of {len(library.entries)} LoRAs")
+        bad = sum(1 for e in entries if e.error)
+        total = len(library.entries)
+        print(f"{len(entries)} of {total} LoRA{'' if total == 1 else 's'}" + (f", {bad} unreadable" if bad else ""))
     return 0
 
 
@@ -96,7 +111,8 @@ def _add_generate(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") ->
     p = sub.add_parser("generate", help="generate images; LoRAs from <lora:NAME:W> tags in the prompt")
     p.add_argument("prompt", nargs="?", help="the prompt, LoRA tags included")
     p.add_argument("-n", "--negative", default="", help="negative prompt (LoRA tags work here too)")
-    p.add_argument("-m", "--model", help="a diffusers model folder; default: the embedded demo model")
+    p.add_argument("-m", "--model", help="a diffusers model folder or a single-file checkpoint (.safetensors/.ckpt "
+                                         "of SD1.x, SD2.x or SDXL); default: the embedded demo model")
     p.add_argument("-l", "--lora-dir", action="append", help="LoRA folder (repeatable); also $LORAKIT_LORA_DIRS "
                                                              "or lora_dirs in lorakit.toml")
     p.add_argument("-e", "--embeddings-dir", action="append", help="textual-inversion embeddings folder "
@@ -111,31 +127,46 @@ def _add_generate(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") ->
     p.add_argument("--clip-skip", type=int, help="text-encoder layer from the end (default 1, or the LoRA's "
                                                  "ss_clip_skip)")
     p.add_argument("--prompts-file", help="one prompt per line, each with its own LoRAs; # starts a comment")
+    p.add_argument("--auto-triggers", action="store_true", help="add each LoRA's declared trigger words that the "
+                                                                "prompt lacks (off by default)")
     p.add_argument("-o", "--output", default="lorakit.png", help="PNG path; numbered when there are several")
     p.add_argument("--config", help="settings file (default ./lorakit.toml, then ~/.config/lorakit/config.toml)")
+    _add_device_args(p)
     p.set_defaults(func=_generate, verbose_default=True)
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import errno
+
     import uvicorn
 
     from .library import EmbeddingIndex, Library
     from .models.loading import load_model
-    from .server import create_app
+    from .server import create_app, listen
     from .settings import load_settings
 
+    try:  # before the model loads: a port in use is one line at once, not a traceback after "serving on …"
+        sock = listen(args.host, args.port)
+    except OSError as e:
+        problem = "is in use" if e.errno == errno.EADDRINUSE else f"cannot be opened on {args.host}: {e.strerror or e}"
+        print(f"lorakit serve: port {args.port} {problem}", file=sys.stderr)
+        return 2
     settings = load_settings(args.config)
     dirs = args.lora_dir or settings.lora_dirs
     embedding_dirs = args.embeddings_dir or settings.embedding_dirs
     library = Library(dirs)
     print(f"{len(library.entries)} LoRAs in {', '.join(str(d) for d in dirs) or '(no folder)'} "
           f"({library.last_scan['seconds']:.2f} s)")
-    app = create_app(load_model(args.model or settings.model), library,
+    model = load_model(args.model or settings.model, **settings.device_options(args))
+    print(f"model {model.describe()}")
+    app = create_app(model, library,
                      EmbeddingIndex(embedding_dirs) if embedding_dirs else None, args.api_auth, args.auto_triggers)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_auth:
         print(f"warning: listening on {args.host} without --api-auth: anyone who reaches it can generate")
-    print(f"lorakit: serving the page and the A1111 API on http://{args.host}:{args.port}/ (Ctrl+C stops)")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    port = sock.getsockname()[1]
+    print(f"lorakit: serving the page and the A1111 API on http://{args.host}:{port}/ (Ctrl+C stops)", flush=True)
+    logging.getLogger("lorakit.server").setLevel(logging.INFO)  # one line per request, -v or not
+    uvicorn.Server(uvicorn.Config(app, host=args.host, port=port, log_level="warning")).run(sockets=[sock])
     return 0
 
 
@@ -151,13 +182,33 @@ def _add_serve(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> No
     p.add_argument("--auto-triggers", action="store_true", help="add each LoRA's declared trigger words that the "
                                                                 "prompt lacks (off by default)")
     p.add_argument("--config", help="settings file (default ./lorakit.toml, then ~/.config/lorakit/config.toml)")
+    _add_device_args(p)
     p.set_defaults(func=_serve, verbose_default=False)
+
+
+def _add_device_args(p: argparse.ArgumentParser) -> None:
+    """Where the model runs (every command that runs a model); flags win over $LORAKIT_* and lorakit.toml."""
+    from .settings import DTYPE_CHOICES, ORIGINALS, VRAM_MODES
+
+    g = p.add_argument_group("device", "where the model runs (also $LORAKIT_DEVICE, $LORAKIT_DTYPE, $LORAKIT_VRAM, "
+                                       "$LORAKIT_LORA_ORIGINALS, or the same keys in lorakit.toml)")
+    g.add_argument("--device", help="auto (default: CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps")
+    g.add_argument("--dtype", choices=DTYPE_CHOICES, help="weights' dtype; auto (default): fp16 on CUDA/MPS, fp32 "
+                                                          "on the CPU")
+    g.add_argument("--vram", choices=VRAM_MODES, help="low: model CPU offload (CUDA) + VAE tiling, for 8 GB cards; "
+                                                      "normal (default): VAE tiles from 1536 px; high: never tiles")
+    g.add_argument("--lora-originals", choices=ORIGINALS, help="where the weights LoRAs replace are kept for exact "
+                                                               "restore; auto (default): on the device while free "
+                                                               "memory allows, else in pinned host memory")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA support for Stable Diffusion.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
-    sub = parser.add_subparsers(dest="command", required=True)
+    # -v also after the subcommand: SUPPRESS keeps a subcommand's absent -v from resetting a given one.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log details")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_SubParser(common))
     p = sub.add_parser("inspect", help="show what a LoRA file is: format, type, base, rank, trigger words, hashes")
     p.add_argument("files", nargs="+", metavar="FILE")
     p.add_argument("--json", action="store_true", help="machine-readable output (schema lorakit.inspect/1)")
@@ -167,16 +218,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="the LoRAs in your folders: name, base, type, rank, size, trigger words")
     p.add_argument("-l", "--lora-dir", action="append", help="LoRA folder (repeatable); default: lorakit.toml / "
                                                              "$LORAKIT_LORA_DIRS")
-    p.add_argument("--base", choices=[a.value for a in LORA_BASES], help="only LoRAs for this base model")
+    p.add_argument("--base", choices=[a.value for a in (*LORA_BASES, Arch.DEMO)],
+                   help="only LoRAs for this base model")
     p.add_argument("--search", help="only names, aliases, trigger words or descriptions containing this text")
     p.add_argument("--json", action="store_true", help="machine-readable output (schema lorakit.list/1)")
     p.add_argument("--config", help="settings file (default ./lorakit.toml, then ~/.config/lorakit/config.toml)")
     p.set_defaults(func=_list)
     _add_serve(sub)
+    from .tools.cli import add_tool_commands  # merge, bake, extract, resize, convert
+
+    add_tool_commands(sub)
+    from .batch.cli import add_batch_commands  # grid, batch
+
+    add_batch_commands(sub)
     return parser
 
 
+def _SubParser(common: argparse.ArgumentParser) -> type[argparse.ArgumentParser]:
+    """Sub-parsers that all take the options of ``common``."""
+    class SubParser(argparse.ArgumentParser):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            kwargs.setdefault("parents", [common])
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    return SubParser
+
+
 def main(argv: list[str] | None = None) -> int:
+    # transformers warns on import that torchvision is missing (lorakit never needs it): quiet unless asked.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
     chatty = args.verbose or getattr(args, "verbose_default", False)
     logging.basicConfig(level=logging.INFO if chatty else logging.WARNING, format="%(message)s")

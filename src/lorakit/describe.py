@@ -3,13 +3,15 @@
 Schema ``lorakit.inspect/1`` — keys: schema, file, name, size_bytes, dialect, architecture, network_types, rank,
 ranks, alpha, alphas, layers, modules (per component), embeddings [{name, shape}], unrecognised_keys,
 trigger_words, hashes {sha256, autov2, addnet, a1111_short, sshs_model_hash, sshs_matches}, training {…}.
+A file that cannot be read is ``{schema, file, error}`` in a list of several (``failure``).
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from .files.hashes import file_hashes
+from .errors import LorakitError
+from .files.hashes import cached_hashes
 from .keymap.arch import NAMES
 from .library.training import training_summary, trigger_words
 from .lora_model import LoraModel, load_lora
@@ -27,8 +29,13 @@ def describe(path: str | Path, lora: LoraModel | None = None) -> dict[str, Any]:
         "layers": len(lora.layers), "modules": lora.modules_per_component(),
         "embeddings": [{"name": k, "shape": list(v.shape)} for k, v in lora.embeddings.items()],
         "unrecognised_keys": lora.leftovers, "trigger_words": trigger_words(lora.metadata),
-        "hashes": file_hashes(p, lora.metadata).as_dict(), "training": training_summary(lora.metadata),
+        "hashes": cached_hashes(p, lora.metadata).as_dict(), "training": training_summary(lora.metadata),
     }
+
+
+def failure(path: str | Path, error: LorakitError) -> dict[str, Any]:
+    """The entry of a file that could not be inspected."""
+    return {"schema": SCHEMA, "file": str(path), "error": str(error)}
 
 
 def as_text(info: dict[str, Any]) -> str:

@@ -1,6 +1,7 @@
 """``load_lora(path) -> LoraModel``: a file read into one adapter per target module, with what it targets."""
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -73,11 +74,16 @@ def load_lora(path: str | Path, *, strict: bool = False, name: str | None = None
 
 def lora_from_state_dict(sd: StateDict, metadata: dict[str, str], *, name: str = "lora", path: str | None = None,
                          strict: bool = False) -> LoraModel:
+    """A ``LoraModel`` from tensors and metadata. Raises ``InvalidLora`` for a file whose layers contradict
+    themselves or hold NaN/inf values (a LoRA carrying them only ever makes black images: refused, not applied)."""
     family = archmod.foreign_family(list(sd), metadata)
     if family:
         raise UnsupportedLora(path, f"this is a LoRA for {family}; lorakit applies LoRAs to Stable Diffusion 1.x, "
                                     "2.x and XL only")
-    canonical = to_canonical(sd, metadata)
+    try:
+        canonical = to_canonical(sd, metadata)
+    except InvalidLora as e:
+        raise InvalidLora(path, e.problem) from None
     if canonical is None:
         sample = ", ".join(list(sd)[:3])
         raise UnsupportedLora(path, "no known LoRA key layout (kohya, LyCORIS, diffusers, PEFT, cloneofsimo, "
@@ -89,6 +95,7 @@ def lora_from_state_dict(sd: StateDict, metadata: dict[str, str], *, name: str =
                                 f"{', '.join(leftovers[:3])})")
     if strict and leftovers:
         raise UnmatchedKeys(path, f"{len(leftovers)} keys not understood (strict mode): {', '.join(leftovers[:5])}")
+    _refuse_non_finite(path, layers, canonical.embeddings)
     arch = archmod.detect(canonical.groups, metadata)
     return LoraModel(name, path, canonical.dialect, arch, layers, metadata, canonical.embeddings, leftovers)
 
@@ -106,6 +113,24 @@ def _build_layers(groups: dict[str, dict[str, torch.Tensor]], path: str | None) 
             layers[module] = adapter
         leftovers.extend(f"{module}.{leaf}" for leaf in rest)
     return layers, leftovers
+
+
+def _refuse_non_finite(path: str | None, layers: dict[str, Adapter], embeddings: dict[str, torch.Tensor]) -> None:
+    """``InvalidLora`` naming up to 5 layers (and embeddings) with NaN or inf values, and how many there are."""
+    bad = [p for p, adapter in layers.items() if not all(_finite(t) for t in adapter.leaves().values())]
+    bad += [f"embedding {k}" for k, t in embeddings.items() if not _finite(t)]
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise InvalidLora(path, f"NaN or inf values in {len(bad)} layers: {', '.join(bad[:5])}{more}; a LoRA "
+                                "carrying them would only make black images, so it is not applied")
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """No NaN/inf in ``t``: a float64 sum is finite exactly when every value is (NaN and ±inf propagate), at a third
+    of the cost of ``isfinite().all()``; only a sum that overflows is checked value by value."""
+    if not t.is_floating_point():
+        return True
+    return math.isfinite(t.sum(dtype=torch.float64)) or bool(torch.isfinite(t).all())
 
 
 LoraLike = Union["LoraModel", str, os.PathLike[str]]

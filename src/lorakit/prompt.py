@@ -8,27 +8,27 @@ Grammar (see docs/prompt-syntax.md)::
     value     := number | schedule | lbw     schedule := number "@" number (("," | ";") number "@" number)*
     invokeai  := "withLora(" name ["," number] ")"
 
-Other ``<word:…>`` tags are left in the text with a warning.
+Other ``<word:…>`` tags are left in the text with a warning. A number is a finite ASCII decimal (``0.8``, ``-1``,
+``.5``, ``1e-1``); ``dyn`` a positive whole number. Linear time: each character is scanned O(1) times.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
+from itertools import pairwise
 
-from .errors import LorakitError
+from .errors import PromptSyntaxError
 
-TAG = re.compile(r"<(?P<kind>[A-Za-z_][\w-]*):")
-INVOKE = re.compile(r"withLora\(")
+__all__ = ["LoraRef", "ParsedPrompt", "PromptSyntaxError", "Schedule", "parse_prompt"]
+
+# One pattern for both tag forms: searching for each separately re-scanned the rest of the text at every tag.
+SCAN = re.compile(r"<(?P<kind>[A-Za-z_][\w-]*):|(?P<invoke>withLora\()")
 NAMED = ("te", "unet", "dyn", "in", "mid", "out", "lbw", "start", "stop")
-
-
-class PromptSyntaxError(LorakitError):
-    """A malformed LoRA tag; ``column`` is 1-based in the text that was parsed."""
-
-    def __init__(self, text: str, column: int, problem: str) -> None:
-        self.column = column
-        pointer = " " * (column - 1) + "^"
-        super().__init__(f"prompt, column {column}: {problem}\n  {text}\n  {pointer}")
+# Unambiguous (no two ways to split a run of digits), so a long non-number fails in linear time.
+NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+DYN_DIGITS = 9  # ranks are far below 10⁹; more digits would also meet int()'s 4,300-digit limit
+MAX_WARNINGS = 10
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class Schedule:
         pts = sorted((p * total if fractions else p, v) for p, v in self.points)
         if step <= pts[0][0]:
             return pts[0][1]
-        for (p0, v0), (p1, v1) in zip(pts, pts[1:]):
+        for (p0, v0), (p1, v1) in pairwise(pts):
             if step <= p1:
                 return v0 + (v1 - v0) * (step - p0) / (p1 - p0) if p1 > p0 else v1
         return pts[-1][1]
@@ -113,28 +113,25 @@ def parse_prompt(text: str, *, negative: bool = False) -> ParsedPrompt:
     """Find every LoRA tag in ``text``; return the text without them, the references, and warnings."""
     out = ParsedPrompt(text)
     pieces: list[str] = []
+    others: list[str] = []
     i = 0
-    while i < len(text):
-        m_tag, m_inv = TAG.search(text, i), INVOKE.search(text, i)
-        m = min((x for x in (m_tag, m_inv) if x), key=lambda x: x.start(), default=None)
-        if m is None:
-            break
+    while (m := SCAN.search(text, i)) is not None:
         pieces.append(text[i:m.start()])
-        if m is m_inv:
-            ref, end = _invokeai(text, m.start(), negative)
+        if m.group("invoke"):
+            ref, i = _invokeai(text, m.start(), negative)
         elif m.group("kind").lower() in ("lora", "lyco"):
-            ref, end = _tag(text, m, negative)
+            ref, i = _tag(text, m, negative)
         else:
-            end = m.end()
-            pieces.append(text[m.start():end])
-            out.warnings.append(f"column {m.start() + 1}: <{m.group('kind')}:…> is not a LoRA tag; left in the "
-                                "prompt")
-            i = end
+            pieces.append(m.group())
+            others.append(f"column {m.start() + 1}: <{m.group('kind')}:…> is not a LoRA tag; left in the prompt")
+            i = m.end()
             continue
         out.loras.append(ref)
-        i = end
     pieces.append(text[i:])
     out.text = re.sub(r"[ \t]{2,}", " ", "".join(pieces)).strip()
+    out.warnings = others[:MAX_WARNINGS]
+    if len(others) > MAX_WARNINGS:
+        out.warnings.append(f"… and {len(others) - MAX_WARNINGS} more tags that are not LoRA tags")
     return out
 
 
@@ -176,7 +173,7 @@ def _tag(text: str, m: re.Match[str], negative: bool) -> tuple[LoraRef, int]:
 
 def _key(text: str, key: str, col: int) -> str:
     if key not in NAMED:
-        raise PromptSyntaxError(text, col, f"unknown LoRA argument {key!r}; known: {', '.join(NAMED)}")
+        raise PromptSyntaxError(text, col, f"unknown LoRA argument {_short(key)}; known: {', '.join(NAMED)}")
     return key
 
 
@@ -204,16 +201,25 @@ def _named_value(text: str, key: str, value: str, col: int) -> object:
 
 
 def _number(text: str, value: str, col: int) -> float:
-    try:
-        return float(value)
-    except ValueError:
-        raise PromptSyntaxError(text, col, f"expected a number, got {value!r}") from None
+    if not NUMBER.fullmatch(value):
+        raise PromptSyntaxError(text, col, f"expected a number, got {_short(value)}")
+    number = float(value)
+    if not math.isfinite(number):  # 1e400
+        raise PromptSyntaxError(text, col, f"expected a finite number, got {_short(value)}")
+    return number
 
 
 def _int(text: str, value: str, col: int) -> int:
-    if not value.isdigit() or int(value) < 1:
-        raise PromptSyntaxError(text, col, f"dyn must be a positive whole number, got {value!r}")
-    return int(value)
+    # str.isdigit() accepts "²" and "①", which int() rejects: only ASCII digits are a number here.
+    digits = value.lstrip("0")
+    if not (value.isascii() and value.isdigit()) or not digits or len(digits) > DYN_DIGITS:
+        raise PromptSyntaxError(text, col, f"dyn must be a positive whole number, got {_short(value)}")
+    return int(digits)
+
+
+def _short(value: str, limit: int = 40) -> str:
+    """``repr`` of ``value``, cut to ``limit`` characters (a message never repeats a whole huge prompt)."""
+    return repr(value) if len(value) <= limit else repr(value[:limit]) + f"… ({len(value)} characters)"
 
 
 def _schedule(text: str, value: str, col: int) -> Schedule:
@@ -221,7 +227,7 @@ def _schedule(text: str, value: str, col: int) -> Schedule:
     for item in re.split("[,;]", value):
         v, sep, p = item.replace("~", "@").partition("@")
         if not sep:
-            raise PromptSyntaxError(text, col, f"a schedule is value@position pairs, got {item!r}")
+            raise PromptSyntaxError(text, col, f"a schedule is value@position pairs, got {_short(item)}")
         points.append((_number(text, p.strip(), col), _number(text, v.strip(), col)))
         col += len(item) + 1
     return Schedule(tuple(points))

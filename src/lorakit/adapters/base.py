@@ -1,9 +1,14 @@
-"""The one small interface every network type implements, and the registry that picks one for a layer.
+"""The one small interface every network type implements.
 
-An adapter holds one layer's tensors (kohya/LyCORIS leaf names) and turns them into ΔW for the original weight.
+An adapter holds one layer's tensors (kohya/LyCORIS leaf names, ``keymap.leaves``) and turns them into ΔW for the
+original weight. Two checks keep bad files from reaching torch: ``validate`` (at load, without a model: the
+tensors agree with each other) and ``shape_error`` (before any weight changes: the tensors fit this weight). Both
+read shapes only, so that no tensor larger than the layer's weight is ever made for a file that does not fit it.
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
@@ -12,21 +17,25 @@ from ..errors import InvalidLora
 from . import functional as fn
 
 Tensor = torch.Tensor
+Shape = Sequence[int]
+SCALARS = ("alpha", "scale", "on_input")  # leaves read as one number
 
 
 class Adapter:
-    """One layer of one LoRA. Subclasses set ``kind``, ``detect`` (keys that identify the type) and ``keys``
-    (every leaf they consume), and implement ``delta``."""
+    """One layer of one LoRA. Subclasses set ``kind``, ``detect`` (leaves that identify the type) and ``keys``
+    (every leaf they consume) from ``keymap.leaves``, and implement ``validate``, ``shape_error`` and ``delta``."""
 
     kind: ClassVar[str] = "?"
     detect: ClassVar[tuple[str, ...]] = ()
     keys: ClassVar[tuple[str, ...]] = ()
     changes_bias: ClassVar[bool] = False
     needs_weight: ClassVar[bool] = False  # ΔW depends on W's values, not only its shape
+    bypass: ClassVar[bool] = False  # hook_output needs no ΔW (hooks then call it on every forward, uncached)
 
     def __init__(self, tensors: dict[str, Tensor], where: str) -> None:
         self.t = tensors
         self.where = where
+        self._validate_sizes()
         self.validate()
 
     # -- facts ---------------------------------------------------------------------------------------------
@@ -46,11 +55,16 @@ class Adapter:
         r = self.rank
         return 1.0 if self.alpha is None or not r else self.alpha / r
 
+    def leaves(self) -> dict[str, Tensor]:
+        """Every tensor this layer reads (a wrapper's and its inner adapter's)."""
+        return self.t
+
     def validate(self) -> None:
         """Raise ``InvalidLora`` when the tensors contradict each other (checked at load, before any model)."""
 
-    def shape_error(self, weight_shape: torch.Size) -> str | None:
-        """A message when this layer cannot apply to a weight of ``weight_shape``; ``None`` when it fits."""
+    def shape_error(self, weight_shape: Shape) -> str | None:
+        """A message when this layer cannot apply to a weight of ``weight_shape``; ``None`` when it fits — then
+        ``delta`` is guaranteed to work and to make nothing larger than the weight or a factor."""
         return None
 
     # -- math ----------------------------------------------------------------------------------------------
@@ -87,6 +101,10 @@ class Adapter:
         v = self.t.get(key)
         return None if v is None else v.float()
 
+    def get(self, key: str) -> Tensor:
+        """A leaf that ``validate`` made sure of, in fp32."""
+        return self.t[key].float()
+
     def fail(self, problem: str) -> InvalidLora:
         return InvalidLora(None, f"layer {self.where}: {problem}")
 
@@ -95,9 +113,49 @@ class Adapter:
         if missing:
             raise self.fail(f"{self.kind} layer lacks {', '.join(missing)} (has {', '.join(sorted(self.t))})")
 
+    def dims(self, key: str, *allowed: int, what: str = "") -> Tensor:
+        """``self.t[key]``, which must have one of the ``allowed`` numbers of dimensions."""
+        t = self.t[key]
+        if t.dim() not in allowed:
+            want = " or ".join(f"{n}-d" for n in allowed)
+            raise self.fail(f"{key} must be {what or want}, got shape {tuple(t.shape)}")
+        return t
 
-def numel_error(kind: str, got: int, shape: torch.Size) -> str | None:
-    want = 1
-    for s in shape:
-        want *= s
-    return None if got == want else f"{kind} makes {got} values, the weight {tuple(shape)} has {want}"
+    def _validate_sizes(self) -> None:
+        """Scalars hold one number; every other tensor has at least one value (a zero-size axis, e.g. rank 0,
+        makes nothing to apply)."""
+        for key, t in self.t.items():
+            if key in SCALARS and t.numel() != 1:
+                raise self.fail(f"{key} must be a single number, got shape {tuple(t.shape)}")
+            if t.numel() == 0:
+                raise self.fail(f"{key} has no values (shape {tuple(t.shape)})")
+
+
+def numel(shape: Shape) -> int:
+    return math.prod(shape)
+
+
+def trailing_ones(t: Tensor) -> bool:
+    """``(a, b)`` or ``(a, b, 1, …)``: a factor that a 1×1 convolution or a Linear would hold."""
+    return t.dim() >= 2 and all(s == 1 for s in t.shape[2:])
+
+
+def same_kernel(got: Shape, want: Shape) -> bool:
+    """Kernel axes agree: equal, or both 1×1 / none (a Linear's (out, in) and a 1×1 conv's (out, in, 1, 1))."""
+    return tuple(got) == tuple(want) or numel(got) == numel(want) == 1
+
+
+def fits_columns(tail: Shape, weight_shape: Shape) -> bool:
+    """A factor's trailing axes ``tail`` (after its rank axis) give W's columns ``(in, k…)``: the same axes, or one
+    flattened axis of in·k·k values (row-major, as LyCORIS stores LoHa and flattened LoKr factors)."""
+    want = tuple(weight_shape[1:])
+    if len(tail) == 1:
+        return tail[0] == numel(want)
+    return tail[0] == want[0] and same_kernel(tuple(tail[1:]), want[1:])
+
+
+def weight_kind_error(kind: str, weight_shape: Shape) -> str | None:
+    """Linear/Conv2d weights only: the types below act on (out, in[, kh, kw]) matrices."""
+    if len(weight_shape) in (2, 4):
+        return None
+    return f"{kind} applies to Linear and Conv2d weights, this one is {tuple(weight_shape)}"

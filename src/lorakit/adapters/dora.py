@@ -2,24 +2,30 @@
 
 The convention is told apart by the shape of the magnitude: ``(out, 1, …)`` or ``(out,)`` is per output row
 (PEFT, LyCORIS since Dec 2024), ``(1, in, …)`` per input column (older LyCORIS). Tools that assume one of them
-scramble the other silently; we never guess from anything but the shape.
+scramble the other silently; we never guess from anything but the shape, and refuse any other shape.
 """
 from __future__ import annotations
 
-import torch
-
+from ..keymap.leaves import TYPE_LEAVES
 from . import functional as fn
-from .base import Adapter, Tensor
+from .base import Adapter, Shape, Tensor, weight_kind_error
 
 
 class DoRA(Adapter):
     needs_weight = True
     kind = "dora"
-    keys = ("dora_scale",)
+    keys = TYPE_LEAVES["dora"]
 
     def __init__(self, inner: Adapter, magnitude: Tensor, where: str) -> None:
         self.inner = inner
         super().__init__({"dora_scale": magnitude}, where)
+
+    def validate(self) -> None:
+        m = self.magnitude
+        axis = 0 if self.per_output else 1
+        if m.dim() > 1 and any(s != 1 for i, s in enumerate(m.shape) if i != axis):
+            raise self.fail(f"dora_scale must be (out, 1, …) per output or (1, in, …) per input, got shape "
+                            f"{tuple(m.shape)}")
 
     @property
     def magnitude(self) -> Tensor:
@@ -44,13 +50,15 @@ class DoRA(Adapter):
     def alpha(self) -> float | None:
         return self.inner.alpha
 
-    def shape_error(self, weight_shape: torch.Size) -> str | None:
-        err = self.inner.shape_error(weight_shape)
+    def leaves(self) -> dict[str, Tensor]:
+        return {**self.inner.leaves(), **self.t}
+
+    def shape_error(self, weight_shape: Shape) -> str | None:
+        err = self.inner.shape_error(weight_shape) or weight_kind_error("DoRA", weight_shape)
         if err:
             return err
         axis = 0 if self.per_output else 1
-        n = self.magnitude.numel()
-        if n != weight_shape[axis]:
+        if self.magnitude.numel() != weight_shape[axis]:
             side = "output" if self.per_output else "input"
             return f"dora_scale {tuple(self.magnitude.shape)} ({side} convention) does not fit the weight " \
                    f"{tuple(weight_shape)}"
@@ -58,4 +66,4 @@ class DoRA(Adapter):
 
     def delta(self, weight: Tensor, strength: float, dyn: int | None = None) -> Tensor:
         inner = self.inner.delta(weight, 1.0, dyn)
-        return fn.dora_delta(weight, inner, self.magnitude.float(), self.per_output, strength)
+        return fn.dora_delta(weight, inner, self.get("dora_scale"), self.per_output, strength)

@@ -1,8 +1,11 @@
-"""All the math of every network type, as pure functions on fp32 tensors.
+"""All the math of every network type, as pure functions on fp32 tensors (differentiable: training runs through
+them).
 
 Shapes: W is the original weight ``(out, in[, kh, kw])``. Every ``*_delta`` returns ΔW with W's shape at unit
 user strength unless it takes ``strength``; callers add ``strength · ΔW`` for the types that are linear in it.
 The formulas are those of ``LORA_FORMATS.md``; the ``lycoris-lora`` package is the reference the tests hold us to.
+No function here checks shapes: the adapters' ``shape_error`` has, before any of them runs, and every
+intermediate below is at most the size of W or of a factor.
 """
 from __future__ import annotations
 
@@ -17,13 +20,36 @@ def flat2(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], -1)
 
 
+def per_channel(t: Tensor, v: Tensor, axis: int) -> Tensor:
+    """``t`` with every slice along ``axis`` multiplied by the matching value of ``v`` (numel = t.shape[axis])."""
+    view = [1] * t.dim()
+    view[axis] = -1
+    return t * v.reshape(view)
+
+
+def tucker(core: Tensor, wa: Tensor, wb: Tensor) -> Tensor:
+    """The one Tucker rebuild: core (r1, r2, k…), wa (r1, out), wb (r2, in) → (out, in, k…),
+    X[p,q,…] = Σᵢⱼ core[i,j,…]·wa[i,p]·wb[j,q]."""
+    return torch.einsum("i j ..., i p, j q -> p q ...", core, wa, wb)
+
+
 def lora_delta(up: Tensor, down: Tensor, mid: Tensor | None, scale: float, shape: torch.Size) -> Tensor:
     """LoRA / LoCon: ΔW = s·(up @ down); Tucker (``mid`` (r, r, kh, kw)):
     ΔW[i,j,k,l] = s·Σ up[i,n]·mid[n,m,k,l]·down[m,j]."""
     if mid is None:
         return (flat2(up) @ flat2(down)).mul_(scale).reshape(shape)
-    d = torch.einsum("n m k l, i n, m j -> i j k l", mid, flat2(up), flat2(down))
-    return d.mul_(scale).reshape(shape)
+    return tucker(mid, flat2(up).t(), flat2(down)).mul_(scale).reshape(shape)
+
+
+def lora_add(acc: Tensor, up: Tensor, down: Tensor, scale: float) -> None:
+    """acc += s·(up @ down) in place, without a ΔW temporary; ``acc`` fp32 with W's shape."""
+    acc.view(acc.shape[0], -1).addmm_(flat2(up), flat2(down), alpha=scale)
+
+
+def lora_write(out: Tensor, weight: Tensor, up: Tensor, down: Tensor, scale: float) -> None:
+    """out = W + s·(up @ down) in one pass (fp32 ``out`` and ``weight`` of W's shape)."""
+    torch.addmm(weight.view(weight.shape[0], -1), flat2(up), flat2(down), alpha=scale,
+                out=out.view(out.shape[0], -1))
 
 
 def add_low_rank_rows(acc: Tensor, up: Tensor, down: Tensor, rows: slice, alpha: float) -> None:
@@ -31,29 +57,26 @@ def add_low_rank_rows(acc: Tensor, up: Tensor, down: Tensor, rows: slice, alpha:
     acc.addmm_(up[rows], down, alpha=alpha)
 
 
-def _tucker(t: Tensor, wa: Tensor, wb: Tensor) -> Tensor:
-    """LyCORIS Tucker rebuild: t (r, r, k…), wa (r, out), wb (r, in) → (out, in, k…)."""
-    return torch.einsum("i j ..., i p, j r -> p r ...", t, wa, wb)
-
-
 def loha_delta(w1a: Tensor, w1b: Tensor, w2a: Tensor, w2b: Tensor, t1: Tensor | None, t2: Tensor | None,
                scale: float, shape: torch.Size) -> Tensor:
-    """LoHa: ΔW = s·(w1a@w1b) ⊙ (w2a@w2b); with Tucker each factor is rebuilt from (t, wa, wb)."""
+    """LoHa: ΔW = s·(w1a@w1b) ⊙ (w2a@w2b); with Tucker each factor is ``tucker(t, wa, wb)``."""
     if t1 is not None and t2 is not None:
-        d = _tucker(t1, w1a, w1b) * _tucker(t2, w2a, w2b)
+        d = tucker(t1, w1a, w1b) * tucker(t2, w2a, w2b)
     else:
         d = (flat2(w1a) @ flat2(w1b)) * (flat2(w2a) @ flat2(w2b))
     return d.mul_(scale).reshape(shape)
 
 
-def lokr_factor2(w2: Tensor | None, w2a: Tensor | None, w2b: Tensor | None, t2: Tensor | None) -> Tensor:
-    """The second Kronecker factor: given, ``w2a @ w2b`` (conv: (out2, r)@(r, in2·k·k)), or Tucker."""
-    if w2 is not None:
-        return w2
-    assert w2a is not None and w2b is not None  # guaranteed by the adapter's reader
-    if t2 is not None:
-        return _tucker(t2, w2a, w2b)
-    return (w2a @ flat2(w2b)).reshape(w2a.shape[0], *w2b.shape[1:])
+def lokr_factor(w: Tensor | None, wa: Tensor | None, wb: Tensor | None, t: Tensor | None) -> Tensor:
+    """A Kronecker factor: given whole, or ``wa @ wb`` (conv: (out₂, r)@(r, in₂·k·k) keeping ``wb``'s trailing
+    axes), or Tucker ``tucker(t, wa, wb)``; the adapter guarantees one complete form."""
+    if w is not None:
+        return w
+    if wa is None or wb is None:
+        raise ValueError("a LoKr factor needs w, or wa and wb")
+    if t is not None:
+        return tucker(t, wa, wb)
+    return (wa @ flat2(wb)).reshape(wa.shape[0], *wb.shape[1:])
 
 
 def lokr_delta(w1: Tensor, w2: Tensor, scale: float, shape: torch.Size) -> Tensor:
@@ -65,26 +88,18 @@ def lokr_delta(w1: Tensor, w2: Tensor, scale: float, shape: torch.Size) -> Tenso
 
 def ia3_delta(weight: Tensor, vector: Tensor, on_input: bool) -> Tensor:
     """IA3: ΔW = W ⊙ w, w broadcast along the input axis (1) if ``on_input`` else along the output axis (0)."""
-    v = vector.flatten()
-    view = [1] * weight.dim()
-    view[1 if on_input else 0] = v.numel()
-    return weight * v.reshape(view)
+    return per_channel(weight, vector, 1 if on_input else 0)
 
 
-def glora_delta(weight: Tensor, a1: Tensor, a2: Tensor, b1: Tensor, b2: Tensor, scale: float) -> Tensor:
-    """GLoRA, new layout (a1 (in,r), a2 (r,in), b1 (out,r), b2 (r,in)): ΔW = s·(W·A1·A2 + B1·B2), the A product
-    acting on the input axis (axis 1) of a conv weight."""
-    wa = flat2(a1) @ flat2(a2)  # (in, in)
-    w_a = torch.einsum("o i ..., i j -> o j ...", weight, wa)
-    wb = (flat2(b1) @ flat2(b2)).reshape(weight.shape)
-    return (w_a + wb).mul_(scale)
-
-
-def glora_old_delta(weight: Tensor, a1: Tensor, a2: Tensor, b1: Tensor, b2: Tensor, scale: float) -> Tensor:
-    """GLoRA, old layout (a1 (r,in), a2 (in,r), b1 (r,in), b2 (out,r)): ΔW = s·(B2·B1 + W·A2·A1)."""
-    wa = flat2(a2) @ flat2(a1)
-    w_a = torch.einsum("o i ..., i j -> o j ...", weight, wa)
-    wb = (flat2(b2) @ flat2(b1)).reshape(weight.shape)
+def glora_delta(weight: Tensor, a1: Tensor, a2: Tensor, b1: Tensor, b2: Tensor, scale: float,
+                old_layout: bool) -> Tensor:
+    """GLoRA: ΔW = s·(W·A + B) with A = A1·A2 acting on the input axis (axis 1) and B = B1·B2, in the new layout
+    (a1 (in, r), a2 (r, in), b1 (out, r), b2 (r, in·k·k)); the old one (a1 (r, in), a2 (in, r), b1 (r, in·k·k),
+    b2 (out, r)) is ΔW = s·(W·A2·A1 + B2·B1). W·A is computed as (W·A₁)·A₂, never forming the (in, in) A."""
+    first, second, up, down = (a2, a1, b2, b1) if old_layout else (a1, a2, b1, b2)
+    w_a = torch.einsum("o i ..., i r -> o r ...", weight, flat2(first))
+    w_a = torch.einsum("o r ..., r j -> o j ...", w_a, flat2(second))
+    wb = (flat2(up) @ flat2(down)).reshape(weight.shape)
     return (w_a + wb).mul_(scale)
 
 
@@ -97,7 +112,13 @@ def cayley(blocks: Tensor, constraint: float) -> Tensor:
         if norm > constraint:
             q = q * (constraint / norm)
     eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
-    return (eye + q) @ torch.linalg.inv(eye - q)
+    rotation: Tensor = (eye + q) @ torch.linalg.inv(eye - q)
+    return rotation
+
+
+def oft_diag_rotation(rotation: Tensor, rescale: Tensor | None) -> Tensor:
+    """Old LyCORIS ``oft_diag`` (n, b, b) is R itself; its ``rescale`` (n·b values) scales R's rows per block."""
+    return rotation if rescale is None else rescale.reshape(rotation.shape[0], -1, 1) * rotation
 
 
 def oft_rotate(weight: Tensor, r: Tensor) -> Tensor:
@@ -108,11 +129,11 @@ def oft_rotate(weight: Tensor, r: Tensor) -> Tensor:
 
 
 def oft_delta(weight: Tensor, rotation: Tensor, rescale: Tensor | None, strength: float) -> Tensor:
-    """OFT: ΔW = m·(rescale ⊙ R·W − W) for block rotations R (n, b, b) — the Cayley transform of ``oft_blocks``,
-    or old LyCORIS ``oft_diag`` as stored."""
+    """OFT: ΔW = m·(rescale ⊙ R·W − W) for block rotations R (n, b, b) — the Cayley transform of
+    ``oft_blocks``, or old LyCORIS ``oft_diag`` as stored; ``rescale`` (out values) per output row."""
     rotated = oft_rotate(weight, rotation)
     if rescale is not None:
-        rotated = rotated * rescale.reshape(-1, *[1] * (weight.dim() - 1))
+        rotated = per_channel(rotated, rescale, 0)
     return (rotated - weight).mul_(strength)
 
 
@@ -121,17 +142,17 @@ def boft_delta(weight: Tensor, blocks: Tensor, constraint: float, rescale: Tenso
     moves every stage towards the identity (LyCORIS): Rᵢ(m) = m·Rᵢ + (1−m)·I; ΔW = rescale ⊙ W' − W."""
     m_stages, _, b, _ = blocks.shape
     rot = cayley(blocks, constraint)
-    eye = torch.eye(b, dtype=rot.dtype)
     if strength != 1:
-        rot = rot * strength + (1 - strength) * eye
+        rot = rot * strength + (1 - strength) * torch.eye(b, dtype=rot.dtype, device=rot.device)
+    rest = weight.shape[1:]
     x = weight
     for i in range(m_stages):
         k = 2 ** i * (b // 2)
-        x = x.unflatten(0, (-1, 2, k)).transpose(1, 2).flatten(0, 2).unflatten(0, (-1, b))
+        x = x.reshape(-1, 2, k, *rest).transpose(1, 2).reshape(-1, b, *rest)  # gather the stage's butterfly pairs
         x = torch.einsum("b i j, b j ... -> b i ...", rot[i], x)
-        x = x.flatten(0, 1).unflatten(0, (-1, k, 2)).transpose(1, 2).flatten(0, 2)
+        x = x.reshape(-1, k, 2, *rest).transpose(1, 2).reshape(weight.shape)
     if rescale is not None:
-        x = x * rescale.reshape(-1, *[1] * (weight.dim() - 1))
+        x = per_channel(x, rescale, 0)
     return x - weight
 
 
@@ -139,14 +160,9 @@ def dora_delta(weight: Tensor, inner_delta: Tensor, magnitude: Tensor, per_outpu
     """DoRA: W' = W + ΔW_inner; W_dora = W'·mag/‖W'‖, the norm per output row (``per_output``) or per input
     column; ΔW = m·(W_dora − W)."""
     merged = weight + inner_delta
-    if per_output:
-        norm = flat2(merged).norm(dim=1).reshape(-1, *[1] * (weight.dim() - 1))
-        mag = magnitude.reshape(norm.shape)
-    else:
-        norm = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1)
-        norm = norm.reshape(1, -1, *[1] * (weight.dim() - 2))
-        mag = magnitude.reshape(norm.shape)
-    return (merged * (mag / norm) - weight).mul_(strength)
+    axis = 0 if per_output else 1
+    norm = merged.transpose(0, axis).reshape(merged.shape[axis], -1).norm(dim=1)
+    return (per_channel(merged, magnitude.flatten() / norm, axis) - weight).mul_(strength)
 
 
 def module_op(module: torch.nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -177,7 +193,8 @@ def lora_bypass(module: torch.nn.Module, x: Tensor, up: Tensor, down: Tensor, mi
     """Low-rank output change s·up(down(x)) without forming ΔW (hooks mode, LoRA/LoCon)."""
     if isinstance(module, torch.nn.Linear):
         return F.linear(F.linear(x, flat2(down)), flat2(up)) * scale
-    assert isinstance(module, torch.nn.Conv2d)
+    if not isinstance(module, torch.nn.Conv2d):
+        raise TypeError(f"a LoRA bypass needs a Linear or Conv2d, got {type(module).__name__}")
     kh, kw = module.kernel_size
     r = down.shape[0]
     up4 = up.reshape(up.shape[0], r, 1, 1)

@@ -18,7 +18,8 @@ DORA_WRAPPABLE = (LoRA, LoHa, LoKr)
 
 
 def build_adapter(group: dict[str, torch.Tensor], where: str) -> tuple[Adapter | None, list[str]]:
-    """The adapter for one layer and the leaf keys nobody consumed (``None`` when no type matches)."""
+    """The adapter for one layer and the leaf keys nobody consumed (``None`` when no type matches). Raises
+    ``InvalidLora`` when the layer's tensors contradict each other."""
     for cls in ADAPTERS:
         if any(k in group for k in cls.detect):
             used = {k: v for k, v in group.items() if k in cls.keys}

@@ -1,19 +1,33 @@
-"""safetensors headers, parsed and validated without torch (the LoRA library scans thousands of files)."""
+"""safetensors headers, parsed and validated without torch (the LoRA library scans thousands of files).
+
+The one reader of the project: ``read_header`` checks the whole schema before anything is used — a JSON object
+nested at most ``MAX_JSON_DEPTH`` deep (checked before decoding, in linear time), ``__metadata__`` an object of
+strings, and per tensor ``dtype`` a known name, ``shape`` a list of non-negative integers (not bools, floats or
+``Infinity``), ``data_offsets`` two integers ``[start, end]`` whose span is ``numel · itemsize`` — and the tensors
+tile the data section exactly, as safetensors itself requires (so a truncated file is told from its size).
+"""
 from __future__ import annotations
 
 import json
+import math
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from ..errors import UnreadableFile
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+MAX_JSON_DEPTH = 8  # a valid header nests 3 deep (header → entry → shape); metadata JSON a few more
+MAX_DIMS = 8  # no LoRA or checkpoint tensor has more
 SAFETENSORS_DTYPES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
     "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
 }
+# A JSON string, or an unterminated one running to the end: always matches from a quote, so a scan is linear.
+_STRING = re.compile(r'"[^"\\]*(?:\\[\s\S][^"\\]*)*(?:"|\\?\Z)')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 
 
 @dataclass(frozen=True)
@@ -45,13 +59,7 @@ def read_header(path: str | Path) -> Header:
         (n,) = struct.unpack("<Q", head)
         check_header_length(p, n, size)
         raw = f.read(n)
-    try:
-        obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UnreadableFile(p, f"safetensors header is not valid JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise UnreadableFile(p, "safetensors header is not a JSON object")
-    return _parse_header(p, obj, 8 + n, size)
+    return parse_header(p, raw, size)
 
 
 def check_header_length(p: Path, n: int, size: int) -> None:
@@ -60,26 +68,119 @@ def check_header_length(p: Path, n: int, size: int) -> None:
         raise UnreadableFile(p, f"not a safetensors file or truncated: header claims {n} bytes, file has {size}")
 
 
-def _parse_header(p: Path, obj: dict[str, Any], data_start: int, size: int) -> Header:
-    meta_raw = obj.pop("__metadata__", None) or {}
-    if not isinstance(meta_raw, dict):
-        raise UnreadableFile(p, "safetensors __metadata__ is not an object")
-    metadata = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in meta_raw.items()}
-    tensors: dict[str, TensorInfo] = {}
-    for key, info in obj.items():
-        try:
-            dtype, shape, (start, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
-        except (TypeError, KeyError, ValueError):
-            raise UnreadableFile(p, f"malformed safetensors entry for tensor {key!r}") from None
-        if dtype not in SAFETENSORS_DTYPES:
-            raise UnreadableFile(p, f"tensor {key!r} has unknown dtype {dtype!r}")
-        numel = 1
-        for s in shape:
-            numel *= s
-        if end - start != numel * SAFETENSORS_DTYPES[dtype] or start < 0 or data_start + end > size:
-            raise UnreadableFile(p, f"tensor {key!r} lies outside the file or has the wrong byte size (truncated?)")
-        tensors[key] = TensorInfo(dtype, shape, int(start), int(end))
+def parse_header(p: Path, raw: bytes, size: int) -> Header:
+    """The validated header whose JSON is ``raw`` (the bytes after the length prefix) in a file of ``size`` bytes."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UnreadableFile(p, "safetensors header is not UTF-8") from None
+    obj = decode_json(p, text, "safetensors header")
+    if not isinstance(obj, dict):
+        raise UnreadableFile(p, "safetensors header is not a JSON object")
+    metadata = parse_metadata(p, obj.pop("__metadata__", None))
+    data_start = 8 + len(raw)
+    tensors = {key: tensor_info(p, key, info) for key, info in obj.items()}
+    check_tiling(p, tensors, size - data_start)
     return Header(metadata, tensors, data_start)
+
+
+def loads_bounded(text: str, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``json.loads(text)``, refusing nesting deeper than ``max_depth`` before decoding (the decoder recurses once
+    per level). Raises ``ValueError`` for invalid or too deeply nested JSON and for numbers too long to convert."""
+    if not nesting_within(text, max_depth):
+        raise ValueError(f"not valid JSON, or nested deeper than {max_depth} levels")
+    return json.loads(text)  # ValueError (JSONDecodeError is one) for anything else
+
+
+def nesting_within(text: str, max_depth: int) -> bool:
+    """Whether the brackets outside strings of ``text`` are balanced and nest at most about ``max_depth`` deep.
+    Linear: strings are cut out, then each of ``max_depth`` passes deletes the innermost empty ``[]`` and ``{}``
+    pairs (a depth of d empties in at most d passes; alternating ``[{[{`` may empty two levels in one)."""
+    skeleton = _NOT_BRACKET.sub("", _STRING.sub("", text))
+    for _ in range(max_depth):
+        if not skeleton:
+            return True
+        shorter = skeleton.replace("[]", "").replace("{}", "")
+        if len(shorter) == len(skeleton):
+            return False
+        skeleton = shorter
+    return not skeleton
+
+
+def decode_json(p: Path, text: str, what: str) -> Any:
+    """``loads_bounded`` with the error as an ``UnreadableFile`` naming ``what``."""
+    try:
+        return loads_bounded(text)
+    except ValueError as e:
+        raise UnreadableFile(p, f"{what} is not valid JSON ({str(e)[:200]})") from None
+
+
+def parse_metadata(p: Path, raw: object) -> dict[str, str]:
+    """A decoded ``__metadata__`` value: absent/``null``, or an object whose values are strings."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UnreadableFile(p, f"safetensors __metadata__ is not an object (got {type(raw).__name__})")
+    for key, value in raw.items():
+        if not isinstance(value, str):
+            raise UnreadableFile(p, f"safetensors __metadata__ value of {key!r} is a {_json_type(value)}, not a "
+                                    "string")
+    return dict(raw)
+
+
+def tensor_info(p: Path, key: str, info: object) -> TensorInfo:
+    """One tensor entry, its schema checked: ``{"dtype": str, "shape": [int ≥ 0, …], "data_offsets": [start, end]}``
+    with ``end − start == numel · itemsize``."""
+    def bad(problem: str) -> UnreadableFile:
+        return UnreadableFile(p, f"malformed safetensors entry for tensor {key!r}: {problem}")
+
+    if not isinstance(info, dict):
+        raise bad(f"a {_json_type(info)}, not an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        raise bad(f"unknown dtype {_short(dtype)} (expected one of {', '.join(SAFETENSORS_DTYPES)})")
+    if not _whole_numbers(shape) or len(shape) > MAX_DIMS:
+        raise bad(f"shape must be a list of at most {MAX_DIMS} non-negative whole numbers, got {_short(shape)}")
+    if not _whole_numbers(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
+        raise bad(f"data_offsets must be two whole numbers [start, end] with start ≤ end, got {_short(offsets)}")
+    start, end = offsets
+    need = math.prod(shape) * SAFETENSORS_DTYPES[dtype]
+    if end - start != need:
+        raise bad(f"shape {shape} of {dtype} needs {need} bytes, data_offsets span {end - start}")
+    return TensorInfo(dtype, tuple(shape), start, end)
+
+
+def check_tiling(p: Path, tensors: dict[str, TensorInfo], data_len: int) -> None:
+    """The tensors must cover the data section exactly, without gaps or overlaps (safetensors' own rule)."""
+    at = 0
+    for key, info in sorted(tensors.items(), key=lambda kv: (kv[1].start, kv[1].end)):
+        if info.end > data_len:
+            raise UnreadableFile(p, f"tensor {key!r} lies outside the file (its data ends at byte {info.end} of a "
+                                    f"{data_len}-byte data section): truncated?")
+        if info.start != at:
+            what = "overlaps the previous tensor" if info.start < at else f"leaves a gap at byte {at}"
+            raise UnreadableFile(p, f"malformed safetensors entry for tensor {key!r}: its data_offsets {what}")
+        at = info.end
+    if at != data_len:
+        raise UnreadableFile(p, f"the tensors cover {at} bytes of a {data_len}-byte data section (extra bytes after "
+                                "the last tensor)")
+
+
+def _whole_numbers(value: object) -> TypeGuard[list[int]]:
+    return isinstance(value, list) and all(type(v) is int and v >= 0 for v in value)
+
+
+def _json_type(value: object) -> str:
+    return {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}.get(
+        type(value), "null")
+
+
+def _short(value: object) -> str:
+    """A JSON value for an error message, cut short (a hostile header's values can be megabytes long)."""
+    if isinstance(value, dict):
+        return "an object"
+    text = json.dumps(value[:9] if isinstance(value, list) else value, default=str)
+    return text if len(text) <= 60 and not (isinstance(value, list) and len(value) > 9) else text[:57] + "..."
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

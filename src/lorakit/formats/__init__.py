@@ -1,7 +1,9 @@
 """Dialect readers: each has ``detect(sd, metadata)`` and ``to_canonical(sd, metadata) -> Canonical``.
 
-The list is tried in order; the first whose ``detect`` says yes reads the file. Specific dialects come before the
-broad ones (kohya's prefixes are the most common and the loosest)."""
+The list is tried in order; the first whose ``detect`` says yes reads the file (``detect`` runs once: a reader's
+``to_canonical`` trusts it, and may still raise ``NotAMatch`` when reading shows the file is not its own). Specific
+dialects come before the broad ones (kohya's prefixes are the most common and the loosest). A reader raises
+``InvalidLora`` (without a path; ``load_lora`` adds it) for a file of its dialect that is broken."""
 from __future__ import annotations
 
 from types import ModuleType
@@ -23,7 +25,8 @@ def to_canonical(sd: dict[str, torch.Tensor], metadata: dict[str, str]) -> Canon
         if not dialect.detect(sd, metadata):
             continue
         try:
-            return dialect.to_canonical(sd, metadata)  # type: ignore[no-any-return]
+            canonical: Canonical = dialect.to_canonical(sd, metadata)
+            return canonical
         except NotAMatch:
             continue
     return None

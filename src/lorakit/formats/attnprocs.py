@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import NotAMatch
+from ..keymap.leaves import ATTNPROC_LEAVES
 from .base import Canonical, component_path, group
 
 _PROC = {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "to_out_lora": "to_out.0"}
-_LEAF = {"down.weight": "lora_down.weight", "up.weight": "lora_up.weight", "alpha": "alpha"}
+_LEAF = ATTNPROC_LEAVES
 _COMPONENTS = ("unet.", "text_encoder.", "text_encoder_2.")
 
 
@@ -38,6 +38,4 @@ def _split(key: str) -> tuple[str, str] | None:
 
 
 def to_canonical(sd: dict[str, torch.Tensor], metadata: dict[str, str]) -> Canonical:
-    if not detect(sd, metadata):
-        raise NotAMatch
     return group(sd, _split, "diffusers-attnprocs")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..keymap import canonical_te_path, is_ldm_path, ldm_to_diffusers
+from ..keymap.leaves import KNOWN_LEAVES, LEAF_ALIASES
 
 Grouped = dict[str, dict[str, torch.Tensor]]
 
@@ -47,22 +48,8 @@ def component_path(component: str, path: str) -> str:
     return f"{component}.{path}"
 
 
-# Leaf names of dotted dialects (PEFT, ComfyUI) → kohya/LyCORIS vocabulary.
-LEAF_ALIASES = {
-    "lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight",
-    "lora.down.weight": "lora_down.weight", "lora.up.weight": "lora_up.weight",
-    "lora_A.default.weight": "lora_down.weight", "lora_B.default.weight": "lora_up.weight",
-    "lora_magnitude_vector": "dora_scale", "lora_magnitude_vector.default": "dora_scale",
-    "lora_magnitude_vector.default.weight": "dora_scale", "lora_magnitude_vector.weight": "dora_scale",
-}
-KOHYA_LEAVES = (
-    "lora_up.weight", "lora_down.weight", "lora_mid.weight", "alpha", "scale", "dora_scale",
-    "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
-    "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t1", "lokr_t2",
-    "a1.weight", "a2.weight", "b1.weight", "b2.weight", "bm.weight", "oft_blocks", "oft_diag", "rescale",
-    "diff", "diff_b", "w_norm", "b_norm", "on_input", "weight",
-)
-_ALL_LEAVES = sorted(set(KOHYA_LEAVES) | set(LEAF_ALIASES), key=lambda s: -s.count("."))
+# Every leaf spelling a dotted dialect (PEFT, ComfyUI) may end a key with, the longest (most dots) first.
+_ALL_LEAVES = sorted(set(KNOWN_LEAVES) | set(LEAF_ALIASES), key=lambda s: -s.count("."))
 
 
 def split_leaf(key: str) -> tuple[str, str] | None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import NotAMatch
 from .base import Canonical, component_path, group, split_leaf
 
 _TE = {"clip_l": "text_encoder", "clip_h": "text_encoder", "clip_g": "text_encoder_2"}
@@ -29,6 +28,4 @@ def _split(key: str) -> tuple[str, str] | None:
 
 
 def to_canonical(sd: dict[str, torch.Tensor], metadata: dict[str, str]) -> Canonical:
-    if not detect(sd, metadata):
-        raise NotAMatch
     return group(sd, _split, "comfyui")

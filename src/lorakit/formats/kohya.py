@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import NotAMatch
 from ..keymap import unflatten
 from .base import Canonical, component_path, group
 
@@ -33,8 +32,6 @@ def _split(key: str) -> tuple[str, str] | None:
 
 
 def to_canonical(sd: dict[str, torch.Tensor], metadata: dict[str, str]) -> Canonical:
-    if not detect(sd, metadata):
-        raise NotAMatch
     emb = {k: v for k, v in sd.items() if k.startswith("bundle_emb.")}
     out = group({k: v for k, v in sd.items() if k not in emb}, _split, "kohya")
     out.embeddings = _embeddings(emb)

@@ -1,19 +1,26 @@
 """PEFT / current diffusers: ``unet.…to_q.lora_A.weight`` (= down), ``lora_B`` (= up), optional ``.default.``,
 ``lora_magnitude_vector`` (DoRA, per output), older ``….lora.down.weight``; α and r from the safetensors header key
-``lora_adapter_metadata`` (JSON: ``unet.lora_alpha``, ``unet.r``, ``unet.alpha_pattern``, ``unet.use_rslora``…)."""
+``lora_adapter_metadata`` (JSON: ``unet.lora_alpha``, ``unet.r``, ``unet.alpha_pattern``, ``unet.use_rslora``…).
+
+The scale α/r (α/√r with rsLoRA) needs r before the adapters see the layer, so the down factors' shapes are
+checked here, naming the file's key: a matrix (r, in[, kh, kw]) with r ≥ 1."""
 from __future__ import annotations
 
-import json
 import math
+import re
+from typing import Any
 
 import torch
 
-from ..errors import NotAMatch
+from ..errors import InvalidLora
+from ..files.header import loads_bounded
 from .base import Canonical, component_path, group, split_leaf
 
 _MARKERS = (".lora_A.", ".lora_B.", ".lora.down.", ".lora.up.", "lora_magnitude_vector")
 _PREFIXES = {"unet.": "unet", "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2",
              "base_model.model.": "unet"}
+_DOWN = re.compile(r"\.(?:lora_A|lora\.down|lora_down)(?:\.default)?\.weight$")
+META_KEY = "lora_adapter_metadata"
 
 
 def detect(sd: dict[str, torch.Tensor], metadata: dict[str, str]) -> bool:
@@ -32,28 +39,48 @@ def _split(key: str) -> tuple[str, str] | None:
 
 
 def to_canonical(sd: dict[str, torch.Tensor], metadata: dict[str, str]) -> Canonical:
-    if not detect(sd, metadata):
-        raise NotAMatch
+    for key, t in sd.items():
+        if _DOWN.search(key) and (t.dim() < 2 or t.shape[0] < 1):
+            raise InvalidLora(None, f"key {key!r}: lora_A must be (r, in[, kh, kw]) with a rank r ≥ 1, got shape "
+                                    f"{tuple(t.shape)}")
     out = group(sd, _split, "peft")
     for leaves in out.groups.values():
         if "dora_scale" in leaves:  # PEFT's magnitude is per output row, stored (out,) or, for convs, (1, out, 1, 1)
             leaves["dora_scale"] = leaves["dora_scale"].reshape(-1, 1)
-    _add_alphas(out, metadata.get("lora_adapter_metadata"))
+    _add_alphas(out, _adapter_metadata(metadata.get(META_KEY)))
     return out
 
 
-def _add_alphas(out: Canonical, raw: str | None) -> None:
-    """Turn PEFT's per-component ``lora_alpha`` (+ ``alpha_pattern``, ``use_rslora``) into kohya ``scale`` keys."""
+def _adapter_metadata(raw: str | None) -> dict[str, Any]:
+    """The decoded ``lora_adapter_metadata``: an object (``{}`` when absent)."""
     if not raw:
-        return
+        return {}
     try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError:
+        meta = loads_bounded(raw)
+    except ValueError as e:
+        raise InvalidLora(None, f"metadata {META_KEY!r} is not valid JSON ({str(e)[:100]})") from None
+    if not isinstance(meta, dict):
+        raise InvalidLora(None, f"metadata {META_KEY!r} must be a JSON object, got {type(meta).__name__}")
+    return meta
+
+
+def _number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidLora(None, f"metadata {META_KEY!r}: {name} must be a finite number, got {str(value)[:40]!r}")
+    return float(value)
+
+
+def _add_alphas(out: Canonical, meta: dict[str, Any]) -> None:
+    """Turn PEFT's per-component ``lora_alpha`` (+ ``alpha_pattern``, ``use_rslora``) into kohya ``scale`` keys."""
+    if not meta:
         return
     for path, leaves in out.groups.items():
         component, _, module = path.partition(".")
         alpha = meta.get(f"{component}.lora_alpha")
-        for pattern, value in (meta.get(f"{component}.alpha_pattern") or {}).items():
+        patterns = meta.get(f"{component}.alpha_pattern") or {}
+        if not isinstance(patterns, dict):
+            raise InvalidLora(None, f"metadata {META_KEY!r}: {component}.alpha_pattern must be an object")
+        for pattern, value in patterns.items():
             if module == pattern or module.endswith("." + pattern):
                 alpha = value
         down = leaves.get("lora_down.weight")
@@ -61,4 +88,4 @@ def _add_alphas(out: Canonical, raw: str | None) -> None:
             continue
         r = down.shape[0]
         denom = math.sqrt(r) if meta.get(f"{component}.use_rslora") else r
-        leaves["scale"] = torch.tensor(float(alpha) / denom)
+        leaves["scale"] = torch.tensor(_number(f"{component}.lora_alpha", alpha) / denom)

@@ -132,15 +132,28 @@ def encode_chunk(encoder: torch.nn.Module, ids: torch.Tensor, weights: torch.Ten
                  final_norm: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Hidden states of one 77-token chunk (clip skip n: the n-th layer from the end), weighted with the mean
     restored; also the pooled projection when the encoder has one (SDXL's second encoder)."""
-    out = encoder(ids[None], output_hidden_states=True)
+    device = _embeddings(encoder).weight.device
+    out = encoder(ids[None].to(device), output_hidden_states=True)
     hidden = out.hidden_states[-clip_skip] if clip_skip > 1 or not final_norm else out.last_hidden_state
     if final_norm and clip_skip > 1:
         hidden = _final_norm(encoder)(hidden)
-    before = hidden.mean()
-    hidden = hidden * weights.to(hidden.dtype)[None, :, None]
-    hidden = hidden * (before / hidden.mean())
     pooled = getattr(out, "text_embeds", None)
-    return hidden, pooled
+    if bool((weights == 1).all()):
+        return hidden, pooled  # the mean restore would multiply by before/after = 1
+    before = hidden.float().mean()
+    weighted = hidden * weights.to(hidden.device, hidden.dtype)[None, :, None]
+    after = weighted.float().mean()
+    # A1111 restores the mean: z·(mean before / mean after). A mean near zero (relative to the values' spread —
+    # a layer-normed output with no bias) makes that ratio meaningless and overflows to inf/NaN: keep the weighted
+    # values as they are then.
+    if after.abs() <= 1e-4 * weighted.float().abs().mean():
+        return weighted, pooled
+    return weighted * (before / after).to(hidden.dtype), pooled
+
+
+def _embeddings(encoder: torch.nn.Module) -> torch.nn.Embedding:
+    """The token embedding of a transformers text encoder."""
+    return encoder.get_input_embeddings()  # type: ignore[operator,no-any-return]
 
 
 def _final_norm(encoder: torch.nn.Module) -> torch.nn.Module:
@@ -185,7 +198,7 @@ def encode_prompt(text: str, encoders: list[tuple[torch.nn.Module, Any]], clip_s
 
 
 def _vector(embedding: Embedding, encoder_index: int, row: int, encoder: torch.nn.Module) -> torch.Tensor:
-    width = encoder.get_input_embeddings().weight.shape[1]
+    width = _embeddings(encoder).weight.shape[1]
     where = embedding.path or embedding.name
     if encoder_index >= len(embedding.vectors):
         raise LorakitError(f"{where}: embedding {embedding.name!r} has vectors for {len(embedding.vectors)} text "
@@ -210,7 +223,7 @@ def _injected(encoder: torch.nn.Module, rows: Mapping[int, torch.Tensor]) -> Ite
             out[:, pos] = vec.to(out.dtype)
         return out
 
-    handle = encoder.get_input_embeddings().register_forward_hook(hook)
+    handle = _embeddings(encoder).register_forward_hook(hook)
     try:
         yield
     finally:

@@ -30,3 +30,12 @@ def save_png(image: Any, path: str | Path, text: str) -> None:
     info = PngInfo()
     info.add_text("parameters", text)
     image.save(str(path), pnginfo=info)
+
+
+def job_infotext(job: Any, model: Any, seed: int, lora_hashes: dict[str, str]) -> str:
+    """The infotext of one image of a ``Job`` on ``model`` (a ``BaseModel``)."""
+    s, req = job.settings, job.request
+    params = {"Steps": s.steps, "Sampler": s.sampler, "CFG scale": s.cfg, "Seed": seed,
+              "Size": f"{req.width}x{req.height}", "Model hash": model.hash, "Model": model.name,
+              "Clip skip": s.clip_skip if s.clip_skip > 1 else None}
+    return infotext(job.prompt, req.negative, params, lora_hashes)

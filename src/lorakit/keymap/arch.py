@@ -24,7 +24,7 @@ class Arch(StrEnum):
 
 SD1, SD2, SDXL, DEMO, UNKNOWN = Arch.SD1, Arch.SD2, Arch.SDXL, Arch.DEMO, Arch.UNKNOWN
 LORA_BASES = (SD1, SD2, SDXL, UNKNOWN)  # what a LoRA file can be made for
-NAMES = {SD1: "Stable Diffusion 1.x", SD2: "Stable Diffusion 2.x", SDXL: "Stable Diffusion XL",
+NAMES: dict[str, str] = {SD1: "Stable Diffusion 1.x", SD2: "Stable Diffusion 2.x", SDXL: "Stable Diffusion XL",
          DEMO: "the embedded demo model", UNKNOWN: "unknown"}
 
 # Markers of model families lorakit does not apply (matched against raw keys).

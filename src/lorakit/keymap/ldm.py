@@ -5,9 +5,9 @@ One formula serves SD1/SD2 (four down blocks) and SDXL (three): input block N≥
 """
 from __future__ import annotations
 
-_RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
            "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
-_TOP = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
+TOP = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
         "label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2",
         "out.0": "conv_norm_out", "out.2": "conv_out", "input_blocks.0.0": "conv_in"}
 _ATTN_FIRST = {"norm", "proj_in", "proj_out", "transformer_blocks"}
@@ -20,7 +20,7 @@ def is_ldm_path(path: str) -> bool:
 
 
 def _resnet_rest(rest: str) -> str | None:
-    for old, new in _RESNET.items():
+    for old, new in RESNET.items():
         if rest == old or rest.startswith(old + "."):
             return new + rest[len(old):]
     return None
@@ -28,7 +28,7 @@ def _resnet_rest(rest: str) -> str | None:
 
 def ldm_to_diffusers(path: str) -> str | None:
     """Map one LDM module path; ``None`` when it is not an LDM UNet path we know."""
-    for old, new in _TOP.items():
+    for old, new in TOP.items():
         if path == old or path.startswith(old + "."):
             return new + path[len(old):]
     parts = path.split(".")
@@ -72,3 +72,49 @@ def _output_block(n: int, sub: int, rest: str) -> str | None:
     if sub >= 1 and rest == "conv":  # upsampler sits at .1 (no attention) or .2
         return f"up_blocks.{i}.upsamplers.0.conv"
     return _layer(f"up_blocks.{i}", sub, j, rest)
+
+
+def diffusers_to_ldm(path: str, attn_up_blocks: tuple[int, ...] = (1, 2, 3)) -> str | None:
+    """The inverse of ``ldm_to_diffusers`` for full-size UNets (three layers per block), built from the same
+    tables; ``None`` for a path with no LDM name. The upsampler of up block i sits at ``.2`` when the block has
+    attentions (``attn_up_blocks``: SD1/SD2 (1, 2, 3), SDXL (0, 1)), else at ``.1``."""
+    for ldm, diff in TOP.items():
+        if path == diff or path.startswith(diff + "."):
+            return ldm + path[len(diff):]
+    parts = path.split(".")
+    if len(parts) < 3 or not parts[1].isdigit() and parts[0] != "mid_block":
+        return None
+    if parts[0] == "mid_block" and len(parts) > 2 and parts[2].isdigit():
+        kind, j, rest = parts[1], int(parts[2]), ".".join(parts[3:])
+        if kind == "attentions" and j == 0:
+            return f"middle_block.1.{rest}"
+        mapped = _resnet_ldm(rest) if kind == "resnets" else None
+        return None if mapped is None else f"middle_block.{2 * j}.{mapped}"
+    if len(parts) < 4 or not parts[3].isdigit():
+        return None
+    head, i, kind, j, rest = parts[0], int(parts[1]), parts[2], int(parts[3]), ".".join(parts[4:])
+    if head == "down_blocks":
+        if kind == "downsamplers":
+            return f"input_blocks.{3 * i + 3}.0.op" + rest[len("conv"):] if rest.split(".")[0] == "conv" else None
+        return _ldm_layer(f"input_blocks.{3 * i + j + 1}", kind, rest)
+    if head == "up_blocks":
+        if kind == "upsamplers":
+            sub = 2 if i in attn_up_blocks else 1
+            return f"output_blocks.{3 * i + 2}.{sub}.conv" + rest[len("conv"):] if rest.split(".")[0] == "conv" \
+                else None
+        return _ldm_layer(f"output_blocks.{3 * i + j}", kind, rest)
+    return None
+
+
+def _resnet_ldm(rest: str) -> str | None:
+    for ldm, diff in RESNET.items():
+        if rest == diff or rest.startswith(diff + "."):
+            return ldm + rest[len(diff):]
+    return None
+
+
+def _ldm_layer(prefix: str, kind: str, rest: str) -> str | None:
+    if kind == "resnets":
+        mapped = _resnet_ldm(rest)
+        return None if mapped is None else f"{prefix}.0.{mapped}"
+    return f"{prefix}.1.{rest}" if kind == "attentions" and rest.split(".", 1)[0] in _ATTN_FIRST else None

@@ -3,7 +3,9 @@
 ``Library(dirs).refresh()`` walks the folders (symlinked folders followed once), compares each file's size and
 mtime with the index and parses only new or changed headers — in worker processes when there are many. Sidecar
 files (previews, ``.civitai.info``, A1111's ``NAME.json``) are re-read when theirs change. Importing and
-scanning need no torch (pickled ``.pt``/``.bin`` LoRAs load it when first summarised).
+scanning need no torch (pickled ``.pt``/``.bin`` LoRAs load it when first summarised). What is listed is what
+loads: a file that fails its summary's checks (``summary``: truncated, malformed, no LoRA layers) is listed with
+its ``error``.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from .names import SUFFIXES, LoraNameError, resolve_name
 from .sidecars import Sidecars, read_sidecars, sidecars_by_stem
 from .store import Store
 from .summary import read_metadata_fast, summarise
-from .training import training_summary, trigger_words
+from .training import merge_phrases, training_summary, trigger_words
 
 PARALLEL_FROM = 200  # files to parse before worker processes pay for themselves
 WORKERS = 4
@@ -75,8 +77,14 @@ class LoraEntry:
         return str(self.info.get("alias") or "")
 
     @property
+    def error(self) -> str | None:
+        """Why the file cannot be used (it is listed, never hidden), or ``None``."""
+        return self.info.get("error") or None
+
+    @property
     def base(self) -> str:
-        """Shapes first; when they say nothing, the user's ``sd version`` or Civitai's base model."""
+        """The file's shapes (its metadata when they say nothing); only when both say nothing, the user's
+        ``sd version`` or Civitai's ``baseModel`` (a sidecar never overrides what the file shows)."""
         base = str(self.info.get("base", Arch.UNKNOWN))
         return base if base != Arch.UNKNOWN else str(self.sidecars.sd_version or Arch.UNKNOWN)
 
@@ -84,22 +92,23 @@ class LoraEntry:
     def sidecars(self) -> Sidecars:
         return Sidecars(**self.info.get("sidecars", {}))
 
-    @property
-    def trigger_words(self) -> list[str]:
-        """Explicit words first (A1111 activation text, Civitai trainedWords, modelspec.trigger_phrase), then the
-        most frequent training tags."""
+    @cached_property
+    def trigger_phrases(self) -> list[str]:
+        """The phrases someone declared as triggers — A1111's activation text, Civitai's ``trainedWords``, the
+        file's ``modelspec.trigger_phrase``, in that order — each split at commas (``"ink, mono"`` is two) and
+        each once, case-blind. What auto-apply adds (never mere frequent training tags)."""
         side = self.sidecars
-        words = [side.activation_text] if side.activation_text else []
-        words += side.trained_words + list(self.info.get("triggers", []))
-        return list(dict.fromkeys(w for w in words if w))
+        return merge_phrases([[side.activation_text], side.trained_words, [self.info.get("trigger_phrase") or ""]])
 
     @property
     def explicit_trigger_words(self) -> list[str]:
-        """What auto-apply adds: words someone declared as triggers (never mere frequent tags)."""
-        side = self.sidecars
-        words = [side.activation_text] if side.activation_text else []
-        phrase = self.info.get("trigger_phrase") or ""
-        return list(dict.fromkeys(w for w in words + side.trained_words + [phrase] if w))
+        """``trigger_phrases`` (the name callers used first)."""
+        return self.trigger_phrases
+
+    @property
+    def trigger_words(self) -> list[str]:
+        """``trigger_phrases``, then the most frequent training tags, each once (case-blind)."""
+        return merge_phrases([self.trigger_phrases, self.info.get("triggers", [])])
 
 
 class Library:
@@ -142,16 +151,19 @@ class Library:
                           "removed": len(gone), "seconds": time.perf_counter() - t0}
         return self.last_scan
 
-    def resolve(self, name: str) -> Path:
-        """The file a prompt's ``<lora:NAME>`` means; only files inside the library folders can match. A name not
-        found triggers one re-scan (a file just added) before the error."""
+    def resolve(self, name: str) -> LoraEntry:
+        """The entry (``.path``: its file) a prompt's ``<lora:NAME>`` means; only files inside the library folders
+        can match. A name not found triggers one re-scan (a file just added) before the error."""
         try:
             return resolve_name(self.entries, name, self.dirs)
         except LoraNameError:
             self.refresh()
             return resolve_name(self.entries, name, self.dirs)
 
-    def entry(self, path: str | Path) -> LoraEntry:
+    def entry(self, path: str | Path | LoraEntry) -> LoraEntry:
+        """The entry of a file of the library (an entry stands for itself)."""
+        if isinstance(path, LoraEntry):
+            return path
         if str(path) in self._by_file:
             return self._by_file[str(path)]
         for e in self.entries:
@@ -176,15 +188,10 @@ class Library:
         return [dict(json.loads(stored[e.file])) for e in entries]
 
     def hashes(self, entry: LoraEntry) -> dict[str, str]:
-        """SHA-256 (AutoV2 = first 10 hex) and the A1111 short hash, computed once and kept in the index."""
-        sha, addnet = self.store.hashes(str(entry.path))
-        if sha is None or addnet is None:
-            from ..files.hashes import file_hashes
-
-            h = file_hashes(entry.path)
-            sha, addnet = h.sha256, h.addnet
-            self.store.set_hashes(str(entry.path), sha, addnet)
-        return {"sha256": sha, "autov2": sha[:10], "addnet": addnet, "a1111_short": addnet[:12]}
+        """SHA-256 (AutoV2 = first 10 hex) and the A1111 short hash, computed once per file version and kept in
+        the one hash cache (``files.hashes.HashCache``, in the index file)."""
+        h = self.store.hash_cache.hashes(entry.path)
+        return {"sha256": h.sha256, "autov2": h.autov2, "addnet": h.addnet, "a1111_short": h.a1111_short}
 
     def search(self, base: str | None = None, text: str | None = None) -> list[LoraEntry]:
         needle = (text or "").lower()

@@ -1,19 +1,22 @@
 """What ``lorakit list`` and the HTTP API show of library entries: a stable dict (schema ``lorakit.list/1``), a
-text table, and whether a LoRA fits a model (with the reason when it does not)."""
+text table, whether a LoRA fits a model (``fit``: yes / maybe / no, with the reason), and A1111's
+``/sdapi/v1/loras`` list (only files that load: that API has no place for an error)."""
 from __future__ import annotations
 
 from typing import Any
 
 from ..keymap.arch import NAMES, Arch
-from .library import LoraEntry
+from .library import Library, LoraEntry
 
 SCHEMA = "lorakit.list/1"
+BASE_NAMES: dict[str, str] = {str(k): v for k, v in NAMES.items()}  # by value: bases travel as plain strings
 
 
 def entry_dict(e: LoraEntry) -> dict[str, Any]:
     """Keys: id, name, subpath, alias, path, size_bytes, base, types, rank, alpha, trigger_words,
-    explicit_trigger_words, activation_text, negative_text, preferred_weight, notes, description, preview (file name or null), training,
-    problems, error (null unless the file could not be read)."""
+    explicit_trigger_words (the declared phrases, split at commas, each once), activation_text, negative_text,
+    preferred_weight, notes, description, preview (file name or null), training, problems, error (null unless the
+    file cannot be used: truncated, malformed, no LoRA layers)."""
     side = e.sidecars
     return {
         "id": e.id, "name": e.name, "subpath": e.subpath, "alias": e.alias, "path": str(e.path),
@@ -22,29 +25,59 @@ def entry_dict(e: LoraEntry) -> dict[str, Any]:
         "explicit_trigger_words": e.explicit_trigger_words, "activation_text": side.activation_text,
         "negative_text": side.negative_text, "preferred_weight": side.preferred_weight, "notes": side.notes,
         "description": side.description, "preview": side.preview, "training": e.info.get("training", {}),
-        "problems": side.problems, "error": e.info.get("error"),
+        "problems": side.problems, "error": e.error,
     }
 
 
+def fit(e: LoraEntry, model_arch: str) -> dict[str, Any]:
+    """``{"compatible", "fit", "reason"}`` of ``e`` on a ``model_arch`` model: ``fit`` is ``"yes"`` (the base
+    matches: ``compatible`` true, no reason), ``"maybe"`` (base unknown: it may not fit — never shown as
+    compatible) or ``"no"`` (another base, or a file that cannot be used)."""
+    if e.error:
+        return {"compatible": False, "fit": "no", "reason": "the file cannot be used (see its error)"}
+    reason = incompatibility(e.base, model_arch)
+    if reason:
+        return {"compatible": False, "fit": "no", "reason": reason}
+    if e.base == Arch.UNKNOWN:
+        model = BASE_NAMES.get(model_arch, model_arch)
+        return {"compatible": False, "fit": "maybe",
+                "reason": f"base model unknown (neither its shapes, its metadata nor a sidecar say): it may not fit "
+                          f"{model}"}
+    if model_arch == Arch.UNKNOWN:
+        return {"compatible": False, "fit": "maybe",
+                "reason": f"the model's architecture is unknown: a LoRA for {BASE_NAMES.get(e.base, e.base)} may "
+                          "not fit it"}
+    return {"compatible": True, "fit": "yes", "reason": None}
+
+
+def a1111_loras(library: Library) -> list[dict[str, Any]]:
+    """``GET /sdapi/v1/loras``: ``{name, alias, path, metadata}`` of each LoRA that can be used (a file with an
+    ``error`` is left out: A1111 clients would offer it, and it would fail; ``/lorakit/v1/loras`` lists it)."""
+    entries = [e for e in library.entries if not e.error]
+    return [{"name": e.name, "alias": e.alias or e.name, "path": str(e.path), "metadata": meta}
+            for e, meta in zip(entries, library.metadata(entries))]
+
+
 def incompatibility(lora_base: str, model_arch: str) -> str | None:
-    """Why a LoRA made for ``lora_base`` does not fit a ``model_arch`` model, or ``None`` when it may. A LoRA
-    whose base is unknown may fit; the demo model (a tiny SD1-architecture network) fits only LoRAs made for it,
-    whose shapes match no full-size base."""
-    if lora_base == Arch.UNKNOWN or lora_base == model_arch:
+    """Why a LoRA made for ``lora_base`` does not fit a ``model_arch`` model, or ``None`` when it may (the base
+    matches, or is unknown: ``fit`` tells those apart). The demo model (a tiny SD1-architecture network) fits only
+    LoRAs made for it (base ``demo``: its widths, 64, match no full-size base)."""
+    if lora_base not in BASE_NAMES:
+        return f"made for {lora_base}, which lorakit does not apply"
+    if Arch.UNKNOWN in (lora_base, model_arch) or lora_base == model_arch:
         return None
-    lora_name = NAMES.get(lora_base, lora_base)
-    if lora_base not in NAMES:
-        return f"made for {lora_name}, which lorakit does not apply"
-    return f"made for {lora_name}; the model is {NAMES.get(model_arch, model_arch)}"
+    return f"made for {BASE_NAMES[lora_base]}; the model is {BASE_NAMES.get(model_arch, model_arch)}"
 
 
 def as_table(entries: list[LoraEntry]) -> str:
+    """One row per entry; the errors of files that cannot be used follow the table, one line each."""
     rows = [("NAME", "BASE", "TYPE", "RANK", "SIZE", "TRIGGER WORDS")]
     for e in entries:
         size = f"{e.size / 1e6:.1f} MB"
         rank = str(e.info.get("rank") or "-")
-        types = ",".join(e.info.get("types", [])) or ("unreadable" if e.info.get("error") else "-")
+        types = "UNREADABLE" if e.error else ",".join(e.info.get("types", [])) or "-"
         words = ", ".join(e.trigger_words[:5])
-        rows.append((e.subpath, e.base, types, rank, size, words[:60]))
+        rows.append((e.subpath, "-" if e.error else e.base, types, rank, size, words[:60]))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + "  " + r[5] for r in rows)
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + "  " + r[5] for r in rows]
+    return "\n".join(lines + [f"error: {e.error}" for e in entries if e.error])

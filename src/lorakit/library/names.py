@@ -11,21 +11,20 @@ import difflib
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
-from ..errors import LorakitError
+from ..errors import LoraNameError
 
 SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
 ENV = "LORAKIT_LORA_DIRS"
 
 
-class LoraNameError(LorakitError):
-    """A LoRA name that matches no file, or several."""
-
-
 class Named(Protocol):
-    path: Path
-    subpath: str
+    @property
+    def path(self) -> Path: ...
+
+    @property
+    def subpath(self) -> str: ...
 
     @property
     def alias(self) -> str: ...
@@ -36,12 +35,16 @@ def lora_dirs_from_env() -> list[Path]:
     return [Path(p) for p in os.environ.get(ENV, "").split(os.pathsep) if p]
 
 
-def resolve_name(entries: Sequence[Named], name: str, dirs: Sequence[Path]) -> Path:
+E = TypeVar("E", bound=Named)
+
+
+def resolve_name(entries: Sequence[E], name: str, dirs: Sequence[Path]) -> E:
+    """The entry ``name`` means (one file: the same file reached through two folders is one match)."""
     key = name.strip().replace("\\", "/").lower()
     for field in ("subpath", "stem", "alias"):
         found = sorted({e.path for e in entries if _field(e, field).lower() == key})
         if len(found) == 1:
-            return found[0]
+            return next(e for e in entries if e.path == found[0] and _field(e, field).lower() == key)
         if found:
             sub = next(e.subpath for e in entries if e.path == found[0])
             raise LoraNameError(f"LoRA name {name!r} is ambiguous: it is the {field} of "

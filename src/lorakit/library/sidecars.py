@@ -19,9 +19,14 @@ from typing import Any
 from ..keymap.arch import Arch
 
 PREVIEW_EXTS = ("png", "jpg", "jpeg", "webp", "gif")
-# Civitai "baseModel" / A1111 "sd version" → lorakit base names.
-BASE_WORDS = [(re.compile(r"xl|pony|illustrious|noobai", re.I), Arch.SDXL), (re.compile(r"\b2(\.\d)?\b|sd2", re.I), Arch.SD2),
-              (re.compile(r"\b1(\.\d)?\b|sd1", re.I), Arch.SD1)]
+# Civitai "baseModel" (``SD 1.5``, ``SD 1.5 LCM``, ``SD 2.1 768``, ``SDXL 1.0``, ``Pony``, ``Flux.1 D``, ``SD 3.5``,
+# ``Hunyuan 1``, …) / A1111 "sd version" (``SD1``, ``SD2``, ``SDXL``, ``Unknown``) → lorakit base names. Matched
+# from the start of the name: other families' names hold version numbers too ("Flux.1", "Hunyuan 1").
+BASE_WORDS = [(re.compile(r"^(?:sdxl|sd\s*xl|pony|illustrious|noobai|playground\s*v2)", re.I), Arch.SDXL),
+              (re.compile(r"^(?:sd|stable\s*diffusion)\s*(?:v\s*)?2(?:\.\d+)?(?!\d)", re.I), Arch.SD2),
+              (re.compile(r"^(?:sd|stable\s*diffusion)\s*(?:v\s*)?1(?:\.\d+)?(?!\d)", re.I), Arch.SD1),
+              (re.compile(r"^flux", re.I), "Flux"),
+              (re.compile(r"^(?:sd|stable\s*diffusion)\s*3", re.I), "Stable Diffusion 3")]
 
 
 @dataclass
@@ -30,7 +35,7 @@ class Sidecars:
     activation_text: str = ""
     negative_text: str = ""
     preferred_weight: float | None = None
-    sd_version: str | None = None  # sd1 / sd2 / sdxl, from NAME.json or the Civitai baseModel
+    sd_version: str | None = None  # sd1 / sd2 / sdxl / a foreign family, from NAME.json or the Civitai baseModel
     notes: str = ""
     description: str = ""
     trained_words: list[str] = field(default_factory=list)
@@ -109,8 +114,12 @@ def _user_metadata(out: Sidecars, meta: dict[str, Any]) -> None:
 
 
 def base_from_words(text: str) -> str | None:
-    """``SD 1.5`` → sd1, ``SDXL 1.0`` / ``Pony`` → sdxl, ``SD 2.1`` → sd2; unknown words → ``None``."""
+    """``SD 1.5`` → sd1, ``SDXL 1.0`` / ``Pony`` → sdxl, ``SD 2.1`` → sd2, ``Flux.1 D`` → Flux, ``SD 3.5`` →
+    Stable Diffusion 3; other names (``Other``, ``Unknown``, families lorakit does not know) → ``None``.
+
+    A sidecar only fills in a base the file's shapes leave unknown (``LoraEntry.base``): it is the user's or
+    Civitai's word, and is often wrong for the file beside it."""
     for pattern, base in BASE_WORDS:
-        if pattern.search(text):
+        if pattern.search(text.strip()):
             return base
     return None

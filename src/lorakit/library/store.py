@@ -1,24 +1,24 @@
 """The library's SQLite index (stdlib ``sqlite3``): one row per LoRA file, keyed by path and validated by size and
 mtime, so a re-scan parses only what changed. ``info`` is a small JSON summary (what listings need);
-the full metadata (often tens of KB of tag lists) and the hashes are filled in lazily, on first request
-(``INSERT OR REPLACE`` of a changed file clears them)."""
+the full metadata (often tens of KB of tag lists) is filled in lazily, on first request (``INSERT OR REPLACE`` of
+a changed file clears it). The same file holds the one hash cache (``files.hashes.HashCache``, table ``hashes``)."""
 from __future__ import annotations
 
-import os
 import sqlite3
 import threading
 from collections.abc import Iterable
 from pathlib import Path
 
+from ..files.hashes import HashCache, cache_db_path
+
 SCHEMA = """CREATE TABLE IF NOT EXISTS loras (
     path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, sidecars TEXT NOT NULL,
-    info TEXT NOT NULL, metadata TEXT, sha256 TEXT, addnet TEXT)"""
-VERSION = 3  # bump when the info layout changes: old rows are dropped
+    info TEXT NOT NULL, metadata TEXT)"""
+VERSION = 4  # bump when the info layout changes: old rows are dropped (the hashes table is kept)
 
 
 def default_index_path() -> Path:
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "lorakit" / "library.sqlite3"
+    return cache_db_path()
 
 
 class Store:
@@ -35,6 +35,7 @@ class Store:
             self.db.execute(f"PRAGMA user_version={VERSION}")
         self.db.execute(SCHEMA)
         self.db.commit()
+        self.hash_cache = HashCache(self.db, self.lock)
 
     def rows(self) -> dict[str, tuple[int, int, str, str]]:
         """path → (size, mtime_ns, sidecar signature, info JSON)."""
@@ -67,12 +68,3 @@ class Store:
     def set_metadata(self, items: list[tuple[str, str]]) -> None:
         with self.lock, self.db:
             self.db.executemany("UPDATE loras SET metadata = ? WHERE path = ?", ((m, p) for p, m in items))
-
-    def hashes(self, path: str) -> tuple[str | None, str | None]:
-        with self.lock:
-            row = self.db.execute("SELECT sha256, addnet FROM loras WHERE path = ?", (path,)).fetchone()
-        return (row[0], row[1]) if row else (None, None)
-
-    def set_hashes(self, path: str, sha256: str, addnet: str) -> None:
-        with self.lock, self.db:
-            self.db.execute("UPDATE loras SET sha256 = ?, addnet = ? WHERE path = ?", (sha256, addnet, path))

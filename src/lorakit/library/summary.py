@@ -4,9 +4,15 @@ A full ``json.loads`` of a kohya SD1.5 header (800 entries, ~110 KB) costs ~0.6 
 a library of 10,000 files can afford neither the parse nor the reads. So a long header is read at its two ends
 only (metadata and text encoders first, the UNet's last blocks last: safetensors sorts keys); ``__metadata__`` is
 decoded with the JSON decoder and the entries are split as text (safetensors' own writer emits
-``"key":{"dtype":…,"shape":[…],"data_offsets":[…]}`` with no spaces). Another layout, or ends that do not tell
-the base model, fall back to reading and parsing the whole header. Types and base are read from key names and a few shapes
-(``lorakit inspect`` gives the exact per-layer picture).
+``"key":{"dtype":…,"shape":[…],"data_offsets":[…]}`` with no spaces). Types and base are read from key names and
+a few shapes (``lorakit inspect`` gives the exact per-layer picture).
+
+What is summarised is validated: safetensors lays the tensors out in header order, back to back, and refuses a
+file they do not cover exactly, so the last entry's end offset must be the file's end — a truncated file (or one
+with bytes appended) is found from its size without reading any tensor. Anything the ends cannot vouch for — another
+writer's layout, ends that do not tell the base model or the types, a last offset that is not the file's end — is
+read whole with ``files.header.read_header`` (the project's validating reader: schema, and tensors that tile the
+data exactly), and its base decided by every entry's shapes (``shapes.base_from_shapes``).
 """
 from __future__ import annotations
 
@@ -16,23 +22,20 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from ..errors import UnreadableFile
-from ..files.header import check_header_length
+from ..files.header import check_header_length, read_header
 from ..keymap import arch as archmod
+from ..keymap.leaves import LEAF_TYPE
+from .shapes import COMPONENTS, CONTEXT_WIDTH, TEXT_WIDTH, base_from_shapes
 
 HEAD, TAIL = 24_000, 12_000  # bytes read at each end of a long header
 KEYS = 3_500  # characters of entries at each end whose key names are looked at (~30 keys)
 
-TAIL_TYPES = {
-    "lora_up.weight": "lora", "lora_down.weight": "lora", "lora_A.weight": "lora", "lora_B.weight": "lora",
-    "down.weight": "lora", "up.weight": "lora", "default.weight": "lora", "lora_mid.weight": "locon",
-    "hada_w1_a": "loha", "hada_w1_b": "loha", "hada_t1": "loha", "lokr_w1": "lokr", "lokr_w1_a": "lokr",
-    "lokr_w2": "lokr", "lokr_w2_a": "lokr", "lokr_t2": "lokr", "oft_blocks": "oft", "oft_diag": "oft",
-    "a1.weight": "glora", "b1.weight": "glora", "on_input": "ia3", "diff": "full", "diff_b": "full",
-    "w_norm": "norm", "dora_scale": "dora", "lora_magnitude_vector": "dora",
-}
+# A key's last name part → its network type: the shared leaf vocabulary, plus what a two-part tail of a PEFT key
+# with an adapter name shows (``lora_A.default.weight`` → ``default.weight``) and LoCon's Tucker core shown as such.
+TAIL_TYPES = {**LEAF_TYPE, "default.weight": "lora", "lora_mid.weight": "locon"}
 # A kohya/LyCORIS LoRA with these in its module names covers 3x3 convolutions: a LoCon.
 CONV_MARKERS = ("_conv1.", "_conv2.", "conv_in.", "conv_out.", "samplers_0_conv.", "in_layers_2.", "out_layers_3.",
                 "_op.", ".conv1.", ".conv2.")
@@ -40,13 +43,11 @@ SDXL_MARKERS = ("lora_te2_", "text_encoder_2.", "te2.", "add_embedding", "label_
                 "transformer_blocks.1.")
 META_RE = re.compile(r'"__metadata__"\s*:\s*')
 SHAPE = r'[^"]*":\{"dtype":"\w+","shape":\['
-RANK_RE = re.compile(r'(?:lora_down|lora_A|lora\.down|_lora\.down|hada_w1_b)(?:\.default)?(?:\.weight)?' + SHAPE + r"(\d+)")
+RANK_RE = re.compile(r'(?:lora_down|lora_A|lora\.down|_lora\.down|hada_w1_b|:down)(?:\.default)?(?:\.weight)?' + SHAPE + r"(\d+)")
 WIDTH_RE = re.compile(r'attn2[._](?:processor\.)?to_k[._](?:lora_down|lora_A|lora\.down|hada_w1_b)' + SHAPE + r"\d+,(\d+)")
 TE_WIDTH_RE = re.compile(r'(?:self_attn[._]q_proj[._](?:lora_down|lora_A)|text_encoder:0:down)' + SHAPE + r"\d+,(\d+)")
-COMPONENTS = (("unet", ("unet", "input_blocks", "down_blocks", "mid_block", "up_blocks", "output_blocks")),
-              ("te", ("lora_te_", "lora_te1_", "text_encoder.", "text_encoder:", "te1.")),
-              ("te2", ("lora_te2_", "text_encoder_2.", "te2.")))
 FLOAT_CODES = {"F32": ("<f", 4), "F16": ("<e", 2), "F64": ("<d", 8)}
+LAST_OFFSETS = '"data_offsets":['
 
 
 @dataclass
@@ -65,9 +66,18 @@ class Summary:
                 "tensors": self.tensors, "components": self.components}
 
 
-def read_raw_header(path: Path, partial: bool = True) -> tuple[str, str | None, int]:
-    """``(head, tail, data offset)``. A header longer than ``HEAD + TAIL`` bytes is read as its first ``HEAD`` and
-    last ``TAIL`` bytes (``tail`` is ``None`` when ``head`` is the whole header): two ``pread`` calls."""
+class Ends(NamedTuple):
+    """A long header's first ``HEAD`` bytes (``head``, without the length prefix) and last ``TAIL`` bytes."""
+
+    head: str
+    tail: str
+    data_start: int  # 8 + header length: where the tensor data begins
+    size: int  # of the file
+
+
+def read_ends(path: Path) -> Ends | None:
+    """The ends of a header longer than ``HEAD + TAIL`` bytes (two ``pread`` calls); ``None`` for a shorter one
+    (it is parsed whole)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as e:
@@ -78,22 +88,15 @@ def read_raw_header(path: Path, partial: bool = True) -> tuple[str, str | None, 
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no read-ahead: only the header's ends are read
         first = os.pread(fd, 8 + HEAD, 0)
         if len(first) < 8:
-            raise UnreadableFile(path, "too short to be a safetensors file")
+            raise UnreadableFile(path, f"file is {size} bytes long: too short to be a safetensors file")
         (n,) = struct.unpack("<Q", first[:8])
         check_header_length(path, n, size)
-        if partial and n > HEAD + TAIL:
-            tail = os.pread(fd, TAIL, 8 + n - TAIL)
-            return first[8:].decode("utf-8", "ignore"), tail.decode("utf-8", "ignore"), 8 + n
-        return _utf8(path, first[8:8 + n] if n <= HEAD else os.pread(fd, n, 8)), None, 8 + n
+        if n <= HEAD + TAIL:
+            return None
+        tail = os.pread(fd, TAIL, 8 + n - TAIL)
+        return Ends(first[8:].decode("utf-8", "ignore"), tail.decode("utf-8", "ignore"), 8 + n, size)
     finally:
         os.close(fd)
-
-
-def _utf8(path: Path, raw: bytes) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise UnreadableFile(path, "safetensors header is not UTF-8") from None
 
 
 def split_metadata(path: Path, text: str) -> tuple[dict[str, str], str]:
@@ -104,36 +107,18 @@ def split_metadata(path: Path, text: str) -> tuple[dict[str, str], str]:
     at = found.start()
     try:
         meta, end = json.JSONDecoder().raw_decode(text, found.end())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:  # the C decoder's depth guard: safe to catch
         raise UnreadableFile(path, f"safetensors header is not valid JSON ({e})") from None
-    if not isinstance(meta, dict):
-        raise UnreadableFile(path, "safetensors __metadata__ is not an object")
-    metadata = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
-    return metadata, text[:at] + text[end:].lstrip().lstrip(",")
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise UnreadableFile(path, "safetensors __metadata__ is not an object of strings")
+    return meta, text[:at] + text[end:].lstrip().lstrip(",")
 
 
-def compact_body(path: Path, body: str) -> str:
-    """The tensor entries in safetensors' compact layout (re-serialised when another writer spaced them)."""
-    if '":{"dtype":"' in body[:4096]:
-        return body
-    try:
-        obj = json.loads(body)
-    except json.JSONDecodeError as e:
-        raise UnreadableFile(path, f"safetensors header is not valid JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise UnreadableFile(path, "safetensors header is not a JSON object")
-    return json.dumps(obj, separators=(",", ":"))
-
-
-def sample_keys(body: str, tail: str | None) -> list[str]:
-    """Key names of the first and last ~60 entries (``tail``: the header's last bytes, when it was read in two
-    parts); entries cut at a chunk's edge are left out."""
-    if tail is None and len(body) <= 2 * KEYS:
-        chunks = [(body, False, False)]
-    else:
-        chunks = [(body[:KEYS], False, True), ((body if tail is None else tail)[-KEYS:], True, False)]
+def sample_keys(body: str, tail: str) -> list[str]:
+    """Key names of the first and last ~30 entries (``body``: the header's first bytes without the metadata,
+    ``tail``: its last bytes); entries cut at a chunk's edge are left out."""
     keys = []
-    for chunk, cut_start, cut_end in chunks:
+    for chunk, cut_start, cut_end in ((body[:KEYS], False, True), (tail[-KEYS:], True, False)):
         parts = chunk.lstrip('{,"').split('},"')
         for part in parts[int(cut_start):len(parts) - int(cut_end)]:
             key, sep, _ = part.partition('":{')
@@ -142,45 +127,69 @@ def sample_keys(body: str, tail: str | None) -> list[str]:
     return keys
 
 
-def summarise_safetensors(path: Path, partial: bool = True) -> Summary:
-    head, tail, data_start = read_raw_header(path, partial)
+def summarise_safetensors(path: Path) -> Summary:
+    ends = read_ends(path)
+    return (_summarise_ends(path, ends) if ends is not None else None) or summarise_header(path)
+
+
+def _summarise_ends(path: Path, ends: Ends) -> Summary | None:
+    """From the header's ends alone, or ``None`` when they cannot vouch for the file (see the module's docstring)."""
     try:
-        metadata, body = split_metadata(path, head)
+        metadata, body = split_metadata(path, ends.head)
     except UnreadableFile:
-        if tail is None:
-            raise
-        return summarise_safetensors(path, partial=False)  # metadata longer than HEAD
-    if tail is not None and ('":{"dtype":"' not in head or '"__metadata__"' not in head and '"__metadata__"' in tail):
-        return summarise_safetensors(path, partial=False)  # another writer's layout: read it all
-    body = compact_body(path, body) if tail is None else body
-    text = body if tail is None else body + "\n" + tail
-    count = body.count('"data_offsets"') if tail is None else None
-    summary = summarise_keys(sample_keys(body, tail), text, count, metadata,
-                             lambda key: _tensor_value(path, text, key, data_start))
-    if summary.base == archmod.UNKNOWN and tail is not None:
-        return summarise_safetensors(path, partial=False)  # the shapes that tell are in the middle
-    return summary
+        return None  # metadata longer than HEAD
+    if '":{"dtype":"' not in ends.head or '"__metadata__"' not in ends.head and '"__metadata__"' in ends.tail:
+        return None  # another writer's layout
+    if last_end(ends.tail) != ends.size - ends.data_start:
+        return None  # truncated, appended to, or laid out in another order: the whole header says which
+    text = body + "\n" + ends.tail
+    summary = summarise_keys(sample_keys(body, ends.tail), text, None, metadata,
+                             lambda key: _tensor_value(path, text, key, ends.data_start), by_metadata=False)
+    return None if summary.base == archmod.UNKNOWN or not summary.types else summary
+
+
+def last_end(tail: str) -> int | None:
+    """The end offset of the header's last entry: safetensors lays tensors out back to back in header order and
+    loads only a file they cover exactly, so it must be the data section's size."""
+    at = tail.rfind(LAST_OFFSETS)
+    numbers = tail[at + len(LAST_OFFSETS):].partition("]")[0].split(",")
+    return int(numbers[1]) if at >= 0 and len(numbers) == 2 and numbers[1].strip().isdecimal() else None
+
+
+def summarise_header(path: Path) -> Summary:
+    """From the whole header, parsed and validated; the base from every entry's shapes."""
+    header = read_header(path)  # validated: schema, and tensors that tile the data up to the file's end
+    if not header.tensors:
+        raise UnreadableFile(path, "no tensors in the file")
+    entries = {k: {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [t.start, t.end]}
+               for k, t in header.tensors.items()}
+    body = json.dumps(entries, separators=(",", ":"))
+    return _with_layers(path, list(entries), summarise_keys(
+        list(entries), body, len(entries), header.metadata,
+        lambda key: _tensor_value(path, body, key, header.data_start), shape_base=base_from_shapes(header.tensors)))
 
 
 def read_metadata_fast(path: Path) -> dict[str, str]:
     """A safetensors file's metadata from the header's first bytes (the whole header only when it must)."""
-    head, tail, _ = read_raw_header(path)
-    try:
-        return split_metadata(path, head)[0]
-    except UnreadableFile:
-        if tail is None:
-            raise
-        return split_metadata(path, read_raw_header(path, partial=False)[0])[0]
+    ends = read_ends(path)
+    if ends is not None:
+        try:
+            return split_metadata(path, ends.head)[0]
+        except UnreadableFile:
+            pass  # metadata longer than HEAD
+    return read_header(path).metadata
 
 
 def summarise_keys(keys: list[str], body: str, count: int | None, metadata: dict[str, str],
-                   value: Callable[[str], float | None]) -> Summary:
+                   value: Callable[[str], float | None], shape_base: str | None = None,
+                   by_metadata: bool = True) -> Summary:
     """``keys``: a sample of key names; ``body``: every entry as compact header text (searched with C-speed
-    string and regex scans, never a Python loop per key)."""
+    string and regex scans, never a Python loop per key). ``shape_base``: what every entry's shapes show (the
+    whole header was parsed); the metadata's claim counts only when shapes say nothing and ``by_metadata``."""
     tails = {k[k.rfind(".", 0, len(k) - 7) + 1:] if k.endswith(".weight") else k[k.rfind(".") + 1:] for k in keys}
     blob = "\n".join(keys)
     types = _types(tails, blob, metadata)
-    base = _base(keys, blob, body, metadata)
+    base = _base(keys, blob, body, metadata, shape_base, by_metadata)
     comps = [c for c, marks in COMPONENTS if any(m in blob for m in marks)]
     if base == archmod.SDXL and "te2" not in comps and any(m in body for m in ("lora_te2_", "text_encoder_2.")):
         comps.append("te2")
@@ -199,19 +208,22 @@ def _types(tails: set[str], blob: str, metadata: dict[str, str]) -> list[str]:
     return sorted(found)
 
 
-def _base(keys: list[str], blob: str, body: str, metadata: dict[str, str]) -> str:
+def _base(keys: list[str], blob: str, body: str, metadata: dict[str, str], shape_base: str | None,
+          by_metadata: bool) -> str:
     foreign = archmod.foreign_family(keys[:4] + keys[-4:], metadata)  # every key of a Flux/SD3 file says so
     if foreign:
         return foreign
     if any(m in blob for m in SDXL_MARKERS):
         return archmod.SDXL
     m = WIDTH_RE.search(body)
-    if m and int(m[1]) in archmod.CROSS_DIM:
-        return archmod.CROSS_DIM[int(m[1])]
+    if m and int(m[1]) in CONTEXT_WIDTH:
+        return CONTEXT_WIDTH[int(m[1])]
     m = TE_WIDTH_RE.search(body)
-    if m and int(m[1]) in archmod.TE_WIDTH:
-        return archmod.TE_WIDTH[int(m[1])]
-    return archmod.from_metadata(metadata) or archmod.UNKNOWN
+    if m and int(m[1]) in TEXT_WIDTH:
+        return TEXT_WIDTH[int(m[1])]
+    if shape_base:
+        return shape_base
+    return (archmod.from_metadata(metadata) if by_metadata else None) or archmod.UNKNOWN
 
 
 def _rank(body: str, metadata: dict[str, str]) -> int | None:
@@ -239,7 +251,10 @@ def _tensor_value(path: Path, body: str, key: str, data_start: int) -> float | N
     at = body.find(f'"{key}":{{')
     entry = body[at:body.find("}", at)]
     dtype = entry[entry.find('"dtype":"') + 9:].partition('"')[0]
-    start = int(entry[entry.find('"data_offsets":[') + 16:].partition(",")[0])
+    offset = entry[entry.find('"data_offsets":[') + 16:].partition(",")[0]
+    if not offset.isdecimal():
+        return None  # an entry cut at a chunk's edge
+    start = int(offset)
     with path.open("rb") as f:
         f.seek(data_start + start)
         raw = f.read(8)
@@ -251,17 +266,22 @@ def _tensor_value(path: Path, body: str, key: str, data_start: int) -> float | N
 
 def summarise_pickle(path: Path) -> Summary:
     """Pickled LoRAs (``.pt``/``.bin``/``.ckpt``) need torch (loaded safely); summarised like safetensors."""
-    from ..files.io import load_pickle
+    from ..files.io import load_pickle_tensors
 
-    obj = load_pickle(path)
-    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else {}
-    tensors = {str(k): v for k, v in sd.items() if hasattr(v, "shape")}
-    if not tensors:
-        raise UnreadableFile(path, "no tensors in the file")
+    tensors = load_pickle_tensors(path)  # dense tensors with data only (no sparse/meta/broadcast views), detached
     body = json.dumps({k: {"dtype": "F32", "shape": list(v.shape), "data_offsets": [0, 0]}
                        for k, v in tensors.items()}, separators=(",", ":"))
-    return summarise_keys(list(tensors), body, len(tensors), {},
-                          lambda key: float(tensors[key].float().reshape(-1)[0]) if key in tensors else None)
+    value = (lambda key: float(tensors[key].float().reshape(-1)[0]) if tensors[key].numel() else None)
+    return _with_layers(path, list(tensors), summarise_keys(list(tensors), body, len(tensors), {}, value,
+                                                            shape_base=base_from_shapes(tensors)))
+
+
+def _with_layers(path: Path, keys: list[str], summary: Summary) -> Summary:
+    """A file none of whose keys is a LoRA leaf (an embedding, a checkpoint) cannot be applied: say so."""
+    if not summary.types:
+        raise UnreadableFile(path, f"no LoRA layers: no key is a LoRA/LyCORIS leaf (first keys: "
+                                   f"{', '.join(keys[:3])})")
+    return summary
 
 
 def summarise(path: Path) -> Summary:

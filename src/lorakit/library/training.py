@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterable
 from datetime import datetime, timezone
 from typing import Any
+
+OPEN, CLOSE = "([{<", ")]}>"
 
 TRAINING_KEYS = {
     "ss_output_name": "output_name", "ss_sd_model_name": "base_model", "ss_base_model_version": "base_version",
@@ -18,32 +21,57 @@ TRAINING_KEYS = {
 }
 
 
+def split_phrases(text: str) -> list[str]:
+    """A prompt fragment's comma-separated phrases, stripped: A1111's activation text ``"inksketch, monochrome"``
+    is two phrases. Commas inside brackets (``(red, blue:1.2)``, ``<lora:x:1>``) do not split."""
+    if not any(ch in text for ch in OPEN):  # the common case, at C speed
+        return [p.strip() for p in text.split(",") if p.strip()]
+    phrases, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch in OPEN:
+            depth += 1
+        elif ch in CLOSE:
+            depth = max(depth - 1, 0)
+        elif ch == "," and depth == 0:
+            phrases.append(text[start:i])
+            start = i + 1
+    phrases.append(text[start:])
+    return [p.strip() for p in phrases if p.strip()]
+
+
+def merge_phrases(sources: Iterable[Iterable[str]]) -> list[str]:
+    """Every phrase of every source (each split at commas), in order, each once: a phrase equal to an earlier
+    one but for case is left out (the first spelling is kept)."""
+    seen: dict[str, str] = {}
+    for source in sources:
+        for text in source:
+            text = str(text)
+            for phrase in split_phrases(text) if "," in text else [text.strip()]:  # most tags have no comma
+                if phrase:
+                    seen.setdefault(phrase.casefold(), phrase)
+    return list(seen.values())
+
+
 def trigger_words(metadata: dict[str, str], top: int = 10) -> list[str]:
-    """``modelspec.trigger_phrase`` first, then the most frequent tags of ``ss_tag_frequency``."""
-    words: list[str] = []
-    phrase = metadata.get("modelspec.trigger_phrase", "").strip()
-    if phrase:
-        words.append(phrase)
+    """``modelspec.trigger_phrase``'s phrases first, then the most frequent tags of ``ss_tag_frequency`` (each
+    word once, case-blind)."""
+    phrases = split_phrases(metadata.get("modelspec.trigger_phrase", ""))
     try:
-        freq = json.loads(metadata.get("ss_tag_frequency", "{}"))
-    except json.JSONDecodeError:
+        freq = json.loads(metadata.get("ss_tag_frequency", "{}"))  # {folder: {tag: count}}
+    except (ValueError, RecursionError):  # the C decoder's own depth guard: safe to catch, and no slower scan
         freq = {}
     tables = [t for t in freq.values() if isinstance(t, dict)] if isinstance(freq, dict) else []
     counts: dict[str, Any] = tables[0] if len(tables) == 1 else Counter()
     for tags in tables if len(tables) > 1 else []:
         try:
-            counts.update(tags)  # type: ignore[attr-defined]  # C speed; tags are normalised below, on the few shown
+            counts.update(tags)  # C speed; tags are normalised below, on the few shown
         except TypeError:
             continue
     try:
         ranked = sorted(counts, key=counts.__getitem__, reverse=True)[:top + 5]
     except TypeError:  # counts that are not numbers
         ranked = []
-    for tag in ranked:
-        tag = str(tag).strip()
-        if tag and tag not in words and len(words) < top + bool(phrase):
-            words.append(tag)
-    return words
+    return merge_phrases([phrases, [str(tag) for tag in ranked]])[:top + len(phrases)]
 
 
 def training_summary(metadata: dict[str, str]) -> dict[str, str]:

@@ -2,13 +2,15 @@
 configs of every supported architecture."""
 from __future__ import annotations
 
+from ..errors import ModelError
 from .loading import (
     BaseModel,
-    ModelError,
     demo_components,
     demo_model,
     load_model,
     load_single_file,
+    place_model,
 )
 
-__all__ = ["BaseModel", "ModelError", "demo_components", "demo_model", "load_model", "load_single_file"]
+__all__ = ["BaseModel", "ModelError", "demo_components", "demo_model", "load_model", "load_single_file",
+           "place_model"]

@@ -1,4 +1,5 @@
-"""Base models: the embedded demo model, and diffusers folders on disk (offline only).
+"""Base models: the embedded demo model, and diffusers folders on disk (offline only), on the device and dtype
+asked for (``models/device.py``: ``auto`` = CUDA, else MPS, else CPU; fp16 on CUDA/MPS, fp32 on the CPU).
 
 The demo model (``demo``) is a tiny Stable Diffusion 1-architecture pipeline — UNet with cross-attention, a CLIP
 text encoder with the real 49,408-token vocabulary, a VAE — built deterministically from a fixed seed, so a fresh
@@ -9,54 +10,173 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import LorakitError
+from ..errors import ModelError
 from ..keymap.arch import Arch
+from .device import (
+    ORIGINALS,
+    TILE_FROM,
+    VRAM_MODES,
+    check_choice,
+    dtype_name,
+    resolve_device,
+    resolve_dtype,
+)
 
+log = logging.getLogger("lorakit")
 DEMO = Arch.DEMO
 DEMO_SEED = 20261123
 
 
-class ModelError(LorakitError):
-    """A base model that cannot be loaded (names the path and the problem). Single files raise
-    ``single_file.CheckpointError``, a ``LorakitError`` too."""
-
-
 @dataclass
 class BaseModel:
+    """A pipeline and what it is: name, A1111 hash, architecture, and where it runs. ``device`` is where its
+    forward passes run (with ``vram="low"`` on CUDA the weights wait on the CPU between uses); ``dtype`` the
+    dtype of its weights."""
+
     pipe: Any  # a diffusers StableDiffusionPipeline / StableDiffusionXLPipeline
     name: str
     hash: str  # A1111 "Model hash" (AutoV2-style, 10 hex digits)
     arch: Arch
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    vram: str = "normal"  # "low" | "normal" | "high"
 
     @property
     def sdxl(self) -> bool:
         return self.arch == Arch.SDXL
 
+    @property
+    def vae_tiling(self) -> bool:
+        """Whether the VAE decodes in tiles now."""
+        return bool(getattr(self.pipe.vae, "use_tiling", False))
 
-def load_model(spec: str | None) -> BaseModel:
-    """``None``/``"demo"``: the embedded demo model; else a diffusers model folder (``model_index.json``)."""
+    def vae_tiling_for(self, width: int, height: int) -> bool:
+        """Tiles for this image size: always with ``vram="low"``, never with ``"high"``, else from
+        ``TILE_FROM`` (1536) px on either side."""
+        if self.vram != "normal":
+            return self.vram == "low"
+        return max(width, height) >= TILE_FROM
+
+    def set_vae_tiling(self, width: int, height: int) -> bool:
+        """Turn the VAE's tiling on or off for a ``width``×``height`` image; returns whether it is on."""
+        tiled = self.vae_tiling_for(width, height)
+        if tiled != self.vae_tiling:
+            self.pipe.vae.enable_tiling() if tiled else self.pipe.vae.disable_tiling()
+        return tiled
+
+    def describe(self) -> str:
+        """``demo on cuda:0, fp16, vram normal`` — the one console line that says where the model runs."""
+        offload = ", weights offloaded to the CPU between uses" if _offloaded(self.pipe) else ""
+        return f"{self.name} on {self.device}, {dtype_name(self.dtype)}, vram {self.vram}{offload}"
+
+
+def load_model(spec: str | None, *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+               vram: str | None = None, lora_originals: str | None = None) -> BaseModel:
+    """``None``/``"demo"``: the embedded demo model; else a diffusers model folder (``model_index.json``) or an
+    A1111 single file — on ``device`` in ``dtype`` (see ``models/device.py``), with the memory mode ``vram``
+    (``low``: model CPU offload on CUDA + VAE tiling; ``normal``: all on the device, tiles from 1536 px;
+    ``high``: never tiles) and where LoRA originals are kept (``auto``/``device``/``host``). An argument left
+    ``None`` comes from ``$LORAKIT_DEVICE``/``$LORAKIT_DTYPE``/``$LORAKIT_VRAM``/``$LORAKIT_LORA_ORIGINALS``, else
+    its default (``auto``, ``auto``, ``normal``, ``auto``)."""
+    dev = resolve_device(device if device is not None else _env("device"))
+    dt = resolve_dtype(dtype if dtype is not None else _env("dtype"), dev)
+    mode = check_choice(vram or _env("vram"), VRAM_MODES, "vram", "normal")
+    originals = check_choice(lora_originals or _env("lora_originals"), ORIGINALS, "lora_originals", "auto")
     if spec in (None, DEMO):
-        return demo_model()
-    path = Path(spec)
+        model = demo_model()
+    else:
+        model = _from_path(Path(spec), dt)
+    return place_model(model, dev, dt, mode, originals)
+
+
+def _env(key: str) -> str | None:
+    return os.environ.get(f"LORAKIT_{key.upper()}") or None
+
+
+def _from_path(path: Path, dtype: torch.dtype) -> BaseModel:
     if not path.exists():
         raise ModelError(f"{path}: no such model file or folder")
     if path.is_dir() and (path / "model_index.json").is_file():
-        return _diffusers_folder(path)
+        return _diffusers_folder(path, dtype)
     if path.is_file():
-        return load_single_file(path)
+        return load_single_file(path, dtype=dtype)
     raise ModelError(f"{path}: not a diffusers model folder (no model_index.json)")
 
 
-def load_single_file(path: Path, configs: Mapping[str, Mapping[str, Any]] | None = None) -> BaseModel:
+def place_model(model: BaseModel, device: torch.device, dtype: torch.dtype, vram: str = "normal",
+                lora_originals: str = "auto") -> BaseModel:
+    """Move ``model`` to ``device``/``dtype`` in memory mode ``vram`` (LoRAs applied to it are removed first:
+    their originals belong to the old placement). Logs the one line that says where it runs."""
+    from ..patch import patcher_for, restore
+
+    restore(model.pipe)
+    offload = vram == "low" and device.type == "cuda"
+    if vram == "low" and not offload:
+        log.info(f"vram low: model CPU offload needs CUDA, so it is ignored on {device} (VAE tiling stays on)")
+    _move(model.pipe, torch.device("cpu") if offload else device, dtype)
+    if offload:
+        _offload(model.pipe, device)
+    _use_sdpa(model.pipe)
+    if vram == "low":
+        model.pipe.vae.enable_tiling()
+    patcher_for(model.pipe).fused.originals_mode = lora_originals
+    model.device, model.dtype, model.vram = device, dtype, vram
+    log.info(f"model {model.describe()}")
+    return model
+
+
+def _move(pipe: Any, device: torch.device, dtype: torch.dtype) -> None:
+    """Every torch component to ``device``/``dtype``; submodules a model declares fp32-only
+    (``_keep_in_fp32_modules``) stay fp32. Per module, not ``pipe.to``: that warns about fp16 on the CPU, which
+    the user asked for, and about fp32 modules of models that have none."""
+    for component in pipe.components.values():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        torch.nn.Module.to(component, device=device, dtype=dtype)
+        keep = set(getattr(component, "_keep_in_fp32_modules", None) or ())
+        for name, sub in component.named_modules():
+            if keep & set(name.split(".")):
+                sub.float()
+
+
+def _offload(pipe: Any, device: torch.device) -> None:
+    """diffusers' model CPU offload: each component moves to ``device`` for its forward and back after."""
+    try:
+        pipe.enable_model_cpu_offload(device=device)
+    except (ImportError, ValueError, RuntimeError) as e:  # accelerate missing or too old
+        raise ModelError(f"vram low needs diffusers' model CPU offload, which failed: {e}") from None
+
+
+def _offloaded(pipe: Any) -> bool:
+    return any(hasattr(m, "_hf_hook") for m in (getattr(pipe, "unet", None), getattr(pipe, "vae", None)) if m)
+
+
+def _use_sdpa(pipe: Any) -> None:
+    """Attention through PyTorch's SDPA (diffusers' ``AttnProcessor2_0``): replace the classic processor where a
+    model came with it; custom processors are left alone."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    for name in ("unet", "vae"):
+        module = getattr(pipe, name, None)
+        procs = getattr(module, "attn_processors", None)
+        if module is not None and procs and any(type(p) is AttnProcessor for p in procs.values()):
+            module.set_attn_processor({k: AttnProcessor2_0() if type(p) is AttnProcessor else p
+                                       for k, p in procs.items()})
+
+
+def load_single_file(path: Path, configs: Mapping[str, Mapping[str, Any]] | None = None,
+                     dtype: torch.dtype = torch.float32) -> BaseModel:
     """An A1111-style ``.safetensors``/``.ckpt`` checkpoint (SD1, SD2, SDXL; ``configs`` default to the full-size
-    ones of the architecture its tensors show)."""
+    ones of the architecture its tensors show), on the CPU in ``dtype`` (``load_model`` places it)."""
     from ..files.hashes import cached_sha256
     from .single_file import (
         build_pipeline,
@@ -67,11 +187,11 @@ def load_single_file(path: Path, configs: Mapping[str, Mapping[str, Any]] | None
 
     sd = checkpoint_tensors(path)
     arch = checkpoint_arch(sd, path)
-    pipe = build_pipeline(sd, path, arch, configs or default_configs(arch))
-    return BaseModel(pipe, path.stem, cached_sha256(path)[:10], arch)
+    pipe = build_pipeline(sd, path, arch, configs or default_configs(arch), dtype)
+    return BaseModel(pipe, path.stem, cached_sha256(path)[:10], Arch(arch))
 
 
-def _diffusers_folder(path: Path) -> BaseModel:
+def _diffusers_folder(path: Path, dtype: torch.dtype) -> BaseModel:
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     try:
@@ -81,16 +201,16 @@ def _diffusers_folder(path: Path) -> BaseModel:
     cls_name = index.get("_class_name", "")
     cls = StableDiffusionXLPipeline if "XL" in cls_name else StableDiffusionPipeline
     try:
-        pipe = cls.from_pretrained(str(path), local_files_only=True, safety_checker=None,
-                                   requires_safety_checker=False) if cls is StableDiffusionPipeline else \
-            cls.from_pretrained(str(path), local_files_only=True)
+        extra = dict(safety_checker=None, requires_safety_checker=False) if cls is StableDiffusionPipeline else {}
+        # ``dtype=`` (diffusers ≥ 0.36; older ones load fp32 and ``place_model`` casts)
+        pipe = cls.from_pretrained(str(path), local_files_only=True, dtype=dtype, **extra)
     except Exception as e:  # diffusers raises many types for a broken folder
         raise ModelError(f"{path}: could not load the model ({type(e).__name__}: {str(e)[:200]})") from None
     from ..patch.targets import model_arch
 
     arch = Arch.SDXL if cls is StableDiffusionXLPipeline else model_arch({"unet": pipe.unet})
     digest = hashlib.sha256(json.dumps(index, sort_keys=True).encode() + str(path.resolve()).encode()).hexdigest()
-    return BaseModel(pipe, path.name, digest[:10], arch)
+    return BaseModel(pipe, path.name, digest[:10], Arch(arch))
 
 
 def demo_components(seed: int = DEMO_SEED) -> dict[str, torch.nn.Module]:
@@ -108,6 +228,8 @@ def demo_components(seed: int = DEMO_SEED) -> dict[str, torch.nn.Module]:
         max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
     vae = AutoencoderKL(block_out_channels=(32, 64, 64), latent_channels=4, norm_num_groups=32,
                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3)
+    for module in (unet, text_encoder):
+        module.lorakit_arch = Arch.DEMO  # what patch.targets.model_arch reports: shapes match no real base
     return {"unet": unet.eval(), "text_encoder": text_encoder.eval(), "vae": vae.eval()}
 
 

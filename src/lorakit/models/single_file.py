@@ -13,14 +13,10 @@ from typing import Any
 
 import torch
 
-from ..errors import LorakitError
+from ..errors import CheckpointError
 from ..keymap.arch import Arch, foreign_family
 
 UNET_PREFIX = "model.diffusion_model."
-
-
-class CheckpointError(LorakitError):
-    """A file that is not a usable Stable Diffusion checkpoint (names the file and why)."""
 
 
 def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -61,14 +57,17 @@ def default_configs(arch: str) -> dict[str, Mapping[str, Any]]:
         SDXL_VAE,
     )
 
-    return {Arch.SD1: {"unet": SD1_UNET, "vae": SD_VAE, "text_encoder": CLIP_L},
-            Arch.SD2: {"unet": SD2_UNET, "vae": SD_VAE, "text_encoder": OPENCLIP_H},
-            Arch.SDXL: {"unet": SDXL_UNET, "vae": SDXL_VAE, "text_encoder": CLIP_L, "text_encoder_2": CLIP_G}}[arch]
+    configs: dict[Arch, dict[str, Mapping[str, Any]]] = {
+        Arch.SD1: {"unet": SD1_UNET, "vae": SD_VAE, "text_encoder": CLIP_L},
+        Arch.SD2: {"unet": SD2_UNET, "vae": SD_VAE, "text_encoder": OPENCLIP_H},
+        Arch.SDXL: {"unet": SDXL_UNET, "vae": SDXL_VAE, "text_encoder": CLIP_L, "text_encoder_2": CLIP_G}}
+    return configs[Arch(arch)]
 
 
 def build_pipeline(sd: Mapping[str, torch.Tensor], path: Path, arch: str,
-                   configs: Mapping[str, Mapping[str, Any]]) -> Any:
-    """A diffusers pipeline from a single-file state dict of ``arch`` and component configs."""
+                   configs: Mapping[str, Mapping[str, Any]], dtype: torch.dtype = torch.float32) -> Any:
+    """A diffusers pipeline (on the CPU, floating weights in ``dtype``) from a single-file state dict of ``arch``
+    and component configs."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import (
         convert_ldm_unet_checkpoint,
@@ -79,14 +78,14 @@ def build_pipeline(sd: Mapping[str, torch.Tensor], path: Path, arch: str,
     with torch.device("meta"):
         unet = UNet2DConditionModel(**configs["unet"])
         vae = AutoencoderKL(**configs["vae"])
-    _fill(unet, convert_ldm_unet_checkpoint(sd, dict(unet.config)), path, "UNet")
-    _fill(vae, convert_ldm_vae_checkpoint(sd, dict(vae.config)), path, "VAE")
-    encoders = _text_encoders(sd, path, arch, configs)
+    _fill(unet, convert_ldm_unet_checkpoint(sd, dict(unet.config)), path, "UNet", dtype)
+    _fill(vae, convert_ldm_vae_checkpoint(sd, dict(vae.config)), path, "VAE", dtype)
+    encoders = _text_encoders(sd, path, arch, configs, dtype)
     return _assemble(arch, unet.eval(), vae.eval(), encoders)
 
 
 def _text_encoders(sd: dict[str, torch.Tensor], path: Path, arch: str,
-                   configs: Mapping[str, Mapping[str, Any]]) -> list[torch.nn.Module]:
+                   configs: Mapping[str, Mapping[str, Any]], dtype: torch.dtype) -> list[torch.nn.Module]:
     from diffusers.loaders.single_file_utils import (
         convert_ldm_clip_checkpoint,
         convert_open_clip_checkpoint,
@@ -106,7 +105,7 @@ def _text_encoders(sd: dict[str, torch.Tensor], path: Path, arch: str,
     out = []
     for i, (encoder, state) in enumerate(zip([first, second], states)):
         assert encoder is not None
-        _fill(encoder, _for_module(state, encoder), path, f"text encoder {i + 1}")
+        _fill(encoder, _for_module(state, encoder), path, f"text encoder {i + 1}", dtype)
         out.append(encoder.eval())
     return out
 
@@ -135,7 +134,8 @@ def _assemble(arch: str, unet: Any, vae: Any, encoders: list[torch.nn.Module]) -
                                    requires_safety_checker=False)
 
 
-def _fill(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, what: str) -> None:
+def _fill(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, what: str,
+          dtype: torch.dtype = torch.float32) -> None:
     expected = set(module.state_dict())
     missing = sorted(expected - set(state))
     if missing:
@@ -145,7 +145,8 @@ def _fill(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, w
     if wrong:
         raise CheckpointError(f"{path}: the {what} tensor {wrong[0]} is {tuple(state[wrong[0]].shape)}, expected "
                               f"{tuple(module.state_dict()[wrong[0]].shape)}")
-    module.load_state_dict({k: state[k].float() for k in expected}, assign=True, strict=True)
+    module.load_state_dict({k: state[k].to(dtype) if state[k].is_floating_point() else state[k] for k in expected},
+                           assign=True, strict=True)
     _materialize_buffers(module, path, what)
 
 
@@ -158,6 +159,8 @@ def _materialize_buffers(module: torch.nn.Module, path: Path, what: str) -> None
         owner_name, _, leaf = name.rpartition(".")
         owner = module.get_submodule(owner_name) if owner_name else module
         if leaf == "position_ids":
-            owner.register_buffer(leaf, torch.arange(buf.shape[-1]).expand(buf.shape).clone(), persistent=False)
+            device = next(module.parameters()).device  # beside the weights just filled in
+            ids = torch.arange(buf.shape[-1], dtype=buf.dtype, device=device).expand(buf.shape).clone()
+            owner.register_buffer(leaf, ids, persistent=False)
         else:
             raise CheckpointError(f"{path}: the {what}'s buffer {name} cannot be built offline")

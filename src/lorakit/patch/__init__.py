@@ -13,11 +13,12 @@ from typing import Union
 import torch
 
 from ..errors import LorakitError
-from ..lora_model import LoraLike, load_cached
+from ..lora_model import LoraLike, LoraModel, load_cached
 from .fused import FusedPatcher
 from .hooks import HookPatcher
-from .plan import LoraReport, build_plan
-from .targets import components_of
+from .placement import place_loras
+from .plan import Contribution, LoraReport, Plan, build_plan
+from .targets import components_of, model_arch
 from .weights import Weight, as_weight
 
 log = logging.getLogger("lorakit")
@@ -34,6 +35,8 @@ class Patcher:
         self.fused = FusedPatcher()
         self.hooks = HookPatcher()
         self.reports: list[LoraReport] = []
+        self._active: list[tuple[LoraModel, list[str]]] = []  # the last set: each LoRA and its layers that fit
+        self._modules: dict[str, torch.nn.Module] = {}
 
     def set(self, loras: Sequence[tuple[LoraLike, WeightLike]] | Iterable[tuple[LoraLike, WeightLike]], *,
             mode: str = "fused", strict: bool = False, log_reports: bool = True) -> list[LoraReport]:
@@ -43,6 +46,7 @@ class Patcher:
         if mode not in MODES:
             raise LorakitError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         resolved = [(load_cached(lora, strict=strict), as_weight(w)) for lora, w in loras]
+        resolved = place_loras(resolved, self.components, mode)  # factors on the weights' device, fp32, cached
         plan = build_plan(self.components, resolved, strict)
         active, other = (self.fused, self.hooks) if mode == "fused" else (self.hooks, self.fused)
         try:
@@ -52,15 +56,45 @@ class Patcher:
             self.restore()
             raise
         self.reports = plan.reports
+        self._modules = plan.modules
+        self._active = [(lora, [p for p in lora.layers if p in plan.modules]) for lora, _ in resolved]
         for report in plan.reports if log_reports else []:
             log.info(report.line())
         return plan.reports
+
+    def update(self, weights: Sequence[WeightLike]) -> None:
+        """New strengths for the LoRAs of the last ``set`` (same order), in hooks mode without resolving or
+        checking anything again: the per-step path of strength schedules. In fused mode this is a ``set``."""
+        if len(weights) != len(self._active):
+            raise LorakitError(f"update needs one weight per active LoRA ({len(self._active)}), got {len(weights)}")
+        if not self.hooks.active and self.fused.active:
+            self.set([(lora, w) for (lora, _), w in zip(self._active, weights)], log_reports=False)
+            return
+        arch = model_arch(self.components)
+        layers: dict[str, list[Contribution]] = {}
+        for (lora, paths), spec in zip(self._active, weights):
+            weight = as_weight(spec)
+            for path in paths:
+                strength = weight.for_path(path, arch)
+                if strength != 0.0:
+                    layers.setdefault(path, []).append(Contribution(lora.layers[path], strength, weight.dyn))
+        try:
+            self.hooks.apply(Plan(self._modules, layers, self.reports))
+        except BaseException:
+            self.restore()
+            raise
+
+    @property
+    def originals_location(self) -> str:
+        """Where the originals of the fused weights are kept: ``device``, ``host``, ``device+host`` or ``none``."""
+        return self.fused.originals_location
 
     def restore(self) -> None:
         """Every parameter back to its original tensor (bit-exact); every hook removed."""
         self.fused.restore()
         self.hooks.restore()
         self.reports = []
+        self._active, self._modules = [], {}
 
 
 _PATCHERS: "weakref.WeakKeyDictionary[torch.nn.Module, Patcher]" = weakref.WeakKeyDictionary()

@@ -1,23 +1,38 @@
 """Fused patching: LoRA deltas summed into the weights, originals kept, restore bit-exact.
 
-Per parameter: ``patched = cast(fp32(W_orig) + Σ mᵢ·ΔWᵢ)``, computed into a buffer that is reused on the next
-switch, then swapped in with ``param.data = patched``; the original tensor object is never written. A parameter
-whose set of contributions is unchanged is skipped; one no longer touched gets its original back.
+Per parameter: ``patched = cast(fp32(W_orig) + Σ mᵢ·ΔWᵢ)``, on the weight's device. A parameter whose set of
+contributions is unchanged is skipped; one no longer touched gets its original back. The originals live in one of
+two places (``originals_mode``; ``auto`` picks per apply by free device memory, see ``originals.py``):
+
+- ``device``: the original tensor object is kept as it is and never written; the patched values go to a second
+  buffer (reused on the next switch), swapped in with ``param.data = patched``; restore swaps the original back.
+- ``host``: a bit-exact copy goes to host memory (pinned when CUDA is available) and the weight's own storage is
+  patched in place (no second device buffer); a switch first copies the original values back, restore copies them
+  back and drops the host copy.
 """
 from __future__ import annotations
+
+import logging
 
 import torch
 
 from ..adapters import functional as fn
+from ..models.device import to_host
+from .originals import choose_places, describe_places
 from .plan import Contribution, ParamKey, Plan
 
-CHUNK_ELEMENTS = 1 << 20  # 4 MiB of fp32 per block: stays in cache
+log = logging.getLogger("lorakit")
+CHUNK_ELEMENTS = {"cpu": 1 << 20}  # fp32 per block: 4 MiB stays in a CPU cache
+GPU_CHUNK_ELEMENTS = 1 << 24  # accelerators: few, large blocks (launches cost more than cache misses); 64 MiB fp32
+GEMM_DEVICES = {"cuda"}  # cuBLAS sums a half-precision addmm in fp32 and rounds once
 Signature = tuple[tuple[object, float, int | None, str], ...]
 
 
 class FusedPatcher:
-    def __init__(self) -> None:
-        self.originals: dict[ParamKey, torch.Tensor] = {}
+    def __init__(self, originals_mode: str = "auto") -> None:
+        self.originals_mode = originals_mode  # "auto" | "device" | "host"
+        self.originals: dict[ParamKey, torch.Tensor] = {}  # kept on the device: the original tensor objects
+        self.host: dict[ParamKey, torch.Tensor] = {}  # kept on the host: bit-exact copies
         self.params: dict[ParamKey, torch.nn.Parameter] = {}
         self.signatures: dict[ParamKey, Signature] = {}
         self._scratch: torch.Tensor | None = None
@@ -25,50 +40,85 @@ class FusedPatcher:
     def apply(self, plan: Plan) -> int:
         """Bring the model to ``plan``; returns how many parameters were (re)computed."""
         entries = plan.param_entries()
-        for key in [k for k in self.signatures if k not in entries]:
+        for key in [k for k in self.params if k not in entries]:
             self._restore(key)
-        changed = 0
+        todo = {}
         for key, contribs in entries.items():
             sig: Signature = tuple((c.adapter, c.strength, c.dyn, which) for c, which in contribs)
-            if self.signatures.get(key) == sig:
-                continue
-            self._patch(key, plan.modules[key[0]], contribs)
+            if self.signatures.get(key) != sig:
+                todo[key] = (contribs, sig)
+        new = {k: getattr(plan.modules[k[0]], k[1]) for k in todo if k not in self.params}
+        self._keep_originals(new)
+        for key, (contribs, sig) in todo.items():
+            self.signatures.pop(key, None)  # until the sum is done (a failure half-way still restores it)
+            self._patch(key, contribs, fresh=key in new)
             self.signatures[key] = sig
-            changed += 1
-        return changed
+        return len(todo)
 
     def restore(self) -> None:
-        for key in list(self.signatures):
+        for key in list(self.params):
             self._restore(key)
         self._scratch = None
 
     @property
     def active(self) -> bool:
-        return bool(self.signatures)
+        return bool(self.params)
+
+    @property
+    def originals_location(self) -> str:
+        """``device``, ``host``, ``device+host`` (some of each) or ``none`` (nothing patched)."""
+        places = [p for p, d in (("device", self.originals), ("host", self.host)) if d]
+        return "+".join(places) or "none"
+
+    def _keep_originals(self, new: dict[ParamKey, torch.nn.Parameter]) -> None:
+        """Keep the originals of parameters patched for the first time, where ``originals_mode`` says."""
+        places = choose_places(new, self.originals_mode)
+        for key, param in new.items():
+            if places[key] == "host":
+                self.host[key] = to_host(param.data)
+            else:
+                self.originals[key] = param.data
+            self.params[key] = param  # last: a failed host copy leaves nothing half-registered
+        if new:  # said aloud when ``auto`` ran out of device memory: switches then cost a host→device copy
+            spilled = self.originals_mode == "auto" and "host" in places.values()
+            log.log(logging.INFO if spilled else logging.DEBUG, describe_places(new, places, self.originals_mode))
 
     def _restore(self, key: ParamKey) -> None:
-        self.params[key].data = self.originals.pop(key)
-        del self.params[key], self.signatures[key]
+        param = self.params.pop(key)
+        if key in self.host:
+            host = self.host.pop(key)
+            param.data.copy_(host, non_blocking=host.is_pinned())  # pinned memory stays alive until copied
+        else:
+            param.data = self.originals.pop(key)
+        self.signatures.pop(key, None)
 
-    def _patch(self, key: ParamKey, module: torch.nn.Module,
-               contribs: list[tuple[Contribution, str]]) -> None:
-        param = getattr(module, key[1])
-        if key not in self.originals:
-            self.originals[key] = param.data
-            self.params[key] = param
-        orig = self.originals[key]
-        current = param.data
-        out = current if current.data_ptr() != orig.data_ptr() else torch.empty_like(orig)
-        if not self._sum_in_chunks(out, orig, contribs):
+    def _patch(self, key: ParamKey, contribs: list[tuple[Contribution, str]], fresh: bool) -> None:
+        param = self.params[key]
+        if key in self.host:  # patched in place: a switch starts again from the original values
+            out = orig = param.data
+            if not fresh:
+                out.copy_(self.host[key], non_blocking=self.host[key].is_pinned())
+        else:
+            orig = self.originals[key]
+            current = param.data
+            out = current if current.data_ptr() != orig.data_ptr() else torch.empty_like(orig)
+        if not self._sum_gemm(out, orig, contribs) and not self._sum_in_chunks(out, orig, contribs):
             self._sum_whole(out, orig, contribs)
         param.data = out
 
     def _sum_whole(self, out: torch.Tensor, orig: torch.Tensor, contribs: list[tuple[Contribution, str]]) -> None:
-        """out = cast(fp32(orig) + Σ ΔW); fp32 weights are summed in ``out`` itself (one pass for a LoRA)."""
+        """out = cast(fp32(orig) + Σ ΔW); fp32 weights are summed in ``out`` itself (one pass for a LoRA).
+        ``out`` may be ``orig`` itself (originals on the host): then ``acc`` already holds the original values, and
+        types whose ΔW reads W get a copy of it, since ``acc`` changes as contributions are added."""
+        in_place = out.data_ptr() == orig.data_ptr()
         acc = out if orig.dtype == torch.float32 else self._fp32(orig)
         w32 = orig if orig.dtype == torch.float32 or not _needs_weight(contribs) else orig.float()
+        if in_place and w32 is orig and _needs_weight(contribs):
+            w32 = orig.clone()
         first, which0 = contribs[0]
-        if which0 == "weight" and acc is out and first.adapter.write_sum(acc, orig, first.strength, first.dyn):
+        if in_place and acc is out:
+            pass
+        elif which0 == "weight" and acc is out and first.adapter.write_sum(acc, orig, first.strength, first.dyn):
             contribs = contribs[1:]
         else:
             acc.copy_(orig)
@@ -82,31 +132,69 @@ class FusedPatcher:
 
     def _sum_in_chunks(self, out: torch.Tensor, orig: torch.Tensor,
                        contribs: list[tuple[Contribution, str]]) -> bool:
-        """Half-precision weights, low-rank contributions only: fp32 sums over cache-sized row blocks, so no
-        full-size fp32 temporary exists. ``False`` (nothing written) when a contribution is not low-rank."""
-        if orig.dtype == torch.float32 or any(which != "weight" for _, which in contribs):
-            return False
-        factors = [(c.adapter.low_rank(c.dyn), c.strength) for c, _ in contribs]
-        if any(f is None for f, _ in factors):
+        """Half-precision weights, low-rank contributions only: fp32 sums over row blocks (cache-sized on the CPU),
+        so no full-size fp32 temporary exists. ``False`` (nothing written) when a contribution is not low-rank.
+        Each block is read before it is written, so ``out`` may be ``orig`` itself."""
+        factors = _low_rank(orig, contribs)
+        if factors is None:
             return False
         o2, w2 = out.view(out.shape[0], -1), orig.view(orig.shape[0], -1)
-        step = max(1, CHUNK_ELEMENTS // w2.shape[1])
+        step = max(1, CHUNK_ELEMENTS.get(orig.device.type, GPU_CHUNK_ELEMENTS) // w2.shape[1])
         for start in range(0, w2.shape[0], step):
             rows = slice(start, min(start + step, w2.shape[0]))
             acc = self._fp32(w2[rows])
             acc.copy_(w2[rows])
-            for lr, strength in factors:
-                up, down, scale = lr  # type: ignore[misc]
-                fn.add_low_rank_rows(acc, up, down, rows, scale * strength)
+            for up, down, alpha in factors:
+                fn.add_low_rank_rows(acc, up, down, rows, alpha)
             o2[rows].copy_(acc)
         return True
 
+    def _sum_gemm(self, out: torch.Tensor, orig: torch.Tensor, contribs: list[tuple[Contribution, str]]) -> bool:
+        """CUDA, half-precision weights, low-rank contributions: ``out = orig + U@D`` in one addmm, U and D the
+        factors side by side along the rank (each ``up`` scaled by its strength·α/r). cuBLAS reads ``orig``,
+        sums in fp32 and rounds once — one read and one write of the weight, the switch's bandwidth floor."""
+        if orig.device.type not in GEMM_DEVICES:
+            return False
+        factors = _low_rank(orig, contribs)
+        if factors is None:
+            return False
+        dt = orig.dtype
+        if len(factors) == 1:
+            up, down, alpha = factors[0]
+            u, d = up.to(dt), down.to(dt)
+        else:
+            u = torch.cat([up * a for up, _, a in factors], dim=1).to(dt)
+            d = torch.cat([down for _, down, _ in factors]).to(dt)
+            alpha = 1.0
+        o2, w2 = out.view(out.shape[0], -1), orig.view(orig.shape[0], -1)
+        if o2.data_ptr() == w2.data_ptr():
+            o2.addmm_(u, d, alpha=alpha)
+        else:
+            torch.addmm(w2, u, d, alpha=alpha, out=o2)
+        return True
+
     def _fp32(self, like: torch.Tensor) -> torch.Tensor:
-        """A reused fp32 scratch buffer with ``like``'s shape (half-precision weights are summed in fp32)."""
+        """A reused fp32 scratch buffer with ``like``'s shape and device (half-precision weights are summed in
+        fp32)."""
         n = like.numel()
-        if self._scratch is None or self._scratch.numel() < n:
+        if self._scratch is None or self._scratch.numel() < n or self._scratch.device != like.device:
             self._scratch = torch.empty(n, dtype=torch.float32, device=like.device)
         return self._scratch[:n].view(like.shape)
+
+
+def _low_rank(orig: torch.Tensor, contribs: list[tuple[Contribution, str]]) -> list[tuple[torch.Tensor,
+                                                                                          torch.Tensor, float]] | None:
+    """``[(up (out, r), down (r, in·k·k), strength·α/r)]`` fp32 when ``orig`` is half precision and every
+    contribution is a low-rank weight change; else ``None``."""
+    if orig.dtype == torch.float32 or any(which != "weight" for _, which in contribs):
+        return None
+    factors = []
+    for c, _ in contribs:
+        lr = c.adapter.low_rank(c.dyn)
+        if lr is None:
+            return None
+        factors.append((lr[0], lr[1], lr[2] * c.strength))
+    return factors
 
 
 def _needs_weight(contribs: list[tuple[Contribution, str]]) -> bool:

@@ -1,8 +1,8 @@
 """Hooks mode: forward hooks add each LoRA's output change; no weight is modified.
 
-LoRA/LoCon layers use the low-rank path ``m·s·up(down(x))`` (cheap when the strength changes every step); other
-types add ``op(x, ΔW, Δb)`` with ΔW cached per strength. Strengths can be changed between forwards without
-re-registering (``apply`` with the same layers only updates them).
+Adapters with a ``bypass`` (LoRA/LoCon: ``m·s·up(down(x))``, cheap when the strength changes every step) give their
+output change themselves; the others add ``op(x, ΔW, Δb)`` with ΔW cached per strength. Strengths can be changed
+between forwards without re-registering (``apply`` with the same layers only updates them).
 """
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 
-from ..adapters import LoRA
 from ..adapters import functional as fn
 from .plan import Contribution, Plan
 
@@ -24,8 +23,8 @@ class _LayerHook:
     def __call__(self, module: torch.nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
         x = args[0]
         for c in self.contribs:
-            if isinstance(c.adapter, LoRA):
-                output = output + c.adapter.hook_output(module, x, module.weight, c.strength, c.dyn)
+            if c.adapter.bypass:
+                output = output + c.adapter.hook_output(module, x, _weight(module), c.strength, c.dyn)
             else:
                 d, b = self._delta(module, c, x.dtype)
                 output = output + fn.module_op(module, x, d, b)
@@ -35,10 +34,18 @@ class _LayerHook:
                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
         key = (id(c.adapter), c.strength, c.dyn, dtype)
         if key not in self.cache:
-            w = module.weight.detach().float()
+            w = _weight(module).detach().float()
             b = c.adapter.bias_delta(c.strength) if getattr(module, "bias", None) is not None else None
             self.cache[key] = (c.adapter.delta(w, c.strength, c.dyn).to(dtype), None if b is None else b.to(dtype))
         return self.cache[key]
+
+
+def _weight(module: torch.nn.Module) -> torch.Tensor:
+    """The module's weight (plan only hooks modules that have one)."""
+    w = getattr(module, "weight", None)
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"{type(module).__name__} has no weight tensor")
+    return w
 
 
 class HookPatcher:

@@ -1,6 +1,8 @@
 """Resolve a list of (LoraModel, Weight) onto a model, check everything, and say what will change.
 
-Every check happens here, before any weight is touched: architecture, module existence, shapes, weight specs.
+Every check happens here, before any weight is touched: architecture, module existence, shapes (each adapter's
+full ``shape_error`` contract, which guarantees its ΔW can be computed and is no larger than the weight), weight
+specs.
 """
 from __future__ import annotations
 
@@ -76,7 +78,7 @@ def build_plan(components: Mapping[str, torch.nn.Module], loras: Sequence[tuple[
     reports = []
     for lora, weight in loras:
         _check_arch(lora, arch)
-        report = LoraReport(lora.name, lora.path, lora.network_types, lora.arch, weight.describe(),
+        report = LoraReport(lora.name, lora.path, lora.network_types, lora.arch, weight.describe(_parts(lora)),
                             leftover_keys=len(lora.leftovers))
         errors: list[str] = []
         for path, adapter in lora.layers.items():
@@ -84,7 +86,8 @@ def build_plan(components: Mapping[str, torch.nn.Module], loras: Sequence[tuple[
             if module is None or not isinstance(module, SUPPORTED):
                 report.unmatched.append(path)
                 continue
-            problem = adapter.shape_error(module.weight.shape)
+            w = getattr(module, "weight", None)  # a norm layer without affine parameters has none
+            problem = adapter.shape_error(w.shape) if isinstance(w, torch.Tensor) else "it has no weight"
             if problem:
                 errors.append(f"{path}: {problem}")
                 continue
@@ -98,19 +101,29 @@ def build_plan(components: Mapping[str, torch.nn.Module], loras: Sequence[tuple[
     return Plan(modules, layers, reports)
 
 
+def _parts(lora: LoraModel) -> set[str]:
+    """The weight parts a LoRA has: ``te`` (any text encoder) and/or ``unet``."""
+    return {"te" if c.startswith("text_encoder") else "unet" for c in lora.modules_per_component()}
+
+
 def _check_arch(lora: LoraModel, arch: str) -> None:
     if UNKNOWN in (lora.arch, arch) or lora.arch == arch:
         return
     where = lora.path or lora.name
-    raise IncompatibleLora(f"{where}: this LoRA is for {NAMES[lora.arch]}, the model is {NAMES[arch]}; "
+    raise IncompatibleLora(f"{where}: this LoRA is for {_name(lora.arch)}, the model is {_name(arch)}; "
                            "nothing was changed")
+
+
+def _name(arch: str) -> str:
+    """The architecture's display name (``arch`` itself when it has none)."""
+    return next((name for a, name in NAMES.items() if a == arch), arch)
 
 
 def _raise_if_bad(lora: LoraModel, arch: str, errors: list[str], report: LoraReport, strict: bool) -> None:
     where = lora.path or lora.name
     if errors:
         more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
-        raise IncompatibleLora(f"{where}: {len(errors)} layers do not fit the model ({NAMES.get(arch, arch)}): "
+        raise IncompatibleLora(f"{where}: {len(errors)} layers do not fit the model ({_name(arch)}): "
                                f"{'; '.join(errors[:3])}{more}; nothing was changed")
     if report.patched == {} and lora.layers:
         raise IncompatibleLora(f"{where}: none of its {len(lora.layers)} layers exists in this model "

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 
 from ..errors import LorakitError
-from ..keymap.arch import SD1, SD2, SDXL, UNKNOWN
+from ..keymap.arch import SD1, SD2, SDXL, UNKNOWN, Arch
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 SUPPORTED = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm)
@@ -27,7 +27,7 @@ def components_of(target: object) -> dict[str, torch.nn.Module]:
     if bad or not items:
         raise LorakitError("apply_loras needs a diffusers pipeline or a mapping of torch modules "
                            f"({', '.join(COMPONENTS)}); got {type(target).__name__}")
-    return items  # type: ignore[return-value]
+    return items
 
 
 def find_module(components: Mapping[str, torch.nn.Module], canonical_path: str) -> torch.nn.Module | None:
@@ -45,13 +45,18 @@ def find_module(components: Mapping[str, torch.nn.Module], canonical_path: str) 
 
 
 def model_arch(components: Mapping[str, torch.nn.Module]) -> str:
-    """SD1/SD2/SDXL from the UNet's cross-attention width, else the text encoder's."""
+    """SD1/SD2/SDXL from the UNet's cross-attention width, else the text encoder's; a model that names its
+    architecture (the demo model's components carry ``lorakit_arch``) is taken at its word."""
+    for module in components.values():
+        named = getattr(module, "lorakit_arch", None)
+        if isinstance(named, str):
+            return Arch(named)
     unet = components.get("unet")
     cross = getattr(getattr(unet, "config", None), "cross_attention_dim", None)
     if isinstance(cross, (list, tuple)):
         cross = cross[0]
     if cross in (768, 1024, 2048) or "text_encoder_2" in components:
-        return {768: SD1, 1024: SD2}.get(cross, SDXL) if "text_encoder_2" not in components else SDXL
+        return {768: SD1, 1024: SD2}.get(int(cross or 0), SDXL) if "text_encoder_2" not in components else SDXL
     te = components.get("text_encoder")
     hidden = getattr(getattr(te, "config", None), "hidden_size", None)
     return {768: SD1, 1024: SD2}.get(hidden, UNKNOWN)  # type: ignore[arg-type]

@@ -8,7 +8,7 @@ everything); ``in``/``mid``/``out`` leave them at the ``unet`` weight.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from ..errors import WeightSpecError
@@ -54,12 +54,13 @@ class Weight:
         block = block_id(canonical_path, last_out=8 if arch == Arch.SDXL else 11)
         return base * self.blocks.get(block or "BASE", 1.0)
 
-    def describe(self) -> str:
-        """``te 0.8, unet 1`` (+ block factors, dyn) for log lines."""
-        text = f"te {self.te:g}, unet {self.unet:g}"
+    def describe(self, parts: Collection[str] = ("te", "unet")) -> str:
+        """``te 0.8, unet 1`` (+ every block factor that is not 1, dyn) for log lines; ``parts``: the parts the
+        LoRA has (a UNet-only LoRA is described without a text-encoder weight)."""
+        text = ", ".join(f"{part} {getattr(self, part):g}" for part in ("te", "unet") if part in parts)
         if self.blocks:
             off = sorted(b for b, v in self.blocks.items() if v != 1.0)
-            text += f", blocks ≠1: {', '.join(f'{b} {self.blocks[b]:g}' for b in off[:6])}" if off else ""
+            text += f", blocks ≠1: {', '.join(f'{b} {self.blocks[b]:g}' for b in off)}" if off else ""
         return text + (f", dyn {self.dyn}" if self.dyn else "")
 
 

@@ -12,6 +12,7 @@ import json
 import random
 from typing import Any
 
+from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import __version__
@@ -19,15 +20,18 @@ from ..generate.pipeline import LIMITS, Request, Result
 from ..generate.samplers import SAMPLERS
 
 MAX_IMAGES = 16  # batch_size × n_iter per request
+MAX_PROMPT_CHARS = 20_000  # ~10× the longest real prompts; a 10M-character one must not hold the only worker
+MAX_SEED = 2 ** 64 - 1 - 2 * MAX_IMAGES  # image i of the job gets seed + i, and seeds are 64-bit
+MAX_CLIP_SKIP = 12  # A1111's slider; also at most the text encoder's layers
 
 
 class Txt2Img(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
-    prompt: str = ""
-    negative_prompt: str = ""
+    prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
     styles: list[str] = Field(default_factory=list)
-    seed: int = -1
+    seed: int = Field(-1, ge=-1, le=MAX_SEED)  # -1: random, as in A1111
     sampler_name: str | None = None
     sampler_index: str | None = None  # A1111's old name for sampler_name
     scheduler: str | None = None
@@ -51,14 +55,37 @@ def sampler_of(req: Txt2Img) -> str | None:
     return name
 
 
-def requests_of(req: Txt2Img, clip_skip: int | None, auto_triggers: bool) -> list[Request]:
+def requests_of(req: Txt2Img, clip_skip: int, auto_triggers: bool) -> list[Request]:
     """One ``Request`` per iteration; image i of the whole job has seed ``seed + i`` (A1111's numbering)."""
     seed = req.seed if req.seed >= 0 else random.randrange(2 ** 32 - MAX_IMAGES)
-    skip = req.override_settings.get("CLIP_stop_at_last_layers", clip_skip)
     return [Request(req.prompt, req.negative_prompt, req.steps, req.cfg_scale, sampler_of(req),
-                    seed + k * req.batch_size, req.width, req.height, req.batch_size,
-                    int(skip) if skip else None, auto_triggers or req.lorakit_auto_trigger_words)
+                    seed + k * req.batch_size, req.width, req.height, req.batch_size, clip_skip,
+                    auto_triggers or req.lorakit_auto_trigger_words)
             for k in range(req.n_iter)]
+
+
+def checked_options(values: dict[str, Any], clip_layers: int, where: tuple[str, ...]) -> dict[str, Any]:
+    """The options among ``values`` that lorakit uses, each checked as A1111's settings page would allow it:
+    ``CLIP_stop_at_last_layers`` a whole number from 1 to ``min(12, clip_layers)``, ``lorakit_auto_trigger_words``
+    a boolean, ``samples_format`` a string. Other keys are accepted and ignored, as A1111 ignores what it does not
+    know. A bad value raises ``RequestValidationError`` (a 422) located at ``where + (key,)``."""
+    checks = {"CLIP_stop_at_last_layers": _clip_skip_problem(min(MAX_CLIP_SKIP, clip_layers)),
+              "lorakit_auto_trigger_words": lambda v: None if isinstance(v, bool) else "must be true or false",
+              "samples_format": lambda v: None if isinstance(v, str) else "must be a string"}
+    errors = [{"type": "value_error", "loc": (*where, key), "msg": problem, "input": values[key]}
+              for key, check in checks.items() if key in values and (problem := check(values[key]))]
+    if errors:
+        raise RequestValidationError(errors)
+    return {k: values[k] for k in checks if k in values}
+
+
+def _clip_skip_problem(deepest: int) -> Any:
+    def check(value: Any) -> str | None:
+        if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= deepest:
+            return None
+        return f"clip skip must be a whole number from 1 to {deepest} (1 uses the text encoder's last layer)"
+
+    return check
 
 
 def png_base64(image: Any, text: str) -> str:

@@ -1,13 +1,16 @@
 """The FastAPI application: A1111's ``/sdapi/v1`` endpoints, lorakit's ``/lorakit/v1`` library endpoints, the page.
 
-Errors: a malformed body or a value out of range is a 422 from validation; a lorakit error (unknown LoRA, an SD1
-LoRA on an SDXL model, …) is a 422 ``{"error", "detail", "errors"}`` naming the problem — never a 500.
+Errors: a malformed body or a value out of range is a 422 from validation (``guards``: also NaN, inf, lone
+surrogates, over-long prompts); a lorakit error (unknown LoRA, an SD1 LoRA on an SDXL model, …) is a 422
+``{"error", "detail", "errors"}`` naming the problem — never a 500. Every response renders (``SafeJSONResponse``);
+each request is logged in one line (``guards.RequestLog``).
 """
 from __future__ import annotations
 
 import base64
 import binascii
 import secrets
+import socket
 from collections import Counter
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -15,6 +18,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
@@ -22,9 +26,11 @@ from starlette.concurrency import run_in_threadpool
 from ..errors import LorakitError
 from ..generate.pipeline import Generator
 from ..library import EmbeddingIndex, Library
-from ..library.listing import entry_dict, incompatibility
+from ..library.listing import a1111_loras, entry_dict, fit
 from ..models.loading import BaseModel
+from ..prompt import parse_prompt
 from . import a1111
+from .guards import LORAS_KEY, RequestLog, SafeJSONResponse, StrictJsonRoute, validation_error
 from .worker import GenerationQueue
 
 STATIC = Path(__file__).parent / "static"
@@ -41,11 +47,16 @@ class ServerState:
                                         "CLIP_stop_at_last_layers": 1, "samples_format": "png",
                                         "lorakit_auto_trigger_words": auto_triggers}
 
+    @property
+    def clip_layers(self) -> int:
+        return self.queue.generator.conditioner.layers
+
     def set_options(self, values: dict[str, Any]) -> None:
+        """Check every value first (a bad one is a 422 and changes nothing), then store them."""
         name = values.get("sd_model_checkpoint")
         if name is not None and name not in (self.title, self.model.name, self.model.hash):
-            raise LorakitError(f"model {name!r} not found; this server runs {self.title!r}")
-        self.options.update({k: v for k, v in values.items() if k != "sd_model_checkpoint"})
+            raise LorakitError(f"model {str(name)[:200]!r} not found; this server runs {self.title!r}")
+        self.options.update(a1111.checked_options(values, self.clip_layers, ("body",)))
 
 
 def create_app(model: BaseModel, library: Library, embeddings: EmbeddingIndex | None = None,
@@ -57,21 +68,39 @@ def create_app(model: BaseModel, library: Library, embeddings: EmbeddingIndex | 
         yield
         await run_in_threadpool(state.queue.close)
 
-    app = FastAPI(title="lorakit", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="lorakit", version="0.1.0", lifespan=lifespan, default_response_class=SafeJSONResponse)
+    app.router.route_class = StrictJsonRoute  # before any route is added
     app.state.lorakit = state
     if api_auth:
         _add_auth(app, api_auth)
+    app.add_middleware(RequestLog)  # added last: outermost, so it also logs a 401
     app.add_exception_handler(LorakitError, _lorakit_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, validation_error)  # type: ignore[arg-type]
     _a1111_routes(app, state)
     _library_routes(app, state)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.get("/", include_in_schema=False)(lambda: FileResponse(STATIC / "index.html"))
+    app.get("/favicon.ico", include_in_schema=False)(lambda: FileResponse(STATIC / "favicon.svg"))
     return app
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` for uvicorn (bound as uvicorn binds: ``SO_REUSEADDR``, IPv6 when the host
+    has a ``:``) — bound before the model loads, so that a port in use fails at once. Raises ``OSError``."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
 async def _lorakit_error(request: HttpRequest, exc: LorakitError) -> JSONResponse:
-    return JSONResponse(status_code=422, content={"error": type(exc).__name__, "detail": str(exc), "body": "",
-                                                  "errors": str(exc)})
+    return SafeJSONResponse(status_code=422, content={"error": type(exc).__name__, "detail": str(exc), "body": "",
+                                                      "errors": str(exc)})
 
 
 def _add_auth(app: FastAPI, credentials: str) -> None:
@@ -96,9 +125,14 @@ def _add_auth(app: FastAPI, credentials: str) -> None:
 
 def _a1111_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/sdapi/v1/txt2img")
-    def txt2img(req: a1111.Txt2Img) -> dict[str, Any]:
-        clip_skip = int(state.options.get("CLIP_stop_at_last_layers") or 1)
-        jobs = a1111.requests_of(req, clip_skip, bool(state.options.get("lorakit_auto_trigger_words")))
+    def txt2img(req: a1111.Txt2Img, http: HttpRequest) -> dict[str, Any]:
+        overrides = a1111.checked_options(req.override_settings, state.clip_layers, ("body", "override_settings"))
+        options = {**state.options, **overrides}
+        # Parsed here too, so a malformed tag is refused before the job waits for the worker.
+        refs = parse_prompt(req.prompt).loras + parse_prompt(req.negative_prompt, negative=True).loras
+        http.scope[LORAS_KEY] = [r.name for r in refs]
+        jobs = a1111.requests_of(req, int(options["CLIP_stop_at_last_layers"]),
+                                 bool(options["lorakit_auto_trigger_words"]))
         if req.batch_size * req.n_iter > a1111.MAX_IMAGES:
             raise LorakitError(f"batch_size × n_iter must be at most {a1111.MAX_IMAGES}, got "
                                f"{req.batch_size * req.n_iter}")
@@ -108,9 +142,7 @@ def _a1111_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/sdapi/v1/loras")
     def loras() -> list[dict[str, Any]]:
-        entries = state.library.entries
-        return [{"name": e.name, "alias": e.alias or e.name, "path": str(e.path), "metadata": meta}
-                for e, meta in zip(entries, state.library.metadata(entries))]
+        return a1111_loras(state.library)
 
     @app.post("/sdapi/v1/refresh-loras")
     def refresh_loras() -> None:
@@ -144,8 +176,7 @@ def _library_routes(app: FastAPI, state: ServerState) -> None:
         out = []
         for e in entries:
             item = entry_dict(e)
-            reason = incompatibility(e.base, state.model.arch)
-            item.update(compatible=reason is None, reason=reason,
+            item.update(fit(e, state.model.arch),
                         prompt_name=e.name if stems[e.name.lower()] == 1 else e.subpath,
                         preview_url=f"/lorakit/v1/loras/{e.id}/preview" if item["preview"] else None)
             out.append(item)
@@ -160,5 +191,6 @@ def _library_routes(app: FastAPI, state: ServerState) -> None:
         return FileResponse(e.path.parent / e.sidecars.preview)
 
     @app.post("/lorakit/v1/refresh")
-    def refresh() -> dict[str, float]:
-        return state.library.refresh()
+    def refresh() -> dict[str, float | int]:
+        """The scan's counts (ints) and ``seconds``."""
+        return {k: v if k == "seconds" else int(v) for k, v in state.library.refresh().items()}

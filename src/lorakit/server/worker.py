@@ -34,7 +34,8 @@ class GenerationQueue:
 
     def generate(self, requests: list[Request]) -> list[Result]:
         """Run ``requests`` back to back as one job (A1111's ``n_iter``) and wait for them."""
-        return self.submit(lambda: [self.generator(r) for r in requests]).result()
+        results: list[Result] = self.submit(lambda: [self.generator(r) for r in requests]).result()
+        return results
 
     def submit(self, fn: Callable[[], Any]) -> Future[Any]:
         future: Future[Any] = Future()

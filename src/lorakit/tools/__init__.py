@@ -1,2 +1,2 @@
-"""Tools that write files: export a diffusers SD1 model as a single-file checkpoint (more to come: merge, bake,
-extract, resize, convert)."""
+"""Tools that write files: merge, bake, extract, resize and convert LoRAs (``docs/tools.md``; ``cli.py`` registers
+the commands), and the single-file export of a pipeline (``checkpoint``)."""

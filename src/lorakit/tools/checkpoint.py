@@ -9,19 +9,20 @@ attention projections become 1×1 convolutions); text encoders: SD1 ``cond_stage
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from ..keymap.arch import Arch
+from ..keymap.ldm import RESNET as LDM_RESNET
+from ..keymap.ldm import TOP as LDM_TOP
 
 UNET, VAE, CLIP = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.text_model."
-_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
-           "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-_TOP = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
-        "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2",
-        "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
-TEXT_PREFIXES = {Arch.SD1: ("cond_stage_model.transformer.text_model.", None),
+# The UNet's names come from keymap/ldm.py's tables (LDM → diffusers there), read backwards here; the block
+# numbering below is the same formula, general in layers_per_block so small test pipelines can be written too.
+_RESNET = {diffusers: ldm for ldm, diffusers in LDM_RESNET.items()}
+_TOP = {diffusers: ldm for ldm, diffusers in LDM_TOP.items()}
+TEXT_PREFIXES: dict[str, tuple[str | None, str | None]] = {Arch.SD1: ("cond_stage_model.transformer.text_model.", None),
                  Arch.SD2: (None, "cond_stage_model.model."),
                  Arch.SDXL: ("conditioner.embedders.0.transformer.text_model.", "conditioner.embedders.1.model.")}
 
@@ -57,10 +58,14 @@ def _resnet(rest: str) -> str:
     return f"{_RESNET[head]}.{param}"
 
 
+_Repl = str | Callable[[re.Match[str]], str]
+
+
 def vae_to_ldm(name: str, config: Any) -> str:
     """One diffusers VAE parameter name → its LDM name (decoder blocks run in reverse order in LDM)."""
     n_up = len(config.up_block_types)
-    subs = [(r"^(encoder|decoder)\.conv_norm_out", r"\1.norm_out"),
+    subs: list[tuple[str, _Repl]] = [
+            (r"^(encoder|decoder)\.conv_norm_out", r"\1.norm_out"),
             (r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)", r"encoder.down.\1.block.\2"),
             (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0", r"encoder.down.\1.downsample"),
             (r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)", lambda m: f"decoder.up.{n_up - 1 - int(m[1])}.block.{m[2]}"),
@@ -71,7 +76,7 @@ def vae_to_ldm(name: str, config: Any) -> str:
             (r"attn_1\.to_q", "attn_1.q"), (r"attn_1\.to_k", "attn_1.k"), (r"attn_1\.to_v", "attn_1.v"),
             (r"attn_1\.to_out\.0", "attn_1.proj_out")]
     for pattern, repl in subs:
-        name = re.sub(pattern, repl, name)  # type: ignore[arg-type]
+        name = re.sub(pattern, repl, name)
     return name
 
 
@@ -99,7 +104,7 @@ def sd1_checkpoint(pipe: Any) -> dict[str, torch.Tensor]:
 
 def _text_state(encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A text encoder's tensors under transformers' CLIPTextModel names without the ``text_model.`` level."""
-    return {(k[len("text_model."):] if k.startswith("text_model.") else k): v
+    return {(k.removeprefix("text_model.")): v
             for k, v in encoder.state_dict().items() if not k.endswith("position_ids")}
 
 

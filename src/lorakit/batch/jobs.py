@@ -1,0 +1,257 @@
+"""Batch jobs: a JSONL file of A1111 txt2img requests → PNGs and ``results.jsonl`` in an output folder.
+
+Each line is one JSON object with A1111's ``/sdapi/v1/txt2img`` field names (``prompt`` with its LoRA tags,
+``negative_prompt``, ``seed``, ``steps``, ``cfg_scale``, ``sampler_name``, ``scheduler``, ``width``, ``height``,
+``batch_size``, ``n_iter``, ``override_settings.CLIP_stop_at_last_layers``); fields lorakit does not use are
+ignored with one warning. Every line is checked before the first image (a bad one is an error naming the file and
+line). A seed of -1 is drawn when the file is read, so every runner gives the same images.
+
+An item's key is its line number and a hash of its JSON (``000003-9f2c…``): images are ``KEY-NN.png`` and each
+finished item appends one line to ``results.jsonl`` (key, line, images, seeds, infotexts, prompt, settings,
+notes, seconds, worker; or ``error``). A re-run skips the items whose line is there without an error and whose
+images exist; an edited line has a new key and runs again. Images are written under a temporary name and renamed;
+a results line is appended in one write, and a torn last line (a crash mid-write) is dropped on the next run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import BatchError, LorakitError
+from ..generate.pipeline import Generator, Request
+from ..prompt import parse_prompt
+from .common import LoraSet, Progress, lora_set, save_png_atomic, write_atomic
+
+log = logging.getLogger("lorakit")
+RESULTS = "results.jsonl"
+
+
+@dataclass(frozen=True)
+class Item:
+    """One line of the jobs file: its requests (one per ``n_iter``) and their LoRA set."""
+
+    line: int
+    key: str
+    requests: tuple[Request, ...]
+    lora_set: LoraSet
+
+    def as_row(self) -> dict[str, Any]:
+        """A plain row (for Ray Data): the requests as JSON."""
+        return {"key": self.key, "line": self.line, "requests": json.dumps([asdict(r) for r in self.requests])}
+
+
+def requests_from_row(row: dict[str, Any]) -> list[Request]:
+    return [Request(**fields) for fields in json.loads(str(row["requests"]))]
+
+
+@dataclass
+class Outcome:
+    """What running one item gave: its results record and its images (H, W, 3) uint8, in order."""
+
+    record: dict[str, Any]
+    pixels: list[np.ndarray] = field(default_factory=list)
+
+
+@dataclass
+class Summary:
+    total: int
+    skipped: int  # finished in an earlier run
+    done: int = 0
+    failed: int = 0
+
+
+def read_jobs(path: str | Path) -> list[Item]:
+    """Every request of the jobs file, checked. Raises ``BatchError`` naming the file and line."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise BatchError(f"{path}: cannot read the jobs file ({getattr(e, 'strerror', None) or e})") from None
+    items, ignored = [], set()
+    for number, text in enumerate(lines, 1):
+        if text.strip():
+            item, unused = _item(str(path), number, text)
+            items.append(item)
+            ignored |= unused
+    if not items:
+        raise BatchError(f"{path}: no requests (one JSON object a line, with A1111 txt2img fields)")
+    if ignored:
+        log.warning(f"{path}: fields lorakit does not use are ignored: {', '.join(sorted(ignored))}")
+    return items
+
+
+def _item(path: str, number: int, text: str) -> tuple[Item, set[str]]:
+    from pydantic import ValidationError
+
+    from ..server.a1111 import Txt2Img, requests_of
+
+    where = f"{path}:{number}"
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BatchError(f"{where}: not JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(fields, dict):
+        raise BatchError(f"{where}: expected a JSON object of A1111 txt2img fields, got {type(fields).__name__}")
+    try:
+        txt2img = Txt2Img.model_validate(fields)
+    except ValidationError as e:
+        first = e.errors()[0]
+        name = ".".join(str(p) for p in first["loc"]) or "(the object)"
+        raise BatchError(f"{where}: field {name!r}: {first['msg']} (got {first.get('input')!r})") from None
+    clip_skip = _clip_skip(txt2img.override_settings, where)
+    for name, value in (("prompt", txt2img.prompt), ("negative_prompt", txt2img.negative_prompt)):
+        try:
+            parse_prompt(value, negative=name != "prompt")
+        except LorakitError as e:
+            raise BatchError(f"{where}: field {name!r}: {e}") from None
+    key = lora_set(txt2img.prompt, txt2img.negative_prompt)
+    requests = requests_of(txt2img, clip_skip, False)  # type: ignore[arg-type]  # None: the model's default
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
+    return Item(number, f"{number:06d}-{digest}", tuple(requests), key), set(fields) - set(Txt2Img.model_fields)
+
+
+def _clip_skip(overrides: dict[str, Any], where: str) -> int | None:
+    value = overrides.get("CLIP_stop_at_last_layers")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BatchError(f"{where}: override_settings.CLIP_stop_at_last_layers must be a whole number ≥ 1, "
+                         f"got {value!r}")
+    return value
+
+
+def check_loras(items: list[Item], library: Any, path: str | Path) -> None:
+    """Every LoRA the items name must resolve in ``library`` (raises ``BatchError`` naming the first line)."""
+    seen: set[str] = set()
+    for item in items:
+        req = item.requests[0]
+        for ref in parse_prompt(req.prompt).loras + parse_prompt(req.negative, negative=True).loras:
+            if ref.name not in seen:
+                try:
+                    library.resolve(ref.name)
+                except LorakitError as e:
+                    raise BatchError(f"{path}:{item.line}: {e}") from None
+                seen.add(ref.name)
+
+
+def run_item(gen: Generator, key: str, line: int, requests: Iterable[Request], worker: str) -> Outcome:
+    """Generate one item; a ``LorakitError`` becomes the record's ``error`` (the batch goes on)."""
+    start = time.perf_counter()
+    record: dict[str, Any] = {"key": key, "line": line, "seeds": [], "infotexts": [], "notes": []}
+    pixels = []
+    try:
+        for req in requests:
+            result = gen(req)
+            pixels += [np.asarray(image.convert("RGB")) for image in result.images]
+            record["seeds"] += result.seeds
+            record["infotexts"] += result.infotexts
+            record["notes"] += result.notes
+            record.update(prompt=result.prompt, settings=result.settings)
+    except LorakitError as e:
+        return Outcome({"key": key, "line": line, "error": str(e), "worker": worker})
+    record.update(seconds=round(time.perf_counter() - start, 4), worker=worker)
+    return Outcome(record, pixels)
+
+
+def finished(outdir: Path) -> set[str]:
+    """Keys finished in earlier runs (no error, every image there). Drops unreadable lines — a torn last line
+    from a crash — by rewriting the file without them (atomically)."""
+    path = outdir / RESULTS
+    if not path.is_file():
+        return set()
+    text = path.read_text(encoding="utf-8", errors="replace")
+    kept, keys = [], set()
+    for raw in text.splitlines():
+        try:
+            record = json.loads(raw)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("key"), str):
+            kept.append(raw)
+            images = record.get("images") or []
+            if "error" not in record and images and all((outdir / str(n)).is_file() for n in images):
+                keys.add(record["key"])
+    if len(kept) != len([r for r in text.splitlines() if r.strip()]) or (text and not text.endswith("\n")):
+        write_atomic(path, lambda tmp: tmp.write_text("".join(f"{r}\n" for r in kept), encoding="utf-8"))
+    return keys
+
+
+class ResultsWriter:
+    """Writes an outcome's images (atomically) and then appends its record to ``results.jsonl`` in one write."""
+
+    def __init__(self, outdir: Path) -> None:
+        self.outdir = outdir
+        self.fd = os.open(outdir / RESULTS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def write(self, outcome: Outcome) -> None:
+        from PIL import Image
+
+        record = dict(outcome.record)
+        names = []
+        for i, (px, text) in enumerate(zip(outcome.pixels, record.get("infotexts", []))):
+            name = f"{record['key']}-{i:02d}.png"
+            save_png_atomic(Image.fromarray(px), self.outdir / name, text)
+            names.append(name)
+        if "error" not in record:
+            record["images"] = names
+        os.write(self.fd, (json.dumps(record, ensure_ascii=False) + "\n").encode())
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+Runner = Callable[[list[Item]], Iterator[Outcome]]
+
+
+def run_batch(items: list[Item], outdir: Path, runner: Runner, progress: Progress | None = None) -> Summary:
+    """Run the items not finished yet with ``runner`` (local or Ray), writing each outcome as it comes."""
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BatchError(f"{outdir}: cannot create the output folder ({e.strerror})") from None
+    done = finished(outdir)
+    pending = [item for item in items if item.key not in done]
+    summary = Summary(len(items), len(items) - len(pending))
+    if progress is not None:
+        progress.total, progress.done = len(items), summary.skipped
+    writer = ResultsWriter(outdir)
+    try:
+        for outcome in runner(pending) if pending else iter(()):
+            writer.write(outcome)
+            failed = "error" in outcome.record
+            summary.failed += failed
+            summary.done += not failed
+            if failed:
+                log.warning(f"line {outcome.record['line']}: {outcome.record['error']}")
+            if progress is not None:
+                progress.advance()
+    finally:
+        writer.close()
+        if progress is not None:
+            progress.close()
+    return summary
+
+
+def local_runner(make: Callable[[], Generator], progress: Progress | None = None) -> Runner:
+    """Items in file order on one generator in this process, made (``make()``: the model loads) only when there
+    is something to run, and closed (weights restored) at the end."""
+    def run(items: list[Item]) -> Iterator[Outcome]:
+        gen = make()
+        if progress is not None:
+            gen.on_step = lambda step, steps: progress.part(step / steps)
+        try:
+            for item in items:
+                yield run_item(gen, item.key, item.line, item.requests, "local")
+        finally:
+            gen.on_step = None
+            gen.close()
+    return run

@@ -1,0 +1,83 @@
+"""Never a silent black image: latents and pixels are checked for NaN/inf, and a half-precision VAE that overflows
+decodes again in fp32 (A1111's automatic ``--no-half-vae``)."""
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+
+from ..errors import NonFiniteOutput
+
+log = logging.getLogger("lorakit")
+TILE_FROM = 1536  # images this large (either side, in pixels) decode with VAE tiling
+
+
+def check_latents(latents: torch.Tensor, step: int, steps: int) -> None:
+    if not bool(torch.isfinite(latents).all()):
+        raise NonFiniteOutput(f"NaN/inf appeared in the latents at step {step} of {steps} (the UNet's output); no "
+                              "image was written. Usual causes: a LoRA weight far too high, LoRAs for another base "
+                              "model, or a half-precision model that overflows (try --dtype fp32 or bf16)")
+
+
+def decode(pipe: Any, latents: torch.Tensor) -> list[Any]:
+    """Latents (B, C, h, w) → PIL images, through the pipeline's VAE and image processor."""
+    vae = pipe.vae
+    width = latents.shape[-1] * pipe.vae_scale_factor
+    height = latents.shape[-2] * pipe.vae_scale_factor
+    with _tiling(vae, max(width, height) >= TILE_FROM):
+        image = _decode_checked(vae, latents)
+    return list(pipe.image_processor.postprocess(image.float(), output_type="pil"))
+
+
+def _decode_checked(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    half = vae.dtype in (torch.float16, torch.bfloat16)
+    if half and vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        return _in_fp32(vae, latents)  # VAEs known to overflow in fp16 (SDXL's) say so in their config
+    image = _decode(vae, latents)
+    if not bool(torch.isfinite(image).all()) and half:
+        log.warning(f"the VAE produced NaN/inf in {str(vae.dtype).removeprefix('torch.')}; decoding again in fp32 "
+                    "(as A1111's --no-half-vae)")
+        image = _in_fp32(vae, latents)
+    if not bool(torch.isfinite(image).all()):
+        raise NonFiniteOutput("NaN/inf appeared in the decoded image (the VAE's output); no image was written")
+    return image
+
+
+def _in_fp32(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    dtype = vae.dtype
+    vae.to(torch.float32)  # fp16/bf16 → fp32 → back is lossless: the VAE's weights come back bit-exact
+    try:
+        return _decode(vae, latents.float())
+    finally:
+        vae.to(dtype)
+
+
+def _decode(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """The diffusers SD/SDXL decode: unscale (and un-normalise where the VAE has latent statistics)."""
+    config = vae.config
+    latents = latents.to(vae.dtype)
+    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+    if mean is not None and std is not None:
+        shape = (1, latents.shape[1], 1, 1)
+        mean_t = torch.tensor(mean, device=latents.device, dtype=latents.dtype).view(shape)
+        std_t = torch.tensor(std, device=latents.device, dtype=latents.dtype).view(shape)
+        latents = latents * std_t / config.scaling_factor + mean_t
+    else:
+        latents = latents / config.scaling_factor
+    with torch.no_grad():
+        return vae.decode(latents, return_dict=False)[0]
+
+
+@contextmanager
+def _tiling(vae: Any, wanted: bool) -> Iterator[None]:
+    """VAE tiling for this decode when the image is large (left as it was when it is already on)."""
+    turn_on = wanted and not getattr(vae, "use_tiling", False) and hasattr(vae, "enable_tiling")
+    if turn_on:
+        vae.enable_tiling()
+    try:
+        yield
+    finally:
+        if turn_on:
+            vae.disable_tiling()

@@ -1,0 +1,164 @@
+"""Request resolution: what the user asked for (``Request``) → what will run (``Job``), checked before any weight
+changes — prompt tags parsed, LoRA names resolved and files loaded, settings settled (explicit values, else what an
+LCM/Turbo/Hyper LoRA needs, else defaults), limits and clip skip checked, seeds drawn."""
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..errors import LorakitError
+from ..lora_model import LoraModel, load_cached
+from ..prompt import LoraRef, parse_prompt
+from .fast_loras import SETTINGS, fast_kind
+from .samplers import sampler_name
+
+log = logging.getLogger("lorakit")
+DEFAULTS: dict[str, Any] = {"steps": 20, "cfg": 7.0, "sampler": "Euler a"}
+LIMITS = {"width": (64, 2048), "height": (64, 2048), "steps": (1, 150), "batch": (1, 16), "cfg": (0.0, 30.0)}
+MAX_SEED = 2 ** 64 - 1
+
+
+@dataclass
+class Request:
+    """One generation as asked: the prompt with its LoRA tags, and the sampling settings (``None``: default, or
+    what a fast LoRA in the prompt needs)."""
+
+    prompt: str
+    negative: str = ""
+    steps: int | None = None
+    cfg: float | None = None
+    sampler: str | None = None
+    seed: int | None = None  # None: random
+    width: int = 512
+    height: int = 512
+    batch: int = 1
+    clip_skip: int | None = None
+    auto_triggers: bool = False  # add the LoRAs' declared trigger words that the prompt lacks
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The sampling settings a job runs with."""
+
+    steps: int
+    cfg: float
+    sampler: str
+    clip_skip: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "cfg": self.cfg, "sampler": self.sampler, "clip_skip": self.clip_skip}
+
+
+@dataclass
+class Job:
+    """A resolved request: everything the generator needs, nothing left to look up."""
+
+    request: Request
+    prompt: str  # the prompt as used (tags kept, added trigger words appended): goes into the infotext
+    text: str  # the positive text without LoRA tags (+ added trigger words)
+    negative_text: str
+    refs: list[LoraRef]
+    loras: list[LoraModel]
+    settings: Settings
+    seeds: list[int]
+    notes: list[str] = field(default_factory=list)
+
+
+class LoraSource(Protocol):
+    """What request resolution needs of a LoRA library: name → entry (``path``, ``explicit_trigger_words``)."""
+
+    def resolve(self, name: str) -> Any: ...
+
+    def entry(self, path: str) -> Any: ...
+
+
+def resolve_job(req: Request, library: LoraSource, clip_layers: int) -> Job:
+    """Check and resolve ``req``. ``clip_layers``: the text encoder's layer count (the deepest clip skip)."""
+    pos, neg = parse_prompt(req.prompt), parse_prompt(req.negative, negative=True)
+    for warning in pos.warnings + neg.warnings:
+        log.warning(warning)
+    refs = pos.loras + neg.loras
+    entries = [_entry(library, r.name) for r in refs]
+    loras = [load_cached(str(e.path)) for e in entries]
+    added = _missing_triggers(pos.text, entries[:len(pos.loras)]) if req.auto_triggers else ""
+    notes: list[str] = []
+    settings = _settings(req, loras, notes, clip_layers)
+    _check_limits(req, settings)
+    seed = _seed(req.seed)
+    return Job(req, req.prompt + added, pos.text + added, neg.text, refs, loras, settings,
+               [seed + i for i in range(req.batch)], notes)
+
+
+def _entry(library: LoraSource, name: str) -> Any:
+    """The library entry of ``name`` (``Library.resolve`` may give the entry or, in older callers, its path)."""
+    found = library.resolve(name)
+    return found if hasattr(found, "path") else library.entry(str(found))
+
+
+def _missing_triggers(text: str, entries: list[Any]) -> str:
+    """``", phrase, …"``: each LoRA's declared trigger phrases that ``text`` lacks (case-blind, each once)."""
+    added = ""
+    for entry in entries:
+        for phrase in entry.explicit_trigger_words:
+            phrase = phrase.strip()
+            if phrase and phrase.lower() not in (text + added).lower():
+                added += f", {phrase}" if (text + added).strip() else phrase
+    return added
+
+
+def _settings(req: Request, loras: list[LoraModel], notes: list[str], clip_layers: int) -> Settings:
+    """Explicit request values win; then what a fast (LCM/Turbo/Hyper) LoRA needs; then defaults."""
+    fast = next(((lora, k) for lora in loras if (k := fast_kind(lora))), None)
+    out: dict[str, Any] = {}
+    for key in ("steps", "cfg", "sampler"):
+        given = getattr(req, key)
+        if given is not None:
+            out[key] = given
+        elif fast:
+            out[key] = SETTINGS[key]
+            notes.append(f"{fast[1].upper()} LoRA {fast[0].name}: {key} set to {SETTINGS[key]}")
+        else:
+            out[key] = DEFAULTS[key]
+    clip_skip = _clip_skip(req.clip_skip, clip_layers) if req.clip_skip is not None else \
+        _recommended_clip_skip(loras, notes, clip_layers)
+    for note in notes:
+        log.info(note)
+    return Settings(int(out["steps"]), float(out["cfg"]), sampler_name(str(out["sampler"])), clip_skip)
+
+
+def _clip_skip(value: int, layers: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= layers:
+        raise LorakitError(f"clip skip must be a whole number from 1 to {layers} (this model's text encoder has "
+                           f"{layers} layers; 1 uses the last), got {value!r}")
+    return value
+
+
+def _recommended_clip_skip(loras: list[LoraModel], notes: list[str], layers: int) -> int:
+    for lora in loras:
+        value = lora.metadata.get("ss_clip_skip", "")
+        if value.isascii() and value.isdigit() and 1 < int(value) <= layers:
+            notes.append(f"clip skip {value}, as LoRA {lora.name} was trained (ss_clip_skip)")
+            return int(value)
+    return 1
+
+
+def _seed(seed: int | None) -> int:
+    if seed is None or seed == -1:
+        return random.randrange(2 ** 32)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED - LIMITS["batch"][1]:
+        raise LorakitError(f"seed must be a whole number from 0 to {MAX_SEED - LIMITS['batch'][1]} (or -1 for a "
+                           f"random one), got {seed!r}")
+    return seed
+
+
+def _check_limits(req: Request, settings: Settings) -> None:
+    values = {"width": req.width, "height": req.height, "steps": settings.steps, "batch": req.batch,
+              "cfg": settings.cfg}
+    for key, (low, high) in LIMITS.items():
+        if not low <= values[key] <= high:  # also False for NaN
+            raise LorakitError(f"{key} must be between {low:g} and {high:g}, got {values[key]}")
+    for key in ("width", "height"):
+        if values[key] % 8:
+            raise LorakitError(f"{key} must be a multiple of 8, got {values[key]}")

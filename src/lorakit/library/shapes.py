@@ -1,0 +1,80 @@
+"""The base model a LoRA file was made for, from its parsed header's shapes alone (no torch, no tensor data).
+
+Used when a header's two ends do not tell (``summary``): every entry is looked at. A layer's input width is read
+from the factor that multiplies the layer's input — ``lora_down``/``lora_A``/``down`` ``(r, in[, k, k])``, LoHa
+``hada_w1_b`` ``(r, in)``, a full ``diff`` ``(out, in[, k, k])``, GLoRA ``a1`` ``(r, in)``, and LoKr's two factors,
+``in = in(w1) · in(w2)`` — and the widths that only one base has decide:
+
+- cross-attention keys/values (``attn2.to_k``/``to_v``) take the text width: 768 SD1, 1024 SD2, 2048 SDXL, 64 the
+  demo model;
+- text-encoder layers take 768 / 3072 (CLIP-L: SD1, SDXL's first), 1024 / 4096 (OpenCLIP-H: SD2), 1280 / 5120
+  (OpenCLIP-G: SDXL's second), 64 / 128 (the demo model's);
+- a UNet layer of any name (cloneofsimo numbers its layers) with input 2048, 1024 or 768 can only be a
+  cross-attention projection of SDXL, SD2 or SD1: their UNets' other widths are 320·2ᵏ and multiples of 320.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Protocol
+
+from ..keymap.arch import Arch
+
+COMPONENTS = (("unet", ("unet", "input_blocks", "down_blocks", "mid_block", "up_blocks", "output_blocks")),
+              ("te", ("lora_te_", "lora_te1_", "text_encoder.", "text_encoder:", "te1.")),
+              ("te2", ("lora_te2_", "text_encoder_2.", "te2.")))
+CONTEXT_WIDTH = {2048: Arch.SDXL, 1024: Arch.SD2, 768: Arch.SD1, 64: Arch.DEMO}
+TEXT_WIDTH = {1280: Arch.SDXL, 5120: Arch.SDXL, 1024: Arch.SD2, 4096: Arch.SD2, 768: Arch.SD1, 3072: Arch.SD1,
+              64: Arch.DEMO, 128: Arch.DEMO}
+UNET_CONTEXT_ONLY = {2048: Arch.SDXL, 1024: Arch.SD2, 768: Arch.SD1}
+# Leaves whose second dimension is the layer's input width.
+INPUT_LEAVES = re.compile(r"(?:^|[._:])(?:lora_down|lora_A|down|hada_w1_b|hada_w2_b|diff|a1)(?:\.default)?"
+                          r"(?:\.weight)?$")
+LOKR = re.compile(r"^(.*)[._](lokr_w[12](?:_b)?)$")
+CROSS = re.compile(r"attn2[._](?:processor[._])?to_[kv]")
+
+
+class Shaped(Protocol):
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+
+def component(key: str) -> str | None:
+    """``unet``, ``te`` or ``te2`` from the key's name; ``None`` when the name does not say."""
+    for name, marks in reversed(COMPONENTS):  # te2 before te: "lora_te2_" also contains "lora_te"
+        if any(m in key for m in marks):
+            return name
+    return None
+
+
+def input_widths(tensors: Mapping[str, Shaped]) -> dict[str, int]:
+    """Key (LoKr: the module) → input width, for the entries that show one."""
+    out: dict[str, int] = {}
+    lokr: dict[str, dict[str, int]] = {}
+    for key, t in tensors.items():
+        if len(t.shape) < 2:
+            continue
+        m = LOKR.match(key)
+        if m:
+            lokr.setdefault(m[1], {})[m[2].removesuffix("_b")] = t.shape[1]
+        elif INPUT_LEAVES.search(key):
+            out[key] = t.shape[1]
+    for module, parts in lokr.items():
+        if len(parts) == 2:
+            out[module] = parts["lokr_w1"] * parts["lokr_w2"]
+    return out
+
+
+def base_from_shapes(tensors: Mapping[str, Shaped]) -> str | None:
+    """The base the shapes show (rules in the module's docstring), or ``None`` when they do not."""
+    by_part: dict[str, set[int]] = {"cross": set(), "te": set(), "unet": set()}
+    for key, width in input_widths(tensors).items():
+        part = component(key)
+        if part == "te2":
+            return Arch.SDXL
+        by_part["te" if part == "te" else "cross" if CROSS.search(key) else "unet"].add(width)
+    for part, table in (("cross", CONTEXT_WIDTH), ("te", TEXT_WIDTH), ("unet", UNET_CONTEXT_ONLY)):
+        for width, base in table.items():
+            if width in by_part[part]:
+                return base
+    return None

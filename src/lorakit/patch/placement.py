@@ -1,0 +1,125 @@
+"""LoRA factors on the device of the weights they patch, converted once per (LoRA, device, compute dtype).
+
+The compute dtype is fp32: every adapter does its math in fp32 (fused sums are fp32 and cast once), and fp32
+holds fp16/bf16/fp32 files exactly, so one converted copy serves fp16, bf16 and fp32 models alike and a switch
+never re-converts. Scalars (``alpha``, ``scale``, 0-d tensors) stay on the CPU: reading them is then no device
+sync. The converted copies live in a small cache keyed weakly by the ``LoraModel``: an entry goes when its LoRA is
+collected, and at most ``CACHE_SIZE`` are kept (least recently used first out), so a server that sees many LoRAs
+does not fill the GPU with factors.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import weakref
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import TypeVar
+
+import torch
+
+from ..adapters import Adapter
+from ..lora_model import LoraModel
+
+COMPUTE_DTYPE = torch.float32
+CACHE_SIZE = 8
+SCALAR_KEYS = ("alpha", "scale")
+W = TypeVar("W")
+Placement = tuple[tuple[str, str], ...]  # ((component, device), ...)
+_CACHE: OrderedDict[tuple[int, Placement, torch.dtype], LoraModel] = OrderedDict()
+_FINALIZERS: dict[int, weakref.finalize[[int], LoraModel]] = {}
+
+
+def run_device(module: torch.nn.Module, mode: str) -> torch.device:
+    """Where ``module``'s LoRA math runs: beside its weights (fused), or where its forward runs (hooks; under
+    diffusers' model CPU offload the weights wait on the CPU and accelerate moves them to the execution device)."""
+    hook = getattr(module, "_hf_hook", None)
+    execution = getattr(hook, "execution_device", None)
+    if mode == "hooks" and execution is not None:
+        return torch.device(execution)
+    # The first weight that holds values: a model built on ``meta`` with some parts materialised (tests, lazy
+    # loading) runs its LoRA math where those parts are.
+    param = next((p for p in module.parameters() if p.device.type != "meta"), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def place_loras(pairs: Sequence[tuple[LoraModel, W]], components: Mapping[str, torch.nn.Module],
+                mode: str = "fused") -> list[tuple[LoraModel, W]]:
+    """``pairs`` with every LoRA's factors on the device its layers run on (see ``run_device``)."""
+    devices = {name: run_device(m, mode) for name, m in components.items()}
+    return [(lora_on(lora, devices), w) for lora, w in pairs]
+
+
+def lora_on(lora: LoraModel, devices: Mapping[str, torch.device],
+            dtype: torch.dtype = COMPUTE_DTYPE) -> LoraModel:
+    """``lora`` with each layer's tensors on ``devices[component]`` in ``dtype`` (cached); ``lora`` itself when
+    nothing would change (an fp32 LoRA on the CPU)."""
+    placement: Placement = tuple(sorted((c, str(d)) for c, d in devices.items()))
+    key = (id(lora), placement, dtype)
+    hit = _CACHE.get(key)
+    if hit is not None:
+        _CACHE.move_to_end(key)
+        return hit
+    if not any(_needs_move(t, devices.get(p.split(".", 1)[0]), dtype, k) for p, a in lora.layers.items()
+               for k, t in _tensors(a)):
+        return lora
+    layers = {path: adapter_on(a, devices.get(path.split(".", 1)[0], torch.device("cpu")), dtype)
+              for path, a in lora.layers.items()}
+    placed = dataclasses.replace(lora, layers=layers)
+    _remember(lora, key, placed)
+    return placed
+
+
+def adapter_on(adapter: Adapter, device: torch.device, dtype: torch.dtype = COMPUTE_DTYPE) -> Adapter:
+    """A shallow copy of ``adapter`` whose tensors (and a wrapped adapter's, as DoRA's) are on ``device``."""
+    out = copy.copy(adapter)
+    out.t = {k: _convert(k, t, device, dtype) for k, t in adapter.t.items()}
+    for name, value in vars(adapter).items():
+        if isinstance(value, Adapter):
+            setattr(out, name, adapter_on(value, device, dtype))
+    return out
+
+
+def _tensors(adapter: Adapter) -> list[tuple[str, torch.Tensor]]:
+    found = list(adapter.t.items())
+    for value in vars(adapter).values():
+        if isinstance(value, Adapter):
+            found += _tensors(value)
+    return found
+
+
+def _keeps(key: str, t: torch.Tensor) -> bool:
+    """Scalars and non-float tensors stay as they are (read with ``float()``/``bool()``, never in device math)."""
+    return key in SCALAR_KEYS or t.dim() == 0 or not t.is_floating_point()
+
+
+def _needs_move(t: torch.Tensor, device: torch.device | None, dtype: torch.dtype, key: str) -> bool:
+    if _keeps(key, t):
+        return False
+    return t.dtype != dtype or t.device != (device or torch.device("cpu"))
+
+
+def _convert(key: str, t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    if _keeps(key, t):
+        return t
+    return t.to(device=device, dtype=dtype, non_blocking=t.is_pinned())
+
+
+def _remember(lora: LoraModel, key: tuple[int, Placement, torch.dtype], placed: LoraModel) -> None:
+    _CACHE[key] = placed
+    lora_id = id(lora)
+    if lora_id not in _FINALIZERS:  # the entries go with the LoRA (its id may be reused afterwards)
+        _FINALIZERS[lora_id] = weakref.finalize(lora, _forget, lora_id)
+    while len(_CACHE) > CACHE_SIZE:
+        _CACHE.popitem(last=False)
+
+
+def _forget(lora_id: int) -> None:
+    _FINALIZERS.pop(lora_id, None)
+    for key in [k for k in _CACHE if k[0] == lora_id]:
+        del _CACHE[key]
+
+
+def cached_count() -> int:
+    """How many converted LoRAs are held (for tests and debug logs)."""
+    return len(_CACHE)

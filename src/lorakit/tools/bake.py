@@ -1,0 +1,186 @@
+"""``bake``: LoRAs fused into a base model, written in the model's own form (diffusers folder or single file) and
+dtypes, every other tensor and file copied unchanged.
+
+Each changed parameter is computed by the same ``Patcher`` that ``apply_loras`` uses, on a stand-in model that
+holds only that layer (its tensors read from the file in their own dtype, the model's config for the
+architecture checks), so the baked weights are bit-identical to what ``apply_loras`` fuses into the loaded model —
+one layer in memory at a time. All checks (architecture, shapes, weight specs) run on the whole set first.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from ..adapters import kind_of
+from ..lora_model import LoraModel
+from ..patch import Patcher
+from ..patch.plan import build_plan
+from ..patch.weights import Weight
+from .modelfile import ModelFile, Ref, TensorFile, open_model
+from .output import Entry, atomic_dir, bar, check_output, write_safetensors
+from .report import LayerResult, ToolReport
+from .sources import Source, load_sources
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class BakeOptions:
+    configs: Mapping[str, Mapping[str, Any]] | None = None  # single files of non-default configs
+    dry_run: bool = False
+
+
+def bake(model: str | Path, inputs: Sequence[str | Source], output: str | Path | None,
+         options: BakeOptions | None = None) -> ToolReport:
+    opts = options or BakeOptions()
+    mf = open_model(model, opts.configs)
+    sources = [s for s in inputs if isinstance(s, Source)] + load_sources([s for s in inputs if isinstance(s, str)])
+    out = Path(output) if output is not None else None
+    if out is not None:
+        check_output(out, [mf.path] + [s.path for s in sources], folder=mf.form == "folder")
+    pairs = [(s.lora, s.weight) for s in sources]
+    report = ToolReport("bake", None if opts.dry_run else (str(out) if out else None))
+    touched = _check(mf, pairs, report)
+    baker = _Baker(mf, pairs, touched, report)
+    if out is None or opts.dry_run:
+        for module in bar(sorted(touched), desc="baking", total=len(touched)):
+            baker.module(module)
+        return report
+    meta = {"lorakit.tool": "bake", "lorakit.sources": json.dumps([s.describe() for s in sources])}
+    if mf.form == "single":
+        write_safetensors(out, baker.entries(mf.files[0]), {**mf.files[0].header.metadata, **meta}, desc="baking")
+    else:
+        _write_folder(mf, out, baker, meta)
+    report.size_bytes = sum(f.stat().st_size for f in ([out] if out.is_file() else out.rglob("*")) if f.is_file())
+    return report
+
+
+def _skeleton(mf: ModelFile, shapes: Mapping[str, tuple[int, ...]], device: str = "meta",
+              tensors: Mapping[str, Tensor] | None = None) -> dict[str, torch.nn.Module]:
+    """A stand-in model: one root per component carrying its config (so the architecture reads as the loaded
+    model's), and a Linear/Conv2d/LayerNorm at each canonical path with the given weights (or meta tensors)."""
+    roots: dict[str, torch.nn.Module] = {}
+    for component, cfg in mf.config.items():
+        roots[component] = torch.nn.Module()
+        roots[component].config = SimpleNamespace(**cfg)  # type: ignore[assignment]
+    for path, shape in shapes.items():
+        component, _, rest = path.partition(".")
+        leaf = _leaf_module(shape, f"{path}.bias" in mf.params)
+        for name in ("weight", "bias"):
+            if getattr(leaf, name, None) is None:
+                continue
+            key = f"{path}.{name}"
+            t = tensors[key] if tensors is not None else torch.empty(mf.shape(key), dtype=mf.params[key].dtype,
+                                                                     device=device)
+            setattr(leaf, name, torch.nn.Parameter(t, requires_grad=False))
+        _attach(roots[component], rest, leaf)
+    return roots
+
+
+def _leaf_module(shape: tuple[int, ...], bias: bool) -> torch.nn.Module:
+    with torch.device("meta"):
+        if len(shape) == 2:
+            return torch.nn.Linear(shape[1], shape[0], bias=bias)
+        if len(shape) == 4:
+            return torch.nn.Conv2d(shape[1], shape[0], tuple(shape[2:]), bias=bias)  # type: ignore[arg-type]
+        return torch.nn.LayerNorm(shape[0], elementwise_affine=True, bias=bias)
+
+
+def _attach(root: torch.nn.Module, path: str, leaf: torch.nn.Module) -> None:
+    *parents, last = path.split(".")
+    node = root
+    for name in parents:
+        if not hasattr(node, name):
+            node.add_module(name, torch.nn.Module())
+        node = getattr(node, name)
+    node.add_module(last, leaf)
+
+
+def _check(mf: ModelFile, pairs: list[tuple[LoraModel, Weight]], report: ToolReport) -> set[str]:
+    """Run ``apply_loras``' checks on the whole set (meta tensors); the modules that will change."""
+    modules = mf.modules()
+    wanted = {p: modules[p] for lora, _ in pairs for p in lora.layers if p in modules}
+    plan = build_plan(_skeleton(mf, wanted), pairs)
+    for r in plan.reports:
+        for path in r.unmatched:
+            report.leave_out(path, f"{r.name}: no such layer in the model")
+    return set(plan.layers)
+
+
+class _Baker:
+    """Computes the patched tensors of one module at a time (cached until both weight and bias are taken)."""
+
+    def __init__(self, mf: ModelFile, pairs: list[tuple[LoraModel, Weight]], touched: set[str],
+                 report: ToolReport) -> None:
+        self.mf, self.pairs, self.touched, self.report = mf, pairs, touched, report
+        self._cache: dict[str, dict[str, Tensor]] = {}
+
+    def module(self, path: str) -> dict[str, Tensor]:
+        if path not in self._cache:
+            self._cache = {path: self._patch(path)}  # one module held at a time
+        return self._cache[path]
+
+    def _patch(self, path: str) -> dict[str, Tensor]:
+        names = [n for n in (f"{path}.weight", f"{path}.bias") if n in self.mf.params]
+        tensors = {n: self.mf.load(n) for n in names}
+        components = _skeleton(self.mf, {path: self.mf.shape(f"{path}.weight")}, tensors=tensors)
+        subset = [(dataclasses.replace(lora, layers={path: lora.layers[path]}), w) for lora, w in self.pairs
+                  if path in lora.layers]
+        patcher = Patcher(components)
+        patcher.set(subset, log_reports=False)
+        leaf = components[path.split(".", 1)[0]].get_submodule(path.split(".", 1)[1])
+        out = {n.rsplit(".", 1)[1]: getattr(leaf, n.rsplit(".", 1)[1]).data for n in names}
+        patcher.restore()
+        before, after = tensors[f"{path}.weight"], out["weight"]
+        d2 = float((after.double() - before.double()).pow(2).sum())
+        self.report.add(LayerResult(path, "+".join(sorted({kind_of(lora.layers[path]) for lora, _ in subset})), None,
+                                    d2, 0.0, f"changed by ‖ΔW‖ {d2 ** 0.5:.3g}"))
+        return out
+
+    def entries(self, tf: TensorFile) -> list[Entry]:
+        out = []
+        for key, info in tf.header.tensors.items():
+            refs = tf.refs.get(key, [])
+            dtype = Ref(tf, key).dtype
+            changed = any(c.rsplit(".", 1)[0] in self.touched for c, _ in refs)
+            out.append(Entry(key, dtype, tuple(info.shape), self._getter(tf, key, refs if changed else None)))
+        return out
+
+    def _getter(self, tf: TensorFile, key: str, refs: list[tuple[str, Ref]] | None) -> Callable[[], Tensor]:
+        """How to get one file tensor: as stored, or rebuilt from its patched parts."""
+        if refs is None:
+            return lambda: tf.read(key)
+        return lambda: self._assemble(tf, key, refs)
+
+    def _assemble(self, tf: TensorFile, key: str, refs: list[tuple[str, Ref]]) -> Tensor:
+        """The file tensor from its canonical parts, patched where a LoRA changed them (q/k/v of a fused
+        ``in_proj`` are concatenated back; OpenCLIP's ``text_projection`` transposed back)."""
+        parts = []
+        for canonical, ref in sorted(refs, key=lambda cr: cr[1].part or (0, 1)):
+            module, _, leaf = canonical.rpartition(".")
+            t = self.module(module)[leaf] if module in self.touched else ref.load()
+            parts.append(t.T.contiguous() if ref.transposed else t)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+
+
+def _write_folder(mf: ModelFile, out: Path, baker: _Baker, meta: dict[str, str]) -> None:
+    weights = {f.path: f for f in mf.files}
+    with atomic_dir(out) as tmp:
+        for src in sorted(mf.path.rglob("*")):
+            dst = tmp / src.relative_to(mf.path)
+            if src.is_dir():
+                dst.mkdir(parents=True, exist_ok=True)
+            elif src in weights:
+                tf = weights[src]
+                write_safetensors(dst, baker.entries(tf), {**tf.header.metadata, **meta}, desc=f"baking {src.name}")
+            else:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, dst)

@@ -1,0 +1,100 @@
+"""On CUDA (skipped without it): apply/switch/restore bit-exact with originals on the device and on the host, the
+one-GEMM path against an fp32 reference, and generation in fp16 and bf16 — also with model CPU offload."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import lorakit
+from lorakit.generate.pipeline import Generator, Request
+from lorakit.library import LoraIndex
+from lorakit.models.loading import load_model
+from lorakit.patch import patcher_for
+from lorakit.patch.targets import find_module
+
+from .conftest import assert_original, snapshot
+from .factories import make_kohya_lora, tiny_components
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "loras"
+HALF = [torch.float16, torch.bfloat16]
+MIXED = ["lora", "loha", "dora-out", "full", "oft", "ia3", "locon-tucker", "lokr", "boft", "glora"]
+
+
+def _cuda(dtype: torch.dtype) -> dict[str, torch.nn.Module]:
+    return {k: v.to("cuda") for k, v in tiny_components("sd1", dtype=dtype).items()}
+
+
+def _lora(c: dict[str, torch.nn.Module], kind: object, seed: int) -> lorakit.LoraModel:
+    sd = make_kohya_lora(c, kind, seed=seed, dtype=torch.float16)  # made on the CPU, as a file would be
+    return lorakit.lora_from_state_dict(sd, {}, name=f"l{seed}")
+
+
+def _mixed(path: str) -> str:
+    return MIXED[sum(map(ord, path)) % len(MIXED)]
+
+
+@pytest.mark.parametrize("dtype", HALF + [torch.float32], ids=str)
+@pytest.mark.parametrize("where", ["device", "host"])
+def test_cuda_apply_switch_restore_bit_exact(dtype: torch.dtype, where: str) -> None:
+    c = _cuda(dtype)
+    snap = snapshot(c)
+    a, b = _lora(c, _mixed, 1), _lora(c, "lora", 2)
+    patcher = patcher_for(c)
+    patcher.fused.originals_mode = where
+    for i in range(20):
+        patcher.set([(a, 0.8), (b, 0.5)])
+        assert patcher.originals_location == where
+        assert all(p.device.type == "cuda" for m in c.values() for p in m.parameters())
+        if where == "host":
+            assert all(t.device.type == "cpu" and t.is_pinned() for t in patcher.fused.host.values())
+        patcher.set([(b, -1.0)], mode="hooks" if i % 3 == 0 else "fused")
+        patcher.restore()
+        assert_original(c, snap)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_cuda_fused_matches_the_cpu_fp32_reference(dtype: torch.dtype) -> None:
+    """fp32 sums on the device, cast once: within one rounding of the same sum done on the CPU in fp32."""
+    c = _cuda(dtype)
+    a, b = _lora(c, "lora", 1), _lora(c, _mixed, 2)
+    before = {p: find_module(c, p).weight.detach().clone() for p in a.layers}  # type: ignore[union-attr]
+    with lorakit.apply_loras(c, [(a, 0.8), (b, -0.5)]):
+        for path, w0 in before.items():
+            w32 = w0.cpu().float()
+            ref = w32.clone()
+            for lora, s in ((a, 0.8), (b, -0.5)):
+                if path in lora.layers:
+                    ref += lora.layers[path].delta(w32, s)  # every ΔW from the original W, as fused does
+            got = find_module(c, path).weight.detach().cpu().float()  # type: ignore[union-attr]
+            ulp = 2.0 ** (-7 if dtype == torch.bfloat16 else -10)
+            torch.testing.assert_close(got, ref.to(dtype).float(), rtol=2 * ulp, atol=1e-4)
+
+
+def test_cuda_auto_keeps_the_originals_on_the_device_when_they_fit() -> None:
+    c = _cuda(torch.float16)
+    with lorakit.apply_loras(c, [_lora(c, "lora", 1)]) as applied:
+        assert applied.patcher.originals_location == "device"
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("vram", ["normal", "low"])
+def test_cuda_generation_with_a_lora(dtype: str, vram: str) -> None:
+    model = load_model(None, device="cuda", dtype=dtype, vram=vram)
+    assert model.device.type == "cuda" and model.dtype == {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    comps = {"unet": model.pipe.unet, "text_encoder": model.pipe.text_encoder}
+    snap = {k: v.cpu() for k, v in snapshot(comps).items()}  # with vram low the weights move between uses
+    gen = Generator(model, LoraIndex([EXAMPLES]))
+    try:
+        req = Request("a cat <lora:demo_style:0.8>", steps=3, width=64, height=64, seed=5)
+        first = np.asarray(gen(req).images[0])
+        assert np.array_equal(first, np.asarray(gen(req).images[0]))  # same request, same device: same image
+        scheduled = Request("a cat <lora:demo_style:te=1:unet=0@0,1@1>", steps=3, width=64, height=64, seed=5)
+        assert not np.array_equal(first, np.asarray(gen(scheduled).images[0]))  # hooks on the device
+    finally:
+        gen.close()
+    for c, m in comps.items():
+        assert all(torch.equal(p.detach().cpu(), snap[f"{c}.{n}"]) for n, p in m.named_parameters()), c
