@@ -37,8 +37,14 @@ FOREIGN: list[tuple[str, re.Pattern[str]]] = [
 ]
 _META_FOREIGN = {"flux": "Flux", "sd3": "Stable Diffusion 3", "stable-diffusion-v3": "Stable Diffusion 3",
                  "pixart": "PixArt", "hunyuan": "Hunyuan", "auraflow": "AuraFlow", "cascade": "Stable Cascade"}
-CROSS_DIM = {768: SD1, 1024: SD2, 2048: SDXL}
-TE_WIDTH = {768: SD1, 1024: SD2}
+# The widths that tell the architectures apart — the one table of them (LoRA files, headers, models):
+# the UNet's cross-attention context (the text width it reads) and the text encoders' hidden/MLP widths.
+CROSS_DIM: dict[int, Arch] = {768: SD1, 1024: SD2, 2048: SDXL}
+TE_WIDTH: dict[int, Arch] = {768: SD1, 1024: SD2}
+# Header shapes (torch-free library summary): the demo model's widths (64 context; 64/128 text) count too there,
+# since shapes decide before metadata; text widths include CLIP-G's 1280/5120 and the MLP widths.
+CONTEXT_WIDTH: dict[int, Arch] = {**CROSS_DIM, 64: DEMO}
+TEXT_WIDTH: dict[int, Arch] = {1280: SDXL, 5120: SDXL, 1024: SD2, 4096: SD2, 768: SD1, 3072: SD1, 64: DEMO, 128: DEMO}
 
 
 def foreign_family(keys: list[str], metadata: dict[str, str]) -> str | None:

@@ -18,15 +18,12 @@ import re
 from collections.abc import Mapping
 from typing import Protocol
 
-from ..keymap.arch import Arch
+from ..keymap.arch import CONTEXT_WIDTH, CROSS_DIM, TEXT_WIDTH, Arch
 
 COMPONENTS = (("unet", ("unet", "input_blocks", "down_blocks", "mid_block", "up_blocks", "output_blocks")),
               ("te", ("lora_te_", "lora_te1_", "text_encoder.", "text_encoder:", "te1.")),
               ("te2", ("lora_te2_", "text_encoder_2.", "te2.")))
-CONTEXT_WIDTH = {2048: Arch.SDXL, 1024: Arch.SD2, 768: Arch.SD1, 64: Arch.DEMO}
-TEXT_WIDTH = {1280: Arch.SDXL, 5120: Arch.SDXL, 1024: Arch.SD2, 4096: Arch.SD2, 768: Arch.SD1, 3072: Arch.SD1,
-              64: Arch.DEMO, 128: Arch.DEMO}
-UNET_CONTEXT_ONLY = {2048: Arch.SDXL, 1024: Arch.SD2, 768: Arch.SD1}
+UNET_CONTEXT_ONLY = CROSS_DIM
 # Leaves whose second dimension is the layer's input width.
 INPUT_LEAVES = re.compile(r"(?:^|[._:])(?:lora_down|lora_A|down|hada_w1_b|hada_w2_b|diff|a1)(?:\.default)?"
                           r"(?:\.weight)?$")

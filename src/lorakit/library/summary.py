@@ -107,7 +107,7 @@ def split_metadata(path: Path, text: str) -> tuple[dict[str, str], str]:
     at = found.start()
     try:
         meta, end = json.JSONDecoder().raw_decode(text, found.end())
-    except (json.JSONDecodeError, RecursionError) as e:  # the C decoder's depth guard: safe to catch
+    except (ValueError, RecursionError) as e:  # bad JSON, an int past 4300 digits, the C decoder's depth guard
         raise UnreadableFile(path, f"safetensors header is not valid JSON ({e})") from None
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise UnreadableFile(path, "safetensors __metadata__ is not an object of strings")

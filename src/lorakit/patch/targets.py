@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 
 from ..errors import LorakitError
-from ..keymap.arch import SD1, SD2, SDXL, UNKNOWN, Arch
+from ..keymap.arch import CROSS_DIM, SDXL, TE_WIDTH, UNKNOWN, Arch
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 SUPPORTED = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm)
@@ -55,8 +55,8 @@ def model_arch(components: Mapping[str, torch.nn.Module]) -> str:
     cross = getattr(getattr(unet, "config", None), "cross_attention_dim", None)
     if isinstance(cross, (list, tuple)):
         cross = cross[0]
-    if cross in (768, 1024, 2048) or "text_encoder_2" in components:
-        return {768: SD1, 1024: SD2}.get(int(cross or 0), SDXL) if "text_encoder_2" not in components else SDXL
+    if cross in CROSS_DIM or "text_encoder_2" in components:
+        return CROSS_DIM.get(int(cross or 0), SDXL) if "text_encoder_2" not in components else SDXL
     te = components.get("text_encoder")
     hidden = getattr(getattr(te, "config", None), "hidden_size", None)
-    return {768: SD1, 1024: SD2}.get(hidden, UNKNOWN)  # type: ignore[arg-type]
+    return TE_WIDTH.get(hidden, UNKNOWN) if isinstance(hidden, int) else UNKNOWN
