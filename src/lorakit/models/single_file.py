@@ -114,7 +114,7 @@ def _for_module(state: dict[str, torch.Tensor], encoder: torch.nn.Module) -> dic
     """Converted keys say ``text_model.…``; transformers 5 ``CLIPTextModel`` has no such level."""
     if hasattr(encoder, "text_model"):
         return state
-    return {k[len("text_model."):] if k.startswith("text_model.") else k: v for k, v in state.items()}
+    return {k.removeprefix("text_model."): v for k, v in state.items()}
 
 
 def _assemble(arch: str, unet: Any, vae: Any, encoders: list[torch.nn.Module]) -> Any:
