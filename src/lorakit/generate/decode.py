@@ -3,15 +3,13 @@ decodes again in fp32 (A1111's automatic ``--no-half-vae``)."""
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from ..errors import NonFiniteOutput
 
 log = logging.getLogger("lorakit")
-TILE_FROM = 1536  # images this large (either side, in pixels) decode with VAE tiling
 
 
 def check_latents(latents: torch.Tensor, step: int, steps: int) -> None:
@@ -22,12 +20,9 @@ def check_latents(latents: torch.Tensor, step: int, steps: int) -> None:
 
 
 def decode(pipe: Any, latents: torch.Tensor) -> list[Any]:
-    """Latents (B, C, h, w) → PIL images, through the pipeline's VAE and image processor."""
-    vae = pipe.vae
-    width = latents.shape[-1] * pipe.vae_scale_factor
-    height = latents.shape[-2] * pipe.vae_scale_factor
-    with _tiling(vae, max(width, height) >= TILE_FROM):
-        image = _decode_checked(vae, latents)
+    """Latents (B, C, h, w) → PIL images, through the pipeline's VAE and image processor (VAE tiling is the
+    model's: ``BaseModel.set_vae_tiling``)."""
+    image = _decode_checked(pipe.vae, latents)
     return list(pipe.image_processor.postprocess(image.float(), output_type="pil"))
 
 
@@ -69,15 +64,3 @@ def _decode(vae: Any, latents: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return vae.decode(latents, return_dict=False)[0]
 
-
-@contextmanager
-def _tiling(vae: Any, wanted: bool) -> Iterator[None]:
-    """VAE tiling for this decode when the image is large (left as it was when it is already on)."""
-    turn_on = wanted and not getattr(vae, "use_tiling", False) and hasattr(vae, "enable_tiling")
-    if turn_on:
-        vae.enable_tiling()
-    try:
-        yield
-    finally:
-        if turn_on:
-            vae.disable_tiling()

@@ -66,6 +66,7 @@ class Generator:
         cond, uncond = self.conditioner.encode(job.text, job.negative_text, job.settings.clip_skip)
         self.model.pipe.scheduler = scheduler_for(job.settings.sampler, self.prediction_type)
         latents = self._sample(job, cond, uncond, schedule)
+        self.model.set_vae_tiling(job.request.width, job.request.height)  # by size and --vram
         images = decode(self.model.pipe, latents)
         hashes = {ref.name: self._short_hash(str(lora.path)) for ref, lora in zip(job.refs, job.loras)}
         texts = [job_infotext(job, self.model, seed, hashes) for seed in job.seeds]
