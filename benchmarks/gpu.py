@@ -113,8 +113,16 @@ def lorakit_switch(pipe: Any, loras: list[lorakit.LoraModel], device: torch.devi
     patcher = lorakit.patcher_for(pipe)
     patcher.fused.originals_mode = where
     r = {f"apply_cold_{where}": timed(device, lambda: patcher.set([(loras[0], 1.0)]))[0]}
-    times = [timed(device, lambda lo=lo: patcher.set([(lo, 1.0)]))[0] for lo in (loras[1], loras[0]) * 3]
+    times, host_side = [], []
+    for lo in (loras[1], loras[0]) * 3:
+        sync(device)
+        t = time.perf_counter()
+        patcher.set([(lo, 1.0)])
+        host_side.append(time.perf_counter() - t)  # Python + launches: when ≈ the total, the switch is launch-bound
+        sync(device)
+        times.append(time.perf_counter() - t)
     r[f"switch_best_{where}"], r[f"switch_median_{where}"] = min(times), statistics.median(times)
+    r[f"switch_host_side_{where}"] = min(host_side)
     r[f"restore_{where}"] = timed(device, patcher.restore)[0]
     return r
 
@@ -192,7 +200,7 @@ def peaks(pipe: Any, loras: list[lorakit.LoraModel], size: int, device: torch.de
     devices = {n: device for n in components(pipe)}
     r["factor_bytes"] = float(sum(t.numel() * t.element_size() for lo in loras
                                   for a in lora_on(lo, devices).layers.values() for t in a.t.values()
-                                  if t.device == device))
+                                  if t.device.type == device.type))
     return r
 
 
@@ -247,6 +255,8 @@ def report(results: dict[str, dict[str, float]], card: str, dtype: str, rank: in
          lambda r: f"{r['switch_best_device'] * ms:.1f} / {r['switch_median_device'] * ms:.1f} ms"),
         ("lorakit switch A→B, best / median (originals on host)",
          lambda r: f"{r['switch_best_host'] * ms:.1f} / {r['switch_median_host'] * ms:.1f} ms"),
+        ("of which host side (Python + launches, device / host originals)",
+         lambda r: f"{r['switch_host_side_device'] * ms:.1f} / {r['switch_host_side_host'] * ms:.1f} ms"),
         ("**switch / floor** (device originals; target ≤ 1.5×)",
          lambda r: f"**{r['switch_best_device'] / r['floor_per_tensor']:.2f}×**"),
         ("lorakit restore (device / host originals)",
@@ -295,14 +305,15 @@ def main() -> None:
     quiet()
     t0 = time.perf_counter()
     results = {}
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device} (smoke: tiny models)"
     for arch in args.arch or list(SIZES):
         results[arch] = run_arch(arch, args, device, dtype)
         gc.collect()  # the model of one architecture goes before the next is built
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device} (smoke: tiny models)"
-    report({("SD1.5" if a == "sd1" else "SDXL") + (" (tiny)" if args.smoke else ""): r for a, r in results.items()},
-           card, args.dtype, args.rank)
+        # the table so far after each architecture: a run cut short still leaves its numbers
+        report({("SD1.5" if a == "sd1" else "SDXL") + (" (tiny)" if args.smoke else ""): r
+                for a, r in results.items()}, card, args.dtype, args.rank)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s; torch {torch.__version__}")
 
 

@@ -17,7 +17,7 @@ from ..lora_model import LoraLike, LoraModel, load_cached
 from .fused import FusedPatcher
 from .hooks import HookPatcher
 from .placement import place_loras
-from .plan import Contribution, LoraReport, Plan, build_plan
+from .plan import Contribution, LoraReport, Plan, ResolutionCache, build_plan
 from .targets import components_of, model_arch
 from .weights import Weight, as_weight
 
@@ -37,6 +37,7 @@ class Patcher:
         self.reports: list[LoraReport] = []
         self._active: list[tuple[LoraModel, list[str]]] = []  # the last set: each LoRA and its layers that fit
         self._modules: dict[str, torch.nn.Module] = {}
+        self._resolved = ResolutionCache()  # module lookups and shape checks, once per LoRA on this model
 
     def set(self, loras: Sequence[tuple[LoraLike, WeightLike]] | Iterable[tuple[LoraLike, WeightLike]], *,
             mode: str = "fused", strict: bool = False, log_reports: bool = True) -> list[LoraReport]:
@@ -47,7 +48,7 @@ class Patcher:
             raise LorakitError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         resolved = [(load_cached(lora, strict=strict), as_weight(w)) for lora, w in loras]
         resolved = place_loras(resolved, self.components, mode)  # factors on the weights' device, fp32, cached
-        plan = build_plan(self.components, resolved, strict)
+        plan = build_plan(self.components, resolved, strict, self._resolved)
         active, other = (self.fused, self.hooks) if mode == "fused" else (self.hooks, self.fused)
         try:
             other.restore()

@@ -6,6 +6,7 @@ specs.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -70,8 +71,44 @@ class Plan:
         return out
 
 
+# Per LoRA layer: its module (None: not in this model) and the reason it does not fit ("" when it does).
+Resolution = list[tuple[str, Adapter, torch.nn.Module | None, str]]
+RESOLVED_KEEP = 64  # LoRAs whose resolution a Patcher remembers (a switch then skips every module lookup)
+
+
+class ResolutionCache:
+    """LoRA → its layers resolved on one model; the LoRA object is held, so its id cannot be reused."""
+
+    def __init__(self) -> None:
+        self._items: OrderedDict[int, tuple[LoraModel, Resolution]] = OrderedDict()
+
+    def get(self, components: Mapping[str, torch.nn.Module], lora: LoraModel) -> Resolution:
+        hit = self._items.get(id(lora))
+        if hit is not None and hit[0] is lora:
+            self._items.move_to_end(id(lora))
+            return hit[1]
+        resolution = resolve(components, lora)
+        self._items[id(lora)] = (lora, resolution)
+        while len(self._items) > RESOLVED_KEEP:
+            self._items.popitem(last=False)
+        return resolution
+
+
+def resolve(components: Mapping[str, torch.nn.Module], lora: LoraModel) -> Resolution:
+    out: Resolution = []
+    for path, adapter in lora.layers.items():
+        module = find_module(components, path)
+        if module is None or not isinstance(module, SUPPORTED):
+            out.append((path, adapter, None, ""))
+            continue
+        w = getattr(module, "weight", None)  # a norm layer without affine parameters has none
+        problem = adapter.shape_error(w.shape) if isinstance(w, torch.Tensor) else "it has no weight"
+        out.append((path, adapter, module, problem or ""))
+    return out
+
+
 def build_plan(components: Mapping[str, torch.nn.Module], loras: Sequence[tuple[LoraModel, Weight]],
-               strict: bool = False) -> Plan:
+               strict: bool = False, cache: ResolutionCache | None = None) -> Plan:
     arch = model_arch(components)
     modules: dict[str, torch.nn.Module] = {}
     layers: dict[str, list[Contribution]] = {}
@@ -81,13 +118,10 @@ def build_plan(components: Mapping[str, torch.nn.Module], loras: Sequence[tuple[
         report = LoraReport(lora.name, lora.path, lora.network_types, lora.arch, weight.describe(_parts(lora)),
                             leftover_keys=len(lora.leftovers))
         errors: list[str] = []
-        for path, adapter in lora.layers.items():
-            module = find_module(components, path)
-            if module is None or not isinstance(module, SUPPORTED):
+        for path, adapter, module, problem in (cache.get(components, lora) if cache else resolve(components, lora)):
+            if module is None:
                 report.unmatched.append(path)
                 continue
-            w = getattr(module, "weight", None)  # a norm layer without affine parameters has none
-            problem = adapter.shape_error(w.shape) if isinstance(w, torch.Tensor) else "it has no weight"
             if problem:
                 errors.append(f"{path}: {problem}")
                 continue
