@@ -245,3 +245,21 @@ def test_onetrainer_sdxl_names(sdxl: dict[str, torch.nn.Module]) -> None:
     lora = lorakit.lora_from_state_dict(sd, {})
     assert lora.arch == "sdxl"
     assert _coverage(sdxl, lora).patched == {"text_encoder": 1, "text_encoder_2": 1}
+
+
+def test_diffusers_lora_compatible_layout_reads_like_kohya(tiny: dict[str, torch.nn.Module]) -> None:
+    """diffusers 0.21–0.24 wrote ``unet.<module>.lora.down.weight``: the same layers, the same ΔW."""
+    from .factories import make_kohya_lora
+
+    kohya = lorakit.lora_from_state_dict(make_kohya_lora(tiny, "lora", seed=3), {})
+    sd = {}
+    for path, adapter in kohya.layers.items():
+        component, module = path.split(".", 1)
+        sd[f"{component}.{module}.lora.down.weight"] = adapter.t["lora_down.weight"]
+        sd[f"{component}.{module}.lora.up.weight"] = adapter.t["lora_up.weight"]
+    lora = lorakit.lora_from_state_dict(sd, {})
+    assert lora.dialect == "diffusers-attnprocs" and lora.leftovers == [] and set(lora.layers) == set(kohya.layers)
+    path = next(iter(lora.layers))
+    w = torch.zeros(kohya.layers[path].implied_shape())  # type: ignore[attr-defined]
+    scale = kohya.layers[path].scale()
+    torch.testing.assert_close(lora.layers[path].delta(w, 1.0) * scale, kohya.layers[path].delta(w, 1.0))

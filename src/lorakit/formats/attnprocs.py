@@ -1,5 +1,6 @@
-"""diffusers legacy attention processors: ``[unet.]…attn1.processor.to_q_lora.down.weight`` and text encoders
-``text_encoder.…q_proj.lora_linear_layer.up.weight``."""
+"""diffusers' own pre-PEFT LoRA files: legacy attention processors ``[unet.]…attn1.processor.to_q_lora.down.weight``,
+text encoders ``text_encoder.…q_proj.lora_linear_layer.up.weight``, and the ``LoRACompatibleLinear``/``Conv`` layout
+of diffusers 0.21–0.24 ``unet.…to_q.lora.down.weight`` (``.lora.up.weight``)."""
 from __future__ import annotations
 
 import torch
@@ -13,7 +14,10 @@ _COMPONENTS = ("unet.", "text_encoder.", "text_encoder_2.")
 
 
 def detect(sd: dict[str, torch.Tensor], metadata: dict[str, str]) -> bool:
-    return any(".processor." in k or ".lora_linear_layer." in k for k in sd)
+    return any(".processor." in k or ".lora_linear_layer." in k or k.endswith(_COMPAT) for k in sd)
+
+
+_COMPAT = (".lora.down.weight", ".lora.up.weight")
 
 
 def _component(key: str) -> tuple[str, str]:
@@ -34,6 +38,9 @@ def _split(key: str) -> tuple[str, str] | None:
     if ".lora_linear_layer." in rest:
         module, _, leaf = rest.partition(".lora_linear_layer.")
         return (component_path(component, module), _LEAF[leaf]) if leaf in _LEAF else None
+    if rest.endswith(_COMPAT):
+        module, _, leaf = rest.rpartition(".lora.")
+        return component_path(component, module), _LEAF[leaf]
     return None
 
 
