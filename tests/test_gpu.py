@@ -98,3 +98,28 @@ def test_cuda_generation_with_a_lora(dtype: str, vram: str) -> None:
         gen.close()
     for c, m in comps.items():
         assert all(torch.equal(p.detach().cpu(), snap[f"{c}.{n}"]) for n, p in m.named_parameters()), c
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_cuda_training_in_half_precision(dtype: str, tmp_path: Path) -> None:
+    """A few mixed-precision steps on CUDA (fp16 with a gradient scaler, bf16 without): finite losses, fp32
+    parameters that moved, and a file that applies."""
+    from PIL import Image
+
+    from lorakit.train.loop import TrainConfig, Trainer
+    from lorakit.train.network import NetworkSpec
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(2):
+        Image.new("RGB", (64, 64), (20 * i, 30, 200)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text("a blue square")
+    model = load_model(None, device="cuda", dtype=dtype)
+    out = tmp_path / "l.safetensors"
+    trainer = Trainer(TrainConfig(data, out, network=NetworkSpec("locon", 4, 2.0), steps=5, lr=1e-3), model)
+    trainer.run(progress=False)
+    assert all(np.isfinite(trainer.losses)) and len(trainer.losses) == 5
+    assert all(p.dtype == torch.float32 and p.device.type == "cuda" for p in trainer.net.parameters())
+    assert any(float(p.detach().abs().max()) > 0 for p in trainer.net.parameters())
+    with lorakit.apply_loras(model.pipe, [(out, 1.0)]) as applied:
+        assert applied.reports[0].patched

@@ -231,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .batch.cli import add_batch_commands  # grid, batch
 
     add_batch_commands(sub)
+    from .train.cli import add_train_command
+
+    add_train_command(sub, _add_device_args)
     return parser
 
 

@@ -18,6 +18,8 @@ Every error a user can cause is a ``LorakitError``; nothing else escapes the pub
     ├── DeviceError              a device or dtype that is unknown or not on this machine (lists what is)
     ├── GridError                an XY-grid axis or block analysis that cannot be run (names the axis)
     ├── BatchError               a batch job file or run that cannot be used (names the file and line)
+    ├── TrainingError            ``lorakit train`` cannot run as asked (names the flag or the checkpoint)
+    │   └── TrainDataError       a training folder that cannot be used (names the folder or the images)
     └── ModelError               a base model that cannot be loaded (names the path and the problem)
         └── CheckpointError      a single file that is not a usable SD checkpoint
 
@@ -119,6 +121,14 @@ class GridError(LorakitError):
 class BatchError(LorakitError):
     """A batch that cannot run: a jobs-file line that is not a request (names the file and line), an unusable
     output folder, or ``--ray`` without Ray installed (says how to install it)."""
+
+
+class TrainingError(LorakitError):
+    """``lorakit train`` cannot run as asked: a flag, the model or a checkpoint (names which)."""
+
+
+class TrainDataError(TrainingError):
+    """A training data folder that cannot be used: empty, no captions and no trigger, unreadable images."""
 
 
 class NotAMatch(Exception):

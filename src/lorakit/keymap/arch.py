@@ -61,6 +61,8 @@ def foreign_family(keys: list[str], metadata: dict[str, str]) -> str | None:
 
 def from_metadata(metadata: dict[str, str]) -> str | None:
     text = (metadata.get("ss_base_model_version", "") + " " + metadata.get("modelspec.architecture", "")).lower()
+    if "lorakit_demo" in text or "lorakit-demo" in text:  # trained on the embedded demo model (lorakit train)
+        return DEMO
     if "xl" in text:
         return SDXL
     if "v2" in text or "sd_2" in text or metadata.get("ss_v2") == "True":

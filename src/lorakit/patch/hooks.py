@@ -15,8 +15,11 @@ from .plan import Contribution, Plan
 
 
 class _LayerHook:
-    def __init__(self, module: torch.nn.Module, contribs: list[Contribution]) -> None:
+    """``cached=False`` (training: the adapters' tensors change between forwards) recomputes ΔW every forward."""
+
+    def __init__(self, module: torch.nn.Module, contribs: list[Contribution], cached: bool = True) -> None:
         self.contribs = contribs
+        self.cached = cached
         self.cache: dict[tuple[int, float, int | None, torch.dtype], tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.handle = module.register_forward_hook(self)
 
@@ -33,11 +36,14 @@ class _LayerHook:
     def _delta(self, module: torch.nn.Module, c: Contribution,
                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
         key = (id(c.adapter), c.strength, c.dyn, dtype)
-        if key not in self.cache:
-            w = _weight(module).detach().float()
-            b = c.adapter.bias_delta(c.strength) if getattr(module, "bias", None) is not None else None
-            self.cache[key] = (c.adapter.delta(w, c.strength, c.dyn).to(dtype), None if b is None else b.to(dtype))
-        return self.cache[key]
+        if key in self.cache:
+            return self.cache[key]
+        w = _weight(module).detach().float()
+        b = c.adapter.bias_delta(c.strength) if getattr(module, "bias", None) is not None else None
+        made = (c.adapter.delta(w, c.strength, c.dyn).to(dtype), None if b is None else b.to(dtype))
+        if self.cached:
+            self.cache[key] = made
+        return made
 
 
 def _weight(module: torch.nn.Module) -> torch.Tensor:

@@ -1,0 +1,171 @@
+"""Training data as kohya users keep it, read into a list of (image, caption, repeats).
+
+Layout (everything below ``root``; images: .png .jpg .jpeg .webp .bmp):
+
+- kohya repeat folders ``10_name words``: every image repeats 10 times per epoch; the folder's words are the class
+  words, the caption of its images that have no caption file (kohya's rule);
+- images directly in ``root`` (or in folders without a number) repeat once;
+- captions: ``NAME.txt`` **and** ``NAME.caption`` are both read (kohya reads only ``.caption`` by default and then
+  trains silently without captions); when both exist the ``.txt`` one is used and the summary says so;
+- ``--trigger WORD``: put in front of every caption that does not already contain it (and the caption of an image
+  that has none).
+
+An image without a caption, class words or trigger cannot be trained on: ``TrainDataError`` lists them.
+Unreadable images are skipped and listed (``bad_images="skip"``) or fatal (``"fail"``).
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import TrainDataError
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CAPTION_EXTS = (".txt", ".caption")
+REPEAT_FOLDER = re.compile(r"^(\d+)_(.*)$")
+MAX_PIXELS = 64 * 1024 * 1024  # a bigger image is refused as unreadable (decompression bombs)
+MAX_IMAGES = 100_000
+MAX_CAPTION_CHARS = 10_000
+
+
+@dataclass(frozen=True)
+class Item:
+    image: Path
+    caption: str
+    repeats: int
+    source: str  # where the caption came from: ".txt", ".caption", "folder", "trigger"
+    folder: str  # the folder name (kohya's dataset dir), "" for root
+
+
+@dataclass
+class Dataset:
+    root: Path
+    items: list[Item]
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    both_captions: list[Path] = field(default_factory=list)
+
+    def dataset_dirs(self) -> dict[str, dict[str, int]]:
+        """kohya's ``ss_dataset_dirs``: ``{folder: {"n_repeats": n, "img_count": c}}``."""
+        out: dict[str, dict[str, int]] = {}
+        for it in self.items:
+            d = out.setdefault(it.folder or self.root.name, {"n_repeats": it.repeats, "img_count": 0})
+            d["img_count"] += 1
+        return out
+
+    def tag_frequency(self) -> dict[str, dict[str, int]]:
+        """kohya's ``ss_tag_frequency``: per folder, how often each comma-separated tag appears."""
+        out: dict[str, Counter[str]] = {}
+        for it in self.items:
+            tags = [t.strip() for t in it.caption.split(",") if t.strip()]
+            out.setdefault(it.folder or self.root.name, Counter()).update(tags)
+        return {k: dict(v) for k, v in out.items()}
+
+    def summary(self) -> str:
+        """One line: images, repeats, where the captions came from, what was skipped."""
+        sources = Counter(it.source for it in self.items)
+        said = {".txt": "from .txt", ".caption": "from .caption", "folder": "folder words (no caption file)",
+                "trigger": "trigger word only (no caption file)"}
+        caps = ", ".join(f"{n} {said[s]}" for s, n in sorted(sources.items()))
+        steps = sum(it.repeats for it in self.items)
+        text = f"{len(self.items)} images ({steps} per epoch with repeats) in {self.root}; captions: {caps}"
+        if self.both_captions:
+            text += f"; {len(self.both_captions)} with both .txt and .caption (the .txt was used)"
+        if self.skipped:
+            text += f"; skipped {len(self.skipped)} unreadable: " + ", ".join(
+                f"{p.name} ({why})" for p, why in self.skipped[:3]) + (" …" if len(self.skipped) > 3 else "")
+        return text
+
+
+def scan(root: str | Path, trigger: str | None = None, bad_images: str = "skip") -> Dataset:
+    """Read ``root``; raises ``TrainDataError`` for an empty folder, images with nothing to train on, or (with
+    ``bad_images="fail"``) an unreadable image."""
+    if bad_images not in ("skip", "fail"):
+        raise TrainDataError(f"bad_images must be skip or fail, got {bad_images!r}")
+    base = Path(root)
+    if not base.is_dir():
+        raise TrainDataError(f"{base}: not a folder of training images")
+    trigger = (trigger or "").strip() or None
+    data = Dataset(base, [])
+    uncaptioned: list[Path] = []
+    for folder, repeats, words in _folders(base):
+        for image in _images(folder):
+            caption, source = _caption(image, words, trigger, data)
+            if caption is None:
+                uncaptioned.append(image)
+                continue
+            problem = check_image(image)
+            if problem:
+                if bad_images == "fail":
+                    raise TrainDataError(f"{image}: unreadable image ({problem}); use --bad-images skip to skip it")
+                data.skipped.append((image, problem))
+                continue
+            data.items.append(Item(image, caption, repeats, source, "" if folder == base else folder.name))
+            if len(data.items) > MAX_IMAGES:
+                raise TrainDataError(f"{base}: more than {MAX_IMAGES} images")
+    if uncaptioned:
+        names = ", ".join(p.name for p in uncaptioned[:5]) + (" …" if len(uncaptioned) > 5 else "")
+        raise TrainDataError(f"{base}: {len(uncaptioned)} images have no caption (.txt or .caption), are not in a "
+                             f"kohya repeat folder such as 10_name, and no --trigger was given: {names}")
+    if not data.items:
+        found = "only unreadable images" if data.skipped else f"no images ({', '.join(IMAGE_EXTS)})"
+        raise TrainDataError(f"{base}: {found} to train on")
+    return data
+
+
+def _folders(base: Path) -> list[tuple[Path, int, str]]:
+    """(folder, repeats, class words): ``base`` itself, then its sub-folders in name order."""
+    out = [(base, 1, "")]
+    for sub in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        m = REPEAT_FOLDER.match(sub.name)
+        if m and int(m.group(1)) > 0:
+            out.append((sub, min(int(m.group(1)), 10_000), m.group(2).replace("_", " ").strip()))
+        else:
+            out.append((sub, 1, ""))
+    return out
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+
+
+def _caption(image: Path, words: str, trigger: str | None, data: Dataset) -> tuple[str | None, str]:
+    found = [(ext, image.with_suffix(ext)) for ext in CAPTION_EXTS if image.with_suffix(ext).is_file()]
+    if len(found) == 2:
+        data.both_captions.append(image)
+    text, source = "", ""
+    for ext, path in found[:1]:
+        text, source = _read_caption(path), ext
+    if not text and words:
+        text, source = words, "folder"
+    if trigger:
+        if not text:
+            return trigger, "trigger"
+        if trigger.lower() not in text.lower():
+            text = f"{trigger}, {text}"
+    return (text, source) if text else (None, "")
+
+
+def _read_caption(path: Path) -> str:
+    try:
+        raw = path.read_bytes()[:MAX_CAPTION_CHARS * 4]
+    except OSError as e:
+        raise TrainDataError(f"{path}: unreadable caption ({e.strerror or e})") from None
+    text = raw.decode("utf-8", errors="replace")
+    return " ".join(text.split())[:MAX_CAPTION_CHARS]
+
+
+def check_image(path: Path) -> str | None:
+    """``None`` when PIL can decode the image within the size limit; else the reason."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if w * h > MAX_PIXELS or w < 8 or h < 8:
+                return f"{w}×{h} pixels: outside 8 px … {MAX_PIXELS // 2**20} MP"
+            im.load()
+    except Exception as e:  # noqa: BLE001 — PIL raises many types for a broken file
+        return type(e).__name__ + (f": {str(e)[:80]}" if str(e) else "")
+    return None

@@ -1,0 +1,396 @@
+"""``lorakit train``: a LoRA from a folder of images, on any SD1/SD2/SDXL model (or the embedded demo model).
+
+One optimizer step: ``grad_accum`` micro-batches of ``batch`` cached latents from one bucket → noise, timesteps
+(``diffusion.py``) → the UNet with the network's hooks (the inference math) → (min-SNR-weighted) MSE → backward;
+then gradient clipping, the optimizer and the LR schedule. Every random number comes from CPU generators seeded
+from ``seed`` (the data order of epoch e from ``seed`` and e), so a run is reproducible, and bitwise so on the CPU —
+also across ``--resume``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..errors import TrainingError
+from ..keymap.arch import Arch
+from ..models.loading import BaseModel, load_model
+from . import diffusion as dif
+from .buckets import bucket_sizes, choose, load_pixels
+from .data import Dataset, scan
+from .encode import encode_image, encode_text, time_ids
+from .network import Network, NetworkSpec, target_modules
+from .output import base_metadata, load_state, network_metadata, save_state, write_lora
+
+log = logging.getLogger("lorakit")
+NATIVE = {Arch.SD1: 512, Arch.SD2: 768, Arch.SDXL: 1024, Arch.DEMO: 64}
+OPTIMIZERS = ("adamw", "prodigy")
+SCHEDULES = ("constant", "cosine")
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass
+class TrainConfig:
+    data: Path
+    output: Path
+    model: str | None = None
+    network: NetworkSpec = field(default_factory=NetworkSpec)
+    steps: int | None = None
+    epochs: int | None = None
+    lr: float = 1e-4
+    te_lr: float | None = None  # None: lr / 2 (kohya's advice: the text encoder wants less)
+    batch: int = 1
+    grad_accum: int = 1
+    resolution: int | None = None  # None: the model's native size
+    trigger: str | None = None
+    seed: int = 0
+    optimizer: str = "adamw"
+    schedule: str = "constant"
+    warmup: int = 0
+    min_snr_gamma: float | None = None
+    noise_offset: float = 0.0
+    grad_checkpointing: bool = False
+    max_grad_norm: float = 1.0
+    save_every: int | None = None
+    sample_every: int | None = None
+    sample_prompt: str | None = None
+    save_dtype: str = "fp16"
+    bad_images: str = "skip"
+    resume: Path | None = None
+    device: str | None = None
+    dtype: str | None = None
+
+    def check(self) -> None:
+        self.network.check()
+        if (self.steps is None) == (self.epochs is None):
+            if self.steps is None and self.epochs is None:
+                self.steps = 1000
+            else:
+                raise TrainingError("give --steps or --epochs, not both")
+        for name, v, lo in (("--steps", self.steps, 1), ("--epochs", self.epochs, 1), ("--batch", self.batch, 1),
+                            ("--grad-accum", self.grad_accum, 1), ("--warmup", self.warmup, 0),
+                            ("--save-every", self.save_every, 1), ("--sample-every", self.sample_every, 1)):
+            if v is not None and not lo <= v <= 10_000_000:
+                raise TrainingError(f"{name} must be {lo}…10000000, got {v}")
+        for name, f in (("--lr", self.lr), ("--te-lr", self.te_lr), ("--noise-offset", self.noise_offset),
+                        ("--min-snr-gamma", self.min_snr_gamma), ("--max-grad-norm", self.max_grad_norm)):
+            if f is not None and not (math.isfinite(f) and f >= 0):
+                raise TrainingError(f"{name} must be a finite number ≥ 0, got {f}")
+        if self.optimizer not in OPTIMIZERS or self.schedule not in SCHEDULES or self.save_dtype not in SAVE_DTYPES:
+            raise TrainingError(f"--optimizer {'|'.join(OPTIMIZERS)}, --lr-schedule {'|'.join(SCHEDULES)}, "
+                                f"--save-dtype {'|'.join(SAVE_DTYPES)}; got {self.optimizer}, {self.schedule}, "
+                                f"{self.save_dtype}")
+        if self.sample_every and not self.sample_prompt:
+            raise TrainingError("--sample-every needs --sample-prompt")
+        if self.output.suffix != ".safetensors":
+            raise TrainingError(f"{self.output}: the output must be a .safetensors file")
+
+
+@dataclass
+class Sample:
+    latent: torch.Tensor  # (4, h, w) fp32 on the device
+    caption: str
+    size: tuple[int, int]
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, model: BaseModel | None = None) -> None:
+        cfg.check()
+        self.cfg = cfg
+        self.data: Dataset = scan(cfg.data, cfg.trigger, cfg.bad_images)
+        self.model = model or load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+        if self.model.arch not in NATIVE:
+            raise TrainingError(f"the model {self.model.name} is not SD1, SD2 or SDXL ({self.model.arch})")
+        pipe = self.model.pipe
+        self.device = self.model.device
+        self.sdxl = self.model.arch == Arch.SDXL
+        for name in ("unet", "text_encoder", "text_encoder_2", "vae"):
+            if getattr(pipe, name, None) is not None:
+                getattr(pipe, name).requires_grad_(False)
+        self.resolution = cfg.resolution or NATIVE[self.model.arch]
+        self.schedule = dif.NoiseSchedule.from_scheduler(pipe.scheduler)
+        comps = {n: getattr(pipe, n) for n in ("unet", "text_encoder", "text_encoder_2")
+                 if getattr(pipe, n, None) is not None}
+        self.net = Network(target_modules(comps, cfg.network), cfg.network, cfg.seed)
+        self.train_te = cfg.network.train in ("te", "both")
+        self.samples = self._cache_latents()
+        self.text_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.optimizer = self._optimizer()
+        self.total = cfg.steps or cfg.epochs * self.steps_per_epoch()  # type: ignore[operator]
+        self.lr_sched = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.scaler = torch.amp.GradScaler("cuda") if self.device.type == "cuda" and \
+            self.model.dtype == torch.float16 else None
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.step = 0
+        self.started = time.strftime("%Y-%m-%dT%H:%M:%S")
+        self.losses: list[float] = []
+        if cfg.resume:
+            self._resume(cfg.resume)
+
+    # -- data ----------------------------------------------------------------------------------------------
+    def _cache_latents(self) -> list[Sample]:
+        """Every image encoded once (the VAE runs once per image, not per repeat or epoch)."""
+        from PIL import Image
+
+        sizes = bucket_sizes(self.resolution)
+        out = []
+        vae = self.model.pipe.vae
+        for item in self.data.items:
+            with Image.open(item.image) as im:
+                size = choose(im.width, im.height, sizes)
+            out.append(Sample(encode_image(vae, load_pixels(item.image, size)).to(self.device), item.caption, size))
+        return out
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        """The micro-batches of one epoch: every image ``repeats`` times, shuffled, grouped by bucket."""
+        rng = random.Random(self.cfg.seed * 1_000_003 + epoch)
+        order = [i for i, it in enumerate(self.data.items) for _ in range(it.repeats)]
+        rng.shuffle(order)
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i in order:
+            by_size.setdefault(self.samples[i].size, []).append(i)
+        batches = [idx[k:k + self.cfg.batch] for idx in by_size.values() for k in range(0, len(idx), self.cfg.batch)]
+        rng.shuffle(batches)
+        return batches
+
+    def steps_per_epoch(self) -> int:
+        return max(1, len(self._epoch_batches(0)) // self.cfg.grad_accum)
+
+    def _micro_batch(self, n: int) -> list[int]:
+        """The n-th micro-batch of the run (epochs follow each other)."""
+        per = len(self._epoch_batches(0))
+        return self._epoch_batches(n // per)[n % per]
+
+    # -- optimisation ----------------------------------------------------------------------------------------
+    def _optimizer(self) -> torch.optim.Optimizer:
+        cfg = self.cfg
+        unet = [p for path, leaves in self.net.leaves.items() if path.startswith("unet.")
+                for p in leaves.values() if isinstance(p, torch.nn.Parameter)]
+        te = [p for path, leaves in self.net.leaves.items() if not path.startswith("unet.")
+              for p in leaves.values() if isinstance(p, torch.nn.Parameter)]
+        te_lr = cfg.te_lr if cfg.te_lr is not None else cfg.lr / 2
+        groups = [g for g in ({"params": unet, "lr": cfg.lr}, {"params": te, "lr": te_lr}) if g["params"]]
+        if cfg.optimizer == "prodigy":
+            try:
+                from prodigyopt import Prodigy  # type: ignore[import-not-found]
+            except ImportError:
+                raise TrainingError("--optimizer prodigy needs the prodigyopt package: pip install prodigyopt") from None
+            return Prodigy(groups, lr=cfg.lr, weight_decay=0.01)  # type: ignore[no-any-return]
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.01)
+
+    def _lr_factor(self, step: int) -> float:
+        warm = self.cfg.warmup
+        if warm and step < warm:
+            return (step + 1) / warm
+        if self.cfg.schedule == "cosine":
+            progress = (step - warm) / max(1, self.total - warm)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    def _conditioning(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.train_te:
+            return encode_text(self.model.pipe, captions, self.sdxl)
+        for c in captions:
+            if c not in self.text_cache:
+                with torch.no_grad():
+                    self.text_cache[c] = encode_text(self.model.pipe, [c], self.sdxl)
+        hidden = torch.cat([self.text_cache[c][0] for c in captions])
+        pooled = [self.text_cache[c][1] for c in captions]
+        return hidden, None if pooled[0] is None else torch.cat(pooled)  # type: ignore[arg-type]
+
+    def loss(self, batch: list[int]) -> torch.Tensor:
+        """The (weighted) diffusion loss of one micro-batch."""
+        unet, dt = self.model.pipe.unet, self.model.dtype
+        x0 = torch.stack([self.samples[i].latent for i in batch])
+        noise = dif.sample_noise(x0, self.gen, self.cfg.noise_offset)
+        t = dif.sample_timesteps(len(batch), self.schedule, self.gen, x0.device)
+        noisy = dif.add_noise(self.schedule, x0, noise, t)
+        hidden, pooled = self._conditioning([self.samples[i].caption for i in batch])
+        extra: dict[str, Any] = {}
+        if self.sdxl:
+            extra["added_cond_kwargs"] = {"text_embeds": pooled.to(dt),  # type: ignore[union-attr]
+                                          "time_ids": time_ids(self.samples[batch[0]].size, len(batch), x0.device, dt)}
+        pred = unet(noisy.to(dt), t, encoder_hidden_states=hidden.to(dt), **extra).sample
+        weights = dif.loss_weights(self.schedule, t, self.cfg.min_snr_gamma)
+        return dif.diffusion_loss(pred, dif.target(self.schedule, x0, noise, t), weights)
+
+    def train_step(self) -> float:
+        """One optimizer step; returns its mean loss."""
+        total = 0.0
+        for j in range(self.cfg.grad_accum):
+            loss = self.loss(self._micro_batch(self.step * self.cfg.grad_accum + j)) / self.cfg.grad_accum
+            if not torch.isfinite(loss):
+                raise TrainingError(f"step {self.step + 1}: the loss is {loss.item()} — lower --lr or --alpha "
+                                    "(NaN loss is what makes black or noise LoRAs)")
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total += float(loss.detach())
+        params = self.net.parameters()
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if self.cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr_sched.step()
+        self.step += 1
+        return total
+
+    # -- the run ----------------------------------------------------------------------------------------------
+    def run(self, stop_at: int | None = None, progress: bool = True,
+            on_step: Callable[[int, float], None] | None = None) -> Path:
+        """Train to the last step (or ``stop_at``, as an interruption would) and write the LoRA."""
+        cfg = self.cfg
+        unet = self.model.pipe.unet
+        if cfg.grad_checkpointing:
+            unet.enable_gradient_checkpointing()
+            unet.train()
+        self.net.attach()
+        log.info(self.data.summary())
+        log.info(f"training {cfg.network.kind} rank {cfg.network.rank} (α {cfg.network.alpha:g}) on "
+                 f"{len(self.net.leaves)} layers of {self.model.describe()}; {self.total} steps, "
+                 f"{self.steps_per_epoch()} per epoch")
+        bar = _bar(self.total, self.step, progress)
+        smooth = None
+        try:
+            while self.step < self.total and (stop_at is None or self.step < stop_at):
+                loss = self.train_step()
+                self.losses.append(loss)
+                smooth = loss if smooth is None else 0.9 * smooth + 0.1 * loss
+                if bar is not None:
+                    bar.set_postfix(loss=f"{smooth:.4f}", refresh=False)
+                    bar.update(1)
+                if on_step:
+                    on_step(self.step, loss)
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total:
+                    self.save_checkpoint()
+                if cfg.sample_every and self.step % cfg.sample_every == 0:
+                    self.write_sample()
+        except KeyboardInterrupt:
+            self.save_checkpoint()
+            raise TrainingError(f"interrupted at step {self.step}/{self.total}; the state is saved: continue with "
+                                f"--resume {self.checkpoint_path()}") from None
+        finally:
+            if bar is not None:
+                bar.close()
+            self.net.detach()
+            if cfg.grad_checkpointing:
+                unet.disable_gradient_checkpointing()
+                unet.eval()
+        if self.step < self.total:
+            self.save_checkpoint()
+            return self.checkpoint_path()
+        self.write(cfg.output)
+        return cfg.output
+
+    def write(self, path: Path) -> dict[str, str]:
+        return write_lora(path, self.net, self.model.arch, self.metadata(), SAVE_DTYPES[self.cfg.save_dtype])
+
+    def metadata(self) -> dict[str, str]:
+        import json
+
+        cfg = self.cfg
+        words = cfg.trigger or ", ".join(sorted({it.caption for it in self.data.items if it.source == "folder"}))
+        meta = {**base_metadata(self.model.arch), **network_metadata(self.net),
+                "ss_output_name": cfg.output.stem, "modelspec.title": cfg.output.stem,
+                "ss_resolution": f"({self.resolution}, {self.resolution})",
+                "modelspec.resolution": f"{self.resolution}x{self.resolution}",
+                "modelspec.prediction_type": self.schedule.prediction,
+                "ss_steps": str(self.step), "ss_max_train_steps": str(self.total),
+                "ss_epoch": str(self.step // self.steps_per_epoch()), "ss_num_epochs": str(cfg.epochs or ""),
+                "ss_learning_rate": f"{cfg.lr:g}", "ss_unet_lr": f"{cfg.lr:g}",
+                "ss_text_encoder_lr": f"{cfg.te_lr if cfg.te_lr is not None else cfg.lr / 2:g}",
+                "ss_lr_scheduler": cfg.schedule, "ss_lr_warmup_steps": str(cfg.warmup),
+                "ss_optimizer": "torch.optim.AdamW" if cfg.optimizer == "adamw" else "prodigyopt.Prodigy",
+                "ss_batch_size_per_device": str(cfg.batch), "ss_total_batch_size": str(cfg.batch * cfg.grad_accum),
+                "ss_gradient_accumulation_steps": str(cfg.grad_accum),
+                "ss_gradient_checkpointing": str(cfg.grad_checkpointing),
+                "ss_max_grad_norm": f"{cfg.max_grad_norm:g}", "ss_seed": str(cfg.seed),
+                "ss_noise_offset": f"{cfg.noise_offset:g}" if cfg.noise_offset else "None",
+                "ss_min_snr_gamma": f"{cfg.min_snr_gamma:g}" if cfg.min_snr_gamma else "None",
+                "ss_mixed_precision": "no" if self.model.dtype == torch.float32 else str(self.model.dtype)[6:],
+                "ss_cache_latents": "True", "ss_enable_bucket": "True", "ss_clip_skip": "None",
+                "ss_num_train_images": str(sum(it.repeats for it in self.data.items)),
+                "ss_num_batches_per_epoch": str(self.steps_per_epoch()),
+                "ss_dataset_dirs": json.dumps(self.data.dataset_dirs()),
+                "ss_tag_frequency": json.dumps(self.data.tag_frequency()),
+                "ss_sd_model_name": self.model.name, "ss_new_sd_model_hash": self.model.hash,
+                "ss_training_started_at": self.started,
+                "ss_training_finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        if words:
+            meta["modelspec.trigger_phrase"] = words
+        return meta
+
+    # -- checkpoints and samples -----------------------------------------------------------------------------
+    def checkpoint_path(self) -> Path:
+        return self.cfg.output.with_name(self.cfg.output.stem + ".state.pt")
+
+    def save_checkpoint(self) -> None:
+        """The LoRA as it is now (``NAME-000100.safetensors``) and the resume state (``NAME.state.pt``)."""
+        out = self.cfg.output
+        self.write(out.with_name(f"{out.stem}-{self.step:06d}.safetensors"))
+        save_state(self.checkpoint_path(), {
+            "step": self.step, "tensors": {k: v.detach().cpu() for k, v in self.net.named_tensors().items()},
+            "optimizer": self.optimizer.state_dict(), "lr_sched": self.lr_sched.state_dict(),
+            "gen": self.gen.get_state(), "losses": self.losses, "config": _fingerprint(self.cfg),
+            "scaler": self.scaler.state_dict() if self.scaler else None})
+
+    def _resume(self, path: Path) -> None:
+        state = load_state(path)
+        if state.get("config") != _fingerprint(self.cfg):
+            raise TrainingError(f"{path}: made with other settings ({state.get('config')}); resume with the same "
+                                "data, model, network and schedule flags")
+        mine = self.net.named_tensors()
+        saved = state["tensors"]
+        if set(saved) != set(mine) or any(saved[k].shape != mine[k].shape for k in mine):
+            raise TrainingError(f"{path}: its network does not match this model's layers")
+        with torch.no_grad():
+            for k, t in mine.items():
+                t.copy_(saved[k])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_sched.load_state_dict(state["lr_sched"])
+        self.gen.set_state(state["gen"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.losses = int(state["step"]), list(state["losses"])
+        log.info(f"resumed from {path} at step {self.step}")
+
+    def write_sample(self) -> Path:
+        """An image of ``--sample-prompt`` with the LoRA as it is now (``samples/NAME-000100.png``)."""
+        from ..tools.output import atomic_file
+
+        cfg = self.cfg
+        pipe = self.model.pipe
+        size = self.resolution
+        with torch.no_grad():
+            image = pipe(cfg.sample_prompt, num_inference_steps=20, width=size, height=size,
+                         generator=torch.Generator().manual_seed(cfg.seed)).images[0]
+        path = cfg.output.parent / "samples" / f"{cfg.output.stem}-{self.step:06d}.png"
+        with atomic_file(path) as f:
+            image.save(f, format="PNG")
+        return path
+
+
+def _fingerprint(cfg: TrainConfig) -> str:
+    """The settings a resumed run must share with the one it continues."""
+    keep = ("data", "model", "network", "steps", "epochs", "lr", "te_lr", "batch", "grad_accum", "resolution",
+            "trigger", "seed", "optimizer", "schedule", "warmup", "min_snr_gamma", "noise_offset")
+    d = asdict(cfg)
+    return repr({k: str(d[k]) for k in keep})
+
+
+def _bar(total: int, start: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="training", unit="step", dynamic_ncols=True)
