@@ -127,6 +127,40 @@ def lorakit_switch(pipe: Any, loras: list[lorakit.LoraModel], device: torch.devi
     return r
 
 
+def graph_bound(pipe: Any, lora: lorakit.LoraModel, device: torch.device) -> dict[str, float]:
+    """What a switch would cost without Python: the same per-weight ``addmm`` (fp16 factors made beforehand) as an
+    eager loop and replayed as one CUDA graph — the bound a graph-captured switch would reach (CUDA only)."""
+    if device.type != "cuda":
+        return {}
+    comps = components(pipe)
+    work = []
+    for path, adapter in lora.layers.items():
+        w = find_module(comps, path).weight.data  # type: ignore[union-attr]
+        lr = adapter.low_rank()
+        if lr is None or w.dtype != torch.float16:
+            continue
+        up, down, scale = lr
+        w2 = w.view(w.shape[0], -1)
+        work.append((w2, torch.empty_like(w2), up.to(device, w.dtype), down.to(device, w.dtype), scale))
+
+    def run() -> None:
+        for w2, out, u, d, a in work:
+            torch.addmm(w2, u, d, alpha=a, out=out)
+
+    eager = min(timed(device, run, 5))
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        run()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    replay = min(timed(device, graph.replay, 5))
+    del graph, work
+    return {"addmm_eager": eager, "addmm_graph": replay}
+
+
 def diffusers_switch(pipe: Any, files: list[Path], device: torch.device) -> dict[str, float]:
     """unfuse + unload A, load + fuse B: what switching costs with diffusers' own LoRA support."""
     def load_fuse(f: Path) -> None:
@@ -220,6 +254,7 @@ def run_arch(arch: str, args: argparse.Namespace, device: torch.device, dtype: t
         ("floors", lambda: floors(touched, device)),
         ("lorakit switch, originals on device", lambda: lorakit_switch(pipe, loras, device, "device")),
         ("lorakit switch, originals on host", lambda: lorakit_switch(pipe, loras, device, "host")),
+        ("addmm loop: eager and as a CUDA graph", lambda: graph_bound(pipe, loras[1], device)),
         ("peak memory", lambda: peaks(pipe, loras, size, device, bare)),
         ("sampling speed", lambda: speeds(pipe, files, size, steps, device)),
         ("diffusers switch", lambda: diffusers_switch(pipe, files, device))]
@@ -257,6 +292,9 @@ def report(results: dict[str, dict[str, float]], card: str, dtype: str, rank: in
          lambda r: f"{r['switch_best_host'] * ms:.1f} / {r['switch_median_host'] * ms:.1f} ms"),
         ("of which host side (Python + launches, device / host originals)",
          lambda r: f"{r['switch_host_side_device'] * ms:.1f} / {r['switch_host_side_host'] * ms:.1f} ms"),
+        ("bound without Python: the switch's addmm calls eager / replayed as one CUDA graph",
+         lambda r: f"{r['addmm_eager'] * ms:.1f} / {r['addmm_graph'] * ms:.1f} ms "
+                   f"({r['addmm_graph'] / r['floor_per_tensor']:.2f}× the floor)"),
         ("**switch / floor** (device originals; target ≤ 1.5×)",
          lambda r: f"**{r['switch_best_device'] / r['floor_per_tensor']:.2f}×**"),
         ("lorakit restore (device / host originals)",

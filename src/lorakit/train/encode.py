@@ -38,8 +38,17 @@ def time_ids(size: tuple[int, int], n: int, device: torch.device, dtype: torch.d
 @torch.no_grad()
 def encode_image(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
     """(4, h/8, w/8) fp32 latents of one (3, h, w) image in [-1, 1]: the posterior mean, scaled (and shifted where
-    the VAE says so)."""
+    the VAE says so). An fp16 VAE that asks for it (``force_upcast``: the SDXL VAE overflows in fp16) encodes in
+    fp32, as diffusers' pipelines decode."""
     p = next(vae.parameters())
-    latent = vae.encode(pixels[None].to(p.device, p.dtype)).latent_dist.mean.float()
+    upcast = p.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        dtype = torch.float32 if upcast else p.dtype
+        latent = vae.encode(pixels[None].to(p.device, dtype)).latent_dist.mean.float()
+    finally:
+        if upcast:
+            vae.to(p.dtype)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return ((latent - shift) * vae.config.scaling_factor)[0]

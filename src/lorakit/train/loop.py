@@ -120,6 +120,7 @@ class Trainer:
         self.net = Network(target_modules(comps, cfg.network), cfg.network, cfg.seed)
         self.train_te = cfg.network.train in ("te", "both")
         self.samples = self._cache_latents()
+        self._epoch_cache: tuple[int, list[list[int]]] = (-1, [])
         self.text_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.optimizer = self._optimizer()
         self.total = cfg.steps or cfg.epochs * self.steps_per_epoch()  # type: ignore[operator]
@@ -144,7 +145,10 @@ class Trainer:
         for item in self.data.items:
             with Image.open(item.image) as im:
                 size = choose(im.width, im.height, sizes)
-            out.append(Sample(encode_image(vae, load_pixels(item.image, size)).to(self.device), item.caption, size))
+            latent = encode_image(vae, load_pixels(item.image, size))
+            if not torch.isfinite(latent).all():
+                raise TrainingError(f"{item.image}: the VAE encoded it to NaN/inf (try --dtype fp32)")
+            out.append(Sample(latent.to(self.device), item.caption, size))
         return out
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
@@ -165,7 +169,10 @@ class Trainer:
     def _micro_batch(self, n: int) -> list[int]:
         """The n-th micro-batch of the run (epochs follow each other)."""
         per = len(self._epoch_batches(0))
-        return self._epoch_batches(n // per)[n % per]
+        epoch = n // per
+        if self._epoch_cache[0] != epoch:
+            self._epoch_cache = (epoch, self._epoch_batches(epoch))
+        return self._epoch_cache[1][n % per]
 
     # -- optimisation ----------------------------------------------------------------------------------------
     def _optimizer(self) -> torch.optim.Optimizer:
