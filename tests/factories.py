@@ -218,3 +218,24 @@ def tiny_sd2_pipeline() -> object:
     return StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=clip_tokenizer(PAD_OPENCLIP), unet=unet,
                                    scheduler=EulerDiscreteScheduler(prediction_type="v_prediction", steps_offset=1),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def tiny_sd1_pipeline() -> object:
+    """A tiny SD1-layout pipeline (cross-attention 32, CLIP with the real vocabulary, a 2-block VAE; Euler a)."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from lorakit.generate.samplers import scheduler_for
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=8)
+    vae = AutoencoderKL(block_out_channels=(8, 8), latent_channels=4, norm_num_groups=8,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    te = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                                      vocab_size=49408, max_position_embeddings=77))
+    return StableDiffusionPipeline(vae=vae.eval(), text_encoder=te.eval(), tokenizer=clip_tokenizer(),
+                                   unet=unet.eval(), scheduler=scheduler_for("Euler a"), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)

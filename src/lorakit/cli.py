@@ -53,11 +53,14 @@ def _generate(args: argparse.Namespace) -> int:
                           EmbeddingIndex(embedding_dirs) if embedding_dirs else None)
     out = Path(args.output)
     many = len(prompts) > 1 or args.batch > 1
+    width, height = (model.native_size if v is None else v for v in (args.width, args.height))
+    if model.arch == Arch.DEMO:
+        logging.getLogger("lorakit").info(_demo_notice())
     n = 0
     try:
         for prompt in prompts:
-            req = Request(prompt, args.negative, args.steps, args.cfg, args.sampler, args.seed, args.width,
-                          args.height, args.batch, args.clip_skip, args.auto_triggers)
+            req = Request(prompt, args.negative, args.steps, args.cfg, args.sampler, args.seed, width, height,
+                          args.batch, args.clip_skip, args.auto_triggers)
             result = generator(req)
             for image, text in zip(result.images, result.infotexts):
                 n += 1
@@ -68,6 +71,15 @@ def _generate(args: argparse.Namespace) -> int:
     finally:
         generator.close()
     return 0
+
+
+def _demo_notice() -> str:
+    """What the embedded demo model can draw (said once per run, so its pictures are not taken for a bug)."""
+    from .demo.shapes import BACKGROUNDS, COLOURS, SHAPES
+
+    return (f"the demo model draws 64×64 pictures of coloured shapes: {', '.join(SHAPES)}; "
+            f"{', '.join(COLOURS)}; small/large, left/right/top/bottom, \"two …\", on a "
+            f"{'/'.join(BACKGROUNDS)} background (e.g. \"two small blue stars\"). --model PATH for a real model")
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -121,8 +133,8 @@ def _add_generate(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") ->
     p.add_argument("--cfg", type=float, help="CFG scale (default 7; 1.5 with an LCM LoRA)")
     p.add_argument("--sampler", help="Euler, Euler a (default), DPM++ 2M, DPM++ 2M Karras, DDIM, UniPC, LCM")
     p.add_argument("--seed", type=int, help="seed (default random; image i of a batch uses seed+i)")
-    p.add_argument("-W", "--width", type=int, default=512)
-    p.add_argument("-H", "--height", type=int, default=512)
+    p.add_argument("-W", "--width", type=int, help="default: the model's native size (demo 64, SD1/SD2 512, SDXL 1024)")
+    p.add_argument("-H", "--height", type=int, help="default: the model's native size")
     p.add_argument("--batch", type=int, default=1, help="images per prompt")
     p.add_argument("--clip-skip", type=int, help="text-encoder layer from the end (default 1, or the LoRA's "
                                                  "ss_clip_skip)")
@@ -143,8 +155,10 @@ def _serve(args: argparse.Namespace) -> int:
     from .library import EmbeddingIndex, Library
     from .models.loading import load_model
     from .server import create_app, listen
+    from .server.worker import check_batching
     from .settings import load_settings
 
+    check_batching(args.max_batch, args.batch_window_ms)
     try:  # before the model loads: a port in use is one line at once, not a traceback after "serving on …"
         sock = listen(args.host, args.port)
     except OSError as e:
@@ -159,8 +173,8 @@ def _serve(args: argparse.Namespace) -> int:
           f"({library.last_scan['seconds']:.2f} s)")
     model = load_model(args.model or settings.model, **settings.device_options(args))
     print(f"model {model.describe()}")
-    app = create_app(model, library,
-                     EmbeddingIndex(embedding_dirs) if embedding_dirs else None, args.api_auth, args.auto_triggers)
+    app = create_app(model, library, EmbeddingIndex(embedding_dirs) if embedding_dirs else None, args.api_auth,
+                     args.auto_triggers, args.max_batch, args.batch_window_ms)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_auth:
         print(f"warning: listening on {args.host} without --api-auth: anyone who reaches it can generate")
     port = sock.getsockname()[1]
@@ -181,6 +195,11 @@ def _add_serve(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> No
     p.add_argument("--api-auth", help="USER:PASSWORD: require HTTP basic auth for the API and the page")
     p.add_argument("--auto-triggers", action="store_true", help="add each LoRA's declared trigger words that the "
                                                                 "prompt lacks (off by default)")
+    p.add_argument("--max-batch", type=int, default=1, metavar="N",
+                   help="sample up to N images of waiting txt2img requests in one UNet batch, each with its own "
+                        "LoRAs (requests sharing size, steps, sampler and CFG; default 1: one by one, fused)")
+    p.add_argument("--batch-window-ms", type=float, default=50.0, metavar="MS",
+                   help="with --max-batch: how long the first waiting request waits for others (default 50)")
     p.add_argument("--config", help="settings file (default ./lorakit.toml, then ~/.config/lorakit/config.toml)")
     _add_device_args(p)
     p.set_defaults(func=_serve, verbose_default=False)

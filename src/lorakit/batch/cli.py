@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +50,8 @@ def _add_grid(sub: Any) -> None:
     p.add_argument("--cfg", type=float, help="CFG scale (default 7)")
     p.add_argument("--sampler", help="sampler (default Euler a)")
     p.add_argument("--seed", type=int, help="seed of every cell (default: one random seed for the whole grid)")
-    p.add_argument("-W", "--width", type=int, default=512)
-    p.add_argument("-H", "--height", type=int, default=512)
+    p.add_argument("-W", "--width", type=int, help="default: the model's native size (demo 64, SD1/SD2 512, SDXL 1024)")
+    p.add_argument("-H", "--height", type=int, help="default: the model's native size")
     p.add_argument("--clip-skip", type=int, help="text-encoder layer from the end (default 1)")
     p.add_argument("--auto-triggers", action="store_true", help="add each LoRA's declared trigger words")
     p.add_argument("-o", "--output", default="grid.png", help="PNG path (with --z: OUT-01.png, OUT-02.png, …)")
@@ -68,13 +69,15 @@ def _grid(args: argparse.Namespace) -> int:
         raise GridError("--analyze-blocks makes its own grid: leave out --x, --y and --z")
     if not args.analyze_blocks and not any(axes):
         raise GridError("give at least one axis (--x, --y, --z) or --analyze-blocks LORA")
-    base = Request(args.prompt, args.negative, args.steps, args.cfg, args.sampler, args.seed, args.width,
-                   args.height, 1, args.clip_skip, args.auto_triggers)
+    base = Request(args.prompt, args.negative, args.steps, args.cfg, args.sampler, args.seed, args.width or 512,
+                   args.height or 512, 1, args.clip_skip, args.auto_triggers)
     from .grid import build_cells, run_grid
 
     # The axes meet the prompt (Prompt S/R's text, withLora tags) before the model loads.
     count = 0 if args.analyze_blocks else len(build_cells(base, axes[0], axes[1], axes[2]))
     gen = _generator(args)
+    native = gen.model.native_size  # a size not given is the model's own
+    base = replace(base, width=args.width or native, height=args.height or native)
     try:
         if args.analyze_blocks:
             return _analyze(args, gen, base)
@@ -128,6 +131,9 @@ def _add_batch(sub: Any) -> None:
                                                          "model runs on CUDA here, else 0)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="with --ray: logical CPUs each actor "
                                                                       "reserves (default 1)")
+    p.add_argument("--max-batch", type=int, metavar="N",
+                   help="local runs: sample up to N images of compatible requests (same size, steps, sampler, "
+                        "CFG) in one UNet batch, each with its own LoRAs (default 8; 1: one by one, fused)")
     p.add_argument("--threads-per-worker", type=int, help="with --ray: torch CPU threads per actor (default: as "
                                                           "many as a local run uses, so images match it bit for "
                                                           "bit)")
@@ -136,6 +142,7 @@ def _add_batch(sub: Any) -> None:
 
 
 def _batch(args: argparse.Namespace) -> int:
+    from ..generate.batched import DEFAULT_MAX_IMAGES
     from ..library import Library
     from ..settings import load_settings
     from .common import Progress
@@ -147,11 +154,16 @@ def _batch(args: argparse.Namespace) -> int:
     if args.ray is None and any(v is not None for v in (args.workers, args.gpus_per_worker,
                                                          args.threads_per_worker)):
         raise BatchError("--workers, --gpus-per-worker and --threads-per-worker need --ray")
+    if args.ray is not None and args.max_batch is not None:
+        raise BatchError("--max-batch is for local runs (Ray actors run their items one by one)")
+    max_batch = DEFAULT_MAX_IMAGES if args.max_batch is None else args.max_batch
+    if max_batch < 1:
+        raise BatchError(f"--max-batch must be at least 1, got {max_batch}")
     if args.ray is None or not args.ray or all(Path(d).is_dir() for d in lora_dirs):
         check_loras(items, Library(lora_dirs), args.jobs)  # a cluster's folders may exist only on its nodes
     progress = Progress(len(items), "batch")
     runner = _ray(args, settings, lora_dirs) if args.ray is not None else \
-        local_runner(lambda: _generator(args), progress)
+        local_runner(lambda: _generator(args), progress, max_batch)
     summary = run_batch(items, Path(args.output), runner, progress)
     print(f"{summary.done} done, {summary.skipped} skipped (finished before), {summary.failed} failed; "
           f"{Path(args.output) / 'results.jsonl'}")

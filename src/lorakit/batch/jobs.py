@@ -15,6 +15,7 @@ a results line is appended in one write, and a torn last line (a crash mid-write
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -27,12 +28,13 @@ from typing import Any
 import numpy as np
 
 from ..errors import BatchError, LorakitError
-from ..generate.pipeline import Generator, Request
+from ..generate.pipeline import Generator, Request, Result
 from ..prompt import parse_prompt
 from .common import LoraSet, Progress, lora_set, save_png_atomic, write_atomic
 
 log = logging.getLogger("lorakit")
 RESULTS = "results.jsonl"
+CHUNK = 4  # with batching: items are run in runs of CHUNK × max images (results are written after each run)
 
 
 @dataclass(frozen=True)
@@ -145,19 +147,40 @@ def check_loras(items: list[Item], library: Any, path: str | Path) -> None:
 def run_item(gen: Generator, key: str, line: int, requests: Iterable[Request], worker: str) -> Outcome:
     """Generate one item; a ``LorakitError`` becomes the record's ``error`` (the batch goes on)."""
     start = time.perf_counter()
-    record: dict[str, Any] = {"key": key, "line": line, "seeds": [], "infotexts": [], "notes": []}
-    pixels = []
+    results: list[Result | LorakitError] = []
     try:
         for req in requests:
-            result = gen(req)
-            pixels += [np.asarray(image.convert("RGB")) for image in result.images]
-            record["seeds"] += result.seeds
-            record["infotexts"] += result.infotexts
-            record["notes"] += result.notes
-            record.update(prompt=result.prompt, settings=result.settings)
+            results.append(gen(req))
     except LorakitError as e:
-        return Outcome({"key": key, "line": line, "error": str(e), "worker": worker})
-    record.update(seconds=round(time.perf_counter() - start, 4), worker=worker)
+        results.append(e)
+    return item_outcome(key, line, results, time.perf_counter() - start, worker)
+
+
+def run_items(gen: Generator, items: list[Item], worker: str, max_images: int) -> list[Outcome]:
+    """Generate several items with ``Generator.run_batch``: their compatible requests share UNet batches of up
+    to ``max_images`` images, each with its own LoRAs. Each item's ``seconds`` is its share of the whole run."""
+    start = time.perf_counter()
+    results = gen.run_batch([r for item in items for r in item.requests], max_images)
+    share = (time.perf_counter() - start) / len(items)
+    bounds = list(itertools.accumulate(len(item.requests) for item in items))
+    return [item_outcome(item.key, item.line, results[end - len(item.requests):end], share, worker)
+            for item, end in zip(items, bounds)]
+
+
+def item_outcome(key: str, line: int, results: list[Result | LorakitError], seconds: float, worker: str) -> Outcome:
+    """An item's record and pixels from its requests' results; its first error (if any) is the record."""
+    error = next((r for r in results if isinstance(r, LorakitError)), None)
+    if error is not None:
+        return Outcome({"key": key, "line": line, "error": str(error), "worker": worker})
+    record: dict[str, Any] = {"key": key, "line": line, "seeds": [], "infotexts": [], "notes": []}
+    pixels = []
+    for result in (r for r in results if isinstance(r, Result)):
+        pixels += [np.asarray(image.convert("RGB")) for image in result.images]
+        record["seeds"] += result.seeds
+        record["infotexts"] += result.infotexts
+        record["notes"] += result.notes
+        record.update(prompt=result.prompt, settings=result.settings)
+    record.update(seconds=round(seconds, 4), worker=worker)
     return Outcome(record, pixels)
 
 
@@ -241,17 +264,37 @@ def run_batch(items: list[Item], outdir: Path, runner: Runner, progress: Progres
     return summary
 
 
-def local_runner(make: Callable[[], Generator], progress: Progress | None = None) -> Runner:
+def local_runner(make: Callable[[], Generator], progress: Progress | None = None, max_images: int = 1) -> Runner:
     """Items in file order on one generator in this process, made (``make()``: the model loads) only when there
-    is something to run, and closed (weights restored) at the end."""
+    is something to run, and closed (weights restored) at the end. ``max_images`` > 1: items are taken in runs
+    of up to ``CHUNK × max_images`` images and their compatible requests share UNet batches (``run_items``)."""
     def run(items: list[Item]) -> Iterator[Outcome]:
         gen = make()
         if progress is not None:
             gen.on_step = lambda step, steps: progress.part(step / steps)
         try:
-            for item in items:
-                yield run_item(gen, item.key, item.line, item.requests, "local")
+            if max_images == 1:
+                for item in items:
+                    yield run_item(gen, item.key, item.line, item.requests, "local")
+                return
+            for chunk in chunks(items, CHUNK * max_images):
+                yield from run_items(gen, chunk, "local", max_images)
         finally:
             gen.on_step = None
             gen.close()
     return run
+
+
+def chunks(items: list[Item], images: int) -> Iterator[list[Item]]:
+    """Consecutive runs of items with at most ``images`` images (an item with more is a run of its own)."""
+    run: list[Item] = []
+    count = 0
+    for item in items:
+        n = sum(r.batch for r in item.requests)
+        if run and count + n > images:
+            yield run
+            run, count = [], 0
+        run.append(item)
+        count += n
+    if run:
+        yield run

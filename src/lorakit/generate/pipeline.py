@@ -5,23 +5,33 @@ strength changes per step), encode the prompts the A1111 way (``conditioner``), 
 checked for NaN/inf, decode (``decode``: fp32 retry for an overflowing half VAE) and write A1111 infotext
 (``infotext``). LoRAs stay applied between requests so the next one switches only what changes; ``close()``
 restores the model, and any error restores it before it propagates.
+
+``run_batch``: several requests, those that can share a UNet batch sampled together each with its own LoRA set
+(``batched``; per-sample hooks of ``patch.multi``, no weight changes).
 """
 from __future__ import annotations
 
+import itertools
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
+from ..errors import LorakitError
 from ..library import EmbeddingIndex, Library
 from ..models.loading import BaseModel
 from ..patch import patcher_for
+from ..patch.multi import MultiPatcher
+from .batched import DEFAULT_MAX_IMAGES, by_length, group_jobs, part_specs
 from .conditioner import Conditioner
+from .conditioning import Conditioning
 from .decode import check_latents, decode
 from .infotext import job_infotext
 from .request import DEFAULTS, LIMITS, Job, Request, Settings, resolve_job
 from .samplers import scheduler_for
+from .sampling import sample, stack
 from .schedule import LoraSchedule
 
 __all__ = ["DEFAULTS", "LIMITS", "Generator", "Job", "Request", "Result", "Settings"]
@@ -44,6 +54,8 @@ class Generator:
         self.index = loras
         self.conditioner = Conditioner(model, embeddings)
         self.patcher = patcher_for(model.pipe)
+        self.multi = MultiPatcher(self.patcher.components)  # per-sample LoRA sets of mixed batches
+        self.lora_mode = "fused"  # how a request's unscheduled LoRAs are applied ("hooks": no weight changes)
         self.on_step: Callable[[int, int], None] | None = None  # (step done, steps): progress reports
         # The model's own scheduler says what its UNet predicts (SD2-768 models predict v, not the noise).
         self.prediction_type = str(model.pipe.scheduler.config.get("prediction_type", "epsilon"))
@@ -59,13 +71,89 @@ class Generator:
             self.patcher.restore()
             raise
 
+    def run_batch(self, requests: Sequence[Request], max_images: int = DEFAULT_MAX_IMAGES
+                  ) -> list[Result | LorakitError]:
+        """Each request's result, or the ``LorakitError`` that stopped it (the others go on). Requests that can
+        share a UNet batch (``batched.batch_key``, same number of prompt chunks) sample together, up to
+        ``max_images`` images, each with its own LoRA set (no weight changes); the rest run one by one. Each image
+        equals the request's image alone in hooks mode up to a larger batch's rounding."""
+        out: dict[int, Result | LorakitError] = {}
+        jobs: list[Job | None] = []
+        for i, req in enumerate(requests):
+            try:
+                jobs.append(resolve_job(req, self.index, self.conditioner.layers))
+            except LorakitError as e:  # checked before any weight changes
+                jobs.append(None)
+                out[i] = e
+        for group in group_jobs(jobs, max_images):
+            out.update(zip(group, self._run_group([job for i in group if (job := jobs[i]) is not None])))
+        return [out[i] for i in range(len(requests))]
+
+    def _run_group(self, jobs: list[Job]) -> Sequence[Result | LorakitError]:
+        if len(jobs) > 1:
+            try:
+                return self._generate_mixed(jobs)
+            except LorakitError as e:  # e.g. NaN in one sample: alone, only that request fails
+                self.patcher.restore()
+                log.warning(f"a mixed batch of {len(jobs)} requests failed ({e}); running them one by one")
+            except BaseException:
+                self.patcher.restore()
+                raise
+        return [self._alone(job) for job in jobs]
+
+    def _alone(self, job: Job) -> Result | LorakitError:
+        try:
+            return self._generate(job)
+        except LorakitError as e:
+            self.patcher.restore()
+            return e
+        except BaseException:
+            self.patcher.restore()
+            raise
+
+    def _generate_mixed(self, jobs: list[Job]) -> list[Result]:
+        """``jobs`` (one ``batch_key``) sampled in as few UNet batches as their prompt lengths allow."""
+        self.patcher.restore()  # the shared base weights, unpatched
+        pairs = [self._encode_alone(job) for job in jobs]
+        self.patcher.restore()
+        results: dict[int, Result] = {}
+        for part in by_length([cond.embeds.shape[1] for cond, _ in pairs]):
+            batch = [jobs[i] for i in part]
+            latents = self._sample_mixed(batch, [pairs[i][0] for i in part], [pairs[i][1] for i in part])
+            ends = list(itertools.accumulate(job.request.batch for job in batch))
+            for i, job, end in zip(part, batch, ends):
+                results[i] = self._result(job, latents[end - job.request.batch:end])
+        return [results[i] for i in range(len(jobs))]
+
+    def _encode_alone(self, job: Job) -> tuple[Conditioning, Conditioning]:
+        """The job's prompts encoded with its own text-encoder LoRAs (hooks; the UNet's part off)."""
+        self.patcher.set(part_specs(job, "te"), mode="hooks", log_reports=False)
+        self.conditioner.prepare(job.text, job.negative_text, job.loras)
+        return self.conditioner.encode(job.text, job.negative_text, job.settings.clip_skip)
+
+    def _sample_mixed(self, jobs: list[Job], conds: list[Conditioning], unconds: list[Conditioning]
+                      ) -> torch.Tensor:
+        counts = [job.request.batch for job in jobs]
+        samples = [k for k, n in enumerate(counts) for _ in range(n)]
+        first = jobs[0]
+        log.info(f"mixed-LoRA batch: {len(jobs)} requests, {len(samples)} images in one UNet batch")
+        self.model.pipe.scheduler = scheduler_for(first.settings.sampler, self.prediction_type)
+        with self.multi:
+            self.multi.set([part_specs(job, "unet") for job in jobs], samples)
+            return sample(self.model, first.settings, (first.request.width, first.request.height),
+                          stack(conds, counts), stack(unconds, counts), [s for job in jobs for s in job.seeds],
+                          self._step_end(first, LoraSchedule([], [], first.settings.steps)))
+
     def _generate(self, job: Job) -> Result:
         schedule = LoraSchedule(job.refs, job.loras, job.settings.steps)
-        schedule.apply(self.patcher)
+        schedule.apply(self.patcher, self.lora_mode)
         self.conditioner.prepare(job.text, job.negative_text, job.loras)
         cond, uncond = self.conditioner.encode(job.text, job.negative_text, job.settings.clip_skip)
         self.model.pipe.scheduler = scheduler_for(job.settings.sampler, self.prediction_type)
-        latents = self._sample(job, cond, uncond, schedule)
+        return self._result(job, self._sample(job, cond, uncond, schedule))
+
+    def _result(self, job: Job, latents: torch.Tensor) -> Result:
+        """Decode the job's latents (its images together, as alone) and describe them."""
         self.model.set_vae_tiling(job.request.width, job.request.height)  # by size and --vram
         images = decode(self.model.pipe, latents)
         hashes = {ref.name: self._short_hash(str(lora.path)) for ref, lora in zip(job.refs, job.loras)}
@@ -73,19 +161,10 @@ class Generator:
         return Result(images, job.seeds, texts, job.notes, job.prompt, job.settings.as_dict())
 
     def _sample(self, job: Job, cond: Any, uncond: Any, schedule: LoraSchedule) -> torch.Tensor:
-        """The latents after the last step (B, C, h, w). The seed's noise is drawn on the CPU generator (as
-        A1111 does by default), so a seed gives comparable images on every device."""
-        s, req = job.settings, job.request
-        kwargs: dict[str, Any] = dict(
-            prompt_embeds=cond.embeds, negative_prompt_embeds=uncond.embeds, num_inference_steps=s.steps,
-            guidance_scale=s.cfg, width=req.width, height=req.height, num_images_per_prompt=req.batch,
-            generator=[torch.Generator().manual_seed(seed) for seed in job.seeds], output_type="latent",
-            callback_on_step_end=self._step_end(job, schedule),
-            callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"])
-        if self.model.sdxl:
-            kwargs.update(pooled_prompt_embeds=cond.pooled, negative_pooled_prompt_embeds=uncond.pooled)
-        with torch.no_grad():
-            return self.model.pipe(**kwargs).images  # type: ignore[no-any-return]
+        """The latents after the last step (B, C, h, w) (``sampling.sample``)."""
+        req = job.request
+        return sample(self.model, job.settings, (req.width, req.height), cond, uncond, job.seeds,
+                      self._step_end(job, schedule), per_prompt=req.batch)
 
     def _step_end(self, job: Job, schedule: LoraSchedule) -> Callable[..., dict[str, Any]]:
         """After each step: check the latents, report progress, and move scheduled strengths to the next step

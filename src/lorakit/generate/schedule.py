@@ -28,10 +28,11 @@ class LoraSchedule:
         """(LoRA, weight spec) pairs at ``step`` (1-based; ``None``: unscheduled)."""
         return [(lora, ref.spec(step, self.steps)) for ref, lora in zip(self.refs, self.loras)]
 
-    def apply(self, patcher: Patcher) -> None:
-        """Make this job's LoRAs active: fused, or hooks at step 1 when any strength is scheduled."""
+    def apply(self, patcher: Patcher, mode: str = "fused") -> None:
+        """Make this job's LoRAs active: in ``mode`` (fused by default), or hooks at step 1 when any strength is
+        scheduled."""
         if not self.scheduled:
-            patcher.set(self.specs(None), mode="fused")
+            patcher.set(self.specs(None), mode=mode)
             return
         patcher.set(self.specs(1), mode="hooks", log_reports=True)
         for ref in self.refs:

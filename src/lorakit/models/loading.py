@@ -2,9 +2,12 @@
 asked for (``models/device.py``: ``auto`` = CUDA, else MPS, else CPU; fp16 on CUDA/MPS, fp32 on the CPU).
 
 The demo model (``demo``) is a tiny Stable Diffusion 1-architecture pipeline — UNet with cross-attention, a CLIP
-text encoder with the real 49,408-token vocabulary, a VAE — built deterministically from a fixed seed, so a fresh
-machine can generate without downloading anything. Its weights are random: its images are noise-like patterns,
-not art. Point ``--model`` at a real model folder for real images.
+text encoder with the real 49,408-token vocabulary, a VAE — trained by ``scripts/train_demo_model.py`` and shipped
+in the package (``lorakit/data/demo``, fp16; ``lorakit.demo.weights``), so a fresh machine can generate without
+downloading anything. It draws 64×64 pictures of coloured shapes: "a red circle", "a small blue star on the left",
+"two yellow squares on a black background" (shapes: circle, square, triangle, diamond, star; colours: red, orange,
+yellow, green, blue, purple, pink, white, black; backgrounds white, black, gray). Its hash is the SHA-256 of the
+weights file. Point ``--model`` at a real model folder for real images.
 """
 from __future__ import annotations
 
@@ -33,7 +36,6 @@ from .device import (
 
 log = logging.getLogger("lorakit")
 DEMO = Arch.DEMO
-DEMO_SEED = 20261123
 
 
 @dataclass
@@ -53,6 +55,11 @@ class BaseModel:
     @property
     def sdxl(self) -> bool:
         return self.arch == Arch.SDXL
+
+    @property
+    def native_size(self) -> int:
+        """The side in px of the pictures it was trained on: the default width and height."""
+        return {Arch.DEMO: 64, Arch.SDXL: 1024}.get(self.arch, 512)
 
     @property
     def vae_tiling(self) -> bool:
@@ -213,35 +220,25 @@ def _diffusers_folder(path: Path, dtype: torch.dtype) -> BaseModel:
     return BaseModel(pipe, path.name, digest[:10], Arch(arch))
 
 
-def demo_components(seed: int = DEMO_SEED) -> dict[str, torch.nn.Module]:
-    """UNet, text encoder and VAE of the demo model, deterministic for a given torch version."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+def demo_components(folder: Path | None = None) -> dict[str, torch.nn.Module]:
+    """UNet, text encoder and VAE of the demo model: the shipped trained weights (or those in ``folder``)."""
+    from ..demo.weights import DATA_DIR, load_components
 
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=32, block_out_channels=(64, 128), layers_per_block=1, norm_num_groups=32,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=64, attention_head_dim=8)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=49408,
-        max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
-    vae = AutoencoderKL(block_out_channels=(32, 64, 64), latent_channels=4, norm_num_groups=32,
-                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3)
-    for module in (unet, text_encoder):
-        module.lorakit_arch = Arch.DEMO  # what patch.targets.model_arch reports: shapes match no real base
-    return {"unet": unet.eval(), "text_encoder": text_encoder.eval(), "vae": vae.eval()}
+    modules = load_components(folder or DATA_DIR)
+    for name in ("unet", "text_encoder"):
+        modules[name].lorakit_arch = Arch.DEMO  # what patch.targets.model_arch reports: shapes match no real base
+    return modules
 
 
-def demo_model() -> BaseModel:
+def demo_model(folder: Path | None = None) -> BaseModel:
     from diffusers import StableDiffusionPipeline
 
+    from ..demo.weights import DATA_DIR, weights_sha256
     from ..generate.samplers import scheduler_for
     from ..generate.tokenizer import clip_tokenizer
 
-    c = demo_components()
+    c = demo_components(folder)
     pipe = StableDiffusionPipeline(vae=c["vae"], text_encoder=c["text_encoder"], tokenizer=clip_tokenizer(),
                                    unet=c["unet"], scheduler=scheduler_for("Euler a"), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
-    digest = hashlib.sha256(f"lorakit-demo-sd1/{DEMO_SEED}/{torch.__version__}".encode()).hexdigest()
-    return BaseModel(pipe, DEMO, digest[:10], Arch.DEMO)
+    return BaseModel(pipe, DEMO, weights_sha256(folder or DATA_DIR)[:10], Arch.DEMO)

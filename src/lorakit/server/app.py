@@ -38,10 +38,10 @@ STATIC = Path(__file__).parent / "static"
 
 class ServerState:
     def __init__(self, model: BaseModel, library: Library, embeddings: EmbeddingIndex | None,
-                 auto_triggers: bool) -> None:
+                 auto_triggers: bool, max_batch: int = 1, batch_window_ms: float = 50.0) -> None:
         self.model, self.library = model, library
         model.pipe.set_progress_bar_config(disable=True)  # progress goes to /sdapi/v1/progress, not the console
-        self.queue = GenerationQueue(Generator(model, library, embeddings))
+        self.queue = GenerationQueue(Generator(model, library, embeddings), max_batch, batch_window_ms)
         self.title = f"{model.name} [{model.hash}]"
         self.options: dict[str, Any] = {"sd_model_checkpoint": self.title, "sd_checkpoint_hash": model.hash,
                                         "CLIP_stop_at_last_layers": 1, "samples_format": "png",
@@ -60,8 +60,11 @@ class ServerState:
 
 
 def create_app(model: BaseModel, library: Library, embeddings: EmbeddingIndex | None = None,
-               api_auth: str | None = None, auto_triggers: bool = False) -> FastAPI:
-    state = ServerState(model, library, embeddings, auto_triggers)
+               api_auth: str | None = None, auto_triggers: bool = False, max_batch: int = 1,
+               batch_window_ms: float = 50.0) -> FastAPI:
+    """``max_batch`` > 1: txt2img requests arriving within ``batch_window_ms`` of each other share UNet batches
+    of up to ``max_batch`` images, each with its own LoRAs (``server.worker``)."""
+    state = ServerState(model, library, embeddings, auto_triggers, max_batch, batch_window_ms)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

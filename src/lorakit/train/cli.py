@@ -44,6 +44,9 @@ def add_train_command(sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
     p.add_argument("--warmup", type=int, default=0, help="LR warm-up steps")
     p.add_argument("--min-snr-gamma", type=float, help="min-SNR-γ loss weighting (5 is the paper's value)")
     p.add_argument("--noise-offset", type=float, default=0.0, help="noise offset (~0.05–0.1 for darker darks)")
+    p.add_argument("--caption-dropout", type=float, default=0.0,
+                   help="share of samples trained with an empty caption, so that the style also holds under CFG "
+                        "(kohya's --caption_dropout_rate; 0.1 is common)")
     p.add_argument("--grad-checkpointing", action="store_true", help="less memory, ~30 %% slower")
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--save-every", type=int, help="every N steps: NAME-00000N.safetensors and the resume state "
@@ -66,8 +69,8 @@ def _train(args: argparse.Namespace) -> int:
     only = tuple(o.strip() for o in (args.only_layers or "").split(",") if o.strip())
     spec = NetworkSpec(args.network, args.rank, args.alpha, args.conv_rank, args.conv_alpha, args.train, only)
     fields = ("steps", "epochs", "lr", "te_lr", "batch", "grad_accum", "resolution", "trigger", "seed", "optimizer",
-              "schedule", "warmup", "min_snr_gamma", "noise_offset", "grad_checkpointing", "max_grad_norm",
-              "save_every", "sample_every", "sample_prompt", "save_dtype", "bad_images")
+              "schedule", "warmup", "min_snr_gamma", "noise_offset", "caption_dropout", "grad_checkpointing",
+              "max_grad_norm", "save_every", "sample_every", "sample_prompt", "save_dtype", "bad_images")
     cfg = TrainConfig(Path(args.data), Path(args.output), args.model, spec,
                       resume=Path(args.resume) if args.resume else None, **{f: getattr(args, f) for f in fields})
     cfg.check()

@@ -62,6 +62,11 @@ class Dataset:
             out.setdefault(it.folder or self.root.name, Counter()).update(tags)
         return {k: dict(v) for k, v in out.items()}
 
+    def class_words(self) -> list[str]:
+        """The words of the kohya repeat folders in use (``10_night sky`` → ``night sky``): the trigger words."""
+        found = (REPEAT_FOLDER.match(it.folder) for it in self.items)
+        return sorted({m.group(2).replace("_", " ").strip() for m in found if m and m.group(2).strip()})
+
     def summary(self) -> str:
         """One line: images, repeats, where the captions came from, what was skipped."""
         sources = Counter(it.source for it in self.items)

@@ -55,6 +55,7 @@ class TrainConfig:
     warmup: int = 0
     min_snr_gamma: float | None = None
     noise_offset: float = 0.0
+    caption_dropout: float = 0.0  # share of samples trained with an empty caption (kohya's caption_dropout_rate)
     grad_checkpointing: bool = False
     max_grad_norm: float = 1.0
     save_every: int | None = None
@@ -86,6 +87,8 @@ class TrainConfig:
             raise TrainingError(f"--optimizer {'|'.join(OPTIMIZERS)}, --lr-schedule {'|'.join(SCHEDULES)}, "
                                 f"--save-dtype {'|'.join(SAVE_DTYPES)}; got {self.optimizer}, {self.schedule}, "
                                 f"{self.save_dtype}")
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise TrainingError(f"--caption-dropout must be 0…1, got {self.caption_dropout}")
         if self.sample_every and not self.sample_prompt:
             raise TrainingError("--sample-every needs --sample-prompt")
         if self.output.suffix != ".safetensors":
@@ -218,7 +221,11 @@ class Trainer:
         noise = dif.sample_noise(x0, self.gen, self.cfg.noise_offset)
         t = dif.sample_timesteps(len(batch), self.schedule, self.gen, x0.device)
         noisy = dif.add_noise(self.schedule, x0, noise, t)
-        hidden, pooled = self._conditioning([self.samples[i].caption for i in batch])
+        captions = [self.samples[i].caption for i in batch]
+        if self.cfg.caption_dropout:  # the empty caption is what CFG's unconditional branch sees
+            drop = torch.rand(len(batch), generator=self.gen) < self.cfg.caption_dropout
+            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        hidden, pooled = self._conditioning(captions)
         extra: dict[str, Any] = {}
         if self.sdxl:
             extra["added_cond_kwargs"] = {"text_embeds": pooled.to(dt),  # type: ignore[union-attr]
@@ -306,7 +313,7 @@ class Trainer:
         import json
 
         cfg = self.cfg
-        words = cfg.trigger or ", ".join(sorted({it.caption for it in self.data.items if it.source == "folder"}))
+        words = cfg.trigger or ", ".join(self.data.class_words())
         meta = {**base_metadata(self.model.arch), **network_metadata(self.net),
                 "ss_output_name": cfg.output.stem, "modelspec.title": cfg.output.stem,
                 "ss_resolution": f"({self.resolution}, {self.resolution})",
@@ -324,6 +331,7 @@ class Trainer:
                 "ss_max_grad_norm": f"{cfg.max_grad_norm:g}", "ss_seed": str(cfg.seed),
                 "ss_noise_offset": f"{cfg.noise_offset:g}" if cfg.noise_offset else "None",
                 "ss_min_snr_gamma": f"{cfg.min_snr_gamma:g}" if cfg.min_snr_gamma else "None",
+                "ss_caption_dropout_rate": f"{cfg.caption_dropout:g}",
                 "ss_mixed_precision": "no" if self.model.dtype == torch.float32 else str(self.model.dtype)[6:],
                 "ss_cache_latents": "True", "ss_enable_bucket": "True", "ss_clip_skip": "None",
                 "ss_num_train_images": str(sum(it.repeats for it in self.data.items)),
@@ -390,14 +398,20 @@ class Trainer:
 def _fingerprint(cfg: TrainConfig) -> str:
     """The settings a resumed run must share with the one it continues."""
     keep = ("data", "model", "network", "steps", "epochs", "lr", "te_lr", "batch", "grad_accum", "resolution",
-            "trigger", "seed", "optimizer", "schedule", "warmup", "min_snr_gamma", "noise_offset")
+            "trigger", "seed", "optimizer", "schedule", "warmup", "min_snr_gamma", "noise_offset", "caption_dropout")
     d = asdict(cfg)
     return repr({k: str(d[k]) for k in keep})
 
 
 def _bar(total: int, start: int, enabled: bool) -> Any:
+    """A tqdm bar (step, smoothed loss, it/s, ETA) on a terminal; else one line per 10 % (logs stay short)."""
     if not enabled:
         return None
+    import os
+    import sys
+
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=start, desc="training", unit="step", dynamic_ncols=True)
+    terminal = sys.stderr.isatty() and os.environ.get("LORAKIT_PROGRESS") != "0"
+    return tqdm(total=total, initial=start, desc="training", unit="step", dynamic_ncols=True,
+                mininterval=0.5 if terminal else 1e9, miniters=None if terminal else max(1, total // 10))
