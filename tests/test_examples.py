@@ -32,7 +32,8 @@ def sweep(name: str, trigger: str, stat: object) -> list[float]:
     try:
         out = []
         for w in WEIGHTS:
-            values = [stat(gen(Request(f"{p.format(t=trigger)} <lora:{name}:{w}>", steps=20, seed=s)).images[0])
+            values = [stat(gen(Request(f"{p.format(t=trigger)} <lora:{name}:{w}>", steps=20, width=64, height=64,
+                                       seed=s)).images[0])
                       for p in PROMPTS for s in (1, 2)]  # type: ignore[operator]
             out.append(sum(values) / len(values))
         return out
