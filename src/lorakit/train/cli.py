@@ -5,7 +5,8 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-from .loop import OPTIMIZERS, SAVE_DTYPES, SCHEDULES, TrainConfig, Trainer
+from .config import OPTIMIZERS, SAVE_DTYPES, SCHEDULES, TrainConfig
+from .loop import Trainer
 from .network import NETWORKS, NetworkSpec
 
 

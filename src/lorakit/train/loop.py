@@ -12,7 +12,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,76 +23,13 @@ from ..keymap.arch import Arch
 from ..models.loading import BaseModel, load_model
 from . import diffusion as dif
 from .buckets import bucket_sizes, choose, load_pixels
+from .config import NATIVE, SAVE_DTYPES, TrainConfig, fingerprint
 from .data import Dataset, scan
 from .encode import encode_image, encode_text, time_ids
-from .network import Network, NetworkSpec, target_modules
+from .network import Network, target_modules
 from .output import base_metadata, load_state, network_metadata, save_state, write_lora
 
 log = logging.getLogger("lorakit")
-NATIVE = {Arch.SD1: 512, Arch.SD2: 768, Arch.SDXL: 1024, Arch.DEMO: 64}
-OPTIMIZERS = ("adamw", "prodigy")
-SCHEDULES = ("constant", "cosine")
-SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-@dataclass
-class TrainConfig:
-    data: Path
-    output: Path
-    model: str | None = None
-    network: NetworkSpec = field(default_factory=NetworkSpec)
-    steps: int | None = None
-    epochs: int | None = None
-    lr: float = 1e-4
-    te_lr: float | None = None  # None: lr / 2 (kohya's advice: the text encoder wants less)
-    batch: int = 1
-    grad_accum: int = 1
-    resolution: int | None = None  # None: the model's native size
-    trigger: str | None = None
-    seed: int = 0
-    optimizer: str = "adamw"
-    schedule: str = "constant"
-    warmup: int = 0
-    min_snr_gamma: float | None = None
-    noise_offset: float = 0.0
-    caption_dropout: float = 0.0  # share of samples trained with an empty caption (kohya's caption_dropout_rate)
-    grad_checkpointing: bool = False
-    max_grad_norm: float = 1.0
-    save_every: int | None = None
-    sample_every: int | None = None
-    sample_prompt: str | None = None
-    save_dtype: str = "fp16"
-    bad_images: str = "skip"
-    resume: Path | None = None
-    device: str | None = None
-    dtype: str | None = None
-
-    def check(self) -> None:
-        self.network.check()
-        if (self.steps is None) == (self.epochs is None):
-            if self.steps is None and self.epochs is None:
-                self.steps = 1000
-            else:
-                raise TrainingError("give --steps or --epochs, not both")
-        for name, v, lo in (("--steps", self.steps, 1), ("--epochs", self.epochs, 1), ("--batch", self.batch, 1),
-                            ("--grad-accum", self.grad_accum, 1), ("--warmup", self.warmup, 0),
-                            ("--save-every", self.save_every, 1), ("--sample-every", self.sample_every, 1)):
-            if v is not None and not lo <= v <= 10_000_000:
-                raise TrainingError(f"{name} must be {lo}…10000000, got {v}")
-        for name, f in (("--lr", self.lr), ("--te-lr", self.te_lr), ("--noise-offset", self.noise_offset),
-                        ("--min-snr-gamma", self.min_snr_gamma), ("--max-grad-norm", self.max_grad_norm)):
-            if f is not None and not (math.isfinite(f) and f >= 0):
-                raise TrainingError(f"{name} must be a finite number ≥ 0, got {f}")
-        if self.optimizer not in OPTIMIZERS or self.schedule not in SCHEDULES or self.save_dtype not in SAVE_DTYPES:
-            raise TrainingError(f"--optimizer {'|'.join(OPTIMIZERS)}, --lr-schedule {'|'.join(SCHEDULES)}, "
-                                f"--save-dtype {'|'.join(SAVE_DTYPES)}; got {self.optimizer}, {self.schedule}, "
-                                f"{self.save_dtype}")
-        if not 0.0 <= self.caption_dropout <= 1.0:
-            raise TrainingError(f"--caption-dropout must be 0…1, got {self.caption_dropout}")
-        if self.sample_every and not self.sample_prompt:
-            raise TrainingError("--sample-every needs --sample-prompt")
-        if self.output.suffix != ".safetensors":
-            raise TrainingError(f"{self.output}: the output must be a .safetensors file")
 
 
 @dataclass
@@ -124,6 +61,7 @@ class Trainer:
         self.train_te = cfg.network.train in ("te", "both")
         self.samples = self._cache_latents()
         self._epoch_cache: tuple[int, list[list[int]]] = (-1, [])
+        self._per_epoch = len(self._epoch_batches(0))  # micro-batches per epoch (the same every epoch)
         self.text_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.optimizer = self._optimizer()
         self.total = cfg.steps or cfg.epochs * self.steps_per_epoch()  # type: ignore[operator]
@@ -167,11 +105,11 @@ class Trainer:
         return batches
 
     def steps_per_epoch(self) -> int:
-        return max(1, len(self._epoch_batches(0)) // self.cfg.grad_accum)
+        return max(1, self._per_epoch // self.cfg.grad_accum)
 
     def _micro_batch(self, n: int) -> list[int]:
         """The n-th micro-batch of the run (epochs follow each other)."""
-        per = len(self._epoch_batches(0))
+        per = self._per_epoch
         epoch = n // per
         if self._epoch_cache[0] != epoch:
             self._epoch_cache = (epoch, self._epoch_batches(epoch))
@@ -190,7 +128,8 @@ class Trainer:
             try:
                 from prodigyopt import Prodigy  # type: ignore[import-not-found]
             except ImportError:
-                raise TrainingError("--optimizer prodigy needs the prodigyopt package: pip install prodigyopt") from None
+                raise TrainingError("--optimizer prodigy needs the prodigyopt package: "
+                                    "pip install prodigyopt") from None
             return Prodigy(groups, lr=cfg.lr, weight_decay=0.01)  # type: ignore[no-any-return]
         return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.01)
 
@@ -356,12 +295,12 @@ class Trainer:
         save_state(self.checkpoint_path(), {
             "step": self.step, "tensors": {k: v.detach().cpu() for k, v in self.net.named_tensors().items()},
             "optimizer": self.optimizer.state_dict(), "lr_sched": self.lr_sched.state_dict(),
-            "gen": self.gen.get_state(), "losses": self.losses, "config": _fingerprint(self.cfg),
+            "gen": self.gen.get_state(), "losses": self.losses, "config": fingerprint(self.cfg),
             "scaler": self.scaler.state_dict() if self.scaler else None})
 
     def _resume(self, path: Path) -> None:
         state = load_state(path)
-        if state.get("config") != _fingerprint(self.cfg):
+        if state.get("config") != fingerprint(self.cfg):
             raise TrainingError(f"{path}: made with other settings ({state.get('config')}); resume with the same "
                                 "data, model, network and schedule flags")
         mine = self.net.named_tensors()
@@ -393,14 +332,6 @@ class Trainer:
         with atomic_file(path) as f:
             image.save(f, format="PNG")
         return path
-
-
-def _fingerprint(cfg: TrainConfig) -> str:
-    """The settings a resumed run must share with the one it continues."""
-    keep = ("data", "model", "network", "steps", "epochs", "lr", "te_lr", "batch", "grad_accum", "resolution",
-            "trigger", "seed", "optimizer", "schedule", "warmup", "min_snr_gamma", "noise_offset", "caption_dropout")
-    d = asdict(cfg)
-    return repr({k: str(d[k]) for k in keep})
 
 
 def _bar(total: int, start: int, enabled: bool) -> Any:
