@@ -30,6 +30,7 @@ from ..library.listing import a1111_loras, entry_dict, fit
 from ..models.loading import BaseModel
 from ..prompt import parse_prompt
 from . import a1111
+from .info_routes import add_info_routes
 from .guards import LORAS_KEY, RequestLog, SafeJSONResponse, StrictJsonRoute, validation_error
 from .worker import GenerationQueue
 
@@ -81,6 +82,7 @@ def create_app(model: BaseModel, library: Library, embeddings: EmbeddingIndex | 
     app.add_exception_handler(RequestValidationError, validation_error)  # type: ignore[arg-type]
     _a1111_routes(app, state)
     _library_routes(app, state)
+    add_info_routes(app, state)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.get("/", include_in_schema=False)(lambda: FileResponse(STATIC / "index.html"))
     app.get("/favicon.ico", include_in_schema=False)(lambda: FileResponse(STATIC / "favicon.svg"))
