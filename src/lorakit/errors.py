@@ -18,6 +18,7 @@ Every error a user can cause is a ``LorakitError``; nothing else escapes the pub
     ├── DeviceError              a device or dtype that is unknown or not on this machine (lists what is)
     ├── GridError                an XY-grid axis or block analysis that cannot be run (names the axis)
     ├── BatchError               a batch job file or run that cannot be used (names the file and line)
+    ├── ImageInputError          an init image, mask or PNG that cannot be used (names the field and why)
     ├── TrainingError            ``lorakit train`` cannot run as asked (names the flag or the checkpoint)
     │   └── TrainDataError       a training folder that cannot be used (names the folder or the images)
     └── ModelError               a base model that cannot be loaded (names the path and the problem)
@@ -90,6 +91,10 @@ class PromptSyntaxError(LorakitError):
 
 class DeviceError(LorakitError):
     """A device or dtype that is unknown or not available here; the message lists what is available."""
+
+
+class ImageInputError(LorakitError):
+    """An image given as input (img2img's init image or mask, a PNG to read) that cannot be used."""
 
 
 class ModelError(LorakitError):

@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from .init_image import describe
 
 
 def infotext(prompt: str, negative: str, params: dict[str, Any], lora_hashes: dict[str, str]) -> str:
@@ -38,4 +39,6 @@ def job_infotext(job: Any, model: Any, seed: int, lora_hashes: dict[str, str]) -
     params = {"Steps": s.steps, "Sampler": s.sampler, "CFG scale": s.cfg, "Seed": seed,
               "Size": f"{req.width}x{req.height}", "Model hash": model.hash, "Model": model.name,
               "Clip skip": s.clip_skip if s.clip_skip > 1 else None}
+    if req.init is not None:
+        params.update(describe(req.init))
     return infotext(job.prompt, req.negative, params, lora_hashes)

@@ -28,7 +28,9 @@ from .batched import DEFAULT_MAX_IMAGES, by_length, group_jobs, part_specs
 from .conditioner import Conditioner
 from .conditioning import Conditioning
 from .decode import check_latents, decode
+from .img2img import sample_init
 from .infotext import job_infotext
+from .init_image import paste_back, prepare
 from .request import DEFAULTS, LIMITS, Job, Request, Settings, resolve_job
 from .samplers import scheduler_for
 from .sampling import sample, stack
@@ -57,6 +59,10 @@ class Generator:
         self.multi = MultiPatcher(self.patcher.components)  # per-sample LoRA sets of mixed batches
         self.lora_mode = "fused"  # how a request's unscheduled LoRAs are applied ("hooks": no weight changes)
         self.on_step: Callable[[int, int], None] | None = None  # (step done, steps): progress reports
+        # "skip" (end the running request) or "interrupt" (end it and what follows): set from another thread,
+        # acted on between steps; the caller clears "interrupt" when its job ends (``server.worker``).
+        self.stopping: str | None = None
+        self._stopped = False
         # The model's own scheduler says what its UNet predicts (SD2-768 models predict v, not the noise).
         self.prediction_type = str(model.pipe.scheduler.config.get("prediction_type", "epsilon"))
 
@@ -66,10 +72,21 @@ class Generator:
 
     def __call__(self, req: Request) -> Result:
         try:
-            return self._generate(resolve_job(req, self.index, self.conditioner.layers))
+            result = self._generate(resolve_job(req, self.index, self.conditioner.layers))
         except BaseException:
             self.patcher.restore()
             raise
+        finally:
+            self._after_run()
+        return result
+
+    def _after_run(self) -> None:
+        """A run ended early by skip/interrupt leaves the model as loaded (bit-exact); a skip ends only one run."""
+        if self._stopped:
+            self.patcher.restore()
+        self._stopped = False
+        if self.stopping == "skip":
+            self.stopping = None
 
     def run_batch(self, requests: Sequence[Request], max_images: int = DEFAULT_MAX_IMAGES
                   ) -> list[Result | LorakitError]:
@@ -92,13 +109,18 @@ class Generator:
     def _run_group(self, jobs: list[Job]) -> Sequence[Result | LorakitError]:
         if len(jobs) > 1:
             try:
-                return self._generate_mixed(jobs)
+                results = self._generate_mixed(jobs)
+                for result in results[1:] if self._stopped else []:  # the note went to the first job
+                    result.notes.extend(n for n in results[0].notes if n not in result.notes)
+                return results
             except LorakitError as e:  # e.g. NaN in one sample: alone, only that request fails
                 self.patcher.restore()
                 log.warning(f"a mixed batch of {len(jobs)} requests failed ({e}); running them one by one")
             except BaseException:
                 self.patcher.restore()
                 raise
+            finally:
+                self._after_run()
         return [self._alone(job) for job in jobs]
 
     def _alone(self, job: Job) -> Result | LorakitError:
@@ -110,6 +132,8 @@ class Generator:
         except BaseException:
             self.patcher.restore()
             raise
+        finally:
+            self._after_run()
 
     def _generate_mixed(self, jobs: list[Job]) -> list[Result]:
         """``jobs`` (one ``batch_key``) sampled in as few UNet batches as their prompt lengths allow."""
@@ -145,7 +169,7 @@ class Generator:
                           self._step_end(first, LoraSchedule([], [], first.settings.steps)))
 
     def _generate(self, job: Job) -> Result:
-        schedule = LoraSchedule(job.refs, job.loras, job.settings.steps)
+        schedule = LoraSchedule(job.refs, job.loras, job.steps_run)
         schedule.apply(self.patcher, self.lora_mode)
         self.conditioner.prepare(job.text, job.negative_text, job.loras)
         cond, uncond = self.conditioner.encode(job.text, job.negative_text, job.settings.clip_skip)
@@ -156,26 +180,44 @@ class Generator:
         """Decode the job's latents (its images together, as alone) and describe them."""
         self.model.set_vae_tiling(job.request.width, job.request.height)  # by size and --vram
         images = decode(self.model.pipe, latents)
+        if job.request.init is not None:
+            images = paste_back(images, self._prepared(job))
         hashes = {ref.name: self._short_hash(str(lora.path)) for ref, lora in zip(job.refs, job.loras)}
         texts = [job_infotext(job, self.model, seed, hashes) for seed in job.seeds]
         return Result(images, job.seeds, texts, job.notes, job.prompt, job.settings.as_dict())
 
     def _sample(self, job: Job, cond: Any, uncond: Any, schedule: LoraSchedule) -> torch.Tensor:
         """The latents after the last step (B, C, h, w) (``sampling.sample``)."""
-        req = job.request
-        return sample(self.model, job.settings, (req.width, req.height), cond, uncond, job.seeds,
-                      self._step_end(job, schedule), per_prompt=req.batch)
+        req, size = job.request, (job.request.width, job.request.height)
+        if req.init is not None:
+            return sample_init(self.model, job.settings, size, cond, uncond, job.seeds, self._step_end(job, schedule),
+                               req.init, self._prepared(job), per_prompt=req.batch)
+        return sample(self.model, job.settings, size, cond, uncond, job.seeds, self._step_end(job, schedule),
+                      per_prompt=req.batch)
+
+    def _prepared(self, job: Job) -> Any:
+        """The job's init image and mask at its size (prepared once per job)."""
+        init, req = job.request.init, job.request
+        assert init is not None
+        if job.prepared is None:
+            job.prepared = prepare(init, req.width, req.height)
+        return job.prepared
 
     def _step_end(self, job: Job, schedule: LoraSchedule) -> Callable[..., dict[str, Any]]:
         """After each step: check the latents, report progress, and move scheduled strengths to the next step
         (re-encoding the prompt when a text-encoder strength moved)."""
-        steps = job.settings.steps
+        steps = job.steps_run
         with_cfg = job.settings.cfg > 1
 
         def step_end(pipe: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             check_latents(kwargs["latents"], i + 1, steps)
             if self.on_step is not None:
                 self.on_step(i + 1, steps)
+            if self.stopping and not self._stopped and i + 1 < steps:
+                pipe._interrupt = True  # diffusers skips the remaining steps and returns these latents
+                self._stopped = True
+                job.notes.append(f"{'skipped' if self.stopping == 'skip' else 'interrupted'} after step {i + 1} "
+                                 f"of {steps}")
             if schedule.scheduled and i + 2 <= steps and schedule.advance(self.patcher, i + 2):
                 cond, uncond = self.conditioner.encode(job.text, job.negative_text, job.settings.clip_skip)
                 kwargs["prompt_embeds"] = torch.cat([uncond.embeds, cond.embeds]) if with_cfg else cond.embeds

@@ -12,6 +12,7 @@ from ..errors import LorakitError
 from ..lora_model import LoraModel, load_cached
 from ..prompt import LoraRef, parse_prompt
 from .fast_loras import SETTINGS, fast_kind
+from .init_image import InitImage, steps_run
 from .samplers import sampler_name
 
 log = logging.getLogger("lorakit")
@@ -36,6 +37,7 @@ class Request:
     batch: int = 1
     clip_skip: int | None = None
     auto_triggers: bool = False  # add the LoRAs' declared trigger words that the prompt lacks
+    init: InitImage | None = None  # img2img / inpainting: what to start from
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,13 @@ class Job:
     settings: Settings
     seeds: list[int]
     notes: list[str] = field(default_factory=list)
+    prepared: Any = None  # img2img: the init image and mask at the request's size (``init_image.Prepared``)
+
+    @property
+    def steps_run(self) -> int:
+        """The steps actually sampled: fewer than ``settings.steps`` for img2img (its denoising strength)."""
+        init = self.request.init
+        return self.settings.steps if init is None else steps_run(self.settings.steps, init.strength)
 
 
 class LoraSource(Protocol):
@@ -162,3 +171,5 @@ def _check_limits(req: Request, settings: Settings) -> None:
     for key in ("width", "height"):
         if values[key] % 8:
             raise LorakitError(f"{key} must be a multiple of 8, got {values[key]}")
+    if req.init is not None:
+        req.init.check()

@@ -98,8 +98,10 @@ def png_base64(image: Any, text: str) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def response(req: Txt2Img, results: list[Result], model_name: str, model_hash: str, stamp: str) -> dict[str, Any]:
-    """``{"images": [base64 PNG], "parameters": the request, "info": JSON text}`` as A1111 returns them."""
+def response(req: Txt2Img, results: list[Result], model_name: str, model_hash: str, stamp: str,
+             parameters: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``{"images": [base64 PNG], "parameters": the request (or ``parameters``), "info": JSON text}`` as A1111
+    returns them."""
     images = [png_base64(im, t) for r in results for im, t in zip(r.images, r.infotexts)] if req.send_images else []
     first = results[0]
     seeds = [s for r in results for s in r.seeds]
@@ -113,12 +115,13 @@ def response(req: Txt2Img, results: list[Result], model_name: str, model_hash: s
         "steps": first.settings.get("steps"), "batch_size": req.batch_size, "restore_faces": False,
         "face_restoration_model": None, "sd_model_name": model_name, "sd_model_hash": model_hash,
         "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-        "denoising_strength": None, "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": texts,
+        "denoising_strength": getattr(req, "denoising_strength", None), "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": texts,
         "styles": req.styles, "job_timestamp": stamp, "clip_skip": first.settings.get("clip_skip", 1),
         "is_using_inpainting_conditioning": False, "version": f"lorakit {__version__}",
         "notes": [n for r in results for n in r.notes],
     }
-    return {"images": images, "parameters": req.model_dump(), "info": json.dumps(info)}
+    return {"images": images, "parameters": req.model_dump() if parameters is None else parameters,
+            "info": json.dumps(info)}
 
 
 def samplers() -> list[dict[str, Any]]:
@@ -132,7 +135,8 @@ def progress(snap: Any) -> dict[str, Any]:
     elapsed = time.time() - snap.started if snap.started else 0.0
     eta = elapsed / fraction - elapsed if fraction > 0 else 0.0
     return {"progress": fraction, "eta_relative": eta,
-            "state": {"skipped": False, "interrupted": False, "stopping_generation": False,
+            "state": {"skipped": snap.stopping == "skip", "interrupted": snap.stopping == "interrupt",
+                      "stopping_generation": False,
                       "job": f"lorakit txt2img {snap.job_no}" if snap.started else "", "job_count": snap.job_count,
                       "job_timestamp": snap.job_timestamp, "job_no": snap.job_no, "sampling_step": snap.step,
                       "sampling_steps": snap.steps},

@@ -30,6 +30,7 @@ from ..library.listing import a1111_loras, entry_dict, fit
 from ..models.loading import BaseModel
 from ..prompt import parse_prompt
 from . import a1111
+from .a1111_img2img import Img2Img, echoed, img2img_requests
 from .info_routes import add_info_routes
 from .guards import LORAS_KEY, RequestLog, SafeJSONResponse, StrictJsonRoute, validation_error
 from .worker import GenerationQueue
@@ -129,21 +130,28 @@ def _add_auth(app: FastAPI, credentials: str) -> None:
 
 
 def _a1111_routes(app: FastAPI, state: ServerState) -> None:
-    @app.post("/sdapi/v1/txt2img")
-    def txt2img(req: a1111.Txt2Img, http: HttpRequest) -> dict[str, Any]:
+    def generate(req: a1111.Txt2Img, http: HttpRequest, make: Callable[..., list[Any]],
+                 parameters: dict[str, Any] | None = None) -> dict[str, Any]:
         overrides = a1111.checked_options(req.override_settings, state.clip_layers, ("body", "override_settings"))
         options = {**state.options, **overrides}
         # Parsed here too, so a malformed tag is refused before the job waits for the worker.
         refs = parse_prompt(req.prompt).loras + parse_prompt(req.negative_prompt, negative=True).loras
         http.scope[LORAS_KEY] = [r.name for r in refs]
-        jobs = a1111.requests_of(req, int(options["CLIP_stop_at_last_layers"]),
-                                 bool(options["lorakit_auto_trigger_words"]))
         if req.batch_size * req.n_iter > a1111.MAX_IMAGES:
             raise LorakitError(f"batch_size × n_iter must be at most {a1111.MAX_IMAGES}, got "
                                f"{req.batch_size * req.n_iter}")
+        jobs = make(req, int(options["CLIP_stop_at_last_layers"]), bool(options["lorakit_auto_trigger_words"]))
         results = state.queue.generate(jobs)
         stamp = state.queue.snapshot().job_timestamp
-        return a1111.response(req, results, state.model.name, state.model.hash, stamp)
+        return a1111.response(req, results, state.model.name, state.model.hash, stamp, parameters)
+
+    @app.post("/sdapi/v1/txt2img")
+    def txt2img(req: a1111.Txt2Img, http: HttpRequest) -> dict[str, Any]:
+        return generate(req, http, a1111.requests_of)
+
+    @app.post("/sdapi/v1/img2img")
+    def img2img(req: Img2Img, http: HttpRequest) -> dict[str, Any]:
+        return generate(req, http, img2img_requests, echoed(req))
 
     @app.get("/sdapi/v1/loras")
     def loras() -> list[dict[str, Any]]:
@@ -163,6 +171,17 @@ def _a1111_routes(app: FastAPI, state: ServerState) -> None:
                                              {"name": "karras", "label": "Karras", "aliases": None}])
     app.get("/sdapi/v1/scripts")(lambda: {"txt2img": [], "img2img": []})
     app.get("/sdapi/v1/progress")(lambda: a1111.progress(state.queue.snapshot()))
+
+    @app.post("/sdapi/v1/interrupt")
+    def interrupt() -> dict[str, Any]:
+        state.queue.interrupt("interrupt")
+        return {}
+
+    @app.post("/sdapi/v1/skip")
+    def skip() -> dict[str, Any]:
+        state.queue.interrupt("skip")
+        return {}
+
 
     @app.get("/sdapi/v1/options")
     def get_options() -> dict[str, Any]:

@@ -30,6 +30,7 @@ class Progress:
     steps: int = 0
     started: float = 0.0  # time.time() of the running job, 0 when idle
     job_timestamp: str = "0"
+    stopping: str | None = None  # "skip" / "interrupt" asked of the running job
 
 
 @dataclass
@@ -74,12 +75,28 @@ class GenerationQueue:
     def generate(self, requests: list[Request]) -> list[Result]:
         """Run ``requests`` as one job (A1111's ``n_iter``) and wait for them; the first error is raised."""
         if self.max_batch == 1:
-            results: list[Result] = self.submit(lambda: [self.generator(r) for r in requests]).result()
+            results: list[Result] = self.submit(lambda: self._one_by_one(requests)).result()
             return results
         future: Future[Any] = Future()
         self._put(_Generate(list(requests), future))
         batched: list[Result] = future.result()
         return batched
+
+    def _one_by_one(self, requests: list[Request]) -> list[Result]:
+        """The job's requests in order; after an interrupt, those not started are dropped (at least one runs)."""
+        results: list[Result] = []
+        for req in requests:
+            if results and self.generator.stopping == "interrupt":
+                break
+            results.append(self.generator(req))
+        return results
+
+    def interrupt(self, kind: str = "interrupt") -> None:
+        """Stop the running job between steps (``skip``: only its current request); nothing when idle. The
+        images so far are returned, the model's weights restored."""
+        with self._lock:
+            if self.progress.started:
+                self.generator.stopping = kind
 
     def submit(self, fn: Callable[[], Any]) -> Future[Any]:
         future: Future[Any] = Future()
@@ -93,7 +110,7 @@ class GenerationQueue:
 
     def snapshot(self) -> Progress:
         with self._lock:
-            return Progress(**vars(self.progress))
+            return Progress(**{**vars(self.progress), "stopping": self.generator.stopping})
 
     def _put(self, item: _Item) -> None:
         with self._lock:
@@ -153,6 +170,7 @@ class GenerationQueue:
             self.progress.started = time.time()
             self.progress.job_timestamp = time.strftime("%Y%m%d%H%M%S")
             self.progress.step = self.progress.steps = 0
+            self.generator.stopping = None
         try:
             yield
         finally:
@@ -160,6 +178,7 @@ class GenerationQueue:
                 self.progress.job_count -= jobs
                 self.progress.job_no += jobs
                 self.progress.started = 0.0
+                self.generator.stopping = None
 
 
 def _settle(future: Future[Any], fn: Callable[[], Any]) -> None:
