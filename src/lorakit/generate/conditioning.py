@@ -185,7 +185,7 @@ def encode_prompt(text: str, encoders: list[tuple[torch.nn.Module, Any]], clip_s
         hidden = []
         for i, chunk in enumerate(chunks):
             ids, weights = padded_ids(chunk, tokenizer)
-            rows = {pos + 1: _vector(embeddings[name], index, row, encoder) for pos, (name, row) in
+            rows = {pos + 1: embedding_vector(embeddings[name], index, row, encoder) for pos, (name, row) in
                     chunk.vectors.items()}
             skip = max(clip_skip, 2) if sdxl else clip_skip
             with _injected(encoder, rows):
@@ -197,7 +197,7 @@ def encode_prompt(text: str, encoders: list[tuple[torch.nn.Module, Any]], clip_s
     return Conditioning(torch.cat(per_encoder, dim=-1), pooled)
 
 
-def _vector(embedding: Embedding, encoder_index: int, row: int, encoder: torch.nn.Module) -> torch.Tensor:
+def embedding_vector(embedding: Embedding, encoder_index: int, row: int, encoder: torch.nn.Module) -> torch.Tensor:
     width = _embeddings(encoder).weight.shape[1]
     where = embedding.path or embedding.name
     if encoder_index >= len(embedding.vectors):

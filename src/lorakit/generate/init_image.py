@@ -22,6 +22,7 @@ from ..errors import ImageInputError
 
 MAX_PIXELS = 64 * 1024 * 1024  # an init image or mask above this is refused before it is decoded
 MAX_BYTES = 64 * 1024 * 1024
+FORMATS = ["PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF"]  # never EPS/PS (Pillow would run Ghostscript)
 RESIZE_MODES = {0: "just resize", 1: "crop and resize", 2: "resize and fill", 3: "just resize (latent upscale)"}
 FILLS = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
 MAX_BLUR = 64
@@ -79,7 +80,7 @@ def open_image(data: bytes, what: str) -> Image.Image:
     if len(data) > MAX_BYTES:
         raise ImageInputError(f"{what}: {len(data)} bytes is more than the {MAX_BYTES // 2 ** 20} MiB allowed")
     try:
-        image = Image.open(io.BytesIO(data))  # lazy: reads the header only
+        image = Image.open(io.BytesIO(data), formats=FORMATS)  # lazy: reads the header only
         width, height = image.size
         if width * height > MAX_PIXELS:
             raise ImageInputError(f"{what}: {width}×{height} pixels is more than the {MAX_PIXELS // 2 ** 20} "

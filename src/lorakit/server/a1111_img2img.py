@@ -7,17 +7,16 @@ Fields lorakit does not use (``image_cfg_scale``, ``initial_noise_multiplier``, 
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
 from typing import Any
 
 from pydantic import Field
 
 from ..errors import ImageInputError
-from ..generate.init_image import MAX_BLUR, MAX_BYTES, MAX_PADDING, InitImage, open_image
+from ..generate.init_image import MAX_BLUR, MAX_PADDING, InitImage
 from ..generate.pipeline import Request
 from .a1111 import Txt2Img, requests_of
+from .images import decode_image
 
 
 class Img2Img(Txt2Img):
@@ -33,20 +32,6 @@ class Img2Img(Txt2Img):
     inpaint_full_res_padding: int = Field(0, ge=0, le=MAX_PADDING)
     inpainting_mask_invert: int = Field(0, ge=0, le=1)
     include_init_images: bool = False
-
-
-def decode_image(data: str, field: str) -> Any:
-    """The image in a base64 string (``data:`` URL prefix allowed); ``ImageInputError`` naming ``field``."""
-    text = data.strip()
-    if text.startswith("data:"):
-        text = text.partition(",")[2]
-    if len(text) > MAX_BYTES * 4 // 3 + 4:
-        raise ImageInputError(f"{field}: more than the {MAX_BYTES // 2 ** 20} MiB allowed")
-    try:
-        raw = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise ImageInputError(f"{field}: not base64 (send the image file's bytes base64-encoded)") from None
-    return open_image(raw, field)
 
 
 def init_of(req: Img2Img) -> InitImage:
