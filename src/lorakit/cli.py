@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from .errors import LorakitError
 from .keymap.arch import LORA_BASES, Arch
@@ -142,6 +143,10 @@ def _add_generate(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") ->
     p.add_argument("--auto-triggers", action="store_true", help="add each LoRA's declared trigger words that the "
                                                                 "prompt lacks (off by default)")
     p.add_argument("-o", "--output", default="lorakit.png", help="PNG path; numbered when there are several")
+    p.add_argument("--models-dir", action="append", metavar="DIR", help="folder of checkpoints (single files and "
+                   "diffusers folders, recursively) that API clients may switch to (repeatable)")
+    p.add_argument("--options-file", metavar="FILE", help="where options posted to /sdapi/v1/options are saved and "
+                   "read back at start (default ~/.config/lorakit/server-options.json)")
     p.add_argument("--config", help="settings file (default ./lorakit.toml, then ~/.config/lorakit/config.toml)")
     _add_device_args(p)
     p.set_defaults(func=_generate, verbose_default=True)
@@ -155,6 +160,8 @@ def _serve(args: argparse.Namespace) -> int:
     from .library import EmbeddingIndex, Library
     from .models.loading import load_model
     from .server import create_app, listen
+    from .server.models import DEFAULT_OPTIONS_FILE, ModelCatalog, entry_for
+    from .server.state import saved_model
     from .server.worker import check_batching
     from .settings import load_settings
 
@@ -171,10 +178,20 @@ def _serve(args: argparse.Namespace) -> int:
     library = Library(dirs)
     print(f"{len(library.entries)} LoRAs in {', '.join(str(d) for d in dirs) or '(no folder)'} "
           f"({library.last_scan['seconds']:.2f} s)")
-    model = load_model(args.model or settings.model, **settings.device_options(args))
+    options_file = Path(args.options_file).expanduser() if args.options_file else DEFAULT_OPTIONS_FILE
+    models_dirs = [Path(d) for d in args.models_dir or []]
+    spec = args.model or settings.model
+    catalog = ModelCatalog(models_dirs, entry_for(spec, models_dirs))
+    saved = saved_model(options_file, catalog) if not args.model else None
+    if saved is not None:  # as A1111: the model last chosen through the API, unless --model says otherwise
+        spec = saved.spec
+        catalog.current = saved
+    device_options = settings.device_options(args)
+    model = load_model(spec, **device_options)
     print(f"model {model.describe()}")
     app = create_app(model, library, EmbeddingIndex(embedding_dirs) if embedding_dirs else None, args.api_auth,
-                     args.auto_triggers, args.max_batch, args.batch_window_ms)
+                     args.auto_triggers, args.max_batch, args.batch_window_ms, catalog, options_file,
+                     lambda s: load_model(s, **device_options))
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_auth:
         print(f"warning: listening on {args.host} without --api-auth: anyone who reaches it can generate")
     port = sock.getsockname()[1]
@@ -200,6 +217,10 @@ def _add_serve(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> No
                         "LoRAs (requests sharing size, steps, sampler and CFG; default 1: one by one, fused)")
     p.add_argument("--batch-window-ms", type=float, default=50.0, metavar="MS",
                    help="with --max-batch: how long the first waiting request waits for others (default 50)")
+    p.add_argument("--models-dir", action="append", metavar="DIR", help="folder of checkpoints (single files and "
+                   "diffusers folders, recursively) that API clients may switch to (repeatable)")
+    p.add_argument("--options-file", metavar="FILE", help="where options posted to /sdapi/v1/options are saved and "
+                   "read back at start (default ~/.config/lorakit/server-options.json)")
     p.add_argument("--config", help="settings file (default ./lorakit.toml, then ~/.config/lorakit/config.toml)")
     _add_device_args(p)
     p.set_defaults(func=_serve, verbose_default=False)

@@ -33,40 +33,23 @@ from . import a1111
 from .a1111_img2img import Img2Img, echoed, img2img_requests
 from .info_routes import add_info_routes
 from .guards import LORAS_KEY, RequestLog, SafeJSONResponse, StrictJsonRoute, validation_error
-from .worker import GenerationQueue
+from .models import ModelCatalog
+from .state import Loader, ServerState
 
 STATIC = Path(__file__).parent / "static"
 
 
-class ServerState:
-    def __init__(self, model: BaseModel, library: Library, embeddings: EmbeddingIndex | None,
-                 auto_triggers: bool, max_batch: int = 1, batch_window_ms: float = 50.0) -> None:
-        self.model, self.library = model, library
-        model.pipe.set_progress_bar_config(disable=True)  # progress goes to /sdapi/v1/progress, not the console
-        self.queue = GenerationQueue(Generator(model, library, embeddings), max_batch, batch_window_ms)
-        self.title = f"{model.name} [{model.hash}]"
-        self.options: dict[str, Any] = {"sd_model_checkpoint": self.title, "sd_checkpoint_hash": model.hash,
-                                        "CLIP_stop_at_last_layers": 1, "samples_format": "png",
-                                        "lorakit_auto_trigger_words": auto_triggers}
-
-    @property
-    def clip_layers(self) -> int:
-        return self.queue.generator.conditioner.layers
-
-    def set_options(self, values: dict[str, Any]) -> None:
-        """Check every value first (a bad one is a 422 and changes nothing), then store them."""
-        name = values.get("sd_model_checkpoint")
-        if name is not None and name not in (self.title, self.model.name, self.model.hash):
-            raise LorakitError(f"model {str(name)[:200]!r} not found; this server runs {self.title!r}")
-        self.options.update(a1111.checked_options(values, self.clip_layers, ("body",)))
-
-
 def create_app(model: BaseModel, library: Library, embeddings: EmbeddingIndex | None = None,
                api_auth: str | None = None, auto_triggers: bool = False, max_batch: int = 1,
-               batch_window_ms: float = 50.0) -> FastAPI:
+               batch_window_ms: float = 50.0, catalog: ModelCatalog | None = None,
+               options_file: Path | None = None, loader: Loader | None = None) -> FastAPI:
     """``max_batch`` > 1: txt2img requests arriving within ``batch_window_ms`` of each other share UNet batches
-    of up to ``max_batch`` images, each with its own LoRAs (``server.worker``)."""
-    state = ServerState(model, library, embeddings, auto_triggers, max_batch, batch_window_ms)
+    of up to ``max_batch`` images, each with its own LoRAs (``server.worker``). ``catalog``: the models a client
+    may switch to (``server.models``; default: the demo model and this one), loaded by ``loader`` (default:
+    ``load_model`` on this model's device and dtype). ``options_file``: where posted options are saved and read
+    back from at start (None: not saved)."""
+    state = ServerState(model, library, embeddings, auto_triggers, max_batch, batch_window_ms, catalog,
+                        options_file, loader)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -163,8 +146,12 @@ def _a1111_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/sdapi/v1/sd-models")
     def sd_models() -> list[dict[str, Any]]:
-        return [{"title": state.title, "model_name": state.model.name, "hash": state.model.hash, "sha256": None,
-                 "filename": state.model.name, "config": None}]
+        current = state.catalog.current
+        return [e.a1111(state.model.hash if e == current else None) for e in state.catalog.entries]
+
+    @app.post("/sdapi/v1/refresh-checkpoints")
+    def refresh_checkpoints() -> None:
+        state.catalog.refresh()
 
     app.get("/sdapi/v1/samplers")(a1111.samplers)
     app.get("/sdapi/v1/schedulers")(lambda: [{"name": "automatic", "label": "Automatic", "aliases": None},

@@ -82,6 +82,11 @@ class GenerationQueue:
         batched: list[Result] = future.result()
         return batched
 
+    def replace_generator(self, generator: Generator) -> None:
+        """Run later jobs with ``generator`` (call on the worker thread, e.g. through ``submit``)."""
+        generator.on_step = self._on_step
+        self.generator = generator
+
     def _one_by_one(self, requests: list[Request]) -> list[Result]:
         """The job's requests in order; after an interrupt, those not started are dropped (at least one runs)."""
         results: list[Result] = []
