@@ -207,3 +207,26 @@ def test_sdxl_img2img_and_inpainting(tmp_path: Path) -> None:
     painted = _px(g(Request("a cat <lora:xl:1>", seed=1, init=init, **small)).images[0])
     assert np.array_equal(painted[:, :32], _px(base)[:, :32])
     g.close()
+
+
+def test_cli_generate_img2img_and_inpainting(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lorakit.cli import main
+
+    init, mask = tmp_path / "init.png", tmp_path / "mask.png"
+    Image.new("RGB", (80, 64), (30, 60, 200)).save(init)
+    _right_half_mask().save(mask)
+    common = ["--seed", "2", "--steps", "4", "--lora-dir", str(EXAMPLES)]
+    assert main(["generate", "a star <lora:blueprint_style:1>", "--init-image", str(init), "--strength", "0.5",
+                 "--resize-mode", "1", "-o", str(tmp_path / "a.png"), *common]) == 0
+    assert "Denoising strength: 0.5" in Image.open(tmp_path / "a.png").info["parameters"]
+    assert main(["generate", "a star", "--init-image", str(init), "--mask", str(mask), "--masked-content", "3",
+                 "--only-masked", "8", "-o", str(tmp_path / "b.png"), *common]) == 0
+    out = _px(Image.open(tmp_path / "b.png"))
+    assert np.array_equal(out[:, :20], _px(Image.new("RGB", (64, 64), (30, 60, 200)))[:, :20])
+    capsys.readouterr()
+    assert main(["generate", "x", "--init-image", str(tmp_path / "missing.png"), *common]) == 2
+    assert main(["generate", "x", "--mask", str(mask), *common]) == 2
+    assert main(["generate", "x", "--init-image", str(init), "--strength", "1.5", *common]) == 2
+    err = capsys.readouterr().err
+    assert "missing.png: cannot be read" in err and "--mask needs --init-image" in err
+    assert "denoising strength must be from 0 to 1, got 1.5" in err

@@ -7,9 +7,13 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import LorakitError
 from .keymap.arch import LORA_BASES, Arch
+
+if TYPE_CHECKING:
+    from .generate.init_image import InitImage
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -48,6 +52,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config)
     prompts = _prompts(args)
+    init = _init_image(args)  # a bad image fails before the model loads
     model = load_model(args.model or settings.model, **settings.device_options(args))
     embedding_dirs = args.embeddings_dir or settings.embedding_dirs
     generator = Generator(model, LoraIndex(args.lora_dir or settings.lora_dirs),
@@ -61,7 +66,7 @@ def _generate(args: argparse.Namespace) -> int:
     try:
         for prompt in prompts:
             req = Request(prompt, args.negative, args.steps, args.cfg, args.sampler, args.seed, width, height,
-                          args.batch, args.clip_skip, args.auto_triggers)
+                          args.batch, args.clip_skip, args.auto_triggers, init)
             result = generator(req)
             for image, text in zip(result.images, result.infotexts):
                 n += 1
@@ -72,6 +77,34 @@ def _generate(args: argparse.Namespace) -> int:
     finally:
         generator.close()
     return 0
+
+
+def _init_image(args: argparse.Namespace) -> InitImage | None:
+    """``--init-image`` and its settings (``None`` without it); unreadable files are ``ImageInputError``s."""
+    from .generate.init_image import InitImage, open_image
+
+    if not args.init_image:
+        if args.mask:
+            raise LorakitError("--mask needs --init-image (the image to inpaint)")
+        return None
+    read = lambda path, what: open_image(_read_bytes(path, what), f"{what} {path}")
+    mask = read(args.mask, "--mask") if args.mask else None
+    init = InitImage(read(args.init_image, "--init-image"), args.strength, args.resize_mode, mask,
+                     (args.mask_blur, args.mask_blur), args.masked_content, args.invert_mask,
+                     args.only_masked is not None, args.only_masked or 0)
+    init.check()
+    return init
+
+
+def _read_bytes(path: str, what: str) -> bytes:
+    from .errors import ImageInputError
+    from .generate.init_image import MAX_BYTES
+
+    try:
+        with open(path, "rb") as f:
+            return f.read(MAX_BYTES + 1)
+    except OSError as e:
+        raise ImageInputError(f"{what} {path}: cannot be read ({e.strerror or e})") from None
 
 
 def _demo_notice() -> str:
@@ -143,10 +176,18 @@ def _add_generate(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") ->
     p.add_argument("--auto-triggers", action="store_true", help="add each LoRA's declared trigger words that the "
                                                                 "prompt lacks (off by default)")
     p.add_argument("-o", "--output", default="lorakit.png", help="PNG path; numbered when there are several")
-    p.add_argument("--models-dir", action="append", metavar="DIR", help="folder of checkpoints (single files and "
-                   "diffusers folders, recursively) that API clients may switch to (repeatable)")
-    p.add_argument("--options-file", metavar="FILE", help="where options posted to /sdapi/v1/options are saved and "
-                   "read back at start (default ~/.config/lorakit/server-options.json)")
+    g = p.add_argument_group("img2img", "start from an image (A1111's img2img); a mask makes it inpainting")
+    g.add_argument("--init-image", metavar="PNG", help="the image to start from")
+    g.add_argument("--strength", type=float, default=0.75, help="denoising strength, 0 (keep) to 1 (default 0.75)")
+    g.add_argument("--resize-mode", type=int, default=0, choices=range(4), help="0 just resize (default), 1 crop "
+                   "and resize, 2 resize and fill, 3 just resize (latent upscale)")
+    g.add_argument("--mask", metavar="PNG", help="white = repaint (or the drawn pixels of a transparent image)")
+    g.add_argument("--mask-blur", type=int, default=4, help="px (default 4)")
+    g.add_argument("--masked-content", type=int, default=1, choices=range(4), help="0 fill, 1 original (default), "
+                   "2 latent noise, 3 latent nothing")
+    g.add_argument("--invert-mask", action="store_true", help="repaint what the mask leaves black")
+    g.add_argument("--only-masked", type=int, metavar="PADDING", help="repaint only the mask's region, at full "
+                   "size, with PADDING px around it (A1111's inpaint area 'Only masked')")
     p.add_argument("--config", help="settings file (default ./lorakit.toml, then ~/.config/lorakit/config.toml)")
     _add_device_args(p)
     p.set_defaults(func=_generate, verbose_default=True)

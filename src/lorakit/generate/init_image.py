@@ -88,6 +88,9 @@ def open_image(data: bytes, what: str) -> Image.Image:
         image.load()
     except ImageInputError:
         raise
+    except Image.UnidentifiedImageError:
+        raise ImageInputError(f"{what}: not a readable image (not {', '.join(FORMATS[:-1])} or {FORMATS[-1]})"
+                              ) from None
     except Image.DecompressionBombError:
         raise ImageInputError(f"{what}: more than the {MAX_PIXELS // 2 ** 20} megapixels allowed") from None
     except Exception as e:  # PIL raises many types for a broken file (OSError, SyntaxError, ValueError, …)
