@@ -295,8 +295,8 @@ def test_lorakit_batch_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     jobs.write_text(json.dumps({"prompt": "a"}) + "\n")
     assert main(["batch", str(jobs), "-o", str(tmp_path / "o"), "--max-batch", "0"]) == 2
     assert "--max-batch must be at least 1" in capsys.readouterr().err
-    assert main(["batch", str(jobs), "-o", str(tmp_path / "o"), "--max-batch", "4", "--ray"]) == 2
-    assert "--max-batch is for local runs" in capsys.readouterr().err
+    assert main(["batch", str(jobs), "-o", str(tmp_path / "o"), "--max-batch", "0", "--ray"]) == 2
+    assert "--max-batch must be at least 1" in capsys.readouterr().err
 
 
 def test_worker_window_collects_generate_jobs_and_keeps_order() -> None:

@@ -71,6 +71,28 @@ def test_ray_batch_is_bitwise_the_local_run(tmp_path: Path, local_ray: Any) -> N
     assert len({b[line]["worker"] for line in b}) <= 2  # the pool's actors, no more
 
 
+def test_ray_mixed_lora_batches_are_bitwise_the_local_batched_run(tmp_path: Path, local_ray: Any) -> None:
+    """With max_images > 1 both cut the same runs of items and sample their compatible requests in the same
+    mixed-LoRA UNet batches: the same bytes."""
+    jobs = tmp_path / "jobs.jsonl"
+    lines = [{"prompt": f"a shape <lora:{name}:0.8>", "seed": i, **SMALL, "steps": 2}
+             for i, name in enumerate(["blueprint_style", "sunset_lokr", "demo_style", "blueprint_style",
+                                       "sunset_lokr", "demo_style"] * 2)]  # two runs of 8 images: both actors
+    lines.append({"prompt": "plain", "seed": 9, **SMALL, "steps": 3})
+    jobs.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    items = read_jobs(jobs)
+    gen = Generator(load_model(None), Library([EXAMPLES]))
+    local = run_batch(items, tmp_path / "local", local_runner(lambda: gen, max_images=2))
+    config = WorkerConfig(None, {}, [str(EXAMPLES)], [], torch.get_num_threads(), max_images=2)
+    remote = run_batch(items, tmp_path / "ray", ray_runner(config, Pool(workers=2, cpus=1.0)))
+    assert local.done == remote.done == 13
+    a, b = _records(tmp_path / "local"), _records(tmp_path / "ray")
+    for line in a:
+        assert a[line]["infotexts"] == b[line]["infotexts"]
+        for name in a[line]["images"]:
+            assert (tmp_path / "local" / name).read_bytes() == (tmp_path / "ray" / name).read_bytes(), line
+
+
 def test_a_worker_whose_model_does_not_load_fails_its_items(tmp_path: Path, local_ray: Any) -> None:
     """The actor class itself, called in this process: every item becomes one error record, no traceback."""
     worker = GenerateWorker(asdict(WorkerConfig("/no/such/model", {}, [str(EXAMPLES)], [], 1)))

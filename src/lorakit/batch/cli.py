@@ -132,8 +132,9 @@ def _add_batch(sub: Any) -> None:
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="with --ray: logical CPUs each actor "
                                                                       "reserves (default 1)")
     p.add_argument("--max-batch", type=int, metavar="N",
-                   help="local runs: sample up to N images of compatible requests (same size, steps, sampler, "
-                        "CFG) in one UNet batch, each with its own LoRAs (default 8; 1: one by one, fused)")
+                   help="sample up to N images of compatible requests (same size, steps, sampler, CFG) in one "
+                        "UNet batch, each with its own LoRAs (default 8; 1: one by one, fused); on Ray too, with "
+                        "the same batches as a local run")
     p.add_argument("--threads-per-worker", type=int, help="with --ray: torch CPU threads per actor (default: as "
                                                           "many as a local run uses, so images match it bit for "
                                                           "bit)")
@@ -154,15 +155,13 @@ def _batch(args: argparse.Namespace) -> int:
     if args.ray is None and any(v is not None for v in (args.workers, args.gpus_per_worker,
                                                          args.threads_per_worker)):
         raise BatchError("--workers, --gpus-per-worker and --threads-per-worker need --ray")
-    if args.ray is not None and args.max_batch is not None:
-        raise BatchError("--max-batch is for local runs (Ray actors run their items one by one)")
     max_batch = DEFAULT_MAX_IMAGES if args.max_batch is None else args.max_batch
     if max_batch < 1:
         raise BatchError(f"--max-batch must be at least 1, got {max_batch}")
     if args.ray is None or not args.ray or all(Path(d).is_dir() for d in lora_dirs):
         check_loras(items, Library(lora_dirs), args.jobs)  # a cluster's folders may exist only on its nodes
     progress = Progress(len(items), "batch")
-    runner = _ray(args, settings, lora_dirs) if args.ray is not None else \
+    runner = _ray(args, settings, lora_dirs, max_batch) if args.ray is not None else \
         local_runner(lambda: _generator(args), progress, max_batch)
     summary = run_batch(items, Path(args.output), runner, progress)
     print(f"{summary.done} done, {summary.skipped} skipped (finished before), {summary.failed} failed; "
@@ -170,7 +169,7 @@ def _batch(args: argparse.Namespace) -> int:
     return 2 if summary.failed else 0
 
 
-def _ray(args: argparse.Namespace, settings: Any, lora_dirs: list[Any]) -> Any:
+def _ray(args: argparse.Namespace, settings: Any, lora_dirs: list[Any], max_batch: int) -> Any:
     import torch
 
     from .ray_runner import Pool, WorkerConfig, import_ray, ray_runner
@@ -188,5 +187,5 @@ def _ray(args: argparse.Namespace, settings: Any, lora_dirs: list[Any]) -> Any:
         float(device.startswith("cuda") or device == "auto" and torch.cuda.is_available())
     config = WorkerConfig(model, options, [str(d) for d in lora_dirs],
                           [str(d) for d in (args.embeddings_dir or settings.embedding_dirs)],
-                          args.threads_per_worker or torch.get_num_threads())
+                          args.threads_per_worker or torch.get_num_threads(), max_batch)
     return ray_runner(config, Pool(workers, args.cpus_per_worker, gpus, args.ray or None))

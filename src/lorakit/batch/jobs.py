@@ -20,10 +20,10 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -156,7 +156,20 @@ def run_item(gen: Generator, key: str, line: int, requests: Iterable[Request], w
     return item_outcome(key, line, results, time.perf_counter() - start, worker)
 
 
-def run_items(gen: Generator, items: list[Item], worker: str, max_images: int) -> list[Outcome]:
+class ItemLike(Protocol):
+    """What running an item needs of it (an ``Item``, or a row rebuilt on a Ray worker)."""
+
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def line(self) -> int: ...
+
+    @property
+    def requests(self) -> Sequence[Request]: ...
+
+
+def run_items(gen: Generator, items: Sequence[ItemLike], worker: str, max_images: int) -> list[Outcome]:
     """Generate several items with ``Generator.run_batch``: their compatible requests share UNet batches of up
     to ``max_images`` images, each with its own LoRAs. Each item's ``seconds`` is its share of the whole run."""
     start = time.perf_counter()
@@ -286,7 +299,8 @@ def local_runner(make: Callable[[], Generator], progress: Progress | None = None
 
 
 def chunks(items: list[Item], images: int) -> Iterator[list[Item]]:
-    """Consecutive runs of items with at most ``images`` images (an item with more is a run of its own)."""
+    """Consecutive runs of items with at most ``images`` images (an item with more is a run of its own). A local
+    run and a Ray run cut the same runs, so their UNet batches — and images — are the same."""
     run: list[Item] = []
     count = 0
     for item in items:

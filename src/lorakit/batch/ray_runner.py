@@ -2,7 +2,10 @@
 pool (``compute=ray.data.ActorPoolStrategy(size=N)``; ``concurrency=`` is deprecated). Each actor loads the model
 once and holds one ``Generator`` on one GPU (or on CPU threads); items are sorted by LoRA set before they are
 split into blocks, so an actor meets a set's items one after another and switches weights rarely (a generator
-keeps its LoRAs applied between requests).
+keeps its LoRAs applied between requests). With ``max_images`` > 1 (``--max-batch``, default 8 as locally) each
+block is instead one run of items exactly as a local run cuts them (``jobs.chunks``, file order), generated with
+``Generator.run_batch``: compatible requests share UNet batches, each with its own LoRAs, and the batches — so the
+images — are those of the local run.
 
 Images travel back as raw pixels (``.npy`` bytes) and are written by the driver with the same code as a local
 run, so the files are the same bytes. Bitwise-equal images also need the same arithmetic: on the CPU that means
@@ -25,7 +28,7 @@ import numpy as np
 
 from ..errors import BatchError, LorakitError
 from .common import LoraSet
-from .jobs import Item, Outcome, Runner, requests_from_row, run_item
+from .jobs import CHUNK, Item, Outcome, Runner, chunks, requests_from_row, run_item, run_items
 
 INSTALL = "pip install 'lorakit[ray]' (or: pip install 'ray[data]')"
 MAX_BLOCKS = 2000  # one item a block (results stream back one by one) up to this many items
@@ -40,6 +43,7 @@ class WorkerConfig:
     lora_dirs: list[str] = field(default_factory=list)
     embedding_dirs: list[str] = field(default_factory=list)
     threads: int = 0  # torch threads per actor; 0: leave Ray's setting
+    max_images: int = 1  # > 1: runs of items share UNet batches of up to this many images (``run_items``)
 
 
 @dataclass(frozen=True)
@@ -66,16 +70,31 @@ class GenerateWorker:
             self.failure = f"the Ray worker could not load the model: {e}"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        records, pixels = [], []
-        for key, line, requests in zip(batch["key"], batch["line"], batch["requests"]):
-            if self.failure is not None:
-                outcome = Outcome({"key": str(key), "line": int(line), "error": self.failure, "worker": self.name})
-            else:
-                outcome = run_item(self.gen, str(key), int(line), requests_from_row({"requests": requests}),
-                                   self.name)
-            records.append(json.dumps(outcome.record))
-            pixels.append(_pack(outcome.pixels))
-        return {"record": np.array(records, dtype=object), "pixels": np.array(pixels, dtype=object)}
+        """One row per item (``key``, ``line``, ``requests``), or rows that are whole runs (``run``: JSON list of
+        item rows, with ``max_images``): one output row per item either way."""
+        outcomes: list[Outcome] = []
+        if "run" in batch:
+            for run in batch["run"]:
+                rows = [_Row(str(r["key"]), int(r["line"]), requests_from_row(r)) for r in json.loads(str(run))]
+                outcomes += [self._failed(r.key, r.line) for r in rows] if self.failure is not None else \
+                    run_items(self.gen, rows, self.name, int(batch["max_images"][0]))
+        else:
+            for key, line, requests in zip(batch["key"], batch["line"], batch["requests"]):
+                outcomes.append(self._failed(str(key), int(line)) if self.failure is not None else
+                                run_item(self.gen, str(key), int(line), requests_from_row({"requests": requests}),
+                                         self.name))
+        return {"record": np.array([json.dumps(o.record) for o in outcomes], dtype=object),
+                "pixels": np.array([_pack(o.pixels) for o in outcomes], dtype=object)}
+
+    def _failed(self, key: str, line: int) -> Outcome:
+        return Outcome({"key": key, "line": line, "error": self.failure, "worker": self.name})
+
+
+@dataclass(frozen=True)
+class _Row:
+    key: str
+    line: int
+    requests: list[Any]
 
 
 def _generator(cfg: WorkerConfig) -> Any:
@@ -145,7 +164,7 @@ def ray_runner(config: WorkerConfig, pool: Pool) -> Runner:
         ray = import_ray()
         started = start(ray, pool)
         try:
-            yield from _stream(ray, config, pool, group_order(items))
+            yield from _stream(ray, config, pool, items if config.max_images > 1 else group_order(items))
         finally:
             if started:
                 ray.shutdown()
@@ -155,7 +174,12 @@ def ray_runner(config: WorkerConfig, pool: Pool) -> Runner:
 def _stream(ray: Any, config: WorkerConfig, pool: Pool, items: list[Item]) -> Iterator[Outcome]:
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # before: turning the bars off logs a warning
     ray.data.DataContext.get_current().enable_progress_bars = False  # lorakit draws one bar over the whole job
-    rows = [item.as_row() for item in items]
+    if config.max_images > 1:
+        rows: list[dict[str, Any]] = [
+            {"run": json.dumps([item.as_row() for item in run]), "max_images": config.max_images}
+            for run in chunks(items, CHUNK * config.max_images)]
+    else:
+        rows = [item.as_row() for item in items]
     ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), MAX_BLOCKS))
     ds = ds.map_batches(GenerateWorker, batch_size=1, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(size=pool.workers),
