@@ -164,6 +164,29 @@ def test_multi_patcher_layer_output_per_row(setup: tuple[BaseModel, Library]) ->
         assert torch.equal(got[row], expected), row
 
 
+def test_placed_factors_of_a_large_batch_stay_cached(tmp_path: Path) -> None:
+    """A mixed batch with more LoRAs than the placement cache's default keeps every one placed, so the next batch
+    moves none of them again (fp16 files: placing converts them, as moving to a GPU would)."""
+    from lorakit.lora_model import load_cached
+    from lorakit.patch import placement
+
+    pipe: Any = tiny_sd1_pipeline()
+    comps = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    paths = []
+    for i in range(placement.CACHE_SIZE + 4):
+        lora = {k: v.half() for k, v in make_kohya_lora(comps, "lora", rank=2, seed=i).items()}
+        save_file(lora, tmp_path / f"l{i}.safetensors", {})
+        paths.append(str(tmp_path / f"l{i}.safetensors"))
+    sets = [[(p, 0.5)] for p in paths]
+    with MultiPatcher({"unet": pipe.unet}) as multi:
+        multi.set(sets, list(range(len(sets))))
+    assert placement.capacity() >= len(paths)
+    devices = {"unet": torch.device("cpu")}
+    first = [placement.lora_on(load_cached(p), devices) for p in paths]
+    again = [placement.lora_on(load_cached(p), devices) for p in paths]
+    assert all(a is b for a, b in zip(first, again)), "every placed LoRA of the batch is still cached"
+
+
 def test_incompatible_requests_fall_back(setup: tuple[BaseModel, Library], monkeypatch: pytest.MonkeyPatch) -> None:
     model, library = setup
     gen = Generator(model, library)

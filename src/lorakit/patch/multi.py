@@ -26,7 +26,7 @@ from ..adapters import functional as fn
 from ..errors import LorakitError
 from ..lora_model import LoraLike, load_cached
 from .hooks import _LayerHook, _weight
-from .placement import place_loras
+from .placement import place_loras, reserve
 from .plan import Contribution, Plan, ResolutionCache, build_plan
 from .weights import Weight, as_weight
 
@@ -107,6 +107,7 @@ class MultiPatcher:
         self.restore()
         if any(not 0 <= k < len(sets) for k in samples):
             raise LorakitError(f"sample set indices must be in 0…{len(sets) - 1}, got {sorted(set(samples))}")
+        reserve(sum(len(pairs) for pairs in sets))  # every LoRA of the batch stays placed for the next batch
         plans = [self._plan(pairs, strict) for pairs in sets]
         rowmap = RowMap(samples)
         layers: dict[str, list[tuple[int, list[Contribution]]]] = {}

@@ -5,7 +5,8 @@ holds fp16/bf16/fp32 files exactly, so one converted copy serves fp16, bf16 and 
 never re-converts. Scalars (``alpha``, ``scale``, 0-d tensors) stay on the CPU: reading them is then no device
 sync. The converted copies live in a small cache keyed weakly by the ``LoraModel``: an entry goes when its LoRA is
 collected, and at most ``CACHE_SIZE`` are kept (least recently used first out), so a server that sees many LoRAs
-does not fill the GPU with factors.
+does not fill the GPU with factors — or as many as one mixed-LoRA batch uses (``reserve``), so that a batch of 16
+LoRA sets does not evict its own factors and move them again for every batch.
 """
 from __future__ import annotations
 
@@ -28,6 +29,17 @@ W = TypeVar("W")
 Placement = tuple[tuple[str, str], ...]  # ((component, device), ...)
 _CACHE: OrderedDict[tuple[int, Placement, torch.dtype], LoraModel] = OrderedDict()
 _FINALIZERS: dict[int, weakref.finalize[[int], LoraModel]] = {}
+_capacity = CACHE_SIZE
+
+
+def reserve(loras: int) -> None:
+    """Keep at least ``loras`` placed LoRAs from now on (the cache only grows: a server's largest batch)."""
+    global _capacity
+    _capacity = max(_capacity, loras)
+
+
+def capacity() -> int:
+    return _capacity
 
 
 def run_device(module: torch.nn.Module, mode: str) -> torch.device:
@@ -110,7 +122,7 @@ def _remember(lora: LoraModel, key: tuple[int, Placement, torch.dtype], placed: 
     lora_id = id(lora)
     if lora_id not in _FINALIZERS:  # the entries go with the LoRA (its id may be reused afterwards)
         _FINALIZERS[lora_id] = weakref.finalize(lora, _forget, lora_id)
-    while len(_CACHE) > CACHE_SIZE:
+    while len(_CACHE) > _capacity:
         _CACHE.popitem(last=False)
 
 
