@@ -1,16 +1,25 @@
 """The web page end to end in a real headless Chromium (Debian's ``chromium``, driven by Playwright): load the
 page, see the LoRA cards (another base dimmed with its reason, an unreadable file with its error), click one,
 generate, see the image and its infotext in the gallery; errors as messages, nothing inserted silently that cannot
-work. ``LORAKIT_SCREENSHOT=docs/web-page.png`` also saves the screenshot for the docs."""
+work; weight sliders on the prompt's LoRA tags, the progress bar and Interrupt, parameters restored from a dropped
+PNG, img2img with an uploaded image and mask, a collection of a few hundred LoRAs listed page by page and searched.
+``LORAKIT_SCREENSHOT=docs/web-page.png`` also saves the screenshot for the docs."""
 from __future__ import annotations
 
+import base64
+import io
 import os
+import re
 import shutil
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from PIL import Image
 
+from lorakit.files.io import save_file
 from lorakit.library import Library
 from lorakit.models.loading import demo_model
 from lorakit.server import create_app
@@ -30,26 +39,39 @@ if CHROMIUM is None:
 
 
 @pytest.fixture(scope="module")
-def page(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, str]]:
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    with sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(str(profile), executable_path=CHROMIUM, headless=True,
+                                                       args=FLAGS, viewport={"width": 1280, "height": 900})
+        yield context
+        context.close()
+
+
+def open_page(browser: Any, url: str) -> tuple[Any, list[str]]:
+    """A new tab on ``url``, and the list its script errors and 404s go to."""
+    pg = browser.new_page()
+    errors: list[str] = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.on("response", lambda r: errors.append(f"{r.status} {r.url}") if r.status == 404 else None)
+    pg.goto(url + "/")
+    return pg, errors
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory: pytest.TempPathFactory, browser: Any) -> Iterator[tuple[Any, str]]:
     folder = demo_lora_folder(tmp_path_factory.mktemp("web") / "loras")
     (folder / "old").mkdir()
     shutil.copy(folder / "ink_sketch_sd15.safetensors", folder / "old" / "ink_sketch_sd15.safetensors")  # same stem
     (folder / LONG_FOLDER).mkdir()
     (folder / LONG_FOLDER / f"{BROKEN}.safetensors").write_bytes(b"\x40\x00\x00\x00\x00\x00\x00\x00{")  # cut
     app = create_app(demo_model(), Library([folder], index=folder.parent / "index.sqlite3"))
-    profile = tmp_path_factory.mktemp("chromium-profile")
-    with running(app) as url, sync_playwright() as p:
-        context = p.chromium.launch_persistent_context(str(profile), executable_path=CHROMIUM, headless=True,
-                                                       args=FLAGS, viewport={"width": 1280, "height": 900})
-        pg = context.new_page()
-        errors: list[str] = []
-        pg.on("pageerror", lambda e: errors.append(str(e)))
-        pg.on("response", lambda r: errors.append(f"{r.status} {r.url}") if r.status == 404 else None)
-        pg.goto(url + "/")
+    with running(app) as url:
+        pg, errors = open_page(browser, url)
         yield pg, url
-        context.close()
+        pg.close()
         assert not errors, errors  # no script error, no 404 (favicon included)
 
 
@@ -159,3 +181,209 @@ def test_errors_are_shown_on_the_page(page: tuple[Any, str]) -> None:
     pg.fill("#prompt", "a house")
     pg.click("#generate")
     pg.wait_for_function("document.querySelectorAll('#gallery img').length === 2", timeout=60_000)
+
+
+def tag_weights(pg: Any, row: str) -> list[tuple[str, str, str]]:
+    """(name, range value, number value) of each weight control under a prompt."""
+    rows = pg.eval_on_selector_all(f"#{row} .tag-control", "items => items.map(i => [i.dataset.name, "
+                                   "i.querySelector('.tag-range').value, i.querySelector('.tag-weight').value])")
+    return [tuple(r) for r in rows]
+
+
+def test_weight_sliders_rewrite_their_tag_and_follow_hand_edits(page: tuple[Any, str]) -> None:
+    pg, _ = page
+    pg.fill("#prompt", "a <lora:demo_style:0.8> cabin, <lora:unet_only:0.5:te=1:unet=0.5> <lyco:loha_style>")
+    assert tag_weights(pg, "prompt-tags") == [("demo_style", "0.8", "0.8"), ("unet_only", "0.5", "0.5"),
+                                             ("loha_style", "1", "1")]
+    at = len("a <lora:demo_style:0.8> cabin")
+    pg.eval_on_selector("#prompt", f"el => el.setSelectionRange({at}, {at})")  # the cursor after "cabin"
+    pg.focus("#prompt-tags .tag-control:nth-child(1) .tag-range")
+    pg.keyboard.press("ArrowRight")  # one step: 0.05
+    assert pg.input_value("#prompt").startswith("a <lora:demo_style:0.85> cabin,")
+    assert pg.eval_on_selector("#prompt", "el => el.value.slice(0, el.selectionStart)").endswith("cabin")
+    assert pg.input_value("#prompt-tags .tag-control:nth-child(1) .tag-weight") == "0.85"
+    pg.fill("#prompt-tags .tag-control:nth-child(1) .tag-weight", "-0.3")  # the number box writes it too
+    assert "<lora:demo_style:-0.3>" in pg.input_value("#prompt")
+    assert pg.input_value("#prompt-tags .tag-control:nth-child(1) .tag-range") == "-0.3"
+    pg.fill("#prompt-tags .tag-control:nth-child(2) .tag-range", "1.5")  # the tag's other parts stay as written
+    pg.fill("#prompt-tags .tag-control:nth-child(3) .tag-range", "0.6")  # no weight yet: one is added
+    assert pg.input_value("#prompt") == \
+        "a <lora:demo_style:-0.3> cabin, <lora:unet_only:1.5:te=1:unet=0.5> <lyco:loha_style:0.6>"
+    assert "overridden" in (pg.get_attribute("#prompt-tags .tag-control:nth-child(2)", "class") or "")
+    # hand edits move the sliders; a tag typed in adds one
+    pg.fill("#prompt", "x <lora:demo_style:1.25> y <lora:unet_only:0.7:lbw=OUTD>")
+    assert tag_weights(pg, "prompt-tags") == [("demo_style", "1.25", "1.25"), ("unet_only", "0.7", "0.7")]
+    pg.press("#prompt", "End")
+    pg.keyboard.type(" <lora:loha_style:0.3>")
+    assert tag_weights(pg, "prompt-tags")[2] == ("loha_style", "0.3", "0.3")
+    pg.fill("#prompt-tags .tag-control:nth-child(2) .tag-range", "0.4")
+    assert pg.input_value("#prompt") == "x <lora:demo_style:1.25> y <lora:unet_only:0.4:lbw=OUTD> <lora:loha_style:0.3>"
+    # the negative prompt has its own; a LoRA inserted by a click gets one at once
+    pg.fill("#negative", "blurry <lora:demo_style:-1>")
+    pg.fill("#negative-tags .tag-range", "-0.5")
+    assert pg.input_value("#negative") == "blurry <lora:demo_style:-0.5>"
+    pg.fill("#prompt", "")
+    assert pg.is_hidden("#prompt-tags")
+    pg.click(".lora-card[data-name='demo_style']")
+    assert tag_weights(pg, "prompt-tags") == [("demo_style", "1", "1")]
+    pg.fill("#negative", "")
+
+
+def test_progress_shows_the_steps_and_interrupt_returns_the_partial_image(page: tuple[Any, str]) -> None:
+    pg, _ = page
+    images = pg.locator("#gallery img").count()
+    pg.fill("#prompt", "a slow house")
+    for field, value in (("#steps", "40"), ("#width", "128"), ("#height", "128"), ("#seed", "3")):
+        pg.fill(field, value)
+    pg.click("#generate")
+    pg.wait_for_function("/^step [1-9][0-9]* [/] 40/.test(document.querySelector('#progress-text').textContent)",
+                         timeout=60_000)
+    assert pg.is_visible("#progress") and pg.is_visible("#interrupt")
+    assert pg.eval_on_selector("#progress-bar", "bar => parseFloat(bar.style.width)") > 0
+    pg.click("#interrupt")
+    pg.wait_for_function(f"document.querySelectorAll('#gallery img').length === {images + 1}", timeout=60_000)
+    assert re.search(r"interrupted after step \d+", pg.inner_text("#notes"))
+    assert pg.is_hidden("#progress") and pg.is_hidden("#interrupt") and pg.is_enabled("#generate")
+    for field, value in (("#steps", "4"), ("#width", "64"), ("#height", "64")):
+        pg.fill(field, value)
+
+
+DROP_JS = """([selector, b64, name, type]) => {
+  const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+  const data = new DataTransfer();
+  data.items.add(new File([bytes], name, { type }));
+  const target = document.querySelector(selector);
+  for (const kind of ["dragenter", "dragover", "drop"]) {
+    target.dispatchEvent(new DragEvent(kind, { dataTransfer: data, bubbles: true, cancelable: true }));
+  }
+}"""
+
+
+def drop(pg: Any, selector: str, data: bytes, name: str, mime: str = "image/png") -> None:
+    pg.evaluate(DROP_JS, [selector, base64.b64encode(data).decode(), name, mime])
+
+
+def png(size: tuple[int, int], colour: tuple[int, int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_a_dropped_png_restores_its_parameters(page: tuple[Any, str]) -> None:
+    pg, url = page
+    body = {"prompt": "a red circle <lora:demo_style:0.65>", "negative_prompt": "blurry", "steps": 3, "seed": 5,
+            "cfg_scale": 6.5, "sampler_name": "Euler", "width": 72, "height": 64}
+    made = pg.request.post(url + "/sdapi/v1/txt2img", data=body, timeout=60_000)
+    assert made.ok, made.text()
+    image = base64.b64decode(made.json()["images"][0])
+    pg.fill("#prompt", "")
+    pg.fill("#negative", "")
+    drop(pg, "#browser", image, "made.png")  # anywhere but the img2img image boxes
+    pg.wait_for_function("document.querySelector('#prompt').value !== ''")
+    assert pg.input_value("#prompt") == body["prompt"] and pg.input_value("#negative") == "blurry"
+    fields = {"#steps": "3", "#seed": "5", "#cfg": "6.5", "#sampler": "Euler", "#width": "72", "#height": "64"}
+    assert {f: pg.input_value(f) for f in fields} == fields
+    assert tag_weights(pg, "prompt-tags") == [("demo_style", "0.65", "0.65")]
+    assert "restored from made.png" in pg.inner_text("#notice")
+    # the picker does the same for keyboard users; an image without parameters says so and changes nothing
+    pg.set_input_files("#restore-file", files=[{"name": "plain.png", "mimeType": "image/png",
+                                                 "buffer": png((8, 8), (1, 2, 3))}])
+    pg.wait_for_function("document.querySelector('#notice').textContent.includes('plain.png has no generation')")
+    assert "nothing restored" in pg.inner_text("#notice") and pg.input_value("#steps") == "3"
+    drop(pg, "#compose", b"hello", "notes.txt", "text/plain")
+    assert "notes.txt is not an image" in pg.inner_text("#notice")
+    for field, value in (("#steps", "4"), ("#width", "64"), ("#height", "64"), ("#cfg", ""), ("#seed", "-1")):
+        pg.fill(field, value)
+    pg.select_option("#sampler", "")
+
+
+def test_img2img_with_an_uploaded_image_and_a_dropped_mask(page: tuple[Any, str]) -> None:
+    pg, _ = page
+    images = pg.locator("#gallery img").count()
+    assert pg.is_hidden("#img2img")
+    pg.check("#mode-img2img")
+    pg.fill("#prompt", "a blue square <lora:demo_style:0.5>")
+    pg.click("#generate")
+    pg.wait_for_selector("#error:not([hidden])")
+    assert "needs an init image" in pg.inner_text("#error")
+    pg.set_input_files("#init-file", files=[{"name": "init.png", "mimeType": "image/png",
+                                              "buffer": png((72, 64), (200, 30, 30))}])
+    pg.wait_for_selector("#init-preview:not([hidden])")
+    assert "72×64" in pg.inner_text("#init-size")
+    pg.fill("#width", "512")
+    pg.click("#use-size")
+    assert (pg.input_value("#width"), pg.input_value("#height")) == ("72", "64")
+    mask = Image.new("L", (72, 64), 0)
+    mask.paste(255, (0, 0, 36, 64))
+    buf = io.BytesIO()
+    mask.save(buf, format="PNG")
+    drop(pg, "#mask-zone", buf.getvalue(), "mask.png")  # the mask box takes it: not a parameters restore
+    pg.wait_for_selector("#mask-preview:not([hidden])")
+    assert pg.input_value("#prompt") == "a blue square <lora:demo_style:0.5>"
+    pg.fill("#denoising", "0.5")
+    pg.select_option("#resize-mode", "1")
+    with pg.expect_request("**/sdapi/v1/img2img") as sent:
+        pg.click("#generate")
+    fields = sent.value.post_data_json
+    assert len(fields["init_images"]) == 1 and fields["mask"] and fields["prompt"].startswith("a blue square")
+    assert {k: fields[k] for k in ("denoising_strength", "resize_mode", "mask_blur", "inpainting_fill",
+                                   "inpainting_mask_invert", "width", "height")} == \
+        {"denoising_strength": 0.5, "resize_mode": 1, "mask_blur": 4, "inpainting_fill": 1,
+         "inpainting_mask_invert": 0, "width": 72, "height": 64}
+    pg.wait_for_function(f"document.querySelectorAll('#gallery img').length === {images + 1}", timeout=60_000)
+    assert "Denoising strength: 0.5" in pg.inner_text("#infotext")
+    assert pg.eval_on_selector("#result-image", "img => [img.naturalWidth, img.naturalHeight]") == [72, 64]
+    pg.click("#mask-clear")
+    pg.check("#mode-txt2img")
+    assert pg.is_hidden("#img2img")
+    for field, value in (("#width", "64"), ("#height", "64")):
+        pg.fill(field, value)
+
+
+def lora_collection(root: Path, n: int) -> Path:
+    """``n`` tiny LoRAs (rank 1, two layers) for the demo model, every tenth SD1.5-shaped; trigger words in some."""
+    gen = torch.Generator().manual_seed(0)
+    demo = {"lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k": (128, 64),
+            "lora_te_text_model_encoder_layers_0_self_attn_q_proj": (64, 64)}
+    sd1 = {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k": (320, 768)}
+    for i in range(n):
+        tensors = {}
+        for name, (rows, cols) in (sd1 if i % 10 == 9 else demo).items():
+            tensors[f"{name}.lora_down.weight"] = torch.randn(1, cols, generator=gen)
+            tensors[f"{name}.lora_up.weight"] = torch.randn(rows, 1, generator=gen) * 0.01
+        folder = root / f"set_{i // 50}"
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, folder / f"lora_{i:04d}.safetensors",
+                  {"modelspec.trigger_phrase": f"trig{i:04d}"} if i % 3 == 0 else {})
+    return root
+
+
+def test_a_collection_of_hundreds_is_listed_page_by_page_and_searched(
+        browser: Any, tmp_path_factory: pytest.TempPathFactory) -> None:
+    folder = lora_collection(tmp_path_factory.mktemp("collection") / "loras", 300)
+    app = create_app(demo_model(), Library([folder], index=folder.parent / "index.sqlite3"))
+    with running(app) as url:
+        pg, errors = open_page(browser, url)
+        pg.wait_for_selector(".lora-card")
+        assert pg.inner_text("#lora-count") == "300 LoRAs · 30 dimmed: made for another base or unreadable"
+        assert 0 < pg.locator(".lora-card").count() < 300 and "not shown" in pg.inner_text("#more")
+        while pg.locator(".lora-card").count() < 300:  # scrolling to the end shows the rest
+            count = pg.locator(".lora-card").count()
+            pg.locator("#more").scroll_into_view_if_needed()
+            pg.wait_for_function(f"document.querySelectorAll('.lora-card').length > {count}")
+        names = pg.eval_on_selector_all(".lora-card .name", "els => els.map(e => e.textContent)")
+        assert names == [f"lora_{i:04d}" for i in range(300)] and pg.is_hidden("#more")
+        pg.fill("#search", "lora_0123")
+        assert pg.eval_on_selector_all(".lora-card .name", "els => els.map(e => e.textContent)") == ["lora_0123"]
+        pg.fill("#search", "TRIG0042")  # trigger words, any case
+        assert pg.eval_on_selector_all(".lora-card", "els => els.map(e => e.dataset.name)") == ["lora_0042"]
+        pg.fill("#search", "")
+        pg.select_option("#base-filter", "sd1")
+        assert pg.inner_text("#lora-count").startswith("30 LoRAs · 30 dimmed")
+        assert pg.locator(".lora-card.incompatible").filter(has_text="Stable Diffusion 1.x").count() == 30
+        pg.select_option("#base-filter", "")
+        pg.focus(".lora-card[data-name='lora_0001']")  # keyboard users insert with Enter
+        pg.keyboard.press("Enter")
+        assert pg.input_value("#prompt") == "<lora:lora_0001:1>"
+        pg.close()
+    assert not errors, errors

@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import socket
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -285,6 +286,22 @@ def test_library_endpoint_dims_other_bases_with_reason(server: tuple[str, Any]) 
     assert png.ok and png.content.startswith(b"\x89PNG")
     filtered = requests.get(f"{server[0]}/lorakit/v1/loras", params={"base": "sd1"}, timeout=30).json()["loras"]
     assert [e["name"] for e in filtered] == ["ink_sketch_sd15"]
+
+
+def test_library_list_is_cached_until_a_scan_or_an_option_changes(tmp_path: Path) -> None:
+    folder = demo_lora_folder(tmp_path / "loras")
+    app = create_app(demo_model(), Library([folder], index=tmp_path / "index.sqlite3"))
+    with running(app) as url:
+        get = lambda: requests.get(f"{url}/lorakit/v1/loras", timeout=30).json()
+        first = get()
+        assert first == get() and first["auto_trigger_words"] is False
+        shutil.copy(folder / "demo_style.safetensors", folder / "added_later.safetensors")
+        assert requests.post(f"{url}/lorakit/v1/refresh", timeout=30).ok
+        assert "added_later" in {e["name"] for e in get()["loras"]}, "a scan makes a new list"
+        assert requests.post(f"{url}/sdapi/v1/options", json={"lorakit_auto_trigger_words": True}, timeout=30).ok
+        assert get()["auto_trigger_words"] is True
+        only = requests.get(f"{url}/lorakit/v1/loras", params={"search": "added"}, timeout=30).json()["loras"]
+        assert [e["name"] for e in only] == ["added_later"]
 
 
 def test_auto_trigger_words_once(server: tuple[str, Any]) -> None:

@@ -32,7 +32,8 @@ from ..prompt import parse_prompt
 from . import a1111
 from .a1111_img2img import Img2Img, echoed, img2img_requests
 from .info_routes import add_info_routes
-from .guards import LORAS_KEY, RequestLog, SafeJSONResponse, StrictJsonRoute, validation_error
+from .library_routes import add_library_routes, warm_listing
+from .guards import LORAS_KEY, RequestLog, SafeJSONResponse, StrictJsonRoute, safe_json, validation_error
 from .models import ModelCatalog
 from .state import Loader, ServerState
 
@@ -53,6 +54,7 @@ def create_app(model: BaseModel, library: Library, embeddings: EmbeddingIndex | 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        warm_listing(state)  # in a thread: the page's first visit finds the LoRA list encoded
         yield
         await run_in_threadpool(state.queue.close)
 
@@ -65,7 +67,7 @@ def create_app(model: BaseModel, library: Library, embeddings: EmbeddingIndex | 
     app.add_exception_handler(LorakitError, _lorakit_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, validation_error)  # type: ignore[arg-type]
     _a1111_routes(app, state)
-    _library_routes(app, state)
+    add_library_routes(app, state)
     add_info_routes(app, state)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.get("/", include_in_schema=False)(lambda: FileResponse(STATIC / "index.html"))
@@ -177,31 +179,3 @@ def _a1111_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/sdapi/v1/options")
     def set_options(values: dict[str, Any]) -> None:
         state.set_options(values)
-
-
-def _library_routes(app: FastAPI, state: ServerState) -> None:
-    @app.get("/lorakit/v1/loras")
-    def library(base: str | None = None, search: str | None = None) -> dict[str, Any]:
-        entries = state.library.search(base or None, search)
-        stems = Counter(e.name.lower() for e in state.library.entries)
-        out = []
-        for e in entries:
-            item = entry_dict(e)
-            item.update(fit(e, state.model.arch),
-                        prompt_name=e.name if stems[e.name.lower()] == 1 else e.subpath,
-                        preview_url=f"/lorakit/v1/loras/{e.id}/preview" if item["preview"] else None)
-            out.append(item)
-        return {"model": {"title": state.title, "arch": state.model.arch}, "loras": out,
-                "auto_trigger_words": bool(state.options.get("lorakit_auto_trigger_words"))}
-
-    @app.get("/lorakit/v1/loras/{entry_id}/preview")
-    def preview(entry_id: str) -> FileResponse:
-        e = state.library.by_id(entry_id)
-        if not e.sidecars.preview:
-            raise LorakitError(f"{e.subpath}: no preview image")
-        return FileResponse(e.path.parent / e.sidecars.preview)
-
-    @app.post("/lorakit/v1/refresh")
-    def refresh() -> dict[str, float | int]:
-        """The scan's counts (ints) and ``seconds``."""
-        return {k: v if k == "seconds" else int(v) for k, v in state.library.refresh().items()}

@@ -71,11 +71,16 @@ def finite(value: Any) -> Any:
     return root
 
 
+def safe_json(content: Any) -> bytes:
+    """``content`` as compact UTF-8 JSON; cannot fail (NaN, inf, lone surrogates, odd types: see ``finite``)."""
+    return json.dumps(finite(content), ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+
+
 class SafeJSONResponse(JSONResponse):
     """A JSON response whose rendering cannot fail (NaN, inf, lone surrogates, odd types)."""
 
     def render(self, content: Any) -> bytes:
-        return json.dumps(finite(content), ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+        return safe_json(content)
 
 
 def check_json(body: bytes) -> None:

@@ -13,6 +13,7 @@ from ..generate.pipeline import Generator
 from ..library import EmbeddingIndex, Library
 from ..models.loading import BaseModel, load_model
 from . import a1111
+from .library_routes import Listing
 from .models import ModelCatalog, ModelEntry, load_options, save_options
 from .worker import GenerationQueue
 
@@ -30,6 +31,7 @@ class ServerState:
         self.queue = GenerationQueue(Generator(model, library, embeddings), max_batch, batch_window_ms)
         self.catalog = catalog or ModelCatalog([], ModelEntry(model.name, model.name, None))
         self.options_file = options_file
+        self.listing = Listing()  # the page's LoRA list, encoded once per scan
         self.loader: Loader = loader or (lambda spec: load_model(spec, device=model.device, dtype=model.dtype,
                                                                  vram=model.vram))
         self.options: dict[str, Any] = {"samples_format": "png", "CLIP_stop_at_last_layers": 1,

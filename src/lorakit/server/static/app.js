@@ -1,183 +1,99 @@
-// lorakit web page: a LoRA browser and txt2img over the A1111-compatible API. No build step, no dependencies.
-"use strict";
+// lorakit web page: a LoRA browser, txt2img and img2img over the A1111-compatible API. No build step, no
+// dependencies: ES modules — util (helpers), loras (the browser), tags (weight sliders), img2img, restore
+// (parameters from a dropped PNG) — and this one, which generates, shows progress and keeps the gallery.
+import { img2imgFields, initImg2img, mode } from "./img2img.js";
+import { initBrowser, loadLoras } from "./loras.js";
+import { initRestore } from "./restore.js";
+import { attachSliders } from "./tags.js";
+import { $, api, el, showError } from "./util.js";
 
-const $ = (id) => document.getElementById(id);
-const state = { loras: [], gallery: [], generating: false };
-
-async function api(path, options = {}) {
-  const res = await fetch(path, { headers: { "Content-Type": "application/json" }, ...options });
-  const body = await res.json().catch(() => null);
-  if (!res.ok) throw new Error(errorText(body) || `${res.status} ${res.statusText}`);
-  return body;
-}
-
-// A lorakit error has a string detail; a validation error FastAPI's list of {loc, msg}: one line each,
-// "steps: Input should be less than or equal to 150" (loc without its leading "body").
-function errorText(body) {
-  if (!body) return "";
-  if (typeof body.detail === "string") return body.detail;
-  if (Array.isArray(body.detail)) {
-    return body.detail.map((e) => {
-      const where = (e.loc || []).filter((part, i) => !(i === 0 && part === "body")).join(".");
-      return where ? `${where}: ${e.msg}` : String(e.msg);
-    }).join("\n");
-  }
-  return body.detail === undefined ? "" : JSON.stringify(body.detail);
-}
-
-const plural = (n, one, many) => `${n} ${n === 1 ? one : many}`;
-
-function el(tag, attrs = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) {
-    if (k === "class") node.className = v; else if (k === "text") node.textContent = v; else node.setAttribute(k, v);
-  }
-  node.append(...children);
-  return node;
-}
-
-async function loadLoras() {
-  const params = new URLSearchParams();
-  if ($("base-filter").value) params.set("base", $("base-filter").value);
-  if ($("search").value.trim()) params.set("search", $("search").value.trim());
-  const data = await api(`/lorakit/v1/loras?${params}`);
-  $("model").textContent = `model: ${data.model.title}`;
-  state.loras = data.loras;
-  renderLoras();
-}
-
-function renderLoras() {
-  const box = $("loras");
-  box.replaceChildren(...state.loras.map(card));
-  const dimmed = state.loras.filter((l) => fitOf(l) === "no").length;
-  $("lora-count").textContent = plural(state.loras.length, "LoRA", "LoRAs") +
-    (dimmed ? ` · ${dimmed} dimmed: made for another base or unreadable` : "");
-}
-
-// "yes", "maybe" (a base nobody knows: may not fit) or "no" (another base, or a file that cannot be used).
-const fitOf = (lora) => lora.error ? "no" : (lora.fit || (lora.compatible ? "yes" : "no"));
-
-function card(lora) {
-  const thumb = el("div", { class: "thumb" });
-  if (lora.preview_url) thumb.style.backgroundImage = `url("${lora.preview_url}")`;
-  else thumb.textContent = lora.name.slice(0, 2).toUpperCase();
-  const folder = lora.subpath && lora.subpath.includes("/") ? lora.subpath.slice(0, lora.subpath.lastIndexOf("/")) : "";
-  const body = el("div", { class: "body" },
-    el("div", { class: "name", text: lora.name }),
-    folder ? el("div", { class: "folder", text: `${folder}/` }) : "",
-    el("span", { class: `badge base-${lora.base}`, text: lora.base }),
-    el("span", { class: "badge", text: (lora.types || []).join(", ") || "?" }),
-    lora.rank ? el("span", { class: "badge", text: `r${lora.rank}` }) : "");
-  if (lora.trigger_words.length) body.append(el("div", { class: "triggers", text: lora.trigger_words.slice(0, 4).join(", ") }));
-  if (lora.reason) body.append(el("div", { class: "reason", text: lora.reason }));
-  if (lora.error) body.append(el("div", { class: "reason error-text", text: lora.error }));
-  const fit = fitOf(lora);
-  const node = el("div", { class: "lora-card" + (fit === "no" ? " incompatible" : fit === "maybe" ? " maybe" : ""),
-                           "data-name": lora.prompt_name, title: lora.reason || lora.description || lora.subpath },
-                  thumb, body);
-  // A double click sends two clicks (detail 1, then 2): only the first inserts.
-  node.addEventListener("click", (event) => { if (event.detail <= 1) pickLora(lora); });
-  return node;
-}
-
-// Never insert silently what cannot work: an unreadable file is refused, another base asks first, an unknown
-// base is inserted with a warning line.
-function pickLora(lora) {
-  warn("");
-  const fit = fitOf(lora);
-  if (lora.error) {
-    warn(`${lora.subpath || lora.name} cannot be used: ${lora.error}`);
-    return;
-  }
-  const reason = lora.reason || "it does not fit this model";
-  if (fit === "no" && !window.confirm(`${lora.name}: ${reason}.\nInsert it anyway?`)) {
-    warn(`${lora.name} not inserted: ${reason}`);
-    return;
-  }
-  insertLora(lora);
-  if (fit !== "yes") warn(`${lora.name}: ${lora.reason || "it may not fit this model"}`);
-}
-
-function warn(text) {
-  $("warning").textContent = text;
-  $("warning").hidden = !text;
-}
-
-function insertLora(lora) {
-  const box = $("prompt");
-  const weight = lora.preferred_weight || 1;
-  let text = `<lora:${lora.prompt_name}:${weight}>`;
-  // A1111's activation text is comma-separated phrases: each is checked (and added) on its own.
-  const words = lora.activation_text ? lora.activation_text.split(",").map((w) => w.trim()).filter(Boolean)
-    : lora.explicit_trigger_words;
-  if ($("insert-triggers").checked && words.length) {
-    const missing = words.filter((w) => !box.value.toLowerCase().includes(w.toLowerCase()));
-    if (missing.length) text += ", " + missing.join(", ");
-  }
-  const negative = $("negative");
-  if ($("insert-triggers").checked && lora.negative_text &&
-      !negative.value.toLowerCase().includes(lora.negative_text.toLowerCase())) {
-    negative.value = negative.value.trim() ? `${negative.value.trim()}, ${lora.negative_text}` : lora.negative_text;
-  }
-  const start = box.selectionStart ?? box.value.length, end = box.selectionEnd ?? start;
-  const before = box.value.slice(0, start), after = box.value.slice(end);
-  const pad = before && !/\s$/.test(before) ? " " : "";
-  box.value = before + pad + text + (after && !/^\s/.test(after) ? " " : "") + after;
-  const cursor = (before + pad + text).length;
-  box.focus();
-  box.setSelectionRange(cursor, cursor);
-}
+const state = { gallery: [], run: null };
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+const POLL_MS = 250;
 
 function numberOrNull(id) {
   const v = $(id).value.trim();
   return v === "" ? null : Number(v);
 }
 
-async function generate() {
-  $("error").hidden = true;
-  $("generate").disabled = true;
-  state.generating = true;
-  const payload = {
+function payload() {
+  const body = {
     prompt: $("prompt").value, negative_prompt: $("negative").value, seed: numberOrNull("seed") ?? -1,
     width: numberOrNull("width") ?? 512, height: numberOrNull("height") ?? 512, batch_size: numberOrNull("batch") ?? 1,
   };
-  for (const [key, id] of [["steps", "steps"], ["cfg_scale", "cfg"]]) if (numberOrNull(id) !== null) payload[key] = numberOrNull(id);
-  if ($("sampler").value) payload.sampler_name = $("sampler").value;
-  const poll = setInterval(showProgress, 250);
-  showProgress();
+  for (const [key, id] of [["steps", "steps"], ["cfg_scale", "cfg"]]) if (numberOrNull(id) !== null) body[key] = numberOrNull(id);
+  if ($("sampler").value) body.sampler_name = $("sampler").value;
+  return { ...body, ...img2imgFields() };
+}
+
+async function generate() {
+  $("error").hidden = true;
+  let body;
   try {
-    const res = await api("/sdapi/v1/txt2img", { method: "POST", body: JSON.stringify(payload) });
-    const info = JSON.parse(res.info);
-    res.images.forEach((b64, i) => state.gallery.push({ src: `data:image/png;base64,${b64}`, text: info.infotexts[i] }));
-    renderGallery();
-    show(state.gallery.length - res.images.length);
+    body = payload();
   } catch (err) {
-    $("error").textContent = err.message;
-    $("error").hidden = false;
+    showError(err);
+    return;
+  }
+  const run = state.run = { active: true };
+  busy(true);
+  pollProgress(run);
+  try {
+    const res = await api(`/sdapi/v1/${mode()}`, { method: "POST", body: JSON.stringify(body) });
+    const info = JSON.parse(res.info);
+    const notes = (info.notes || []).join("\n");  // e.g. "interrupted after step 5 of 40"
+    res.images.forEach((b64, i) => state.gallery.push({ src: `data:image/png;base64,${b64}`, text: info.infotexts[i],
+                                                        notes }));
+    renderGallery();
+    if (res.images.length) show(state.gallery.length - res.images.length);
+  } catch (err) {
+    showError(err);
   } finally {
-    state.generating = false;  // a poll still in flight must not show the bar again
-    clearInterval(poll);
-    hideProgress();
-    $("generate").disabled = false;
+    run.active = false;  // a poll still in flight must not show the bar again
+    busy(false);
   }
 }
 
-function hideProgress() {
-  $("progress").hidden = true;
+function busy(on) {
+  $("generate").disabled = on;
+  $("progress").hidden = !on;
+  $("interrupt").hidden = !on;
+  $("interrupt").disabled = false;
+  $("interrupt").textContent = "Interrupt";
   $("progress-bar").style.width = "0%";
-  $("progress-text").textContent = "";
+  $("progress-text").textContent = on ? "starting…" : "";
 }
 
-async function showProgress() {
+// A1111's /progress four times a second while this page's request runs: "step k / n" and the bar.
+async function pollProgress(run) {
+  while (run.active) {
+    try {
+      const p = await api("/sdapi/v1/progress");
+      if (run.active) showProgress(p);
+    } catch (err) { /* progress is best effort */ }
+    await sleep(POLL_MS);
+  }
+}
+
+function showProgress(p) {
+  const s = p.state;
+  $("progress-bar").style.width = `${Math.round(Math.min(1, Math.max(0, p.progress)) * 100)}%`;
+  const eta = p.eta_relative > 0.5 ? ` · about ${Math.round(p.eta_relative)} s left` : "";
+  $("progress-text").textContent = s.sampling_steps ? `step ${s.sampling_step} / ${s.sampling_steps}${eta}` :
+    (s.job_count > 1 ? `queued (${s.job_count} jobs)` : "starting…");
+}
+
+// A1111's /interrupt stops the running job between steps; its request then returns what it has.
+async function interrupt() {
+  $("interrupt").disabled = true;
+  $("interrupt").textContent = "interrupting…";
   try {
-    const p = await api("/sdapi/v1/progress");
-    if (!state.generating) return;
-    $("progress").hidden = false;
-    $("progress-bar").style.width = `${Math.round(p.progress * 100)}%`;
-    const s = p.state;
-    $("progress-text").textContent = s.sampling_steps ? `step ${s.sampling_step}/${s.sampling_steps}` :
-      (s.job_count > 1 ? `queued (${s.job_count} jobs)` : "starting…");
-  } catch (err) { /* progress is best effort */ }
+    await api("/sdapi/v1/interrupt", { method: "POST" });
+  } catch (err) {
+    showError(new Error(`interrupt: ${err.message}`));
+    $("interrupt").disabled = false;
+    $("interrupt").textContent = "Interrupt";
+  }
 }
 
 function renderGallery() {
@@ -193,21 +109,27 @@ function show(i) {
   $("result").hidden = false;
   $("result-image").src = g.src;
   $("infotext").textContent = g.text;
+  $("notes").textContent = g.notes;
+  $("notes").hidden = !g.notes;
   [...$("gallery").children].forEach((img, j) => img.classList.toggle("current", i === j));
 }
 
 async function init() {
-  const samplers = await api("/sdapi/v1/samplers");
-  $("sampler").append(...samplers.map((s) => el("option", { value: s.name, text: s.name })));
-  const options = await api("/sdapi/v1/options");
-  $("insert-triggers").checked = !!options.lorakit_auto_trigger_words;
+  initBrowser();
+  initImg2img();
+  initRestore();
+  attachSliders($("prompt"), $("prompt-tags"));
+  attachSliders($("negative"), $("negative-tags"));
   $("generate").addEventListener("click", generate);
-  $("search").addEventListener("input", () => loadLoras().catch(showError));
-  $("base-filter").addEventListener("change", () => loadLoras().catch(showError));
-  $("refresh").addEventListener("click", async () => { await api("/lorakit/v1/refresh", { method: "POST" }); await loadLoras(); });
-  await loadLoras();
+  $("interrupt").addEventListener("click", interrupt);
+  const loras = loadLoras();  // the slow one first (preloaded by index.html), the others meanwhile
+  try {
+    const [samplers, options] = await Promise.all([api("/sdapi/v1/samplers"), api("/sdapi/v1/options")]);
+    $("sampler").append(...samplers.map((s) => el("option", { value: s.name, text: s.name })));
+    $("insert-triggers").checked = !!options.lorakit_auto_trigger_words;
+  } finally {
+    await loras;
+  }
 }
-
-function showError(err) { $("error").textContent = err.message; $("error").hidden = false; }
 
 init().catch(showError);
