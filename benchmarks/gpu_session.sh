@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One prepared GPU session (≈ 6–8 minutes on one H100/H200): the `gpu` tests, a CLI generation on CUDA in fp16
-# and bf16, then benchmarks/gpu.py on full-size SD1.5 and SDXL shapes and benchmarks/train.py on SD1.5 (512 px). Logs and images go to $OUT.
+# One prepared GPU session (≈ 8–10 minutes on one H100/H200): the `gpu` tests, a CLI generation on CUDA in fp16
+# and bf16, then benchmarks/gpu.py on full-size SD1.5 and SDXL shapes, benchmarks/train.py on SD1.5 (512 px) and
+# benchmarks/serving.py (mixed-LoRA batches) on SD1.5 512 px. Logs and images go to $OUT.
 #     OUT=/tmp/gpu_out bash benchmarks/gpu_session.sh        # from the repository root, lorakit importable
 set -u
 OUT=${OUT:-/tmp/gpu_out}
@@ -20,3 +21,6 @@ done
 cd benchmarks && timeout 240 python3 gpu.py 2>&1 | tee "$OUT/gpu_bench.log"
 timeout 150 python3 train.py --model sd1 --device cuda --dtype fp16 --steps 20 2>&1 | grep -v Warn \
     | tee "$OUT/train_bench.log"
+# mixed-LoRA batches vs one by one (issue 12): 8 requests, 8 LoRA sets, SD1.5 512 px, fp16
+(cd .. && timeout 180 python3 benchmarks/serving.py --model sd15 --size 512 --steps 8 --repeats 2 --device cuda \
+    2>&1 | grep -v Warn | tee "$OUT/serving_bench.log")

@@ -13,6 +13,8 @@ random weights), ``demo`` (the embedded demo model, trained weights). LoRAs: one
 (``--locon``: rank 16 over every Linear/Conv of the UNet too).
 
 Run with nothing else busy:  OMP_NUM_THREADS=1 python benchmarks/serving.py --model sd15 --size 128 --steps 4
+On a GPU (``benchmarks/gpu_session.sh`` runs it):  python benchmarks/serving.py --model sd15 --size 512 --steps 8
+--device cuda
 """
 from __future__ import annotations
 
@@ -139,13 +141,22 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--locon", action="store_true", help="LoRAs over every UNet Linear/Conv, not only attention")
+    ap.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, mps")
+    ap.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA/MPS, fp32 on the CPU), fp16, bf16, fp32")
     args = ap.parse_args()
     model = model_named(args.model)
+    if args.device != "cpu" or args.dtype != "auto":
+        from lorakit.models.device import resolve_device, resolve_dtype
+        from lorakit.models.loading import place_model
+
+        device = resolve_device(args.device)
+        model = place_model(model, device, resolve_dtype(args.dtype, device))
     folder = Path(tempfile.mkdtemp())
     reqs = requests(model, folder, args.requests, args.steps, args.size, args.locon)
     start = time.perf_counter()
     result = run(model, Library([folder], index=folder / "index.sqlite3"), reqs, args.repeats)
     result.update(model=args.model, size=args.size, steps=args.steps, requests=args.requests, locon=args.locon,
+                  device=str(model.device), dtype=str(model.dtype).removeprefix("torch."),
                   threads=torch.get_num_threads(), total_s=round(time.perf_counter() - start, 1))
     print(json.dumps(result, indent=2))
 
