@@ -74,6 +74,30 @@ def test_cuda_fused_matches_the_cpu_fp32_reference(dtype: torch.dtype) -> None:
             torch.testing.assert_close(got, ref.to(dtype).float(), rtol=2 * ulp, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_cuda_host_mode_keeps_no_lora_memory_on_the_card(dtype: torch.dtype) -> None:
+    """Originals on the host (the low-memory choice): the factors stay in host memory and each layer's are moved
+    only for its sum, so after a switch the card holds the bare model's bytes; the weights equal device mode's."""
+    c = _cuda(dtype)
+    a, b = _lora(c, _mixed, 1), _lora(c, "lora", 2)
+    with lorakit.apply_loras(c, [(a, 0.8), (b, 0.5)]):  # device mode: the reference weights
+        want = {n: p.detach().clone() for n, p in c["unet"].named_parameters()}
+    patcher = patcher_for(c)
+    patcher.fused.originals_mode = "host"
+    torch.cuda.synchronize()
+    bare = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    patcher.set([(a, 0.8), (b, 0.5)])
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() - bare <= 1 << 20, "nothing of the LoRAs stays on the card"
+    largest = max(p.numel() * 4 for m in c.values() for p in m.parameters())  # one layer's fp32 sum, at most
+    assert torch.cuda.max_memory_allocated() - bare <= largest + (16 << 20)
+    for name, p in c["unet"].named_parameters():
+        assert torch.equal(p.detach(), want[name]), name
+    patcher.restore()
+    patcher.fused.originals_mode = "auto"
+
+
 def test_cuda_auto_keeps_the_originals_on_the_device_when_they_fit() -> None:
     c = _cuda(torch.float16)
     with lorakit.apply_loras(c, [_lora(c, "lora", 1)]) as applied:

@@ -154,3 +154,20 @@ def test_gemm_path_sums_in_fp32_and_rounds_once(dtype: torch.dtype, where: str,
         torch.testing.assert_close(got, ref.to(dtype).float(), rtol=ulp, atol=ulp * ref.abs().max().item())
     patcher.restore()
     assert_original(c, snap)
+
+
+def test_host_placed_factors_move_to_the_weights_device_only_for_a_sum() -> None:
+    """``on_device``: the adapter itself when its factors are where the weight is; else a copy there (``meta``
+    stands in for a GPU), the host-placed adapter untouched — so fused sums with originals on the host leave no
+    factors on the card (checked on CUDA in test_gpu)."""
+    from lorakit.adapters import build_adapter
+    from lorakit.patch.placement import on_device
+
+    from .factories import adapter_tensors
+
+    adapter, _ = build_adapter(adapter_tensors("lora", (36, 24)), "x")
+    assert on_device(adapter, torch.device("cpu")) is adapter
+    moved = on_device(adapter, torch.device("meta"))
+    assert moved is not adapter
+    assert all(t.device.type == "meta" for k, t in moved.t.items() if t.dim() > 0)
+    assert all(t.device.type == "cpu" for t in adapter.t.values())

@@ -47,7 +47,8 @@ class Patcher:
         if mode not in MODES:
             raise LorakitError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         resolved = [(load_cached(lora, strict=strict), as_weight(w)) for lora, w in loras]
-        resolved = place_loras(resolved, self.components, mode)  # factors on the weights' device, fp32, cached
+        host = mode == "fused" and self.fused.originals_mode == "host"  # the low-memory choice: factors stay off the card
+        resolved = place_loras(resolved, self.components, mode, host)  # factors on the weights' device, fp32, cached
         plan = build_plan(self.components, resolved, strict, self._resolved)
         active, other = (self.fused, self.hooks) if mode == "fused" else (self.hooks, self.fused)
         try:

@@ -8,10 +8,12 @@ two places (``originals_mode``; ``auto`` picks per apply by free device memory, 
   buffer (reused on the next switch), swapped in with ``param.data = patched``; restore swaps the original back.
 - ``host``: a bit-exact copy goes to host memory (pinned when CUDA is available) and the weight's own storage is
   patched in place (no second device buffer); a switch first copies the original values back, restore copies them
-  back and drops the host copy.
+  back and drops the host copy. The LoRA factors then live in host memory too (``Patcher.set``) and each layer's
+  are copied to the device only for its sum: nothing of the LoRAs stays on the card.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -19,11 +21,13 @@ import torch
 from ..adapters import functional as fn
 from ..models.device import to_host
 from .originals import choose_places, describe_places
+from .placement import on_device
 from .plan import Contribution, ParamKey, Plan
 
 log = logging.getLogger("lorakit")
 CHUNK_ELEMENTS = {"cpu": 1 << 20}  # fp32 per block: 4 MiB stays in a CPU cache
 GPU_CHUNK_ELEMENTS = 1 << 24  # accelerators: few, large blocks (launches cost more than cache misses); 64 MiB fp32
+LOW_MEMORY_CHUNK_ELEMENTS = 1 << 22  # originals on the host (the low-memory choice): 16 MiB fp32 at most
 GEMM_DEVICES = {"cuda"}  # cuBLAS sums a half-precision addmm in fp32 and rounds once
 # fp16 factors carry 11 bits: their rounding (≤ 2⁻¹¹·|ΔW|) stays below one rounding of the patched weight. bf16's
 # 8 bits do not (seen on an H200: 11 of 36,864 elements off by more than one bf16 rounding where W+ΔW cancels), so
@@ -57,6 +61,8 @@ class FusedPatcher:
             self.signatures.pop(key, None)  # until the sum is done (a failure half-way still restores it)
             self._patch(key, contribs, fresh=key in new)
             self.signatures[key] = sig
+        if self.originals_mode == "host":
+            self._scratch = None  # the low-memory choice keeps no buffer on the device between switches
         return len(todo)
 
     def restore(self) -> None:
@@ -98,6 +104,7 @@ class FusedPatcher:
 
     def _patch(self, key: ParamKey, contribs: list[tuple[Contribution, str]], fresh: bool) -> None:
         param = self.params[key]
+        contribs = [(_beside(c, param.device), which) for c, which in contribs]  # host-placed factors: moved now
         if key in self.host:  # patched in place: a switch starts again from the original values
             out = orig = param.data
             if not fresh:
@@ -143,7 +150,8 @@ class FusedPatcher:
         if factors is None:
             return False
         o2, w2 = out.view(out.shape[0], -1), orig.view(orig.shape[0], -1)
-        step = max(1, CHUNK_ELEMENTS.get(orig.device.type, GPU_CHUNK_ELEMENTS) // w2.shape[1])
+        budget = LOW_MEMORY_CHUNK_ELEMENTS if self.originals_mode == "host" else GPU_CHUNK_ELEMENTS
+        step = max(1, CHUNK_ELEMENTS.get(orig.device.type, budget) // w2.shape[1])
         for start in range(0, w2.shape[0], step):
             rows = slice(start, min(start + step, w2.shape[0]))
             acc = self._fp32(w2[rows])
@@ -199,6 +207,12 @@ def _low_rank(orig: torch.Tensor, contribs: list[tuple[Contribution, str]]) -> l
             return None
         factors.append((lr[0], lr[1], lr[2] * c.strength))
     return factors
+
+
+def _beside(c: Contribution, device: torch.device) -> Contribution:
+    """``c`` with its factors on ``device`` (a transient copy when they were placed in host memory)."""
+    adapter = on_device(c.adapter, device)
+    return c if adapter is c.adapter else dataclasses.replace(c, adapter=adapter)
 
 
 def _needs_weight(contribs: list[tuple[Contribution, str]]) -> bool:

@@ -56,10 +56,20 @@ def run_device(module: torch.nn.Module, mode: str) -> torch.device:
 
 
 def place_loras(pairs: Sequence[tuple[LoraModel, W]], components: Mapping[str, torch.nn.Module],
-                mode: str = "fused") -> list[tuple[LoraModel, W]]:
-    """``pairs`` with every LoRA's factors on the device its layers run on (see ``run_device``)."""
-    devices = {name: run_device(m, mode) for name, m in components.items()}
+                mode: str = "fused", host: bool = False) -> list[tuple[LoraModel, W]]:
+    """``pairs`` with every LoRA's factors on the device its layers run on (see ``run_device``); with ``host``
+    (fused, originals kept on the host: the low-memory choice) in host memory instead, each layer's factors then
+    moved to the device only while its sum is made (``on_device``), so none stay on the card."""
+    devices = {name: torch.device("cpu") if host else run_device(m, mode) for name, m in components.items()}
     return [(lora_on(lora, devices), w) for lora, w in pairs]
+
+
+def on_device(adapter: Adapter, device: torch.device) -> Adapter:
+    """``adapter`` itself when its tensors are on ``device``, else a transient copy there (host-placed factors
+    of a fused sum)."""
+    if all(_keeps(k, t) or t.device == device for k, t in _tensors(adapter)):
+        return adapter
+    return adapter_on(adapter, device)
 
 
 def lora_on(lora: LoraModel, devices: Mapping[str, torch.device],
