@@ -34,7 +34,7 @@ from switch import kohya_targets
 import lorakit
 from lorakit.files.io import save_file
 from lorakit.models.device import resolve_device, resolve_dtype
-from lorakit.patch.placement import lora_on
+from lorakit.patch.placement import clear_cache, lora_on
 from lorakit.patch.targets import find_module
 from tests.factories import make_kohya_lora
 
@@ -223,7 +223,11 @@ def peaks(pipe: Any, loras: list[lorakit.LoraModel], size: int, device: torch.de
     patcher = lorakit.patcher_for(pipe)
     r = {"model_bytes": float(sum(p.numel() * p.element_size() for m in components(pipe).values()
                                   for p in m.parameters()))}
-    for where in ("device", "host"):
+    patcher.restore()
+    clear_cache()  # factors placed on the card by the runs before: the host pass must not count them
+    gc.collect()
+    torch.cuda.empty_cache()
+    for where in ("host", "device"):  # host first: the device pass leaves its factors placed (cached)
         patcher.fused.originals_mode = where
         torch.cuda.reset_peak_memory_stats(device)
         patcher.set([(loras[0], 1.0)])

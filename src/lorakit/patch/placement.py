@@ -142,6 +142,11 @@ def _forget(lora_id: int) -> None:
         del _CACHE[key]
 
 
+def clear_cache() -> None:
+    """Drop every placed copy (their device memory is freed once nothing else holds them)."""
+    _CACHE.clear()
+
+
 def cached_count() -> int:
     """How many converted LoRAs are held (for tests and debug logs)."""
     return len(_CACHE)
