@@ -242,3 +242,10 @@ def test_unreadable_lora_fails_clearly_without_image(gen: Generator, tmp_path: P
     assert main(["generate", "a cat <lora:broken>", "-l", str(tmp_path), "--steps", "1", "-W", "64", "-H", "64",
                  "-o", str(out)]) == 2
     assert "broken.safetensors" in capsys.readouterr().err and not out.exists()
+
+
+def test_size_left_out_is_the_models_native_size(gen: Generator) -> None:
+    result = gen(Request("a red circle", steps=2, seed=1))
+    assert result.images[0].size == (64, 64) and "Size: 64x64" in result.infotexts[0]
+    wide = gen(Request("a red circle", steps=2, seed=1, width=96))
+    assert wide.images[0].size == (96, 64), "a side given is kept, the other is the native size"

@@ -132,13 +132,14 @@ class FakeGenerator:
     def __init__(self) -> None:
         self.index = Library([EXAMPLES])
         self.conditioner = type("C", (), {"layers": 12})()
+        self.model = type("M", (), {"native_size": 512})()
         self.on_step: Any = None
         self.calls: list[Request] = []
 
     def __call__(self, req: Request) -> Result:
         self.calls.append(req)
         digest = hashlib.sha256(repr(req).encode()).digest()
-        image = Image.new("RGB", (req.width, req.height), tuple(digest[:3]))
+        image = Image.new("RGB", (req.width or 512, req.height or 512), tuple(digest[:3]))
         return Result([image], [int(req.seed or 0)], [f"{req.prompt}\nSeed: {req.seed}"])
 
 

@@ -90,7 +90,7 @@ def switches(order: list[Cell]) -> int:
 
 
 def check_size(base: Request, x: Axis | None, y: Axis | None) -> None:
-    pixels = len(_values(x)) * len(_values(y)) * base.width * base.height
+    pixels = len(_values(x)) * len(_values(y)) * (base.width or 512) * (base.height or 512)
     if pixels > MAX_GRID_PIXELS:
         raise GridError(f"the grid would be {pixels / 1e6:.0f} megapixels (more than {MAX_GRID_PIXELS / 1e6:.0f}): "
                         "use fewer values or a smaller size")
@@ -103,7 +103,7 @@ def preflight_requests(gen: Generator, requests: list[Request]) -> None:
     for req in requests:
         if repr(req) not in seen:
             seen.add(repr(req))
-            resolve_job(req, gen.index, gen.conditioner.layers)
+            resolve_job(req, gen.index, gen.conditioner.layers, gen.model.native_size)
 
 
 def run_grid(gen: Generator, base: Request, x: Axis | None, y: Axis | None, z: Axis | None, out: Path,

@@ -26,7 +26,7 @@ def batch_key(job: Job) -> Hashable | None:
     if job.request.init is not None or any(ref.scheduled for ref in job.refs):
         return None
     s, req = job.settings, job.request
-    return (s.steps, s.cfg, s.sampler, req.width, req.height)
+    return (s.steps, s.cfg, s.sampler, job.width, job.height)
 
 
 def group_jobs(jobs: Sequence[Job | None], max_images: int = DEFAULT_MAX_IMAGES) -> list[list[int]]:

@@ -37,7 +37,7 @@ def job_infotext(job: Any, model: Any, seed: int, lora_hashes: dict[str, str]) -
     """The infotext of one image of a ``Job`` on ``model`` (a ``BaseModel``)."""
     s, req = job.settings, job.request
     params = {"Steps": s.steps, "Sampler": s.sampler, "CFG scale": s.cfg, "Seed": seed,
-              "Size": f"{req.width}x{req.height}", "Model hash": model.hash, "Model": model.name,
+              "Size": f"{job.width}x{job.height}", "Model hash": model.hash, "Model": model.name,
               "Clip skip": s.clip_skip if s.clip_skip > 1 else None}
     if req.init is not None:
         params.update(describe(req.init))

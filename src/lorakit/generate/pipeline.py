@@ -72,7 +72,7 @@ class Generator:
 
     def __call__(self, req: Request) -> Result:
         try:
-            result = self._generate(resolve_job(req, self.index, self.conditioner.layers))
+            result = self._generate(resolve_job(req, self.index, self.conditioner.layers, self.model.native_size))
         except BaseException:
             self.patcher.restore()
             raise
@@ -98,7 +98,7 @@ class Generator:
         jobs: list[Job | None] = []
         for i, req in enumerate(requests):
             try:
-                jobs.append(resolve_job(req, self.index, self.conditioner.layers))
+                jobs.append(resolve_job(req, self.index, self.conditioner.layers, self.model.native_size))
             except LorakitError as e:  # checked before any weight changes
                 jobs.append(None)
                 out[i] = e
@@ -164,7 +164,7 @@ class Generator:
         self.model.pipe.scheduler = scheduler_for(first.settings.sampler, self.prediction_type)
         with self.multi:
             self.multi.set([part_specs(job, "unet") for job in jobs], samples)
-            return sample(self.model, first.settings, (first.request.width, first.request.height),
+            return sample(self.model, first.settings, (first.width, first.height),
                           stack(conds, counts), stack(unconds, counts), [s for job in jobs for s in job.seeds],
                           self._step_end(first, LoraSchedule([], [], first.settings.steps)))
 
@@ -178,7 +178,7 @@ class Generator:
 
     def _result(self, job: Job, latents: torch.Tensor) -> Result:
         """Decode the job's latents (its images together, as alone) and describe them."""
-        self.model.set_vae_tiling(job.request.width, job.request.height)  # by size and --vram
+        self.model.set_vae_tiling(job.width, job.height)  # by size and --vram
         images = decode(self.model.pipe, latents)
         if job.request.init is not None:
             images = paste_back(images, self._prepared(job))
@@ -188,7 +188,7 @@ class Generator:
 
     def _sample(self, job: Job, cond: Any, uncond: Any, schedule: LoraSchedule) -> torch.Tensor:
         """The latents after the last step (B, C, h, w) (``sampling.sample``)."""
-        req, size = job.request, (job.request.width, job.request.height)
+        req, size = job.request, (job.width, job.height)
         if req.init is not None:
             return sample_init(self.model, job.settings, size, cond, uncond, job.seeds, self._step_end(job, schedule),
                                req.init, self._prepared(job), per_prompt=req.batch)
@@ -197,10 +197,10 @@ class Generator:
 
     def _prepared(self, job: Job) -> Any:
         """The job's init image and mask at its size (prepared once per job)."""
-        init, req = job.request.init, job.request
+        init = job.request.init
         assert init is not None
         if job.prepared is None:
-            job.prepared = prepare(init, req.width, req.height)
+            job.prepared = prepare(init, job.width, job.height)
         return job.prepared
 
     def _step_end(self, job: Job, schedule: LoraSchedule) -> Callable[..., dict[str, Any]]:

@@ -32,8 +32,8 @@ class Request:
     cfg: float | None = None
     sampler: str | None = None
     seed: int | None = None  # None: random
-    width: int = 512
-    height: int = 512
+    width: int | None = None  # None: the model's native size (demo 64, SD1/SD2 512, SDXL 1024)
+    height: int | None = None
     batch: int = 1
     clip_skip: int | None = None
     auto_triggers: bool = False  # add the LoRAs' declared trigger words that the prompt lacks
@@ -67,6 +67,8 @@ class Job:
     seeds: list[int]
     notes: list[str] = field(default_factory=list)
     prepared: Any = None  # img2img: the init image and mask at the request's size (``init_image.Prepared``)
+    width: int = 512  # the request's, or the model's native size where it gave none
+    height: int = 512
 
     @property
     def steps_run(self) -> int:
@@ -83,8 +85,10 @@ class LoraSource(Protocol):
     def entry(self, path: str) -> Any: ...
 
 
-def resolve_job(req: Request, library: LoraSource, clip_layers: int) -> Job:
-    """Check and resolve ``req``. ``clip_layers``: the text encoder's layer count (the deepest clip skip)."""
+def resolve_job(req: Request, library: LoraSource, clip_layers: int, native: int = 512) -> Job:
+    """Check and resolve ``req``. ``clip_layers``: the text encoder's layer count (the deepest clip skip);
+    ``native``: the model's side in px, for a width or height left ``None`` (the job's request has both set)."""
+    width, height = req.width or native, req.height or native
     pos, neg = parse_prompt(req.prompt), parse_prompt(req.negative, negative=True)
     for warning in pos.warnings + neg.warnings:
         log.warning(warning)
@@ -94,10 +98,10 @@ def resolve_job(req: Request, library: LoraSource, clip_layers: int) -> Job:
     added = _missing_triggers(pos.text, entries[:len(pos.loras)]) if req.auto_triggers else ""
     notes: list[str] = []
     settings = _settings(req, loras, notes, clip_layers)
-    _check_limits(req, settings)
+    _check_limits(req, settings, width, height)
     seed = _seed(req.seed)
     return Job(req, req.prompt + added, pos.text + added, neg.text, refs, loras, settings,
-               [seed + i for i in range(req.batch)], notes)
+               [seed + i for i in range(req.batch)], notes, width=width, height=height)
 
 
 def _entry(library: LoraSource, name: str) -> Any:
@@ -162,8 +166,8 @@ def _seed(seed: int | None) -> int:
     return seed
 
 
-def _check_limits(req: Request, settings: Settings) -> None:
-    values = {"width": req.width, "height": req.height, "steps": settings.steps, "batch": req.batch,
+def _check_limits(req: Request, settings: Settings, width: int, height: int) -> None:
+    values = {"width": width, "height": height, "steps": settings.steps, "batch": req.batch,
               "cfg": settings.cfg}
     for key, (low, high) in LIMITS.items():
         if not low <= values[key] <= high:  # also False for NaN
