@@ -149,9 +149,58 @@ def test_txt2img_fields_fuzz(served: Served) -> None:
     run(check_txt2img(served), txt2img_bodies(), FULL)
 
 
+def _png(size: tuple[int, int], mode: str = "RGB") -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new(mode, size, 128).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+IMAGES = st.sampled_from([_png((64, 64)), _png((8, 200)), _png((1, 1)), _png((64, 64), "L"), _png((30, 30), "RGBA"),
+                          "data:image/png;base64," + _png((64, 64)), "data:image/png," + _png((4, 4)), "", "AAAA",
+                          "not base64!", "http://example.com/x.png", "iVBORw0KGgo=", _png((64, 64))[:-20]])
+IMG2IMG = {
+    "init_images": st.one_of(st.lists(IMAGES, max_size=3), JSON), "mask": st.one_of(st.none(), IMAGES, JSON),
+    "denoising_strength": st.sampled_from([0.0, 0.01, 0.5, 1.0, -0.1, 1.5, 1e400, "x"]),
+    "resize_mode": st.sampled_from([0, 1, 2, 3, 4, -1, "1"]), "mask_blur": st.sampled_from([0, 4, 64, 65, -1, None]),
+    "inpainting_fill": st.sampled_from([0, 1, 2, 3, 4]), "inpaint_full_res": st.booleans(),
+    "inpaint_full_res_padding": st.sampled_from([0, 32, 256, 257, -5]), "inpainting_mask_invert": st.sampled_from([0, 1, 2]),
+}
+
+
+@st.composite
+def img2img_bodies(draw: st.DrawFn) -> dict[str, Any]:
+    """A valid cheap img2img request (64 px, 1 step) with hostile images, masks and img2img fields."""
+    body: dict[str, Any] = {**VALID, "init_images": [_png((64, 64))]}
+    for field in draw(st.lists(st.sampled_from(sorted(IMG2IMG)), min_size=1, max_size=3, unique=True)):
+        body[field] = draw(IMG2IMG[field])
+    return body
+
+
+def check_img2img(served: Served) -> Any:
+    def check(body: dict[str, Any]) -> None:
+        served.post("/sdapi/v1/img2img", dumps(body))
+
+    return check
+
+
+def test_img2img_fields_fast(served: Served) -> None:
+    run(check_img2img(served), img2img_bodies(), FAST)
+
+
+@pytest.mark.fuzz
+def test_img2img_fields_fuzz(served: Served) -> None:
+    run(check_img2img(served), img2img_bodies(), FULL)
+
+
 # --- raw bytes on every POST endpoint, and options -----------------------------------------------------------------
 
-POSTS = ["/sdapi/v1/options", "/sdapi/v1/refresh-loras", "/lorakit/v1/refresh"]
+POSTS = ["/sdapi/v1/options", "/sdapi/v1/refresh-loras", "/lorakit/v1/refresh", "/sdapi/v1/png-info",
+         "/sdapi/v1/interrupt", "/sdapi/v1/skip", "/sdapi/v1/refresh-checkpoints", "/sdapi/v1/img2img"]
 CONTENT_TYPES = st.sampled_from(["application/json", "text/plain", "application/x+json", ""])
 
 

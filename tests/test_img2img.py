@@ -60,7 +60,7 @@ def _right_half_mask() -> Image.Image:
 
 
 def test_steps_run_as_diffusers_counts() -> None:
-    assert [steps_run(20, s) for s in (0.0, 0.01, 0.5, 0.75, 1.0)] == [0, 1, 10, 15, 20]
+    assert [steps_run(20, s) for s in (0.0, 0.01, 0.05, 0.5, 0.75, 1.0)] == [0, 0, 1, 10, 15, 20]
 
 
 def test_img2img_is_seeded_per_image_and_keeps_more_with_lower_strength(gen: Any) -> None:

@@ -226,9 +226,9 @@ def latent_mask(mask: Image.Image, latent_size: tuple[int, int], like: torch.Ten
 
 
 def steps_run(steps: int, strength: float) -> int:
-    """How many of ``steps`` an img2img run with ``strength`` samples (diffusers' count: the first
-    ``int(steps - steps·strength)`` are skipped)."""
-    return steps - int(max(steps - min(steps * strength, steps), 0))
+    """How many of ``steps`` an img2img run with ``strength`` samples: diffusers' ``int(steps · strength)`` (0: no
+    sampling, the init image comes back through the VAE)."""
+    return min(int(steps * strength), steps)
 
 
 def describe(init: InitImage) -> dict[str, Any]:
