@@ -3,7 +3,8 @@ images for example LoRAs. Pure numpy/PIL, deterministic for a seed.
 
 A ``Scene`` says what is drawn (shape, colour, background, size, position, one or two shapes, a small jitter);
 ``render(scene)`` draws it and ``caption(scene, phrasing)`` describes it, in one of ``PHRASINGS`` (the ones the
-demo model was trained on) or ``HELD_OUT`` (phrasings kept out of training, to test that the model generalises).
+demo model is trained on: the first 8, or all with the training script's ``phrasings=12``) or ``HELD_OUT`` (phrasings
+kept out of training, to test that the model generalises).
 Captions name every attribute that differs from the default (medium size, in the middle); the background is named
 or not.
 """
@@ -148,6 +149,12 @@ PHRASINGS: tuple[str, ...] = (
     "{np}{pos} on {bg}",
     "{np} {where}",
     "{a_shape} in {colour}{pos}",
+    # The colour word at other places of the caption (first; after the shape; after the background), so the text
+    # encoder finds it by what it is rather than where it stands.
+    "{colour}: {a_shape}{pos}",
+    "{a_shape} coloured {colour}{pos}",
+    "{bg} background, {np}{pos}",
+    "draw {np}{pos}",
 )
 HELD_OUT: tuple[str, ...] = (
     "{colour} {shape_s}{pos}",
