@@ -69,7 +69,9 @@ def test_img2img_is_seeded_per_image_and_keeps_more_with_lower_strength(gen: Any
     a, b = run(0.5), run(0.5)
     assert np.array_equal(_px(a.images[0]), _px(b.images[0])), "same seed, same image"
     pair = run(0.5, batch=2)
-    assert np.array_equal(_px(pair.images[0]), _px(a.images[0])), "image 0 of a batch = the image alone"
+    # Image 0 of a batch has the seed's noise, but the CPU's kernels block a batch of 2 differently from 1 (with
+    # more than one thread): a few pixels may round to the next level, as in txt2img.
+    assert np.abs(_px(pair.images[0]) - _px(a.images[0])).max() <= 2, "image 0 of a batch = the image alone"
     assert pair.seeds == [5, 6] and not np.array_equal(_px(pair.images[0]), _px(pair.images[1]))
     far = [np.abs(_px(run(s).images[0]) - _px(base)).mean() for s in (0.25, 1.0)]
     assert far[0] < far[1], f"strength 0.25 must stay nearer the init image than 1.0: {far}"
@@ -95,13 +97,17 @@ def test_inpainting_keeps_the_outside_of_the_mask_exactly(gen: Any, fill: int) -
 
 
 def test_latent_fills_replace_what_was_under_the_mask(gen: Any) -> None:
+    """Latent noise and latent nothing change what the masked area starts from (and only there): at the same seed
+    and strength they give another masked area than "original", the same outside."""
     g, base = gen
-    diffs = {}
-    for fill in (1, 3):
+    out = {}
+    for fill in (1, 2, 3):
         init = InitImage(base, 0.5, mask=_right_half_mask(), mask_blur=(0, 0), fill=fill)
-        out = _px(g(Request(PROMPT, seed=4, init=init, **SIZE)).images[0])
-        diffs[fill] = np.abs(out[:, 36:] - _px(base)[:, 36:]).mean()
-    assert diffs[3] > diffs[1] + 5, f"latent nothing must lose the original under the mask: {diffs}"
+        out[fill] = _px(g(Request(PROMPT, seed=4, init=init, **SIZE)).images[0])
+    for fill in (2, 3):
+        assert np.abs(out[fill][:, 36:] - out[1][:, 36:]).mean() > 5, f"fill {fill} must change the masked area"
+        assert np.array_equal(out[fill][:, :28], out[1][:, :28])
+    assert np.abs(out[2][:, 36:] - out[3][:, 36:]).mean() > 1, "noise and nothing are different starts"
 
 
 def test_inverted_mask_repaints_the_other_side(gen: Any) -> None:
