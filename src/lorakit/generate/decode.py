@@ -51,16 +51,22 @@ def _in_fp32(vae: Any, latents: torch.Tensor) -> torch.Tensor:
 
 def _decode(vae: Any, latents: torch.Tensor) -> torch.Tensor:
     """The diffusers SD/SDXL decode: unscale (and un-normalise where the VAE has latent statistics)."""
-    config = vae.config
     latents = latents.to(vae.dtype)
-    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
-    if mean is not None and std is not None:
-        shape = (1, latents.shape[1], 1, 1)
-        mean_t = torch.tensor(mean, device=latents.device, dtype=latents.dtype).view(shape)
-        std_t = torch.tensor(std, device=latents.device, dtype=latents.dtype).view(shape)
-        latents = latents * std_t / config.scaling_factor + mean_t
+    stats = latent_stats(vae, latents)
+    if stats is not None:
+        latents = latents * stats[1] / vae.config.scaling_factor + stats[0]
     else:
-        latents = latents / config.scaling_factor
+        latents = latents / vae.config.scaling_factor
     with torch.no_grad():
         return vae.decode(latents, return_dict=False)[0]
 
+
+def latent_stats(vae: Any, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The VAE's per-channel latent mean and std (1, C, 1, 1) on ``like``'s device in its dtype, where its config
+    has them (some SDXL-family VAEs); else ``None``."""
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is None or std is None:
+        return None
+    shape = (1, like.shape[1], 1, 1)
+    return (torch.tensor(mean, device=like.device, dtype=like.dtype).view(shape),
+            torch.tensor(std, device=like.device, dtype=like.dtype).view(shape))

@@ -16,7 +16,9 @@ from diffusers import (
 )
 
 from ..models.loading import BaseModel
+from ..train.encode import encode_image
 from .conditioning import Conditioning
+from .decode import latent_stats
 from .init_image import InitImage, Prepared, latent_mask, steps_run
 from .request import Settings
 from .sampling import StepEnd
@@ -86,18 +88,12 @@ def _fill_latents(pipe: Any, prepared: Prepared, fill: int) -> None:
 
 
 def _encode(model: BaseModel, prepared: Prepared, count: int) -> torch.Tensor:
-    """The init image's latents (the VAE's mean, scaled as ``decode._decode`` unscales them), ``count`` times."""
+    """The init image's latents (the VAE's mean, scaled as ``decode._decode`` unscales them), ``count`` times —
+    encoded by training's ``encode_image`` (an fp16 VAE that asks for it encodes in fp32)."""
     vae = model.pipe.vae
-    pixels = model.pipe.image_processor.preprocess(prepared.image).to(device=model.device, dtype=vae.dtype)
-    with torch.no_grad():
-        latents = vae.encode(pixels).latent_dist.mode()
-    config = vae.config
-    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
-    if mean is not None and std is not None:
-        shape = (1, latents.shape[1], 1, 1)
-        mean_t = torch.tensor(mean, device=latents.device, dtype=latents.dtype).view(shape)
-        std_t = torch.tensor(std, device=latents.device, dtype=latents.dtype).view(shape)
-        latents = (latents - mean_t) * config.scaling_factor / std_t
-    else:
-        latents = latents * config.scaling_factor
+    pixels = model.pipe.image_processor.preprocess(prepared.image)[0]
+    latents = encode_image(vae, pixels)[None].to(vae.dtype)  # (latent − shift) · scale
+    stats = latent_stats(vae, latents)
+    if stats is not None:  # the normalised latents decode un-normalises
+        latents = (latents / vae.config.scaling_factor - stats[0]) * vae.config.scaling_factor / stats[1]
     return latents.repeat(count, 1, 1, 1)
