@@ -45,15 +45,28 @@ class Adapter:
 
     @property
     def alpha(self) -> float | None:
-        a = self.t.get("alpha")
-        return None if a is None else float(a)
+        return self.number("alpha")
 
     def scale(self) -> float:
         """α/r, or the explicit ``scale`` key; 1 when neither applies."""
         if "scale" in self.t:
-            return float(self.t["scale"])
-        r = self.rank
-        return 1.0 if self.alpha is None or not r else self.alpha / r
+            return self.number("scale")  # type: ignore[return-value]
+        r, alpha = self.rank, self.alpha
+        return 1.0 if alpha is None or not r else alpha / r
+
+    def number(self, key: str) -> float | None:
+        """A one-number leaf as a float (``None`` when absent), read from its tensor once: a switch asks for
+        α on every layer, and each read of a tensor is a torch op (on a GPU: the host side of a switch)."""
+        t = self.t.get(key)
+        if t is None:
+            return None
+        cache: dict[str, tuple[Tensor, float]] = self.__dict__.setdefault("_numbers", {})
+        hit = cache.get(key)
+        # Checked against the tensor object: shallow copies (placement) share this cache safely, and one given new
+        # leaves reads them anew.
+        if hit is None or hit[0] is not t:
+            hit = cache[key] = (t, float(t))
+        return hit[1]
 
     def leaves(self) -> dict[str, Tensor]:
         """Every tensor this layer reads (a wrapper's and its inner adapter's)."""

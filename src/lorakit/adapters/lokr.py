@@ -59,7 +59,7 @@ class LoKr(Adapter):
 
     def scale(self) -> float:
         if "scale" in self.t:
-            return float(self.t["scale"])
+            return self.number("scale")  # type: ignore[return-value]
         return 1.0 if self.rank is None else super().scale()
 
     def implied_shape(self) -> tuple[int, ...]:

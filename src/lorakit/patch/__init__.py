@@ -17,7 +17,7 @@ from ..lora_model import LoraLike, LoraModel, load_cached
 from .fused import FusedPatcher
 from .hooks import HookPatcher
 from .placement import place_loras
-from .plan import Contribution, LoraReport, Plan, ResolutionCache, build_plan
+from .plan import Contribution, LoraReport, Plan, PlanCache, ResolutionCache, build_plan
 from .targets import components_of, model_arch
 from .weights import Weight, as_weight
 
@@ -38,6 +38,7 @@ class Patcher:
         self._active: list[tuple[LoraModel, list[str]]] = []  # the last set: each LoRA and its layers that fit
         self._modules: dict[str, torch.nn.Module] = {}
         self._resolved = ResolutionCache()  # module lookups and shape checks, once per LoRA on this model
+        self._plans = PlanCache()  # the plans of recent sets: switching back to one rebuilds nothing
 
     def set(self, loras: Sequence[tuple[LoraLike, WeightLike]] | Iterable[tuple[LoraLike, WeightLike]], *,
             mode: str = "fused", strict: bool = False, log_reports: bool = True) -> list[LoraReport]:
@@ -49,7 +50,9 @@ class Patcher:
         resolved = [(load_cached(lora, strict=strict), as_weight(w)) for lora, w in loras]
         host = mode == "fused" and self.fused.originals_mode == "host"  # the low-memory choice: factors stay off the card
         resolved = place_loras(resolved, self.components, mode, host)  # factors on the weights' device, fp32, cached
-        plan = build_plan(self.components, resolved, strict, self._resolved)
+        plan = self._plans.get(resolved, strict)
+        if plan is None:
+            plan = self._plans.put(resolved, strict, build_plan(self.components, resolved, strict, self._resolved))
         active, other = (self.fused, self.hooks) if mode == "fused" else (self.hooks, self.fused)
         try:
             other.restore()
@@ -95,6 +98,7 @@ class Patcher:
         """Every parameter back to its original tensor (bit-exact); every hook removed."""
         self.fused.restore()
         self.hooks.restore()
+        self._plans.clear()
         self.reports = []
         self._active, self._modules = [], {}
 

@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable, Mapping
 
 import torch
 
 from ..adapters import functional as fn
 from ..models.device import to_host
+from .graphs import SwitchGraphs
 from .originals import choose_places, describe_places
 from .placement import on_device
-from .plan import Contribution, ParamKey, Plan
+from .plan import Contribution, Entries, ParamKey, Plan, Signature
 
 log = logging.getLogger("lorakit")
 CHUNK_ELEMENTS = {"cpu": 1 << 20}  # fp32 per block: 4 MiB stays in a CPU cache
@@ -33,7 +35,6 @@ GEMM_DEVICES = {"cuda"}  # cuBLAS sums a half-precision addmm in fp32 and rounds
 # 8 bits do not (seen on an H200: 11 of 36,864 elements off by more than one bf16 rounding where W+ΔW cancels), so
 # bf16 weights take the fp32 row-block path — as many launches, exact.
 GEMM_DTYPES = {torch.float16}
-Signature = tuple[tuple[object, float, int | None, str], ...]
 
 
 class FusedPatcher:
@@ -43,20 +44,28 @@ class FusedPatcher:
         self.host: dict[ParamKey, torch.Tensor] = {}  # kept on the host: bit-exact copies
         self.params: dict[ParamKey, torch.nn.Parameter] = {}
         self.signatures: dict[ParamKey, Signature] = {}
+        self.buffers: dict[ParamKey, torch.Tensor] = {}  # originals on the device: each weight's patched values
+        self.graphs = SwitchGraphs()  # recorded switches (CUDA; see graphs.py)
         self._scratch: torch.Tensor | None = None
 
     def apply(self, plan: Plan) -> int:
         """Bring the model to ``plan``; returns how many parameters were (re)computed."""
-        entries = plan.param_entries()
+        entries, signatures = plan.param_entries(), plan.signatures()
         for key in [k for k in self.params if k not in entries]:
             self._restore(key)
         todo = {}
-        for key, contribs in entries.items():
-            sig: Signature = tuple((c.adapter, c.strength, c.dyn, which) for c, which in contribs)
+        for key, sig in signatures.items():
             if self.signatures.get(key) != sig:
-                todo[key] = (contribs, sig)
+                todo[key] = (entries[key], sig)
         new = {k: getattr(plan.modules[k[0]], k[1]) for k in todo if k not in self.params}
         self._keep_originals(new)
+        if todo and self.graphs.replay(plan, self.buffers, self.originals,
+                                       lambda keys: self._graph_work(keys, entries),
+                                       _device_of(self.originals, todo), fresh=bool(new)):
+            for key, (_, sig) in todo.items():
+                self.params[key].data = self.buffers[key]
+                self.signatures[key] = sig
+            return len(todo)
         for key, (contribs, sig) in todo.items():
             self.signatures.pop(key, None)  # until the sum is done (a failure half-way still restores it)
             self._patch(key, contribs, fresh=key in new)
@@ -69,6 +78,7 @@ class FusedPatcher:
         for key in list(self.params):
             self._restore(key)
         self._scratch = None
+        self.graphs.clear()
 
     @property
     def active(self) -> bool:
@@ -100,6 +110,7 @@ class FusedPatcher:
             param.data.copy_(host, non_blocking=host.is_pinned())  # pinned memory stays alive until copied
         else:
             param.data = self.originals.pop(key)
+            self.buffers.pop(key, None)
         self.signatures.pop(key, None)
 
     def _patch(self, key: ParamKey, contribs: list[tuple[Contribution, str]], fresh: bool) -> None:
@@ -111,8 +122,9 @@ class FusedPatcher:
                 out.copy_(self.host[key], non_blocking=self.host[key].is_pinned())
         else:
             orig = self.originals[key]
-            current = param.data
-            out = current if current.data_ptr() != orig.data_ptr() else torch.empty_like(orig)
+            if key not in self.buffers:
+                self.buffers[key] = torch.empty_like(orig)
+            out = self.buffers[key]
         if not self._sum_gemm(out, orig, contribs) and not self._sum_in_chunks(out, orig, contribs):
             self._sum_whole(out, orig, contribs)
         param.data = out
@@ -185,6 +197,24 @@ class FusedPatcher:
             torch.addmm(w2, u, d, alpha=alpha, out=o2)
         return True
 
+    def _graph_work(self, keys: list[ParamKey], entries: Entries) -> Callable[[], None] | None:
+        """The sums of ``keys`` into their buffers when each is one ``addmm`` on one device, factors there too
+        (what a CUDA graph can record: no buffer allocated, no host sync); ``None`` otherwise."""
+        device = self.originals[keys[0]].device
+        jobs = []
+        for key in keys:
+            orig, contribs = self.originals[key], entries[key]
+            factors = _low_rank(orig, contribs) if orig.device == device else None
+            if device.type not in GEMM_DEVICES or orig.dtype not in GEMM_DTYPES or factors is None or \
+                    any(t.device != device for up, down, _ in factors for t in (up, down)):
+                return None
+            jobs.append((self.buffers[key], orig, contribs))
+
+        def work() -> None:
+            for out, orig, contribs in jobs:
+                self._sum_gemm(out, orig, contribs)
+        return work
+
     def _fp32(self, like: torch.Tensor) -> torch.Tensor:
         """A reused fp32 scratch buffer with ``like``'s shape and device (half-precision weights are summed in
         fp32)."""
@@ -207,6 +237,12 @@ def _low_rank(orig: torch.Tensor, contribs: list[tuple[Contribution, str]]) -> l
             return None
         factors.append((lr[0], lr[1], lr[2] * c.strength))
     return factors
+
+
+def _device_of(originals: dict[ParamKey, torch.Tensor], keys: Mapping[ParamKey, object]) -> torch.device | None:
+    """The device of the first of ``keys`` whose original is kept on the device (``None``: none is)."""
+    first = next(iter(keys))
+    return originals[first].device if first in originals else None
 
 
 def _beside(c: Contribution, device: torch.device) -> Contribution:

@@ -6,6 +6,7 @@ specs.
 """
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -53,15 +54,35 @@ class LoraReport:
         return text
 
 
+Entries = dict[ParamKey, list[tuple[Contribution, str]]]
+Signature = tuple[tuple[object, float, int | None, str], ...]  # what a parameter's patched value depends on
+
+
 @dataclass
 class Plan:
     modules: dict[str, torch.nn.Module]
     layers: dict[str, list[Contribution]]
     reports: list[LoraReport]
+    _entries: Entries | None = field(default=None, repr=False)
+    _signatures: dict[ParamKey, Signature] | None = field(default=None, repr=False)
 
-    def param_entries(self) -> dict[ParamKey, list[tuple[Contribution, str]]]:
-        """Per parameter: the contributions and which tensor of theirs (``weight`` or ``bias``) applies."""
-        out: dict[ParamKey, list[tuple[Contribution, str]]] = {}
+    def param_entries(self) -> Entries:
+        """Per parameter: the contributions and which tensor of theirs (``weight`` or ``bias``) applies (worked
+        out once per plan: a ``Patcher`` reuses the plan of a set it switches back to)."""
+        if self._entries is None:
+            self._entries = self._work_out_entries()
+        return self._entries
+
+    def signatures(self) -> dict[ParamKey, Signature]:
+        """Per parameter: the (adapter, strength, dyn, which) of each contribution — equal signatures, equal
+        patched values."""
+        if self._signatures is None:
+            self._signatures = {key: tuple((c.adapter, c.strength, c.dyn, which) for c, which in contribs)
+                                for key, contribs in self.param_entries().items()}
+        return self._signatures
+
+    def _work_out_entries(self) -> Entries:
+        out: Entries = {}
         for path, contribs in self.layers.items():
             has_bias = getattr(self.modules[path], "bias", None) is not None
             for c in contribs:
@@ -73,25 +94,62 @@ class Plan:
 
 # Per LoRA layer: its module (None: not in this model) and the reason it does not fit ("" when it does).
 Resolution = list[tuple[str, Adapter, torch.nn.Module | None, str]]
+Found = list[tuple[torch.nn.Module | None, str]]  # a Resolution without its adapters, in the LoRA's layer order
 RESOLVED_KEEP = 64  # LoRAs whose resolution a Patcher remembers (a switch then skips every module lookup)
 
 
 class ResolutionCache:
-    """LoRA → its layers resolved on one model; the LoRA object is held, so its id cannot be reused."""
+    """LoRA → its layers resolved on one model. Holds the LoRA weakly and none of its tensors: a placed LoRA's
+    factors (on the GPU) go when the placement cache lets them go, not when 64 other LoRAs have been seen."""
 
     def __init__(self) -> None:
-        self._items: OrderedDict[int, tuple[LoraModel, Resolution]] = OrderedDict()
+        self._items: OrderedDict[int, tuple[weakref.ref[LoraModel], Found]] = OrderedDict()
 
     def get(self, components: Mapping[str, torch.nn.Module], lora: LoraModel) -> Resolution:
         hit = self._items.get(id(lora))
-        if hit is not None and hit[0] is lora:
+        if hit is not None and hit[0]() is lora:
             self._items.move_to_end(id(lora))
-            return hit[1]
+            return [(path, adapter, module, problem)
+                    for (path, adapter), (module, problem) in zip(lora.layers.items(), hit[1])]
         resolution = resolve(components, lora)
-        self._items[id(lora)] = (lora, resolution)
+        self._items[id(lora)] = (weakref.ref(lora), [(module, problem) for _, _, module, problem in resolution])
         while len(self._items) > RESOLVED_KEEP:
             self._items.popitem(last=False)
         return resolution
+
+
+PLANS_KEEP = 4  # sets whose plan a Patcher remembers (their LoRAs, factors included, stay alive with it)
+
+
+class PlanCache:
+    """Recent sets → their plan, keyed by the (placed) LoRA objects and their weights; the LoRAs are held, so
+    their ids cannot be reused. A server switching between a few sets then builds each plan once. ``Patcher``
+    clears it on ``restore``."""
+
+    def __init__(self) -> None:
+        self._items: OrderedDict[tuple[object, ...], tuple[list[LoraModel], Plan]] = OrderedDict()
+
+    @staticmethod
+    def _key(loras: Sequence[tuple[LoraModel, Weight]], strict: bool) -> tuple[object, ...]:
+        return (strict, *((id(lora), w.unet, w.te, tuple(sorted(w.blocks.items())), w.dyn, w.arch_family)
+                          for lora, w in loras))
+
+    def clear(self) -> None:
+        self._items.clear()
+
+    def get(self, loras: Sequence[tuple[LoraModel, Weight]], strict: bool) -> Plan | None:
+        key = self._key(loras, strict)
+        hit = self._items.get(key)
+        if hit is None:
+            return None
+        self._items.move_to_end(key)
+        return hit[1]
+
+    def put(self, loras: Sequence[tuple[LoraModel, Weight]], strict: bool, plan: Plan) -> Plan:
+        self._items[self._key(loras, strict)] = ([lora for lora, _ in loras], plan)
+        while len(self._items) > PLANS_KEEP:
+            self._items.popitem(last=False)
+        return plan
 
 
 def resolve(components: Mapping[str, torch.nn.Module], lora: LoraModel) -> Resolution:

@@ -1,0 +1,205 @@
+"""Recorded switches (patch/graphs.py), their bookkeeping checked on the CPU: ``addmm`` counts as a GEMM device
+here and the "graph" replays by running the recorded Python again, so every step must land exactly where the eager
+switch lands. The real CUDA graph is checked by tests/test_gpu.py."""
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+from .conftest import assert_original, snapshot
+from .factories import make_kohya_lora, tiny_components
+
+from lorakit.lora_model import LoraModel, lora_from_state_dict
+from lorakit.patch import Patcher, fused
+from lorakit.patch.graphs import SwitchGraphs
+from lorakit.patch.plan import PlanCache
+
+
+class Recorder:
+    """Stands in for ``cuda_capture``: records the work (runs nothing), replays by running it."""
+
+    def __init__(self) -> None:
+        self.replays = 0
+
+    def __call__(self, work: Callable[[], None], device: torch.device) -> Callable[[], None]:
+        def replay() -> None:
+            self.replays += 1
+            work()
+        return replay
+
+
+def loras(comps: dict[str, torch.nn.Module], kind: str = "lora", n: int = 3) -> list[LoraModel]:
+    def only_some(path: str) -> str | None:  # the third LoRA reaches only the attention layers
+        return kind if ".attn" in path or "self_attn" in path else None
+    out = []
+    for seed in range(n):
+        sd = make_kohya_lora(comps, only_some if seed == 2 else kind, rank=4, seed=seed, alpha=2.0,
+                             dtype=torch.float16)
+        out.append(lora_from_state_dict(sd, {}, name=f"l{seed}"))
+    return out
+
+
+def patchers(dtype: torch.dtype, recorder: Recorder) -> tuple[Patcher, Patcher]:
+    """The same tiny model twice: one switching with recorded graphs, one eagerly."""
+    comps = tiny_components("sd1", dtype=dtype)
+    graphed, eager = Patcher(comps), Patcher(copy.deepcopy(comps))
+    for p in (graphed, eager):
+        p.fused.originals_mode = "device"
+    graphed.fused.graphs = SwitchGraphs(capture=recorder, enabled=True)
+    eager.fused.graphs = SwitchGraphs(enabled=False)
+    return graphed, eager
+
+
+def assert_same(a: Patcher, b: Patcher) -> None:
+    for name, module in a.components.items():
+        for (n, p), q in zip(module.named_parameters(), b.components[name].parameters()):
+            assert torch.equal(p.detach(), q.detach()), f"{name}.{n}"
+
+
+@pytest.fixture
+def gemm_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fused, "GEMM_DEVICES", {"cpu", "cuda"})
+
+
+@pytest.mark.usefixtures("gemm_on_cpu")
+def test_a_set_is_recorded_the_second_time_and_replays_exactly() -> None:
+    rec = Recorder()
+    graphed, eager = patchers(torch.float16, rec)
+    snap = snapshot(graphed.components)
+    a, b, c = loras(graphed.components)
+    sets = [[(a, 1.0)], [(b, 0.7)], [(a, 1.0)], [(b, 0.7)], [(a, 1.0)], [(a, 1.0), (b, 0.5)], [(b, 0.7)],
+            [(a, 1.0), (b, 0.5)], [(c, 1.0)], [(a, 1.0)], [(c, 1.0)], [(b, 0.7)]]
+    captures = []
+    for s in sets:
+        graphed.set(s, log_reports=False)
+        eager.set(s, log_reports=False)
+        assert_same(graphed, eager)
+        captures.append(graphed.fused.graphs.captures)
+    # a, b recorded on their second use, a+b on its second; c (fewer layers) restores the others, so the a and
+    # b after it patch fresh buffers eagerly (their recordings point at the dropped ones) — never a stale replay.
+    assert captures == [0, 0, 1, 2, 2, 2, 2, 3, 3, 3, 4, 4]
+    assert rec.replays >= 5
+    graphed.restore()
+    assert_original(graphed.components, snap)
+    assert graphed.fused.buffers == {}
+
+
+@pytest.mark.usefixtures("gemm_on_cpu")
+def test_restore_forgets_recorded_switches() -> None:
+    rec = Recorder()
+    graphed, eager = patchers(torch.float16, rec)
+    a, b, _ = loras(graphed.components)
+    for s in ([(a, 1.0)], [(b, 1.0)], [(a, 1.0)]):
+        graphed.set(s, log_reports=False)
+    assert graphed.fused.graphs.captures == 1
+    graphed.restore()
+    replays = rec.replays
+    for s in ([(b, 1.0)], [(a, 1.0)]):
+        graphed.set(s, log_reports=False)
+        eager.set(s, log_reports=False)
+    assert rec.replays == replays  # fresh buffers after a restore: nothing recorded before may run
+    assert_same(graphed, eager)
+
+
+@pytest.mark.usefixtures("gemm_on_cpu")
+@pytest.mark.parametrize("dtype,kind", [(torch.bfloat16, "lora"), (torch.float16, "loha"), (torch.float32, "lora")])
+def test_sums_a_graph_cannot_hold_stay_eager(dtype: torch.dtype, kind: str) -> None:
+    """bf16 (exact only through the fp32 row blocks), a non-low-rank type, fp32: never recorded, still exact."""
+    rec = Recorder()
+    graphed, eager = patchers(dtype, rec)
+    a, b, _ = loras(graphed.components, kind)
+    for s in ([(a, 1.0)], [(b, 1.0)], [(a, 1.0)], [(b, 1.0)]):
+        graphed.set(s, log_reports=False)
+        eager.set(s, log_reports=False)
+        assert_same(graphed, eager)
+    assert graphed.fused.graphs.captures == 0 and rec.replays == 0
+
+
+@pytest.mark.usefixtures("gemm_on_cpu")
+def test_host_originals_are_never_recorded() -> None:
+    rec = Recorder()
+    graphed, eager = patchers(torch.float16, rec)
+    graphed.fused.originals_mode = eager.fused.originals_mode = "host"
+    a, b, _ = loras(graphed.components)
+    for s in ([(a, 1.0)], [(b, 1.0)], [(a, 1.0)]):
+        graphed.set(s, log_reports=False)
+        eager.set(s, log_reports=False)
+    assert_same(graphed, eager)
+    assert graphed.fused.graphs.captures == 0
+
+
+def test_off_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LORAKIT_SWITCH_GRAPHS", raising=False)
+    assert not SwitchGraphs().enabled
+    monkeypatch.setenv("LORAKIT_SWITCH_GRAPHS", "1")
+    assert SwitchGraphs().enabled
+
+
+def test_a_set_switched_back_to_reuses_its_plan() -> None:
+    comps = tiny_components("sd1")
+    p = Patcher(comps)
+    a, b, _ = loras(comps)
+    p.set([(a, 1.0)], log_reports=False)
+    first = p._plans.get([(x, w) for x, w in _resolved(p, [(a, 1.0)])], False)
+    p.set([(b, 1.0)], log_reports=False)
+    p.set([(a, 1.0)], log_reports=False)
+    assert first is not None and p._plans.get(_resolved(p, [(a, 1.0)]), False) is first
+    assert p._plans.get(_resolved(p, [(a, 0.5)]), False) is None  # another weight: another plan
+
+
+def _resolved(p: Patcher, pairs: list[tuple[LoraModel, float]]) -> list[tuple[LoraModel, object]]:
+    from lorakit.patch.placement import place_loras
+    from lorakit.patch.weights import as_weight
+    return place_loras([(lora, as_weight(w)) for lora, w in pairs], p.components)  # type: ignore[return-value]
+
+
+def test_plan_cache_is_bounded() -> None:
+    from lorakit.patch import plan as plan_module
+    cache = PlanCache()
+    comps = tiny_components("sd1")
+    a = loras(comps, n=1)[0]
+    from lorakit.patch.weights import as_weight
+    for i in range(plan_module.PLANS_KEEP + 3):
+        cache.put([(a, as_weight(i / 10))], False, plan_module.Plan({}, {}, []))
+    assert len(cache._items) == plan_module.PLANS_KEEP
+
+
+@pytest.mark.usefixtures("gemm_on_cpu")
+def test_a_set_that_cannot_be_recorded_switches_eagerly(caplog: pytest.LogCaptureFixture) -> None:
+    def refuse(work: Callable[[], None], device: torch.device) -> Callable[[], None]:
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    graphed, eager = patchers(torch.float16, Recorder())
+    graphed.fused.graphs.capture = refuse
+    a, b, _ = loras(graphed.components)
+    for s in ([(a, 1.0)], [(b, 1.0)], [(a, 1.0)], [(b, 1.0)], [(a, 1.0)]):
+        graphed.set(s, log_reports=False)
+        eager.set(s, log_reports=False)
+        assert_same(graphed, eager)
+    assert graphed.fused.graphs.captures == 0
+    assert sum("could not record the LoRA switch" in r.message for r in caplog.records) == 2  # once per set
+
+
+def test_caches_do_not_keep_placed_factors_alive() -> None:
+    """The resolution cache holds LoRAs weakly and the plan cache goes with a restore: once the placement cache
+    drops a placed copy, its factors (on a GPU: device memory) are freed."""
+    import gc
+    import weakref
+
+    from lorakit.patch import placement
+
+    comps = tiny_components("sd1")  # fp32 model, fp16 files: each LoRA gets a placed fp32 copy
+    p = Patcher(comps)
+    a, b, _ = loras(comps)
+    p.set([(a, 1.0)], log_reports=False)
+    p.set([(b, 1.0)], log_reports=False)
+    placed = [weakref.ref(x) for x, _ in _resolved(p, [(a, 1.0), (b, 1.0)])]
+    assert all(r() is not None and r() is not lo for r, lo in zip(placed, (a, b)))
+    p.restore()
+    placement.clear_cache()
+    gc.collect()
+    assert [r() for r in placed] == [None, None]
+    p.set([(a, 1.0)], log_reports=False)  # resolved again from scratch: still right
+    assert p.reports[0].patched
