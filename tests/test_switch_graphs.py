@@ -203,3 +203,27 @@ def test_caches_do_not_keep_placed_factors_alive() -> None:
     assert [r() for r in placed] == [None, None]
     p.set([(a, 1.0)], log_reports=False)  # resolved again from scratch: still right
     assert p.reports[0].patched
+
+
+@pytest.mark.usefixtures("gemm_on_cpu")
+def test_kept_gemm_factors_give_the_same_weights_as_fresh_ones() -> None:
+    """Switching back to a set reuses its fp16 one-addmm factors; the weights equal a fresh patcher's that
+    computes them anew, and only two switches' factors are kept."""
+    comps = tiny_components("sd1", dtype=torch.float16)
+    fresh_comps = copy.deepcopy(comps)
+    p = Patcher(comps)
+    p.fused.originals_mode = "device"
+    a, b, _ = loras(comps)
+    p.set([(a, 1.0), (b, 0.3)], log_reports=False)
+    first = dict(p.fused._gemm)
+    for s in ([(b, 0.7)], [(a, 1.0), (b, 0.3)]):
+        p.set(s, log_reports=False)
+    assert first and set(p.fused._gemm) == set(first)  # the factors made two switches ago, not made again
+    assert all(p.fused._gemm[k][0] is u for k, (u, _, _) in first.items())
+    assert {sig[0][1] for _, sig in p.fused._gemm_before} == {0.7}  # and the switch before's
+    fresh = Patcher(fresh_comps)
+    fresh.fused.originals_mode = "device"
+    fresh.set([(a, 1.0), (b, 0.3)], log_reports=False)
+    assert_same(p, fresh)
+    p.restore()
+    assert p.fused._gemm == {} and p.fused._gemm_before == {}

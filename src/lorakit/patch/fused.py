@@ -35,6 +35,7 @@ GEMM_DEVICES = {"cuda"}  # cuBLAS sums a half-precision addmm in fp32 and rounds
 # 8 bits do not (seen on an H200: 11 of 36,864 elements off by more than one bf16 rounding where W+ΔW cancels), so
 # bf16 weights take the fp32 row-block path — as many launches, exact.
 GEMM_DTYPES = {torch.float16}
+GemmFactors = tuple[torch.Tensor, torch.Tensor, float]
 
 
 class FusedPatcher:
@@ -46,6 +47,11 @@ class FusedPatcher:
         self.signatures: dict[ParamKey, Signature] = {}
         self.buffers: dict[ParamKey, torch.Tensor] = {}  # originals on the device: each weight's patched values
         self.graphs = SwitchGraphs()  # recorded switches (CUDA; see graphs.py)
+        # One-addmm factors in the weights' dtype (originals on the device only), of this switch and the one before:
+        # switching back and forth between two sets casts nothing again (on a GPU: two launches less per layer).
+        self._gemm: dict[tuple[ParamKey, Signature], GemmFactors] = {}
+        self._gemm_before: dict[tuple[ParamKey, Signature], GemmFactors] = {}
+        self._gemm_next: dict[tuple[ParamKey, Signature], GemmFactors] = {}
         self._scratch: torch.Tensor | None = None
 
     def apply(self, plan: Plan) -> int:
@@ -66,10 +72,12 @@ class FusedPatcher:
                 self.params[key].data = self.buffers[key]
                 self.signatures[key] = sig
             return len(todo)
+        self._gemm_next = {}
         for key, (contribs, sig) in todo.items():
             self.signatures.pop(key, None)  # until the sum is done (a failure half-way still restores it)
-            self._patch(key, contribs, fresh=key in new)
+            self._patch(key, contribs, fresh=key in new, sig=sig)
             self.signatures[key] = sig
+        self._gemm_before, self._gemm, self._gemm_next = self._gemm, self._gemm_next, {}
         if self.originals_mode == "host":
             self._scratch = None  # the low-memory choice keeps no buffer on the device between switches
         return len(todo)
@@ -79,6 +87,7 @@ class FusedPatcher:
             self._restore(key)
         self._scratch = None
         self.graphs.clear()
+        self._gemm, self._gemm_before, self._gemm_next = {}, {}, {}
 
     @property
     def active(self) -> bool:
@@ -113,7 +122,8 @@ class FusedPatcher:
             self.buffers.pop(key, None)
         self.signatures.pop(key, None)
 
-    def _patch(self, key: ParamKey, contribs: list[tuple[Contribution, str]], fresh: bool) -> None:
+    def _patch(self, key: ParamKey, contribs: list[tuple[Contribution, str]], fresh: bool,
+               sig: Signature | None = None) -> None:
         param = self.params[key]
         contribs = [(_beside(c, param.device), which) for c, which in contribs]  # host-placed factors: moved now
         if key in self.host:  # patched in place: a switch starts again from the original values
@@ -125,7 +135,8 @@ class FusedPatcher:
             if key not in self.buffers:
                 self.buffers[key] = torch.empty_like(orig)
             out = self.buffers[key]
-        if not self._sum_gemm(out, orig, contribs) and not self._sum_in_chunks(out, orig, contribs):
+        cache_key = None if key in self.host or sig is None else (key, sig)
+        if not self._sum_gemm(out, orig, contribs, cache_key) and not self._sum_in_chunks(out, orig, contribs):
             self._sum_whole(out, orig, contribs)
         param.data = out
 
@@ -173,23 +184,22 @@ class FusedPatcher:
             o2[rows].copy_(acc)
         return True
 
-    def _sum_gemm(self, out: torch.Tensor, orig: torch.Tensor, contribs: list[tuple[Contribution, str]]) -> bool:
+    def _sum_gemm(self, out: torch.Tensor, orig: torch.Tensor, contribs: list[tuple[Contribution, str]],
+                  cache_key: tuple[ParamKey, Signature] | None = None) -> bool:
         """CUDA, half-precision weights, low-rank contributions: ``out = orig + U@D`` in one addmm, U and D the
         factors side by side along the rank (each ``up`` scaled by its strength·α/r). cuBLAS reads ``orig``,
-        sums in fp32 and rounds once — one read and one write of the weight, the switch's bandwidth floor."""
+        sums in fp32 and rounds once — one read and one write of the weight, the switch's bandwidth floor.
+        ``cache_key``: keep U, D for the next switch (``_gemm``)."""
         if orig.device.type not in GEMM_DEVICES or orig.dtype not in GEMM_DTYPES:
             return False
-        factors = _low_rank(orig, contribs)
-        if factors is None:
-            return False
-        dt = orig.dtype
-        if len(factors) == 1:
-            up, down, alpha = factors[0]
-            u, d = up.to(dt), down.to(dt)
-        else:
-            u = torch.cat([up * a for up, _, a in factors], dim=1).to(dt)
-            d = torch.cat([down for _, down, _ in factors]).to(dt)
-            alpha = 1.0
+        cached = None if cache_key is None else self._gemm.get(cache_key) or self._gemm_before.get(cache_key)
+        if cached is None:
+            cached = _gemm_factors(orig, contribs)
+            if cached is None:
+                return False
+        if cache_key is not None:
+            self._gemm_next[cache_key] = cached
+        u, d, alpha = cached
         o2, w2 = out.view(out.shape[0], -1), orig.view(orig.shape[0], -1)
         if o2.data_ptr() == w2.data_ptr():
             o2.addmm_(u, d, alpha=alpha)
@@ -237,6 +247,20 @@ def _low_rank(orig: torch.Tensor, contribs: list[tuple[Contribution, str]]) -> l
             return None
         factors.append((lr[0], lr[1], lr[2] * c.strength))
     return factors
+
+
+def _gemm_factors(orig: torch.Tensor, contribs: list[tuple[Contribution, str]]) -> GemmFactors | None:
+    """``(U, D, scale)`` in ``orig``'s dtype with ``orig + scale·U@D`` the patched weight, or ``None`` when a
+    contribution is not low-rank."""
+    factors = _low_rank(orig, contribs)
+    if factors is None:
+        return None
+    dt = orig.dtype
+    if len(factors) == 1:
+        up, down, alpha = factors[0]
+        return up.to(dt), down.to(dt), alpha
+    u = torch.cat([up * a for up, _, a in factors], dim=1).to(dt)
+    return u, torch.cat([down for _, down, _ in factors]).to(dt), 1.0
 
 
 def _device_of(originals: dict[ParamKey, torch.Tensor], keys: Mapping[ParamKey, object]) -> torch.device | None:
