@@ -110,11 +110,14 @@ def floors(touched: list[torch.Tensor], device: torch.device) -> dict[str, float
 
 
 def lorakit_switch(pipe: Any, loras: list[lorakit.LoraModel], device: torch.device, where: str) -> dict[str, float]:
+    """``where``: the originals on the ``device`` or the ``host``, or ``graphs`` (on the device, each set's switch
+    recorded as a CUDA graph on its second use and replayed after: patch/graphs.py)."""
     patcher = lorakit.patcher_for(pipe)
-    patcher.fused.originals_mode = where
+    patcher.fused.originals_mode = "device" if where == "graphs" else where
+    patcher.fused.graphs.enabled = where == "graphs"
     r = {f"apply_cold_{where}": timed(device, lambda: patcher.set([(loras[0], 1.0)]))[0]}
     times, host_side = [], []
-    for lo in (loras[1], loras[0]) * 3:
+    for lo in (loras[1], loras[0]) * (6 if where == "graphs" else 3):  # graphs: 3 of 12 eager or recording
         sync(device)
         t = time.perf_counter()
         patcher.set([(lo, 1.0)])
@@ -124,6 +127,7 @@ def lorakit_switch(pipe: Any, loras: list[lorakit.LoraModel], device: torch.devi
     r[f"switch_best_{where}"], r[f"switch_median_{where}"] = min(times), statistics.median(times)
     r[f"switch_host_side_{where}"] = min(host_side)
     r[f"restore_{where}"] = timed(device, patcher.restore)[0]
+    patcher.fused.graphs.enabled = False
     return r
 
 
@@ -258,6 +262,7 @@ def run_arch(arch: str, args: argparse.Namespace, device: torch.device, dtype: t
         ("floors", lambda: floors(touched, device)),
         ("lorakit switch, originals on device", lambda: lorakit_switch(pipe, loras, device, "device")),
         ("lorakit switch, originals on host", lambda: lorakit_switch(pipe, loras, device, "host")),
+        ("lorakit switch, recorded as CUDA graphs", lambda: lorakit_switch(pipe, loras, device, "graphs")),
         ("addmm loop: eager and as a CUDA graph", lambda: graph_bound(pipe, loras[1], device)),
         ("peak memory", lambda: peaks(pipe, loras, size, device, bare)),
         ("sampling speed", lambda: speeds(pipe, files, size, steps, device)),
@@ -301,6 +306,11 @@ def report(results: dict[str, dict[str, float]], card: str, dtype: str, rank: in
                    f"({r['addmm_graph'] / r['floor_per_tensor']:.2f}× the floor)"),
         ("**switch / floor** (device originals; target ≤ 1.5×)",
          lambda r: f"**{r['switch_best_device'] / r['floor_per_tensor']:.2f}×**"),
+        ("lorakit switch A→B recorded as CUDA graphs (`LORAKIT_SWITCH_GRAPHS=1`), best / median; host side",
+         lambda r: f"{r['switch_best_graphs'] * ms:.1f} / {r['switch_median_graphs'] * ms:.1f} ms; "
+                   f"{r['switch_host_side_graphs'] * ms:.1f} ms"),
+        ("**switch recorded as graphs / floor** (target ≤ 1.5×)",
+         lambda r: f"**{r['switch_best_graphs'] / r['floor_per_tensor']:.2f}×**"),
         ("lorakit restore (device / host originals)",
          lambda r: f"{r['restore_device'] * ms:.1f} / {r['restore_host'] * ms:.1f} ms"),
         ("diffusers load+fuse / switch / unfuse+unload",
