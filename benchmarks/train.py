@@ -106,6 +106,7 @@ def peft_step(model: BaseModel, rank: int, size: int, steps: int) -> tuple[float
 
     pipe, device, dt = model.pipe, model.device, model.dtype
     unet = pipe.unet
+    plain = {n: m for n, m in unet.named_modules() if n.endswith(ATTN)}  # PEFT wraps them; put back after
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(ATTN)))
     params = [p for p in unet.parameters() if p.requires_grad]
     for p in params:
@@ -140,7 +141,10 @@ def peft_step(model: BaseModel, rank: int, size: int, steps: int) -> tuple[float
         sec, peak = timed_steps(step, steps, device)
     finally:
         unet.delete_adapters(unet.active_adapters())
-    return sec, peak, sum(1 for n, m in unet.named_modules() if n.endswith(ATTN))
+        for name, module in plain.items():  # the wrappers stay after delete_adapters: the plain layers back
+            parent, _, child = name.rpartition(".")
+            setattr(unet.get_submodule(parent), child, module)
+    return sec, peak, len(plain)
 
 
 def main() -> None:
@@ -150,6 +154,8 @@ def main() -> None:
     ap.add_argument("--dtype", default=None, choices=["fp16", "bf16", "fp32"])
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--peft-first", action="store_true",
+                    help="measure PEFT before lorakit's same-layer run (the order's share of the memory ratio)")
     args = ap.parse_args()
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype or "auto", device)
@@ -172,8 +178,11 @@ def main() -> None:
     import peft  # noqa: F401 — one-time costs (imports, allocator growth, thread pools) paid before any measurement
 
     lorakit_step(model, data, args.rank, (), "both", size, 1)
+    if args.peft_first:
+        sec_p, peak_p, n_p = measured(lambda: peft_step(model, args.rank, size, args.steps))
     sec_l, peak_l, n_l = measured(lambda: lorakit_step(model, data, args.rank, ATTN, "unet", size, args.steps))
-    sec_p, peak_p, n_p = measured(lambda: peft_step(model, args.rank, size, args.steps))
+    if not args.peft_first:
+        sec_p, peak_p, n_p = measured(lambda: peft_step(model, args.rank, size, args.steps))
     sec_d, peak_d, n_d = measured(lambda: lorakit_step(model, data, args.rank, (), "both", size, args.steps))
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     mib = (lambda b: "n/a" if b is None else f"{b / 2**20:.0f} MiB")
@@ -188,8 +197,9 @@ def main() -> None:
         print(f"| {name} | {n} | {sec:.3f} | {1 / sec:.2f} | {mib(peak)} |")
     total = time.perf_counter() - t0
     memory = f"; memory {peak_l / peak_p:.2f}× (target ≤ 1)" if peak_l is not None and peak_p else ""
-    print(f"\n**lorakit / PEFT time per step: {sec_l / sec_p:.2f}×** (target ≤ 1.1×){memory}; total {total:.0f} s; "
-          f"torch {torch.__version__}")
+    order = "PEFT measured first" if args.peft_first else "lorakit measured first"
+    print(f"\n**lorakit / PEFT time per step: {sec_l / sec_p:.2f}×** (target ≤ 1.1×){memory}; {order}; "
+          f"total {total:.0f} s; torch {torch.__version__}")
 
 
 if __name__ == "__main__":

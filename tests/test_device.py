@@ -155,3 +155,16 @@ def test_single_file_loads_in_the_dtype_asked(tmp_path: Path) -> None:
     for name in ("unet", "vae", "text_encoder"):
         a, b = getattr(demo.pipe, name).state_dict(), getattr(loaded.pipe, name).state_dict()
         assert all(torch.equal(a[k].to(torch.bfloat16), b[k]) for k in a if a[k].is_floating_point()), name
+
+
+def test_release_freed_memory_empties_the_cuda_cache_and_trims_the_heap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the training data is encoded: CUDA's cached blocks go back; on the CPU glibc's free pages (or nothing,
+    without glibc) — never an error."""
+    calls: list[str] = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("cuda"))
+    dev.release_freed_memory(torch.device("cuda"))
+    assert calls == ["cuda"]
+    dev.release_freed_memory(torch.device("cpu"))
+    monkeypatch.setattr(dev.ctypes, "CDLL", lambda name: (_ for _ in ()).throw(OSError(name)))
+    dev.release_freed_memory(torch.device("cpu"))
+    assert calls == ["cuda"]

@@ -6,7 +6,10 @@ ComfyUI, InvokeAI and diffusers run), fp32 on the CPU (half-precision matmuls th
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import re
+import sys
 
 import torch
 
@@ -104,3 +107,17 @@ def to_host(t: torch.Tensor) -> torch.Tensor:
     host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
     host.copy_(t, non_blocking=pin and t.device.type == "cuda")
     return host
+
+
+def release_freed_memory(device: torch.device) -> None:
+    """Hand back memory a large one-off job has freed (training: the VAE encoding every image once), so the job's
+    peak is not carried into what follows: CUDA's cached blocks, and on Linux the C heap's free pages (glibc keeps
+    them otherwise: ~130 MiB of RSS after encoding two 512-px images for SD1.5 on the CPU)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl, …): nothing to hand back this way
+            pass

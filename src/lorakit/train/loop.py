@@ -20,6 +20,7 @@ import torch
 
 from ..errors import TrainingError
 from ..keymap.arch import Arch
+from ..models.device import release_freed_memory
 from ..models.loading import BaseModel, load_model
 from . import diffusion as dif
 from .buckets import bucket_sizes, choose, load_pixels
@@ -60,6 +61,7 @@ class Trainer:
         self.net = Network(target_modules(comps, cfg.network), cfg.network, cfg.seed)
         self.train_te = cfg.network.train in ("te", "both")
         self.samples = self._cache_latents()
+        release_freed_memory(self.device)  # the VAE's activations: not carried into the training steps
         self._epoch_cache: tuple[int, list[list[int]]] = (-1, [])
         self._per_epoch = len(self._epoch_batches(0))  # micro-batches per epoch (the same every epoch)
         self.text_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
