@@ -1,7 +1,6 @@
 """Shared helpers for the hand-run benchmarks: timing and a peak-RSS sampler."""
 from __future__ import annotations
 
-import ctypes
 import os
 import sys
 import threading
@@ -21,11 +20,12 @@ def rss() -> int:
 
 def trim() -> None:
     """Give freed heap back to the OS, so RSS counts only live memory (else glibc's reuse of freed blocks hides
-    new allocations from RSS)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
+    new allocations from RSS): lorakit's own ``release_freed_memory`` on the CPU."""
+    import torch
+
+    from lorakit.models.device import release_freed_memory
+
+    release_freed_memory(torch.device("cpu"))
 
 
 class PeakRss:
