@@ -190,7 +190,7 @@ class FusedPatcher:
         factors side by side along the rank (each ``up`` scaled by its strength·α/r). cuBLAS reads ``orig``,
         sums in fp32 and rounds once — one read and one write of the weight, the switch's bandwidth floor.
         ``cache_key``: keep U, D for the next switch (``_gemm``)."""
-        if orig.device.type not in GEMM_DEVICES or orig.dtype not in GEMM_DTYPES:
+        if not _one_addmm(orig):
             return False
         cached = None if cache_key is None else self._gemm.get(cache_key) or self._gemm_before.get(cache_key)
         if cached is None:
@@ -214,9 +214,8 @@ class FusedPatcher:
         jobs = []
         for key in keys:
             orig, contribs = self.originals[key], entries[key]
-            factors = _low_rank(orig, contribs) if orig.device == device else None
-            if device.type not in GEMM_DEVICES or orig.dtype not in GEMM_DTYPES or factors is None or \
-                    any(t.device != device for up, down, _ in factors for t in (up, down)):
+            factors = _low_rank(orig, contribs) if orig.device == device and _one_addmm(orig) else None
+            if factors is None or any(t.device != device for up, down, _ in factors for t in (up, down)):
                 return None
             jobs.append((self.buffers[key], orig, contribs))
 
@@ -232,6 +231,11 @@ class FusedPatcher:
         if self._scratch is None or self._scratch.numel() < n or self._scratch.device != like.device:
             self._scratch = torch.empty(n, dtype=torch.float32, device=like.device)
         return self._scratch[:n].view(like.shape)
+
+
+def _one_addmm(orig: torch.Tensor) -> bool:
+    """Whether a low-rank sum into ``orig`` is one half-precision ``addmm`` (``GEMM_DEVICES``/``GEMM_DTYPES``)."""
+    return orig.device.type in GEMM_DEVICES and orig.dtype in GEMM_DTYPES
 
 
 def _low_rank(orig: torch.Tensor, contribs: list[tuple[Contribution, str]]) -> list[tuple[torch.Tensor,
