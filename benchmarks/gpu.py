@@ -110,14 +110,16 @@ def floors(touched: list[torch.Tensor], device: torch.device) -> dict[str, float
 
 
 def lorakit_switch(pipe: Any, loras: list[lorakit.LoraModel], device: torch.device, where: str) -> dict[str, float]:
-    """``where``: the originals on the ``device`` or the ``host``, or ``graphs`` (on the device, each set's switch
-    recorded as a CUDA graph on its second use and replayed after: patch/graphs.py)."""
+    """``where``: the originals on the ``device`` (the default: a set switched back to replays its recorded
+    ``addmm`` list, patch/recorded.py), on the ``host``, ``eager`` (on the device, nothing recorded: every switch
+    worked out again) or ``graphs`` (on the device, each recording captured as a CUDA graph)."""
     patcher = lorakit.patcher_for(pipe)
-    patcher.fused.originals_mode = "device" if where == "graphs" else where
-    patcher.fused.graphs.enabled = where == "graphs"
+    patcher.fused.originals_mode = "device" if where in ("eager", "graphs") else where
+    patcher.fused.recorded.graphs = where == "graphs"
+    patcher.fused.recorded.enabled = where != "eager"
     r = {f"apply_cold_{where}": timed(device, lambda: patcher.set([(loras[0], 1.0)]))[0]}
     times, host_side = [], []
-    for lo in (loras[1], loras[0]) * (6 if where == "graphs" else 3):  # graphs: 3 of 12 eager or recording
+    for lo in (loras[1], loras[0]) * 6:  # recorded: the first 2 of 12 eager or recording, the rest replays
         sync(device)
         t = time.perf_counter()
         patcher.set([(lo, 1.0)])
@@ -127,7 +129,7 @@ def lorakit_switch(pipe: Any, loras: list[lorakit.LoraModel], device: torch.devi
     r[f"switch_best_{where}"], r[f"switch_median_{where}"] = min(times), statistics.median(times)
     r[f"switch_host_side_{where}"] = min(host_side)
     r[f"restore_{where}"] = timed(device, patcher.restore)[0]
-    patcher.fused.graphs.enabled = False
+    patcher.fused.recorded.graphs, patcher.fused.recorded.enabled = False, True
     return r
 
 
@@ -261,6 +263,7 @@ def run_arch(arch: str, args: argparse.Namespace, device: torch.device, dtype: t
     phases: list[tuple[str, Callable[[], dict[str, float]]]] = [
         ("floors", lambda: floors(touched, device)),
         ("lorakit switch, originals on device", lambda: lorakit_switch(pipe, loras, device, "device")),
+        ("lorakit switch, nothing recorded", lambda: lorakit_switch(pipe, loras, device, "eager")),
         ("lorakit switch, originals on host", lambda: lorakit_switch(pipe, loras, device, "host")),
         ("lorakit switch, recorded as CUDA graphs", lambda: lorakit_switch(pipe, loras, device, "graphs")),
         ("addmm loop: eager and as a CUDA graph", lambda: graph_bound(pipe, loras[1], device)),
@@ -295,12 +298,15 @@ def report(results: dict[str, dict[str, float]], card: str, dtype: str, rank: in
          lambda r: f"{r['floor_per_tensor'] * ms:.1f} / {r['floor_flat'] * ms:.1f} ms"),
         ("lorakit cold apply A (originals on device / host)",
          lambda r: f"{r['apply_cold_device'] * ms:.1f} / {r['apply_cold_host'] * ms:.1f} ms"),
-        ("lorakit switch A→B, best / median (originals on device)",
+        ("lorakit switch A→B, best / median (originals on device; recorded addmm list, the default)",
          lambda r: f"{r['switch_best_device'] * ms:.1f} / {r['switch_median_device'] * ms:.1f} ms"),
+        ("lorakit switch A→B, best / median (originals on device, nothing recorded: every sum worked out)",
+         lambda r: f"{r['switch_best_eager'] * ms:.1f} / {r['switch_median_eager'] * ms:.1f} ms"),
         ("lorakit switch A→B, best / median (originals on host)",
          lambda r: f"{r['switch_best_host'] * ms:.1f} / {r['switch_median_host'] * ms:.1f} ms"),
-        ("of which host side (Python + launches, device / host originals)",
-         lambda r: f"{r['switch_host_side_device'] * ms:.1f} / {r['switch_host_side_host'] * ms:.1f} ms"),
+        ("of which host side (Python + launches; device recorded / not / host originals)",
+         lambda r: f"{r['switch_host_side_device'] * ms:.1f} / {r['switch_host_side_eager'] * ms:.1f} / "
+                   f"{r['switch_host_side_host'] * ms:.1f} ms"),
         ("bound without Python: the switch's addmm calls eager / replayed as one CUDA graph",
          lambda r: f"{r['addmm_eager'] * ms:.1f} / {r['addmm_graph'] * ms:.1f} ms "
                    f"({r['addmm_graph'] / r['floor_per_tensor']:.2f}× the floor)"),

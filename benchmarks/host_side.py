@@ -8,9 +8,10 @@ switch that this CPU can measure and cut. The switch takes the CUDA fp16 path (o
 is counted as a GEMM device here). (The ``meta`` device is no stand-in: its ``addmm`` runs Python decompositions.)
 
 Per model: two kohya LoCon files (``switch.kohya_targets``; rank 1 by default, so that the CPU's fp16 arithmetic —
-slow here, ~150 µs per layer at rank 32 — does not hide the host side); switch A→B→A… with originals on the device;
-ms per switch and µs per switched layer (best and median of ``--repeats``), the torch ops per layer, and with
-``--profile`` the functions that take the time.
+slow here, ~150 µs per layer at rank 32 — does not hide the host side); switch A→B→A… with originals on the device,
+recorded (the default: a set switched back to replays its prepared ``addmm`` list) and eager (nothing recorded);
+ms per switch and µs per switched layer (best and median of ``--repeats``), the torch ops per layer, the recorded
+``addmm`` calls alone (torch without lorakit), and with ``--profile`` the functions that take the time.
 
     python benchmarks/host_side.py                 # SD1.5 and SDXL
     python benchmarks/host_side.py --arch sd1 --profile
@@ -24,6 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -95,34 +97,59 @@ def make_loras(comps: dict[str, torch.nn.Module], folder: Path, rank: int) -> li
     return out
 
 
-def measure(arch: str, repeats: int, profile: bool, rank: int) -> dict[str, float]:
+def measure(arch: str, repeats: int, profile: bool, rank: int) -> dict[str, dict[str, float]]:
+    """Per way of switching — ``recorded`` (the default: a set switched back to replays its prepared ``addmm``
+    list) and ``eager`` (nothing recorded: every switch worked out again) — the switch's times and ops."""
     comps = build(arch)
     with tempfile.TemporaryDirectory() as tmp:
         loras = make_loras(comps, Path(tmp), rank)
-    patcher = Patcher(comps)
-    patcher.fused.originals_mode = "device"
-    patcher.set([(loras[0], 1.0)], log_reports=False)
-    layers = len(patcher._modules)
-    patcher.set([(loras[1], 1.0)], log_reports=False)  # both resolved and placed: what follows is the switch
-    times = []
-    for i in range(repeats):
-        t = time.perf_counter()
-        patcher.set([(loras[i % 2], 1.0)], log_reports=False)
-        times.append(time.perf_counter() - t)
-    if profile:
-        prof = cProfile.Profile()
-        prof.enable()
-        for i in range(4):
+    out = {}
+    for mode in ("recorded", "eager"):
+        patcher = Patcher(comps)
+        patcher.fused.originals_mode = "device"
+        patcher.fused.recorded.enabled = mode == "recorded"
+        patcher.set([(loras[0], 1.0)], log_reports=False)
+        layers = len(patcher._modules)
+        for lo in (loras[1], loras[0], loras[1]):  # resolved, placed, recorded: what follows is the switch
+            patcher.set([(lo, 1.0)], log_reports=False)
+        times = []
+        for i in range(repeats):
+            t = time.perf_counter()
             patcher.set([(loras[i % 2], 1.0)], log_reports=False)
-        prof.disable()
-        stats = pstats.Stats(prof)
-        own = sum(v[2] for k, v in stats.stats.items() if "/lorakit/" in k[0]) / 4  # type: ignore[attr-defined]
-        print(f"lorakit's own Python (self time, profiled): {own / layers * 1e6:.1f} µs per layer")
-        stats.sort_stats("tottime").print_stats("/lorakit/", 15)
-    ops = ops_per_switch(patcher, loras[len(times) % 2])
-    patcher.restore()
-    return {"layers": layers, "ops_per_layer": ops / layers, "best_ms": min(times) * 1e3, "median_ms": statistics.median(times) * 1e3,
-            "us_per_layer_best": min(times) / layers * 1e6, "us_per_layer_median": statistics.median(times) / layers * 1e6}
+            times.append(time.perf_counter() - t)
+        bare = min(timed_calls(next(iter(patcher.fused.recorded._recorded.values())).replay, repeats)) \
+            if mode == "recorded" else float("nan")  # the recorded addmm list called directly: torch alone
+        if profile:
+            print(f"{arch}, {mode}:")
+            profile_switches(patcher, loras, layers)
+        ops = ops_per_switch(patcher, loras[len(times) % 2])
+        patcher.restore()
+        out[mode] = {"layers": layers, "ops_per_layer": ops / layers, "best_ms": min(times) * 1e3,
+                     "median_ms": statistics.median(times) * 1e3, "us_per_layer_best": min(times) / layers * 1e6,
+                     "us_per_layer_median": statistics.median(times) / layers * 1e6,
+                     "bare_us_per_layer": bare / layers * 1e6}
+    return out
+
+
+def timed_calls(fn: Callable[[], object], repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def profile_switches(patcher: Patcher, loras: list[lorakit.LoraModel], layers: int) -> None:
+    prof = cProfile.Profile()
+    prof.enable()
+    for i in range(4):
+        patcher.set([(loras[i % 2], 1.0)], log_reports=False)
+    prof.disable()
+    stats = pstats.Stats(prof)
+    own = sum(v[2] for k, v in stats.stats.items() if "/lorakit/" in k[0]) / 4  # type: ignore[attr-defined]
+    print(f"lorakit's own Python (self time, profiled): {own / layers * 1e6:.1f} µs per layer")
+    stats.sort_stats("tottime").print_stats("/lorakit/", 15)
 
 
 def main() -> None:
@@ -136,12 +163,15 @@ def main() -> None:
     torch.set_num_threads(1)
     fused.GEMM_DEVICES.add("cpu")  # the CUDA fp16 path: one addmm per weight
     print(f"torch {torch.__version__}, python {sys.version.split()[0]}, rank {a.rank}, width {WIDTH}, fp16")
-    print("| model | layers | switch best / median (ms) | µs per layer best / median | torch ops per layer |")
-    print("|---|---|---|---|---|")
+    print("| model | switch | layers | switch best / median (ms) | µs per layer best / median | torch ops per layer "
+          "| the same addmm calls alone (µs per layer) |")
+    print("|---|---|---|---|---|---|---|")
     for arch in a.arch or ["sd1", "sdxl"]:
-        r = measure(arch, a.repeats, a.profile, a.rank)
-        print(f"| {arch} | {r['layers']} | {r['best_ms']:.1f} / {r['median_ms']:.1f} | "
-              f"{r['us_per_layer_best']:.1f} / {r['us_per_layer_median']:.1f} | {r['ops_per_layer']:.1f} |", flush=True)
+        for mode, r in measure(arch, a.repeats, a.profile, a.rank).items():
+            print(f"| {arch} | {mode} | {r['layers']} | {r['best_ms']:.1f} / {r['median_ms']:.1f} | "
+                  f"{r['us_per_layer_best']:.1f} / {r['us_per_layer_median']:.1f} | {r['ops_per_layer']:.1f} | "
+                  f"{r['bare_us_per_layer']:.1f} |",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -74,31 +74,36 @@ def test_cuda_fused_matches_the_cpu_fp32_reference(dtype: torch.dtype) -> None:
             torch.testing.assert_close(got, ref.to(dtype).float(), rtol=2 * ulp, atol=1e-4)
 
 
+@pytest.mark.parametrize("graphs", [False, True], ids=["prepared-list", "cuda-graph"])
 @pytest.mark.parametrize("dtype", HALF, ids=str)
-def test_cuda_recorded_switch_equals_the_eager_switch_bit_for_bit(dtype: torch.dtype) -> None:
-    """patch/graphs.py: a set's switch recorded as a CUDA graph and replayed lands exactly where the eager switch
-    lands (fp16: recorded; bf16: refused, eager), across switches between recorded sets, and restores exactly."""
+def test_cuda_recorded_switch_equals_the_eager_switch_bit_for_bit(dtype: torch.dtype, graphs: bool) -> None:
+    """patch/recorded.py: a set's switch recorded (a prepared addmm list, or a CUDA graph) and replayed lands
+    exactly where the eager switch lands (fp16: recorded; bf16: refused, eager), across switches between recorded
+    sets, and restores exactly."""
     import copy
 
     from lorakit.patch import Patcher
-    from lorakit.patch.graphs import SwitchGraphs
+    from lorakit.patch.recorded import RecordedSwitches
 
     c = _cuda(dtype)
     snap = snapshot(c)
-    graphed, eager = Patcher(c), Patcher(copy.deepcopy(c))
-    for p, on in ((graphed, True), (eager, False)):
+    recorded, eager = Patcher(c), Patcher(copy.deepcopy(c))
+    recorded.fused.recorded = RecordedSwitches(graphs=graphs)
+    eager.fused.recorded = RecordedSwitches(enabled=False)
+    for p in (recorded, eager):
         p.fused.originals_mode = "device"
-        p.fused.graphs = SwitchGraphs(enabled=on)
     a, b = _lora(c, "lora", 1), _lora(c, "lora", 2)
     for s in ([(a, 1.0)], [(b, 0.7)], [(a, 1.0)], [(b, 0.7)], [(a, 1.0), (b, -0.5)], [(a, 1.0)],
               [(a, 1.0), (b, -0.5)], [(a, 1.0), (b, -0.5)], [(b, 0.7)]):
-        graphed.set(s, log_reports=False)
+        recorded.set(s, log_reports=False)
         eager.set(s, log_reports=False)
         for name, m in c.items():
             for (n, x), y in zip(m.named_parameters(), eager.components[name].parameters()):
                 assert torch.equal(x, y), f"{name}.{n} after {[(lo.name, w) for lo, w in s]}"
-    assert graphed.fused.graphs.captures == (3 if dtype == torch.float16 else 0)
-    graphed.restore()
+    expected = 3 if dtype == torch.float16 else 0
+    assert recorded.fused.recorded.recordings == expected
+    assert recorded.fused.recorded.graphs_captured == (expected if graphs else 0)
+    recorded.restore()
     assert_original(c, snap)
 
 

@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import torch
 
 from ..adapters import functional as fn
 from ..models.device import to_host
-from .graphs import SwitchGraphs
 from .originals import choose_places, describe_places
 from .placement import on_device
-from .plan import Contribution, Entries, ParamKey, Plan, Signature
+from .plan import Contribution, ParamKey, Plan, Signature
+from .recorded import RecordedSwitches, Work
 
 log = logging.getLogger("lorakit")
 CHUNK_ELEMENTS = {"cpu": 1 << 20}  # fp32 per block: 4 MiB stays in a CPU cache
@@ -46,7 +46,7 @@ class FusedPatcher:
         self.params: dict[ParamKey, torch.nn.Parameter] = {}
         self.signatures: dict[ParamKey, Signature] = {}
         self.buffers: dict[ParamKey, torch.Tensor] = {}  # originals on the device: each weight's patched values
-        self.graphs = SwitchGraphs()  # recorded switches (CUDA; see graphs.py)
+        self.recorded = RecordedSwitches()  # a set switched back to replays its prepared sums (recorded.py)
         # One-addmm factors in the weights' dtype (originals on the device only), of this switch and the one before:
         # switching back and forth between two sets casts nothing again (on a GPU: two launches less per layer).
         self._gemm: dict[tuple[ParamKey, Signature], GemmFactors] = {}
@@ -65,16 +65,18 @@ class FusedPatcher:
                 todo[key] = (entries[key], sig)
         new = {k: getattr(plan.modules[k[0]], k[1]) for k in todo if k not in self.params}
         self._keep_originals(new)
-        if todo and self.graphs.replay(plan, self.buffers, self.originals,
-                                       lambda keys: self._graph_work(keys, entries),
-                                       _device_of(self.originals, todo), fresh=bool(new)):
+        for key in todo:
+            self.signatures.pop(key, None)  # until its sum is done (a failure half-way still restores it)
+        # every weight changes (a switch, not a partial update): a recording replays the sums of all of them
+        if todo and len(todo) == len(signatures) and self.recorded.replay(
+                plan, self.buffers, self.originals, self._switch_work, _device_of(self.originals, todo),
+                fresh=bool(new)):
             for key, (_, sig) in todo.items():
                 self.params[key].data = self.buffers[key]
                 self.signatures[key] = sig
             return len(todo)
         self._gemm_next = {}
         for key, (contribs, sig) in todo.items():
-            self.signatures.pop(key, None)  # until the sum is done (a failure half-way still restores it)
             self._patch(key, contribs, fresh=key in new, sig=sig)
             self.signatures[key] = sig
         self._gemm_before, self._gemm, self._gemm_next = self._gemm, self._gemm_next, {}
@@ -86,7 +88,7 @@ class FusedPatcher:
         for key in list(self.params):
             self._restore(key)
         self._scratch = None
-        self.graphs.clear()
+        self.recorded.clear()
         self._gemm, self._gemm_before, self._gemm_next = {}, {}, {}
 
     @property
@@ -119,7 +121,8 @@ class FusedPatcher:
             param.data.copy_(host, non_blocking=host.is_pinned())  # pinned memory stays alive until copied
         else:
             param.data = self.originals.pop(key)
-            self.buffers.pop(key, None)
+            if self.buffers.pop(key, None) is not None:
+                self.recorded.drop_recordings()  # they hold the buffers they write: let this one go
         self.signatures.pop(key, None)
 
     def _patch(self, key: ParamKey, contribs: list[tuple[Contribution, str]], fresh: bool,
@@ -207,21 +210,26 @@ class FusedPatcher:
             torch.addmm(w2, u, d, alpha=alpha, out=o2)
         return True
 
-    def _graph_work(self, keys: list[ParamKey], entries: Entries) -> Callable[[], None] | None:
-        """The sums of ``keys`` into their buffers when each is one ``addmm`` on one device, factors there too
-        (what a CUDA graph can record: no buffer allocated, no host sync); ``None`` otherwise."""
-        device = self.originals[keys[0]].device
-        jobs = []
-        for key in keys:
-            orig, contribs = self.originals[key], entries[key]
-            factors = _low_rank(orig, contribs) if orig.device == device and _one_addmm(orig) else None
-            if factors is None or any(t.device != device for up, down, _ in factors for t in (up, down)):
+    def _switch_work(self, plan: Plan) -> Work | None:
+        """The sums of all ``plan``'s weights into their buffers as a prepared list of ``addmm`` calls (views and
+        factors made now; what ``recorded.py`` replays or captures as a CUDA graph: no allocation, no host sync),
+        or ``None`` when some weight's sum is not one ``addmm`` on the originals' device."""
+        entries, jobs, device = plan.param_entries(), [], None
+        for key, sig in plan.signatures().items():
+            orig, out = self.originals.get(key), self.buffers.get(key)
+            if orig is None or out is None:  # kept on the host (``auto`` ran out of device memory)
                 return None
-            jobs.append((self.buffers[key], orig, contribs))
+            device = device or orig.device
+            kept = self._gemm.get((key, sig)) or self._gemm_before.get((key, sig))
+            factors = kept or (_gemm_factors(orig, entries[key]) if orig.device == device and _one_addmm(orig)
+                               else None)
+            if factors is None or factors[0].device != device or factors[1].device != device:
+                return None
+            jobs.append((out.view(out.shape[0], -1), orig.view(orig.shape[0], -1), *factors))
 
         def work() -> None:
-            for out, orig, contribs in jobs:
-                self._sum_gemm(out, orig, contribs)
+            for o2, w2, u, d, alpha in jobs:
+                torch.addmm(w2, u, d, alpha=alpha, out=o2)
         return work
 
     def _fp32(self, like: torch.Tensor) -> torch.Tensor:

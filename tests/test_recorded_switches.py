@@ -1,6 +1,6 @@
-"""Recorded switches (patch/graphs.py), their bookkeeping checked on the CPU: ``addmm`` counts as a GEMM device
-here and the "graph" replays by running the recorded Python again, so every step must land exactly where the eager
-switch lands. The real CUDA graph is checked by tests/test_gpu.py."""
+"""Recorded switches (patch/recorded.py), checked on the CPU: ``addmm`` counts as a GEMM device here, a prepared
+list replays as it would on a GPU, and a stand-in "graph" replays by running the list again, so every step must land
+exactly where the eager switch lands. The real CUDA graph is checked by tests/test_gpu.py."""
 from __future__ import annotations
 
 import copy
@@ -13,7 +13,7 @@ from .factories import make_kohya_lora, tiny_components
 
 from lorakit.lora_model import LoraModel, lora_from_state_dict
 from lorakit.patch import Patcher, fused
-from lorakit.patch.graphs import SwitchGraphs
+from lorakit.patch.recorded import RecordedSwitches
 from lorakit.patch.plan import PlanCache
 
 
@@ -47,8 +47,8 @@ def patchers(dtype: torch.dtype, recorder: Recorder) -> tuple[Patcher, Patcher]:
     graphed, eager = Patcher(comps), Patcher(copy.deepcopy(comps))
     for p in (graphed, eager):
         p.fused.originals_mode = "device"
-    graphed.fused.graphs = SwitchGraphs(capture=recorder, enabled=True)
-    eager.fused.graphs = SwitchGraphs(enabled=False)
+    graphed.fused.recorded = RecordedSwitches(capture=recorder, graphs=True)
+    eager.fused.recorded = RecordedSwitches(enabled=False)
     return graphed, eager
 
 
@@ -76,7 +76,7 @@ def test_a_set_is_recorded_the_second_time_and_replays_exactly() -> None:
         graphed.set(s, log_reports=False)
         eager.set(s, log_reports=False)
         assert_same(graphed, eager)
-        captures.append(graphed.fused.graphs.captures)
+        captures.append(graphed.fused.recorded.recordings)
     # a, b recorded on their second use, a+b on its second; c (fewer layers) restores the others, so the a and
     # b after it patch fresh buffers eagerly (their recordings point at the dropped ones) — never a stale replay.
     assert captures == [0, 0, 1, 2, 2, 2, 2, 3, 3, 3, 4, 4]
@@ -93,7 +93,7 @@ def test_restore_forgets_recorded_switches() -> None:
     a, b, _ = loras(graphed.components)
     for s in ([(a, 1.0)], [(b, 1.0)], [(a, 1.0)]):
         graphed.set(s, log_reports=False)
-    assert graphed.fused.graphs.captures == 1
+    assert graphed.fused.recorded.recordings == 1
     graphed.restore()
     replays = rec.replays
     for s in ([(b, 1.0)], [(a, 1.0)]):
@@ -114,7 +114,7 @@ def test_sums_a_graph_cannot_hold_stay_eager(dtype: torch.dtype, kind: str) -> N
         graphed.set(s, log_reports=False)
         eager.set(s, log_reports=False)
         assert_same(graphed, eager)
-    assert graphed.fused.graphs.captures == 0 and rec.replays == 0
+    assert graphed.fused.recorded.recordings == 0 and rec.replays == 0
 
 
 @pytest.mark.usefixtures("gemm_on_cpu")
@@ -127,14 +127,14 @@ def test_host_originals_are_never_recorded() -> None:
         graphed.set(s, log_reports=False)
         eager.set(s, log_reports=False)
     assert_same(graphed, eager)
-    assert graphed.fused.graphs.captures == 0
+    assert graphed.fused.recorded.recordings == 0
 
 
 def test_off_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("LORAKIT_SWITCH_GRAPHS", raising=False)
-    assert not SwitchGraphs().enabled
+    assert not RecordedSwitches().graphs and RecordedSwitches().enabled
     monkeypatch.setenv("LORAKIT_SWITCH_GRAPHS", "1")
-    assert SwitchGraphs().enabled
+    assert RecordedSwitches().graphs
 
 
 def test_a_set_switched_back_to_reuses_its_plan() -> None:
@@ -167,19 +167,54 @@ def test_plan_cache_is_bounded() -> None:
 
 
 @pytest.mark.usefixtures("gemm_on_cpu")
-def test_a_set_that_cannot_be_recorded_switches_eagerly(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_set_whose_graph_cannot_be_captured_replays_its_prepared_list(caplog: pytest.LogCaptureFixture) -> None:
     def refuse(work: Callable[[], None], device: torch.device) -> Callable[[], None]:
         raise RuntimeError("operation not permitted when stream is capturing")
 
     graphed, eager = patchers(torch.float16, Recorder())
-    graphed.fused.graphs.capture = refuse
+    graphed.fused.recorded.capture = refuse
     a, b, _ = loras(graphed.components)
     for s in ([(a, 1.0)], [(b, 1.0)], [(a, 1.0)], [(b, 1.0)], [(a, 1.0)]):
         graphed.set(s, log_reports=False)
         eager.set(s, log_reports=False)
         assert_same(graphed, eager)
-    assert graphed.fused.graphs.captures == 0
+    assert graphed.fused.recorded.recordings == 2 and graphed.fused.recorded.graphs_captured == 0
     assert sum("could not record the LoRA switch" in r.message for r in caplog.records) == 2  # once per set
+
+
+@pytest.mark.usefixtures("gemm_on_cpu")
+def test_by_default_a_recorded_switch_is_one_op_per_weight() -> None:
+    """Without CUDA graphs a set switched back to replays its prepared ``addmm`` list: one torch op per weight
+    (the eager switch: a few more and the Python around them), the same weights as a patcher that records nothing,
+    and a restore brings back the originals."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            Count.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    comps = tiny_components("sd1", dtype=torch.float16)
+    recorded, eager = Patcher(comps), Patcher(copy.deepcopy(comps))
+    eager.fused.recorded = RecordedSwitches(enabled=False)
+    snap = snapshot(comps)
+    a, b, _ = loras(comps)
+    for p in (recorded, eager):
+        p.fused.originals_mode = "device"
+        for s in ([(a, 1.0)], [(b, 0.5)], [(a, 1.0)], [(b, 0.5)]):
+            p.set(s, log_reports=False)
+    assert recorded.fused.recorded.recordings == 2 and recorded.fused.recorded.graphs_captured == 0
+    assert_same(recorded, eager)
+    with Count():
+        n = recorded.fused.apply(recorded._plans.get(_resolved(recorded, [(a, 1.0)]), False))  # type: ignore[arg-type]
+    assert n == len(recorded.fused.params) and Count.ops == ["aten.addmm.out"] * n
+    eager.set([(a, 1.0)], log_reports=False)
+    assert_same(recorded, eager)
+    recorded.restore()
+    assert_original(comps, snap)
+    assert recorded.fused.recorded.recordings == 2 and recorded.fused.recorded._recorded == {}
 
 
 def test_caches_do_not_keep_placed_factors_alive() -> None:
@@ -213,6 +248,7 @@ def test_kept_gemm_factors_give_the_same_weights_as_fresh_ones() -> None:
     fresh_comps = copy.deepcopy(comps)
     p = Patcher(comps)
     p.fused.originals_mode = "device"
+    p.fused.recorded = RecordedSwitches(enabled=False)  # the eager switch's kept factors (a recording holds its own)
     a, b, _ = loras(comps)
     p.set([(a, 1.0), (b, 0.3)], log_reports=False)
     first = dict(p.fused._gemm)

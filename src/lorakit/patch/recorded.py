@@ -1,0 +1,135 @@
+"""A LoRA set's switch recorded once and replayed: a prepared list of ``addmm`` calls, or one CUDA graph.
+
+With the originals on the device and half-precision weights on a GEMM device (CUDA fp16), each weight's patched
+value is one ``addmm`` (``fused._sum_gemm``) and every address a set's sums touch is fixed — each weight's
+original, its patched buffer, the factors cast for the ``addmm``. On a GPU such a switch is host-bound (SD1.5's 350
+sums are ~2.4 ms of work, but tens of µs of Python and launch each), so a set switched back to is not worked out
+again: its sums are recorded once and replayed —
+
+- as a **prepared list** (the default): the ``addmm`` calls with their views and factors made beforehand, run in a
+  tight loop — the same kernels on the same tensors as the eager switch, nothing else per weight;
+- as a **CUDA graph** (``LORAKIT_SWITCH_GRAPHS=1``): that list captured once and replayed as one launch. Opt-in
+  until a GPU run has confirmed it bit-exact (``tests/test_gpu.py``).
+
+``FusedPatcher`` asks ``RecordedSwitches.replay`` before summing a plan whose every weight changes: the first time
+a set is applied it runs eagerly (which allocates the buffers and warms cuBLAS) and is remembered; the next time it
+is recorded and replayed, later times replayed. A recording is used only while every buffer and original it holds
+is still the one the patcher holds; a restore, or a weight's buffer dropped (a set with fewer layers in between),
+drops the recordings (they hold those buffers: device memory).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .plan import ParamKey, Plan
+
+log = logging.getLogger("lorakit")
+RECORDED_KEEP = 4  # sets with a recorded switch (each holds its factors' copies in the weights' dtype)
+Work = Callable[[], None]
+Capture = Callable[[Work, torch.device], Work]
+
+
+def cuda_capture(work: Work, device: torch.device) -> Work:
+    """``work`` recorded (not run) as a CUDA graph on ``device``; returns its replay."""
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.synchronize(device)
+    # thread_local: a server's other threads may touch CUDA while this one records
+    with torch.cuda.device(device), torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        work()
+    return graph.replay
+
+
+@dataclass
+class _Recorded:
+    plan: Plan  # held: its identity keys the recording
+    keys: list[ParamKey]
+    buffers: list[torch.Tensor]
+    originals: list[torch.Tensor]
+    replay: Work
+
+
+class RecordedSwitches:
+    """Recorded switches of one ``FusedPatcher``, keyed by plan (``PlanCache`` hands back the same plan for the
+    same set). ``graphs``: capture each recording as a CUDA graph (default: ``LORAKIT_SWITCH_GRAPHS=1``);
+    ``enabled=False`` records nothing (every switch eager)."""
+
+    def __init__(self, capture: Capture = cuda_capture, graphs: bool | None = None, enabled: bool = True) -> None:
+        self.capture = capture
+        self.graphs = os.environ.get("LORAKIT_SWITCH_GRAPHS") == "1" if graphs is None else graphs
+        self.enabled = enabled
+        self._recorded: OrderedDict[int, _Recorded] = OrderedDict()
+        self._seen: OrderedDict[int, Plan] = OrderedDict()  # applied eagerly once: recorded next time
+        self._refused: OrderedDict[int, Plan] = OrderedDict()  # a sum not one addmm (bf16, a non-low-rank type…)
+        self.recordings = 0  # how many were recorded (tests, debug)
+        self.graphs_captured = 0  # of which captured as CUDA graphs
+
+    def clear(self) -> None:
+        self._recorded.clear()
+        self._seen.clear()
+        self._refused.clear()
+
+    def drop_recordings(self) -> None:
+        """Let the recordings go (they hold the buffers they write), keeping which sets were seen."""
+        self._recorded.clear()
+
+    def replay(self, plan: Plan, buffers: dict[ParamKey, torch.Tensor], originals: dict[ParamKey, torch.Tensor],
+               work_for: Callable[[Plan], Work | None], device: torch.device | None, fresh: bool = False) -> bool:
+        """Run ``plan``'s sums from a recording when one is made (or can be now); ``False``: sum eagerly.
+        ``work_for(plan)`` gives the prepared sums of all the plan's weights into their buffers, or ``None`` when
+        some weight's sum is not one ``addmm``; ``fresh``: some weights are patched for the first time (no buffer
+        yet); ``device``: where the originals are (``None``: on the host — never recorded)."""
+        if not self.enabled or device is None:
+            return False
+        key = id(plan)
+        rec = self._recorded.get(key)
+        if rec is not None and rec.plan is plan and _valid(rec, buffers, originals):
+            self._recorded.move_to_end(key)
+            rec.replay()
+            return True
+        self._recorded.pop(key, None)
+        if self._refused.get(key) is plan:
+            return False
+        if fresh or self._seen.get(key) is not plan:
+            _remember(self._seen, key, plan)
+            return False
+        work = work_for(plan)
+        if work is None:
+            _remember(self._refused, key, plan)
+            return False
+        keys = list(plan.signatures())
+        replay = self._record(work, device)
+        rec = _Recorded(plan, keys, [buffers[k] for k in keys], [originals[k] for k in keys], replay)
+        self.recordings += 1
+        self._recorded[key] = rec
+        while len(self._recorded) > RECORDED_KEEP:
+            self._recorded.popitem(last=False)
+        rec.replay()
+        return True
+
+    def _record(self, work: Work, device: torch.device) -> Work:
+        """``work`` as a CUDA graph's replay when ``graphs``, else itself (a prepared list)."""
+        if not self.graphs:
+            return work
+        try:
+            replay = self.capture(work, device)
+        except RuntimeError as e:  # a driver or allocator that cannot record: the prepared list runs instead
+            log.warning(f"could not record the LoRA switch as a CUDA graph ({e}); switching without")
+            return work
+        self.graphs_captured += 1
+        return replay
+
+
+def _valid(rec: _Recorded, buffers: dict[ParamKey, torch.Tensor], originals: dict[ParamKey, torch.Tensor]) -> bool:
+    return all(buffers.get(k) is b and originals.get(k) is o for k, b, o in zip(rec.keys, rec.buffers, rec.originals))
+
+
+def _remember(items: OrderedDict[int, Plan], key: int, plan: Plan) -> None:
+    items[key] = plan
+    while len(items) > RECORDED_KEEP:
+        items.popitem(last=False)
