@@ -35,12 +35,26 @@ Work = Callable[[], None]
 Capture = Callable[[Work, torch.device], Work]
 
 
+_CAPTURE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
 def cuda_capture(work: Work, device: torch.device) -> Work:
-    """``work`` recorded (not run) as a CUDA graph on ``device``; returns its replay."""
-    graph = torch.cuda.CUDAGraph()
+    """``work`` recorded as a CUDA graph on ``device``; returns its replay. ``work`` runs once first, on the stream
+    the capture uses (one per device, kept), so the BLAS handle and workspace of that stream exist before capture
+    (on ROCm, hipBLASLt creates its handle lazily per stream and cannot while capturing). That run writes the
+    same values the replay that follows writes."""
+    stream = _CAPTURE_STREAMS.get(device)
+    if stream is None:
+        stream = _CAPTURE_STREAMS[device] = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+    current = torch.cuda.current_stream(device)
+    stream.wait_stream(current)  # the sums may overwrite buffers that queued work still reads
+    with torch.cuda.device(device), torch.cuda.stream(stream):
+        work()
+    current.wait_stream(stream)
     torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
     # thread_local: a server's other threads may touch CUDA while this one records
-    with torch.cuda.device(device), torch.cuda.graph(graph, capture_error_mode="thread_local"):
+    with torch.cuda.device(device), torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
         work()
     return graph.replay
 
