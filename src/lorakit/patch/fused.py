@@ -227,7 +227,7 @@ class FusedPatcher:
                 return None
             jobs.append((out.view(out.shape[0], -1), orig.view(orig.shape[0], -1), *factors))
 
-        def work() -> None:
+        def work() -> None:  # the very call ``_sum_gemm`` makes: a replay is bit-identical to the eager switch
             for o2, w2, u, d, alpha in jobs:
                 torch.addmm(w2, u, d, alpha=alpha, out=o2)
         return work
