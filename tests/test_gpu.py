@@ -33,6 +33,13 @@ def _lora(c: dict[str, torch.nn.Module], kind: object, seed: int) -> lorakit.Lor
     return lorakit.lora_from_state_dict(sd, {}, name=f"l{seed}")
 
 
+def _host_placed_factors(lora: lorakit.LoraModel, c: dict[str, torch.nn.Module]) -> list[torch.Tensor]:
+    """The factor tensors of ``lora`` as host mode places them (patch/placement.py; scalars left out)."""
+    from lorakit.patch import placement
+    placed = placement.place_loras([(lora, 1.0)], c, "fused", host=True)[0][0]
+    return [t for a in placed.layers.values() for k, t in placement._tensors(a) if not placement._keeps(k, t)]
+
+
 def _mixed(path: str) -> str:
     return MIXED[sum(map(ord, path)) % len(MIXED)]
 
@@ -51,6 +58,7 @@ def test_cuda_apply_switch_restore_bit_exact(dtype: torch.dtype, where: str) -> 
         assert all(p.device.type == "cuda" for m in c.values() for p in m.parameters())
         if where == "host":
             assert all(t.device.type == "cpu" and t.is_pinned() for t in patcher.fused.host.values())
+            assert all(t.device.type == "cpu" and t.is_pinned() for t in _host_placed_factors(a, c))
         patcher.set([(b, -1.0)], mode="hooks" if i % 3 == 0 else "fused")
         patcher.restore()
         assert_original(c, snap)

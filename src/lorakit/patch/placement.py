@@ -27,7 +27,8 @@ CACHE_SIZE = 8
 SCALAR_KEYS = ("alpha", "scale")
 W = TypeVar("W")
 Placement = tuple[tuple[str, str], ...]  # ((component, device), ...)
-_CACHE: OrderedDict[tuple[int, Placement, torch.dtype], LoraModel] = OrderedDict()
+CacheKey = tuple[int, Placement, torch.dtype, bool]  # (id of the LoRA, placement, dtype, pinned)
+_CACHE: OrderedDict[CacheKey, LoraModel] = OrderedDict()
 _FINALIZERS: dict[int, weakref.finalize[[int], LoraModel]] = {}
 _capacity = CACHE_SIZE
 
@@ -59,9 +60,12 @@ def place_loras(pairs: Sequence[tuple[LoraModel, W]], components: Mapping[str, t
                 mode: str = "fused", host: bool = False) -> list[tuple[LoraModel, W]]:
     """``pairs`` with every LoRA's factors on the device its layers run on (see ``run_device``); with ``host``
     (fused, originals kept on the host: the low-memory choice) in host memory instead, each layer's factors then
-    moved to the device only while its sum is made (``on_device``), so none stay on the card."""
+    moved to the device only while its sum is made (``on_device``), so none stay on the card. Host-placed
+    factors are pinned when CUDA is available: a copy from pageable memory would wait for the stream at every
+    layer of a switch, one from pinned memory is queued like the sums."""
     devices = {name: torch.device("cpu") if host else run_device(m, mode) for name, m in components.items()}
-    return [(lora_on(lora, devices), w) for lora, w in pairs]
+    pin = host and torch.cuda.is_available()
+    return [(lora_on(lora, devices, pin=pin), w) for lora, w in pairs]
 
 
 def on_device(adapter: Adapter, device: torch.device) -> Adapter:
@@ -72,33 +76,35 @@ def on_device(adapter: Adapter, device: torch.device) -> Adapter:
     return adapter_on(adapter, device)
 
 
-def lora_on(lora: LoraModel, devices: Mapping[str, torch.device],
-            dtype: torch.dtype = COMPUTE_DTYPE) -> LoraModel:
+def lora_on(lora: LoraModel, devices: Mapping[str, torch.device], dtype: torch.dtype = COMPUTE_DTYPE,
+            pin: bool = False) -> LoraModel:
     """``lora`` with each layer's tensors on ``devices[component]`` in ``dtype`` (cached); ``lora`` itself when
-    nothing would change (an fp32 LoRA on the CPU)."""
+    nothing would change (an fp32 LoRA on the CPU). ``pin``: tensors placed on the CPU go to pinned memory."""
     placement: Placement = tuple(sorted((c, str(d)) for c, d in devices.items()))
-    key = (id(lora), placement, dtype)
+    key = (id(lora), placement, dtype, pin)
     hit = _CACHE.get(key)
     if hit is not None:
         _CACHE.move_to_end(key)
         return hit
-    if not any(_needs_move(t, devices.get(p.split(".", 1)[0]), dtype, k) for p, a in lora.layers.items()
+    if not any(_needs_move(t, devices.get(p.split(".", 1)[0]), dtype, k, pin) for p, a in lora.layers.items()
                for k, t in _tensors(a)):
         return lora
-    layers = {path: adapter_on(a, devices.get(path.split(".", 1)[0], torch.device("cpu")), dtype)
+    layers = {path: adapter_on(a, devices.get(path.split(".", 1)[0], torch.device("cpu")), dtype, pin)
               for path, a in lora.layers.items()}
     placed = dataclasses.replace(lora, layers=layers)
     _remember(lora, key, placed)
     return placed
 
 
-def adapter_on(adapter: Adapter, device: torch.device, dtype: torch.dtype = COMPUTE_DTYPE) -> Adapter:
-    """A shallow copy of ``adapter`` whose tensors (and a wrapped adapter's, as DoRA's) are on ``device``."""
+def adapter_on(adapter: Adapter, device: torch.device, dtype: torch.dtype = COMPUTE_DTYPE,
+               pin: bool = False) -> Adapter:
+    """A shallow copy of ``adapter`` whose tensors (and a wrapped adapter's, as DoRA's) are on ``device``
+    (``pin``: in pinned memory when that is the CPU)."""
     out = copy.copy(adapter)
-    out.t = {k: _convert(k, t, device, dtype) for k, t in adapter.t.items()}
+    out.t = {k: _convert(k, t, device, dtype, pin) for k, t in adapter.t.items()}
     for name, value in vars(adapter).items():
         if isinstance(value, Adapter):
-            setattr(out, name, adapter_on(value, device, dtype))
+            setattr(out, name, adapter_on(value, device, dtype, pin))
     return out
 
 
@@ -115,19 +121,23 @@ def _keeps(key: str, t: torch.Tensor) -> bool:
     return key in SCALAR_KEYS or t.dim() == 0 or not t.is_floating_point()
 
 
-def _needs_move(t: torch.Tensor, device: torch.device | None, dtype: torch.dtype, key: str) -> bool:
+def _needs_move(t: torch.Tensor, device: torch.device | None, dtype: torch.dtype, key: str, pin: bool) -> bool:
     if _keeps(key, t):
         return False
-    return t.dtype != dtype or t.device != (device or torch.device("cpu"))
+    device = device or torch.device("cpu")
+    return t.dtype != dtype or t.device != device or (pin and device.type == "cpu" and not t.is_pinned())
 
 
-def _convert(key: str, t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def _convert(key: str, t: torch.Tensor, device: torch.device, dtype: torch.dtype, pin: bool) -> torch.Tensor:
     if _keeps(key, t):
         return t
+    if pin and device.type == "cpu":
+        pinned = torch.empty(t.shape, dtype=dtype, device="cpu", pin_memory=True)
+        return pinned.copy_(t)
     return t.to(device=device, dtype=dtype, non_blocking=t.is_pinned())
 
 
-def _remember(lora: LoraModel, key: tuple[int, Placement, torch.dtype], placed: LoraModel) -> None:
+def _remember(lora: LoraModel, key: CacheKey, placed: LoraModel) -> None:
     _CACHE[key] = placed
     lora_id = id(lora)
     if lora_id not in _FINALIZERS:  # the entries go with the LoRA (its id may be reused afterwards)
