@@ -263,3 +263,46 @@ def test_kept_gemm_factors_give_the_same_weights_as_fresh_ones() -> None:
     assert_same(p, fresh)
     p.restore()
     assert p.fused._gemm == {} and p.fused._gemm_before == {}
+
+
+@pytest.mark.usefixtures("gemm_on_cpu")
+@pytest.mark.parametrize("seed", range(4))
+def test_random_switch_sequences_land_where_a_fresh_patcher_does(seed: int) -> None:
+    """Random sequences over a few sets — full and partial LoRAs, other strengths, a non-low-rank type, a set
+    applied again, restores — with recordings (prepared lists, and stand-in graphs) and without: after every step
+    the three models are equal bit for bit, and each set lands where a patcher applying it to the untouched model
+    does; a restore brings back the originals."""
+    import random
+
+    rnd = random.Random(seed)
+    comps = tiny_components("sd1", dtype=torch.float16)
+    pristine = copy.deepcopy(comps)
+    snap = snapshot(comps)
+    lists, graphs, eager = Patcher(comps), Patcher(copy.deepcopy(comps)), Patcher(copy.deepcopy(comps))
+    graphs.fused.recorded = RecordedSwitches(capture=Recorder(), graphs=True)
+    eager.fused.recorded = RecordedSwitches(enabled=False)
+    for p in (lists, graphs, eager):
+        p.fused.originals_mode = "device"
+    a, b, attn = loras(comps)
+    loha = loras(comps, "loha", n=1)[0]
+    pool = [[(a, 1.0)], [(b, 0.7)], [(a, 1.0), (b, 0.3)], [(attn, 1.0)], [(a, 0.5)], [(loha, 0.8)],
+            [(a, 1.0), (attn, -0.5)]]
+    fresh = {}
+    for _ in range(30):
+        if rnd.random() < 0.1:
+            for p in (lists, graphs, eager):
+                p.restore()
+            assert_original(comps, snap)
+            continue
+        i = rnd.randrange(len(pool))
+        for p in (lists, graphs, eager):
+            p.set(pool[i], log_reports=False)
+        assert_same(lists, eager)
+        assert_same(graphs, eager)
+        if i not in fresh:  # the same set applied to the untouched model
+            ref = Patcher(copy.deepcopy(pristine))
+            ref.fused.originals_mode = "device"
+            ref.set(pool[i], log_reports=False)
+            fresh[i] = ref
+        assert_same(lists, fresh[i])
+    assert lists.fused.recorded.recordings > 0 and graphs.fused.recorded.graphs_captured > 0

@@ -69,8 +69,7 @@ class FusedPatcher:
             self.signatures.pop(key, None)  # until its sum is done (a failure half-way still restores it)
         # every weight changes (a switch, not a partial update): a recording replays the sums of all of them
         if todo and len(todo) == len(signatures) and self.recorded.replay(
-                plan, self.buffers, self.originals, self._switch_work, _device_of(self.originals, todo),
-                fresh=bool(new)):
+                plan, self._switch_work, _device_of(self.originals, todo), fresh=bool(new)):
             for key, (_, sig) in todo.items():
                 self.params[key].data = self.buffers[key]
                 self.signatures[key] = sig

@@ -13,9 +13,8 @@ again: its sums are recorded once and replayed —
 
 ``FusedPatcher`` asks ``RecordedSwitches.replay`` before summing a plan whose every weight changes: the first time
 a set is applied it runs eagerly (which allocates the buffers and warms cuBLAS) and is remembered; the next time it
-is recorded and replayed, later times replayed. A recording is used only while every buffer and original it holds
-is still the one the patcher holds; a restore, or a weight's buffer dropped (a set with fewer layers in between),
-drops the recordings (they hold those buffers: device memory).
+is recorded and replayed, later times replayed. A restore, or a weight's buffer dropped (a set with fewer layers
+in between), drops the recordings: they hold the buffers they write (device memory), which must be the patcher's.
 """
 from __future__ import annotations
 
@@ -27,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .plan import ParamKey, Plan
+from .plan import Plan
 
 log = logging.getLogger("lorakit")
 RECORDED_KEEP = 4  # sets with a recorded switch (each holds its factors' copies in the weights' dtype)
@@ -62,10 +61,7 @@ def cuda_capture(work: Work, device: torch.device) -> Work:
 @dataclass
 class _Recorded:
     plan: Plan  # held: its identity keys the recording
-    keys: list[ParamKey]
-    buffers: list[torch.Tensor]
-    originals: list[torch.Tensor]
-    replay: Work
+    replay: Work  # holds the buffers, originals and factors it reads and writes
 
 
 class RecordedSwitches:
@@ -92,17 +88,19 @@ class RecordedSwitches:
         """Let the recordings go (they hold the buffers they write), keeping which sets were seen."""
         self._recorded.clear()
 
-    def replay(self, plan: Plan, buffers: dict[ParamKey, torch.Tensor], originals: dict[ParamKey, torch.Tensor],
-               work_for: Callable[[Plan], Work | None], device: torch.device | None, fresh: bool = False) -> bool:
+    def replay(self, plan: Plan, work_for: Callable[[Plan], Work | None], device: torch.device | None,
+               fresh: bool = False) -> bool:
         """Run ``plan``'s sums from a recording when one is made (or can be now); ``False``: sum eagerly.
         ``work_for(plan)`` gives the prepared sums of all the plan's weights into their buffers, or ``None`` when
         some weight's sum is not one ``addmm``; ``fresh``: some weights are patched for the first time (no buffer
-        yet); ``device``: where the originals are (``None``: on the host — never recorded)."""
+        yet); ``device``: where the originals are (``None``: on the host — never recorded). A recording stays right
+        while the buffers and originals it holds are the patcher's: ``FusedPatcher`` drops the recordings whenever
+        one of those goes (``drop_recordings``, ``clear``)."""
         if not self.enabled or device is None:
             return False
         key = id(plan)
         rec = self._recorded.get(key)
-        if rec is not None and rec.plan is plan and _valid(rec, buffers, originals):
+        if rec is not None and rec.plan is plan:
             self._recorded.move_to_end(key)
             rec.replay()
             return True
@@ -116,9 +114,7 @@ class RecordedSwitches:
         if work is None:
             _remember(self._refused, key, plan)
             return False
-        keys = list(plan.signatures())
-        replay = self._record(work, device)
-        rec = _Recorded(plan, keys, [buffers[k] for k in keys], [originals[k] for k in keys], replay)
+        rec = _Recorded(plan, self._record(work, device))
         self.recordings += 1
         self._recorded[key] = rec
         while len(self._recorded) > RECORDED_KEEP:
@@ -137,10 +133,6 @@ class RecordedSwitches:
             return work
         self.graphs_captured += 1
         return replay
-
-
-def _valid(rec: _Recorded, buffers: dict[ParamKey, torch.Tensor], originals: dict[ParamKey, torch.Tensor]) -> bool:
-    return all(buffers.get(k) is b and originals.get(k) is o for k, b, o in zip(rec.keys, rec.buffers, rec.originals))
 
 
 def _remember(items: OrderedDict[int, Plan], key: int, plan: Plan) -> None:
