@@ -117,7 +117,7 @@ def measure(arch: str, repeats: int, profile: bool, rank: int) -> dict[str, dict
             t = time.perf_counter()
             patcher.set([(loras[i % 2], 1.0)], log_reports=False)
             times.append(time.perf_counter() - t)
-        bare = min(timed_calls(next(iter(patcher.fused.recorded._recorded.values())).replay, repeats)) \
+        bare = min(timed_calls(patcher.fused.recorded.held()[0].work, repeats)) \
             if mode == "recorded" else float("nan")  # the recorded addmm list called directly: torch alone
         if profile:
             print(f"{arch}, {mode}:")

@@ -100,17 +100,20 @@ def test_cuda_recorded_switch_equals_the_eager_switch_bit_for_bit(dtype: torch.d
     eager.fused.recorded = RecordedSwitches(enabled=False)
     for p in (recorded, eager):
         p.fused.originals_mode = "device"
-    a, b = _lora(c, "lora", 1), _lora(c, "lora", 2)
+    a, b, x, y = (_lora(c, "lora", i) for i in (1, 2, 3, 4))
+    # x, y in between: the factors made for a's recording are not kept by the eager switch any more, and the
+    # allocator hands their memory to others — a recording that did not hold them would read those
     for s in ([(a, 1.0)], [(b, 0.7)], [(a, 1.0)], [(b, 0.7)], [(a, 1.0), (b, -0.5)], [(a, 1.0)],
-              [(a, 1.0), (b, -0.5)], [(a, 1.0), (b, -0.5)], [(b, 0.7)]):
+              [(a, 1.0), (b, -0.5)], [(a, 1.0), (b, -0.5)], [(b, 0.7)], [(x, 1.0)], [(y, 1.0)], [(a, 1.0)],
+              [(x, 1.0)], [(y, 1.0)], [(a, 1.0)], [(b, 0.7)]):
         recorded.set(s, log_reports=False)
         eager.set(s, log_reports=False)
         for name, m in c.items():
             for (n, x), y in zip(m.named_parameters(), eager.components[name].parameters()):
                 assert torch.equal(x, y), f"{name}.{n} after {[(lo.name, w) for lo, w in s]}"
-    expected = 3 if dtype == torch.float16 else 0
-    assert recorded.fused.recorded.recordings == expected
-    assert recorded.fused.recorded.graphs_captured == (expected if graphs else 0)
+    made = recorded.fused.recorded.recordings
+    assert made >= 5 if dtype == torch.float16 else made == 0  # a, b, a+b, x, y (again when evicted)
+    assert recorded.fused.recorded.graphs_captured == (made if graphs else 0)
     recorded.restore()
     assert_original(c, snap)
 

@@ -214,7 +214,7 @@ def test_by_default_a_recorded_switch_is_one_op_per_weight() -> None:
     assert_same(recorded, eager)
     recorded.restore()
     assert_original(comps, snap)
-    assert recorded.fused.recorded.recordings == 2 and recorded.fused.recorded._recorded == {}
+    assert recorded.fused.recorded.recordings == 2 and recorded.fused.recorded.held() == []
 
 
 def test_caches_do_not_keep_placed_factors_alive() -> None:
@@ -306,3 +306,72 @@ def test_random_switch_sequences_land_where_a_fresh_patcher_does(seed: int) -> N
             fresh[i] = ref
         assert_same(lists, fresh[i])
     assert lists.fused.recorded.recordings > 0 and graphs.fused.recorded.graphs_captured > 0
+
+
+@pytest.mark.usefixtures("gemm_on_cpu")
+def test_a_graph_recording_keeps_what_its_sums_read() -> None:
+    """A CUDA graph holds no reference to the tensors it reads: the recording must. The stand-in keeps only a weak
+    reference to the recorded work, as a graph keeps none; every replay finds it (and its factors) alive — also
+    for factors made only for the recording (A, B, C, A) and kept ones the eager switch has since let go."""
+    import gc
+    import weakref
+
+    def weak_capture(work: Callable[[], None], device: torch.device) -> Callable[[], None]:
+        ref = weakref.ref(work)
+
+        def replay() -> None:
+            alive = ref()
+            assert alive is not None, "the graph would read freed memory"
+            alive()
+        return replay
+
+    graphed, eager = patchers(torch.float16, Recorder())
+    graphed.fused.recorded.capture = weak_capture
+    a, b, _ = loras(graphed.components)
+    c, d = loras(graphed.components, n=2)  # two more full sets (seeds 0, 1: other LoRA objects)
+    for s in ([(a, 1.0)], [(b, 1.0)], [(c, 0.5)], [(a, 1.0)], [(d, 0.5)], [(a, 1.0)], [(b, 1.0)], [(c, 0.5)],
+              [(d, 0.5)], [(a, 1.0)], [(b, 1.0)]):
+        graphed.set(s, log_reports=False)
+        eager.set(s, log_reports=False)
+        gc.collect()
+        assert_same(graphed, eager)
+    assert graphed.fused.recorded.graphs_captured >= 3
+
+
+@pytest.mark.usefixtures("gemm_on_cpu")
+def test_a_set_with_fewer_layers_keeps_its_recording() -> None:
+    """Switching between a full set and one on the attention layers only: the smaller set's recording does not
+    write the buffers the switch drops, so it stays and replays; the full set patches fresh buffers each time."""
+    comps = tiny_components("sd1", dtype=torch.float16)
+    p = Patcher(comps)
+    p.fused.originals_mode = "device"
+    a, _, attn = loras(comps)
+    for _ in range(4):
+        p.set([(a, 1.0)], log_reports=False)
+        p.set([(attn, 1.0)], log_reports=False)
+    assert p.fused.recorded.recordings == 1 and len(p.fused.recorded.held()) == 1
+
+
+@pytest.mark.usefixtures("gemm_on_cpu")
+def test_recordings_go_with_their_plans() -> None:
+    """Sets the plan cache has let go can never be switched back to (a new plan is made): their recordings, and
+    what was seen or refused of them, hold nothing — the plans and their placed factors are freed."""
+    import gc
+    import weakref
+
+    from lorakit.patch import plan as plan_module
+
+    comps = tiny_components("sd1", dtype=torch.float16)
+    p = Patcher(comps)
+    p.fused.originals_mode = "device"
+    a, b, _ = loras(comps)
+    for s in ([(a, 1.0)], [(b, 1.0)], [(a, 1.0)], [(b, 1.0)]):
+        p.set(s, log_reports=False)
+    assert p.fused.recorded.recordings == 2
+    first = weakref.ref(p._plans.get(_resolved(p, [(a, 1.0)]), False))  # type: ignore[arg-type]
+    assert first() is not None
+    for i in range(plan_module.PLANS_KEEP + 1):  # other strengths: other plans, the first one falls out
+        p.set([(b, 0.1 * (i + 1))], log_reports=False)
+    gc.collect()
+    assert first() is None
+    assert len(p.fused.recorded.held()) <= 1  # only b's last sets can still be switched back to

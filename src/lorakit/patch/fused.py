@@ -121,7 +121,7 @@ class FusedPatcher:
         else:
             param.data = self.originals.pop(key)
             if self.buffers.pop(key, None) is not None:
-                self.recorded.drop_recordings()  # they hold the buffers they write: let this one go
+                self.recorded.drop_recordings(key)  # those that write this buffer: let it go
         self.signatures.pop(key, None)
 
     def _patch(self, key: ParamKey, contribs: list[tuple[Contribution, str]], fresh: bool,

@@ -13,28 +13,34 @@ again: its sums are recorded once and replayed —
 
 ``FusedPatcher`` asks ``RecordedSwitches.replay`` before summing a plan whose every weight changes: the first time
 a set is applied it runs eagerly (which allocates the buffers and warms cuBLAS) and is remembered; the next time it
-is recorded and replayed, later times replayed. A restore, or a weight's buffer dropped (a set with fewer layers
-in between), drops the recordings: they hold the buffers they write (device memory), which must be the patcher's.
+is recorded and replayed, later times replayed. A recording holds what its sums read and write (a CUDA graph holds
+nothing itself): the buffers, which must stay the patcher's — a restore drops every recording, a weight's buffer
+dropped (a set with fewer layers in between) the recordings that write it — and the factors. A plan is held
+weakly: once ``PlanCache`` lets it go its set can never be switched back to, and its recording goes with it.
 """
 from __future__ import annotations
 
 import logging
 import os
+import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import torch
 
-from .plan import Plan
+from .plan import ParamKey, Plan
 
 log = logging.getLogger("lorakit")
 RECORDED_KEEP = 4  # sets with a recorded switch (each holds its factors' copies in the weights' dtype)
 Work = Callable[[], None]
 Capture = Callable[[Work, torch.device], Work]
-
+V = TypeVar("V")
 
 _CAPTURE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+_CAPTURE_LOCK = threading.Lock()  # one capture at a time in a process (two would share the capture stream)
 
 
 def cuda_capture(work: Work, device: torch.device) -> Work:
@@ -42,26 +48,68 @@ def cuda_capture(work: Work, device: torch.device) -> Work:
     the capture uses (one per device, kept), so the BLAS handle and workspace of that stream exist before capture
     (on ROCm, hipBLASLt creates its handle lazily per stream and cannot while capturing). That run writes the
     same values the replay that follows writes."""
-    stream = _CAPTURE_STREAMS.get(device)
-    if stream is None:
-        stream = _CAPTURE_STREAMS[device] = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
-    current = torch.cuda.current_stream(device)
-    stream.wait_stream(current)  # the sums may overwrite buffers that queued work still reads
-    with torch.cuda.device(device), torch.cuda.stream(stream):
-        work()
-    current.wait_stream(stream)
-    torch.cuda.synchronize(device)
-    graph = torch.cuda.CUDAGraph()
-    # thread_local: a server's other threads may touch CUDA while this one records
-    with torch.cuda.device(device), torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
-        work()
-    return graph.replay
+    with _CAPTURE_LOCK:
+        stream = _CAPTURE_STREAMS.get(device)
+        if stream is None:
+            stream = _CAPTURE_STREAMS[device] = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+        current = torch.cuda.current_stream(device)
+        stream.wait_stream(current)  # the sums may overwrite buffers that queued work still reads
+        try:
+            with torch.cuda.device(device), torch.cuda.stream(stream):
+                work()
+        finally:
+            current.wait_stream(stream)  # later work on the current stream comes after these sums, even on failure
+        torch.cuda.synchronize(device)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: a server's other threads may touch CUDA while this one records
+        with torch.cuda.device(device), torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+            work()
+        return graph.replay
 
 
 @dataclass
 class _Recorded:
-    plan: Plan  # held: its identity keys the recording
-    replay: Work  # holds the buffers, originals and factors it reads and writes
+    keys: frozenset[ParamKey]  # the weights whose buffers it writes
+    work: Work  # the prepared list: holds the buffers, originals and factors (a graph holds none of them)
+    replay: Work  # ``work`` itself, or its CUDA graph's replay
+
+
+class _PlanMap(Generic[V]):
+    """Plan → value, at most ``RECORDED_KEEP`` (least recently used out), each plan held weakly: its entry goes when
+    the plan is collected (``PlanCache`` let it go, so its set will get a new plan)."""
+
+    def __init__(self) -> None:
+        self._items: OrderedDict[int, tuple[weakref.ref[Plan], V]] = OrderedDict()
+
+    def get(self, plan: Plan) -> V | None:
+        hit = self._items.get(id(plan))
+        if hit is None or hit[0]() is not plan:
+            return None
+        self._items.move_to_end(id(plan))
+        return hit[1]
+
+    def put(self, plan: Plan, value: V) -> None:
+        key = id(plan)
+        self._items[key] = (weakref.ref(plan, lambda _, k=key: self._items.pop(k, None)), value)  # type: ignore[misc]
+        self._items.move_to_end(key)
+        while len(self._items) > RECORDED_KEEP:
+            self._items.popitem(last=False)
+
+    def drop(self, plan: Plan) -> None:
+        self._items.pop(id(plan), None)
+
+    def values(self) -> list[V]:
+        return [v for _, v in self._items.values()]
+
+    def drop_where(self, test: Callable[[V], bool]) -> None:
+        for key in [k for k, (_, v) in self._items.items() if test(v)]:
+            del self._items[key]
+
+    def clear(self) -> None:
+        self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 class RecordedSwitches:
@@ -73,9 +121,9 @@ class RecordedSwitches:
         self.capture = capture
         self.graphs = os.environ.get("LORAKIT_SWITCH_GRAPHS") == "1" if graphs is None else graphs
         self.enabled = enabled
-        self._recorded: OrderedDict[int, _Recorded] = OrderedDict()
-        self._seen: OrderedDict[int, Plan] = OrderedDict()  # applied eagerly once: recorded next time
-        self._refused: OrderedDict[int, Plan] = OrderedDict()  # a sum not one addmm (bf16, a non-low-rank type…)
+        self._recorded: _PlanMap[_Recorded] = _PlanMap()
+        self._seen: _PlanMap[bool] = _PlanMap()  # applied eagerly once: recorded next time
+        self._refused: _PlanMap[bool] = _PlanMap()  # a sum not one addmm (bf16, a non-low-rank type…)
         self.recordings = 0  # how many were recorded (tests, debug)
         self.graphs_captured = 0  # of which captured as CUDA graphs
 
@@ -84,41 +132,39 @@ class RecordedSwitches:
         self._seen.clear()
         self._refused.clear()
 
-    def drop_recordings(self) -> None:
-        """Let the recordings go (they hold the buffers they write), keeping which sets were seen."""
-        self._recorded.clear()
+    def drop_recordings(self, key: ParamKey) -> None:
+        """Let the recordings that write ``key``'s buffer go (the patcher drops that buffer); which sets were seen
+        stays."""
+        self._recorded.drop_where(lambda rec: key in rec.keys)
+
+    def held(self) -> list[_Recorded]:
+        """The recordings kept (tests, debug)."""
+        return self._recorded.values()
 
     def replay(self, plan: Plan, work_for: Callable[[Plan], Work | None], device: torch.device | None,
                fresh: bool = False) -> bool:
         """Run ``plan``'s sums from a recording when one is made (or can be now); ``False``: sum eagerly.
         ``work_for(plan)`` gives the prepared sums of all the plan's weights into their buffers, or ``None`` when
         some weight's sum is not one ``addmm``; ``fresh``: some weights are patched for the first time (no buffer
-        yet); ``device``: where the originals are (``None``: on the host — never recorded). A recording stays right
-        while the buffers and originals it holds are the patcher's: ``FusedPatcher`` drops the recordings whenever
-        one of those goes (``drop_recordings``, ``clear``)."""
+        yet); ``device``: where the originals are (``None``: on the host — never recorded)."""
         if not self.enabled or device is None:
             return False
-        key = id(plan)
-        rec = self._recorded.get(key)
-        if rec is not None and rec.plan is plan:
-            self._recorded.move_to_end(key)
+        rec = self._recorded.get(plan)
+        if rec is not None:
             rec.replay()
             return True
-        self._recorded.pop(key, None)
-        if self._refused.get(key) is plan:
+        if self._refused.get(plan):
             return False
-        if fresh or self._seen.get(key) is not plan:
-            _remember(self._seen, key, plan)
+        if fresh or not self._seen.get(plan):
+            self._seen.put(plan, True)
             return False
         work = work_for(plan)
         if work is None:
-            _remember(self._refused, key, plan)
+            self._refused.put(plan, True)
             return False
-        rec = _Recorded(plan, self._record(work, device))
+        rec = _Recorded(frozenset(plan.signatures()), work, self._record(work, device))
         self.recordings += 1
-        self._recorded[key] = rec
-        while len(self._recorded) > RECORDED_KEEP:
-            self._recorded.popitem(last=False)
+        self._recorded.put(plan, rec)
         rec.replay()
         return True
 
@@ -133,9 +179,3 @@ class RecordedSwitches:
             return work
         self.graphs_captured += 1
         return replay
-
-
-def _remember(items: OrderedDict[int, Plan], key: int, plan: Plan) -> None:
-    items[key] = plan
-    while len(items) > RECORDED_KEEP:
-        items.popitem(last=False)
