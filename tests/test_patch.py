@@ -186,3 +186,36 @@ def test_dora_is_not_linear_in_strength_and_zero_is_original(tiny: dict[str, tor
     base = _forward(tiny)
     with lorakit.apply_loras(tiny, [(lora, 0.0)]):
         assert all(torch.equal(a, b) for a, b in zip(base, _forward(tiny)))
+
+
+@pytest.mark.parametrize("gemm", [False, True], ids=["cpu-path", "one-addmm-path"])
+@pytest.mark.parametrize("where", ["device", "host"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_channels_last_models_patch_like_contiguous_ones(dtype: torch.dtype, where: str, gemm: bool,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A UNet in channels_last (a common diffusers speed-up) cannot have its conv weights viewed as rows: they are
+    summed in a contiguous scratch. Every type, switches, restore bit-exact, and the patched weights equal the
+    contiguous model's (bit for bit, or within one half-precision rounding on the one-addmm path)."""
+    from lorakit.patch import fused
+    if gemm:
+        monkeypatch.setattr(fused, "GEMM_DEVICES", {"cpu", "cuda"})
+    comps = tiny_components("sd1", dtype=dtype)
+    plain = {k: v for k, v in tiny_components("sd1", dtype=dtype).items()}
+    comps["unet"].to(memory_format=torch.channels_last)
+    assert any(not p.is_contiguous() for p in comps["unet"].parameters())
+    snap = snapshot(comps)
+    loras = [lorakit.lora_from_state_dict(make_kohya_lora(comps, k, seed=i, dtype=torch.float16), {}, name=k)
+             for i, k in enumerate(["lora", "dora-out", "loha"])]
+    p, q = patcher_for(comps), patcher_for(plain)
+    p.fused.originals_mode = q.fused.originals_mode = where
+    for s in ([(loras[0], 1.0)], [(loras[1], 0.7)], [(loras[0], 1.0)], [(loras[0], 0.5), (loras[2], 0.8)]):
+        p.set(s, log_reports=False)
+        q.set(s, log_reports=False)
+        for (n, x), y in zip(comps["unet"].named_parameters(), plain["unet"].parameters()):
+            if gemm and dtype == torch.float16:
+                torch.testing.assert_close(x, y, rtol=2 ** -10, atol=1e-4, msg=n)
+            else:
+                assert torch.equal(x, y), n
+    p.restore()
+    assert_original(comps, snap)
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in comps["unet"].parameters() if p.dim() == 4)

@@ -147,10 +147,11 @@ class FusedPatcher:
         ``out`` may be ``orig`` itself (originals on the host): then ``acc`` already holds the original values, and
         types whose ΔW reads W get a copy of it, since ``acc`` changes as contributions are added."""
         in_place = out.data_ptr() == orig.data_ptr()
-        acc = out if orig.dtype == torch.float32 else self._fp32(orig)
-        w32 = orig if orig.dtype == torch.float32 or not _needs_weight(contribs) else orig.float()
-        if in_place and w32 is orig and _needs_weight(contribs):
-            w32 = orig.clone()
+        # channels_last weights (a diffusers speed-up) are summed in a contiguous fp32 scratch: the math views rows
+        acc = out if orig.dtype == torch.float32 and out.is_contiguous() else self._fp32(orig)
+        w32 = orig
+        if _needs_weight(contribs) and (orig.dtype != torch.float32 or in_place or not orig.is_contiguous()):
+            w32 = orig.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
         first, which0 = contribs[0]
         if in_place and acc is out:
             pass
@@ -171,7 +172,7 @@ class FusedPatcher:
         """Half-precision weights, low-rank contributions only: fp32 sums over row blocks (cache-sized on the CPU),
         so no full-size fp32 temporary exists. ``False`` (nothing written) when a contribution is not low-rank.
         Each block is read before it is written, so ``out`` may be ``orig`` itself."""
-        factors = _low_rank(orig, contribs)
+        factors = _low_rank(orig, contribs) if _rows_viewable(out, orig) else None
         if factors is None:
             return False
         o2, w2 = out.view(out.shape[0], -1), orig.view(orig.shape[0], -1)
@@ -192,7 +193,7 @@ class FusedPatcher:
         factors side by side along the rank (each ``up`` scaled by its strength·α/r). cuBLAS reads ``orig``,
         sums in fp32 and rounds once — one read and one write of the weight, the switch's bandwidth floor.
         ``cache_key``: keep U, D for the next switch (``_gemm``)."""
-        if not _one_addmm(orig):
+        if not (_one_addmm(orig) and _rows_viewable(out, orig)):
             return False
         cached = None if cache_key is None else self._gemm.get(cache_key) or self._gemm_before.get(cache_key)
         if cached is None:
@@ -219,6 +220,8 @@ class FusedPatcher:
             if orig is None or out is None:  # kept on the host (``auto`` ran out of device memory)
                 return None
             device = device or orig.device
+            if not _rows_viewable(out, orig):
+                return None
             kept = self._gemm.get((key, sig)) or self._gemm_before.get((key, sig))
             factors = kept or (_gemm_factors(orig, entries[key]) if orig.device == device and _one_addmm(orig)
                                else None)
@@ -243,6 +246,11 @@ class FusedPatcher:
 def _one_addmm(orig: torch.Tensor) -> bool:
     """Whether a low-rank sum into ``orig`` is one half-precision ``addmm`` (``GEMM_DEVICES``/``GEMM_DTYPES``)."""
     return orig.device.type in GEMM_DEVICES and orig.dtype in GEMM_DTYPES
+
+
+def _rows_viewable(out: torch.Tensor, orig: torch.Tensor) -> bool:
+    """Whether both can be viewed as (rows, columns) matrices: contiguous (not channels_last)."""
+    return out.is_contiguous() and orig.is_contiguous()
 
 
 def _low_rank(orig: torch.Tensor, contribs: list[tuple[Contribution, str]]) -> list[tuple[torch.Tensor,
