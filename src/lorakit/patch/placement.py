@@ -61,10 +61,11 @@ def place_loras(pairs: Sequence[tuple[LoraModel, W]], components: Mapping[str, t
     """``pairs`` with every LoRA's factors on the device its layers run on (see ``run_device``); with ``host``
     (fused, originals kept on the host: the low-memory choice) in host memory instead, each layer's factors then
     moved to the device only while its sum is made (``on_device``), so none stay on the card. Host-placed
-    factors are pinned when CUDA is available: a copy from pageable memory would wait for the stream at every
+    factors are pinned when the model runs on CUDA: a copy from pageable memory would wait for the stream at every
     layer of a switch, one from pinned memory is queued like the sums."""
-    devices = {name: torch.device("cpu") if host else run_device(m, mode) for name, m in components.items()}
-    pin = host and torch.cuda.is_available()
+    runs = {name: run_device(m, mode) for name, m in components.items()}
+    devices = {name: torch.device("cpu") for name in runs} if host else runs
+    pin = host and any(d.type == "cuda" for d in runs.values())
     return [(lora_on(lora, devices, pin=pin), w) for lora, w in pairs]
 
 
