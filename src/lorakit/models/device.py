@@ -16,7 +16,7 @@ import torch
 from ..errors import DeviceError
 from ..settings import ORIGINALS, VRAM_MODES
 
-__all__ = ["ORIGINALS", "VRAM_MODES", "available_devices", "resolve_device", "resolve_dtype", "to_host"]
+__all__ = ["ORIGINALS", "VRAM_MODES", "available_devices", "resolve_device", "resolve_dtype"]
 
 DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DTYPE_ALIASES = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16", "float32": "fp32", "float": "fp32"}
@@ -98,15 +98,6 @@ def total_bytes(device: torch.device) -> int | None:
     if device.type != "cuda":
         return None
     return int(torch.cuda.mem_get_info(device)[1])
-
-
-def to_host(t: torch.Tensor) -> torch.Tensor:
-    """A host copy of ``t`` (bit-exact); pinned when CUDA is available, so copies back run at full PCIe speed and
-    asynchronously."""
-    pin = torch.cuda.is_available()
-    host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
-    host.copy_(t, non_blocking=pin and t.device.type == "cuda")
-    return host
 
 
 def release_freed_memory(device: torch.device) -> None:

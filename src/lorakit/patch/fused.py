@@ -20,7 +20,7 @@ from collections.abc import Mapping
 import torch
 
 from ..adapters import functional as fn
-from ..models.device import to_host
+from ..models.host_memory import host_copies
 from .originals import choose_places, describe_places
 from .placement import on_device
 from .plan import Contribution, ParamKey, Plan, Signature
@@ -103,12 +103,14 @@ class FusedPatcher:
     def _keep_originals(self, new: dict[ParamKey, torch.nn.Parameter]) -> None:
         """Keep the originals of parameters patched for the first time, where ``originals_mode`` says."""
         places = choose_places(new, self.originals_mode)
-        for key, param in new.items():
-            if places[key] == "host":
-                self.host[key] = to_host(param.data)
+        to_host = [key for key in new if places[key] == "host"]
+        copies = dict(zip(to_host, host_copies([new[key].data for key in to_host])))  # pinned, packed: one call
+        for key, param in new.items():  # nothing is registered before every host copy exists
+            if key in copies:
+                self.host[key] = copies[key]
             else:
                 self.originals[key] = param.data
-            self.params[key] = param  # last: a failed host copy leaves nothing half-registered
+            self.params[key] = param
         if new:  # said aloud when ``auto`` ran out of device memory: switches then cost a host→device copy
             spilled = self.originals_mode == "auto" and "host" in places.values()
             log.log(logging.INFO if spilled else logging.DEBUG, describe_places(new, places, self.originals_mode))

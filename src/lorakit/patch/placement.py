@@ -21,6 +21,7 @@ import torch
 
 from ..adapters import Adapter
 from ..lora_model import LoraModel
+from ..models.host_memory import host_copies
 
 COMPUTE_DTYPE = torch.float32
 CACHE_SIZE = 8
@@ -90,30 +91,36 @@ def lora_on(lora: LoraModel, devices: Mapping[str, torch.device], dtype: torch.d
     if not any(_needs_move(t, devices.get(p.split(".", 1)[0]), dtype, k, pin) for p, a in lora.layers.items()
                for k, t in _tensors(a)):
         return lora
-    layers = {path: adapter_on(a, devices.get(path.split(".", 1)[0], torch.device("cpu")), dtype, pin)
+    layers = {path: adapter_on(a, devices.get(path.split(".", 1)[0], torch.device("cpu")), dtype)
               for path, a in lora.layers.items()}
+    if pin:
+        _pin([a for path, a in layers.items() if devices.get(path.split(".", 1)[0], torch.device("cpu")).type
+              == "cpu"])
     placed = dataclasses.replace(lora, layers=layers)
     _remember(lora, key, placed)
     return placed
 
 
-def adapter_on(adapter: Adapter, device: torch.device, dtype: torch.dtype = COMPUTE_DTYPE,
-               pin: bool = False) -> Adapter:
-    """A shallow copy of ``adapter`` whose tensors (and a wrapped adapter's, as DoRA's) are on ``device``
-    (``pin``: in pinned memory when that is the CPU)."""
+def adapter_on(adapter: Adapter, device: torch.device, dtype: torch.dtype = COMPUTE_DTYPE) -> Adapter:
+    """A shallow copy of ``adapter`` whose tensors (and a wrapped adapter's, as DoRA's) are on ``device``."""
     out = copy.copy(adapter)
-    out.t = {k: _convert(k, t, device, dtype, pin) for k, t in adapter.t.items()}
+    out.t = {k: _convert(k, t, device, dtype) for k, t in adapter.t.items()}
     for name, value in vars(adapter).items():
         if isinstance(value, Adapter):
-            setattr(out, name, adapter_on(value, device, dtype, pin))
+            setattr(out, name, adapter_on(value, device, dtype))
     return out
 
 
 def _tensors(adapter: Adapter) -> list[tuple[str, torch.Tensor]]:
-    found = list(adapter.t.items())
+    return [(k, t) for a in _with_nested(adapter) for k, t in a.t.items()]
+
+
+def _with_nested(adapter: Adapter) -> list[Adapter]:
+    """``adapter`` and the adapters it wraps (DoRA's), depth first."""
+    found = [adapter]
     for value in vars(adapter).values():
         if isinstance(value, Adapter):
-            found += _tensors(value)
+            found += _with_nested(value)
     return found
 
 
@@ -129,13 +136,19 @@ def _needs_move(t: torch.Tensor, device: torch.device | None, dtype: torch.dtype
     return t.dtype != dtype or t.device != device or (pin and device.type == "cpu" and not t.is_pinned())
 
 
-def _convert(key: str, t: torch.Tensor, device: torch.device, dtype: torch.dtype, pin: bool) -> torch.Tensor:
+def _convert(key: str, t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     if _keeps(key, t):
         return t
-    if pin and device.type == "cpu":
-        pinned = torch.empty(t.shape, dtype=dtype, device="cpu", pin_memory=True)
-        return pinned.copy_(t)
     return t.to(device=device, dtype=dtype, non_blocking=t.is_pinned())
+
+
+def _pin(adapters: list[Adapter]) -> None:
+    """Move the tensors of freshly placed ``adapters`` (their own ``t`` dicts, nested ones too) to pinned host
+    memory, packed in one call (``host_memory``)."""
+    slots = [(a.t, k) for adapter in adapters for a in _with_nested(adapter) for k, t in a.t.items()
+             if not _keeps(k, t)]
+    for (t, k), pinned in zip(slots, host_copies([t[k] for t, k in slots], pin=True)):
+        t[k] = pinned
 
 
 def _remember(lora: LoraModel, key: CacheKey, placed: LoraModel) -> None:
