@@ -216,17 +216,21 @@ class FusedPatcher:
         """The sums of all ``plan``'s weights into their buffers as a prepared list of ``addmm`` calls (views and
         factors made now; what ``recorded.py`` replays or captures as a CUDA graph: no allocation, no host sync),
         or ``None`` when some weight's sum is not one ``addmm`` on the originals' device."""
-        entries, jobs, device = plan.param_entries(), [], None
+        entries, device = plan.param_entries(), None
+        todo = []  # every weight checked before any factor is cast: a refused plan allocates nothing
         for key, sig in plan.signatures().items():
             orig, out = self.originals.get(key), self.buffers.get(key)
             if orig is None or out is None:  # kept on the host (``auto`` ran out of device memory)
                 return None
             device = device or orig.device
-            if not _rows_viewable(out, orig):
-                return None
             kept = self._gemm.get((key, sig)) or self._gemm_before.get((key, sig))
-            factors = kept or (_gemm_factors(orig, entries[key]) if orig.device == device and _one_addmm(orig)
-                               else None)
+            if not (orig.device == device and _rows_viewable(out, orig) and
+                    (kept or (_one_addmm(orig) and _low_rank(orig, entries[key]) is not None))):
+                return None
+            todo.append((key, orig, out, kept))
+        jobs = []
+        for key, orig, out, kept in todo:
+            factors = kept or _gemm_factors(orig, entries[key])
             if factors is None or factors[0].device != device or factors[1].device != device:
                 return None
             jobs.append((out.view(out.shape[0], -1), orig.view(orig.shape[0], -1), *factors))
