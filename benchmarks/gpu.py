@@ -221,6 +221,19 @@ def bare_peak(pipe: Any, size: int, device: torch.device) -> float | None:
     return float(torch.cuda.max_memory_allocated(device))
 
 
+def pinned_host(patcher: Any, loras: list[lorakit.LoraModel]) -> dict[str, float]:
+    """Pinned host bytes held with the originals on the host (torch's pinned allocator: rounded blocks) against
+    the exact bytes of the originals and both LoRAs' host-placed factors (models/host_memory.py packs them)."""
+    stats = getattr(torch.cuda, "host_memory_stats", None)
+    if stats is None:
+        return {}
+    cpu = {n: torch.device("cpu") for n in patcher.components}
+    factors = sum(t.numel() * t.element_size() for lo in loras for a in lora_on(lo, cpu, pin=True).layers.values()
+                  for t in a.t.values() if t.is_pinned())
+    kept = sum(t.numel() * t.element_size() for t in patcher.fused.host.values())
+    return {"pinned_bytes": float(stats().get("active_bytes.current", 0)), "pinned_exact": float(kept + factors)}
+
+
 def peaks(pipe: Any, loras: list[lorakit.LoraModel], size: int, device: torch.device,
           bare: float | None) -> dict[str, float]:
     """Peak bytes over ``bare`` while applying A, switching to B, sampling 2 steps and restoring (CUDA only)."""
@@ -238,6 +251,8 @@ def peaks(pipe: Any, loras: list[lorakit.LoraModel], size: int, device: torch.de
         torch.cuda.reset_peak_memory_stats(device)
         patcher.set([(loras[0], 1.0)])
         patcher.set([(loras[1], 1.0)])
+        if where == "host":
+            r.update(pinned_host(patcher, loras))
         sample(pipe, size, 2)
         patcher.restore()
         r[f"peak_over_{where}"] = float(torch.cuda.max_memory_allocated(device) - bare)
@@ -328,6 +343,9 @@ def report(results: dict[str, dict[str, float]], card: str, dtype: str, rank: in
          lambda r: f"**{(r['its_diffusers'] / r['its_lorakit'] - 1) * 100:+.1f} %**"),
         ("peak over the bare model, originals on device / host",
          lambda r: f"{r['peak_over_device'] / 2**30:.2f} / {r['peak_over_host'] / 2**30:.2f} GiB"),
+        ("pinned host memory with originals on the host: held / exact bytes (originals + both LoRAs' factors)",
+         lambda r: f"{r['pinned_bytes'] / 2**30:.2f} / {r['pinned_exact'] / 2**30:.2f} GiB "
+                   f"({r['pinned_bytes'] / r['pinned_exact']:.3f}×)"),
         ("**peak over bare, host originals, % of the model** (target ≤ 2 %)",
          lambda r: f"**{r['peak_over_host'] / r['model_bytes'] * 100:.1f} %** "
                    f"({(r['peak_over_host'] - r['factor_bytes']) / r['model_bytes'] * 100:.1f} % without the "
