@@ -104,7 +104,10 @@ class FusedPatcher:
         """Keep the originals of parameters patched for the first time, where ``originals_mode`` says."""
         places = choose_places(new, self.originals_mode)
         to_host = [key for key in new if places[key] == "host"]
-        copies = dict(zip(to_host, host_copies([new[key].data for key in to_host])))  # pinned, packed: one call
+        originals = [new[key].data for key in to_host]
+        pin = any(t.device.type == "cuda" for t in originals)  # pinned, packed by the layers that go together
+        copies = dict(zip(to_host, host_copies(originals, pin=pin, groups=[_restored_together(k, t) for k, t in
+                                                                          zip(to_host, originals)])))
         for key, param in new.items():  # nothing is registered before every host copy exists
             if key in copies:
                 self.host[key] = copies[key]
@@ -224,14 +227,16 @@ class FusedPatcher:
                 return None
             device = device or orig.device
             kept = self._gemm.get((key, sig)) or self._gemm_before.get((key, sig))
-            if not (orig.device == device and _rows_viewable(out, orig) and
-                    (kept or (_one_addmm(orig) and _low_rank(orig, entries[key]) is not None))):
+            low_rank = None if kept or not _one_addmm(orig) else _low_rank(orig, entries[key])
+            factors_here = kept is not None or (low_rank is not None and all(
+                t.device == device for up, down, _ in low_rank for t in (up, down)))
+            if not (orig.device == device and _rows_viewable(out, orig) and factors_here):
                 return None
             todo.append((key, orig, out, kept))
         jobs = []
         for key, orig, out, kept in todo:
             factors = kept or _gemm_factors(orig, entries[key])
-            if factors is None or factors[0].device != device or factors[1].device != device:
+            if factors is None:
                 return None
             jobs.append((out.view(out.shape[0], -1), orig.view(orig.shape[0], -1), *factors))
 
@@ -252,6 +257,17 @@ class FusedPatcher:
 def _one_addmm(orig: torch.Tensor) -> bool:
     """Whether a low-rank sum into ``orig`` is one half-precision ``addmm`` (``GEMM_DEVICES``/``GEMM_DTYPES``)."""
     return orig.device.type in GEMM_DEVICES and orig.dtype in GEMM_DTYPES
+
+
+def _restored_together(key: ParamKey, weight: torch.Tensor) -> tuple[str, ...]:
+    """Which originals share pinned chunks: those that sets with fewer layers drop together — a text encoder, a
+    UNet block (block weights), its 3×3 convolutions (LoCon's, not LoRA's) — so such a switch frees whole chunks."""
+    parts = key[0].split(".")
+    block: list[str] = []
+    if parts[0] == "unet":
+        block = parts[1:3] if parts[1] in ("down_blocks", "up_blocks") else parts[1:2]
+    conv = weight.dim() == 4 and weight.shape[-1] * weight.shape[-2] > 1
+    return (parts[0], *block, "conv" if conv else "")
 
 
 def _rows_viewable(out: torch.Tensor, orig: torch.Tensor) -> bool:

@@ -14,7 +14,7 @@ import copy
 import dataclasses
 import weakref
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
 import torch
@@ -91,11 +91,14 @@ def lora_on(lora: LoraModel, devices: Mapping[str, torch.device], dtype: torch.d
     if not any(_needs_move(t, devices.get(p.split(".", 1)[0]), dtype, k, pin) for p, a in lora.layers.items()
                for k, t in _tensors(a)):
         return lora
-    layers = {path: adapter_on(a, devices.get(path.split(".", 1)[0], torch.device("cpu")), dtype)
-              for path, a in lora.layers.items()}
+    layers = {}
+    for path, a in lora.layers.items():
+        device = devices.get(path.split(".", 1)[0], torch.device("cpu"))
+        pinned = pin and device.type == "cpu"  # cast straight into pinned memory below, not copied twice
+        layers[path] = _map_tensors(a, lambda k, t: t) if pinned else adapter_on(a, device, dtype)
     if pin:
         _pin([a for path, a in layers.items() if devices.get(path.split(".", 1)[0], torch.device("cpu")).type
-              == "cpu"])
+              == "cpu"], dtype)
     placed = dataclasses.replace(lora, layers=layers)
     _remember(lora, key, placed)
     return placed
@@ -103,11 +106,17 @@ def lora_on(lora: LoraModel, devices: Mapping[str, torch.device], dtype: torch.d
 
 def adapter_on(adapter: Adapter, device: torch.device, dtype: torch.dtype = COMPUTE_DTYPE) -> Adapter:
     """A shallow copy of ``adapter`` whose tensors (and a wrapped adapter's, as DoRA's) are on ``device``."""
+    return _map_tensors(adapter, lambda k, t: _convert(k, t, device, dtype))
+
+
+def _map_tensors(adapter: Adapter, fn: Callable[[str, torch.Tensor], torch.Tensor]) -> Adapter:
+    """A shallow copy of ``adapter`` (and of the adapters it wraps) with each tensor ``t`` under key ``k`` replaced
+    by ``fn(k, t)``, in new dicts: ``adapter`` itself is left as it is."""
     out = copy.copy(adapter)
-    out.t = {k: _convert(k, t, device, dtype) for k, t in adapter.t.items()}
+    out.t = {k: fn(k, t) for k, t in adapter.t.items()}
     for name, value in vars(adapter).items():
         if isinstance(value, Adapter):
-            setattr(out, name, adapter_on(value, device, dtype))
+            setattr(out, name, _map_tensors(value, fn))
     return out
 
 
@@ -142,12 +151,12 @@ def _convert(key: str, t: torch.Tensor, device: torch.device, dtype: torch.dtype
     return t.to(device=device, dtype=dtype, non_blocking=t.is_pinned())
 
 
-def _pin(adapters: list[Adapter]) -> None:
-    """Move the tensors of freshly placed ``adapters`` (their own ``t`` dicts, nested ones too) to pinned host
-    memory, packed in one call (``host_memory``)."""
+def _pin(adapters: list[Adapter], dtype: torch.dtype) -> None:
+    """Give the tensors of freshly copied ``adapters`` (their own ``t`` dicts, nested ones too) pinned host copies
+    in ``dtype``, cast while copied and packed in one group (``host_memory``): a LoRA's factors go together."""
     slots = [(a.t, k) for adapter in adapters for a in _with_nested(adapter) for k, t in a.t.items()
              if not _keeps(k, t)]
-    for (t, k), pinned in zip(slots, host_copies([t[k] for t, k in slots], pin=True)):
+    for (t, k), pinned in zip(slots, host_copies([t[k] for t, k in slots], dtype=dtype, pin=True)):
         t[k] = pinned
 
 
