@@ -265,7 +265,7 @@ def _restored_together(key: ParamKey, weight: torch.Tensor) -> tuple[str, ...]:
     parts = key[0].split(".")
     block: list[str] = []
     if parts[0] == "unet":
-        block = parts[1:3] if parts[1] in ("down_blocks", "up_blocks") else parts[1:2]
+        block = parts[1:3] if parts[1:2] in (["down_blocks"], ["up_blocks"]) else parts[1:2]
     conv = weight.dim() == 4 and weight.shape[-1] * weight.shape[-2] > 1
     return (parts[0], *block, "conv" if conv else "")
 
