@@ -261,7 +261,8 @@ def _one_addmm(orig: torch.Tensor) -> bool:
 
 def _restored_together(key: ParamKey, weight: torch.Tensor) -> tuple[str, ...]:
     """Which originals share pinned chunks: those that sets with fewer layers drop together — a text encoder, a
-    UNet block (block weights), its 3×3 convolutions (LoCon's, not LoRA's) — so such a switch frees whole chunks."""
+    diffusers UNet block (``down_blocks.1``: block weights that zero it whole), its 3×3 convolutions (LoCon's, not
+    LoRA's) — so such a switch frees whole chunks."""
     parts = key[0].split(".")
     block: list[str] = []
     if parts[0] == "unet":
