@@ -36,6 +36,7 @@ GEMM_DEVICES = {"cuda"}  # cuBLAS sums a half-precision addmm in fp32 and rounds
 # bf16 weights take the fp32 row-block path — as many launches, exact.
 GEMM_DTYPES = {torch.float16}
 GemmFactors = tuple[torch.Tensor, torch.Tensor, float]
+GemmJob = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]
 
 
 class FusedPatcher:
@@ -198,47 +199,44 @@ class FusedPatcher:
         factors side by side along the rank (each ``up`` scaled by its strength·α/r). cuBLAS reads ``orig``,
         sums in fp32 and rounds once — one read and one write of the weight, the switch's bandwidth floor.
         ``cache_key``: keep U, D for the next switch (``_gemm``)."""
-        if not (_one_addmm(orig) and _rows_viewable(out, orig)):
+        job = self._gemm_job(out, orig, contribs, cache_key)
+        if job is None:
             return False
-        cached = None if cache_key is None else self._gemm.get(cache_key) or self._gemm_before.get(cache_key)
-        if cached is None:
-            cached = _gemm_factors(orig, contribs)
-            if cached is None:
-                return False
+        o2, w2, u, d, alpha = job
         if cache_key is not None:
-            self._gemm_next[cache_key] = cached
-        u, d, alpha = cached
-        o2, w2 = out.view(out.shape[0], -1), orig.view(orig.shape[0], -1)
+            self._gemm_next[cache_key] = (u, d, alpha)
         if o2.data_ptr() == w2.data_ptr():
             o2.addmm_(u, d, alpha=alpha)
         else:
             torch.addmm(w2, u, d, alpha=alpha, out=o2)
         return True
 
+    def _gemm_job(self, out: torch.Tensor, orig: torch.Tensor, contribs: list[tuple[Contribution, str]],
+                  cache_key: tuple[ParamKey, Signature] | None) -> GemmJob | None:
+        """``(out rows, orig rows, U, D, scale)`` of a one-``addmm`` sum, the factors kept from the last two
+        switches when ``cache_key`` names them, else made; ``None`` when the sum is not one ``addmm``."""
+        if not (_one_addmm(orig) and _rows_viewable(out, orig)):
+            return None
+        kept = None if cache_key is None else self._gemm.get(cache_key) or self._gemm_before.get(cache_key)
+        factors = kept or _gemm_factors(orig, contribs)
+        if factors is None:
+            return None
+        return (out.view(out.shape[0], -1), orig.view(orig.shape[0], -1), *factors)
+
     def _switch_work(self, plan: Plan) -> Work | None:
         """The sums of all ``plan``'s weights into their buffers as a prepared list of ``addmm`` calls (views and
         factors made now; what ``recorded.py`` replays or captures as a CUDA graph: no allocation, no host sync),
         or ``None`` when some weight's sum is not one ``addmm`` on the originals' device."""
-        entries, device = plan.param_entries(), None
-        todo = []  # every weight checked before any factor is cast: a refused plan allocates nothing
+        entries, jobs, device = plan.param_entries(), [], None
         for key, sig in plan.signatures().items():
             orig, out = self.originals.get(key), self.buffers.get(key)
             if orig is None or out is None:  # kept on the host (``auto`` ran out of device memory)
                 return None
             device = device or orig.device
-            kept = self._gemm.get((key, sig)) or self._gemm_before.get((key, sig))
-            low_rank = None if kept or not _one_addmm(orig) else _low_rank(orig, entries[key])
-            factors_here = kept is not None or (low_rank is not None and all(
-                t.device == device for up, down, _ in low_rank for t in (up, down)))
-            if not (orig.device == device and _rows_viewable(out, orig) and factors_here):
+            job = self._gemm_job(out, orig, entries[key], (key, sig)) if orig.device == device else None
+            if job is None or job[2].device != device or job[3].device != device:
                 return None
-            todo.append((key, orig, out, kept))
-        jobs = []
-        for key, orig, out, kept in todo:
-            factors = kept or _gemm_factors(orig, entries[key])
-            if factors is None:
-                return None
-            jobs.append((out.view(out.shape[0], -1), orig.view(orig.shape[0], -1), *factors))
+            jobs.append(job)
 
         def work() -> None:  # the very call ``_sum_gemm`` makes: a replay is bit-identical to the eager switch
             for o2, w2, u, d, alpha in jobs:
