@@ -25,13 +25,13 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import best_of  # noqa: E402
 from switch import kohya_targets  # noqa: E402
 
 import lorakit  # noqa: E402
@@ -117,7 +117,7 @@ def measure(arch: str, repeats: int, profile: bool, rank: int) -> dict[str, dict
             t = time.perf_counter()
             patcher.set([(loras[i % 2], 1.0)], log_reports=False)
             times.append(time.perf_counter() - t)
-        bare = min(timed_calls(patcher.fused.recorded.held()[0].work, repeats)) \
+        bare = best_of(repeats, patcher.fused.recorded.held()[0].work) \
             if mode == "recorded" else float("nan")  # the recorded addmm list called directly: torch alone
         if profile:
             print(f"{arch}, {mode}:")
@@ -128,15 +128,6 @@ def measure(arch: str, repeats: int, profile: bool, rank: int) -> dict[str, dict
                      "median_ms": statistics.median(times) * 1e3, "us_per_layer_best": min(times) / layers * 1e6,
                      "us_per_layer_median": statistics.median(times) / layers * 1e6,
                      "bare_us_per_layer": bare / layers * 1e6}
-    return out
-
-
-def timed_calls(fn: Callable[[], object], repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
     return out
 
 
