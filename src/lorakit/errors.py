@@ -19,6 +19,8 @@ Every error a user can cause is a ``LorakitError``; nothing else escapes the pub
     ├── GridError                an XY-grid axis or block analysis that cannot be run (names the axis)
     ├── BatchError               a batch job file or run that cannot be used (names the file and line)
     ├── ImageInputError          an init image, mask or PNG that cannot be used (names the field and why)
+    ├── OutputError              an output path that cannot be written: a device, FIFO, socket or folder (never
+    │                            replaced), a folder that cannot be made, no permission or space (names the path)
     ├── TrainingError            ``lorakit train`` cannot run as asked (names the flag or the checkpoint)
     │   └── TrainDataError       a training folder that cannot be used (names the folder or the images)
     └── ModelError               a base model that cannot be loaded (names the path and the problem)
@@ -116,6 +118,12 @@ class NonFiniteOutput(LorakitError):
 class ToolError(LorakitError):
     """A LoRA tool (merge, bake, extract, resize, convert) cannot do what was asked: a type the target format
     cannot express, an output that would overwrite an input, a missing option; the message names what."""
+
+
+class OutputError(LorakitError):
+    """An output that cannot be written where asked: the path is a device, FIFO, socket or folder (or a symlink to
+    one) — refused, never replaced — or its folder cannot be made, or the write fails (no permission, no space);
+    the message names the path and the reason."""
 
 
 class GridError(LorakitError):
