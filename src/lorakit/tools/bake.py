@@ -20,12 +20,14 @@ from typing import Any
 import torch
 
 from ..adapters import kind_of
-from ..lora_model import LoraModel
+from ..errors import ToolError
+from ..files.output import atomic_dir
+from ..lora_model import LoraModel, all_finite
 from ..patch import Patcher
 from ..patch.plan import build_plan
 from ..patch.weights import Weight
 from .modelfile import ModelFile, Ref, TensorFile, open_model
-from .output import Entry, atomic_dir, bar, check_output, write_safetensors
+from .output import Entry, bar, check_output, write_safetensors
 from .report import LayerResult, ToolReport
 from .sources import Source, load_sources
 
@@ -139,6 +141,10 @@ class _Baker:
         leaf = components[path.split(".", 1)[0]].get_submodule(path.split(".", 1)[1])
         out = {n.rsplit(".", 1)[1]: getattr(leaf, n.rsplit(".", 1)[1]).data for n in names}
         patcher.restore()
+        bad = [n for n, t in out.items() if not all_finite(t)]
+        if bad:
+            raise ToolError(f"layer {path}: the baked {bad[0]} holds NaN or infinite values (a LoRA weight too large "
+                            f"for {out[bad[0]].dtype}?); nothing was written")
         before, after = tensors[f"{path}.weight"], out["weight"]
         d2 = float((after.double() - before.double()).pow(2).sum())
         self.report.add(LayerResult(path, "+".join(sorted({kind_of(lora.layers[path]) for lora, _ in subset})), None,
@@ -181,6 +187,8 @@ def _write_folder(mf: ModelFile, out: Path, baker: _Baker, meta: dict[str, str])
             elif src in weights:
                 tf = weights[src]
                 write_safetensors(dst, baker.entries(tf), {**tf.header.metadata, **meta}, desc=f"baking {src.name}")
-            else:
+            elif src.is_file():
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src, dst)
+            else:  # a FIFO would block the copy; a device would copy without end
+                raise ToolError(f"{src}: not a regular file or folder, so the model folder cannot be copied")

@@ -23,7 +23,7 @@ from ..patch.weights import as_weight
 from .output import check_output
 from .report import LayerResult, ToolReport
 from .sources import Source, source_metadata
-from .writing import TARGETS, write_lora
+from .writing import TARGETS, check_layers, write_lora
 
 DROPPED_META = ("sshs_", "lora_adapter_metadata", "format", "lorakit.")
 
@@ -52,6 +52,7 @@ def convert(input_path: str | Path, output: str | Path | None, options: ConvertO
     _unsupported(lora, groups, embeddings, opts, report)
     for path in groups:
         report.add(LayerResult(path, kind_of(lora.layers[path]), lora.layers[path].rank, 0.0, 0.0))
+    check_layers(groups, report, opts.dry_run)
     if out is not None and not opts.dry_run:
         meta = {k: v for k, v in lora.metadata.items() if not k.startswith(DROPPED_META)}
         sources = source_metadata("convert", [Source(src, lora, as_weight(1.0), "1")])

@@ -27,6 +27,7 @@ from ..keymap.arch import Arch
 from .layers import (
     LOW_RANK_KINDS,
     Contribution,
+    check_same_shape,
     dense_delta,
     flat,
     is_conv_kernel,
@@ -38,7 +39,7 @@ from .output import check_output
 from .report import LayerResult, ToolReport
 from .sources import Source, common_arch, load_sources, lora_metadata, source_metadata
 from .svd import RankRule, choose_rank, dense_error2, dense_svd, factor_error2, factored_svd
-from .writing import write_lora
+from .writing import check_layers, write_lora
 
 Tensor = torch.Tensor
 Groups = dict[str, dict[str, Tensor]]
@@ -82,6 +83,7 @@ def merge(inputs: Sequence[str | Source], output: str | Path | None, options: Me
             report.leave_out(f"{s.path.name}: {key}", "a key lorakit does not understand")
         for name in s.lora.embeddings:
             report.leave_out(f"{s.path.name}: embedding {name}", "bundled embeddings are not merged")
+    check_layers(groups, report, opts.dry_run)
     if out is not None and not opts.dry_run:
         meta = source_metadata("merge", sources) | {"lorakit.method": method}
         ranks = [int(g["lora_down.weight"].shape[0]) for g in groups.values() if "lora_down.weight" in g] or [0]
@@ -100,6 +102,8 @@ def _contributions(sources: Sequence[Source], arch: str) -> dict[str, list[Contr
                 raise ToolError(f"{s.path}: {e}") from None
             if strength != 0.0:
                 layers.setdefault(path, []).append(Contribution(adapter, strength, s.weight.dyn, s.path.name))
+    for path, contribs in layers.items():
+        check_same_shape(path, contribs)
     return layers
 
 

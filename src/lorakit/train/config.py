@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import TrainingError
+from ..files.output import check_target, check_writable
 from ..keymap.arch import Arch
 from .network import NetworkSpec
 
@@ -76,6 +77,13 @@ class TrainConfig:
             raise TrainingError("--sample-every needs --sample-prompt")
         if self.output.suffix != ".safetensors":
             raise TrainingError(f"{self.output}: the output must be a .safetensors file")
+        check_writable(self.output)  # before the model loads: not after an hour of training
+        check_target(self.state_path)
+
+    @property
+    def state_path(self) -> Path:
+        """Where the resume state goes (``NAME.state.pt`` beside the output)."""
+        return self.output.with_name(self.output.stem + ".state.pt")
 
 
 def fingerprint(cfg: TrainConfig) -> str:
