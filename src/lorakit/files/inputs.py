@@ -7,6 +7,7 @@ image, a sidecar), and JSON from them, in bounded memory and time.
 - ``loads_bounded(text, max_depth)``: ``json.loads`` after a nesting check that is linear in time and needs a few
   bytes per byte of text, whatever the text holds (the decoder recurses once per level: deep nesting is a
   ``RecursionError``, not a ``ValueError``).
+- ``read_json(path)``: both, for the small JSON files of models and LoRA folders.
 - ``inside(path, root)``: whether a path, its symlinks resolved, stays within a folder — for folders lorakit
   scans, whose files may not lead it elsewhere.
 
@@ -25,6 +26,8 @@ from .output import kind_of
 
 _NOT_SKELETON = bytes(b for b in range(256) if b not in b'[]{}"')  # translate() deletes these
 _CHUNK = 1 << 16  # strings are cut out of the skeleton this many bytes at a time (bounds the pieces' list)
+MAX_JSON_BYTES = 16 << 20  # config.json, model_index.json, .civitai.info: a few KB
+MAX_JSON_DEPTH = 64  # as the HTTP API's bodies (server.guards.MAX_DEPTH)
 
 
 def read_limited(path: str | Path, limit: int) -> bytes:
@@ -34,7 +37,7 @@ def read_limited(path: str | Path, limit: int) -> bytes:
     except FileNotFoundError:
         raise ValueError("no such file") from None
     except OSError as e:
-        raise ValueError(f"cannot be read ({e.strerror or e})") from None
+        raise ValueError(e.strerror or str(e)) from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -44,7 +47,7 @@ def read_limited(path: str | Path, limit: int) -> bytes:
         with os.fdopen(os.dup(fd), "rb") as f:
             data = f.read(limit + 1)
     except OSError as e:
-        raise ValueError(f"cannot be read ({e.strerror or e})") from None
+        raise ValueError(e.strerror or str(e)) from None
     finally:
         os.close(fd)
     if len(data) > limit:  # it grew while being read
@@ -93,6 +96,12 @@ def nesting_within(text: str | bytes, max_depth: int) -> bool:
             return False
         rest = shorter
     return not rest
+
+
+def read_json(path: str | Path, limit: int = MAX_JSON_BYTES, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """A small JSON file (a model's ``config.json``, a sidecar): ``read_limited`` then ``loads_bounded``, every
+    problem a ``ValueError`` (not UTF-8 included)."""
+    return loads_bounded(read_limited(path, limit).decode("utf-8"), max_depth)
 
 
 def inside(path: str | Path, root: str | Path) -> bool:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ..errors import ModelError
+from ..files.inputs import read_json
 from ..keymap.arch import Arch
 from .device import (
     ORIGINALS,
@@ -202,10 +203,12 @@ def _diffusers_folder(path: Path, dtype: torch.dtype) -> BaseModel:
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     try:
-        index = json.loads((path / "model_index.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelError(f"{path / 'model_index.json'}: unreadable ({e})") from None
-    cls_name = index.get("_class_name", "")
+        index = read_json(path / "model_index.json")
+    except ValueError as e:
+        raise ModelError(f"{path / 'model_index.json'}: unreadable ({str(e)[:200]})") from None
+    if not isinstance(index, dict):
+        raise ModelError(f"{path / 'model_index.json'}: not a JSON object")
+    cls_name = str(index.get("_class_name", ""))
     cls = StableDiffusionXLPipeline if "XL" in cls_name else StableDiffusionPipeline
     try:
         extra = dict(safety_checker=None, requires_safety_checker=False) if cls is StableDiffusionPipeline else {}

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..adapters import Adapter
-from ..errors import IncompatibleLora, UnmatchedKeys
+from ..errors import IncompatibleLora, UnmatchedKeys, WeightSpecError
 from ..keymap.arch import NAMES, UNKNOWN
 from ..lora_model import LoraModel
 from .targets import SUPPORTED, find_module, model_arch
@@ -165,6 +165,9 @@ def resolve(components: Mapping[str, torch.nn.Module], lora: LoraModel) -> Resol
     return out
 
 
+MAX_SCALE = 1e30  # |weight × α/r| of a layer: fp32 holds 3.4e38, and ΔW's own values multiply it further
+
+
 def build_plan(components: Mapping[str, torch.nn.Module], loras: Sequence[tuple[LoraModel, Weight]],
                strict: bool = False, cache: ResolutionCache | None = None) -> Plan:
     arch = model_arch(components)
@@ -184,6 +187,10 @@ def build_plan(components: Mapping[str, torch.nn.Module], loras: Sequence[tuple[
                 errors.append(f"{path}: {problem}")
                 continue
             strength = weight.for_path(path, arch)
+            if not abs(strength * adapter.scale()) <= MAX_SCALE:  # NaN too (an infinite weight × a scale of 0)
+                raise WeightSpecError(f"{lora.path or lora.name}: weight {strength:g} × its scale {adapter.scale():g} "
+                                      f"on {path} is beyond {MAX_SCALE:g} (fp32 arithmetic overflows); nothing was "
+                                      "changed")
             modules[path] = module
             report.patched[path.split(".", 1)[0]] = report.patched.get(path.split(".", 1)[0], 0) + 1
             if strength != 0.0:

@@ -8,6 +8,7 @@ everything); ``in``/``mid``/``out`` leave them at the ``unet`` weight.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
@@ -72,7 +73,7 @@ def as_weight(spec: float | int | Mapping[str, object] | Weight) -> Weight:
     if isinstance(spec, bool) or not isinstance(spec, (int, float, Mapping)):
         raise WeightSpecError(f"a LoRA weight must be a number or a mapping, got {spec!r}")
     if not isinstance(spec, Mapping):
-        return Weight(unet=float(spec), te=float(spec))
+        return Weight(unet=_num(spec, "weight"), te=_num(spec, "weight"))
     unknown = set(spec) - {"unet", "te", "in", "mid", "out", "lbw", "dyn", "weight"}
     if unknown:
         raise WeightSpecError(f"unknown weight part(s) {sorted(unknown)}; known: unet, te, in, mid, out, lbw, dyn, "
@@ -88,8 +89,8 @@ def as_weight(spec: float | int | Mapping[str, object] | Weight) -> Weight:
 
 
 def _num(v: object, name: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise WeightSpecError(f"weight part {name!r} must be a number, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise WeightSpecError(f"weight part {name!r} must be a finite number, got {v!r}")
     return float(v)
 
 

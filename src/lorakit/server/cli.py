@@ -44,7 +44,7 @@ def serve(args: argparse.Namespace) -> int:
     from ..files.output import check_target
     from ..server.models import DEFAULT_OPTIONS_FILE
     from ..server.worker import check_batching
-    from . import listen
+    from .app import listen
 
     check_batching(args.max_batch, args.batch_window_ms)
     options_file = Path(args.options_file).expanduser() if args.options_file else DEFAULT_OPTIONS_FILE
@@ -70,7 +70,7 @@ def _run(args: argparse.Namespace, sock: socket.socket, options_file: Path) -> i
     from ..library import EmbeddingIndex, Library
     from ..models.loading import load_model
     from ..settings import load_settings
-    from . import create_app
+    from .app import create_app
     from .models import ModelCatalog, entry_for
     from .state import saved_model
 

@@ -12,6 +12,7 @@ Peak memory is one layer of each model plus the factors kept: the weights are re
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,8 @@ class ExtractOptions:
 def extract(base: str | Path, tuned: str | Path, output: str | Path | None,
             options: ExtractOptions | None = None) -> ToolReport:
     opts = options or ExtractOptions()
+    if not (math.isfinite(opts.min_diff) and opts.min_diff >= 0):  # NaN would leave nothing out, silently
+        raise ToolError(f"--min-diff must be a finite number ≥ 0, got {opts.min_diff:g}")
     out = Path(output) if output is not None else None
     if out is not None:
         check_output(out, [Path(base), Path(tuned)])

@@ -35,6 +35,7 @@ from .layers import (
     lora_leaves,
     tucker_delta,
 )
+from .modelfile import ModelFile, open_model
 from .output import check_output
 from .report import LayerResult, ToolReport
 from .sources import Source, common_arch, load_sources, lora_metadata, source_metadata
@@ -66,6 +67,7 @@ def merge(inputs: Sequence[str | Source], output: str | Path | None, options: Me
     out = Path(output) if output is not None else None
     if out is not None:
         check_output(out, [s.path for s in sources] + ([Path(opts.base)] if opts.base else []))
+    base = open_model(opts.base) if opts.base else None  # checked whatever the method: a bad --base is named
     arch = common_arch(s.lora for s in sources)
     layers = _contributions(sources, arch)
     method = opts.method or ("concat" if all(_stackable(cs) for cs in layers.values()) else "svd")
@@ -74,7 +76,7 @@ def merge(inputs: Sequence[str | Source], output: str | Path | None, options: Me
     if method == "concat":
         groups = _concat_all(layers, dtype, report)
     elif method == "svd":
-        groups = _svd_all(layers, arch, opts, dtype, report)
+        groups = _svd_all(layers, arch, opts, base, dtype, report)
     else:
         raise ToolError(f"unknown merge method {method!r}; use concat or svd")
     _leave_out_zero(sources, layers, report)
@@ -205,12 +207,10 @@ def _lora_shape(c: Contribution) -> tuple[int, ...]:
 
 # -- svd -------------------------------------------------------------------------------------------------------
 
-def _svd_all(layers: dict[str, list[Contribution]], arch: str, opts: MergeOptions, dtype: torch.dtype,
-             report: ToolReport) -> Groups:
-    from .modelfile import open_model
+def _svd_all(layers: dict[str, list[Contribution]], arch: str, opts: MergeOptions, base: ModelFile | None,
+             dtype: torch.dtype, report: ToolReport) -> Groups:
     from .output import bar
 
-    base = open_model(opts.base) if opts.base else None
     if base is not None and Arch.UNKNOWN not in (arch, base.arch) and arch != base.arch:
         raise ToolError(f"{opts.base} is {base.arch}, the LoRAs are {arch}: give the base model they were made for")
 

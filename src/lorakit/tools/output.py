@@ -71,13 +71,20 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
 def check_output(out: Path, inputs: Iterable[Path], *, folder: bool = False) -> None:
     """Before any work: refuse an output that is one of the inputs, inside an input folder, or a folder holding an
     input (``ToolError``), or that is not a regular file (``folder``: a folder) or cannot be written there
-    (``OutputError``, from ``files.output.check_writable``)."""
+    (``OutputError``, from ``files.output.check_writable``). A folder output replaces the folder whole: an existing
+    one must be a diffusers model folder (an earlier output), never any other folder."""
+    check_writable(out, folder=folder)  # first: a symlink loop is an OutputError here, before resolve() meets it
+    if folder and out.is_dir() and not (out / "model_index.json").is_file():  # bake swaps the whole folder
+        raise ToolError(f"{out}: is a folder but not a diffusers model folder (no model_index.json); an output "
+                        "folder is replaced whole, so give a new path (or a model folder lorakit wrote)")
     target = out.resolve()
     for src in inputs:
-        s = Path(src).resolve()
+        try:
+            s = Path(src).resolve()
+        except (OSError, RuntimeError):  # an input in a symlink loop: its reader says so
+            continue
         if target == s or s in target.parents or (s.exists() and target in s.parents):
             raise ToolError(f"{out}: the output would overwrite the input {src}; choose another output path")
-    check_writable(out, folder=folder)
 
 
 def write_safetensors(path: Path, entries: Sequence[Entry], metadata: Mapping[str, str] | None = None, *,
