@@ -232,3 +232,62 @@ def test_a_32_mb_header_of_escapes_reads_in_bounded_memory(tmp_path: Path) -> No
                        timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, check=True)
     length, rss_kib = map(int, r.stdout.split())
     assert length == 16 << 20 and rss_kib < 400_000, r.stdout  # peak resident: 0.1 GB (was 2.1 GB)
+
+
+# -- found by the CLI fuzz harness (tests/cli_fuzz.py) -------------------------------------------------------------
+def test_settings_file_that_is_a_fifo_or_too_deep(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)  # read_text() blocked until someone wrote to it
+    deep = tmp_path / "deep.toml"
+    deep.write_text("a = " + "[" * 50_000 + "]" * 50_000)  # tomllib recurses once per level
+    for path, words in ((fifo, "a FIFO"), (deep, "nested too deeply")):
+        assert main(["generate", "a", "--config", str(path), "-o", str(tmp_path / "x.png")]) == 2
+        _one_error_line(capsys, "unreadable settings file", words)
+
+
+def test_weights_that_overflow_fp32_are_refused_before_any_change(unknown_base: Path) -> None:
+    from lorakit.errors import WeightSpecError
+
+    comps = tiny_components("sd1")
+    before = {k: v.clone() for k, v in comps["unet"].state_dict().items()}
+    lora = lorakit.load_lora(unknown_base)
+    for weight in (1e308, {"lbw": "nan," + "1," * 15 + "1"}):
+        with pytest.raises(WeightSpecError, match="beyond 1e\\+30|finite"):
+            with lorakit.apply_loras(comps, [(lora, weight)]):
+                pass
+    assert all(torch.equal(v, before[k]) for k, v in comps["unet"].state_dict().items())
+
+
+def test_tool_flags_and_paths_found_by_fuzzing(unknown_base: Path, models: dict[str, Path], tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    (tmp_path / "folder").mkdir()
+    for argv, words in ((["resize", str(unknown_base), "--rank", "1", "--device", "mps", "--dry-run"], ["mps"]),
+                        (["extract", str(models["base"]), str(models["base"]), "--min-diff", "nan", "--dry-run"],
+                         ["--min-diff"]),
+                        (["convert", str(unknown_base), "--to", "kohya", "-o", str(loop)], ["loop"]),
+                        (["merge", str(unknown_base), "--base", str(loop), "--dry-run"], ["loop"]),
+                        (["bake", str(tmp_path / "folder"), str(unknown_base), "-o", str(tmp_path / "folder")],
+                         ["folder"])):
+        assert main(argv) == 2, argv
+        _one_error_line(capsys, *words)
+
+
+def test_json_files_of_models_and_lora_folders_are_read_bounded(tmp_path: Path, unknown_base: Path) -> None:
+    from lorakit.library import Library
+    from lorakit.tools.modelfile import open_model
+
+    lib = tmp_path / "loras"
+    lib.mkdir()
+    (lib / "a.safetensors").write_bytes(unknown_base.read_bytes())
+    os.mkfifo(lib / "a.civitai.info")  # a sidecar that is a FIFO: the scan once blocked on it
+    (lib / "a.json").write_text(DEEP)
+    entry = Library([lib]).entries[0]
+    assert entry.error is None or "Recursion" not in entry.error
+    model = tmp_path / "model"
+    (model / "unet").mkdir(parents=True)
+    (model / "model_index.json").write_text("{}")
+    (model / "unet" / "config.json").write_text(DEEP)
+    with pytest.raises(ToolError, match="config.json: unreadable .*nested deeper"):
+        open_model(model)
