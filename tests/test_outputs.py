@@ -118,6 +118,7 @@ def test_atomic_dir_refuses_a_file_and_swaps_a_folder(tmp_path: Path) -> None:
     ["merge", "{lora}", "-o", "{target}"],
     ["resize", "{lora}", "--rank", "1", "-o", "{target}"],
     ["generate", "a", "--steps", "1", "-o", "{target}"],
+    ["grid", "a", "--x", "seed=1,2", "--steps", "1", "-o", "{target}"],
     ["train", "{tmp}", "-o", "{target}", "--steps", "1"],
     ["serve", "--options-file", "{target}", "--port", "0"],
 ])
