@@ -211,7 +211,7 @@ def run(ws: Workspace, counts: dict[str, int], seed: int = 0, timeout: float = 1
         with serve_once():
             for i, case in enumerate(cases(seed, counts, ws)):
                 sub = bool(subprocess_every) and i % subprocess_every == 0 and case.command != "serve" and \
-                    _argv_encodable(case.argv)
+                    _argv_passable(case.argv)
                 outcome = run_case(case, ws, timeout, sub)
                 report.outcomes.append(outcome)
                 if progress is not None:
@@ -314,11 +314,14 @@ def _peak_rss() -> int:
         return int(re.search(r"VmHWM:\s+(\d+)", f.read())[1]) * 1024  # type: ignore[index]
 
 
-def _argv_encodable(argv: list[str]) -> bool:
+def _argv_passable(argv: list[str]) -> bool:
+    """Whether a real process can be given ``argv``: no NUL, encodable, each argument under the kernel's 128 KiB
+    (``MAX_ARG_STRLEN``) and all under 1 MiB (such cases run in this process instead)."""
     try:
-        return all("\0" not in a and a.encode("utf-8") is not None for a in argv)
+        sizes = [len(a.encode("utf-8")) for a in argv if "\0" not in a]
     except UnicodeEncodeError:
         return False
+    return len(sizes) == len(argv) and max(sizes, default=0) < 100_000 and sum(sizes) < 1 << 20
 
 
 __all__ = ["BAD", "COMMANDS", "POOLS", "Case", "Outcome", "Report", "Slot", "Workspace", "run"]
