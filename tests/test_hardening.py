@@ -291,3 +291,9 @@ def test_json_files_of_models_and_lora_folders_are_read_bounded(tmp_path: Path, 
     (model / "unet" / "config.json").write_text(DEEP)
     with pytest.raises(ToolError, match="config.json: unreadable .*nested deeper"):
         open_model(model)
+
+
+def test_generate_writes_a_png_whatever_the_output_is_named(tmp_path: Path) -> None:
+    out = tmp_path / "image.safetensors"  # PIL chose the format by the name: a ValueError after the image was made
+    assert main(["generate", "a red circle", "--steps", "1", "--seed", "1", "-o", str(out)]) == 0
+    assert Image.open(out).format == "PNG"
