@@ -43,7 +43,8 @@ def main() -> int:
     def progress(o: Outcome) -> None:
         done[0] += 1
         if o.outcome in BAD:
-            print(f"FINDING {o.outcome}: {' '.join(o.case.argv)[:400]}\n  {o.detail[-2000:]}", flush=True)
+            text = f"FINDING {o.outcome}: {' '.join(o.case.argv)[:400]}\n  {o.detail[-2000:]}"
+            print(text.encode("utf-8", "backslashreplace").decode(), flush=True)  # a case's lone surrogates
         if done[0] % 100 == 0:
             print(f"{done[0]} cases, {time.time() - started:.0f} s", flush=True)
 

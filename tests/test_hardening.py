@@ -297,3 +297,19 @@ def test_generate_writes_a_png_whatever_the_output_is_named(tmp_path: Path) -> N
     out = tmp_path / "image.safetensors"  # PIL chose the format by the name: a ValueError after the image was made
     assert main(["generate", "a red circle", "--steps", "1", "--seed", "1", "-o", str(out)]) == 0
     assert Image.open(out).format == "PNG"
+
+
+def test_text_that_is_not_unicode_is_refused_before_the_tokenizer(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Undecodable bytes on a command line arrive as lone surrogates ('\\udcff'); the tokenizer raised TypeError."""
+    for argv in (["generate", "\udcff a", "--steps", "1", "-o", str(tmp_path / "a.png")],
+                 ["generate", "a", "-n", "\udcff", "--steps", "1", "-o", str(tmp_path / "a.png")],
+                 ["grid", "a", "--x", "prompt=a,\udcff", "--steps", "1", "-o", str(tmp_path / "g.png")]):
+        assert main(argv) == 2, argv
+        assert "lone surrogate" in capsys.readouterr().err
+    _image(tmp_path / "data" / "a.png")
+    assert main(["train", str(tmp_path / "data"), "-o", str(tmp_path / "t.safetensors"), "--trigger", "\udcff"]) == 2
+    _one_error_line(capsys, "--trigger", "lone surrogate")
+    (tmp_path / "data" / "10_\udcff").mkdir()
+    with pytest.raises(TrainDataError, match="not valid UTF-8"):
+        scan(tmp_path / "data")

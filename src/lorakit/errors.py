@@ -86,6 +86,7 @@ class PromptSyntaxError(LorakitError):
         lo = max(0, min(column - 1 - self.CONTEXT, len(text) - 2 * self.CONTEXT))
         hi = min(len(text), lo + 2 * self.CONTEXT)
         excerpt = text[lo:hi].translate({9: " ", 10: " ", 13: " "})  # one line, so the caret lines up
+        excerpt = "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in excerpt)  # printable, same width
         shown = ("…" if lo else "") + excerpt + ("…" if hi < len(text) else "")
         pointer = " " * (column - 1 - lo + (1 if lo else 0)) + "^"
         super().__init__(f"prompt, column {column}: {problem}\n  {shown}\n  {pointer}")

@@ -11,6 +11,7 @@ import torch
 from ..errors import TrainingError
 from ..files.output import check_target, check_writable
 from ..keymap.arch import Arch
+from ..prompt import lone_surrogate
 from .network import NetworkSpec
 
 NATIVE = {Arch.SD1: 512, Arch.SD2: 768, Arch.SDXL: 1024, Arch.DEMO: 64}
@@ -73,6 +74,11 @@ class TrainConfig:
                                 f"{self.save_dtype}")
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise TrainingError(f"--caption-dropout must be 0…1, got {self.caption_dropout}")
+        for name, text in (("--trigger", self.trigger), ("--sample-prompt", self.sample_prompt)):
+            column = lone_surrogate(text or "")
+            if column is not None:
+                raise TrainingError(f"{name}: not valid Unicode text (a lone surrogate at character {column}: bytes "
+                                    "that are not UTF-8?)")
         if self.sample_every and not self.sample_prompt:
             raise TrainingError("--sample-every needs --sample-prompt")
         if self.output.suffix != ".safetensors":

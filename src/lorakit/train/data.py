@@ -29,6 +29,7 @@ from pathlib import Path
 
 from ..errors import TrainDataError
 from ..files.inputs import read_limited
+from ..prompt import lone_surrogate
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_EXTS = (".txt", ".caption")
@@ -166,6 +167,8 @@ def _folders(base: Path, seen: _Seen) -> list[tuple[Path, int, str]]:
         seen.resolve(link)  # a loop or a dangling link: named, not skipped in silence
     for sub in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
         seen.take(sub)
+        if lone_surrogate(sub.name) is not None:  # its words would be captions no tokenizer can encode
+            raise TrainDataError(f"{sub}: the folder's name is not valid UTF-8; rename it")
         m = REPEAT_FOLDER.match(sub.name)
         if m and int(m.group(1)) > 0:
             out.append((sub, min(int(m.group(1)), 10_000), m.group(2).replace("_", " ").strip()))
