@@ -61,7 +61,7 @@ def _bad_outputs(ws: Workspace) -> list[Path]:
 
 def _out(rng: random.Random, ws: Workspace) -> str:
     fresh = [ws.fresh(rng.choice([".safetensors", ".png", ".txt", "", ".json"])), ws.existing_copy()]
-    return str(rng.choice(_bad_outputs(ws) + fresh))
+    return str(rng.choice(_bad_outputs(ws) + fresh)) if rng.random() < 0.95 else ""  # "": the working folder
 
 
 def _lora_spec(rng: random.Random, ws: Workspace) -> str:

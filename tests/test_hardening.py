@@ -313,3 +313,12 @@ def test_text_that_is_not_unicode_is_refused_before_the_tokenizer(tmp_path: Path
     (tmp_path / "data" / "10_\udcff").mkdir()
     with pytest.raises(TrainDataError, match="not valid UTF-8"):
         scan(tmp_path / "data")
+
+
+def test_an_empty_output_path_is_the_working_folder_and_refused(unknown_base: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """``-o ""`` once ran the tool and wrote nothing with exit 0; ``serve --options-file ""`` used the default."""
+    for argv in (["convert", str(unknown_base), "--to", "kohya", "-o", ""], ["serve", "--options-file", "", "--port",
+                                                                           "0"]):
+        assert main(argv) == 2
+        _one_error_line(capsys, "is a folder")

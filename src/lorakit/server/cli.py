@@ -47,7 +47,7 @@ def serve(args: argparse.Namespace) -> int:
     from .app import listen
 
     check_batching(args.max_batch, args.batch_window_ms)
-    options_file = Path(args.options_file).expanduser() if args.options_file else DEFAULT_OPTIONS_FILE
+    options_file = Path(args.options_file).expanduser() if args.options_file is not None else DEFAULT_OPTIONS_FILE
     check_target(options_file)  # /sdapi/v1/options saves there: a device, FIFO or folder is refused now
     if not 0 <= args.port <= 65535:
         print(f"lorakit serve: port {args.port} cannot be opened: a port is 0…65535", file=sys.stderr)

@@ -52,7 +52,7 @@ def _rule(args: argparse.Namespace, default_rank: int | None) -> RankRule | None
 def _output(args: argparse.Namespace) -> Path | None:
     if args.output is None and not args.dry_run:
         raise ToolError(f"{args.command}: give -o OUTPUT (or --dry-run to see the report only)")
-    return Path(args.output) if args.output else None
+    return Path(args.output) if args.output is not None else None  # "" is "." (a folder: refused), not "none"
 
 
 def _device(args: argparse.Namespace) -> str:
