@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ..keymap.leaves import TYPE_LEAVES
 from . import functional as fn
-from .base import Adapter, Shape, Tensor, weight_kind_error
+from .base import Adapter, Pieces, Shape, Tensor, gather_rows, weight_kind_error
 
 
 class DoRA(Adapter):
@@ -52,6 +52,17 @@ class DoRA(Adapter):
 
     def leaves(self) -> dict[str, Tensor]:
         return {**self.inner.leaves(), **self.t}
+
+    def widths(self) -> tuple[int | None, int | None]:
+        return self.inner.widths()
+
+    def rows(self, pieces: Pieces, where: str) -> "DoRA | None":
+        """Per-output magnitudes normalise each row alone: its rows and the inner adapter's rows. A per-input
+        magnitude normalises each column over *all* rows of the fused weight, so no part can be done alone."""
+        inner = self.inner.rows(pieces, where) if self.per_output else None
+        if inner is None:
+            return None
+        return DoRA(inner, gather_rows(self.magnitude.reshape(self.magnitude.shape[0], -1), pieces), where)
 
     def shape_error(self, weight_shape: Shape) -> str | None:
         err = self.inner.shape_error(weight_shape) or weight_kind_error("DoRA", weight_shape)
