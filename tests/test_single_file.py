@@ -104,7 +104,7 @@ def test_tiny_sd2_and_sdxl_checkpoint_roundtrip(tmp_path: Path, arch: str) -> No
 
 
 @pytest.mark.parametrize("keys,msg", [({"foo.bar": torch.zeros(1)}, "not a Stable Diffusion checkpoint"),
-                                      ({"double_blocks.0.img_attn.qkv.weight": torch.zeros(1)}, "a Flux file")])
+                                      ({"double_blocks.0.img_attn.qkv.weight": torch.zeros(1)}, "a FLUX.1 file")])
 def test_not_sd_files(tmp_path: Path, keys: dict[str, torch.Tensor], msg: str) -> None:
     path = tmp_path / "x.safetensors"
     save_file(keys, path)

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
-from ..keymap.arch import Arch, foreign_family
+from ..keymap.arch import Arch
+from ..keymap.families import foreign_name
 
 UNET_PREFIX = "model.diffusion_model."
 
@@ -29,7 +30,7 @@ def checkpoint_arch(sd: Mapping[str, torch.Tensor], path: Path) -> str:
     """``sd1`` / ``sd2`` / ``sdxl`` from key names; a clear error for LoRAs and other files."""
     keys = list(sd)
     if not any(k.startswith(UNET_PREFIX) for k in keys):
-        family = foreign_family(keys, {})
+        family = foreign_name(keys, {})
         if family:
             raise CheckpointError(f"{path}: a {family} file; lorakit runs Stable Diffusion 1.x, 2.x and XL models")
         from ..formats import to_canonical

@@ -18,7 +18,7 @@ from .fused import FusedPatcher
 from .hooks import HookPatcher
 from .placement import place_loras
 from .plan import Contribution, LoraReport, Plan, PlanCache, ResolutionCache, build_plan
-from .targets import components_of, model_arch
+from .targets import components_of, find_module, model_arch
 from .weights import Weight, as_weight
 
 log = logging.getLogger("lorakit")
@@ -52,7 +52,8 @@ class Patcher:
         resolved = place_loras(resolved, self.components, mode, host)  # factors on the weights' device, fp32, cached
         plan = self._plans.get(resolved, strict)
         if plan is None:
-            plan = self._plans.put(resolved, strict, build_plan(self.components, resolved, strict, self._resolved))
+            plan = self._plans.put(resolved, strict, build_plan(self.components, resolved, strict, self._resolved,
+                                                                self._original))
         active, other = (self.fused, self.hooks) if mode == "fused" else (self.hooks, self.fused)
         try:
             other.restore()
@@ -88,6 +89,17 @@ class Patcher:
         except BaseException:
             self.restore()
             raise
+
+    def _original(self, path: str) -> torch.Tensor:
+        """A module's original weight, whether patched now (kept by the fused patcher) or not."""
+        kept = self.fused.original((path, "weight"))
+        if kept is not None:
+            return kept
+        module = find_module(self.components, path)
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            raise LorakitError(f"{path}: a part of a fused layer the LoRA changes is not in this model")
+        return weight.detach()
 
     @property
     def originals_location(self) -> str:

@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..adapters import Adapter
+from ..adapters import Adapter, Rows
+from ..adapters.rows import Originals
 from ..errors import IncompatibleLora, UnmatchedKeys
 from ..keymap.arch import NAMES, UNKNOWN
 from ..lora_model import LoraModel
-from .targets import SUPPORTED, find_module, model_arch
+from .targets import find_module, model_arch, supported
 from .weights import Weight
 
 ParamKey = tuple[str, str]  # (canonical module path, "weight" | "bias")
@@ -156,7 +157,7 @@ def resolve(components: Mapping[str, torch.nn.Module], lora: LoraModel) -> Resol
     out: Resolution = []
     for path, adapter in lora.layers.items():
         module = find_module(components, path)
-        if module is None or not isinstance(module, SUPPORTED):
+        if module is None or not supported(module):
             out.append((path, adapter, None, ""))
             continue
         w = getattr(module, "weight", None)  # a norm layer without affine parameters has none
@@ -166,8 +167,12 @@ def resolve(components: Mapping[str, torch.nn.Module], lora: LoraModel) -> Resol
 
 
 def build_plan(components: Mapping[str, torch.nn.Module], loras: Sequence[tuple[LoraModel, Weight]],
-               strict: bool = False, cache: ResolutionCache | None = None) -> Plan:
+               strict: bool = False, cache: ResolutionCache | None = None,
+               originals: Originals | None = None) -> Plan:
+    """``originals``: a module's original weight by canonical path (the patcher's kept originals; default: the
+    modules' weights as they are), for parts of fused layers whose change reads the whole fused weight."""
     arch = model_arch(components)
+    originals = originals or _current_weights(components)
     modules: dict[str, torch.nn.Module] = {}
     layers: dict[str, list[Contribution]] = {}
     reports = []
@@ -187,10 +192,22 @@ def build_plan(components: Mapping[str, torch.nn.Module], loras: Sequence[tuple[
             modules[path] = module
             report.patched[path.split(".", 1)[0]] = report.patched.get(path.split(".", 1)[0], 0) + 1
             if strength != 0.0:
+                if isinstance(adapter, Rows) and adapter.needs_weight:
+                    adapter = adapter.bind(originals)
                 layers.setdefault(path, []).append(Contribution(adapter, strength, weight.dyn))
         _raise_if_bad(lora, arch, errors, report, strict)
         reports.append(report)
     return Plan(modules, layers, reports)
+
+
+def _current_weights(components: Mapping[str, torch.nn.Module]) -> Originals:
+    def weight(path: str) -> torch.Tensor:
+        module = find_module(components, path)
+        w = getattr(module, "weight", None)
+        if not isinstance(w, torch.Tensor):
+            raise IncompatibleLora(f"{path}: a part of a fused layer the LoRA changes is not in this model")
+        return w.detach()
+    return weight
 
 
 def _parts(lora: LoraModel) -> set[str]:
