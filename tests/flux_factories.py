@@ -128,3 +128,22 @@ def bfl_lora(transformer: torch.nn.Module, kind: str | Callable[[str], str | Non
 def kohya_keys(layers: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {f"lora_unet_{bfl.replace('.', '_')}.{leaf}": t for bfl, leaves in layers.items()
             for leaf, t in leaves.items()}
+
+
+def tiny_flux_pipeline(seed: int = 0, guidance: bool = True) -> object:
+    """A tiny FluxPipeline: the transformer above, a 1-level VAE (16 latent channels packed 2×2 → 64 would be the
+    real one; here 1 channel → 4, as diffusers' test), CLIP-L and T5 from configs, the project's CLIP tokenizer for
+    both tokenizers (T5's vocabulary is the CLIP one's size), the dev flow-matching scheduler."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    from lorakit.generate.tokenizer import clip_tokenizer
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(block_out_channels=(4,), layers_per_block=1, latent_channels=1, norm_num_groups=1,
+                        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
+                        sample_size=32)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+    return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=tiny_clip(seed + 1), tokenizer=clip_tokenizer(),
+                        text_encoder_2=tiny_t5(seed + 2), tokenizer_2=clip_tokenizer(),
+                        transformer=tiny_flux_transformer(seed, guidance=guidance))

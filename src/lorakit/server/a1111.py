@@ -2,7 +2,8 @@
 
 Field names and types are A1111's; fields lorakit does not use (hires fix, scripts, restore_faces, …) are
 accepted and ignored, as A1111 ignores what it does not know. Differences, by choice: ``steps``, ``cfg_scale`` and
-``sampler_name`` left out mean lorakit's defaults (20, 7, Euler a) — or what an LCM/Turbo LoRA in the prompt needs.
+``sampler_name`` left out mean lorakit's defaults (20, 7, Euler a; FLUX.1-dev 28, 1, Euler with ``distilled_cfg_scale``
+3.5, schnell 4 steps) — or what an LCM/Turbo LoRA in the prompt needs.
 """
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ class Txt2Img(BaseModel):
     n_iter: int = Field(1, ge=1, le=MAX_IMAGES)
     steps: int | None = Field(None, ge=LIMITS["steps"][0], le=LIMITS["steps"][1])
     cfg_scale: float | None = Field(None, ge=LIMITS["cfg"][0], le=LIMITS["cfg"][1])
+    # Forge's name for FLUX.1-dev's distilled guidance (default 3.5; ignored by models without one)
+    distilled_cfg_scale: float | None = Field(None, ge=LIMITS["guidance"][0], le=LIMITS["guidance"][1])
     width: int = Field(512, ge=LIMITS["width"][0], le=LIMITS["width"][1], multiple_of=8)
     height: int = Field(512, ge=LIMITS["height"][0], le=LIMITS["height"][1], multiple_of=8)
     override_settings: dict[str, Any] = Field(default_factory=dict)
@@ -60,7 +63,7 @@ def requests_of(req: Txt2Img, clip_skip: int, auto_triggers: bool) -> list[Reque
     seed = req.seed if req.seed >= 0 else random.randrange(2 ** 32 - MAX_IMAGES)
     return [Request(req.prompt, req.negative_prompt, req.steps, req.cfg_scale, sampler_of(req),
                     seed + k * req.batch_size, req.width, req.height, req.batch_size, clip_skip,
-                    auto_triggers or req.lorakit_auto_trigger_words)
+                    auto_triggers or req.lorakit_auto_trigger_words, guidance=req.distilled_cfg_scale)
             for k in range(req.n_iter)]
 
 
@@ -86,6 +89,11 @@ def _clip_skip_problem(deepest: int) -> Any:
         return f"clip skip must be a whole number from 1 to {deepest} (1 uses the text encoder's last layer)"
 
     return check
+
+
+def _extra(settings: dict[str, Any]) -> dict[str, Any]:
+    """Forge's extra generation parameters: FLUX.1-dev's ``Distilled CFG Scale``."""
+    return {"Distilled CFG Scale": settings["guidance"]} if settings.get("guidance") is not None else {}
 
 
 def png_base64(image: Any, text: str) -> str:
@@ -115,7 +123,8 @@ def response(req: Txt2Img, results: list[Result], model_name: str, model_hash: s
         "steps": first.settings.get("steps"), "batch_size": req.batch_size, "restore_faces": False,
         "face_restoration_model": None, "sd_model_name": model_name, "sd_model_hash": model_hash,
         "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-        "denoising_strength": getattr(req, "denoising_strength", None), "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": texts,
+        "denoising_strength": getattr(req, "denoising_strength", None),
+        "extra_generation_params": _extra(first.settings), "index_of_first_image": 0, "infotexts": texts,
         "styles": req.styles, "job_timestamp": stamp, "clip_skip": first.settings.get("clip_skip", 1),
         "is_using_inpainting_conditioning": False, "version": f"lorakit {__version__}",
         "notes": [n for r in results for n in r.notes],
