@@ -6,6 +6,7 @@ the layer itself shows."""
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 
 import torch
 
@@ -15,6 +16,16 @@ from .keymap.families import Family
 from .keymap.flux import Fused
 
 Groups = dict[str, dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a part came from: the file's fused module (canonical path in the file's layout) and its adapter, whole.
+    Set on every part of a split layer (``adapter.origin``), so writers can put the layer back as the file had it."""
+
+    module: str
+    adapter: Adapter
+    parts: tuple[str, ...]
 # Original-layout parameters that are a module's whole weight, not a LoRA leaf: BFL's RMSNorm calls its weight
 # ``scale`` (BFL control LoRAs ship new q/k norm scales as ``…query_norm.scale``), which replaces the weight.
 WHOLE_WEIGHT = {"scale": "set_weight"}
@@ -83,14 +94,41 @@ def _split(module: str, leaves: dict[str, torch.Tensor], target: Fused, hidden: 
     rows, own_in = adapter.widths()
     parts = [f"{component}.{t}" for t in target.targets]
     if adapter.rows_alike():
-        return {part: adapter.rows((), part) or adapter for part in parts}, rest
+        return _with_origin({part: adapter.rows((), part) or adapter for part in parts}, module, adapter), rest
     if rows is None:
         raise InvalidLora(path, f"layer {module}: a {adapter.kind} change whose output rows it does not show cannot "
                                 "be split onto the model's modules")
     pieces = target.pieces(rows, own_in if own_in is not None else hidden)
     if isinstance(pieces, str):
         raise InvalidLora(path, f"layer {module}: cannot split it onto {', '.join(target.targets)}: {pieces}")
-    return split_rows(adapter, tuple((f"{component}.{t}", p) for t, p in pieces), rows), rest
+    split = split_rows(adapter, tuple((f"{component}.{t}", p) for t, p in pieces), rows)
+    return _with_origin(split, module, adapter), rest
+
+
+def _with_origin(parts: dict[str, Adapter], module: str, adapter: Adapter) -> dict[str, Adapter]:
+    origin = Origin(module, adapter, tuple(parts))
+    for part in parts.values():
+        part.origin = origin  # type: ignore[attr-defined]
+    return parts
+
+
+def origin_of(adapter: Adapter) -> Origin | None:
+    """The fused layer a part came from (``None``: the layer is the file's own)."""
+    found = getattr(adapter, "origin", None)
+    return found if isinstance(found, Origin) else None
+
+
+def file_layout(layers: dict[str, Adapter]) -> dict[str, Adapter]:
+    """The layers as the file had them: the parts of a fused layer, all present, back as its one adapter under the
+    file's module path (``transformer.double_blocks.0.img_attn.qkv``); every other layer as it is."""
+    out: dict[str, Adapter] = {}
+    for path, adapter in layers.items():
+        origin = origin_of(adapter)
+        if origin is not None and all(p in layers and origin_of(layers[p]) is origin for p in origin.parts):
+            out.setdefault(origin.module, origin.adapter)
+        else:
+            out[path] = adapter
+    return out
 
 
 def _hidden_width(layers: dict[str, Adapter], family: Family) -> int | None:

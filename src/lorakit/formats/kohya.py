@@ -18,7 +18,7 @@ def detect(sd: dict[str, torch.Tensor], metadata: dict[str, str]) -> bool:
     return any(k.startswith(PREFIXES) and "." in k for k in sd)
 
 
-def _splitter(family: Family) -> Callable[[str], tuple[str, str] | None]:
+def splitter(family: Family) -> Callable[[str], tuple[str, str] | None]:
     prefixes = sorted(family.kohya.items(), key=lambda item: -len(item[0]))  # longest first
 
     def split(key: str) -> tuple[str, str] | None:
@@ -37,7 +37,7 @@ def _splitter(family: Family) -> Callable[[str], tuple[str, str] | None]:
 
 def to_canonical(sd: dict[str, torch.Tensor], metadata: dict[str, str], family: Family = SD) -> Canonical:
     emb = {k: v for k, v in sd.items() if k.startswith("bundle_emb.")}
-    out = group({k: v for k, v in sd.items() if k not in emb}, _splitter(family), "kohya")
+    out = group({k: v for k, v in sd.items() if k not in emb}, splitter(family), "kohya")
     out.embeddings = _embeddings(emb)
     if any(k.startswith("lycoris_") for k in sd):
         out.dialect = "lycoris"

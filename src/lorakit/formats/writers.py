@@ -33,7 +33,9 @@ PEFT_LEAVES = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.we
 
 def kohya_module_name(path: str, arch: str, ldm_names: bool) -> str:
     """``unet.down_blocks.0.…to_q`` → ``lora_unet_down_blocks_0_…_to_q`` (the flattened name must read back to
-    ``path``: a module name kohya's flattening cannot carry is a ``ToolError``)."""
+    ``path``: a module name kohya's flattening cannot carry is a ``ToolError``). FLUX.1: ``flux_kohya_name``."""
+    if arch == Arch.FLUX1:
+        return flux_kohya_name(path)
     component, _, module = path.partition(".")
     sdxl = arch == Arch.SDXL
     prefix = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if sdxl else "lora_te_",
@@ -64,6 +66,32 @@ def to_kohya(groups: Grouped, arch: str, *, ldm_names: bool | None = None,
         out[f"bundle_emb.{name}" if name.endswith((".clip_l", ".clip_g")) else
             f"bundle_emb.{name}.string_to_param.*"] = t
     return out
+
+
+FLUX_KOHYA = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te3_"}  # kohya's CLIP-L and T5 prefixes
+
+
+def flux_kohya_name(path: str) -> str:
+    """A FLUX.1 canonical path → its kohya module name: BFL-layout transformer modules as kohya writes them
+    (``lora_unet_double_blocks_0_img_attn_qkv``), diffusers-layout ones as OneTrainer does
+    (``lora_transformer_transformer_blocks_0_attn_to_q``: kohya's own names cannot hold a lone ``to_q``), CLIP-L
+    ``lora_te1_text_model_…``, T5 ``lora_te3_encoder_block_…``. The name must read back to ``path``."""
+    from ..keymap.families import FLUX1
+    from ..keymap.flux import is_bfl_path
+    from .kohya import splitter
+
+    component, _, module = path.partition(".")
+    if component == FLUX1.denoiser:
+        prefix = "lora_unet_" if is_bfl_path(module) else "lora_transformer_"
+    elif component in FLUX_KOHYA:
+        prefix = FLUX_KOHYA[component]
+        module = "text_model." + module if component == "text_encoder" else module
+    else:
+        raise ToolError(f"layer {path}: not a FLUX.1 transformer or text-encoder layer; kohya names cannot carry it")
+    name = prefix + module.replace(".", "_")
+    if splitter(FLUX1)(name + ".alpha") != (path, "alpha"):
+        raise ToolError(f"layer {path}: its kohya name {name} would read back as another module")
+    return name
 
 
 def _kohya_leaves(leaves: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
