@@ -92,7 +92,9 @@ def _swap(t: torch.Tensor) -> torch.Tensor:
 
 
 def fused_weight(transformer: torch.nn.Module, parts: list[str], swap: bool) -> torch.Tensor:
-    w = torch.cat([transformer.get_submodule(p).weight.detach().float() for p in parts])
+    from lorakit.quant.layers import weight_values  # a quantized layer's own dequantization
+
+    w = torch.cat([weight_values(transformer.get_submodule(p)).float() for p in parts])
     return _swap(w) if swap else w
 
 
@@ -107,7 +109,7 @@ def reference_deltas(transformer: torch.nn.Module, bfl: str, leaves: Mapping[str
     delta = adapter.delta(w, strength)
     if swap:
         delta = _swap(delta)
-    sizes = [transformer.get_submodule(p).weight.shape[0] for p in parts]
+    sizes = [int(fused_weight(transformer, [p], False).shape[0]) for p in parts]
     return dict(zip(parts, torch.split(delta, sizes)))
 
 

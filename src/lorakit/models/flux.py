@@ -87,7 +87,8 @@ def transformer_config(components: Path | None, sd: Mapping[str, torch.Tensor]) 
         return {k: v for k, v in cfg.items() if not k.startswith("_")}
     from .flux_configs import variant_config
 
-    return variant_config("flux-1-dev" if any(k.startswith("guidance_in.") for k in sd) else "flux-1-schnell")
+    guided = any(k.startswith(("guidance_in.", "time_text_embed.guidance_embedder.")) for k in sd)
+    return variant_config("flux-1-dev" if guided else "flux-1-schnell")
 
 
 def build_transformer(bfl: Mapping[str, torch.Tensor], config: Mapping[str, Any], path: Path,
@@ -105,8 +106,9 @@ def build_transformer(bfl: Mapping[str, torch.Tensor], config: Mapping[str, Any]
 
 
 def load_single_file(path: Path, sd: Mapping[str, torch.Tensor], components: Path | None,
-                     dtype: torch.dtype) -> Any:
-    """A FluxPipeline from a BFL/ComfyUI single file plus a FLUX.1 diffusers folder for what the file lacks."""
+                     dtype: torch.dtype, quantized: Any = None) -> Any:
+    """A FluxPipeline from a BFL/ComfyUI single file plus a FLUX.1 diffusers folder for what the file lacks;
+    ``quantized`` (``quant.files.Quantized``): the file's transformer is GGUF or fp8 and stays so."""
     if components is None:
         raise ModelError(f"{path}: a FLUX.1 single file carries no tokenizers (a transformer-only file no text "
                          "encoders or VAE either): name a FLUX.1 diffusers folder to take them from with "
@@ -114,10 +116,53 @@ def load_single_file(path: Path, sd: Mapping[str, torch.Tensor], components: Pat
     base = load_folder(components, dtype) if _is_folder(components) else None
     if base is None:
         raise ModelError(f"{components}: not a FLUX.1 diffusers folder (no model_index.json of a Flux pipeline)")
-    base.transformer = build_transformer(transformer_keys(sd), transformer_config(components, sd), path, dtype)
+    config = transformer_config(components, transformer_keys(quantized.tensors if quantized is not None else sd))
+    if quantized is not None:
+        base.transformer = build_quantized_transformer(quantized, config, path, dtype)
+    else:
+        base.transformer = build_transformer(transformer_keys(sd), config, path, dtype)
     _replace_encoders(base, sd, path, dtype)
     _replace_vae(base, sd, path, dtype)
     return base
+
+
+def build_quantized_transformer(quantized: Any, config: Mapping[str, Any], path: Path, dtype: torch.dtype) -> Any:
+    """A FluxTransformer2DModel whose Linears keep the file's GGUF blocks / fp8 weights (``quant/build.py``):
+    BFL names converted on the raw rows (a GGUF block never crosses a row, so the row split is exact), the
+    fp8 scales carried to every part of a fused layer (per row: split with the rows)."""
+    from diffusers import FluxTransformer2DModel
+
+    from ..quant.build import fill_quantized
+
+    tensors = transformer_keys(quantized.tensors)
+    hidden = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+    bfl = any(fluxmap.is_bfl_path(k) for k in tensors)
+    state = bfl_to_diffusers(tensors, hidden, path) if bfl else dict(tensors)
+    scales = _part_scales(transformer_keys({f"{k}.s": v for k, v in quantized.scales.items()}), hidden, path) if bfl \
+        else {k: v for k, v in transformer_keys({f"{k}.s": v for k, v in quantized.scales.items()}).items()}
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**config)
+    return fill_quantized(model, state, {k.removesuffix(".s"): v for k, v in scales.items()}, path,
+                          "FLUX.1 transformer", dtype)
+
+
+def _part_scales(scales: Mapping[str, torch.Tensor], hidden: int, path: Path) -> dict[str, torch.Tensor]:
+    """BFL layer → fp8 scale, moved to the diffusers layers: a per-tensor scale to every part of a fused layer, a
+    per-row one split with the rows."""
+    out: dict[str, torch.Tensor] = {}
+    for key, s in scales.items():
+        layer = key.removesuffix(".s")
+        target = fluxmap.to_model(layer)
+        if target is None:
+            raise CheckpointError(f"{path}: a scale for {layer}, which is not a FLUX.1 layer")
+        if isinstance(target, str):
+            out[f"{target}.s"] = s
+        elif s.numel() == 1:
+            out.update({f"{t}.s": s for t in target.targets})
+        else:
+            split = bfl_to_diffusers({f"{layer}.weight": s}, hidden, path)
+            out.update({f"{k.removesuffix('.weight')}.s": v for k, v in split.items()})
+    return out
 
 
 def _is_folder(path: Path) -> bool:

@@ -215,11 +215,19 @@ def load_single_file(path: Path, configs: Mapping[str, Mapping[str, Any]] | None
         default_configs,
     )
 
+    from ..quant.files import fp8_file, read_gguf
+    from .flux import load_single_file as flux_single_file
+
+    if path.suffix.lower() == ".gguf":
+        quantized = read_gguf(path)
+        if not _is_flux_file(quantized.tensors):
+            raise ModelError(f"{path}: a GGUF file of {quantized.architecture or 'an unknown architecture'}; lorakit "
+                             "loads FLUX.1 GGUF files (SD/SDXL GGUF UNets are not supported)")
+        pipe = flux_single_file(path, {}, components, dtype, quantized)
+        return BaseModel(pipe, path.stem, cached_sha256(path)[:10], Arch.FLUX1)
     sd = checkpoint_tensors(path)
     if _is_flux_file(sd):
-        from .flux import load_single_file as flux_single_file
-
-        pipe = flux_single_file(path, sd, components, dtype)
+        pipe = flux_single_file(path, sd, components, dtype, fp8_file(dict(sd), path))
         return BaseModel(pipe, path.stem, cached_sha256(path)[:10], Arch.FLUX1)
     arch = checkpoint_arch(sd, path)
     pipe = build_pipeline(sd, path, arch, configs or default_configs(arch), dtype)

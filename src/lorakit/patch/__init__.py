@@ -16,7 +16,9 @@ from ..errors import LorakitError
 from ..lora_model import LoraLike, LoraModel, load_cached
 from .fused import FusedPatcher
 from .hooks import HookPatcher
+from ..quant.layers import weight_shape, weight_values
 from .placement import place_loras
+from .quantized import QuantizedPatcher
 from .plan import Contribution, LoraReport, Plan, PlanCache, ResolutionCache, build_plan
 from .targets import components_of, find_module, model_arch
 from .weights import Weight, as_weight
@@ -34,6 +36,9 @@ class Patcher:
         self.components = dict(components)
         self.fused = FusedPatcher()
         self.hooks = HookPatcher()
+        self.quantized = QuantizedPatcher()  # quantized layers: merged per forward, never written
+        self._quantized: frozenset[str] = frozenset()
+        self._mode = "fused"  # of the last set: a per-step update in fused mode is a set
         self.reports: list[LoraReport] = []
         self._active: list[tuple[LoraModel, list[str]]] = []  # the last set: each LoRA and its layers that fit
         self._modules: dict[str, torch.nn.Module] = {}
@@ -54,15 +59,21 @@ class Patcher:
         if plan is None:
             plan = self._plans.put(resolved, strict, build_plan(self.components, resolved, strict, self._resolved,
                                                                 self._original))
-        active, other = (self.fused, self.hooks) if mode == "fused" else (self.hooks, self.fused)
         try:
-            other.restore()
-            active.apply(plan)
+            if mode == "fused":
+                self.hooks.restore()
+                self.fused.apply(plan)
+                self.quantized.apply(plan.modules, {p: c for p, c in plan.layers.items() if p in plan.quantized})
+            else:
+                self.fused.restore()
+                self._apply_hooks(plan)
         except BaseException:
             self.restore()
             raise
         self.reports = plan.reports
         self._modules = plan.modules
+        self._quantized = plan.quantized
+        self._mode = mode
         self._active = [(lora, [p for p in lora.layers if p in plan.modules]) for lora, _ in resolved]
         for report in plan.reports if log_reports else []:
             log.info(report.line())
@@ -73,7 +84,7 @@ class Patcher:
         checking anything again: the per-step path of strength schedules. In fused mode this is a ``set``."""
         if len(weights) != len(self._active):
             raise LorakitError(f"update needs one weight per active LoRA ({len(self._active)}), got {len(weights)}")
-        if not self.hooks.active and self.fused.active:
+        if self._mode == "fused":
             self.set([(lora, w) for (lora, _), w in zip(self._active, weights)], log_reports=False)
             return
         arch = model_arch(self.components)
@@ -85,10 +96,17 @@ class Patcher:
                 if strength != 0.0:
                     layers.setdefault(path, []).append(Contribution(lora.layers[path], strength, weight.dyn))
         try:
-            self.hooks.apply(Plan(self._modules, layers, self.reports))
+            self._apply_hooks(Plan(self._modules, layers, self.reports, self._quantized))
         except BaseException:
             self.restore()
             raise
+
+    def _apply_hooks(self, plan: Plan) -> None:
+        """Hooks on every layer, but on a quantized layer only when every change is a side branch (LoRA/LoCon);
+        a quantized layer with another type merges per forward (``patch/quantized.py``)."""
+        merged = {p for p in plan.quantized if any(not c.adapter.bypass for c in plan.layers.get(p, []))}
+        self.hooks.apply(Plan(plan.modules, {p: c for p, c in plan.layers.items() if p not in merged}, plan.reports))
+        self.quantized.apply(plan.modules, {p: plan.layers[p] for p in merged})
 
     def _original(self, path: str) -> torch.Tensor:
         """A module's original weight, whether patched now (kept by the fused patcher) or not."""
@@ -96,10 +114,9 @@ class Patcher:
         if kept is not None:
             return kept
         module = find_module(self.components, path)
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor):
+        if module is None or weight_shape(module) is None:
             raise LorakitError(f"{path}: a part of a fused layer the LoRA changes is not in this model")
-        return weight.detach()
+        return weight_values(module)  # a quantized layer's dequantized weight (its storage is never patched)
 
     @property
     def originals_location(self) -> str:
@@ -110,6 +127,7 @@ class Patcher:
         """Every parameter back to its original tensor (bit-exact); every hook removed."""
         self.fused.restore()
         self.hooks.restore()
+        self.quantized.restore()
         self._plans.clear()
         self.reports = []
         self._active, self._modules = [], {}

@@ -18,6 +18,7 @@ from ..adapters.rows import Originals
 from ..errors import IncompatibleLora, UnmatchedKeys
 from ..keymap.arch import NAMES, UNKNOWN
 from ..lora_model import LoraModel
+from ..quant.layers import is_quantized, weight_shape, weight_values
 from .targets import find_module, model_arch, supported
 from .weights import Weight
 
@@ -61,9 +62,13 @@ Signature = tuple[tuple[object, float, int | None, str], ...]  # what a paramete
 
 @dataclass
 class Plan:
+    """``quantized``: the modules whose stored weight is quantized (GGUF, fp8) — never fused into: their parameter
+    entries are left out, ``patch/quantized.py`` merges their contributions per forward."""
+
     modules: dict[str, torch.nn.Module]
     layers: dict[str, list[Contribution]]
     reports: list[LoraReport]
+    quantized: frozenset[str] = frozenset()
     _entries: Entries | None = field(default=None, repr=False)
     _signatures: dict[ParamKey, Signature] | None = field(default=None, repr=False)
 
@@ -85,6 +90,8 @@ class Plan:
     def _work_out_entries(self) -> Entries:
         out: Entries = {}
         for path, contribs in self.layers.items():
+            if path in self.quantized:
+                continue
             has_bias = getattr(self.modules[path], "bias", None) is not None
             for c in contribs:
                 out.setdefault((path, "weight"), []).append((c, "weight"))
@@ -160,8 +167,8 @@ def resolve(components: Mapping[str, torch.nn.Module], lora: LoraModel) -> Resol
         if module is None or not supported(module):
             out.append((path, adapter, None, ""))
             continue
-        w = getattr(module, "weight", None)  # a norm layer without affine parameters has none
-        problem = adapter.shape_error(w.shape) if isinstance(w, torch.Tensor) else "it has no weight"
+        shape = weight_shape(module)  # a norm layer without affine parameters has none; GGUF: logical, not bytes
+        problem = adapter.shape_error(shape) if shape is not None else "it has no weight"
         out.append((path, adapter, module, problem or ""))
     return out
 
@@ -197,16 +204,15 @@ def build_plan(components: Mapping[str, torch.nn.Module], loras: Sequence[tuple[
                 layers.setdefault(path, []).append(Contribution(adapter, strength, weight.dyn))
         _raise_if_bad(lora, arch, errors, report, strict)
         reports.append(report)
-    return Plan(modules, layers, reports)
+    return Plan(modules, layers, reports, frozenset(p for p, m in modules.items() if is_quantized(m)))
 
 
 def _current_weights(components: Mapping[str, torch.nn.Module]) -> Originals:
     def weight(path: str) -> torch.Tensor:
         module = find_module(components, path)
-        w = getattr(module, "weight", None)
-        if not isinstance(w, torch.Tensor):
+        if module is None or weight_shape(module) is None:
             raise IncompatibleLora(f"{path}: a part of a fused layer the LoRA changes is not in this model")
-        return w.detach()
+        return weight_values(module)
     return weight
 
 
