@@ -102,6 +102,10 @@ BFL_HEADS = ("double_blocks", "single_blocks", "final_layer", "img_in", "txt_in"
              "guidance_in")
 
 
+DIFFUSERS_HEADS = ("transformer_blocks", "single_transformer_blocks", "x_embedder", "context_embedder",
+                   "time_text_embed", "norm_out", "proj_out")  # FluxTransformer2DModel's top-level modules
+
+
 def is_bfl_path(path: str) -> bool:
     """Whether a transformer module path is in the original (BFL) layout."""
     return path.split(".", 1)[0] in BFL_HEADS

@@ -43,8 +43,8 @@ def load_folder(path: Path, dtype: torch.dtype) -> Any:
 
 
 def transformer_keys(sd: Mapping[str, T]) -> dict[str, T]:
-    """The BFL transformer tensors (or header entries) of a single file, prefixes stripped (a bare BFL file has
-    none)."""
+    """The transformer tensors (or header entries) of a single file, prefixes stripped: BFL names (a bare BFL
+    file has no prefix), or diffusers names (diffusers-keyed GGUF files)."""
     out: dict[str, T] = {}
     for key, t in sd.items():
         for prefix in PREFIXES:
@@ -52,7 +52,7 @@ def transformer_keys(sd: Mapping[str, T]) -> dict[str, T]:
                 out[key[len(prefix):]] = t
                 break
         else:
-            if fluxmap.is_bfl_path(key):
+            if fluxmap.is_bfl_path(key) or key.split(".", 1)[0] in fluxmap.DIFFUSERS_HEADS:
                 out[key] = t
     return out
 

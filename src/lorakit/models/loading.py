@@ -24,6 +24,7 @@ import torch
 
 from ..errors import LorakitError, ModelError
 from ..keymap.arch import Arch
+from ..quant.layers import is_quantized
 from .device import (
     ORIGINALS,
     TILE_FROM,
@@ -169,11 +170,30 @@ def _move(pipe: Any, device: torch.device, dtype: torch.dtype) -> None:
     for component in pipe.components.values():
         if not isinstance(component, torch.nn.Module):
             continue
-        torch.nn.Module.to(component, device=device, dtype=dtype)
+        if any(is_quantized(m) for m in component.modules()):
+            _move_quantized(component, device, dtype)
+        else:
+            torch.nn.Module.to(component, device=device, dtype=dtype)
         keep = set(getattr(component, "_keep_in_fp32_modules", None) or ())
         for name, sub in component.named_modules():
             if keep & set(name.split(".")):
                 sub.float()
+
+
+def _move_quantized(component: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """A component with quantized layers: everything to ``device``; the dense tensors to ``dtype``, the quantized
+    weights (GGUF blocks, fp8) and their fp32 scales as they are, and those layers compute in ``dtype``."""
+    torch.nn.Module.to(component, device=device)
+    for module in component.modules():
+        quantized = is_quantized(module)
+        if quantized:
+            setattr(module, "compute_dtype", dtype)
+        for name, p in module._parameters.items():
+            if p is not None and p.is_floating_point() and not (quantized and name == "weight") and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+        for name, b in module._buffers.items():
+            if b is not None and b.is_floating_point() and not quantized and b.dtype != dtype:
+                module._buffers[name] = b.to(dtype)
 
 
 def _offload(pipe: Any, device: torch.device) -> None:
