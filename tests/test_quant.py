@@ -51,7 +51,8 @@ def _stored(module: torch.nn.Module) -> bytes:
 
 
 def _reference(module: torch.nn.Module, adapters: list[tuple[object, float]], x: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, round_c(fp32(dq(Wq)) + Σ ΔWᵢ), round_c(fp32(b) + Σ Δbᵢ)), written out."""
+    """F.linear(x, round_c(fp32(dq(Wq)) + Σ ΔWᵢ), round_c(fp32(b) + Σ Δbᵢ)) (F.conv2d for a convolution), written
+    out."""
     w32 = dq(module).float()
     acc = w32
     b32 = None if module.bias is None else module.bias.float()
@@ -60,7 +61,10 @@ def _reference(module: torch.nn.Module, adapters: list[tuple[object, float]], x:
         db = adapter.bias_delta(m) if adapter.changes_bias else None  # type: ignore[attr-defined]
         if b32 is not None and db is not None:
             b32 = b32 + db.reshape(b32.shape)
-    return F.linear(x, acc.to(compute_dtype(module)), None if b32 is None else b32.to(compute_dtype(module)))
+    w, b = acc.to(compute_dtype(module)), None if b32 is None else b32.to(compute_dtype(module))
+    if isinstance(module, torch.nn.Conv2d):
+        return F.conv2d(x, w, b, module.stride, module.padding, module.dilation, module.groups)
+    return F.linear(x, w, b)
 
 
 @pytest.mark.parametrize("quant", QUANTS)

@@ -15,7 +15,9 @@ from lorakit.errors import ModelError
 from lorakit.files.io import save_file
 from lorakit.generate.pipeline import Generator, Request
 from lorakit.library import Library
-from lorakit.models.loading import load_model
+from lorakit.models.loading import load_model, load_single_file, place_model
+from lorakit import apply_loras
+from lorakit.lora_model import lora_from_state_dict
 from lorakit.quant.layers import Fp8Linear, dq, is_quantized
 from tests.flux_factories import bfl_lora, bfl_state, kohya_keys, tiny_flux_pipeline
 
@@ -176,3 +178,38 @@ def test_bad_quantized_files_are_model_errors(dense: object, flux_dir: Path, tmp
     save_file(sd, tmp_path / "scale.safetensors")
     with pytest.raises(ModelError, match="has 3 values; expected 1"):
         load_model(str(tmp_path / "scale.safetensors"), device="cpu", components=str(flux_dir))
+
+
+def test_sdxl_fp8_checkpoint_keeps_fp8_unet_and_takes_loras_exactly(tmp_path: Path) -> None:
+    """An A1111-style SDXL single file with fp8 UNet weights (Linears and convolutions): fp8 storage kept, a LoCon
+    merged per forward bit for bit, images generated, every stored byte kept."""
+    from lorakit.quant.layers import Fp8Conv2d
+    from lorakit.tools.checkpoint import to_checkpoint
+    from tests.factories import make_kohya_lora, tiny_sdxl_pipeline
+    from tests.test_quant import _reference, _stored
+
+    pipe = tiny_sdxl_pipeline()
+    sd = to_checkpoint(pipe, "sdxl")
+    sd = {k: v.to(torch.float8_e4m3fn) if k.startswith("model.diffusion_model.") and v.dim() in (2, 4) else v
+          for k, v in sd.items()}
+    path = tmp_path / "xl-fp8.safetensors"
+    save_file(sd, path)
+    configs = {"unet": dict(pipe.unet.config), "vae": dict(pipe.vae.config),  # the tiny model's, not SDXL's
+               "text_encoder": pipe.text_encoder.config.to_dict(), "text_encoder_2": pipe.text_encoder_2.config.to_dict()}
+    model = place_model(load_single_file(path, configs, dtype=torch.bfloat16), torch.device("cpu"), torch.bfloat16)
+    unet = model.pipe.unet
+    convs = [m for m in unet.modules() if isinstance(m, Fp8Conv2d)]
+    linears = [m for m in unet.modules() if isinstance(m, Fp8Linear)]
+    assert convs and linears
+    stored = {id(m): _stored(m) for m in convs + linears}
+    lora = lora_from_state_dict(make_kohya_lora({"unet": pipe.unet}, "locon-tucker"), {})
+    comps = {"unet": unet}
+    layer = unet.down_blocks[0].resnets[0].conv1
+    x = torch.randn(1, layer.in_channels, 8, 8, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    with apply_loras(comps, [(lora, 0.8)]):
+        path_ = "unet.down_blocks.0.resnets.0.conv1"
+        assert torch.equal(layer(x), _reference(layer, [(lora.layers[path_], 0.8)], x))
+    gen = Generator(model, Library([tmp_path], index=tmp_path / "i.sqlite3"))
+    image = gen(Request("a cat", steps=2, width=64, height=64, seed=1)).images[0]
+    assert image.size == (64, 64)
+    assert all(_stored(m) == stored[id(m)] for m in convs + linears)

@@ -1,6 +1,6 @@
 """LoRAs on quantized layers (GGUF, fp8): the stored weight is never written. A patched layer's forward becomes
 
-    F.linear(x, round_c(fp32(dq(Wq)) + Σ mᵢ·ΔWᵢ), round_c(fp32(b) + Σ mᵢ·Δbᵢ))
+    F.linear(x, round_c(fp32(dq(Wq)) + Σ mᵢ·ΔWᵢ), round_c(fp32(b) + Σ mᵢ·Δbᵢ))     (F.conv2d for a convolution)
 
 with ``dq`` the layer's own dequantization and ``c`` its compute dtype — ΔW recomputed per forward, one layer at a
 time (no dense copy of the model is kept), rounded once; at strength 0 it is the unpatched layer bit for bit, and
@@ -13,8 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from ..adapters import functional as fn
 from ..quant.layers import compute_dtype, dq
 from .plan import Contribution
 
@@ -54,7 +54,7 @@ class MergedForward:
         return out
 
     def __call__(self, inputs: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return F.linear(inputs, self.weight(), self.bias())
+        return fn.module_op(self.module, inputs, self.weight(), self.bias())  # F.linear / F.conv2d as the layer
 
 
 class QuantizedPatcher:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelError
-from .layers import FP8, Fp8Linear
+from .layers import FP8, Fp8Conv2d, Fp8Linear, Fp8Weight
 
 
 def fill_quantized(model: torch.nn.Module, state: dict[str, torch.Tensor], scales: dict[str, torch.Tensor],
@@ -44,19 +44,22 @@ def _swap_linears(model: torch.nn.Module, state: dict[str, torch.Tensor], scales
 
     for name, module in list(model.named_modules()):
         weight = state.get(f"{name}.weight")
-        if type(module) is not torch.nn.Linear or weight is None or not _kept(weight):
+        if type(module) not in (torch.nn.Linear, torch.nn.Conv2d) or weight is None or not _kept(weight):
             continue
         owner, _, child = name.rpartition(".")
         parent = model.get_submodule(owner) if owner else model
-        bias = module.bias is not None
-        with torch.device("meta"):
-            if hasattr(weight, "quant_type"):
-                made: torch.nn.Module = GGUFLinear(module.in_features, module.out_features, bias,
-                                                   compute_dtype=compute_dtype)
-            else:
-                made = Fp8Linear(module.in_features, module.out_features, bias, compute_dtype)
-        if isinstance(made, Fp8Linear) and name in scales:
-            made.scale = scales[name]
+        gguf = hasattr(weight, "quant_type")
+        if isinstance(module, torch.nn.Conv2d):
+            if gguf:
+                raise ModelError(f"{name}: a GGUF-quantized convolution; lorakit reads GGUF Linears only")
+            made: torch.nn.Module = Fp8Conv2d(module, compute_dtype)
+        else:
+            with torch.device("meta"):
+                made = GGUFLinear(module.in_features, module.out_features, module.bias is not None,
+                                  compute_dtype=compute_dtype) if gguf else \
+                    Fp8Linear(module.in_features, module.out_features, module.bias is not None, compute_dtype)
+        if isinstance(made, Fp8Weight) and name in scales:
+            setattr(made, "scale", scales[name])
         setattr(parent, child, made)
 
 
