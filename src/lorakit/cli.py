@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .errors import LorakitError
 from .keymap.arch import LORA_BASES, Arch
@@ -53,6 +53,7 @@ def _generate(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     prompts = _prompts(args)
     init = _init_image(args)  # a bad image fails before the model loads
+    control = _control_image(args)
     model = load_model(args.model or settings.model, **settings.device_options(args))
     embedding_dirs = args.embeddings_dir or settings.embedding_dirs
     generator = Generator(model, LoraIndex(args.lora_dir or settings.lora_dirs),
@@ -66,7 +67,8 @@ def _generate(args: argparse.Namespace) -> int:
     try:
         for prompt in prompts:
             req = Request(prompt, args.negative, args.steps, args.cfg, args.sampler, args.seed, width, height,
-                          args.batch, args.clip_skip, args.auto_triggers, init, guidance=args.guidance)
+                          args.batch, args.clip_skip, args.auto_triggers, init, guidance=args.guidance,
+                          control=control)
             result = generator(req)
             for image, text in zip(result.images, result.infotexts):
                 n += 1
@@ -94,6 +96,14 @@ def _init_image(args: argparse.Namespace) -> InitImage | None:
                      args.only_masked is not None, args.only_masked or 0)
     init.check()
     return init
+
+
+def _control_image(args: argparse.Namespace) -> Any:
+    """``--control-image``: a FLUX.1 control LoRA's control image (``None`` without it)."""
+    from .generate.init_image import open_image
+
+    return open_image(_read_bytes(args.control_image, "--control-image"), f"--control-image {args.control_image}") \
+        if args.control_image else None
 
 
 def _read_bytes(path: str, what: str) -> bytes:
@@ -182,6 +192,8 @@ def _add_generate(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") ->
     p.add_argument("--auto-triggers", action="store_true", help="add each LoRA's declared trigger words that the "
                                                                 "prompt lacks (off by default)")
     p.add_argument("-o", "--output", default="lorakit.png", help="PNG path; numbered when there are several")
+    p.add_argument("--control-image", metavar="PNG", help="FLUX.1 control LoRAs (Canny, Depth): the control image "
+                                                          "(edges, a depth map), resized to the output size")
     g = p.add_argument_group("img2img", "start from an image (A1111's img2img); a mask makes it inpainting")
     g.add_argument("--init-image", metavar="PNG", help="the image to start from")
     g.add_argument("--strength", type=float, default=0.75, help="denoising strength, 0 (keep) to 1 (default 0.75)")

@@ -50,7 +50,8 @@ class PipelineFamily:
         raise NotImplementedError
 
     def sample(self, settings: Any, size: tuple[int, int], cond: Conditioning, uncond: Conditioning,
-               seeds: list[int], step_end: StepEnd, per_prompt: int = 1) -> torch.Tensor:
+               seeds: list[int], step_end: StepEnd, per_prompt: int = 1, control: Any = None) -> torch.Tensor:
+        """The latents after the last step; ``control``: a control image (FLUX.1 control LoRAs)."""
         raise NotImplementedError
 
     def sample_init(self, settings: Any, size: tuple[int, int], cond: Conditioning, uncond: Conditioning,

@@ -2,6 +2,9 @@
 config, the distilled guidance (dev: ``guidance``, default 3.5; schnell has none), true CFG only when asked
 (``cfg`` > 1 with a negative prompt, as Forge: twice the cost), packed latents.
 
+Control LoRAs (Canny, Depth): the LoRA widens the transformer's input (``patch/expand.py``) and a control image
+(edges, a depth map: preprocessed by the user) goes through diffusers' ``FluxControlPipeline``.
+
 Prompts: A1111 emphasis is not applied on FLUX — ``(word:1.2)`` and ``[word]`` are read as their plain text and
 ``BREAK`` as a space (T5 has no 75-token chunks and no weighting that means what A1111's does); textual-inversion
 embeddings and clip skip do not apply.
@@ -11,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline, FluxPipeline
+from diffusers import FluxControlPipeline, FluxImg2ImgPipeline, FluxInpaintPipeline, FluxPipeline
 
 from ..errors import LorakitError
 from ..library import EmbeddingIndex
@@ -73,10 +76,23 @@ class Flux(PipelineFamily):
         return kwargs
 
     def sample(self, settings: Any, size: tuple[int, int], cond: Conditioning, uncond: Conditioning,
-               seeds: list[int], step_end: StepEnd, per_prompt: int = 1) -> torch.Tensor:
+               seeds: list[int], step_end: StepEnd, per_prompt: int = 1, control: Any = None) -> torch.Tensor:
         kwargs = self._kwargs(settings, cond, uncond, seeds, step_end, per_prompt)
+        pipe = self.model.pipe
+        if self._widened() != (control is not None):
+            raise LorakitError("a FLUX.1 control LoRA (Canny, Depth) needs a control image (--control-image)"
+                               if control is None else "a control image needs a FLUX.1 control LoRA (Canny, "
+                               "Depth) in the prompt")
+        if control is not None:
+            pipe = _derived(pipe, FluxControlPipeline)
+            kwargs["control_image"] = control
         with torch.no_grad():
-            return self.model.pipe(width=size[0], height=size[1], **kwargs).images  # type: ignore[no-any-return]
+            return pipe(width=size[0], height=size[1], **kwargs).images  # type: ignore[no-any-return]
+
+    def _widened(self) -> bool:
+        """Whether a control LoRA widened the transformer's input to take a control image's latents too."""
+        pipe = self.model.pipe
+        return int(pipe.transformer.config.in_channels) > 4 * int(pipe.vae.config.latent_channels)
 
     def sample_init(self, settings: Any, size: tuple[int, int], cond: Conditioning, uncond: Conditioning,
                     seeds: list[int], step_end: StepEnd, init: Any, prepared: Any, per_prompt: int = 1
@@ -86,7 +102,9 @@ class Flux(PipelineFamily):
         if prepared.mask is not None and init.fill in (2, 3):
             raise LorakitError("the latent noise / latent nothing fills (2, 3) are not available on FLUX.1; use "
                                "fill 0 (fill) or 1 (original)")
-        pipe = _derived(self.model.pipe, prepared.mask is not None)
+        if self._widened():
+            raise LorakitError("a FLUX.1 control LoRA generates from a control image, not from an init image")
+        pipe = _derived(self.model.pipe, FluxInpaintPipeline if prepared.mask is not None else FluxImg2ImgPipeline)
         kwargs = self._kwargs(settings, cond, uncond, seeds, step_end, per_prompt)
         kwargs.update(image=prepared.image, strength=init.strength, width=size[0], height=size[1])
         if prepared.mask is not None:
@@ -105,9 +123,8 @@ class Flux(PipelineFamily):
         return {"Distilled CFG Scale": settings.guidance} if settings.guidance is not None else {}
 
 
-def _derived(pipe: Any, inpaint: bool) -> Any:
-    """The FLUX img2img / inpaint pipeline on the same modules (built from the components: no fp32 cast)."""
-    cls: Any = FluxInpaintPipeline if inpaint else FluxImg2ImgPipeline
+def _derived(pipe: Any, cls: Any) -> Any:
+    """A FLUX img2img / inpaint / control pipeline on the same modules (built from the components: no fp32 cast)."""
     expected, _ = cls._get_signature_keys(cls)
     out = cls(**{name: pipe.components.get(name) for name in expected})
     if hasattr(pipe, "_progress_bar_config"):

@@ -199,7 +199,7 @@ class Generator:
             return self.family.sample_init(job.settings, size, cond, uncond, job.seeds, self._step_end(job, schedule),
                                            req.init, self._prepared(job), per_prompt=req.batch)
         return self.family.sample(job.settings, size, cond, uncond, job.seeds, self._step_end(job, schedule),
-                                  per_prompt=req.batch)
+                                  per_prompt=req.batch, control=req.control)
 
     def _prepared(self, job: Job) -> Any:
         """The job's init image and mask at its size (prepared once per job)."""

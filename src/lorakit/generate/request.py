@@ -57,6 +57,7 @@ class Request:
     auto_triggers: bool = False  # add the LoRAs' declared trigger words that the prompt lacks
     init: InitImage | None = None  # img2img / inpainting: what to start from
     guidance: float | None = None  # FLUX.1-dev's distilled guidance (Forge's "Distilled CFG Scale")
+    control: Any = None  # a FLUX.1 control LoRA's control image (Canny edges, a depth map): a PIL image
 
 
 @dataclass(frozen=True)

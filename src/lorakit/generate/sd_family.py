@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from ..errors import LorakitError
 from ..library import EmbeddingIndex
 from ..lora_model import LoraModel
 from ..models.loading import BaseModel
@@ -45,7 +46,10 @@ class SD(PipelineFamily):
         self.model.pipe.scheduler = scheduler_for(settings.sampler, self.prediction_type)
 
     def sample(self, settings: Any, size: tuple[int, int], cond: Conditioning, uncond: Conditioning,
-               seeds: list[int], step_end: StepEnd, per_prompt: int = 1) -> torch.Tensor:
+               seeds: list[int], step_end: StepEnd, per_prompt: int = 1, control: Any = None) -> torch.Tensor:
+        if control is not None:
+            raise LorakitError("a control image is for FLUX.1 control LoRAs (Canny, Depth); this is a Stable "
+                               "Diffusion model")
         return sample(self.model, settings, size, cond, uncond, seeds, step_end, per_prompt)
 
     def sample_init(self, settings: Any, size: tuple[int, int], cond: Conditioning, uncond: Conditioning,

@@ -44,6 +44,7 @@ class Family:
     is_original: Callable[[str], bool] = field(default=lambda path: False)
     model_classes: tuple[str, ...] = ()
     hidden_outputs: tuple[str, ...] = ()  # model module paths ending so write the hidden state (its width)
+    expandable: Mapping[str, str] = field(default_factory=dict)  # input layer → config key widened with it
 
 
 SD = Family(
@@ -66,7 +67,8 @@ FLUX1 = Family(
           "text_encoder_2.": "text_encoder_2"},
     comfy={"clip_l": "text_encoder", "t5xxl": "text_encoder_2"},
     arch=Arch.FLUX1, to_model=flux.to_model, is_original=flux.is_bfl_path,
-    model_classes=("FluxTransformer2DModel",), hidden_outputs=flux.HIDDEN_OUTPUTS)
+    model_classes=("FluxTransformer2DModel",), hidden_outputs=flux.HIDDEN_OUTPUTS,
+    expandable={"x_embedder": "in_channels"})  # control LoRAs (Canny/Depth) read the control image's latents too
 
 FAMILIES: dict[str, Family] = {f.key: f for f in (SD, FLUX1)}
 

@@ -18,6 +18,8 @@ from .fused import FusedPatcher
 from .hooks import HookPatcher
 from ..quant.layers import weight_shape, weight_values
 from .placement import place_loras
+from ..keymap.families import family_of_model
+from .expand import InputExpansion
 from .quantized import QuantizedPatcher
 from .plan import Contribution, LoraReport, Plan, PlanCache, ResolutionCache, build_plan
 from .targets import components_of, find_module, model_arch
@@ -37,6 +39,7 @@ class Patcher:
         self.fused = FusedPatcher()
         self.hooks = HookPatcher()
         self.quantized = QuantizedPatcher()  # quantized layers: merged per forward, never written
+        self.expansion = InputExpansion()  # input layers widened for control LoRAs
         self._quantized: frozenset[str] = frozenset()
         self._mode = "fused"  # of the last set: a per-step update in fused mode is a set
         self.reports: list[LoraReport] = []
@@ -60,6 +63,7 @@ class Patcher:
             plan = self._plans.put(resolved, strict, build_plan(self.components, resolved, strict, self._resolved,
                                                                 self._original))
         try:
+            self._expand(plan)
             if mode == "fused":
                 self.hooks.restore()
                 self.fused.apply(plan)
@@ -101,6 +105,17 @@ class Patcher:
             self.restore()
             raise
 
+    def _expand(self, plan: Plan) -> None:
+        """Widen (or put back) the input layers a control LoRA needs; every change is restored first, as the widened
+        layer gets a new parameter."""
+        if plan.expansions == self.expansion.current:
+            return
+        self.fused.restore()
+        self.hooks.restore()
+        self.quantized.restore()
+        family = family_of_model(self.components)
+        self.expansion.apply(plan.modules, self.components, plan.expansions, family.expandable if family else {})
+
     def _apply_hooks(self, plan: Plan) -> None:
         """Hooks on every layer, but on a quantized layer only when every change is a side branch (LoRA/LoCon);
         a quantized layer with another type merges per forward (``patch/quantized.py``)."""
@@ -128,6 +143,7 @@ class Patcher:
         self.fused.restore()
         self.hooks.restore()
         self.quantized.restore()
+        self.expansion.restore()
         self._plans.clear()
         self.reports = []
         self._active, self._modules = [], {}

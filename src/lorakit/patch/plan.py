@@ -18,7 +18,9 @@ from ..adapters.rows import Originals
 from ..errors import IncompatibleLora, UnmatchedKeys
 from ..keymap.arch import NAMES, UNKNOWN
 from ..lora_model import LoraModel
+from ..keymap.families import family_of_model
 from ..quant.layers import is_quantized, weight_shape, weight_values
+from .expand import Expansions, needed, padded
 from .targets import find_module, model_arch, supported
 from .weights import Weight
 
@@ -69,6 +71,7 @@ class Plan:
     layers: dict[str, list[Contribution]]
     reports: list[LoraReport]
     quantized: frozenset[str] = frozenset()
+    expansions: Expansions = field(default_factory=dict)  # layers widened for a control LoRA: path → inputs
     _entries: Entries | None = field(default=None, repr=False)
     _signatures: dict[ParamKey, Signature] | None = field(default=None, repr=False)
 
@@ -177,21 +180,30 @@ def build_plan(components: Mapping[str, torch.nn.Module], loras: Sequence[tuple[
                strict: bool = False, cache: ResolutionCache | None = None,
                originals: Originals | None = None) -> Plan:
     """``originals``: a module's original weight by canonical path (the patcher's kept originals; default: the
-    modules' weights as they are), for parts of fused layers whose change reads the whole fused weight."""
+    modules' weights as they are), for parts of fused layers whose change reads the whole fused weight. A layer the
+    family lets widen (FLUX's ``x_embedder``) takes a control LoRA's wider input: ``Plan.expansions``."""
     arch = model_arch(components)
     originals = originals or _current_weights(components)
+    family = family_of_model(components)
+    resolved = [(lora, weight, cache.get(components, lora) if cache else resolve(components, lora))
+                for lora, weight in loras]
+    expansions = _expansions(resolved, family.expandable if family else {})
     modules: dict[str, torch.nn.Module] = {}
     layers: dict[str, list[Contribution]] = {}
     reports = []
-    for lora, weight in loras:
+    for lora, weight, resolution in resolved:
         _check_arch(lora, arch)
         report = LoraReport(lora.name, lora.path, lora.network_types, lora.arch, weight.describe(_parts(lora)),
                             leftover_keys=len(lora.leftovers))
         errors: list[str] = []
-        for path, adapter, module, problem in (cache.get(components, lora) if cache else resolve(components, lora)):
+        for path, adapter, module, problem in resolution:
             if module is None:
                 report.unmatched.append(path)
                 continue
+            if path in expansions:
+                problem = ""  # checked against the widened shape in _expansions
+                if (adapter.widths()[1] or 0) < expansions[path]:
+                    adapter = padded(adapter, expansions[path], path)
             if problem:
                 errors.append(f"{path}: {problem}")
                 continue
@@ -204,7 +216,24 @@ def build_plan(components: Mapping[str, torch.nn.Module], loras: Sequence[tuple[
                 layers.setdefault(path, []).append(Contribution(adapter, strength, weight.dyn))
         _raise_if_bad(lora, arch, errors, report, strict)
         reports.append(report)
-    return Plan(modules, layers, reports, frozenset(p for p, m in modules.items() if is_quantized(m)))
+    return Plan(modules, layers, reports, frozenset(p for p, m in modules.items() if is_quantized(m)), expansions)
+
+
+def _expansions(resolved: list[tuple[LoraModel, Weight, Resolution]], expandable: Mapping[str, str]) -> Expansions:
+    """The layers a control LoRA of the set needs widened, each to one width (its shape checked at that width)."""
+    out: Expansions = {}
+    for lora, _, resolution in resolved:
+        for path, adapter, module, problem in resolution:
+            shape = weight_shape(module) if module is not None and problem else None
+            width = needed(path, adapter, shape, expandable) if shape is not None else None
+            if width is None:
+                continue
+            if out.get(path, width) != width:
+                raise IncompatibleLora(f"{lora.path or lora.name}: {path} needs {width} inputs, another control LoRA "
+                                       f"of the set {out[path]}")
+            if adapter.shape_error((shape[0], width)) is None:  # type: ignore[index]
+                out[path] = width
+    return out
 
 
 def _current_weights(components: Mapping[str, torch.nn.Module]) -> Originals:

@@ -106,12 +106,15 @@ def weight_values(module: torch.nn.Module) -> torch.Tensor:
 
 
 def weight_shape(module: torch.nn.Module) -> tuple[int, ...] | None:
-    """The weight's logical shape ((out, in) for a GGUF layer, not its byte shape); ``None`` without a weight."""
+    """The weight's logical shape ((out, in) for a GGUF layer, not its byte shape; a layer widened for a control
+    LoRA: its own inputs, ``patch/expand.py``); ``None`` without a weight."""
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor):
         return None
     shape = getattr(weight, "quant_shape", None)
-    return tuple(int(s) for s in shape) if shape is not None else tuple(weight.shape)
+    out = tuple(int(s) for s in shape) if shape is not None else tuple(weight.shape)
+    narrow = getattr(module, "lorakit_inputs", None)  # widened for a control LoRA: the model's own width
+    return (out[0], int(narrow), *out[2:]) if isinstance(narrow, int) else out
 
 
 def quant_name(module: torch.nn.Module) -> str | None:

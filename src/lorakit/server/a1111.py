@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .. import __version__
 from ..generate.pipeline import LIMITS, Request, Result
 from ..generate.samplers import SAMPLERS
+from .images import decode_image
 
 MAX_IMAGES = 16  # batch_size × n_iter per request
 MAX_PROMPT_CHARS = 20_000  # ~10× the longest real prompts; a 10M-character one must not hold the only worker
@@ -48,6 +49,8 @@ class Txt2Img(BaseModel):
     send_images: bool = True
     # lorakit's own: add the LoRAs' declared trigger words the prompt lacks
     lorakit_auto_trigger_words: bool = False
+    # lorakit's own: the control image (base64) of a FLUX.1 control LoRA (Canny edges, a depth map) in the prompt
+    lorakit_control_image: str | None = None  # size checked when decoded (images.decode_base64)
 
 
 def sampler_of(req: Txt2Img) -> str | None:
@@ -61,9 +64,10 @@ def sampler_of(req: Txt2Img) -> str | None:
 def requests_of(req: Txt2Img, clip_skip: int, auto_triggers: bool) -> list[Request]:
     """One ``Request`` per iteration; image i of the whole job has seed ``seed + i`` (A1111's numbering)."""
     seed = req.seed if req.seed >= 0 else random.randrange(2 ** 32 - MAX_IMAGES)
+    control = decode_image(req.lorakit_control_image, "lorakit_control_image") if req.lorakit_control_image else None
     return [Request(req.prompt, req.negative_prompt, req.steps, req.cfg_scale, sampler_of(req),
                     seed + k * req.batch_size, req.width, req.height, req.batch_size, clip_skip,
-                    auto_triggers or req.lorakit_auto_trigger_words, guidance=req.distilled_cfg_scale)
+                    auto_triggers or req.lorakit_auto_trigger_words, guidance=req.distilled_cfg_scale, control=control)
             for k in range(req.n_iter)]
 
 
