@@ -234,3 +234,25 @@ def _decode_png(data: str) -> object:
     from PIL import Image
 
     return Image.open(io.BytesIO(base64.b64decode(data)))
+
+
+def test_step_schedule_grid_and_batch_on_flux(gen: Generator, tmp_path: Path) -> None:
+    """A denoiser schedule (hooks, strengths moved per step), a grid over distilled guidance, and a JSONL batch with
+    Forge's field, on FLUX.1."""
+    from lorakit.batch.axes import parse_axis
+    from lorakit.batch.grid import run_grid
+
+    scheduled = gen(_req("a cat <lora:style_a:unet=0@0,1@0.5>", steps=4))
+    assert scheduled.images[0].size == (SIZE, SIZE)
+    run = run_grid(gen, _req("a cat <lora:style_a:1>"), parse_axis("guidance=1,5"), parse_axis("lora:style_a=0,1"),
+                   None, tmp_path / "grid.png")
+    assert len(run.paths) == 1 and run.paths[0].is_file()
+    from lorakit.batch.jobs import read_jobs
+
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"prompt": "a cat <lora:style_b:1>", "steps": 2, "width": SIZE, "height": SIZE,
+                                "seed": 3, "distilled_cfg_scale": 2.0}) + "\n")
+    (item,) = read_jobs(jobs)
+    (req,) = item.requests
+    assert req.guidance == 2.0
+    assert "Distilled CFG Scale: 2" in gen(req).infotexts[0]
