@@ -12,8 +12,9 @@ from .layers import Fp8Linear
 
 Maker = Callable[[str, torch.nn.Linear], "torch.nn.Module | None"]
 GGUF_QUANTIZABLE = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "BF16")
-# Byte offsets of the fp16 scale fields in a K-quant block (gguf-py quants.py): set small so values stay finite.
-KQUANT_SCALES = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+# Byte offsets of the fp16 scale fields in a block (gguf-py quants.py): set small so values stay finite.
+KQUANT_SCALES = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q8_0": (0,),
+                 "Q4_0": (0,)}
 
 
 def gguf_param(weight: torch.Tensor, qtype: str) -> torch.Tensor:
@@ -27,7 +28,8 @@ def gguf_param(weight: torch.Tensor, qtype: str) -> torch.Tensor:
 
 
 def random_kquant(out: int, inp: int, qtype: str, seed: int = 0) -> torch.Tensor:
-    """Valid random ``qtype`` (K-quant) blocks for an (out, in) weight, ``in`` a multiple of 256."""
+    """Valid random ``qtype`` blocks (K-quants, and Q8_0/Q4_0 when quantizing would be too slow: full-size
+    benchmarks) for an (out, in) weight, ``in`` a multiple of the block size."""
     import gguf
     from diffusers.quantizers.gguf.utils import GGUFParameter
 
