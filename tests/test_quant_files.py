@@ -213,3 +213,21 @@ def test_sdxl_fp8_checkpoint_keeps_fp8_unet_and_takes_loras_exactly(tmp_path: Pa
     image = gen(Request("a cat", steps=2, width=64, height=64, seed=1)).images[0]
     assert image.size == (64, 64)
     assert all(_stored(m) == stored[id(m)] for m in convs + linears)
+
+
+def test_inspect_says_what_a_model_file_is_and_its_quantization(dense: object, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from lorakit.cli import main
+
+    pipe = dense.pipe  # type: ignore[attr-defined]
+    gguf_path = tmp_path / "flux-Q8_0.gguf"
+    write_gguf(gguf_path, bfl_state(pipe), "Q8_0")
+    fp8_path = tmp_path / "flux-fp8.safetensors"
+    save_file(_fp8_file(pipe, "legacy"), fp8_path)
+    assert main(["inspect", "--json", str(gguf_path), str(fp8_path)]) == 0
+    gguf_info, fp8_info = json.loads(capsys.readouterr().out)
+    assert gguf_info["family"] == "FLUX.1" and gguf_info["layout"] == "BFL" and gguf_info["gguf_architecture"] == "flux"
+    assert set(gguf_info["quantization"]) == {"Q8_0", "F32"}
+    assert fp8_info["scaled_fp8"] is True and "float8_e4m3fn" in fp8_info["quantization"]
+    assert main(["inspect", str(gguf_path)]) == 0
+    assert "quantization  Q8_0 ×" in capsys.readouterr().out

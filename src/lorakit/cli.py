@@ -23,9 +23,20 @@ def _inspect(args: argparse.Namespace) -> int:
     from .describe import as_text, describe, failure
     from .lora_model import load_lora
 
+    from pathlib import Path
+
+    from .describe_model import as_text as model_text
+    from .describe_model import describe_model, is_model_file
+
     infos, failed = [], False
     for path in args.files:
         try:
+            if is_model_file(Path(path)):  # a base model (GGUF, fp8, a checkpoint): what it is and its quantization
+                info = describe_model(Path(path))
+                infos.append(info)
+                if not args.json:
+                    print(("\n" if len(infos) > 1 else "") + model_text(info), flush=True)
+                continue
             info = describe(path, load_lora(path, strict=args.strict))
         except LorakitError as e:
             failed = True

@@ -34,9 +34,11 @@ class Quantized:
     def types(self) -> dict[str, int]:
         """Quantization type → tensor count (``inspect``)."""
         out: dict[str, int] = {}
+        names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}  # GGUF's and safetensors' names
         for t in self.tensors.values():
             kind = getattr(t, "quant_type", None)
-            name = str(getattr(kind, "name", kind)) if kind is not None else str(t.dtype).removeprefix("torch.")
+            name = str(getattr(kind, "name", kind)) if kind is not None else \
+                names.get(t.dtype, str(t.dtype).removeprefix("torch."))
             out[name] = out.get(name, 0) + 1
         return out
 
