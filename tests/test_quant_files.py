@@ -230,4 +230,5 @@ def test_inspect_says_what_a_model_file_is_and_its_quantization(dense: object, t
     assert set(gguf_info["quantization"]) == {"Q8_0", "F32"}
     assert fp8_info["scaled_fp8"] is True and "float8_e4m3fn" in fp8_info["quantization"]
     assert main(["inspect", str(gguf_path)]) == 0
-    assert "quantization  Q8_0 ×" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "quantization  F32 ×" in out and "Q8_0 ×38" in out
