@@ -149,3 +149,45 @@ def test_k_quants_on_one_layer(qtype: str) -> None:
         with apply_loras(comps, [(lora, 0.8)]):
             assert torch.equal(layer(x), _reference(layer, [(lora.layers[f"transformer.{path}"], 0.8)], x))
     assert torch.equal(layer(x), plain) and _stored(layer) == stored
+
+
+@pytest.mark.parametrize("quant", ["Q8_0", "Q4_0", "fp8_e4m3fn", "fp8_scaled"])
+def test_requant_opt_in_reports_the_loss_it_measures_and_restores_exactly(quant: str) -> None:
+    comps, loras = _model(quant, seed=6)
+    tr = comps["transformer"]
+    quantized = {n: m for n, m in tr.named_modules() if is_quantized(m)}
+    params = {n: m.weight for n, m in quantized.items()}
+    stored = {n: _stored(m) for n, m in quantized.items()}
+    before = {n: dq(m).float() for n, m in quantized.items()}
+    lora = loras[0]
+    applied = apply_loras(comps, [(lora, 1.0)], mode="requant")
+    report = applied.patcher.requantized.report
+    assert report
+    for path, (kept, error) in report.items():
+        name = path.split(".", 1)[1]
+        module = quantized[name]
+        w32 = before[name]
+        delta = (w32 + lora.layers[path].delta(w32, 1.0)).to(C).float() - w32  # the change asked, rounded once
+        effective = dq(module).float() - w32
+        assert kept == pytest.approx(float((effective * delta).sum() / (delta * delta).sum()), rel=1e-4, abs=1e-6)
+        assert error == pytest.approx(float((effective - delta).norm() / delta.norm()), rel=1e-4, abs=1e-6)
+    if quant == "Q4_0":  # lossy, and said so: 4-bit blocks cannot hold most of the change
+        assert sum(e for _, e in report.values()) / len(report) > 0.1
+    restore(comps)
+    assert all(m.weight is params[n] and _stored(m) == stored[n] for n, m in quantized.items())
+
+
+def test_requant_needs_a_quantizer() -> None:
+    lin = torch.nn.Linear(256, 64)
+    layer = gguf_linear(lin, random_kquant(64, 256, "Q4_K", seed=2), C)
+    comps = {"transformer": torch.nn.ModuleDict({"single_transformer_blocks": torch.nn.ModuleDict(
+        {"0": torch.nn.ModuleDict({"proj_mlp": layer})})})}
+    t = adapter_tensors("lora", (64, 256), 4, torch.Generator().manual_seed(5))
+    lora = lora_from_state_dict({f"lora_transformer_single_transformer_blocks_0_proj_mlp.{k}": v for k, v in t.items()},
+                                {})
+    from lorakit.errors import LorakitError
+
+    stored = _stored(layer)
+    with pytest.raises(LorakitError, match="needs a quantizer for Q4_K"):
+        apply_loras(comps, [(lora, 1.0)], mode="requant")
+    assert _stored(layer) == stored

@@ -20,7 +20,7 @@ from ..quant.layers import weight_shape, weight_values
 from .placement import place_loras
 from ..keymap.families import family_of_model
 from .expand import InputExpansion
-from .quantized import QuantizedPatcher
+from .quantized import QuantizedPatcher, Requantized
 from .plan import Contribution, LoraReport, Plan, PlanCache, ResolutionCache, build_plan
 from .targets import components_of, find_module, model_arch
 from .weights import Weight, as_weight
@@ -28,7 +28,7 @@ from .weights import Weight, as_weight
 log = logging.getLogger("lorakit")
 
 WeightLike = Union[float, int, Mapping[str, object], Weight]
-MODES = ("fused", "hooks")
+MODES = ("fused", "hooks", "requant")  # requant: quantized layers requantized (lossy, reported), the rest fused
 
 
 class Patcher:
@@ -40,6 +40,7 @@ class Patcher:
         self.hooks = HookPatcher()
         self.quantized = QuantizedPatcher()  # quantized layers: merged per forward, never written
         self.expansion = InputExpansion()  # input layers widened for control LoRAs
+        self.requantized = Requantized()  # mode "requant": the lossy opt-in, each layer's loss reported
         self._quantized: frozenset[str] = frozenset()
         self._mode = "fused"  # of the last set: a per-step update in fused mode is a set
         self.reports: list[LoraReport] = []
@@ -64,11 +65,19 @@ class Patcher:
                                                                 self._original))
         try:
             self._expand(plan)
-            if mode == "fused":
+            if mode in ("fused", "requant"):
                 self.hooks.restore()
                 self.fused.apply(plan)
-                self.quantized.apply(plan.modules, {p: c for p, c in plan.layers.items() if p in plan.quantized})
+                quantized = {p: c for p, c in plan.layers.items() if p in plan.quantized}
+                if mode == "requant":
+                    self.quantized.restore()
+                    self.requantized.apply(plan.modules, quantized)
+                    self._log_requant()
+                else:
+                    self.requantized.restore()
+                    self.quantized.apply(plan.modules, quantized)
             else:
+                self.requantized.restore()
                 self.fused.restore()
                 self._apply_hooks(plan)
         except BaseException:
@@ -88,8 +97,8 @@ class Patcher:
         checking anything again: the per-step path of strength schedules. In fused mode this is a ``set``."""
         if len(weights) != len(self._active):
             raise LorakitError(f"update needs one weight per active LoRA ({len(self._active)}), got {len(weights)}")
-        if self._mode == "fused":
-            self.set([(lora, w) for (lora, _), w in zip(self._active, weights)], log_reports=False)
+        if self._mode in ("fused", "requant"):
+            self.set([(lora, w) for (lora, _), w in zip(self._active, weights)], mode=self._mode, log_reports=False)
             return
         arch = model_arch(self.components)
         layers: dict[str, list[Contribution]] = {}
@@ -104,6 +113,14 @@ class Patcher:
         except BaseException:
             self.restore()
             raise
+
+    def _log_requant(self) -> None:
+        report = self.requantized.report
+        if report:
+            worst = min(report.items(), key=lambda kv: kv[1][0])
+            mean = sum(k for k, _ in report.values()) / len(report)
+            log.warning(f"requantized {len(report)} quantized layers (lossy): the LoRA change kept {mean:.3f} on "
+                        f"average, worst {worst[1][0]:.3f} ({worst[0]}); mode fused keeps all of it exactly")
 
     def _expand(self, plan: Plan) -> None:
         """Widen (or put back) the input layers a control LoRA needs; every change is restored first, as the widened
@@ -143,6 +160,7 @@ class Patcher:
         self.fused.restore()
         self.hooks.restore()
         self.quantized.restore()
+        self.requantized.restore()
         self.expansion.restore()
         self._plans.clear()
         self.reports = []

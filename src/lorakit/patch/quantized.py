@@ -86,3 +86,64 @@ class QuantizedPatcher:
     @property
     def active(self) -> bool:
         return bool(self.merged)
+
+
+class Requantized:
+    """The explicit opt-in (``mode="requant"``): a quantized layer's weight replaced by ``q(round_c(fp32(dq(Wq)) +
+    ΣΔW))`` in its own type — no per-forward cost, but lossy (below 8 bits most of a LoRA is erased), so each layer's
+    loss is measured and reported: ``kept`` = ⟨ΔW_eff, ΔW⟩/‖ΔW‖² and ``error`` = ‖ΔW_eff − ΔW‖/‖ΔW‖, with
+    ΔW_eff = dq(new) − dq(old) the change the model really gets. The original parameter object is kept and put back
+    on restore (exact)."""
+
+    def __init__(self) -> None:
+        self.originals: dict[str, tuple[torch.nn.Module, torch.nn.Parameter]] = {}
+        self.report: dict[str, tuple[float, float]] = {}  # path → (kept, error)
+
+    def apply(self, modules: dict[str, torch.nn.Module], layers: dict[str, Weighted]) -> None:
+        self.restore()
+        for path, contribs in layers.items():
+            module = modules[path]
+            before = dq(module).float()
+            wanted = MergedForward(module, contribs).weight().float()
+            weight = requantize(module, wanted)
+            self.originals[path] = (module, getattr(module, "weight"))
+            setattr(module, "weight", weight)
+            after = dq(module).float()
+            delta, effective = wanted - before, after - before
+            norm = float((delta * delta).sum())
+            kept = float((effective * delta).sum()) / norm if norm else 1.0
+            error = float((effective - delta).norm()) / norm ** 0.5 if norm else 0.0
+            self.report[path] = (kept, error)
+
+    def restore(self) -> None:
+        for module, weight in self.originals.values():
+            setattr(module, "weight", weight)
+        self.originals.clear()
+        self.report.clear()
+
+    @property
+    def active(self) -> bool:
+        return bool(self.originals)
+
+
+def requantize(module: torch.nn.Module, weight: torch.Tensor) -> torch.nn.Parameter:
+    """``weight`` (fp32, logical shape) stored as ``module``'s own type: GGUF blocks by gguf's quantizer (the types
+    it can quantize), fp8 with the layer's scale (round to nearest)."""
+    from ..errors import LorakitError
+    from ..quant.layers import Fp8Weight, is_gguf
+    from ..quant.make import GGUF_QUANTIZABLE, gguf_param
+
+    old = getattr(module, "weight")
+    if isinstance(module, Fp8Weight):
+        scale = getattr(module, "scale", None)
+        w = weight if scale is None else weight / (scale.reshape(-1, *[1] * (weight.dim() - 1))
+                                                   if scale.numel() > 1 else scale)
+        return torch.nn.Parameter(w.to(device=old.device, dtype=old.dtype), requires_grad=False)
+    if is_gguf(module):
+        kind = str(getattr(old.quant_type, "name", old.quant_type))
+        if kind not in GGUF_QUANTIZABLE:
+            raise LorakitError(f"requantizing needs a quantizer for {kind}, which the gguf package does not have "
+                               f"({', '.join(GGUF_QUANTIZABLE)} only); use the exact merge (mode fused)")
+        made = gguf_param(weight.cpu(), kind).to(old.device)
+        return made  # type: ignore[return-value]  # a GGUFParameter
+    raise LorakitError(f"{type(module).__name__} is not a quantized layer")
