@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import PeakRss, best_of, timed
+from _common import best_of, diffusers_cycle, switch_peak_gib, timed
 
 import lorakit
 from lorakit.files.io import save_file
@@ -106,12 +106,7 @@ def lorakit_phase(tr: torch.nn.Module, a: Path, b: Path) -> dict[str, float]:
     with timed(r, "restore"):
         patcher.restore()
         sync(device)
-    gc.collect()
-    with PeakRss() as mem:
-        patcher.set([(la, 1.0)])
-        patcher.set([(lb, 1.0)])
-        patcher.restore()
-    r["peak_rss_over_model_gib"] = mem.peak_over / 2 ** 30
+    r["peak_rss_over_model_gib"] = switch_peak_gib(patcher, la, lb)
     return r
 
 
@@ -120,16 +115,7 @@ def diffusers_phase(tr: torch.nn.Module, a: Path) -> dict[str, float]:
 
     pipe = FluxPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
                         tokenizer_2=None, transformer=tr)
-    r: dict[str, float] = {}
-    with timed(r, "diffusers_load"):
-        pipe.load_lora_weights(str(a.parent), weight_name=a.name, adapter_name="a")
-    with timed(r, "diffusers_fuse"):
-        pipe.fuse_lora(lora_scale=1.0)
-    with timed(r, "diffusers_unfuse"):
-        pipe.unfuse_lora()
-    with timed(r, "diffusers_unload"):
-        pipe.unload_lora_weights()
-    return r
+    return diffusers_cycle(pipe, a)
 
 
 def run_kind(tr: torch.nn.Module, kind: str, args: argparse.Namespace, tmp: Path) -> dict[str, float]:

@@ -24,10 +24,8 @@ SIZE = 64
 
 
 @pytest.fixture(scope="module")
-def flux_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("flux") / "tinyflux"
-    tiny_flux_pipeline().save_pretrained(path)  # type: ignore[attr-defined]
-    return path
+def flux_dir(tiny_flux_dir: Path) -> Path:
+    return tiny_flux_dir
 
 
 @pytest.fixture(scope="module")

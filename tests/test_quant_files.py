@@ -23,10 +23,8 @@ from tests.flux_factories import bfl_lora, bfl_state, kohya_keys, tiny_flux_pipe
 
 
 @pytest.fixture(scope="module")
-def flux_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("qflux") / "tinyflux"
-    tiny_flux_pipeline().save_pretrained(path)  # type: ignore[attr-defined]
-    return path
+def flux_dir(tiny_flux_dir: Path) -> Path:
+    return tiny_flux_dir
 
 
 @pytest.fixture(scope="module")
