@@ -324,9 +324,11 @@ def test_schnell_trains_without_guidance(data: Path, tmp_path: Path) -> None:
     out = tmp_path / "s.safetensors"
     with pytest.raises(TrainingError, match="--guidance: flux-1-schnell has no guidance embedding"):
         trainer_for(_cfg(data, out, flow_kw={"guidance": 3.5}), model)
-    trainer = trainer_for(_cfg(data, out, steps=2), model)
+    trainer = trainer_for(_cfg(data, out, steps=2, sample_every=2, sample_prompt="a red disc"), model)
     assert isinstance(trainer, FluxTrainer) and trainer.guidance is None
     trainer.run(progress=False)
+    with Image.open(tmp_path / "samples" / "s-000002.png") as im:
+        assert im.size == (SIZE, SIZE)
     _, meta = load_file(out)
     assert meta["modelspec.architecture"] == "flux-1-schnell/lora" and meta["ss_guidance_scale"] == "None"
     assert lorakit.load_lora(out).variant == "flux-1-schnell"
