@@ -25,16 +25,10 @@ from lorakit.train.flow import FlowSpec
 from lorakit.train.flux_loop import FluxTrainer, trainer_for
 from lorakit.train.network import NetworkSpec
 from tests.flux_factories import H, MLP, bfl_table, reference_deltas, tiny_flux_pipeline
+from tests.test_flux_generate import _bfl_state, flux_dir  # noqa: F401 (flux_dir: the tiny FLUX folder fixture)
 
 SEQ = 16  # T5 tokens in these tests (the model's own 512 only slow them down)
 SIZE = 64
-
-
-@pytest.fixture(scope="module")
-def flux_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("flux") / "tinyflux"
-    tiny_flux_pipeline().save_pretrained(path)  # type: ignore[attr-defined]
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +109,10 @@ def _outputs(pipe: object, t5: bool) -> tuple[torch.Tensor, ...]:
     return pooled, t5_out, pred
 
 
-def _check_applies_as_trained(trainer: FluxTrainer, out: Path, t5: bool = False) -> None:
+def _check_applies_as_trained(trainer: FluxTrainer, out: Path, t5: bool = False, changed: tuple[int, ...] = (2,)
+                              ) -> None:
+    """The outputs with the training hooks = with ``apply_loras(out)``; the ``changed`` ones differ from the bare
+    model's (0: CLIP-L pooled, 1: T5, 2: the transformer's prediction); all restored after."""
     pipe = trainer.model.pipe
     bare = _outputs(pipe, t5)
     trainer.net.attach()
@@ -125,7 +122,7 @@ def _check_applies_as_trained(trainer: FluxTrainer, out: Path, t5: bool = False)
         trainer.net.detach()
     with lorakit.apply_loras(pipe, [(out, 1.0)]):
         applied = _outputs(pipe, t5)
-    assert not torch.allclose(trained[2], bare[2])  # the network does something
+    assert all(not torch.allclose(trained[i], bare[i]) for i in changed)  # the network does something
     for got, want in zip(applied, trained):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert all(torch.equal(a, b) for a, b in zip(_outputs(pipe, t5), bare))  # restored
@@ -181,18 +178,7 @@ def test_clip_and_t5_train_with_train_t5(flux: BaseModel, data: Path, tmp_path: 
     assert "lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight" in sd
     assert "lora_te3_encoder_block_1_layer_1_DenseReluDense_wi_0.lora_up.weight" in sd
     assert json.loads(meta["ss_network_args"])["train_t5xxl"] == "True"
-    pipe = flux.pipe
-    bare = _outputs(pipe, True)
-    with lorakit.apply_loras(pipe, [(out, 1.0)]):
-        applied = _outputs(pipe, True)
-    trainer.net.attach()
-    try:
-        trained = _outputs(pipe, True)
-    finally:
-        trainer.net.detach()
-    assert not torch.allclose(trained[1], bare[1]) and not torch.allclose(trained[0], bare[0])
-    for got, want in zip(applied, trained):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    _check_applies_as_trained(trainer, out, t5=True, changed=(0, 1, 2))
 
 
 # -- the run ----------------------------------------------------------------------------------------------------
@@ -284,8 +270,6 @@ def _train_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str
 
 def test_cli_trains_a_folder_and_a_bfl_single_file(flux: BaseModel, flux_dir: Path, data: Path, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    from tests.test_flux_generate import _bfl_state
-
     common = ["--steps", "2", "--resolution", str(SIZE), "--rank", "4", "--max-sequence-length", str(SEQ)]
     out = tmp_path / "cli.safetensors"
     rc, err = _train_cli(capsys, str(data), "-o", str(out), "--model", str(flux_dir), "--network", "lokr",
