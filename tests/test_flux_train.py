@@ -10,6 +10,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -91,21 +92,20 @@ def test_sigma_sampling_follows_kohya() -> None:
 
 
 # -- the network: one per fused layer, exactly what the file applies ---------------------------------------------
-def _outputs(pipe: object, t5: bool) -> tuple[torch.Tensor, ...]:
+def _outputs(pipe: Any, t5: bool) -> tuple[torch.Tensor, ...]:
     """CLIP-L's pooled output, T5's output and the transformer's prediction on fixed inputs."""
     from diffusers import FluxPipeline
 
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 49407, (1, 77), generator=gen)
     x = torch.randn(1, 64, 4, generator=gen)
+    img_ids = FluxPipeline._prepare_latent_image_ids(1, 8, 8, "cpu", torch.float32)
     with torch.no_grad():
-        pooled = pipe.text_encoder(ids).pooler_output  # type: ignore[attr-defined]
-        t5_out = pipe.text_encoder_2(ids[:, :SEQ])[0] if t5 else torch.randn(1, SEQ, 32, generator=gen)  # type: ignore[attr-defined]
-        pred = pipe.transformer(hidden_states=x, encoder_hidden_states=t5_out, pooled_projections=pooled,  # type: ignore[attr-defined]
-                                timestep=torch.tensor([0.6]), guidance=torch.tensor([3.5]),
-                                txt_ids=torch.zeros(SEQ, 3), img_ids=FluxPipeline._prepare_latent_image_ids(1, 8, 8, "cpu",
-                                                                                                          torch.float32),
-                                return_dict=False)[0]
+        pooled = pipe.text_encoder(ids).pooler_output
+        t5_out = pipe.text_encoder_2(ids[:, :SEQ])[0] if t5 else torch.randn(1, SEQ, 32, generator=gen)
+        pred = pipe.transformer(hidden_states=x, encoder_hidden_states=t5_out, pooled_projections=pooled,
+                                timestep=torch.tensor([0.6]), guidance=torch.tensor([3.5]), txt_ids=torch.zeros(SEQ, 3),
+                                img_ids=img_ids, return_dict=False)[0]
     return pooled, t5_out, pred
 
 
@@ -235,17 +235,18 @@ def test_the_file_reads_back_as_a_kohya_flux_lora(flux: BaseModel, data: Path, t
     r = subprocess.run([sys.executable, "-m", "lorakit.cli", "inspect", "--json", str(out)], capture_output=True,
                        text=True, timeout=120)
     info = json.loads(r.stdout)
-    assert info["network_types"] == ["lora"] and info["hashes"]["sshs_matches"] is True and "tok" in info["trigger_words"]
+    assert info["network_types"] == ["lora"] and info["hashes"]["sshs_matches"] is True
+    assert "tok" in info["trigger_words"]
 
 
 def test_resume_ends_bitwise_where_an_uninterrupted_run_ends(flux: BaseModel, data: Path, tmp_path: Path) -> None:
-    kw: dict[str, object] = dict(steps=5, save_every=2, schedule="cosine", warmup=1, batch=2, caption_dropout=0.5,
-                                 flow_kw={"timestep_sampling": "flux_shift"})
-    whole = FluxTrainer(_cfg(data, tmp_path / "a" / "l.safetensors", "lokr", **kw), flux)  # type: ignore[arg-type]
+    kw: dict[str, Any] = dict(steps=5, save_every=2, schedule="cosine", warmup=1, batch=2, caption_dropout=0.5,
+                              flow_kw={"timestep_sampling": "flux_shift"})
+    whole = FluxTrainer(_cfg(data, tmp_path / "a" / "l.safetensors", "lokr", **kw), flux)
     whole.run(progress=False)
-    first = FluxTrainer(_cfg(data, tmp_path / "b" / "l.safetensors", "lokr", **kw), flux)  # type: ignore[arg-type]
+    first = FluxTrainer(_cfg(data, tmp_path / "b" / "l.safetensors", "lokr", **kw), flux)
     state = first.run(stop_at=3, progress=False)
-    resumed = FluxTrainer(_cfg(data, tmp_path / "b" / "l.safetensors", "lokr", resume=state, **kw), flux)  # type: ignore[arg-type]
+    resumed = FluxTrainer(_cfg(data, tmp_path / "b" / "l.safetensors", "lokr", resume=state, **kw), flux)
     assert resumed.step == 3
     resumed.run(progress=False)
     a, _ = load_file(tmp_path / "a" / "l.safetensors")
@@ -253,7 +254,7 @@ def test_resume_ends_bitwise_where_an_uninterrupted_run_ends(flux: BaseModel, da
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert whole.losses == resumed.losses
     other = _cfg(data, tmp_path / "c" / "l.safetensors", "lokr", resume=state,
-                 **{**kw, "flow_kw": {"timestep_sampling": "sigmoid"}})  # type: ignore[arg-type]
+                 **{**kw, "flow_kw": {"timestep_sampling": "sigmoid"}})
     with pytest.raises(TrainingError, match="other settings"):
         FluxTrainer(other, flux)
 
@@ -292,6 +293,7 @@ def test_flags_that_do_not_apply_are_refused(flux_dir: Path, data: Path, tmp_pat
     for args, match in ((["--min-snr-gamma", "5"], "--min-snr-gamma: for ε/v-prediction models"),
                         (["--noise-offset", "0.05"], "--noise-offset"),
                         (["--network", "locon"], "no convolutions"),
+                        (["--train-t5", "--train", "unet"], "--train-t5 trains T5 beside CLIP-L"),
                         (["--discrete-flow-shift", "3"], "--timestep-sampling shift only")):
         rc, err = _train_cli(capsys, str(data), "-o", out, "--model", str(flux_dir), "--steps", "1", *args)
         assert rc == 2 and err.startswith("lorakit: error:") and match in err, err

@@ -47,6 +47,8 @@ class FluxTrainer(Trainer):
         if refused:
             raise TrainingError(f"{', '.join(refused)}: for ε/v-prediction models; FLUX.1 is trained on the "
                                 "flow-matching velocity, unweighted (see --timestep-sampling)")
+        if cfg.network.t5 and cfg.network.train == "unet":
+            raise TrainingError("--train-t5 trains T5 beside CLIP-L: it needs --train te or both")
         if cfg.flow.guidance is not None and not self.guided:
             raise TrainingError(f"--guidance: {model.variant} has no guidance embedding")
 
@@ -96,16 +98,20 @@ class FluxTrainer(Trainer):
                     if c not in self.text_cache:
                         self.text_cache[c] = (self._t5([c]), self._clip([c]))
         t5 = self._t5(captions) if t5_live else torch.cat([self.text_cache[c][0] for c in captions])
-        clip = self._clip(captions) if clip_live else torch.cat([self.text_cache[c][1] for c in captions])  # type: ignore[misc]
+        cached = [self.text_cache[c][1] for c in captions] if not clip_live else []
+        clip = self._clip(captions) if clip_live else torch.cat(cached)  # type: ignore[arg-type]
         return t5, clip
 
     def _t5(self, captions: list[str]) -> torch.Tensor:
-        pipe = self.model.pipe
-        return pipe._get_t5_prompt_embeds(prompt=captions, max_sequence_length=self.sequence,  # type: ignore[no-any-return]
-                                          device=self.device)
+        pipe: Any = self.model.pipe
+        out: torch.Tensor = pipe._get_t5_prompt_embeds(prompt=captions, max_sequence_length=self.sequence,
+                                                       device=self.device)
+        return out
 
     def _clip(self, captions: list[str]) -> torch.Tensor:
-        return self.model.pipe._get_clip_prompt_embeds(prompt=captions, device=self.device)  # type: ignore[no-any-return]
+        pipe: Any = self.model.pipe
+        out: torch.Tensor = pipe._get_clip_prompt_embeds(prompt=captions, device=self.device)
+        return out
 
     def loss(self, batch: list[int]) -> torch.Tensor:
         """The flow-matching loss of one micro-batch."""
