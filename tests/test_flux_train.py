@@ -26,10 +26,15 @@ from lorakit.train.flow import FlowSpec
 from lorakit.train.flux_loop import FluxTrainer, trainer_for
 from lorakit.train.network import NetworkSpec
 from tests.flux_factories import H, MLP, bfl_table, reference_deltas, tiny_flux_pipeline
-from tests.test_flux_generate import _bfl_state, flux_dir  # noqa: F401 (flux_dir: the tiny FLUX folder fixture)
+from tests.flux_factories import bfl_state
 
 SEQ = 16  # T5 tokens in these tests (the model's own 512 only slow them down)
 SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def flux_dir(tiny_flux_dir: Path) -> Path:
+    return tiny_flux_dir
 
 
 @pytest.fixture(scope="module")
@@ -279,7 +284,7 @@ def test_cli_trains_a_folder_and_a_bfl_single_file(flux: BaseModel, flux_dir: Pa
     _, meta = load_file(out)
     assert meta["ss_timestep_sampling"] == "flux_shift" and meta["ss_guidance_scale"] == "3.5"
     single = tmp_path / "flux1-tiny.safetensors"
-    save_file(_bfl_state(flux.pipe), single)
+    save_file(bfl_state(flux.pipe), single)
     out2 = tmp_path / "cli2.safetensors"
     rc, err = _train_cli(capsys, str(data), "-o", str(out2), "--model", str(single), "--components", str(flux_dir),
                          *common)
