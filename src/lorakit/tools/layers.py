@@ -146,3 +146,9 @@ def is_conv_kernel(shape: tuple[int, ...]) -> bool:
 
 def tucker_delta(up: Tensor, down: Tensor, mid: Tensor, shape: tuple[int, ...]) -> Tensor:
     return fn.lora_delta(up, down, mid, 1.0, torch.Size(shape))
+
+
+def leaves_of(adapter: Adapter) -> dict[str, Tensor]:
+    """A layer's leaves as read: a wrapper's (DoRA's magnitude) beside its inner adapter's tensors."""
+    inner = getattr(adapter, "inner", None)
+    return {**(leaves_of(inner) if isinstance(inner, Adapter) else {}), **adapter.t}
