@@ -147,3 +147,33 @@ def tiny_flux_pipeline(seed: int = 0, guidance: bool = True) -> object:
     return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=tiny_clip(seed + 1), tokenizer=clip_tokenizer(),
                         text_encoder_2=tiny_t5(seed + 2), tokenizer_2=clip_tokenizer(),
                         transformer=tiny_flux_transformer(seed, guidance=guidance))
+
+
+def bfl_state(tr: torch.nn.Module, double: int = 2, single: int = 3) -> dict[str, torch.Tensor]:
+    """A tiny transformer's weights in BFL names, by the test's own table (fused rows stacked, halves swapped)."""
+    out: dict[str, torch.Tensor] = {}
+    done = set()
+    for bfl, (parts, swap) in bfl_table(double, single).items():
+        for param in ("weight", "bias"):
+            t = torch.cat([tr.get_submodule(p).get_parameter(param).detach() for p in parts])
+            if swap:
+                a, b = t.chunk(2)
+                t = torch.cat([b, a])
+            out[f"{bfl}.{param}"] = t.clone()
+        done.update(parts)
+    norms = {"attn.norm_q": "norm.query_norm", "attn.norm_k": "norm.key_norm"}
+    for name, p in tr.named_parameters():
+        module = name.rsplit(".", 1)[0]
+        if module in done:
+            continue
+        block, _, rest = module.partition(".")
+        i, _, sub = rest.partition(".")
+        if block == "transformer_blocks":
+            stream = "img" if "added" not in sub else "txt"
+            kind = "query_norm" if sub.endswith(("norm_q", "norm_added_q")) else "key_norm"
+            out[f"double_blocks.{i}.{stream}_attn.norm.{kind}.scale"] = p.detach().clone()
+        elif block == "single_transformer_blocks":
+            out[f"single_blocks.{i}.{norms[sub]}.scale"] = p.detach().clone()
+        else:
+            raise AssertionError(f"unmapped {name}")
+    return out

@@ -18,7 +18,7 @@ from lorakit.generate.init_image import InitImage
 from lorakit.generate.pipeline import Generator, Request
 from lorakit.library import Library
 from lorakit.models.loading import load_model
-from tests.flux_factories import bfl_lora, bfl_table, kohya_keys, tiny_flux_pipeline
+from tests.flux_factories import bfl_lora, bfl_state, kohya_keys, tiny_flux_pipeline
 
 SIZE = 64
 
@@ -138,42 +138,11 @@ def test_img2img_and_inpainting(gen: Generator) -> None:
         gen(_req("a cat", init=InitImage(init, strength=1.0, mask=mask, fill=2)))
 
 
-def _bfl_state(pipe: object) -> dict[str, torch.Tensor]:
-    """The tiny transformer's weights in BFL names, by the test's own table (fused rows stacked, halves swapped)."""
-    tr = pipe.transformer  # type: ignore[attr-defined]
-    out: dict[str, torch.Tensor] = {}
-    done = set()
-    for bfl, (parts, swap) in bfl_table(2, 3).items():
-        for param in ("weight", "bias"):
-            t = torch.cat([tr.get_submodule(p).get_parameter(param).detach() for p in parts])
-            if swap:
-                a, b = t.chunk(2)
-                t = torch.cat([b, a])
-            out[f"{bfl}.{param}"] = t.clone()
-        done.update(parts)
-    norms = {"attn.norm_q": "norm.query_norm", "attn.norm_k": "norm.key_norm"}
-    for name, p in tr.named_parameters():
-        module = name.rsplit(".", 1)[0]
-        if module in done:
-            continue
-        block, _, rest = module.partition(".")
-        i, _, sub = rest.partition(".")
-        if block == "transformer_blocks":
-            stream = "img" if "added" not in sub else "txt"
-            kind = "query_norm" if sub.endswith(("norm_q", "norm_added_q")) else "key_norm"
-            out[f"double_blocks.{i}.{stream}_attn.norm.{kind}.scale"] = p.detach().clone()
-        elif block == "single_transformer_blocks":
-            out[f"single_blocks.{i}.{norms[sub]}.scale"] = p.detach().clone()
-        else:
-            raise AssertionError(f"unmapped {name}")
-    return out
-
-
 def test_bfl_transformer_only_file_with_components_gives_the_same_images(gen: Generator, flux_dir: Path,
                                                                           tmp_path: Path) -> None:
     gen.close()  # the base weights, no LoRA fused in
     path = tmp_path / "flux1-tiny.safetensors"
-    save_file(_bfl_state(gen.model.pipe), path)
+    save_file(bfl_state(gen.model.pipe.transformer), path)
     with pytest.raises(ModelError, match="--components"):
         load_model(str(path), device="cpu", dtype="fp32")
     model = load_model(str(path), device="cpu", dtype="fp32", components=str(flux_dir))
@@ -191,7 +160,7 @@ def test_comfyui_all_in_one_file(gen: Generator, flux_dir: Path, tmp_path: Path)
 
     gen.close()  # the base weights, no LoRA fused in
     pipe = gen.model.pipe
-    sd = {f"model.diffusion_model.{k}": v for k, v in _bfl_state(pipe).items()}
+    sd = {f"model.diffusion_model.{k}": v for k, v in bfl_state(pipe.transformer).items()}
     sd.update({f"text_encoders.clip_l.transformer.{k}": v.clone() for k, v in pipe.text_encoder.state_dict().items()})
     sd.update({f"text_encoders.t5xxl.transformer.{k}": v.clone() for k, v in pipe.text_encoder_2.state_dict().items()})
     sd.update({"first_stage_model." + vae_to_ldm(k, pipe.vae.config): v.clone() for k, v in pipe.vae.state_dict().items()})
