@@ -26,6 +26,7 @@ from ..layout import file_layout, origin_of
 from ..lora_model import LoraModel
 from .flux_fuse import compact, fuse_parts
 from .layers import leaves_of
+from .report import ToolReport
 
 DENOISER = FLUX1.denoiser
 Problem = tuple[str, str]  # (what, why)
@@ -65,6 +66,13 @@ def original_layout(groups: Grouped) -> tuple[Grouped, list[Problem]]:
         else:
             out[target] = fused_leaves
     return out, kept
+
+
+def noted_layout(groups: Grouped, report: ToolReport) -> Grouped:
+    """``original_layout`` of a tool's FLUX.1 result, the fused layers kept as parts noted in ``report``."""
+    out, kept = original_layout(groups)
+    report.notes += [f"{what}: {why}" for what, why in kept]
+    return out
 
 
 def file_groups(lora: LoraModel, *, partial_names: bool) -> tuple[Grouped, list[Problem]]:
