@@ -240,3 +240,19 @@ def test_diffusers_loads_the_peft_file(flux: dict[str, torch.nn.Module], files: 
     assert any(n.endswith("to_k.bias") for n in changed) and "norm_out.linear.weight" in changed
     for n in changed:
         assert torch.allclose(got[n], want[n], rtol=1e-5, atol=1e-6), n
+
+
+def test_cli_on_flux_files(files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lorakit.cli import main
+
+    out = tmp_path / "c.safetensors"
+    assert main(["convert", str(files["mixed"]), "-o", str(out), "--to", "comfy", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["layers"] > 0
+    assert main(["inspect", str(out)]) == 0
+    assert "flux" in capsys.readouterr().out.lower()
+    assert main(["convert", str(files["mixed"]), "-o", str(tmp_path / "p.safetensors"), "--to", "peft"]) == 2
+    err = capsys.readouterr().err
+    assert "transformer.double_blocks.1.img_attn.qkv" in err and "--drop-unsupported" in err
+    assert not (tmp_path / "p.safetensors").exists()
+    assert main(["resize", str(out), "-o", str(tmp_path / "r.safetensors"), "--sv-fro", "0.9"]) == 0
+    assert "transformer" in capsys.readouterr().out
