@@ -140,3 +140,26 @@ def test_extract_refuses_models_of_different_families(base: tuple[object, Path],
     tiny_sd1_pipeline().save_pretrained(tmp_path / "sd")  # type: ignore[attr-defined]
     with pytest.raises(ToolError, match="extract needs a model and its base"):
         extract(d / "model32", tmp_path / "sd", tmp_path / "x.safetensors")
+
+
+def test_bad_flux_model_files_are_named(base: tuple[object, Path], tmp_path: Path) -> None:
+    from lorakit.tools.modelfile import open_model
+
+    pipe, d = base
+    state = bfl_state(pipe.transformer)  # type: ignore[attr-defined]
+    cases = {"odd": ({**state, "double_blocks.0.img_attn.extra.weight": torch.zeros(2, 2)},
+                     "double_blocks.0.img_attn.extra.weight is not a FLUX.1 transformer tensor"),
+             "noimg": ({k: v for k, v in state.items() if not k.startswith("img_in.")}, "without img_in.weight"),
+             "rows": ({**state, "single_blocks.0.linear1.weight": torch.zeros(3 * H, H)},
+                      r"single_blocks.0.linear1.weight cannot be split.*96 rows leave nothing for")}
+    for name, (sd, message) in cases.items():
+        save_file(sd, tmp_path / f"{name}.safetensors")
+        with pytest.raises(ToolError, match=message):
+            open_model(tmp_path / f"{name}.safetensors")
+        with pytest.raises(ToolError, match=message):
+            bake(tmp_path / f"{name}.safetensors", [str(d / "lora.safetensors")], tmp_path / f"{name}-out.safetensors")
+        assert not (tmp_path / f"{name}-out.safetensors").exists()
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    with pytest.raises(ToolError, match="has no transformer/"):
+        open_model(tmp_path / "empty")

@@ -131,3 +131,21 @@ def test_resize_keeps_the_file_layout_and_reports_its_error(model: tuple[dict, P
         assert set(_deltas(comps, [(out, 1.0)])) == set(want)
     else:
         _within_reported(comps, want, out, report)
+
+
+def test_loras_of_other_widths_or_families_are_refused(model: tuple[dict, Path], tmp_path: Path) -> None:
+    _, d = model
+    g = torch.Generator().manual_seed(9)
+    sd = {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.randn(2, 2 * H, generator=g),
+          "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.randn(6 * H, 2, generator=g)}
+    save_file(sd, tmp_path / "wide.safetensors")
+    with pytest.raises(ToolError, match=r"double_blocks\.0\.img_attn\.qkv: the inputs \(kohya.safetensors, "
+                                        r"wide.safetensors\) give its parts different shapes"):
+        merge([str(d / "kohya.safetensors"), str(tmp_path / "wide.safetensors")], tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()
+    from tests.factories import make_kohya_lora, tiny_components
+
+    save_file(make_kohya_lora(tiny_components("sd1"), "lora", seed=1), tmp_path / "sd.safetensors")
+    with pytest.raises(ToolError, match="unet.conv_in: not a FLUX.1 transformer"):  # a tiny SD file: arch unknown
+        merge([str(d / "kohya.safetensors"), str(tmp_path / "sd.safetensors")], tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()

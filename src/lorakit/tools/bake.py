@@ -135,9 +135,10 @@ class _Baker:
     def _patch(self, path: str) -> dict[str, Tensor]:
         names = [n for n in (f"{path}.weight", f"{path}.bias") if n in self.mf.params]
         tensors = {n: self.mf.load(n) for n in names}
-        others = fused_siblings(path, [lora for lora, _ in self.pairs])  # the rest of a fused layer whose change
+        others = [p for p in fused_siblings(path, [lora for lora, _ in self.pairs])  # the rest of a fused layer
+                  if f"{p}.weight" in self.mf.params]  # whose change reads its whole original weight
         tensors |= {n: self.mf.load(n) for p in others for n in (f"{p}.weight", f"{p}.bias") if n in self.mf.params}
-        shapes = {p: self.mf.shape(f"{p}.weight") for p in (path, *others)}  # reads its whole original weight
+        shapes = {p: self.mf.shape(f"{p}.weight") for p in (path, *others)}
         components = _skeleton(self.mf, shapes, tensors=tensors)
         subset = [(dataclasses.replace(lora, layers={path: lora.layers[path]}), w) for lora, w in self.pairs
                   if path in lora.layers]

@@ -86,6 +86,11 @@ def _fuse(path: str, parts: Sequence[list[Contribution]], swap: bool, dtype: tor
     widths = [int(cs[0].adapter.t["lora_up.weight"].shape[0]) for cs in parts]
     starts = [sum(widths[:i]) for i in range(len(widths))]
     blocks = _blocks(parts)
+    shapes = {(i, int(u.shape[0]), int(b.down.shape[1])) for b in blocks for i, u in b.ups.items()}
+    if len({s[2] for s in shapes}) > 1 or any(w != widths[i] for i, w, _ in shapes):
+        sources = ", ".join(sorted({c.source for cs in parts for c in cs}))
+        raise ToolError(f"layer {path}: the inputs ({sources}) give its parts different shapes: LoRAs for different "
+                        "models")
     rank = sum(int(b.down.shape[0]) for b in blocks)
     up = torch.zeros(sum(widths), rank, dtype=torch.float64)
     ref_up, downs, ref_downs, col = up.clone(), [], [], 0
