@@ -177,3 +177,21 @@ def bfl_state(tr: torch.nn.Module, double: int = 2, single: int = 3) -> dict[str
         else:
             raise AssertionError(f"unmapped {name}")
     return out
+
+
+def xlabs_keys(gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """An XLabs (x-flux) file: text ``qkv_lora2`` and image ``proj_lora1`` of double block 0, the single block 1's
+    ``qkv_lora`` (linear1's q, k, v rows only); rank 4, no α."""
+    return {"double_blocks.0.processor.qkv_lora2.down.weight": torch.randn(4, H, generator=gen),
+            "double_blocks.0.processor.qkv_lora2.up.weight": torch.randn(3 * H, 4, generator=gen),
+            "double_blocks.0.processor.proj_lora1.down.weight": torch.randn(4, H, generator=gen),
+            "double_blocks.0.processor.proj_lora1.up.weight": torch.randn(H, 4, generator=gen),
+            "single_blocks.1.processor.qkv_lora.down.weight": torch.randn(4, H, generator=gen),
+            "single_blocks.1.processor.qkv_lora.up.weight": torch.randn(3 * H, 4, generator=gen)}
+
+
+def wide_qkv_lora(seed: int = 5) -> dict[str, torch.Tensor]:
+    """A kohya ``qkv`` LoRA of a model twice as wide as the tiny one (for refusals)."""
+    g = torch.Generator().manual_seed(seed)
+    return {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.randn(2, 2 * H, generator=g),
+            "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.randn(6 * H, 2, generator=g)}

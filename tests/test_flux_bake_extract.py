@@ -16,7 +16,7 @@ from lorakit.files.io import load_file, save_file
 from lorakit.tools.bake import bake
 from lorakit.tools.extract import ExtractOptions, extract
 from lorakit.tools.svd import RankRule
-from tests.flux_factories import H, bfl_lora, bfl_state, kohya_keys, tiny_flux_pipeline
+from tests.flux_factories import H, bfl_lora, bfl_state, kohya_keys, tiny_flux_pipeline, wide_qkv_lora
 from tests.test_flux_convert import _mixed
 
 NAMES = ("transformer", "text_encoder", "text_encoder_2")
@@ -41,10 +41,10 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
     tr = pipe.transformer  # type: ignore[attr-defined]
     lyco = kohya_keys(bfl_lora(tr, _mixed, seed=2))
     g = torch.Generator().manual_seed(3)
-    lyco.update({"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.randn(2, 32, generator=g),
-                 "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.randn(32, 2, generator=g),
-                 "lora_te3_encoder_block_1_layer_0_SelfAttention_o.lora_down.weight": torch.randn(2, 32, generator=g),
-                 "lora_te3_encoder_block_1_layer_0_SelfAttention_o.lora_up.weight": torch.randn(32, 2, generator=g)})
+    for te in ("lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+               "lora_te3_encoder_block_1_layer_0_SelfAttention_o"):
+        lyco.update({f"{te}.lora_down.weight": torch.randn(2, 32, generator=g),
+                     f"{te}.lora_up.weight": torch.randn(32, 2, generator=g)})
     save_file(lyco, d / "mixed.safetensors")
     save_file(kohya_keys(bfl_lora(tr, "lora", seed=4)), d / "lora.safetensors")
     pipe.save_pretrained(d / "model32")  # type: ignore[attr-defined]
@@ -87,10 +87,7 @@ def test_bake_folder_bfl_file_and_all_in_one_equal_apply_bitwise(base: tuple[obj
 
 def test_bake_refuses_a_lora_of_another_width(base: tuple[object, Path], tmp_path: Path) -> None:
     _, d = base
-    g = torch.Generator().manual_seed(5)
-    sd = {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.randn(2, 2 * H, generator=g),
-          "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.randn(6 * H, 2, generator=g)}
-    save_file(sd, tmp_path / "wide.safetensors")
+    save_file(wide_qkv_lora(), tmp_path / "wide.safetensors")
     with pytest.raises(lorakit.LorakitError, match="to_q"):
         bake(d / "model", [str(tmp_path / "wide.safetensors")], tmp_path / "out")
     assert not (tmp_path / "out").exists()

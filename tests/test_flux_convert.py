@@ -14,7 +14,7 @@ from lorakit.errors import ToolError
 from lorakit.files.io import load_file, save_file
 from lorakit.tools.convert import ConvertOptions, convert
 from tests.factories import adapter_tensors, make_kohya_lora, tiny_components
-from tests.flux_factories import H, bfl_lora, kohya_keys, tiny_flux_components, tiny_flux_pipeline
+from tests.flux_factories import H, bfl_lora, kohya_keys, tiny_flux_components, tiny_flux_pipeline, xlabs_keys
 
 TARGETS = ("kohya", "comfy", "peft")
 
@@ -194,20 +194,15 @@ def test_xlabs_and_onetrainer_inputs(flux: dict[str, torch.nn.Module], tmp_path:
     the three parts in kohya files (kohya names have no partial layer). OneTrainer per-input DoRA on q/k/v parts
     normalises each part alone: no fused form, kept as parts."""
     g = torch.Generator().manual_seed(7)
-    x = {"double_blocks.0.processor.qkv_lora1.down.weight": torch.randn(4, H, generator=g),
-         "double_blocks.0.processor.qkv_lora1.up.weight": torch.randn(3 * H, 4, generator=g),
-         "double_blocks.1.processor.proj_lora2.down.weight": torch.randn(4, H, generator=g),
-         "double_blocks.1.processor.proj_lora2.up.weight": torch.randn(H, 4, generator=g),
-         "single_blocks.1.processor.qkv_lora.down.weight": torch.randn(4, H, generator=g),
-         "single_blocks.1.processor.qkv_lora.up.weight": torch.randn(3 * H, 4, generator=g)}
+    x = xlabs_keys(g)
     src = tmp_path / "x.safetensors"
     save_file(x, src)
     out = {t: tmp_path / f"{t}.safetensors" for t in TARGETS}
     reports = {t: convert(src, p, ConvertOptions(t)) for t, p in out.items()}
     k, c = _tensors(out["kohya"]), _tensors(out["comfy"])
-    assert torch.equal(k["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"],
-                       x["double_blocks.0.processor.qkv_lora1.up.weight"])
-    assert "lora_unet_double_blocks_1_txt_attn_proj.lora_down.weight" in k
+    assert torch.equal(k["lora_unet_double_blocks_0_txt_attn_qkv.lora_up.weight"],
+                       x["double_blocks.0.processor.qkv_lora2.up.weight"])
+    assert "lora_unet_double_blocks_0_img_attn_proj.lora_down.weight" in k
     assert "lora_transformer_single_transformer_blocks_1_attn_to_v.lora_up.weight" in k
     assert "proj_mlp" in reports["kohya"].notes[0]
     assert torch.equal(c["diffusion_model.single_blocks.1.linear1_qkv.lora_B.weight"],

@@ -15,7 +15,7 @@ from lorakit.files.io import load_file, save_file
 from lorakit.tools.merge import MergeOptions, merge
 from lorakit.tools.resize import ResizeOptions, resize
 from lorakit.tools.svd import RankRule
-from tests.flux_factories import H, bfl_lora, kohya_keys, tiny_flux_pipeline
+from tests.flux_factories import H, bfl_lora, kohya_keys, tiny_flux_pipeline, wide_qkv_lora
 from tests.test_flux_convert import _diffusers_file
 
 NAMES = ("transformer", "text_encoder", "text_encoder_2")
@@ -135,10 +135,7 @@ def test_resize_keeps_the_file_layout_and_reports_its_error(model: tuple[dict, P
 
 def test_loras_of_other_widths_or_families_are_refused(model: tuple[dict, Path], tmp_path: Path) -> None:
     _, d = model
-    g = torch.Generator().manual_seed(9)
-    sd = {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.randn(2, 2 * H, generator=g),
-          "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.randn(6 * H, 2, generator=g)}
-    save_file(sd, tmp_path / "wide.safetensors")
+    save_file(wide_qkv_lora(), tmp_path / "wide.safetensors")
     with pytest.raises(ToolError, match=r"double_blocks\.0\.img_attn\.qkv: the inputs \(kohya.safetensors, "
                                         r"wide.safetensors\) give its parts different shapes"):
         merge([str(d / "kohya.safetensors"), str(tmp_path / "wide.safetensors")], tmp_path / "m.safetensors")

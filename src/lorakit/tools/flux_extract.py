@@ -38,7 +38,8 @@ def fused_weights(mb: ModelFile, mt: ModelFile, wanted: set[str],
     for bfl, fused in sorted(homes.items()):
         names = [f"{FLUX1.denoiser}.{t}.weight" for t in fused.targets]
         if all(n in mb.params and n in mt.params and mb.shape(n) == mt.shape(n) for n in names):
-            out.append((f"{FLUX1.denoiser}.{bfl}.weight", _loader(mb, names, fused.swap), _loader(mt, names, fused.swap)))
+            name = f"{FLUX1.denoiser}.{bfl}.weight"
+            out.append((name, _loader(mb, names, fused.swap), _loader(mt, names, fused.swap)))
             done.update(names)
     if "text_encoder_2" in wanted:
         for name in sorted(n for n in set(mb.params) & set(mt.params) if n.startswith(T5) and len(mb.shape(n)) == 1):
