@@ -88,7 +88,7 @@ def _add_alphas(out: Canonical, meta: dict[str, Any]) -> None:
         if not isinstance(patterns, dict):
             raise InvalidLora(None, f"metadata {META_KEY!r}: {component}.alpha_pattern must be an object")
         for pattern, value in patterns.items():
-            if module == pattern or module.endswith("." + pattern):
+            if pattern_matches(pattern, module):
                 alpha = value
         down = leaves.get("lora_down.weight")
         if alpha is None or down is None:
@@ -96,3 +96,11 @@ def _add_alphas(out: Canonical, meta: dict[str, Any]) -> None:
         r = down.shape[0]
         denom = math.sqrt(r) if meta.get(f"{component}.use_rslora") else r
         leaves["scale"] = torch.tensor(_number(f"{component}.lora_alpha", alpha) / denom)
+
+
+def pattern_matches(pattern: str, module: str) -> bool:
+    """Whether a ``rank_pattern``/``alpha_pattern`` key names ``module``: the module or a dotted suffix of it, as
+    PEFT matches (``(.*\\.)?key$``); a key written ``^path`` is that module only (PEFT's regex reads it so too)."""
+    if pattern.startswith("^"):
+        return module == pattern[1:]
+    return module == pattern or module.endswith("." + pattern)

@@ -23,6 +23,7 @@ from ..keymap.arch import Arch
 from ..keymap.ldm import diffusers_to_ldm
 from ..keymap.names import unflatten
 from .base import Grouped, component_path
+from .peft import pattern_matches
 
 StateDict = dict[str, torch.Tensor]
 ATTN_UP_BLOCKS: dict[str, tuple[int, ...]] = {Arch.SDXL: (0, 1)}  # up blocks with attentions (where the LDM upsampler sits at .2)
@@ -212,9 +213,13 @@ def _lora_config(component: str, layers: dict[str, tuple[int, float, bool]]) -> 
         raise ToolError(f"{component}: some layers are DoRA and some are not; one PEFT config cannot say that")
     r = Counter(v[0] for v in layers.values()).most_common(1)[0][0]
     alpha = Counter(v[1] for v in layers.values()).most_common(1)[0][0]
+    # PEFT reads a pattern key as the end of a module path: FLUX.1's top-level ``proj_out`` would also name every
+    # ``single_transformer_blocks.N.proj_out`` (the first key that matches wins); ``^proj_out`` is that one only
+    suffixes = {m.split(".", i)[-1] for m in layers for i in range(1, m.count(".") + 1)}
+    key = {m: f"^{m}" if m in suffixes else m for m in layers}
     return {"r": r, "lora_alpha": alpha, "target_modules": sorted(layers),
-            "rank_pattern": {m: v[0] for m, v in sorted(layers.items()) if v[0] != r},
-            "alpha_pattern": {m: v[1] for m, v in sorted(layers.items()) if v[1] != alpha},
+            "rank_pattern": {key[m]: v[0] for m, v in sorted(layers.items()) if v[0] != r},
+            "alpha_pattern": {key[m]: v[1] for m, v in sorted(layers.items()) if v[1] != alpha},
             "use_dora": doras == {True}, "use_rslora": False, "lora_dropout": 0.0, "bias": "none",
             "init_lora_weights": True}
 
@@ -246,7 +251,7 @@ def _header_alpha(meta: dict[str, object], path: str) -> float | None:
     alpha = meta.get(f"{component}.lora_alpha")
     patterns = meta.get(f"{component}.alpha_pattern")
     for pattern, value in (patterns.items() if isinstance(patterns, dict) else []):
-        if module == pattern or module.endswith("." + pattern):
+        if pattern_matches(pattern, module):
             alpha = value
     ok = isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha)
     return float(alpha) if ok else None  # type: ignore[arg-type]
