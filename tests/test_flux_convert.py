@@ -251,3 +251,31 @@ def test_cli_on_flux_files(files: dict[str, Path], tmp_path: Path, capsys: pytes
     assert not (tmp_path / "p.safetensors").exists()
     assert main(["resize", str(out), "-o", str(tmp_path / "r.safetensors"), "--sv-fro", "0.9"]) == 0
     assert "transformer" in capsys.readouterr().out
+
+
+def test_onetrainer_bfl_parts_and_t5_prefix(flux: dict[str, torch.nn.Module], tmp_path: Path) -> None:
+    """OneTrainer's BFL names (``qkv.0``/``.1``/``.2``: one part each, own downs, same α/r) fuse block-diagonally;
+    its T5 ``lora_te2_`` comes out as kohya's ``lora_te3_``."""
+    g = torch.Generator().manual_seed(8)
+    sd = {f"transformer.double_blocks.1.txt_attn.qkv.{i}.{k}": v for i in range(3)
+          for k, v in adapter_tensors("lora", (H, H), 2, g).items()}
+    save_file(sd, tmp_path / "ot.safetensors")
+    report = convert(tmp_path / "ot.safetensors", tmp_path / "k.safetensors", ConvertOptions("kohya"))
+    k = _tensors(tmp_path / "k.safetensors")
+    leaves = ("alpha", "lora_down.weight", "lora_up.weight")
+    assert report.notes == [] and sorted(k) == [f"lora_unet_double_blocks_1_txt_attn_qkv.{leaf}" for leaf in leaves]
+    assert k["lora_unet_double_blocks_1_txt_attn_qkv.lora_up.weight"].shape == (3 * H, 6)
+    assert torch.equal(k["lora_unet_double_blocks_1_txt_attn_qkv.lora_down.weight"][2:4],
+                       sd["transformer.double_blocks.1.txt_attn.qkv.1.lora_down.weight"])
+    before = _applied(flux, tmp_path / "ot.safetensors")
+    for n, p in _applied(flux, tmp_path / "k.safetensors").items():
+        assert torch.allclose(p, before[n], rtol=0, atol=1e-6), n
+    t5 = {f"lora_te2_encoder_block_0_layer_1_DenseReluDense_wi_0.{k}": v
+          for k, v in adapter_tensors("lora", (37, 32), 2, g).items()}
+    t5.update({f"lora_transformer_single_transformer_blocks_0_norm_linear.{k}": v
+               for k, v in adapter_tensors("lora", (3 * H, H), 2, g).items()})
+    save_file(t5, tmp_path / "ot2.safetensors")
+    convert(tmp_path / "ot2.safetensors", tmp_path / "k2.safetensors", ConvertOptions("kohya"))
+    assert sorted(_tensors(tmp_path / "k2.safetensors")) == sorted(
+        [f"lora_te3_encoder_block_0_layer_1_DenseReluDense_wi_0.{leaf}" for leaf in leaves]
+        + [f"lora_unet_single_blocks_0_modulation_lin.{leaf}" for leaf in leaves])
