@@ -6,6 +6,10 @@ are PEFT state dicts per component (``unet.…lora_A.weight``) with α, r and th
 unchanged (a PEFT file's α comes from its header, not from the rounded fp32 scale) — and whatever the target
 cannot hold (a layer type, bundled embeddings, keys lorakit does not understand) is an error that names it, or,
 with ``drop_unsupported``, left out and listed in the report.
+
+FLUX.1 files (``flux_layout``): ``kohya`` and ``comfy`` (ComfyUI's BFL-PEFT names) are written in the original BFL
+layout — fused layers as the file had them, parts of a fused layer fused back exactly where they can be — and
+``peft``/``diffusers`` per model module, where a non-LoRA change of a fused layer has no form.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..adapters import Adapter, kind_of
+from ..adapters import kind_of
 from ..errors import ToolError
 from ..formats.base import Grouped
 from ..formats.writers import exact_alphas, peft_problem
@@ -22,9 +26,9 @@ from ..keymap.arch import Arch
 from ..layout import file_layout
 from ..lora_model import LoraModel, load_lora
 from ..patch.weights import as_weight
-from .output import check_output
 from .flux_layout import convert_groups
 from .layers import leaves_of
+from .output import check_output
 from .report import LayerResult, ToolReport
 from .sources import Source, source_metadata
 from .writing import TARGETS, write_lora
