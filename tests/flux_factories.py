@@ -92,9 +92,7 @@ def _swap(t: torch.Tensor) -> torch.Tensor:
 
 
 def fused_weight(transformer: torch.nn.Module, parts: list[str], swap: bool) -> torch.Tensor:
-    from lorakit.quant.layers import weight_values  # a quantized layer's own dequantization
-
-    w = torch.cat([weight_values(transformer.get_submodule(p)).float() for p in parts])
+    w = torch.cat([transformer.get_submodule(p).weight.detach().float() for p in parts])
     return _swap(w) if swap else w
 
 
@@ -109,7 +107,7 @@ def reference_deltas(transformer: torch.nn.Module, bfl: str, leaves: Mapping[str
     delta = adapter.delta(w, strength)
     if swap:
         delta = _swap(delta)
-    sizes = [int(fused_weight(transformer, [p], False).shape[0]) for p in parts]
+    sizes = [transformer.get_submodule(p).weight.shape[0] for p in parts]
     return dict(zip(parts, torch.split(delta, sizes)))
 
 
@@ -151,12 +149,11 @@ def tiny_flux_pipeline(seed: int = 0, guidance: bool = True) -> object:
                         transformer=tiny_flux_transformer(seed, guidance=guidance))
 
 
-def bfl_state(pipe: object) -> dict[str, torch.Tensor]:
-    """The tiny transformer's weights in BFL names, by the test's own table (fused rows stacked, halves swapped)."""
-    tr = pipe.transformer  # type: ignore[attr-defined]
+def bfl_state(tr: torch.nn.Module, double: int = 2, single: int = 3) -> dict[str, torch.Tensor]:
+    """A tiny transformer's weights in BFL names, by the test's own table (fused rows stacked, halves swapped)."""
     out: dict[str, torch.Tensor] = {}
     done = set()
-    for bfl, (parts, swap) in bfl_table(2, 3).items():
+    for bfl, (parts, swap) in bfl_table(double, single).items():
         for param in ("weight", "bias"):
             t = torch.cat([tr.get_submodule(p).get_parameter(param).detach() for p in parts])
             if swap:
@@ -180,3 +177,21 @@ def bfl_state(pipe: object) -> dict[str, torch.Tensor]:
         else:
             raise AssertionError(f"unmapped {name}")
     return out
+
+
+def xlabs_keys(gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """An XLabs (x-flux) file: text ``qkv_lora2`` and image ``proj_lora1`` of double block 0, the single block 1's
+    ``qkv_lora`` (linear1's q, k, v rows only); rank 4, no α."""
+    return {"double_blocks.0.processor.qkv_lora2.down.weight": torch.randn(4, H, generator=gen),
+            "double_blocks.0.processor.qkv_lora2.up.weight": torch.randn(3 * H, 4, generator=gen),
+            "double_blocks.0.processor.proj_lora1.down.weight": torch.randn(4, H, generator=gen),
+            "double_blocks.0.processor.proj_lora1.up.weight": torch.randn(H, 4, generator=gen),
+            "single_blocks.1.processor.qkv_lora.down.weight": torch.randn(4, H, generator=gen),
+            "single_blocks.1.processor.qkv_lora.up.weight": torch.randn(3 * H, 4, generator=gen)}
+
+
+def wide_qkv_lora(seed: int = 5) -> dict[str, torch.Tensor]:
+    """A kohya ``qkv`` LoRA of a model twice as wide as the tiny one (for refusals)."""
+    g = torch.Generator().manual_seed(seed)
+    return {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.randn(2, 2 * H, generator=g),
+            "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.randn(6 * H, 2, generator=g)}

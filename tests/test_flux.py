@@ -14,7 +14,8 @@ from lorakit.errors import IncompatibleLora, InvalidLora, UnsupportedLora, Weigh
 from lorakit.lora_model import lora_from_state_dict
 from lorakit.prompt import parse_prompt
 from tests.factories import KINDS, adapter_tensors, make_kohya_lora, tiny_components
-from tests.flux_factories import H, bfl_lora, bfl_table, kohya_keys, reference_deltas, tiny_flux_components
+from tests.flux_factories import (H, bfl_lora, bfl_table, kohya_keys, reference_deltas, tiny_flux_components,
+                                  xlabs_keys)
 
 STRENGTH = 0.7
 
@@ -163,13 +164,7 @@ def test_onetrainer_bfl_split_names_and_xlabs(flux: dict[str, torch.nn.Module]) 
     lora = lora_from_state_dict(sd, {})
     assert sorted(lora.layers) == ["transformer.single_transformer_blocks.2.proj_mlp",
                                    "transformer.transformer_blocks.1.attn.to_k"]
-    g = torch.Generator().manual_seed(7)
-    x = {"double_blocks.0.processor.qkv_lora2.down.weight": torch.randn(4, H, generator=g),
-         "double_blocks.0.processor.qkv_lora2.up.weight": torch.randn(3 * H, 4, generator=g),
-         "double_blocks.0.processor.proj_lora1.down.weight": torch.randn(4, H, generator=g),
-         "double_blocks.0.processor.proj_lora1.up.weight": torch.randn(H, 4, generator=g),
-         "single_blocks.1.processor.qkv_lora.down.weight": torch.randn(4, H, generator=g),
-         "single_blocks.1.processor.qkv_lora.up.weight": torch.randn(3 * H, 4, generator=g)}
+    x = xlabs_keys(torch.Generator().manual_seed(7))
     xl = lora_from_state_dict(x, {})
     assert xl.dialect == "xlabs" and xl.leftovers == []
     up = x["single_blocks.1.processor.qkv_lora.up.weight"]

@@ -284,7 +284,7 @@ def test_cli_trains_a_folder_and_a_bfl_single_file(flux: BaseModel, flux_dir: Pa
     _, meta = load_file(out)
     assert meta["ss_timestep_sampling"] == "flux_shift" and meta["ss_guidance_scale"] == "3.5"
     single = tmp_path / "flux1-tiny.safetensors"
-    save_file(bfl_state(flux.pipe), single)
+    save_file(bfl_state(flux.pipe.transformer), single)
     out2 = tmp_path / "cli2.safetensors"
     rc, err = _train_cli(capsys, str(data), "-o", str(out2), "--model", str(single), "--components", str(flux_dir),
                          *common)

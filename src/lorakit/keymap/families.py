@@ -64,7 +64,8 @@ FLUX1 = Family(
            "lycoris_": "transformer"},
     peft={"transformer.base_model.model.": "transformer", "transformer.": "transformer",
           "base_model.model.": "transformer", "diffusion_model.": "transformer", "text_encoder.": "text_encoder",
-          "text_encoder_2.": "text_encoder_2"},
+          "text_encoder_2.": "text_encoder_2", "text_encoders.clip_l.transformer.": "text_encoder",
+          "text_encoders.t5xxl.transformer.": "text_encoder_2"},  # the last two: ComfyUI's names
     comfy={"clip_l": "text_encoder", "t5xxl": "text_encoder_2"},
     arch=Arch.FLUX1, to_model=flux.to_model, is_original=flux.is_bfl_path,
     model_classes=("FluxTransformer2DModel",), hidden_outputs=flux.HIDDEN_OUTPUTS,
