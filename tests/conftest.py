@@ -58,3 +58,13 @@ def assert_original(components: dict[str, torch.nn.Module], snap: dict[str, torc
     for c, m in components.items():
         for n, p in m.named_parameters():
             assert torch.equal(p.detach(), snap[f"{c}.{n}"]), f"{c}.{n} differs from the original"
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny FLUX.1 pipeline saved as a diffusers folder (tests/flux_factories.py), once per session."""
+    from tests.flux_factories import tiny_flux_pipeline
+
+    path = tmp_path_factory.mktemp("tinyflux") / "tinyflux"
+    tiny_flux_pipeline().save_pretrained(path)  # type: ignore[attr-defined]
+    return path

@@ -27,6 +27,7 @@ from typing import Any, Callable, NamedTuple
 from ..errors import UnreadableFile
 from ..files.header import check_header_length, read_header
 from ..keymap import arch as archmod
+from ..keymap import families
 from ..keymap.leaves import LEAF_TYPE
 from .shapes import COMPONENTS, CONTEXT_WIDTH, TEXT_WIDTH, base_from_shapes
 
@@ -52,7 +53,7 @@ LAST_OFFSETS = '"data_offsets":['
 
 @dataclass
 class Summary:
-    base: str  # sd1 / sd2 / sdxl / unknown, or a foreign family's name ("Flux")
+    base: str  # sd1 / sd2 / sdxl / flux1 / unknown, or the name of a family lorakit does not apply ("Chroma")
     types: list[str]
     rank: int | None
     alpha: float | None
@@ -210,9 +211,11 @@ def _types(tails: set[str], blob: str, metadata: dict[str, str]) -> list[str]:
 
 def _base(keys: list[str], blob: str, body: str, metadata: dict[str, str], shape_base: str | None,
           by_metadata: bool) -> str:
-    foreign = archmod.foreign_family(keys[:4] + keys[-4:], metadata)  # every key of a Flux/SD3 file says so
-    if foreign:
-        return foreign
+    family = families.detect(keys[:4] + keys[-4:], metadata)  # every key of a FLUX/SD3 file says so
+    if isinstance(family, str):
+        return family  # a family lorakit does not apply, by name
+    if family.arch is not None:
+        return family.arch
     if any(m in blob for m in SDXL_MARKERS):
         return archmod.SDXL
     m = WIDTH_RE.search(body)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..adapters import Adapter, LoKr, kind_of
+from ..adapters import Adapter, LoKr, Rows, kind_of
 from ..adapters import functional as fn
 from ..errors import ToolError
 from ..keymap.arch import Arch
@@ -53,6 +53,9 @@ def arch_shapes(arch: str) -> dict[str, tuple[int, ...]]:
 
 def adapter_shape(adapter: Adapter) -> tuple[int, ...] | None:
     """The weight shape an adapter's own tensors fix, when they do (LoRA/LoCon, full diff, LoKr, Tucker LoHa)."""
+    if isinstance(adapter, Rows):  # some rows of a fused layer: the fused shape's columns
+        fused = adapter_shape(adapter.inner)
+        return None if fused is None else (adapter.out_rows, *fused[1:])
     inner = getattr(adapter, "inner", adapter)
     t = inner.t
     if "lora_down.weight" in t:
@@ -77,13 +80,18 @@ def _loha_flat(adapter: Adapter) -> tuple[int, int] | None:
     return int(t["hada_w1_a"].shape[0]), int(t["hada_w1_b"].reshape(t["hada_w1_b"].shape[0], -1).shape[1])
 
 
-def check_same_shape(path: str, contribs: Sequence[Contribution]) -> None:
+def check_same_shape(path: str, contribs: Sequence[Contribution], fused: str | None = None) -> None:
     """The contributions to one layer must be for the same weight: their factors' flat (out, in·kh·kw) agree where
-    they fix it; else a ``ToolError`` naming both sources (LoRAs of different models, one of an unknown base)."""
+    they fix it; else a ``ToolError`` naming both sources (LoRAs of different models, one of an unknown base).
+    ``fused``: the fused layer ``path`` is some rows of (FLUX.1's ``qkv``), which the error names instead."""
     known = [(c, d) for c in contribs if (d := _flat_dims(c.adapter)) is not None]
     for c, dims in known[1:]:
         if dims != known[0][1]:
             first, d0 = known[0]
+            if fused is not None:
+                sources = ", ".join(sorted({k.source for k in contribs}))
+                raise ToolError(f"layer {fused}: the inputs ({sources}) give its parts different shapes: LoRAs for "
+                                "different models")
             raise ToolError(f"layer {path}: {first.source or 'one input'} is for a {d0[0]}×{d0[1]} weight, "
                             f"{c.source or 'another'} for a {dims[0]}×{dims[1]} one: the LoRAs are for different "
                             "models")
@@ -163,3 +171,9 @@ def is_conv_kernel(shape: tuple[int, ...]) -> bool:
 
 def tucker_delta(up: Tensor, down: Tensor, mid: Tensor, shape: tuple[int, ...]) -> Tensor:
     return fn.lora_delta(up, down, mid, 1.0, torch.Size(shape))
+
+
+def leaves_of(adapter: Adapter) -> dict[str, Tensor]:
+    """A layer's leaves as read: a wrapper's (DoRA's magnitude) beside its inner adapter's tensors."""
+    inner = getattr(adapter, "inner", None)
+    return {**(leaves_of(inner) if isinstance(inner, Adapter) else {}), **adapter.t}

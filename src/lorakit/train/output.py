@@ -55,7 +55,7 @@ def write_lora(path: Path, net: Network, arch: Arch, metadata: dict[str, str], d
         raise TrainingError(f"{path}: {len(bad)} layers (first {bad[0]}) are not finite in {str(dtype)[6:]}: the "
                             "values overflow it (lower --lr, or --save-dtype fp32); nothing was written")
     sd = to_kohya(groups, names_arch)
-    meta = {**metadata, "modelspec.sai_model_spec": "1.0.0", "modelspec.implementation": "lorakit",
+    meta = {"modelspec.implementation": "lorakit", **metadata, "modelspec.sai_model_spec": "1.0.0",
             "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S")}
     return write_safetensors(path, entries_of(sd), meta, sshs=True, desc="saving", verify=loads_back(path))
 
