@@ -15,7 +15,8 @@ error's excerpt and caret excepted) are fine; the findings are ``traceback``, ``
 
 Extension point: ``COMMANDS`` (each command's slots: flag, value kind, valid values) and ``POOLS`` (the bad values
 of each kind) are plain tables — a new command, flag or input kind (FLUX and quantized models, Ray Serve) is a
-row here and its files in ``cli_fuzz_inputs.Workspace``.
+row here and its files in ``cli_fuzz_inputs.Workspace``; FLUX.1 and quantized (GGUF) models and LoRAs are the
+``NAME@flux`` rows, with their files from ``cli_fuzz_flux``.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .cli_fuzz_inputs import Workspace
-from .cli_fuzz_table import COMMANDS, POOLS, Slot
+from .cli_fuzz_table import COMMANDS, POOLS, Slot, command_of
 
 BAD = ("traceback", "hang", "replaced", "unloadable", "multiline", "memory", "exit")
 MEMORY_LIMIT = 2 << 30
@@ -107,7 +108,7 @@ def make_case(rng: random.Random, ws: Workspace, command: str) -> Case:
             options += [slot.flag, value]
         if slot.output and i not in mutated:
             output = Path(value)
-    argv = [command, *positionals, *options]
+    argv = [command_of(command), *positionals, *options]
     if rng.random() < 0.03:  # the shape of the line itself: a missing argument, an unknown flag
         argv = argv[:-1] if rng.random() < 0.5 else argv + ["--no-such-flag"]
     return Case(command, argv, [slots[i].flag or f"#{i}" for i in sorted(mutated)], output)
@@ -210,7 +211,7 @@ def run(ws: Workspace, counts: dict[str, int], seed: int = 0, timeout: float = 1
     try:
         with serve_once():
             for i, case in enumerate(cases(seed, counts, ws)):
-                sub = bool(subprocess_every) and i % subprocess_every == 0 and case.command != "serve" and \
+                sub = bool(subprocess_every) and i % subprocess_every == 0 and case.argv[0] != "serve" and \
                     _argv_passable(case.argv)
                 outcome = run_case(case, ws, timeout, sub)
                 report.outcomes.append(outcome)
@@ -324,4 +325,4 @@ def _argv_passable(argv: list[str]) -> bool:
     return len(sizes) == len(argv) and max(sizes, default=0) < 100_000 and sum(sizes) < 1 << 20
 
 
-__all__ = ["BAD", "COMMANDS", "POOLS", "Case", "Outcome", "Report", "Slot", "Workspace", "run"]
+__all__ = ["BAD", "COMMANDS", "POOLS", "Case", "Outcome", "Report", "Slot", "Workspace", "command_of", "run"]

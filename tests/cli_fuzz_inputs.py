@@ -3,7 +3,8 @@ file and path a command can be given — good ones (so a valid run is cheap: tin
 and bad ones: missing, a folder, a FIFO, a socket, a character device (as root: a copy of /dev/null's numbers,
 made here, so the machine's own is never at stake), a symlink loop, a symlink leading outside, a path under a
 file, a path under /proc; truncated, empty, binary, sparse-huge and deeply nested files; mutated LoRA files
-(``file_mutations``); jobs, options, prompts and caption files with bad JSON, NaN, surrogates, NULs.
+(``file_mutations``); jobs, options, prompts and caption files with bad JSON, NaN, surrogates, NULs; FLUX.1 LoRAs,
+a tiny FLUX.1 folder, BFL single files and GGUF files, good and bad (``cli_fuzz_flux``).
 
 ``Workspace.specials`` are the non-regular paths whose identity (inode, type, device numbers) the harness checks
 after every case: a command that replaced one is a finding."""
@@ -50,6 +51,7 @@ class Workspace:
         self.folders = {"loras": DEMO_LORAS, "empty": self._dir("in/empty"), "file": self.loras["good"],
                         "outside": self.outside.parent, "missing": root / "in/no-such-folder", **{
                             k: v for k, v in self.specials.items() if k in ("fifo", "loop", "dir", "link_out")}}
+        self._flux()
 
     def fresh(self, suffix: str = ".safetensors") -> Path:
         self._n += 1
@@ -147,6 +149,15 @@ class Workspace:
             weight.copy_(original)
         return out
 
+    def _flux(self) -> None:
+        """FLUX.1 inputs (``flux_inputs``): LoRAs and models added to ``loras``/``models``."""
+        from .cli_fuzz_flux import flux_inputs
+
+        loras, models = flux_inputs(self.root / "flux")
+        self.loras.update(loras)
+        self.models.update(models)
+        self.folders["flux_loras"] = loras["flux"].parent
+
     def _texts(self) -> dict[str, Path]:
         d = self.root / "in"
         lines = {
@@ -158,6 +169,9 @@ class Workspace:
             "jobs_surrogate": '{"prompt": "\\ud800", "steps": 1}\n',
             "jobs_huge_numbers": '{"prompt": "a", "steps": 1' + "0" * 5000 + ', "seed": 1e400}\n',
             "jobs_bad_lora": '{"prompt": "<lora:no_such:1>", "steps": 1}\n',
+            "jobs_flux": '{"prompt": "a cat <lora:flux_style:0.5>", "steps": 1, "width": 64, "height": 64, '
+                         '"distilled_cfg_scale": 3.5}\n{"prompt": "a", "steps": 1, "width": 64, "height": 64, '
+                         '"distilled_cfg_scale": 1e308}\n',
             "options_deep": '{"a": ' + DEEP + "}",
             "options_good": '{"CLIP_stop_at_last_layers": 1}',
             "prompts_good": "a red circle\n# a comment\na blue square <lora:demo_style:0.5>\n",

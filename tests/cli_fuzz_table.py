@@ -174,3 +174,58 @@ COMMANDS: dict[str, tuple[Slot, ...]] = {
                                                                                     present=0.3),
               Slot("--api-auth", "auth", ("u:p",), present=0.1)),
 }
+
+# FLUX.1 and quantized models (``cli_fuzz_flux``): the same commands on the tiny FLUX.1 — a folder, BFL single files,
+# GGUF with ``--components`` — and its LoRAs; ``NAME@flux`` runs ``lorakit NAME`` (``command_of``).
+FLUX_MODEL = Slot("-m", "model", ("{model:flux}", "{model:flux_bfl}", "{model:flux_gguf}"))
+FLUX_RUN = (FLUX_MODEL, Slot("--components", "dir", ("{model:flux}",), present=0.9),
+            Slot("--device", "device", ("cpu",), present=0.1), Slot("--dtype", "choice", ("fp32", "bf16"), present=0.1))
+FLUX_LORAS = Slot("-l", "dir", ("{folder:flux_loras}",))
+FLUX_PROMPTS = ("a cat", "a cat <lora:flux_style:0.8>", "<lora:flux_style:te=0:unet=1> a dog")
+FLUX_SMALL = (Slot("--steps", "int", ("1",)), Slot("-W", "int", ("64",)), Slot("-H", "int", ("64",)),
+              Slot("--seed", "int", ("1",)))
+FLUX_LORA = Slot(None, "lora", ("{lora:flux}",))
+COMMANDS |= {
+    "inspect@flux": (Slot(None, "lora", ("{lora:flux}", "{model:flux_gguf}", "{model:flux_bfl}", "{lora:flux_nan}"),
+                          many=True), Slot("--json", "flag", present=0.3)),
+    "convert@flux": (FLUX_LORA, Slot("-o", "out", ("{fresh:.safetensors}",), output="lora"),
+                     Slot("--to", "choice", ("kohya", "peft", "diffusers", "comfy")),
+                     Slot("--drop-unsupported", "flag", present=0.5), DRY),
+    "merge@flux": (Slot(None, "lora_spec", ("{lora:flux}", "{lora:flux}:0.5", "{lora:flux}:unet=0.7"), many=True),
+                   Slot("-o", "out", ("{fresh:.safetensors}",), output="lora"),
+                   Slot("--method", "choice", ("concat", "svd"), present=0.3), *_rank_slots("2", 0.2),
+                   Slot("--base", "model", ("{model:flux}", "{model:flux_bfl}"), present=0.1), DRY),
+    "resize@flux": (FLUX_LORA, Slot("-o", "out", ("{fresh:.safetensors}",), output="lora"), *_rank_slots("1", 1.0),
+                    DRY),
+    "bake@flux": (Slot(None, "model", ("{model:flux}",)), Slot(None, "lora_spec", ("{lora:flux}", "{lora:flux}:0.5")),
+                  Slot("-o", "out", ("{fresh:}",), output="model"), DRY),
+    "extract@flux": (Slot(None, "model", ("{model:flux_bfl}",)), Slot(None, "model", ("{model:flux_tuned}",)),
+                     Slot("-o", "out", ("{fresh:.safetensors}",), output="lora"), *_rank_slots("2", 1.0),
+                     Slot("--components", "components", ("unet", "transformer", "unet,te"), present=0.2), DRY),
+    "generate@flux": (Slot(None, "text", FLUX_PROMPTS), *FLUX_SMALL, FLUX_LORAS, *FLUX_RUN,
+                      Slot("-o", "out", ("{fresh:.png}",), output="png"),
+                      Slot("--guidance", "num", ("3.5",), present=0.3), Slot("--cfg", "num", ("1",), present=0.1),
+                      Slot("--sampler", "sampler", ("Euler",), present=0.1),
+                      Slot("--control-image", "image", ("{text:image}",), present=0.05),
+                      Slot("--init-image", "image", ("{text:image}",), present=0.05)),
+    "grid@flux": (Slot(None, "text", ("a cat <lora:flux_style:1>",)),
+                  Slot("--x", "axis", ("seed=1,2", "lora:flux_style=0,1")), *FLUX_SMALL, FLUX_LORAS, *FLUX_RUN,
+                  Slot("-o", "out", ("{fresh:.png}",), output="png")),
+    "batch@flux": (Slot(None, "jobs", ("{text:jobs_good}", "{text:jobs_flux}")),
+                   Slot("-o", "outdir", ("{fresh:}",), output="batch"), FLUX_LORAS, *FLUX_RUN),
+    "train@flux": (Slot(None, "data", ("{data:good}",)), Slot("-o", "out", ("{fresh:.safetensors}",), output="lora"),
+                   Slot("--steps", "int", ("1",)), Slot("--resolution", "int", ("64",)), Slot("--rank", "int", ("2",)),
+                   Slot("--max-sequence-length", "int", ("16",)), *FLUX_RUN,
+                   Slot("--network", "choice", ("lora", "lokr"), present=0.2),
+                   Slot("--timestep-sampling", "choice", ("sigmoid", "shift"), present=0.2),
+                   Slot("--discrete-flow-shift", "num", ("3",), present=0.1),
+                   Slot("--sigmoid-scale", "num", ("1",), present=0.1), Slot("--guidance", "num", ("1",), present=0.1),
+                   Slot("--train", "choice", ("unet", "both"), present=0.1)),
+    "serve@flux": (Slot("--port", "port", ("0",)), Slot("--options-file", "options", ("{fresh:.json}",)), *FLUX_RUN,
+                   FLUX_LORAS),
+}
+
+
+def command_of(name: str) -> str:
+    """The ``lorakit`` command a row of ``COMMANDS`` runs (``merge@flux`` → ``merge``)."""
+    return name.partition("@")[0]
