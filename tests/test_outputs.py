@@ -17,7 +17,7 @@ import lorakit
 from lorakit.cli import main
 from lorakit.errors import OutputError, ToolError
 from lorakit.files.io import save_file
-from lorakit.files.output import atomic_dir, check_target, check_writable, write_atomic
+from lorakit.files.output import atomic_dir, atomic_path, check_target, check_writable, write_atomic
 from lorakit.tools.output import Entry, write_safetensors
 
 from .factories import make_kohya_lora, tiny_components
@@ -111,6 +111,20 @@ def test_atomic_dir_refuses_a_file_and_swaps_a_folder(tmp_path: Path) -> None:
         (tmp / "new").write_text("2")
     assert [p.name for p in (tmp_path / "d").iterdir()] == ["new"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "f"]
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "/", "sub/.."])
+def test_a_folder_named_by_its_place_is_no_output(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``bake -o ""`` (a folder output) was a ValueError from the temporary name: ``.`` has no name to put beside."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    for folder in (False, True):
+        with pytest.raises(OutputError, match="names a folder by its place"):
+            check_writable(name, folder=folder)
+        with pytest.raises(OutputError, match="names a folder by its place"):
+            with atomic_dir(name) if folder else atomic_path(name):
+                pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub"]
 
 
 @pytest.mark.parametrize("argv", [

@@ -43,6 +43,8 @@ def kind_of(mode: int) -> str:
 def check_target(path: str | Path, *, folder: bool = False) -> None:
     """Refuse an output path that exists and is not a regular file (``folder``: not a folder), through symlinks."""
     p = Path(path)
+    if p.name in ("", ".."):  # ".", "", "/", "a/..": a folder named by its place, never one to write or swap
+        raise OutputError(f"{p}: names a folder by its place, not an output; give the output its own name")
     try:
         mode = os.stat(p).st_mode  # follows symlinks: a link to a device is a device here
     except FileNotFoundError:
