@@ -322,3 +322,14 @@ def test_an_empty_output_path_is_the_working_folder_and_refused(unknown_base: Pa
                                                                            "0"]):
         assert main(argv) == 2
         _one_error_line(capsys, "is a folder")
+
+
+@pytest.mark.parametrize("resolution", [8192 + 64, 1 << 20, 2147483648])
+def test_a_huge_training_resolution_is_refused_before_the_buckets_are_listed(resolution: int) -> None:
+    """``--resolution 2147483648`` listed 33 million buckets (4 GiB; found by the CLI fuzz run)."""
+    from lorakit.errors import TrainingError
+    from lorakit.train.buckets import MAX_RESOLUTION, bucket_sizes
+
+    with pytest.raises(TrainingError, match=f"from 64 to {MAX_RESOLUTION}, got {resolution}"):
+        bucket_sizes(resolution)
+    assert max(max(s) for s in bucket_sizes(MAX_RESOLUTION)) <= 2 * MAX_RESOLUTION
