@@ -333,3 +333,18 @@ def test_a_huge_training_resolution_is_refused_before_the_buckets_are_listed(res
     with pytest.raises(TrainingError, match=f"from 64 to {MAX_RESOLUTION}, got {resolution}"):
         bucket_sizes(resolution)
     assert max(max(s) for s in bucket_sizes(MAX_RESOLUTION)) <= 2 * MAX_RESOLUTION
+
+
+def test_serve_with_a_model_that_is_a_symlink_loop_names_it(tmp_path: Path) -> None:
+    """``serve -m LOOP --models-dir DIR`` was a RuntimeError from ``Path.resolve`` (found by the full CLI fuzz run);
+    the entry is made and loading it is the loader's one-line ``ModelError``."""
+    from lorakit.errors import ModelError
+    from lorakit.models.loading import load_model
+    from lorakit.server.models import entry_for
+
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    entry = entry_for(str(loop), [tmp_path])
+    assert entry.title == "loop"
+    with pytest.raises(ModelError, match="loop"):
+        load_model(str(loop), device="cpu")

@@ -84,8 +84,8 @@ def entry_for(spec: str | None, dirs: list[Path]) -> ModelEntry:
         try:
             title = path.resolve().relative_to(root.resolve()).as_posix()
             return ModelEntry(title, _stem(path), str(path))
-        except ValueError:
-            continue
+        except (ValueError, OSError, RuntimeError):  # outside the folder; a symlink loop (RuntimeError before 3.13)
+            continue  # a path that cannot be loaded is the loader's ModelError, when the server loads it
     return ModelEntry(path.name, _stem(path), str(path))
 
 
