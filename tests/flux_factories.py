@@ -55,9 +55,10 @@ def transformer_forward(tr: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     ids = torch.zeros(4, 3)
     ids[:, 1], ids[:, 2] = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 1])
     guidance = torch.tensor([3.5]) if tr.config.guidance_embeds else None
+    dt = next(tr.parameters()).dtype
     with torch.no_grad():
-        return tr(hidden_states=x, encoder_hidden_states=torch.randn(1, 3, 32, generator=g),
-                  pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([0.5]),
+        return tr(hidden_states=x.to(dt), encoder_hidden_states=torch.randn(1, 3, 32, generator=g).to(dt),
+                  pooled_projections=torch.randn(1, 32, generator=g).to(dt), timestep=torch.tensor([0.5]),
                   img_ids=ids, txt_ids=torch.zeros(3, 3), guidance=guidance).sample
 
 

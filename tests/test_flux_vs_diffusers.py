@@ -6,6 +6,7 @@ down: each of those tests fails the day diffusers is fixed, and then becomes a p
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -22,24 +23,34 @@ def _tiny_listing(name: str, keep: Callable[[str], bool] = lambda k: True) -> St
     return {k: v for k, v in random_state_dict(tiny_shapes(load_listing(name)["shapes"])).items() if keep(k)}
 
 
-def diffusers_fused(sd: StateDict) -> StateDict:
-    """The tiny transformer's weights after diffusers loads ``sd`` into a FluxPipeline and fuses it (scale 1)."""
+def tiny_pipeline() -> Any:
+    """A FluxPipeline of the tiny transformer and a tiny VAE, no text encoders (prompts come as embeddings)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
 
     vae = AutoencoderKL(block_out_channels=(4,), layers_per_block=1, latent_channels=1, norm_num_groups=1,
                         use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
-    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
                         text_encoder_2=None, tokenizer_2=None, transformer=tiny_flux_transformer(SEED))
-    pipe.load_lora_weights({k: v.clone() for k, v in sd.items()})
-    pipe.fuse_lora()
-    pipe.unload_lora_weights()  # keeps the fused weights, drops PEFT's wrappers
+
+
+def _weights(pipe: Any) -> StateDict:
     return {k: v.detach().clone() for k, v in pipe.transformer.state_dict().items()}
 
 
+def diffusers_fused(sd: StateDict) -> StateDict:
+    """The tiny transformer's weights after diffusers loads ``sd`` into the pipeline and fuses it (scale 1)."""
+    pipe = tiny_pipeline()
+    pipe.load_lora_weights({k: v.clone() for k, v in sd.items()})
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()  # keeps the fused weights, drops PEFT's wrappers
+    return _weights(pipe)
+
+
 def lorakit_fused(sd: StateDict) -> StateDict:
-    tr = tiny_flux_transformer(SEED)
-    with apply_loras({"transformer": tr}, [(lora_from_state_dict(sd, {}), 1.0)]):
-        return {k: v.detach().clone() for k, v in tr.state_dict().items()}
+    """The same with ``lorakit.apply_loras(pipe, …)``."""
+    pipe = tiny_pipeline()
+    with apply_loras(pipe, [(lora_from_state_dict(sd, {}), 1.0)]):
+        return _weights(pipe)
 
 
 def _assert_close(ours: StateDict, theirs: StateDict) -> None:
