@@ -4,13 +4,15 @@ built on the ``meta`` device (``models/flux_configs.py``), LoRAs from the listin
 (``build_plan``), a few mapped paths are checked by hand, and the misfits are refused with the reason."""
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
 from lorakit import lora_model
 from lorakit.errors import IncompatibleLora, InvalidLora, UnsupportedLora
 from lorakit.lora_model import LoraModel, lora_from_state_dict
-from lorakit.models.flux_configs import build_flux_components
+from lorakit.models.flux_configs import FLUX1_VARIANTS, build_flux_components
 from lorakit.patch.plan import build_plan
 from lorakit.patch.weights import Weight
 from tests.flux_fixtures import FLUX_BASES, load_listing, zero_state_dict
@@ -74,6 +76,18 @@ def test_full_size_models_have_flux1_dev_shapes(models: dict[str, Components]) -
     assert tuple(t5.get_submodule("encoder.block.23.layer.1.DenseReluDense.wi_1").weight.shape) == (10240, 4096)
     assert tuple(t5.get_submodule("encoder.block.0.layer.0.SelfAttention.q").weight.shape) == (4096, 4096)
     assert tuple(dev["text_encoder"].get_submodule("encoder.layers.11.mlp.fc1").weight.shape) == (3072, 768)
+
+
+def test_variant_configs_differ_from_diffusers_defaults_only_in_guidance_and_channels() -> None:
+    """diffusers' ``FluxTransformer2DModel`` defaults are FLUX.1's shapes (schnell's: no guidance embedder)."""
+    from diffusers import FluxTransformer2DModel
+
+    params = inspect.signature(FluxTransformer2DModel.__init__).parameters
+    defaults = {k: list(p.default) if isinstance(p.default, tuple) else p.default for k, p in params.items()}
+    for variant, config in FLUX1_VARIANTS.items():
+        assert set(config) <= set(defaults)
+        differ = {k for k, v in config.items() if v != defaults[k]}
+        assert differ <= {"guidance_embeds", "in_channels", "out_channels"}, (variant, differ)
 
 
 @pytest.mark.parametrize("name", sorted(FLUX_BASES))
