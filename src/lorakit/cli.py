@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from .errors import LorakitError
 from .keymap.arch import LORA_BASES, Arch
+from .keymap.families import FLUX1_VARIANTS
 
 if TYPE_CHECKING:
     from .generate.init_image import InitImage
@@ -299,8 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="the LoRAs in your folders: name, base, type, rank, size, trigger words")
     p.add_argument("-l", "--lora-dir", action="append", help="LoRA folder (repeatable); default: lorakit.toml / "
                                                              "$LORAKIT_LORA_DIRS")
-    p.add_argument("--base", choices=[a.value for a in (*LORA_BASES, Arch.DEMO)],
-                   help="only LoRAs for this base model")
+    p.add_argument("--base", choices=[a.value for a in (*LORA_BASES, Arch.DEMO)] + list(FLUX1_VARIANTS),
+                   help="only LoRAs for this base model (or FLUX.1 variant)")
     p.add_argument("--search", help="only names, aliases, trigger words or descriptions containing this text")
     p.add_argument("--json", action="store_true", help="machine-readable output (schema lorakit.list/1)")
     p.add_argument("--config", help="settings file (default ./lorakit.toml, then ~/.config/lorakit/config.toml)")
