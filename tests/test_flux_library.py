@@ -248,3 +248,69 @@ def test_http_lists_show_variant_and_fit(folder: Path, tmp_path: Path) -> None:
         assert data["model"]["arch"] == "flux1" and by_name["flux/schnell"]["fit"] == "yes"
         assert by_name["flux/canny"]["fit"] == "maybe" and by_name["ink"]["fit"] == "no"
         assert by_name["ink"]["reason"] == "made for Stable Diffusion 1.x; the model is FLUX.1"
+
+
+# -- inspect ---------------------------------------------------------------------------------------------------------
+def _inspect(capsys: pytest.CaptureFixture[str], path: Path) -> dict[str, Any]:
+    assert main(["inspect", "--json", str(path)]) == 0
+    return dict(json.loads(capsys.readouterr().out))
+
+
+def test_inspect_bfl_file(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    info = _inspect(capsys, folder / "flux" / "plain.safetensors")
+    assert (info["family"], info["architecture"], info["base"], info["variant"], info["supported"]) == \
+        ("FLUX.1", "flux1", "flux-1", "flux-1", True)
+    assert info["modules"] == {"transformer": 25, "text_encoder": 4, "text_encoder_2": 1}
+    assert info["encoders"] == {"text_encoder": "CLIP-L", "text_encoder_2": "T5-XXL"}
+    assert info["layout"] == "bfl" and info["unrecognised_keys"] == []
+    assert info["fused_layers"] == [
+        {"layer": "double_blocks.*.img_attn.qkv", "count": 2, "into": ["attn.to_q", "attn.to_k", "attn.to_v"],
+         "halves_swapped": False},
+        {"layer": "double_blocks.*.txt_attn.qkv", "count": 2,
+         "into": ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"], "halves_swapped": False},
+        {"layer": "final_layer.adaLN_modulation.1", "count": 1, "into": ["norm_out.linear"], "halves_swapped": True},
+        {"layer": "single_blocks.*.linear1", "count": 2,
+         "into": ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"], "halves_swapped": False}]
+    assert main(["inspect", str(folder / "flux" / "canny.safetensors")]) == 0
+    text = capsys.readouterr().out
+    assert "architecture  FLUX.1 (flux-1-dev-control)" in text and "transformer 27" in text
+    assert "single_blocks.*.linear1 ×2 → attn.to_q, attn.to_k, attn.to_v, proj_mlp" in text
+    assert "final_layer.adaLN_modulation.1 → norm_out.linear, halves swapped" in text
+
+
+def test_inspect_diffusers_layout_and_the_python_call(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lorakit import load_lora
+    from lorakit.describe import describe
+
+    path = folder / "flux" / "peft.safetensors"
+    info = _inspect(capsys, path)
+    assert (info["layout"], info["fused_layers"], info["modules"]) == \
+        ("diffusers", [], {"transformer": 7, "text_encoder_2": 1})
+    assert describe(path, load_lora(path)) == info  # the loaded LoRA given: the same report
+    assert main(["inspect", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "text_encoder_2 (T5-XXL) 1" in text and "layout        diffusers names" in text
+
+
+@pytest.mark.parametrize("stem", sorted(FOREIGN))
+def test_inspect_names_a_family_not_applied(folder: Path, capsys: pytest.CaptureFixture[str], stem: str) -> None:
+    family = FOREIGN[stem]
+    info = _inspect(capsys, folder / f"{stem}.safetensors")
+    assert (info["family"], info["base"], info["architecture"], info["supported"], info["dialect"]) == \
+        (family, family, family, False, None)
+    assert info["note"] == (f"lorakit does not apply {family} LoRAs yet (it applies Stable Diffusion 1.x, 2.x and "
+                            "XL, and FLUX.1)")
+    assert info["network_types"] == ["lora"] and info["tensors"] > 0 and info["layers"] == 0
+    assert main(["inspect", str(folder / f"{stem}.safetensors")]) == 0
+    text = capsys.readouterr().out
+    assert f"family        {family}\n" in text and f"applied       no: lorakit does not apply {family}" in text
+
+
+def test_inspect_of_a_foreign_file_reads_no_tensor(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lorakit import describe as describe_mod
+
+    def no_tensors(path: object) -> None:
+        raise AssertionError("tensors read")
+
+    monkeypatch.setattr(describe_mod, "load_file", no_tensors)  # a FLUX.2 LoRA can be GBs: its header says it all
+    assert describe_mod.describe(folder / "flux2.safetensors")["supported"] is False

@@ -19,15 +19,15 @@ if TYPE_CHECKING:
 
 def _inspect(args: argparse.Namespace) -> int:
     """Each file in turn: a bad one is one error line (stderr) and the rest are still reported; exit 2 at the end
-    if any failed. ``--json``: one object for one file (nothing when it fails), else a list in which a bad file
-    is ``{"schema", "file", "error"}``."""
+    if any failed (a file for a family lorakit does not apply is reported, saying so: no failure). ``--json``: one
+    object for one file (nothing when it fails), else a list in which a bad file is ``{"schema", "file",
+    "error"}``."""
     from .describe import as_text, describe, failure
-    from .lora_model import load_lora
 
     infos, failed = [], False
     for path in args.files:
         try:
-            info = describe(path, load_lora(path, strict=args.strict))
+            info = describe(path, strict=args.strict)
         except LorakitError as e:
             failed = True
             sys.stdout.flush()  # keep the error line in its place among the reports
