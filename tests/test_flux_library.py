@@ -191,12 +191,18 @@ def test_fit_on_sd_flux_and_demo_models(library: Library) -> None:
 
 
 def test_a_flux_pipelines_arch_fits_flux_loras(library: Library) -> None:
+    from lorakit import IncompatibleLora, apply_loras, load_lora
     from lorakit.patch.targets import model_arch
 
     from .flux_factories import tiny_flux_components
 
-    arch = model_arch(tiny_flux_components())
+    comps = tiny_flux_components()
+    arch = model_arch(comps)
     assert arch == Arch.FLUX1 and fit(_entry(library, "flux/dev"), arch)["fit"] == "yes"
+    canny = _entry(library, "flux/canny")
+    assert fit(canny, arch)["fit"] == "maybe"  # and on a plain model its widened img_in is refused, naming it
+    with pytest.raises(IncompatibleLora, match=r"transformer.x_embedder: LoRA maps 128→32"):
+        apply_loras(comps, [(load_lora(canny.path), 1.0)])
 
 
 def test_table_shows_the_variant(library: Library) -> None:
