@@ -23,20 +23,6 @@ from . import flux_files as ff
 INK = Path(__file__).resolve().parents[1] / "examples" / "loras" / "ink_sketch_sd15.safetensors"
 
 
-@pytest.fixture
-def read_header_calls(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
-    """The files whose whole header the summary parsed."""
-    calls: list[Path] = []
-    real = summary_mod.read_header
-
-    def spy(path: Path) -> object:
-        calls.append(Path(path))
-        return real(path)
-
-    monkeypatch.setattr(summary_mod, "read_header", spy)
-    return calls
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("flux") / "loras"
