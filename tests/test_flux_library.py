@@ -79,6 +79,17 @@ def _long_header(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(summary_mod, "KEYS", 800)
 
 
+def test_sd3_dit_names_are_told_from_flux_by_their_widths_at_the_ends(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, read_header_calls: list[Path]) -> None:
+    """diffusers-layout double blocks are FLUX.1's or SD3's names: the sampled entries' widths (1536) say SD3 —
+    read from the header's text, without parsing it whole (sorted keys end with block 9, below FLUX.1's 19)."""
+    path = ff.sd3(tmp_path / "sd3.safetensors")
+    monkeypatch.setattr(summary_mod, "HEAD", 1500)
+    monkeypatch.setattr(summary_mod, "TAIL", 1500)
+    monkeypatch.setattr(summary_mod, "KEYS", 600)
+    assert summarise(path).base == "Stable Diffusion 3" and read_header_calls == []
+
+
 def test_ends_tell_a_flux_file_whose_metadata_names_the_variant(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                read_header_calls: list[Path]) -> None:
     path = ff.kohya_flux(tmp_path / "x.safetensors", double=19, single=38, guidance=True,

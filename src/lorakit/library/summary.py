@@ -13,6 +13,12 @@ with bytes appended) is found from its size without reading any tensor. Anything
 writer's layout, ends that do not tell the base model or the types, a last offset that is not the file's end — is
 read whole with ``files.header.read_header`` (the project's validating reader: schema, and tensors that tile the
 data exactly), and its base decided by every entry's shapes (``shapes.base_from_shapes``).
+
+The family comes first (``keymap.families.detect``, on the first and last entries' names and shapes). A FLUX.1 file
+is base ``flux1`` with a variant (``families.variant``: metadata, a widened ``img_in``, guidance layers); its ends
+tell only when the metadata names the variant and no component can hide between them (``_flux_from_ends``), else
+the whole header decides family, variant and components as the loader does. A family lorakit does not apply is
+the base by name (``"Chroma"``).
 """
 from __future__ import annotations
 
@@ -169,9 +175,8 @@ def _summarise_ends(path: Path, ends: Ends) -> Summary | None:
     if last_end(ends.tail) != ends.size - ends.data_start:
         return None  # truncated, appended to, or laid out in another order: the whole header says which
     text = body + "\n" + ends.tail
-    keys = sample_keys(body, ends.tail)
-    summary = summarise_keys(keys, text, None, metadata, lambda key: _tensor_value(path, text, key, ends.data_start),
-                             by_metadata=False, shapes=entry_shapes(text, keys[:4] + keys[-4:]))
+    summary = summarise_keys(sample_keys(body, ends.tail), text, None, metadata,
+                             lambda key: _tensor_value(path, text, key, ends.data_start), by_metadata=False)
     if summary.base == archmod.UNKNOWN or not summary.types:
         return None
     return _flux_from_ends(summary, body, ends.tail) if summary.base == archmod.FLUX1 else summary
@@ -225,17 +230,15 @@ def read_metadata_fast(path: Path) -> dict[str, str]:
 def summarise_keys(keys: list[str], body: str, count: int | None, metadata: dict[str, str],
                    value: Callable[[str], float | None], shape_base: str | None = None,
                    by_metadata: bool = True, shapes: Mapping[str, Shaped] | None = None) -> Summary:
-    """``keys``: a sample of key names (all of them when ``count`` is given: the whole header was read);
-    ``body``: every entry as compact header text (searched with C-speed string and regex scans, never a Python
-    loop per key). ``shape_base``: what every entry's shapes show (the whole header was parsed); the metadata's
-    claim counts only when shapes say nothing and ``by_metadata``. ``shapes``: the shapes of entries known."""
+    """``keys``: a sample of key names, or all of them (then ``count`` and ``shapes``, every entry's shape, are
+    given: the whole header was read); ``body``: every entry as compact header text (searched with C-speed string
+    and regex scans, never a Python loop per key). ``shape_base``: what every entry's shapes show (the whole header
+    was parsed); the metadata's claim counts only when shapes say nothing and ``by_metadata``."""
     tails = {k[k.rfind(".", 0, len(k) - 7) + 1:] if k.endswith(".weight") else k[k.rfind(".") + 1:] for k in keys}
     blob = "\n".join(keys)
     types = _types(tails, blob, metadata)
     rank, alpha = _rank(body, metadata), _alpha(body, metadata, value)
-    family = families.detect(keys[:4] + keys[-4:], metadata, shapes)  # every key of a FLUX/SD3 file says so
-    if family is families.FLUX1 and count is not None:
-        family = families.detect(keys, metadata, shapes)  # every key and shape, as the loader decides
+    family = _family(keys, body, metadata, shapes)
     if family is not families.SD:
         base = family if isinstance(family, str) else family.arch or archmod.UNKNOWN
         variant = None if isinstance(family, str) else families.variant(family, keys, metadata, shapes)
@@ -245,6 +248,19 @@ def summarise_keys(keys: list[str], body: str, count: int | None, metadata: dict
     if base == archmod.SDXL and "te2" not in comps and any(m in body for m in ("lora_te2_", "text_encoder_2.")):
         comps.append("te2")
     return Summary(base, types, rank, alpha, count, comps, metadata)
+
+
+def _family(keys: list[str], body: str, metadata: dict[str, str],
+            shapes: Mapping[str, Shaped] | None) -> families.Family | str:
+    """The family from the first and last entries (every key of a FLUX/SD3 file says so): names, then their widths
+    (SD3's and FLUX.2's DiT names are FLUX.1's) — read from the text only when the names are not Stable Diffusion's;
+    a FLUX.1 file whose whole header was read is decided by every key and shape, as the loader decides it."""
+    sample = keys[:4] + keys[-4:]
+    if shapes is None:
+        named = families.detect(sample, metadata)
+        return named if named is families.SD else families.detect(sample, metadata, entry_shapes(body, sample))
+    found = families.detect(sample, metadata, shapes)
+    return families.detect(keys, metadata, shapes) if found is families.FLUX1 else found
 
 
 def _types(tails: set[str], blob: str, metadata: dict[str, str]) -> list[str]:
