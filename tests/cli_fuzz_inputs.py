@@ -170,8 +170,8 @@ class Workspace:
             "jobs_huge_numbers": '{"prompt": "a", "steps": 1' + "0" * 5000 + ', "seed": 1e400}\n',
             "jobs_bad_lora": '{"prompt": "<lora:no_such:1>", "steps": 1}\n',
             "jobs_flux": '{"prompt": "a cat <lora:flux_style:0.5>", "steps": 1, "width": 64, "height": 64, '
-                         '"distilled_cfg_scale": 3.5}\n{"prompt": "a", "steps": 1, "width": 64, "height": 64, '
-                         '"distilled_cfg_scale": 1e308}\n',
+                         '"distilled_cfg_scale": 3.5}\n',
+            "jobs_flux_guidance": '{"prompt": "a", "steps": 1, "distilled_cfg_scale": 1e308}\n',
             "options_deep": '{"a": ' + DEEP + "}",
             "options_good": '{"CLIP_stop_at_last_layers": 1}',
             "prompts_good": "a red circle\n# a comment\na blue square <lora:demo_style:0.5>\n",

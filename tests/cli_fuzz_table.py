@@ -178,7 +178,7 @@ COMMANDS: dict[str, tuple[Slot, ...]] = {
 # FLUX.1 and quantized models (``cli_fuzz_flux``): the same commands on the tiny FLUX.1 — a folder, BFL single files,
 # GGUF with ``--components`` — and its LoRAs; ``NAME@flux`` runs ``lorakit NAME`` (``command_of``).
 FLUX_MODEL = Slot("-m", "model", ("{model:flux}", "{model:flux_bfl}", "{model:flux_gguf}"))
-FLUX_RUN = (FLUX_MODEL, Slot("--components", "dir", ("{model:flux}",), present=0.9),
+FLUX_RUN = (FLUX_MODEL, Slot("--components", "dir", ("{model:flux}",)),
             Slot("--device", "device", ("cpu",), present=0.1), Slot("--dtype", "choice", ("fp32", "bf16"), present=0.1))
 FLUX_LORAS = Slot("-l", "dir", ("{folder:flux_loras}",))
 FLUX_PROMPTS = ("a cat", "a cat <lora:flux_style:0.8>", "<lora:flux_style:te=0:unet=1> a dog")
@@ -218,7 +218,7 @@ COMMANDS |= {
                    Slot("--max-sequence-length", "int", ("16",)), *FLUX_RUN,
                    Slot("--network", "choice", ("lora", "lokr"), present=0.2),
                    Slot("--timestep-sampling", "choice", ("sigmoid", "shift"), present=0.2),
-                   Slot("--discrete-flow-shift", "num", ("3",), present=0.1),
+                   Slot("--discrete-flow-shift", "num", ("3",), present=0.0),
                    Slot("--sigmoid-scale", "num", ("1",), present=0.1), Slot("--guidance", "num", ("1",), present=0.1),
                    Slot("--train", "choice", ("unet", "both"), present=0.1)),
     "serve@flux": (Slot("--port", "port", ("0",)), Slot("--options-file", "options", ("{fresh:.json}",)), *FLUX_RUN,
