@@ -321,7 +321,7 @@ def test_an_empty_output_path_is_the_working_folder_and_refused(unknown_base: Pa
     for argv in (["convert", str(unknown_base), "--to", "kohya", "-o", ""], ["serve", "--options-file", "", "--port",
                                                                            "0"]):
         assert main(argv) == 2
-        _one_error_line(capsys, "is a folder")
+        _one_error_line(capsys, "names a folder by its place")
 
 
 @pytest.mark.parametrize("resolution", [8192 + 64, 1 << 20, 2147483648])
