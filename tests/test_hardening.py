@@ -348,3 +348,14 @@ def test_serve_with_a_model_that_is_a_symlink_loop_names_it(tmp_path: Path) -> N
     assert entry.title == "loop"
     with pytest.raises(ModelError, match="loop"):
         load_model(str(loop), device="cpu")
+
+
+def test_bake_of_a_single_file_into_a_name_without_safetensors_is_refused(models: dict[str, Path],
+                                                                         unknown_base: Path, tmp_path: Path) -> None:
+    """``bake flux1.safetensors L -o out`` wrote ``out``, which no tool opens as a model (found by the full CLI fuzz
+    run's FLUX rows): refused before any work, nothing written."""
+    from lorakit.tools.bake import bake
+
+    with pytest.raises(ToolError, match="name it NAME.safetensors"):
+        bake(models["base"], [str(unknown_base)], tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []

@@ -49,6 +49,8 @@ def bake(model: str | Path, inputs: Sequence[str | Source], output: str | Path |
     sources = [s for s in inputs if isinstance(s, Source)] + load_sources([s for s in inputs if isinstance(s, str)])
     out = Path(output) if output is not None else None
     if out is not None:
+        if mf.form == "single" and out.suffix.lower() != ".safetensors":  # else no tool could open what it wrote
+            raise ToolError(f"{out}: a single-file model is baked into a single file: name it NAME.safetensors")
         check_output(out, [mf.path] + [s.path for s in sources], folder=mf.form == "folder")
     pairs = [(s.lora, s.weight) for s in sources]
     report = ToolReport("bake", None if opts.dry_run else (str(out) if out else None))
