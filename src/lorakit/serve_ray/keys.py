@@ -9,6 +9,7 @@ another base model never count as holding this one's sets.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -18,6 +19,7 @@ from ..generate.pipeline import Request
 from ..prompt import LoraRef, parse_prompt
 
 NO_LORAS = "-"
+MAX_COUNTED = 256  # sets counted one by one (the totals count all)
 MAX_KEY_CHARS = 500  # a longer key is shortened to a hash (the id travels with every request)
 
 
@@ -75,18 +77,28 @@ class SetCounter:
         self.requests = 0
         self.changes: Counter[str] = Counter()
         self.misses: Counter[str] = Counter()
+        self.totals = {"changes": 0, "misses": 0}
+        self._lock = threading.Lock()  # observed on the worker thread, read by the replica's reports
 
     def observe(self, key: str) -> None:
-        self.requests += 1
-        if key != self.last and key != NO_LORAS:
-            self.changes[key] += 1
-        if key not in self.recent and key != NO_LORAS:
-            self.misses[key] += 1
-        self.recent[key] = None
-        self.recent.move_to_end(key)
-        while len(self.recent) > self.keep:
-            self.recent.popitem(last=False)
-        self.last = key
+        with self._lock:
+            self.requests += 1
+            if key != self.last and key != NO_LORAS:
+                self.changes[key] += 1
+                self.totals["changes"] += 1
+            if key not in self.recent and key != NO_LORAS:
+                self.misses[key] += 1
+                self.totals["misses"] += 1
+            self.recent[key] = None
+            self.recent.move_to_end(key)
+            while len(self.recent) > self.keep:
+                self.recent.popitem(last=False)
+            self.last = key
+            for counts in (self.changes, self.misses):
+                if len(counts) > MAX_COUNTED:  # a long-running replica sees many sets: keep the report small
+                    del counts[next(iter(counts))]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"requests": self.requests, "changes": dict(self.changes), "misses": dict(self.misses)}
+        with self._lock:
+            return {"requests": self.requests, "changes": dict(self.changes), "misses": dict(self.misses),
+                    **{f"{k}_total": v for k, v in self.totals.items()}}

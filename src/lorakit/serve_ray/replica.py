@@ -32,7 +32,7 @@ from ..server.info_routes import embeddings_reply
 from ..server.models import ModelEntry, entry_for
 from ..server.worker import GenerationQueue
 from .config import ClusterConfig
-from .keys import SetCounter, set_key
+from .keys import MAX_COUNTED, SetCounter, set_key
 
 log = logging.getLogger("lorakit.server")
 BUSY_SYNC_S, IDLE_SYNC_S = 0.1, 0.5
@@ -110,6 +110,8 @@ class LorakitModel:
 
     async def _place(self, key: str) -> PlacedSet:
         self.placements[key] += 1
+        if len(self.placements) > MAX_COUNTED:
+            del self.placements[next(iter(self.placements))]
         return PlacedSet(key)
 
     async def generate(self, job: ClusterJob) -> list[Result]:
