@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,20 @@ def test_switch_counter_counts_changes_and_misses() -> None:
         counter.observe(key)
     assert counter.changes == {"a": 2, "b": 3, "c": 1}
     assert counter.misses == {"a": 1, "b": 2, "c": 1}  # b fell out of the 2 most recent when c came
+    report = counter.as_dict()
+    assert report["requests"] == 8 and report["changes_total"] == 6 and report["misses_total"] == 4
+
+
+def test_switch_counter_keeps_its_report_small_and_its_totals_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lorakit.serve_ray.keys as keys
+
+    monkeypatch.setattr(keys, "MAX_COUNTED", 3)
+    counter = SetCounter(keep=2)
+    for key in ["a", "b", "c", "d", "e", "a"]:
+        counter.observe(key)
+    report = counter.as_dict()
+    assert len(report["changes"]) == len(report["misses"]) == 3 and "e" in report["changes"]
+    assert report["changes_total"] == report["misses_total"] == 6
 
 
 def test_job_table_keys_answer_retries_and_conflicts(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -220,3 +235,34 @@ def test_batch_writes_one_record_per_item_when_a_retry_repeats_it(tmp_path: Path
     summary = run_batch(items, tmp_path / "out", twice)
     lines = (tmp_path / "out" / "results.jsonl").read_text().splitlines()
     assert len(lines) == 2 and summary.failed == 2 and len({json.loads(x)["key"] for x in lines}) == 2
+
+
+def _within(sub: Any, full: Any) -> bool:
+    """Every value ``sub`` sets is ``full``'s (nested dicts compared key by key)."""
+    if isinstance(sub, dict):
+        return isinstance(full, dict) and all(k in full and _within(v, full[k]) for k, v in sub.items())
+    return bool(sub == full)
+
+
+def test_the_kubernetes_example_is_the_serve_config_lorakit_writes() -> None:
+    """docs/serving.md's RayService: a valid Serve config whose args lorakit accepts, and whose deployment
+    settings are what ``--write-serve-config`` writes for the same flags."""
+    pytest.importorskip("ray.serve")
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from lorakit.serve_ray.run import serve_config
+
+    service = yaml.safe_load((EXAMPLES.parent / "serve" / "rayservice.yaml").read_text())
+    assert service["kind"] == "RayService"
+    doc = yaml.safe_load(service["spec"]["serveConfigV2"])
+    app = ServeDeploySchema.model_validate(doc).applications[0]
+    assert app.import_path == "lorakit.serve_ray.deployments:app_builder"
+    cfg = ClusterConfig.from_args(app.args)
+    assert cfg.max_batch == 4 and cfg.ingress_replicas == 2
+    flags = replace(cfg, autoscale=(1, 4), replica_gpus=1.0)  # --autoscale 1:4 on a cluster with GPUs
+    written = yaml.safe_load(serve_config(flags, "0.0.0.0", 8000))["applications"][0]["deployments"]
+    example = doc["applications"][0]["deployments"]
+    assert [d["name"] for d in example] == [d["name"] for d in written]
+    for mine, theirs in zip(example, written):
+        assert _within(mine, theirs), (mine, theirs)
