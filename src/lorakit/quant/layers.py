@@ -28,6 +28,16 @@ from . import nf4
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
+def fp8_values(w: torch.Tensor, scale: torch.Tensor | None, c: torch.dtype) -> torch.Tensor:
+    """lorakit's one rule for an fp8 weight's values in dtype ``c``: ``w.to(c)`` unscaled, ``(fp32(w) · scale).to(c)``
+    with a per-tensor or per-row (output channel) scale. Layers (``Fp8Weight``) and the file tools share it."""
+    if scale is None:
+        return w.to(c)
+    s = scale.float().to(w.device)
+    s = s.reshape(-1, *[1] * (w.dim() - 1)) if s.numel() > 1 else s.reshape(())
+    return (w.float() * s).to(c)
+
+
 class Fp8Weight:
     """What an fp8 layer shares: its stored fp8 weight, an optional fp32 scale (per tensor or per output row), and
     the dequantization to ``compute_dtype``."""
@@ -35,13 +45,9 @@ class Fp8Weight:
     compute_dtype: torch.dtype
 
     def dequantized(self) -> torch.Tensor:
-        w: torch.Tensor = getattr(self, "weight")
         stored = getattr(self, "scale", None)
-        if not isinstance(stored, torch.Tensor):
-            return w.to(self.compute_dtype)
-        scale = stored.float()
-        scale = scale.reshape(-1, *[1] * (w.dim() - 1)) if scale.numel() > 1 else scale
-        return (w.float() * scale).to(self.compute_dtype)
+        return fp8_values(getattr(self, "weight"), stored if isinstance(stored, torch.Tensor) else None,
+                          self.compute_dtype)
 
     def _bias(self) -> torch.Tensor | None:
         bias = getattr(self, "bias", None)
