@@ -196,3 +196,14 @@ def test_a_bitsandbytes_folder_without_cuda_or_bitsandbytes_is_a_clear_error(
     want = "bitsandbytes is not installed" if not installed else "on CUDA only"
     with pytest.raises(ModelError, match=f"transformer: a bitsandbytes-quantized 4-bit model; .*{want}"):
         load_model(str(tmp_path), device="cpu")
+
+
+def test_a_4bit_layer_without_a_usable_bitsandbytes_is_a_model_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from lorakit.errors import ModelError
+
+    layer = bnb4_linear(torch.nn.Linear(H, H), C, "nf4", False)
+    monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)  # as when bitsandbytes cannot be imported
+    with pytest.raises(ModelError, match=r"bitsandbytes 4-bit \(NF4/FP4\) layers .*lorakit\[quant\]"):
+        dq(layer)
