@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from lorakit.adapters import build_adapter
+from lorakit.quant.layers import weight_values
 from tests.factories import adapter_tensors
 
 H = 32  # hidden width of the tiny transformer (2 heads × 16)
@@ -15,11 +16,12 @@ MLP = 4 * H
 
 
 def tiny_flux_transformer(seed: int = 0, guidance: bool = True, double: int = 2, single: int = 3,
-                          in_channels: int = 4) -> torch.nn.Module:
+                          in_channels: int = 4, out_channels: int | None = None) -> torch.nn.Module:
+    """``in_channels=8, out_channels=4``: a control model (latents + control image in, latents out)."""
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(seed)
-    return FluxTransformer2DModel(patch_size=1, in_channels=in_channels, num_layers=double,
+    return FluxTransformer2DModel(patch_size=1, in_channels=in_channels, out_channels=out_channels, num_layers=double,
                                   num_single_layers=single, attention_head_dim=16, num_attention_heads=2,
                                   joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
                                   guidance_embeds=guidance).eval()
@@ -46,6 +48,19 @@ def tiny_flux_components(seed: int = 0, dtype: torch.dtype = torch.float32, **kw
     out = {"transformer": tiny_flux_transformer(seed, **kw), "text_encoder": tiny_clip(seed + 1),  # type: ignore[arg-type]
            "text_encoder_2": tiny_t5(seed + 2)}
     return {k: v.to(dtype) for k, v in out.items()}
+
+
+def transformer_forward(tr: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """One transformer forward of a 2×2-token picture ``x`` (1, 4, in_channels) with 3 text tokens."""
+    g = torch.Generator().manual_seed(7)
+    ids = torch.zeros(4, 3)
+    ids[:, 1], ids[:, 2] = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 1])
+    guidance = torch.tensor([3.5]) if tr.config.guidance_embeds else None
+    dt = next(tr.parameters()).dtype
+    with torch.no_grad():
+        return tr(hidden_states=x.to(dt), encoder_hidden_states=torch.randn(1, 3, 32, generator=g).to(dt),
+                  pooled_projections=torch.randn(1, 32, generator=g).to(dt), timestep=torch.tensor([0.5]),
+                  img_ids=ids, txt_ids=torch.zeros(3, 3), guidance=guidance).sample
 
 
 # -- the independent reference: BFL module → (diffusers modules in row order, halves swapped) -------------------------
@@ -92,8 +107,8 @@ def _swap(t: torch.Tensor) -> torch.Tensor:
 
 
 def fused_weight(transformer: torch.nn.Module, parts: list[str], swap: bool) -> torch.Tensor:
-    from lorakit.quant.layers import weight_values  # a quantized layer's own dequantization
-
+    """The BFL module's weight rebuilt from its diffusers parts (their values: a quantized part's dequantization,
+    never its stored bytes — benchmarks/quant.py sizes LoRAs on quantized models with it)."""
     w = torch.cat([weight_values(transformer.get_submodule(p)).float() for p in parts])
     return _swap(w) if swap else w
 
@@ -109,7 +124,7 @@ def reference_deltas(transformer: torch.nn.Module, bfl: str, leaves: Mapping[str
     delta = adapter.delta(w, strength)
     if swap:
         delta = _swap(delta)
-    sizes = [int(fused_weight(transformer, [p], False).shape[0]) for p in parts]
+    sizes = [transformer.get_submodule(p).weight.shape[0] for p in parts]
     return dict(zip(parts, torch.split(delta, sizes)))
 
 
@@ -151,12 +166,11 @@ def tiny_flux_pipeline(seed: int = 0, guidance: bool = True) -> object:
                         transformer=tiny_flux_transformer(seed, guidance=guidance))
 
 
-def bfl_state(pipe: object) -> dict[str, torch.Tensor]:
-    """The tiny transformer's weights in BFL names, by the test's own table (fused rows stacked, halves swapped)."""
-    tr = pipe.transformer  # type: ignore[attr-defined]
+def bfl_state(tr: torch.nn.Module, double: int = 2, single: int = 3) -> dict[str, torch.Tensor]:
+    """A tiny transformer's weights in BFL names, by the test's own table (fused rows stacked, halves swapped)."""
     out: dict[str, torch.Tensor] = {}
     done = set()
-    for bfl, (parts, swap) in bfl_table(2, 3).items():
+    for bfl, (parts, swap) in bfl_table(double, single).items():
         for param in ("weight", "bias"):
             t = torch.cat([tr.get_submodule(p).get_parameter(param).detach() for p in parts])
             if swap:
@@ -180,3 +194,21 @@ def bfl_state(pipe: object) -> dict[str, torch.Tensor]:
         else:
             raise AssertionError(f"unmapped {name}")
     return out
+
+
+def xlabs_keys(gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """An XLabs (x-flux) file: text ``qkv_lora2`` and image ``proj_lora1`` of double block 0, the single block 1's
+    ``qkv_lora`` (linear1's q, k, v rows only); rank 4, no α."""
+    return {"double_blocks.0.processor.qkv_lora2.down.weight": torch.randn(4, H, generator=gen),
+            "double_blocks.0.processor.qkv_lora2.up.weight": torch.randn(3 * H, 4, generator=gen),
+            "double_blocks.0.processor.proj_lora1.down.weight": torch.randn(4, H, generator=gen),
+            "double_blocks.0.processor.proj_lora1.up.weight": torch.randn(H, 4, generator=gen),
+            "single_blocks.1.processor.qkv_lora.down.weight": torch.randn(4, H, generator=gen),
+            "single_blocks.1.processor.qkv_lora.up.weight": torch.randn(3 * H, 4, generator=gen)}
+
+
+def wide_qkv_lora(seed: int = 5) -> dict[str, torch.Tensor]:
+    """A kohya ``qkv`` LoRA of a model twice as wide as the tiny one (for refusals)."""
+    g = torch.Generator().manual_seed(seed)
+    return {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.randn(2, 2 * H, generator=g),
+            "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.randn(6 * H, 2, generator=g)}

@@ -14,7 +14,9 @@ from lorakit.errors import IncompatibleLora, InvalidLora, UnsupportedLora, Weigh
 from lorakit.lora_model import lora_from_state_dict
 from lorakit.prompt import parse_prompt
 from tests.factories import KINDS, adapter_tensors, make_kohya_lora, tiny_components
-from tests.flux_factories import H, bfl_lora, bfl_table, kohya_keys, reference_deltas, tiny_flux_components
+from tests.flux_factories import (H, bfl_lora, bfl_table, kohya_keys, reference_deltas, tiny_flux_components,
+                                  xlabs_keys)
+from tests.flux_factories import transformer_forward as _forward
 
 STRENGTH = 0.7
 
@@ -69,17 +71,6 @@ def test_every_type_on_every_bfl_layer_equals_the_fused_reference(flux: dict[str
         hooks_out = _forward(tr, x)
     assert all(torch.equal(p.detach(), before[n]) for n, p in tr.named_parameters())
     assert torch.allclose(fused_out, hooks_out, rtol=1e-4, atol=1e-5)
-
-
-def _forward(tr: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """One transformer forward of a 2×2-token picture with 3 text tokens."""
-    g = torch.Generator().manual_seed(7)
-    ids = torch.zeros(4, 3)
-    ids[:, 1], ids[:, 2] = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 1])
-    with torch.no_grad():
-        return tr(hidden_states=x, encoder_hidden_states=torch.randn(1, 3, 32, generator=g),
-                  pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([0.5]),
-                  img_ids=ids, txt_ids=torch.zeros(3, 3), guidance=torch.tensor([3.5])).sample
 
 
 # -- dialects --------------------------------------------------------------------------------------------------------
@@ -163,13 +154,7 @@ def test_onetrainer_bfl_split_names_and_xlabs(flux: dict[str, torch.nn.Module]) 
     lora = lora_from_state_dict(sd, {})
     assert sorted(lora.layers) == ["transformer.single_transformer_blocks.2.proj_mlp",
                                    "transformer.transformer_blocks.1.attn.to_k"]
-    g = torch.Generator().manual_seed(7)
-    x = {"double_blocks.0.processor.qkv_lora2.down.weight": torch.randn(4, H, generator=g),
-         "double_blocks.0.processor.qkv_lora2.up.weight": torch.randn(3 * H, 4, generator=g),
-         "double_blocks.0.processor.proj_lora1.down.weight": torch.randn(4, H, generator=g),
-         "double_blocks.0.processor.proj_lora1.up.weight": torch.randn(H, 4, generator=g),
-         "single_blocks.1.processor.qkv_lora.down.weight": torch.randn(4, H, generator=g),
-         "single_blocks.1.processor.qkv_lora.up.weight": torch.randn(3 * H, 4, generator=g)}
+    x = xlabs_keys(torch.Generator().manual_seed(7))
     xl = lora_from_state_dict(x, {})
     assert xl.dialect == "xlabs" and xl.leftovers == []
     up = x["single_blocks.1.processor.qkv_lora.up.weight"]

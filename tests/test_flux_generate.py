@@ -24,10 +24,8 @@ SIZE = 64
 
 
 @pytest.fixture(scope="module")
-def flux_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("flux") / "tinyflux"
-    tiny_flux_pipeline().save_pretrained(path)  # type: ignore[attr-defined]
-    return path
+def flux_dir(tiny_flux_dir: Path) -> Path:
+    return tiny_flux_dir
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +140,7 @@ def test_bfl_transformer_only_file_with_components_gives_the_same_images(gen: Ge
                                                                           tmp_path: Path) -> None:
     gen.close()  # the base weights, no LoRA fused in
     path = tmp_path / "flux1-tiny.safetensors"
-    save_file(bfl_state(gen.model.pipe), path)
+    save_file(bfl_state(gen.model.pipe.transformer), path)
     with pytest.raises(ModelError, match="--components"):
         load_model(str(path), device="cpu", dtype="fp32")
     model = load_model(str(path), device="cpu", dtype="fp32", components=str(flux_dir))
@@ -160,7 +158,7 @@ def test_comfyui_all_in_one_file(gen: Generator, flux_dir: Path, tmp_path: Path)
 
     gen.close()  # the base weights, no LoRA fused in
     pipe = gen.model.pipe
-    sd = {f"model.diffusion_model.{k}": v for k, v in bfl_state(pipe).items()}
+    sd = {f"model.diffusion_model.{k}": v for k, v in bfl_state(pipe.transformer).items()}
     sd.update({f"text_encoders.clip_l.transformer.{k}": v.clone() for k, v in pipe.text_encoder.state_dict().items()})
     sd.update({f"text_encoders.t5xxl.transformer.{k}": v.clone() for k, v in pipe.text_encoder_2.state_dict().items()})
     sd.update({"first_stage_model." + vae_to_ldm(k, pipe.vae.config): v.clone() for k, v in pipe.vae.state_dict().items()})

@@ -23,10 +23,8 @@ from tests.flux_factories import bfl_lora, bfl_state, kohya_keys, tiny_flux_pipe
 
 
 @pytest.fixture(scope="module")
-def flux_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("qflux") / "tinyflux"
-    tiny_flux_pipeline().save_pretrained(path)  # type: ignore[attr-defined]
-    return path
+def flux_dir(tiny_flux_dir: Path) -> Path:
+    return tiny_flux_dir
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +56,7 @@ def write_gguf(path: Path, tensors: dict[str, torch.Tensor], qtype: str, arch: s
 def test_gguf_bfl_and_diffusers_keyed_load_the_same_blocks(dense: object, flux_dir: Path, tmp_path: Path,
                                                            keys: str) -> None:
     pipe = dense.pipe  # type: ignore[attr-defined]
-    tensors = bfl_state(pipe) if keys == "bfl" else dict(pipe.transformer.state_dict())
+    tensors = bfl_state(pipe.transformer) if keys == "bfl" else dict(pipe.transformer.state_dict())
     path = tmp_path / f"flux-{keys}-Q8_0.gguf"
     write_gguf(path, tensors, "Q8_0")
     model = load_model(str(path), device="cpu", dtype="bf16", components=str(flux_dir))
@@ -83,7 +81,7 @@ def test_gguf_bfl_and_diffusers_keyed_load_the_same_blocks(dense: object, flux_d
 def test_generation_with_loras_on_a_gguf_base(dense: object, flux_dir: Path, tmp_path: Path) -> None:
     pipe = dense.pipe  # type: ignore[attr-defined]
     path = tmp_path / "flux-Q4_0.gguf"
-    write_gguf(path, bfl_state(pipe), "Q4_0")
+    write_gguf(path, bfl_state(pipe.transformer), "Q4_0")
     model = load_model(str(path), device="cpu", dtype="bf16", components=str(flux_dir))
     loras = tmp_path / "loras"
     loras.mkdir()
@@ -108,7 +106,7 @@ def _fp8_file(pipe: object, layout: str) -> dict[str, torch.Tensor]:
     """BFL-keyed fp8 weights under ComfyUI's prefix: unscaled, legacy scaled (marker + scale_weight), or new
     (comfy_quant + weight_scale)."""
     out: dict[str, torch.Tensor] = {}
-    for key, t in bfl_state(pipe).items():
+    for key, t in bfl_state(pipe.transformer).items():
         name = f"model.diffusion_model.{key}"
         if not (key.endswith(".weight") and t.dim() == 2):
             out[name] = t
@@ -152,16 +150,16 @@ def test_fp8_files_keep_fp8_storage_and_their_scales(dense: object, flux_dir: Pa
 def test_bad_quantized_files_are_model_errors(dense: object, flux_dir: Path, tmp_path: Path) -> None:
     pipe = dense.pipe  # type: ignore[attr-defined]
     good = tmp_path / "good.gguf"
-    write_gguf(good, bfl_state(pipe), "Q8_0")
+    write_gguf(good, bfl_state(pipe.transformer), "Q8_0")
     data = good.read_bytes()
     (tmp_path / "cut.gguf").write_bytes(data[: len(data) - 4000])
     with pytest.raises(ModelError, match="cut.gguf"):
         load_model(str(tmp_path / "cut.gguf"), device="cpu", components=str(flux_dir))
     odd = tmp_path / "tq.gguf"
-    write_gguf(odd, bfl_state(pipe), "TQ1_0")
+    write_gguf(odd, bfl_state(pipe.transformer), "TQ1_0")
     with pytest.raises(ModelError, match="TQ1_0, which lorakit cannot dequantize"):
         load_model(str(odd), device="cpu", components=str(flux_dir))
-    wrong = dict(bfl_state(pipe))
+    wrong = dict(bfl_state(pipe.transformer))
     wrong["double_blocks.0.img_attn.proj.weight"] = torch.zeros(32, 64)
     bad = tmp_path / "shape.gguf"
     write_gguf(bad, wrong, "Q8_0")
@@ -221,7 +219,7 @@ def test_inspect_says_what_a_model_file_is_and_its_quantization(dense: object, t
 
     pipe = dense.pipe  # type: ignore[attr-defined]
     gguf_path = tmp_path / "flux-Q8_0.gguf"
-    write_gguf(gguf_path, bfl_state(pipe), "Q8_0")
+    write_gguf(gguf_path, bfl_state(pipe.transformer), "Q8_0")
     fp8_path = tmp_path / "flux-fp8.safetensors"
     save_file(_fp8_file(pipe, "legacy"), fp8_path)
     assert main(["inspect", "--json", str(gguf_path), str(fp8_path)]) == 0

@@ -132,10 +132,12 @@ def file_layout(layers: dict[str, Adapter]) -> dict[str, Adapter]:
 
 
 def _hidden_width(layers: dict[str, Adapter], family: Family) -> int | None:
-    """The input width most of the file's layers have (FLUX: the hidden width every block layer reads), else the
-    output width of a layer that writes the hidden state (a file of OFT layers shows no input width)."""
-    counts = Counter(w for a in layers.values() if (w := a.widths()[1]) is not None)
+    """The input width most of the file's denoiser layers have (FLUX: the hidden width every block layer reads; the
+    text encoders' layers are not counted: CLIP-L reads 768, FLUX.1's blocks 3072), else the output width of a layer
+    that writes the hidden state (a file of OFT layers shows no input width)."""
+    own = {p: a for p, a in layers.items() if p.startswith(family.denoiser + ".")}
+    counts = Counter(w for a in own.values() if (w := a.widths()[1]) is not None)
     if not counts:
-        counts = Counter(w for p, a in layers.items() if p.endswith(family.hidden_outputs)
+        counts = Counter(w for p, a in own.items() if p.endswith(family.hidden_outputs)
                          and (w := a.widths()[0]) is not None)
     return counts.most_common(1)[0][0] if counts else None

@@ -167,6 +167,28 @@ class Adapter:
                 raise self.fail(f"{key} has no values (shape {tuple(t.shape)})")
 
 
+class Wrapper(Adapter):
+    """An adapter around another (``inner``): DoRA, the rows of a fused layer. Rank, α, type name and leaves are
+    the inner adapter's."""
+
+    inner: Adapter
+
+    @property
+    def inner_kind(self) -> str:
+        return str(getattr(self.inner, "kind_name", self.inner.kind))
+
+    @property
+    def rank(self) -> int | None:
+        return self.inner.rank
+
+    @property
+    def alpha(self) -> float | None:
+        return self.inner.alpha
+
+    def leaves(self) -> dict[str, Tensor]:
+        return {**self.inner.leaves(), **self.t}
+
+
 def gather_rows(t: Tensor, pieces: Pieces) -> Tensor:
     """Rows ``pieces`` of ``t``, in order (a view for one piece)."""
     if len(pieces) == 1:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from ..keymap.leaves import TYPE_LEAVES
 from . import functional as fn
-from .base import Adapter, Pieces, Shape, Tensor, gather_rows, weight_kind_error
+from .base import Adapter, Pieces, Shape, Tensor, Wrapper, gather_rows, weight_kind_error
 
 
-class DoRA(Adapter):
+class DoRA(Wrapper):
     needs_weight = True
     kind = "dora"
     keys = TYPE_LEAVES["dora"]
@@ -40,18 +40,7 @@ class DoRA(Adapter):
 
     @property
     def kind_name(self) -> str:
-        return f"dora({getattr(self.inner, 'kind_name', self.inner.kind)})"
-
-    @property
-    def rank(self) -> int | None:
-        return self.inner.rank
-
-    @property
-    def alpha(self) -> float | None:
-        return self.inner.alpha
-
-    def leaves(self) -> dict[str, Tensor]:
-        return {**self.inner.leaves(), **self.t}
+        return f"dora({self.inner_kind})"
 
     def widths(self) -> tuple[int | None, int | None]:
         return self.inner.widths()

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 
 from ..errors import LorakitError
-from .base import Adapter, Pieces, Shape, Tensor, gather_rows
+from .base import Adapter, Pieces, Shape, Tensor, Wrapper, gather_rows
 
 Originals = Callable[[str], Tensor]  # canonical module path → its original weight (any dtype, any device)
 Parts = tuple[tuple[str, Pieces], ...]  # every part of a fused layer: (canonical module path, its row ranges)
@@ -30,7 +30,7 @@ def split_rows(adapter: Adapter, parts: Parts, fused_rows: int) -> dict[str, Ada
     return out
 
 
-class Rows(Adapter):
+class Rows(Wrapper):
     """Rows ``pieces`` of what ``inner`` does to the fused weight (``fused_rows`` rows, the part's columns)."""
 
     kind = "rows"
@@ -47,22 +47,11 @@ class Rows(Adapter):
 
     @property
     def kind_name(self) -> str:
-        return str(getattr(self.inner, "kind_name", self.inner.kind))
-
-    @property
-    def rank(self) -> int | None:
-        return self.inner.rank
-
-    @property
-    def alpha(self) -> float | None:
-        return self.inner.alpha
+        return self.inner_kind
 
     @property
     def out_rows(self) -> int:
         return sum(b - a for a, b in self.pieces)
-
-    def leaves(self) -> dict[str, Tensor]:
-        return self.inner.leaves()
 
     def widths(self) -> tuple[int | None, int | None]:
         return self.out_rows, self.inner.widths()[1]

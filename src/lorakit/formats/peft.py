@@ -47,10 +47,13 @@ def to_canonical(sd: dict[str, torch.Tensor], metadata: dict[str, str], family: 
         if _DOWN.search(key) and (t.dim() < 2 or t.shape[0] < 1):
             raise InvalidLora(None, f"key {key!r}: lora_A must be (r, in[, kh, kw]) with a rank r ≥ 1, got shape "
                                     f"{tuple(t.shape)}")
-    out = group(sd, _splitter(family), "peft")
-    for leaves in out.groups.values():
-        if "dora_scale" in leaves:  # PEFT's magnitude is per output row, stored (out,) or, for convs, (1, out, 1, 1)
-            leaves["dora_scale"] = leaves["dora_scale"].reshape(-1, 1)
+    split = _splitter(family)
+    out = group(sd, split, "peft")
+    magnitudes = {parts[0] for k in sd if "lora_magnitude_vector" in k and (parts := split(k)) is not None}
+    for path in magnitudes & set(out.groups):
+        # PEFT's magnitude is per output row, stored (out,) or, for convs, (1, out, 1, 1); a kohya ``dora_scale``
+        # beside lora_A/lora_B keys (ComfyUI reads both) keeps its own shape, which tells its convention
+        out.groups[path]["dora_scale"] = out.groups[path]["dora_scale"].reshape(-1, 1)
     _add_alphas(out, _adapter_metadata(metadata.get(META_KEY)))
     return out
 
@@ -85,7 +88,7 @@ def _add_alphas(out: Canonical, meta: dict[str, Any]) -> None:
         if not isinstance(patterns, dict):
             raise InvalidLora(None, f"metadata {META_KEY!r}: {component}.alpha_pattern must be an object")
         for pattern, value in patterns.items():
-            if module == pattern or module.endswith("." + pattern):
+            if pattern_matches(pattern, module):
                 alpha = value
         down = leaves.get("lora_down.weight")
         if alpha is None or down is None:
@@ -93,3 +96,11 @@ def _add_alphas(out: Canonical, meta: dict[str, Any]) -> None:
         r = down.shape[0]
         denom = math.sqrt(r) if meta.get(f"{component}.use_rslora") else r
         leaves["scale"] = torch.tensor(_number(f"{component}.lora_alpha", alpha) / denom)
+
+
+def pattern_matches(pattern: str, module: str) -> bool:
+    """Whether a ``rank_pattern``/``alpha_pattern`` key names ``module``: the module or a dotted suffix of it, as
+    PEFT matches (``(.*\\.)?key$``); a key written ``^path`` is that module only (PEFT's regex reads it so too)."""
+    if pattern.startswith("^"):
+        return module == pattern[1:]
+    return module == pattern or module.endswith("." + pattern)

@@ -140,3 +140,65 @@ FLUX2_TEXT_WIDTHS = (7680, 12288, 15360)
 TEXT_IN = re.compile(r"(?:^|[._])(?:txt_in|context_embedder)[._]")
 GUIDANCE = re.compile(r"(?:^|[._])(?:guidance_in|guidance_embedder)[._]")
 IMG_IN = re.compile(r"(?:^|[._])(?:img_in|x_embedder)[._]")
+
+
+# -- the way back: diffusers module → its BFL name (writers of the original layout) -----------------------------------
+_READ_ONLY = re.compile(r"(?:img_attn\.qkv|txt_attn\.qkv|linear1)\.\d|linear1_qkv")
+
+
+def _inverse() -> tuple[dict[str, str], dict[str, tuple[str, Fused, int]]]:
+    """Model module (block index as ``{}``) → its one-to-one BFL name; and → (fused BFL module, its ``Fused``, the
+    part's index) for the parts of a fused layer. OneTrainer's one-part names (``qkv.1``) and XLabs' partial
+    ``linear1_qkv`` are aliases for reading only: a BFL file has neither."""
+    plain: dict[str, str] = {}
+    parts: dict[str, tuple[str, Fused, int]] = {}
+    tables = (("", "", _TOP), ("double_blocks.{}.", "transformer_blocks.{}.", _DOUBLE),
+              ("single_blocks.{}.", "single_transformer_blocks.{}.", _SINGLE))
+    for bfl_prefix, model_prefix, table in tables:
+        for bfl, target in table.items():
+            if _READ_ONLY.fullmatch(bfl):
+                continue
+            if isinstance(target, str):
+                plain[model_prefix + target] = bfl_prefix + bfl
+                continue
+            whole = Fused(tuple(model_prefix + t for t in target.targets), target.rest_last, target.swap)
+            for i, t in enumerate(target.targets):
+                parts[model_prefix + t] = (bfl_prefix + bfl, whole, i)
+    return plain, parts
+
+
+_PLAIN_BACK, _PARTS_BACK = _inverse()
+_MODEL_BLOCK = re.compile(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)")
+
+
+def _templated(path: str) -> tuple[str, str | None]:
+    """``transformer_blocks.3.attn.to_q`` → (``transformer_blocks.{}.attn.to_q``, ``3``)."""
+    m = _MODEL_BLOCK.fullmatch(path)
+    return (path, None) if m is None else (f"{m[1]}.{{}}.{m[3]}", m[2])
+
+
+def to_original(path: str) -> str | None:
+    """The BFL module of a diffusers ``FluxTransformer2DModel`` module when one is the other renamed
+    (``transformer_blocks.0.attn.to_out.0`` → ``double_blocks.0.img_attn.proj``); ``None`` for a part of a fused
+    layer (``fused_home``) or a name that is not FLUX.1's."""
+    template, index = _templated(path)
+    found = _PLAIN_BACK.get(template)
+    return None if found is None else found.format(index)
+
+
+def fused_home(path: str) -> tuple[str, Fused, int] | None:
+    """For a diffusers module that is some rows of a fused BFL layer: (the BFL module, its ``Fused`` with the model
+    paths of every part in row order, this part's index); ``None`` otherwise."""
+    template, index = _templated(path)
+    found = _PARTS_BACK.get(template)
+    if found is None:
+        return None
+    bfl, fused, i = found
+    return bfl.format(index), Fused(tuple(t.format(index) for t in fused.targets), fused.rest_last, fused.swap), i
+
+
+def is_written(path: str) -> bool:
+    """Whether a BFL module path is one a BFL model has (``double_blocks.0.img_attn.qkv``), not a name only some
+    readers take (XLabs' ``linear1_qkv``, OneTrainer's ``qkv.1``)."""
+    m = _BLOCK.fullmatch(path)
+    return to_model(path) is not None and (m is None or not _READ_ONLY.fullmatch(m[3]))

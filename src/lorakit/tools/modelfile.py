@@ -8,6 +8,7 @@ OpenCLIP text encoders (SD2, SDXL's second) keep q/k/v fused in ``in_proj``: eac
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from ..errors import ToolError
 from ..files.header import Header, read_header
 from ..keymap.arch import Arch
 from ..keymap.names import canonical_te_path
+from ..quant.files import SCALE_KEYS
+from ..quant.layers import FP8, fp8_values
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -38,12 +41,15 @@ _OPENCLIP_LAYER = {"attn.out_proj": "self_attn.out_proj", "ln_1": "layer_norm1",
 @dataclass(frozen=True)
 class Ref:
     """Where a canonical parameter lives: ``key`` of ``file``; ``part`` (i, n) = the i-th of n row blocks (q/k/v
-    of a fused ``in_proj``); ``transposed`` for OpenCLIP's ``text_projection``."""
+    of a fused ``in_proj``); ``rows``: these row ranges, in this order (a part of a FLUX.1 BFL fused layer: q/k/v/MLP
+    of ``linear1``, the swapped halves of the final adaLN); ``transposed`` for OpenCLIP's ``text_projection``."""
 
     file: TensorFile
     key: str
     part: tuple[int, int] | None = None
     transposed: bool = False
+    rows: tuple[tuple[int, int], ...] | None = None
+    scale: str | None = None  # an fp8 weight's ComfyUI scale (``…scale_weight`` / ``…weight_scale``) in ``file``
 
     @property
     def dtype(self) -> torch.dtype:
@@ -54,15 +60,46 @@ class Ref:
         shape = self.file.header.tensors[self.key].shape
         if self.part:
             shape = (shape[0] // self.part[1], *shape[1:])
+        if self.rows:
+            shape = (sum(b - a for a, b in self.rows), *shape[1:])
         return tuple(reversed(shape)) if self.transposed else shape
 
     def load(self) -> torch.Tensor:
-        t = self.file.read(self.key)
+        """The tensor as stored (an fp8 weight stays fp8: ``values`` gives its numbers)."""
+        return self._select(self.file.read(self.key))
+
+    def _select(self, t: torch.Tensor) -> torch.Tensor:
         if self.part:
             i, n = self.part
             rows = t.shape[0] // n
             t = t[i * rows:(i + 1) * rows].clone()
+        if self.rows:
+            t = torch.cat([t[a:b] for a, b in self.rows])
         return t.T.contiguous() if self.transposed else t
+
+    @property
+    def quantized(self) -> bool:
+        return self.dtype in FP8
+
+    def values(self, c: torch.dtype) -> torch.Tensor:
+        """The parameter's numbers in ``c``: an fp8 weight through lorakit's dequantization (``quant.layers.
+        fp8_values``, its scale's rows selected as the weight's), never the stored bytes read as numbers."""
+        t = self.load()
+        if not self.quantized:
+            if t.is_floating_point():
+                return t.to(c)
+            if self.key.endswith(".weight") and t.dtype in (torch.uint8, torch.int8):
+                raise ToolError(f"{self.file.path}: {self.key} is {t.dtype}: packed weights (bitsandbytes NF4, int8) "
+                                "are not read by the tools")
+            return t  # integer buffers (position ids) as they are
+        return fp8_values(t, self.scale_values(), c)
+
+    def scale_values(self) -> torch.Tensor | None:
+        """The fp32 scale of an fp8 weight (per tensor, or its rows selected as the weight's); ``None`` unscaled."""
+        if not self.scale:
+            return None
+        scale = self.file.read(self.scale).float().reshape(-1)
+        return self._select(scale) if scale.numel() > 1 else scale
 
 
 @dataclass
@@ -102,6 +139,10 @@ class ModelFile:
     def load(self, name: str) -> torch.Tensor:
         return self.params[name].load()
 
+    def values(self, name: str, c: torch.dtype = torch.float32) -> torch.Tensor:
+        """The parameter's numbers in ``c`` (an fp8 weight dequantized with its scale)."""
+        return self.params[name].values(c)
+
     def shape(self, name: str) -> tuple[int, ...]:
         return self.params[name].shape
 
@@ -113,24 +154,59 @@ class ModelFile:
 def open_model(path: str | Path, configs: Mapping[str, Mapping[str, Any]] | None = None) -> ModelFile:
     """A diffusers folder (``model_index.json``) or a single ``.safetensors`` checkpoint; ``configs`` (UNet/text
     encoder constructor arguments) for single files of other than the full-size configs."""
+    from .flux_modelfile import flux_model
+
     p = Path(path)
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        raise ToolError(f"{p}: a GGUF model; the tools read safetensors bases (fp8 and scaled fp8 included). Apply "
+                        "LoRAs to a GGUF base at load time (generate/serve), or bake onto the dense model")
+    flux = flux_model(p, configs)  # FLUX.1: a diffusers folder, a BFL or ComfyUI single file
+    if flux is not None:
+        return with_scales(flux)
     if p.is_dir():
         if not (p / "model_index.json").is_file():
             raise ToolError(f"{p}: not a diffusers model folder (no model_index.json)")
-        return _open_folder(p)
+        return with_scales(_open_folder(p))
     if not p.is_file():
         raise ToolError(f"{p}: no such model file or folder")
     if p.suffix.lower() != ".safetensors":
         raise ToolError(f"{p}: the tools read .safetensors checkpoints only (pickles load whole and may run code); "
                         "convert it first")
-    return _open_single(p, configs)
+    return with_scales(_open_single(p, configs))
+
+
+def with_scales(mf: ModelFile) -> ModelFile:
+    """Each fp8 weight's Ref told its ComfyUI scale tensor (``<layer>.scale_weight`` / ``<layer>.weight_scale``
+    beside ``<layer>.weight`` in the same file), in ``params`` and in the files' ``refs``."""
+    for tf in mf.files:
+        for key, refs in tf.refs.items():
+            layer = key.removesuffix(".weight")
+            scale = next((f"{layer}.{s}" for s in SCALE_KEYS if f"{layer}.{s}" in tf.header.tensors), None)
+            if scale is None or not key.endswith(".weight"):
+                continue
+            tf.refs[key] = [(c, dataclasses.replace(ref, scale=scale)) for c, ref in refs]
+            for canonical, ref in tf.refs[key]:
+                if mf.params.get(canonical) is not None and mf.params[canonical].key == key:
+                    mf.params[canonical] = ref
+    return mf
 
 
 def _open_folder(p: Path) -> ModelFile:
+    files, params, config = read_folder(p, COMPONENTS)
+    if "unet" not in config:
+        raise ToolError(f"{p}: the model folder has no unet/")
+    index = _json(p / "model_index.json")
+    arch = Arch.SDXL if "XL" in str(index.get("_class_name", "")) else _arch_from_config(config)
+    return ModelFile(p, "folder", arch, files, params, config)
+
+
+def read_folder(p: Path, components: tuple[str, ...]) -> tuple[list[TensorFile], dict[str, Ref], dict[str, Any]]:
+    """The weight files, canonical parameters and configs of a diffusers folder's ``components`` (text encoders'
+    paths without ``text_model.``)."""
     files: list[TensorFile] = []
     params: dict[str, Ref] = {}
     config: dict[str, Any] = {}
-    for component in COMPONENTS:
+    for component in components:
         folder = p / component
         if not folder.is_dir():
             continue
@@ -143,14 +219,10 @@ def _open_folder(p: Path) -> ModelFile:
         for wf in weights:
             tf = TensorFile(wf, read_header(wf))
             for key in tf.header.tensors:
-                name = key if component == "unet" else canonical_te_path(key)
+                name = canonical_te_path(key) if component.startswith("text_encoder") else key
                 tf.add(key, f"{component}.{name}", Ref(tf, key), params)
             files.append(tf)
-    if "unet" not in config:
-        raise ToolError(f"{p}: the model folder has no unet/")
-    index = _json(p / "model_index.json")
-    arch = Arch.SDXL if "XL" in str(index.get("_class_name", "")) else _arch_from_config(config)
-    return ModelFile(p, "folder", arch, files, params, config)
+    return files, params, config
 
 
 def _arch_from_config(config: dict[str, Any]) -> str:
