@@ -128,6 +128,9 @@ def test_job_table_stops_only_the_batches_running_and_sums_progress() -> None:
     assert table.report("r1", {"started": 5.0, "elapsed": 2.1, "step": 4, "steps": 10})["stop"] == "interrupt"
     assert table.report("r2", {"started": 9.0, "elapsed": 0.0, "step": 1, "steps": 10})["stop"] is None
     assert table.report("r1", {"started": 7.0, "elapsed": 0.0, "step": 1, "steps": 10})["stop"] is None  # a new batch
+    assert table.interrupt("skip") == 2  # /skip: both batches running now, each told to skip its current image
+    assert [table.report(r, {"started": t, "elapsed": 0.1, "step": 2, "steps": 10})["stop"]
+            for r, t in (("r1", 7.0), ("r2", 9.0))] == ["skip", "skip"]
     view = table.set_model({**model, "title": "tiny [g]", "hash": "g"})
     assert view["generation"] == 1 and view["options"]["sd_model_checkpoint"] == "tiny [g]"
 
