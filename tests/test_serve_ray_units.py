@@ -44,6 +44,18 @@ def test_bad_ray_flags_are_one_line_errors(argv: list[str], message: str, capsys
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
 
 
+def test_serve_ray_without_ray_says_what_to_install(monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    import sys
+
+    for name in [m for m in sys.modules if m == "ray" or m.startswith("ray.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    assert main(["serve", "--ray", "-l", str(EXAMPLES), "--port", "0"]) == 2
+    assert capsys.readouterr().err.strip() == ("lorakit: error: --ray needs Ray Serve, which is not installed: "
+                                               "pip install 'lorakit[ray]' (or: pip install 'ray[serve]')")
+
+
 def test_autoscale_becomes_serve_autoscaling() -> None:
     assert parse_autoscale(" 1 : 4 ") == (1, 4)
     options = model_options(ClusterConfig(autoscale=(0, 3), max_batch=4, replica_gpus=1))

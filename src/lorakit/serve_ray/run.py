@@ -47,14 +47,16 @@ def check_reachable(address: str) -> None:
 
 
 def start_ray(cfg: ClusterConfig, address: str | None) -> bool:
-    """Join ``address`` or start a local Ray; whether this call started it."""
+    """Join ``address`` or start a local Ray; whether this call started it. A bad ``address`` is refused first,
+    Ray installed or not."""
+    if address:
+        check_reachable(address)
     ray = import_serve()
     if ray.is_initialized():
         return False
     quiet = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": False}
     try:
         if address:
-            check_reachable(address)
             ray.init(address=address, **quiet)
         else:
             replicas = cfg.autoscale[1] if cfg.autoscale else cfg.replicas
