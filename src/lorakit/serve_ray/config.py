@@ -99,7 +99,8 @@ class ClusterConfig:
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(args) - known)
         if unknown:
-            raise ServeConfigError(f"unknown lorakit serve args: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+            raise ServeConfigError(f"unknown lorakit serve args: {', '.join(unknown)} "
+                                   f"(known: {', '.join(sorted(known))})")
         values = {k: _coerce(k, str(cls.__dataclass_fields__[k].type), v) for k, v in args.items()}
         if values.get("autoscale") is not None:
             values["autoscale"] = tuple(values["autoscale"])

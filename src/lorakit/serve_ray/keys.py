@@ -57,7 +57,9 @@ def _canonical(name: str, resolve: Any) -> str:
 def routing_id(model_title: str, lora_set: str) -> str:
     """The multiplexed model id: ``<model>#<set>`` (a hash when long)."""
     key = f"{model_title}#{lora_set}"
-    return key if len(key) <= MAX_KEY_CHARS else f"{model_title[:100]}#sha256:{hashlib.sha256(key.encode()).hexdigest()}"
+    if len(key) <= MAX_KEY_CHARS:
+        return key
+    return f"{model_title[:100]}#sha256:{hashlib.sha256(key.encode()).hexdigest()}"
 
 
 def job_key(requests: Sequence[Request], resolve: Any = None) -> str:

@@ -114,8 +114,8 @@ class ClusterQueue:
             except Exception as e:
                 raise unwrapped(e) from None
             if notes:
-                results[0].notes.append(f"lorakit serve --ray: retried on another replica, same seed ({'; '.join(notes)}"
-                                        f"; attempt {attempt} succeeded)")
+                results[0].notes.append("lorakit serve --ray: retried on another replica, same seed "
+                                        f"({'; '.join(notes)}; attempt {attempt} succeeded)")
             return results
         raise ClusterUnavailable(f"the request failed on {len(notes)} replicas in turn ({'; '.join(notes)}); the "
                                  "cluster is replacing them: retry in a minute (same force_task_id / x-request-id: "

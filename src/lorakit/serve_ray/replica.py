@@ -135,7 +135,8 @@ class LorakitModel:
     def info(self) -> dict[str, Any]:
         gen = self.queue.generator
         return {"title": ModelEntry.a1111(self.entry, self.model.hash)["title"], "entry_title": self.entry.title,
-                "entry_name": self.entry.name, "spec": self.entry.spec, "name": self.model.name, "hash": self.model.hash, "arch": self.model.arch,
+                "entry_name": self.entry.name, "spec": self.entry.spec, "name": self.model.name,
+                "hash": self.model.hash, "arch": self.model.arch,
                 "clip_layers": gen.family.clip_layers}
 
     def embeddings_list(self) -> dict[str, dict[str, Any]]:
