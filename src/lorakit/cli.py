@@ -233,9 +233,15 @@ def _serve(args: argparse.Namespace) -> int:
     from .server.models import DEFAULT_OPTIONS_FILE, ModelCatalog, entry_for
     from .server.state import saved_model
     from .server.worker import check_batching
+    from .serve_ray.cli import check_ray_flags
     from .settings import load_settings
 
     check_batching(args.max_batch, args.batch_window_ms)
+    if args.ray or args.write_serve_config:
+        from .serve_ray.cli import ray_serve
+
+        return ray_serve(args)
+    check_ray_flags(args)
     try:  # before the model loads: a port in use is one line at once, not a traceback after "serving on …"
         sock = listen(args.host, args.port)
     except OSError as e:
@@ -293,6 +299,9 @@ def _add_serve(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> No
                    "read back at start (default ~/.config/lorakit/server-options.json)")
     p.add_argument("--config", help="settings file (default ./lorakit.toml, then ~/.config/lorakit/config.toml)")
     _add_device_args(p)
+    from .serve_ray.cli import add_ray_args
+
+    add_ray_args(p)
     p.set_defaults(func=_serve, verbose_default=False)
 
 
