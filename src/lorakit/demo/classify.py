@@ -1,6 +1,7 @@
 """Judge a picture of the demo model's world: every attribute its captions name. Pure numpy/PIL.
 
-- background: the median colour of the 2-px border, named by the nearest of ``BACKGROUNDS``;
+- background: the median colour of the 2-px border, named by the nearest of ``BACKGROUNDS`` — "other" when it is
+  more than ``BACKGROUND_TOLERANCE`` away from all (a pink or green field is no white or black background);
 - the shapes: 4-connected regions of pixels more than ``DIFFERS`` away from the background; a region counts when
   it has ``MIN_PIXELS`` and at least ``MIN_SHARE`` of the largest one's pixels (specks are not shapes);
 - count: how many regions count ("one", "two"; "none", or the number when there are more);
@@ -25,6 +26,7 @@ from .shapes import BACKGROUNDS, COLOURS, COUNT_WORDS, PAIR_SCALE, POSITIONS, SH
 DIFFERS = 60.0  # RGB distance from the background that makes a pixel part of a shape
 MIN_PIXELS = 12  # a smaller region is no shape
 MIN_SHARE = 0.3  # nor is one under this share of the largest
+BACKGROUND_TOLERANCE = 60.0  # RGB distance
 # Half-widths (px) per count: a judged size is the nearest.
 SIZE_BY_COUNT = {1: SIZES, 2: {s: SIZES[s] * f for s, f in PAIR_SCALE.items()}}
 _FILL = {s: float(shape_mask(s, 64, 64).mean()) for s in SHAPES}  # the share of its box each shape fills
@@ -37,7 +39,7 @@ class Judgement:
     count: str  # "one", "two", "none", or the number of shapes found
     size: str | None
     position: str | None
-    background: str  # the nearest of BACKGROUNDS
+    background: str  # the nearest of BACKGROUNDS, or "other"
     background_rgb: tuple[int, int, int]
     pixels: int  # size of the largest shape's region
     iou: float  # how well the best template matches it (0..1)
@@ -52,6 +54,8 @@ def classify(image: Image.Image) -> Judgement:
     rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
     bg_rgb = _border_colour(rgb)
     background = _nearest(bg_rgb, BACKGROUNDS)
+    if np.linalg.norm(bg_rgb - np.array(BACKGROUNDS[background], dtype=np.float32)) > BACKGROUND_TOLERANCE:
+        background = "other"
     bg = (int(bg_rgb[0]), int(bg_rgb[1]), int(bg_rgb[2]))
     regions = _regions(np.linalg.norm(rgb - bg_rgb, axis=-1) > DIFFERS)
     if not regions:
