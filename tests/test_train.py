@@ -233,7 +233,10 @@ def test_resume_ends_bitwise_where_an_uninterrupted_run_ends(demo: BaseModel, tm
 def test_the_file_reads_back_with_base_type_rank_alpha_and_trigger(demo: BaseModel, tmp_path: Path) -> None:
     _images(tmp_path / "data" / "5_night", 2, caption=None)
     out = tmp_path / "night.safetensors"
-    Trainer(_cfg(tmp_path / "data", out, "lokr", steps=2, trigger="nightstyle"), demo).run(progress=False)
+    Trainer(_cfg(tmp_path / "data", out, "lokr", steps=2, trigger="nightstyle", preview=True), demo).run(progress=False)
+    with Image.open(tmp_path / "night.preview.png") as preview:  # A1111's card preview, drawn with the LoRA
+        assert preview.size == (64, 64) and "<lora:night:1>" in preview.text["parameters"]
+        assert preview.text["parameters"].startswith("nightstyle, night")  # the first caption
     r = subprocess.run([sys.executable, "-m", "lorakit.cli", "inspect", "--json", str(out)], capture_output=True,
                        text=True, timeout=120)
     info = json.loads(r.stdout)

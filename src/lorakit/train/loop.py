@@ -245,6 +245,10 @@ class Trainer:
             self.save_checkpoint()
             return self.checkpoint_path()
         self.write(cfg.output)
+        if cfg.preview:
+            from .preview import write_preview
+
+            write_preview(self.model, cfg.output, cfg.preview_prompt or self.data.items[0].caption, cfg.seed)
         return cfg.output
 
     def write(self, path: Path) -> dict[str, str]:
