@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -118,3 +119,74 @@ def test_demo_model_draws_every_attribute_asked_for(model: BaseModel) -> None:
     print(report.table())
     print(f"({time.time() - start:.1f}s; target {TARGET} on each attribute)")
     assert {a: report.accuracy(a) >= TARGET for a in ATTRIBUTES} == {a: True for a in ATTRIBUTES}
+
+
+@pytest.mark.xfail(reason="the shipped model (measured 2026-12-06, seed 1): two small blue stars -> circles, "
+                          "'on a black background' -> a coloured field, blueprint's star on the right; "
+                          "docs/training.md", strict=False)
+def test_the_readme_prompts_come_true(model: BaseModel, tmp_path: Path) -> None:
+    """The README's prompts (seed 1, defaults): every word they say is drawn; with blueprint_style (white shapes on
+    blue) the shape and place still are."""
+    from lorakit.generate.pipeline import Generator, Request
+    from lorakit.library import Library
+
+    examples = Path(__file__).resolve().parents[1] / "examples" / "loras"
+    asked = {"a yellow star on the left": {"colour": "yellow", "shape": "star", "position": "left", "count": "one"},
+             "two small blue stars": {"colour": "blue", "shape": "star", "count": "two", "size": "small"},
+             "a large yellow square on a black background": {"colour": "yellow", "shape": "square", "size": "large",
+                                                             "background": "black"},
+             "blueprint, a yellow star on the left <lora:blueprint_style:1>": {"shape": "star", "position": "left",
+                                                                                "count": "one"}}
+    gen = Generator(model, Library([examples], index=tmp_path / "index.sqlite3"))
+    try:
+        for prompt, want in asked.items():
+            judged = classify(gen(Request(prompt, seed=1)).images[0]).attributes()
+            assert {k: judged[k] for k in want} == want, prompt
+    finally:
+        gen.close()
+
+
+
+class _ShiftingVae:
+    """encode → decode that gives the picture back with ``shift`` (in [-1, 1] units) added to its red channel."""
+
+    def __init__(self, shift: float) -> None:
+        self.shift = shift
+
+    def encode(self, x: torch.Tensor) -> object:
+        return type("Enc", (), {"latent_dist": type("Dist", (), {"mean": x})()})()
+
+    def decode(self, z: torch.Tensor) -> object:
+        out = z.clone()
+        out[:, 0] += self.shift
+        return type("Dec", (), {"sample": out})()
+
+
+def test_roundtrip_measures_how_far_flat_colours_come_back() -> None:
+    """roundtrip.errors: 0 for a VAE that gives the picture back; a red shift of 0.2 (in [-1, 1]) is 0.1 of the
+    RGB range on the background and inside the shape alike, whatever the scene."""
+    from lorakit.demo.roundtrip import errors, picture, random_pictures
+
+    pictures = random_pictures(6, seed=2)
+    bg, fg = errors(_ShiftingVae(0.0), pictures)
+    assert bg.shape == fg.shape == (6,) and bg.max() < 1e-6 and fg.max() < 1e-6
+    grey = [picture(Scene(s, "red", "white", size="large"), (100, 100, 100), (40, 40, 40)) for s in ("circle", "star")]
+    bg, fg = errors(_ShiftingVae(0.2), grey)
+    assert np.allclose(bg, 0.1, atol=1e-3) and np.allclose(fg, 0.1, atol=1e-3)
+    assert all(p.inside.any() and p.outside.any() and not (p.inside & p.outside).any() for p in grey)
+
+
+def test_demo_model_samples_with_the_prediction_its_folder_names(tmp_path: Path) -> None:
+    """demo.json's prediction_type (a v-prediction candidate) sets the scheduler's; absent, ε as shipped."""
+    import json
+    import shutil
+
+    from lorakit.demo.weights import DATA_DIR, META
+    from lorakit.models.loading import demo_model
+
+    shutil.copytree(DATA_DIR, tmp_path / "v")
+    meta = json.loads((tmp_path / "v" / META.name).read_text())
+    assert "prediction_type" not in meta
+    (tmp_path / "v" / META.name).write_text(json.dumps({**meta, "prediction_type": "v_prediction"}))
+    assert demo_model(tmp_path / "v").pipe.scheduler.config.prediction_type == "v_prediction"
+    assert demo_model().pipe.scheduler.config.prediction_type == "epsilon"

@@ -233,12 +233,14 @@ def demo_components(folder: Path | None = None) -> dict[str, torch.nn.Module]:
 def demo_model(folder: Path | None = None) -> BaseModel:
     from diffusers import StableDiffusionPipeline
 
-    from ..demo.weights import DATA_DIR, weights_sha256
+    from ..demo.weights import DATA_DIR, read_meta, weights_sha256
     from ..generate.samplers import scheduler_for
     from ..generate.tokenizer import clip_tokenizer
 
     c = demo_components(folder)
+    prediction = str(read_meta(folder or DATA_DIR).get("prediction_type", "epsilon"))
     pipe = StableDiffusionPipeline(vae=c["vae"], text_encoder=c["text_encoder"], tokenizer=clip_tokenizer(),
-                                   unet=c["unet"], scheduler=scheduler_for("Euler a"), safety_checker=None,
+                                   unet=c["unet"], scheduler=scheduler_for("Euler a", prediction),
+                                   safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     return BaseModel(pipe, DEMO, weights_sha256(folder or DATA_DIR)[:10], Arch.DEMO)
