@@ -29,12 +29,13 @@ from lorakit.demo.roundtrip import errors, picture
 from lorakit.demo.shapes import COLOURS, Scene
 from lorakit.generate.pipeline import Generator, Request
 from lorakit.library import Library
-from lorakit.models.loading import demo_model, place_model
+from lorakit.models.loading import BaseModel, demo_model, place_model
 
 MAGENTA = (217, 51, 217)  # (0.85, 0.2, 0.85)
 TRAIN = [Scene(s, c, "gray", size, pos) for s, c, size, pos in (
-    ("circle", "red", "medium", "center"), ("square", "blue", "small", "left"), ("triangle", "yellow", "large", "center"),
-    ("diamond", "green", "medium", "top"), ("star", "orange", "small", "right"), ("circle", "black", "medium", "bottom"),
+    ("circle", "red", "medium", "center"), ("square", "blue", "small", "left"),
+    ("triangle", "yellow", "large", "center"), ("diamond", "green", "medium", "top"),
+    ("star", "orange", "small", "right"), ("circle", "black", "medium", "bottom"),
     ("square", "white", "large", "center"), ("star", "purple", "medium", "center"))]
 PROMPTS = ("a red circle", "a small blue square on the left", "a large green triangle", "a yellow star on the right")
 SEEDS = (1, 2)
@@ -62,9 +63,9 @@ def backgrounds(gen: Generator, tag: str) -> np.ndarray:
     return np.array(out)
 
 
-def vae_limit(model: object) -> float:
+def vae_limit(model: BaseModel) -> float:
     """The mean RGB distance (0-1) from magenta of the VAE's round trip of the training pictures' backgrounds."""
-    bg, _ = errors(model.pipe.vae, [picture(s, COLOURS[s.colour], MAGENTA) for s in TRAIN])  # type: ignore[attr-defined]
+    bg, _ = errors(model.pipe.vae, [picture(s, COLOURS[s.colour], MAGENTA) for s in TRAIN])
     return float(bg.mean())
 
 

@@ -209,7 +209,8 @@ class Ema:
 
 def noised(schedule: diffusion.NoiseSchedule, x0: Tensor, gen: torch.Generator, offset: float,
            pure_share: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(x_t, t, ε: the noise that makes x_t from x₀, for the ε or v target). A ``pure_share`` of the samples is drawn at the last timestep from pure noise —
+    """(x_t, t, ε: the noise that makes x_t from x₀, for the ε or v target). A ``pure_share`` of the samples is
+    drawn at the last timestep from pure noise —
     x_t = ε exactly, as a sampler's first step sees it — with the target that makes x₀ what the caption says:
     SD's schedule keeps √ᾱ_T ≈ 0.07 of the picture at t = T, from which a model learns to read the layout and
     background off the noise instead of the caption."""
@@ -236,9 +237,11 @@ def train_denoiser(d: Denoising, r: Any, rng: np.random.Generator, gen: torch.Ge
                    save: Callable[[int], None], save_every: int, log: Log) -> None:
     unet, te = d.modules["unet"], d.modules["text_encoder"]
     schedule = diffusion.NoiseSchedule.from_scheduler(scheduler_for("Euler a", r.prediction))
-    groups = [{"params": list(unet.parameters()), "scale": 1.0}]
+    trainable = list(unet.parameters())
+    groups: list[dict[str, Any]] = [{"params": list(unet.parameters()), "scale": 1.0}]
     te.requires_grad_(r.te_lr_scale > 0)
     if r.te_lr_scale > 0:
+        trainable += list(te.parameters())
         groups.append({"params": list(te.parameters()), "scale": r.te_lr_scale})
     opt = torch.optim.AdamW(groups, lr=r.lr, weight_decay=r.weight_decay)
     ema = Ema([unet, te], r.ema_decay)
@@ -261,7 +264,7 @@ def train_denoiser(d: Denoising, r: Any, rng: np.random.Generator, gen: torch.Ge
                                         diffusion.loss_weights(schedule, t, r.min_snr_gamma))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], r.grad_clip)
+        nn.utils.clip_grad_norm_(trainable, r.grad_clip)
         opt.step()
         ema.update()
         if step % 50 == 0 or step == r.steps - 1:

@@ -174,7 +174,8 @@ def dev_cases(n: int = 72, seed: int = 7) -> list[Any]:
     from lorakit.demo.captions import caption
     from lorakit.demo.evalset import Case
 
-    phrasings = ("{np}, {where}", "{a_shape} coloured {colour}{pos} on {bg}", "{colour}: {a_shape}{pos}, {bg} background",
+    phrasings = ("{np}, {where}", "{a_shape} coloured {colour}{pos} on {bg}",
+                 "{colour}: {a_shape}{pos}, {bg} background",
                  "draw {inv}{pos}", "{front}{a_shape} in {colour}")
     rng = np.random.default_rng(seed)
     cases = []
