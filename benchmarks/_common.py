@@ -72,3 +72,29 @@ def best_of(n: int, fn: Callable[[], None]) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return min(times)
+
+
+def diffusers_cycle(pipe: object, lora_file: Path) -> dict[str, float]:
+    """diffusers' own load → fuse → unfuse → unload of one LoRA file on ``pipe``, each timed."""
+    r: dict[str, float] = {}
+    with timed(r, "diffusers_load"):
+        pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, adapter_name="a")  # type: ignore[attr-defined]
+    with timed(r, "diffusers_fuse"):
+        pipe.fuse_lora(lora_scale=1.0)  # type: ignore[attr-defined]
+    with timed(r, "diffusers_unfuse"):
+        pipe.unfuse_lora()  # type: ignore[attr-defined]
+    with timed(r, "diffusers_unload"):
+        pipe.unload_lora_weights()  # type: ignore[attr-defined]
+    return r
+
+
+def switch_peak_gib(patcher: object, a: object, b: object) -> float:
+    """Peak RSS over the start of apply A → switch to B → restore (after a collection): a switch's memory."""
+    import gc
+
+    gc.collect()
+    with PeakRss() as mem:
+        patcher.set([(a, 1.0)])  # type: ignore[attr-defined]
+        patcher.set([(b, 1.0)])  # type: ignore[attr-defined]
+        patcher.restore()  # type: ignore[attr-defined]
+    return mem.peak_over / 2 ** 30

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One prepared GPU session, in priority order and inside one deadline (a lent machine runs one command for at most
 # 10 minutes, out of 15 minutes of device time all told): the `gpu` tests, benchmarks/gpu.py on full-size SD1.5 and
-# SDXL shapes, a CLI generation on CUDA in fp16 and bf16, benchmarks/train.py on SD1.5 (512 px) and
-# benchmarks/serving.py (mixed-LoRA batches) on SD1.5 512 px. A step that no longer fits before the deadline is
+# SDXL shapes, a CLI generation on CUDA in fp16 and bf16, benchmarks/train.py on SD1.5 (512 px),
+# benchmarks/serving.py (mixed-LoRA batches) on SD1.5 512 px, and full-size FLUX.1-dev rows (benchmarks/flux.py,
+# benchmarks/quant.py). A step that no longer fits before the deadline is
 # skipped and says so. Logs and images go to $OUT (7 files).
 #     OUT=/tmp/gpu_out DEADLINE=500 bash benchmarks/gpu_session.sh   # from the repository root, lorakit importable
 set -u
@@ -40,4 +41,10 @@ done
 (cd benchmarks && step 120 train_bench.log python3 train.py --model sd1 --device cuda --dtype fp16 --steps 20)
 # mixed-LoRA batches vs one by one (issue 12): 8 requests, 8 LoRA sets, SD1.5 512 px, fp16
 step 150 serving_bench.log python3 benchmarks/serving.py --model sd15 --size 512 --steps 8 --repeats 2 --device cuda
+# FLUX.1 (issues 19, 20): full-size FLUX.1-dev (19+38 blocks, random weights) in bf16 — apply/switch/restore of a
+# rank-16 kohya BFL LoRA and a LoKr vs diffusers' load+fuse; then one 512-px step on GGUF Q8_0 / Q4_K and fp8 bases
+# (merge path, side path, base alone)
+(cd benchmarks && step 150 flux_bench.log python3 flux.py --device cuda --dtype bf16 --double 19 --single 38)
+(cd benchmarks && step 150 quant_bench.log python3 quant.py --device cuda --dtype bf16 --double 19 --single 38 \
+    --quant Q8_0 Q4_K fp8 --random-blocks --skip-diffusers)
 echo "session done in $((SECONDS - START)) s" | tee -a "$OUT/card.txt"

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import PeakRss, best_of, timed
+from _common import best_of, diffusers_cycle, switch_peak_gib, timed
 
 import lorakit
 from lorakit.files.io import save_file
@@ -101,12 +101,7 @@ def lorakit_phase(comps: dict[str, torch.nn.Module], a: Path, b: Path) -> dict[s
         patcher.set([(lb, 1.0)])
     with timed(r, "restore"):
         patcher.restore()
-    gc.collect()
-    with PeakRss() as mem:
-        patcher.set([(la, 1.0)])
-        patcher.set([(lb, 1.0)])
-        patcher.restore()
-    r["peak_rss_over_model_gib"] = mem.peak_over / 2 ** 30
+    r["peak_rss_over_model_gib"] = switch_peak_gib(patcher, la, lb)
     return r
 
 
@@ -116,16 +111,7 @@ def diffusers_phase(comps: dict[str, torch.nn.Module], a: Path) -> dict[str, flo
     pipe = StableDiffusionPipeline(vae=None, text_encoder=comps["text_encoder"], tokenizer=None, unet=comps["unet"],
                                    scheduler=None, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-    r: dict[str, float] = {}
-    with timed(r, "diffusers_load"):
-        pipe.load_lora_weights(str(a.parent), weight_name=a.name, adapter_name="a")
-    with timed(r, "diffusers_fuse"):
-        pipe.fuse_lora(lora_scale=1.0)
-    with timed(r, "diffusers_unfuse"):
-        pipe.unfuse_lora()
-    with timed(r, "diffusers_unload"):
-        pipe.unload_lora_weights()
-    return r
+    return diffusers_cycle(pipe, a)
 
 
 def main() -> None:

@@ -41,6 +41,22 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 
 @pytest.fixture
+def read_header_calls(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The files whose whole header the library summary parsed (those whose two ends did not vouch for them)."""
+    from lorakit.library import summary
+
+    calls: list[Path] = []
+    real = summary.read_header
+
+    def spy(path: Path) -> object:
+        calls.append(Path(path))
+        return real(path)
+
+    monkeypatch.setattr(summary, "read_header", spy)
+    return calls
+
+
+@pytest.fixture
 def tiny() -> dict[str, torch.nn.Module]:
     return tiny_components("sd1")
 
@@ -58,3 +74,13 @@ def assert_original(components: dict[str, torch.nn.Module], snap: dict[str, torc
     for c, m in components.items():
         for n, p in m.named_parameters():
             assert torch.equal(p.detach(), snap[f"{c}.{n}"]), f"{c}.{n} differs from the original"
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny FLUX.1 pipeline saved as a diffusers folder (tests/flux_factories.py), once per session."""
+    from tests.flux_factories import tiny_flux_pipeline
+
+    path = tmp_path_factory.mktemp("tinyflux") / "tinyflux"
+    tiny_flux_pipeline().save_pretrained(path)  # type: ignore[attr-defined]
+    return path

@@ -136,6 +136,11 @@ class FakeGenerator:
         self.on_step: Any = None
         self.calls: list[Request] = []
 
+    def resolve(self, req: Request) -> object:
+        from lorakit.generate.request import resolve_job
+
+        return resolve_job(req, self.index, self.conditioner.layers, self.model.native_size)
+
     def __call__(self, req: Request) -> Result:
         self.calls.append(req)
         digest = hashlib.sha256(repr(req).encode()).digest()

@@ -82,7 +82,7 @@ def test_foreign_and_sdxl_files_are_told_apart(tmp_path: Path) -> None:
                "lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_k.lora_down.weight": torch.zeros(2, 2048),
                "lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_k.hada_w1_a": t},
               tmp_path / "xl.safetensors", {})
-    assert summarise(tmp_path / "flux.safetensors").base == "Flux"
+    assert summarise(tmp_path / "flux.safetensors").base == "flux1"
     xl = summarise(tmp_path / "xl.safetensors")
     assert (xl.base, xl.types, xl.components) == ("sdxl", ["loha", "lora"], ["unet", "te2"])
 

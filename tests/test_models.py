@@ -76,7 +76,7 @@ def test_v_prediction_from_the_model_folder_is_kept(tmp_path: Path) -> None:
     model.pipe.save_pretrained(tmp_path / "v")
     gen = Generator(load_model(str(tmp_path / "v")), LoraIndex([]))
     gen(Request("a cat", steps=1, width=64, height=64, seed=1, sampler="DPM++ 2M"))
-    assert gen.prediction_type == "v_prediction"
+    assert gen.family.prediction_type == "v_prediction"  # type: ignore[attr-defined]
     assert gen.model.pipe.scheduler.config.prediction_type == "v_prediction"
 
 

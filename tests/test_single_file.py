@@ -15,6 +15,7 @@ from lorakit.generate.pipeline import Generator, Request
 from lorakit.library import LoraIndex
 from lorakit.models.loading import BaseModel, load_model, load_single_file
 from lorakit.models.single_file import CheckpointError
+from lorakit.errors import ModelError
 from lorakit.tools.checkpoint import sd1_checkpoint
 
 from .factories import tiny_sd2_pipeline, tiny_sdxl_pipeline
@@ -104,11 +105,14 @@ def test_tiny_sd2_and_sdxl_checkpoint_roundtrip(tmp_path: Path, arch: str) -> No
 
 
 @pytest.mark.parametrize("keys,msg", [({"foo.bar": torch.zeros(1)}, "not a Stable Diffusion checkpoint"),
-                                      ({"double_blocks.0.img_attn.qkv.weight": torch.zeros(1)}, "a Flux file")])
+                                      ({"double_blocks.0.img_attn.qkv.weight": torch.zeros(1)}, "--components DIR"),
+                                      ({"joint_blocks.0.x_block.attn.qkv.weight": torch.zeros(1)},
+                                       "a Stable Diffusion 3 file")])
 def test_not_sd_files(tmp_path: Path, keys: dict[str, torch.Tensor], msg: str) -> None:
+    """Not an SD checkpoint: what it is, named; a FLUX.1 file asks for the folder its tokenizers come from."""
     path = tmp_path / "x.safetensors"
     save_file(keys, path)
-    with pytest.raises(CheckpointError, match=msg):
+    with pytest.raises(ModelError, match=msg):
         load_model(str(path))
 
 

@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 # Before torch loads (every torch import here is lazy): OpenMP threads that wait by sleeping, not spinning. On a
 # busy CPU, spinning threads take the time the working one needs — `lorakit train` on the demo model with another
@@ -17,6 +17,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .errors import LorakitError  # noqa: E402
 from .keymap.arch import LORA_BASES, Arch  # noqa: E402
+from .keymap.families import FLUX1_VARIANTS  # noqa: E402
 
 if TYPE_CHECKING:
     from .generate.init_image import InitImage
@@ -24,15 +25,25 @@ if TYPE_CHECKING:
 
 def _inspect(args: argparse.Namespace) -> int:
     """Each file in turn: a bad one is one error line (stderr) and the rest are still reported; exit 2 at the end
-    if any failed. ``--json``: one object for one file (nothing when it fails), else a list in which a bad file
-    is ``{"schema", "file", "error"}``."""
+    if any failed (a file for a family lorakit does not apply is reported, saying so: no failure). ``--json``: one
+    object for one file (nothing when it fails), else a list in which a bad file is ``{"schema", "file",
+    "error"}``."""
+    from pathlib import Path
+
     from .describe import as_text, describe, failure
-    from .lora_model import load_lora
+    from .describe_model import as_text as model_text
+    from .describe_model import describe_model, is_model_file
 
     infos, failed = [], False
     for path in args.files:
         try:
-            info = describe(path, load_lora(path, strict=args.strict))
+            if is_model_file(Path(path)):  # a base model (GGUF, fp8, a checkpoint): what it is and its quantization
+                info = describe_model(Path(path))
+                infos.append(info)
+                if not args.json:
+                    print(("\n" if len(infos) > 1 else "") + model_text(info), flush=True)
+                continue
+            info = describe(path, strict=args.strict)
         except LorakitError as e:
             failed = True
             sys.stdout.flush()  # keep the error line in its place among the reports
@@ -59,6 +70,7 @@ def _generate(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     prompts = _prompts(args)
     init = _init_image(args)  # a bad image fails before the model loads
+    control = _control_image(args)
     model = load_model(args.model or settings.model, **settings.device_options(args))
     embedding_dirs = args.embeddings_dir or settings.embedding_dirs
     generator = Generator(model, LoraIndex(args.lora_dir or settings.lora_dirs),
@@ -72,7 +84,8 @@ def _generate(args: argparse.Namespace) -> int:
     try:
         for prompt in prompts:
             req = Request(prompt, args.negative, args.steps, args.cfg, args.sampler, args.seed, width, height,
-                          args.batch, args.clip_skip, args.auto_triggers, init)
+                          args.batch, args.clip_skip, args.auto_triggers, init, guidance=args.guidance,
+                          control=control)
             result = generator(req)
             for image, text in zip(result.images, result.infotexts):
                 n += 1
@@ -100,6 +113,14 @@ def _init_image(args: argparse.Namespace) -> InitImage | None:
                      args.only_masked is not None, args.only_masked or 0)
     init.check()
     return init
+
+
+def _control_image(args: argparse.Namespace) -> Any:
+    """``--control-image``: a FLUX.1 control LoRA's control image (``None`` without it)."""
+    from .generate.init_image import open_image
+
+    return open_image(_read_bytes(args.control_image, "--control-image"), f"--control-image {args.control_image}") \
+        if args.control_image else None
 
 
 def _read_bytes(path: str, what: str) -> bytes:
@@ -164,14 +185,20 @@ def _add_generate(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") ->
     p.add_argument("prompt", nargs="?", help="the prompt, LoRA tags included")
     p.add_argument("-n", "--negative", default="", help="negative prompt (LoRA tags work here too)")
     p.add_argument("-m", "--model", help="a diffusers model folder or a single-file checkpoint (.safetensors/.ckpt "
-                                         "of SD1.x, SD2.x or SDXL); default: the embedded demo model")
+                                         "of SD1.x, SD2.x or SDXL; FLUX.1 BFL/ComfyUI files with --components); "
+                                         "default: the embedded demo model")
     p.add_argument("-l", "--lora-dir", action="append", help="LoRA folder (repeatable); also $LORAKIT_LORA_DIRS "
                                                              "or lora_dirs in lorakit.toml")
     p.add_argument("-e", "--embeddings-dir", action="append", help="textual-inversion embeddings folder "
                                                                    "(repeatable; also embedding_dirs in lorakit.toml)")
-    p.add_argument("--steps", type=int, help="sampling steps (default 20; 6 with an LCM LoRA)")
-    p.add_argument("--cfg", type=float, help="CFG scale (default 7; 1.5 with an LCM LoRA)")
-    p.add_argument("--sampler", help="Euler, Euler a (default), DPM++ 2M, DPM++ 2M Karras, DDIM, UniPC, LCM")
+    p.add_argument("--steps", type=int, help="sampling steps (default 20, FLUX.1-dev 28, schnell 4; 6 with an LCM "
+                                             "LoRA)")
+    p.add_argument("--cfg", type=float, help="CFG scale (default 7; 1.5 with an LCM LoRA); on FLUX.1 default 1: "
+                                             "above 1 it is true CFG with the negative prompt (twice the time)")
+    p.add_argument("--guidance", type=float, help="FLUX.1-dev's distilled guidance (Forge's Distilled CFG Scale; "
+                                                  "default 3.5; schnell has none)")
+    p.add_argument("--sampler", help="Euler, Euler a (default), DPM++ 2M, DPM++ 2M Karras, DDIM, UniPC, LCM; FLUX.1: "
+                                     "Euler (flow matching, the model's own schedule)")
     p.add_argument("--seed", type=int, help="seed (default random; image i of a batch uses seed+i)")
     p.add_argument("-W", "--width", type=int, help="default: the model's native size (demo 64, SD1/SD2 512, SDXL 1024)")
     p.add_argument("-H", "--height", type=int, help="default: the model's native size")
@@ -182,6 +209,8 @@ def _add_generate(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") ->
     p.add_argument("--auto-triggers", action="store_true", help="add each LoRA's declared trigger words that the "
                                                                 "prompt lacks (off by default)")
     p.add_argument("-o", "--output", default="lorakit.png", help="PNG path; numbered when there are several")
+    p.add_argument("--control-image", metavar="PNG", help="FLUX.1 control LoRAs (Canny, Depth): the control image "
+                                                          "(edges, a depth map), resized to the output size")
     g = p.add_argument_group("img2img", "start from an image (A1111's img2img); a mask makes it inpainting")
     g.add_argument("--init-image", metavar="PNG", help="the image to start from")
     g.add_argument("--strength", type=float, default=0.75, help="denoising strength, 0 (keep) to 1 (default 0.75)")
@@ -280,13 +309,16 @@ def _add_device_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("device", "where the model runs (also $LORAKIT_DEVICE, $LORAKIT_DTYPE, $LORAKIT_VRAM, "
                                        "$LORAKIT_LORA_ORIGINALS, or the same keys in lorakit.toml)")
     g.add_argument("--device", help="auto (default: CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps")
-    g.add_argument("--dtype", choices=DTYPE_CHOICES, help="weights' dtype; auto (default): fp16 on CUDA/MPS, fp32 "
-                                                          "on the CPU")
+    g.add_argument("--dtype", choices=DTYPE_CHOICES, help="weights' dtype; auto (default): fp16 on CUDA/MPS (bf16 "
+                                                          "for FLUX.1), fp32 on the CPU")
     g.add_argument("--vram", choices=VRAM_MODES, help="low: model CPU offload (CUDA) + VAE tiling, for 8 GB cards; "
                                                       "normal (default): VAE tiles from 1536 px; high: never tiles")
     g.add_argument("--lora-originals", choices=ORIGINALS, help="where the weights LoRAs replace are kept for exact "
                                                                "restore; auto (default): on the device while free "
                                                                "memory allows, else in pinned host memory")
+    g.add_argument("--components", metavar="DIR", help="a FLUX.1 diffusers folder: a FLUX.1 single file takes its "
+                                                       "tokenizers (transformer-only: also text encoders, VAE) from "
+                                                       "it ($LORAKIT_COMPONENTS)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -305,8 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="the LoRAs in your folders: name, base, type, rank, size, trigger words")
     p.add_argument("-l", "--lora-dir", action="append", help="LoRA folder (repeatable); default: lorakit.toml / "
                                                              "$LORAKIT_LORA_DIRS")
-    p.add_argument("--base", choices=[a.value for a in (*LORA_BASES, Arch.DEMO)],
-                   help="only LoRAs for this base model")
+    p.add_argument("--base", choices=[a.value for a in (*LORA_BASES, Arch.DEMO)] + list(FLUX1_VARIANTS),
+                   help="only LoRAs for this base model (or FLUX.1 variant)")
     p.add_argument("--search", help="only names, aliases, trigger words or descriptions containing this text")
     p.add_argument("--json", action="store_true", help="machine-readable output (schema lorakit.list/1)")
     p.add_argument("--config", help="settings file (default ./lorakit.toml, then ~/.config/lorakit/config.toml)")

@@ -10,11 +10,13 @@ from typing import Iterable, TypeVar, Union
 
 import torch
 
-from .adapters import Adapter, build_adapter, kind_of
+from .adapters import Adapter, kind_of
 from .errors import InvalidLora, UnmatchedKeys, UnsupportedLora
 from .files.io import StateDict, load_file
 from .formats import to_canonical
 from .keymap import arch as archmod
+from .keymap import families
+from .layout import build_layers
 
 T = TypeVar("T")
 
@@ -31,6 +33,12 @@ class LoraModel:
     metadata: dict[str, str] = field(default_factory=dict)
     embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
     leftovers: list[str] = field(default_factory=list)
+    variant: str | None = None  # the finer base where the file shows it: flux-1-dev, flux-1-schnell, …
+
+    @property
+    def base(self) -> str:
+        """What the LoRA was made for, as finely as known: ``flux-1-dev``, ``sdxl``, ``unknown``…"""
+        return self.variant or self.arch
 
     @property
     def network_types(self) -> list[str]:
@@ -76,19 +84,18 @@ def lora_from_state_dict(sd: StateDict, metadata: dict[str, str], *, name: str =
                          strict: bool = False) -> LoraModel:
     """A ``LoraModel`` from tensors and metadata. Raises ``InvalidLora`` for a file whose layers contradict
     themselves or hold NaN/inf values (a LoRA carrying them only ever makes black images: refused, not applied)."""
-    family = archmod.foreign_family(list(sd), metadata)
-    if family:
-        raise UnsupportedLora(path, f"this is a LoRA for {family}; lorakit applies LoRAs to Stable Diffusion 1.x, "
-                                    "2.x and XL only")
+    family = families.detect(list(sd), metadata, sd)
+    if isinstance(family, str):
+        raise UnsupportedLora(path, f"this is a LoRA for {family}; lorakit applies LoRAs to {families.SUPPORTED}")
     try:
-        canonical = to_canonical(sd, metadata)
+        canonical = to_canonical(sd, metadata, family)
     except InvalidLora as e:
         raise InvalidLora(path, e.problem) from None
     if canonical is None:
         sample = ", ".join(list(sd)[:3])
         raise UnsupportedLora(path, "no known LoRA key layout (kohya, LyCORIS, diffusers, PEFT, cloneofsimo, "
-                                    f"ComfyUI) matches; first keys: {sample}")
-    layers, leftovers = _build_layers(canonical.groups, path)
+                                    f"ComfyUI, XLabs) matches; first keys: {sample}")
+    layers, leftovers = build_layers(canonical.groups, family, path)
     leftovers = canonical.leftovers + leftovers
     if not layers:
         raise InvalidLora(path, f"no LoRA layers found ({len(leftovers)} keys not understood, e.g. "
@@ -96,23 +103,9 @@ def lora_from_state_dict(sd: StateDict, metadata: dict[str, str], *, name: str =
     if strict and leftovers:
         raise UnmatchedKeys(path, f"{len(leftovers)} keys not understood (strict mode): {', '.join(leftovers[:5])}")
     _refuse_non_finite(path, layers, canonical.embeddings)
-    arch = archmod.detect(canonical.groups, metadata)
-    return LoraModel(name, path, canonical.dialect, arch, layers, metadata, canonical.embeddings, leftovers)
-
-
-def _build_layers(groups: dict[str, dict[str, torch.Tensor]], path: str | None) -> tuple[dict[str, Adapter],
-                                                                                          list[str]]:
-    layers: dict[str, Adapter] = {}
-    leftovers: list[str] = []
-    for module, leaves in groups.items():
-        try:
-            adapter, rest = build_adapter(leaves, module)
-        except InvalidLora as e:
-            raise InvalidLora(path, e.problem) from None
-        if adapter is not None:
-            layers[module] = adapter
-        leftovers.extend(f"{module}.{leaf}" for leaf in rest)
-    return layers, leftovers
+    arch = family.arch or archmod.detect(canonical.groups, metadata)
+    variant = families.variant(family, list(sd), metadata, sd)
+    return LoraModel(name, path, canonical.dialect, arch, layers, metadata, canonical.embeddings, leftovers, variant)
 
 
 def _refuse_non_finite(path: str | None, layers: dict[str, Adapter], embeddings: dict[str, torch.Tensor]) -> None:

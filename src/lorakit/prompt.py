@@ -4,7 +4,8 @@ Grammar (see docs/prompt-syntax.md)::
 
     tag       := "<" ("lora" | "lyco") ":" name (":" arg)* ">"
     arg       := number                      positional: te, unet, dyn (A1111 order)
-               | key "=" value               te, unet, dyn, in, mid, out, lbw, start, stop
+               | key "=" value               te, unet (= transformer, dit), dyn, in, mid, out, double, single,
+                                             lbw, start, stop
     value     := number | schedule | lbw     schedule := number "@" number (("," | ";") number "@" number)*
     invokeai  := "withLora(" name ["," number] ")"
 
@@ -24,7 +25,9 @@ __all__ = ["LoraRef", "ParsedPrompt", "PromptSyntaxError", "Schedule", "parse_pr
 
 # One pattern for both tag forms: searching for each separately re-scanned the rest of the text at every tag.
 SCAN = re.compile(r"<(?P<kind>[A-Za-z_][\w-]*):|(?P<invoke>withLora\()")
-NAMED = ("te", "unet", "dyn", "in", "mid", "out", "lbw", "start", "stop")
+NAMED = ("te", "unet", "transformer", "dit", "dyn", "in", "mid", "out", "double", "single", "lbw", "start", "stop")
+BLOCK_PARTS = ("in", "mid", "out", "double", "single")
+DENOISER = ("transformer", "dit")  # other names of ``unet``: the denoiser of any family
 # Unambiguous (no two ways to split a run of digits), so a long non-number fails in linear time.
 NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 DYN_DIGITS = 9  # ranks are far below 10⁹; more digits would also meet int()'s 4,300-digit limit
@@ -61,7 +64,7 @@ class LoraRef:
     te: Value = 1.0
     unet: Value = 1.0
     dyn: int | None = None
-    blocks: tuple[tuple[str, float], ...] = ()  # ("in", 0.0), ("mid", 1.0), ("out", 0.5)
+    blocks: tuple[tuple[str, float], ...] = ()  # ("in", 0.0), ("mid", 1.0), ("out", 0.5); ("double", 0.5)
     lbw: str | None = None  # a preset name or comma-separated values
     start: float | None = None  # like schedule positions: ≤ 1 fraction, > 1 step
     stop: float | None = None
@@ -158,7 +161,8 @@ def _tag(text: str, m: re.Match[str], negative: bool) -> tuple[LoraRef, int]:
             key, _, value = part.partition("=")
             key = _key(text, key.strip(), offset)
             parsed = _named_value(text, key, value.strip(), offset)
-            if key in ("in", "mid", "out"):
+            key = "unet" if key in DENOISER else key
+            if key in BLOCK_PARTS:
                 blocks.append((key, parsed))  # type: ignore[arg-type]
             else:
                 fields[key] = parsed
@@ -191,7 +195,7 @@ def _positional(text: str, args: list[tuple[str, int]], fields: dict[str, object
 
 def _named_value(text: str, key: str, value: str, col: int) -> object:
     at = col + len(key) + 1
-    if key in ("te", "unet"):
+    if key in ("te", "unet", *DENOISER):
         return _schedule(text, value, at) if "@" in value or "~" in value else _number(text, value, at)
     if key == "dyn":
         return _int(text, value, at)

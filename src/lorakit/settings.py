@@ -1,10 +1,11 @@
 """User settings: ``lorakit.toml`` in the working folder, else ``~/.config/lorakit/config.toml`` (or the file
 named by ``--config``), plus the environment. Keys: ``model`` (path), ``lora_dirs``, ``embedding_dirs`` (lists of
 paths), and where models run: ``device`` (auto, cpu, cuda, cuda:N, mps), ``dtype`` (auto, fp16, bf16, fp32),
-``vram`` (low, normal, high), ``lora_originals`` (auto, device, host).
+``vram`` (low, normal, high), ``lora_originals`` (auto, device, host); ``components``: a FLUX.1 diffusers folder
+that FLUX.1 single files take their tokenizers (and, transformer-only, text encoders and VAE) from.
 
 Command-line flags win over the environment (``$LORAKIT_DEVICE``, ``$LORAKIT_DTYPE``, ``$LORAKIT_VRAM``,
-``$LORAKIT_LORA_ORIGINALS``), which wins over the file; the file's ``lora_dirs`` and ``$LORAKIT_LORA_DIRS`` are
+``$LORAKIT_LORA_ORIGINALS``, ``$LORAKIT_COMPONENTS``), which wins over the file; the file's ``lora_dirs`` and ``$LORAKIT_LORA_DIRS`` are
 combined."""
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from .errors import LorakitError
 from .library import lora_dirs_from_env
 
 SEARCH = (Path("lorakit.toml"), Path.home() / ".config" / "lorakit" / "config.toml")
-DEVICE_KEYS = ("device", "dtype", "vram", "lora_originals")
+DEVICE_KEYS = ("device", "dtype", "vram", "lora_originals", "components")
 # The choices, here because this module is torch-free (``models/device.py`` imports them; ``list`` needs no torch).
 DTYPE_CHOICES = ("auto", "fp16", "bf16", "fp32")
 VRAM_MODES = ("low", "normal", "high")
@@ -34,6 +35,7 @@ class Settings:
     dtype: str | None = None
     vram: str | None = None
     lora_originals: str | None = None
+    components: str | None = None  # a FLUX.1 diffusers folder that FLUX single files take what they lack from
 
     def device_options(self, flags: object = None) -> dict[str, str]:
         """``load_model`` keyword arguments: each of ``flags``' attributes ``device``, ``dtype``, ``vram``,
@@ -72,7 +74,7 @@ def _device_value(key: str, data: dict[str, object], source: Path | None) -> str
         return None
     if not isinstance(raw, str) or not raw.strip():
         raise LorakitError(f"{where} must be a string, got {raw!r}")
-    value = raw.strip().lower()
+    value = raw.strip() if key == "components" else raw.strip().lower()  # a path keeps its case
     if key in CHOICES and value not in CHOICES[key]:
         raise LorakitError(f"{where} must be one of {', '.join(CHOICES[key])}, got {raw!r}")
     return value

@@ -18,6 +18,7 @@ from . import functional as fn
 
 Tensor = torch.Tensor
 Shape = Sequence[int]
+Pieces = tuple[tuple[int, int], ...]  # row ranges of a fused weight, in the order a target module has them
 SCALARS = ("alpha", "scale", "on_input")  # leaves read as one number
 
 
@@ -72,6 +73,21 @@ class Adapter:
         """Every tensor this layer reads (a wrapper's and its inner adapter's)."""
         return self.t
 
+    def widths(self) -> tuple[int | None, int | None]:
+        """(out, in) of the weight the factors fix, where they show them (``None``: they do not)."""
+        return None, None
+
+    def rows_alike(self) -> bool:
+        """Whether every row of W changes by the same rule whatever the rows are (IA3 on inputs): then a part of a
+        fused layer takes the adapter as it is, and the fused layer's rows need not be known."""
+        return False
+
+    def rows(self, pieces: Pieces, where: str) -> "Adapter | None":
+        """An adapter of this type whose ΔW is exactly rows ``pieces`` of this one's (a module that is part of a
+        fused one: FLUX's ``qkv``), or ``None`` when the type cannot say that by itself (``adapters.rows.Rows``
+        then computes the fused change and takes the rows)."""
+        return None
+
     def validate(self) -> None:
         """Raise ``InvalidLora`` when the tensors contradict each other (checked at load, before any model)."""
 
@@ -87,6 +103,13 @@ class Adapter:
 
     def bias_delta(self, strength: float) -> Tensor | None:
         return None
+
+    def delta_rows(self, pieces: Pieces, fused_shape: Shape, strength: float, dyn: int | None = None) -> Tensor:
+        """Rows ``pieces`` of ΔW for a weight of ``fused_shape`` (types whose ΔW does not read W; LoKr makes only
+        the rows it needs)."""
+        like = next(iter(self.leaves().values()))
+        shape = torch.Size(fused_shape)
+        return gather_rows(self.delta(like.new_zeros((), dtype=torch.float32).expand(shape), strength, dyn), pieces)
 
     def add_into(self, acc: Tensor, weight: Tensor, strength: float, dyn: int | None = None) -> None:
         """acc += ΔW(strength); ``acc`` fp32 with ``weight``'s shape. Subclasses may avoid the temporary."""
@@ -142,6 +165,35 @@ class Adapter:
                 raise self.fail(f"{key} must be a single number, got shape {tuple(t.shape)}")
             if t.numel() == 0:
                 raise self.fail(f"{key} has no values (shape {tuple(t.shape)})")
+
+
+class Wrapper(Adapter):
+    """An adapter around another (``inner``): DoRA, the rows of a fused layer. Rank, α, type name and leaves are
+    the inner adapter's."""
+
+    inner: Adapter
+
+    @property
+    def inner_kind(self) -> str:
+        return str(getattr(self.inner, "kind_name", self.inner.kind))
+
+    @property
+    def rank(self) -> int | None:
+        return self.inner.rank
+
+    @property
+    def alpha(self) -> float | None:
+        return self.inner.alpha
+
+    def leaves(self) -> dict[str, Tensor]:
+        return {**self.inner.leaves(), **self.t}
+
+
+def gather_rows(t: Tensor, pieces: Pieces) -> Tensor:
+    """Rows ``pieces`` of ``t``, in order (a view for one piece)."""
+    if len(pieces) == 1:
+        return t[pieces[0][0]:pieces[0][1]]
+    return torch.cat([t[a:b] for a, b in pieces])
 
 
 def numel(shape: Shape) -> int:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from ..keymap.leaves import TYPE_LEAVES
 from . import functional as fn
-from .base import Adapter, Shape, Tensor, weight_kind_error
+from .base import Adapter, Pieces, Shape, Tensor, Wrapper, gather_rows, weight_kind_error
 
 
-class DoRA(Adapter):
+class DoRA(Wrapper):
     needs_weight = True
     kind = "dora"
     keys = TYPE_LEAVES["dora"]
@@ -40,18 +40,18 @@ class DoRA(Adapter):
 
     @property
     def kind_name(self) -> str:
-        return f"dora({getattr(self.inner, 'kind_name', self.inner.kind)})"
+        return f"dora({self.inner_kind})"
 
-    @property
-    def rank(self) -> int | None:
-        return self.inner.rank
+    def widths(self) -> tuple[int | None, int | None]:
+        return self.inner.widths()
 
-    @property
-    def alpha(self) -> float | None:
-        return self.inner.alpha
-
-    def leaves(self) -> dict[str, Tensor]:
-        return {**self.inner.leaves(), **self.t}
+    def rows(self, pieces: Pieces, where: str) -> "DoRA | None":
+        """Per-output magnitudes normalise each row alone: its rows and the inner adapter's rows. A per-input
+        magnitude normalises each column over *all* rows of the fused weight, so no part can be done alone."""
+        inner = self.inner.rows(pieces, where) if self.per_output else None
+        if inner is None:
+            return None
+        return DoRA(inner, gather_rows(self.magnitude.reshape(self.magnitude.shape[0], -1), pieces), where)
 
     def shape_error(self, weight_shape: Shape) -> str | None:
         err = self.inner.shape_error(weight_shape) or weight_kind_error("DoRA", weight_shape)

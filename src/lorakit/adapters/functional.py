@@ -178,7 +178,30 @@ def module_op(module: torch.nn.Module, x: Tensor, weight: Tensor, bias: Tensor |
     if isinstance(module, torch.nn.LayerNorm):
         xn = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
         return _affine(xn, weight, bias, axis=-1)
+    if is_rms_norm(module):
+        return _affine(rms_normalized(module, x), weight, bias, axis=-1)
     raise TypeError(f"unsupported module type {type(module).__name__}")
+
+
+def is_rms_norm(module: torch.nn.Module) -> bool:
+    """torch's and diffusers' RMSNorm (FLUX's q/k norms): x / rms(x) over the last axis, times a weight."""
+    return type(module).__name__ == "RMSNorm" and hasattr(module, "eps")
+
+
+def rms_normalized(module: torch.nn.Module, x: Tensor) -> Tensor:
+    """x / √(mean(x²) + ε) over the last axis, in fp32 as diffusers' RMSNorm computes it, in x's dtype."""
+    eps = getattr(module, "eps", None)
+    eps = torch.finfo(torch.float32).eps if eps is None else float(eps)
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def bias_view(module: torch.nn.Module, bias: Tensor, out: Tensor) -> Tensor:
+    """``bias`` shaped to add to the output ``out`` of ``module`` (channels last for Linear/norms, axis 1 for
+    convolutions)."""
+    if isinstance(module, torch.nn.Conv2d):
+        return bias.reshape(1, -1, *([1] * (out.dim() - 2)))
+    return bias
 
 
 def _affine(xn: Tensor, weight: Tensor, bias: Tensor | None, axis: int) -> Tensor:

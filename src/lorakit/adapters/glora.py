@@ -63,6 +63,10 @@ class GLoRA(Adapter):
     def rank(self) -> int:
         return int(self._parts(self.old_layout)[0].shape[1])
 
+    def widths(self) -> tuple[int | None, int | None]:
+        first, _, up, _ = self._parts(self.old_layout)
+        return int(up.shape[0]), int(first.shape[0])
+
     def shape_error(self, weight_shape: Shape) -> str | None:
         err = weight_kind_error("GLoRA", weight_shape)
         if err or self.layout(weight_shape) is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..keymap.leaves import TYPE_DETECT, TYPE_LEAVES
 from . import functional as fn
-from .base import Adapter, Shape, Tensor, weight_kind_error
+from .base import Adapter, Pieces, Shape, Tensor, gather_rows, weight_kind_error
 
 
 class IA3(Adapter):
@@ -22,6 +22,19 @@ class IA3(Adapter):
     @property
     def on_input(self) -> bool:
         return bool(self.t["on_input"])
+
+    def widths(self) -> tuple[int | None, int | None]:
+        n = self.t["weight"].numel()
+        return (None, n) if self.on_input else (n, None)
+
+    def rows_alike(self) -> bool:
+        return self.on_input
+
+    def rows(self, pieces: Pieces, where: str) -> "IA3":
+        """W ⊙ w scales columns (the same for every row) or rows (then the rows' scales)."""
+        if self.on_input:
+            return IA3(dict(self.t), where)
+        return IA3({**self.t, "weight": gather_rows(self.t["weight"].flatten(), pieces)}, where)
 
     def shape_error(self, weight_shape: Shape) -> str | None:
         err = weight_kind_error("IA3", weight_shape)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..keymap.leaves import TYPE_DETECT, TYPE_LEAVES
 from . import functional as fn
-from .base import Adapter, Shape, Tensor, fits_columns, numel, weight_kind_error
+from .base import Adapter, Pieces, Shape, Tensor, fits_columns, gather_rows, numel, weight_kind_error
 
 FACTORS = (("hada_w1_a", "hada_w1_b", "hada_t1"), ("hada_w2_a", "hada_w2_b", "hada_t2"))
 
@@ -50,6 +50,17 @@ class LoHa(Adapter):
     @property
     def rank(self) -> int:
         return int(self.t["hada_w1_b"].shape[0])
+
+    def widths(self) -> tuple[int | None, int | None]:
+        made = self._tucker_shape(*FACTORS[0]) if self.tucker else self._plain_shape(*FACTORS[0])
+        return made[0], made[1] if len(made) == 2 or self.tucker else None
+
+    def rows(self, pieces: Pieces, where: str) -> "LoHa | None":
+        """Rows of (w1a@w1b)⊙(w2a@w2b) are those of w1a and w2a (plain layout; Tucker cores are convolutions)."""
+        if self.tucker:
+            return None
+        return LoHa({**self.t, "hada_w1_a": gather_rows(self.t["hada_w1_a"], pieces),
+                     "hada_w2_a": gather_rows(self.t["hada_w2_a"], pieces)}, where)
 
     def shape_error(self, weight_shape: Shape) -> str | None:
         err = weight_kind_error("LoHa", weight_shape)

@@ -7,9 +7,11 @@ W2 may also hold its columns flattened, (o₂, i₂·kh·kw). ΔW is (o₁·o₂
 """
 from __future__ import annotations
 
+import torch
+
 from ..keymap.leaves import TYPE_DETECT, TYPE_LEAVES
 from . import functional as fn
-from .base import Adapter, Shape, Tensor, numel, same_kernel, weight_kind_error
+from .base import Adapter, Pieces, Shape, Tensor, numel, same_kernel, weight_kind_error
 
 
 class LoKr(Adapter):
@@ -61,6 +63,22 @@ class LoKr(Adapter):
         if "scale" in self.t:
             return self.number("scale")  # type: ignore[return-value]
         return 1.0 if self.rank is None else super().scale()
+
+    def widths(self) -> tuple[int | None, int | None]:
+        out, inp, *_ = self.implied_shape()
+        return out, inp
+
+    def delta_rows(self, pieces: Pieces, fused_shape: Shape, strength: float, dyn: int | None = None) -> Tensor:
+        """Only the rows asked for: row r of kron(W1, W2) is row r // o₂ of W1 ⊗ row r % o₂ of W2, so a row range
+        needs the W1 rows that cover it (at most one W1 row more at each end)."""
+        w1, w2 = self._factors()
+        o2 = w2.shape[0]
+        parts = []
+        for a, b in pieces:
+            lo, hi = a // o2, -(-b // o2)
+            shape = torch.Size(((hi - lo) * o2, *fused_shape[1:]))
+            parts.append(fn.lokr_delta(w1[lo:hi], w2, self.scale() * strength, shape)[a - lo * o2:b - lo * o2])
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def implied_shape(self) -> tuple[int, ...]:
         """The weight shape the factors fix when W2 keeps its kernel axes: (o₁·o₂, i₁·i₂, kernel…)."""

@@ -9,9 +9,9 @@ import torch
 
 from ..keymap.leaves import TYPE_DETECT, TYPE_LEAVES
 from . import functional as fn
-from .base import Adapter, Shape, Tensor, same_kernel, trailing_ones, weight_kind_error
+from .base import Adapter, Pieces, Shape, Tensor, gather_rows, same_kernel, trailing_ones, weight_kind_error
 
-UP, DOWN, MID = "lora_up.weight", "lora_down.weight", "lora_mid.weight"
+UP, DOWN, MID, BIAS = "lora_up.weight", "lora_down.weight", "lora_mid.weight", "lora_up.bias"
 
 
 class LoRA(Adapter):
@@ -19,6 +19,7 @@ class LoRA(Adapter):
     detect = TYPE_DETECT["lora"]
     keys = TYPE_LEAVES["lora"]
     bypass = True
+    changes_bias = True  # only with ``lora_up.bias`` (PEFT's ``lora_B.bias``, BFL control LoRAs): s·m·b
 
     def validate(self) -> None:
         self.need(UP, DOWN)
@@ -35,6 +36,9 @@ class LoRA(Adapter):
         if up.shape[1] != ranks[0] or down.shape[0] != ranks[1]:
             mids = f", lora_mid {tuple(mid.shape)}" if mid is not None else ""
             raise self.fail(f"lora_up {tuple(up.shape)} and lora_down {tuple(down.shape)}{mids} ranks differ")
+        bias = self.t.get(BIAS)
+        if bias is not None and bias.numel() != up.shape[0]:
+            raise self.fail(f"{BIAS} has {bias.numel()} values, lora_up {tuple(up.shape)} makes {up.shape[0]} outputs")
 
     @property
     def kind_name(self) -> str:
@@ -46,6 +50,18 @@ class LoRA(Adapter):
     @property
     def rank(self) -> int:
         return int(self.t[DOWN].shape[0])
+
+    def widths(self) -> tuple[int | None, int | None]:
+        out, inp, *_ = self.implied_shape()
+        return out, inp
+
+    def rows(self, pieces: Pieces, where: str) -> "LoRA":
+        """The same ``down`` (so the same rank and α/r) with the rows ``pieces`` of ``up`` (and of a bias):
+        s·up[rows]@down is exactly rows ``rows`` of s·up@down."""
+        t = {**self.t, UP: gather_rows(self.t[UP], pieces)}
+        if BIAS in self.t:
+            t[BIAS] = gather_rows(self.t[BIAS].flatten(), pieces)
+        return LoRA(t, where)
 
     def implied_shape(self) -> tuple[int, ...]:
         """The weight shape the factors fix: (out, in, kernel…)."""
@@ -59,6 +75,9 @@ class LoRA(Adapter):
             return err
         out, got_in, *kernel = self.implied_shape()
         want_kernel = tuple(weight_shape[2:])
+        bias = self.t.get(BIAS)
+        if bias is not None and bias.numel() != weight_shape[0]:
+            return f"{BIAS} has {bias.numel()} values, the layer has {weight_shape[0]} outputs"
         # a Tucker core runs as the layer's own convolution in hooks mode: its kernel must be the layer's
         kernel_ok = tuple(kernel) == want_kernel or MID not in self.t and same_kernel(kernel, want_kernel)
         if out != weight_shape[0] or got_in != weight_shape[1] or not kernel_ok:
@@ -75,6 +94,10 @@ class LoRA(Adapter):
     def delta(self, weight: Tensor, strength: float, dyn: int | None = None) -> Tensor:
         up, down, mid = self._factors(dyn)
         return fn.lora_delta(up, down, mid, self.scale() * strength, weight.shape)
+
+    def bias_delta(self, strength: float) -> Tensor | None:
+        b = self.f32(BIAS)
+        return None if b is None else b.flatten() * (self.scale() * strength)
 
     def add_into(self, acc: Tensor, weight: Tensor, strength: float, dyn: int | None = None) -> None:
         up, down, mid = self._factors(dyn)
@@ -100,5 +123,7 @@ class LoRA(Adapter):
                     dyn: int | None = None) -> Tensor:
         up, down, mid = self._factors(dyn)
         dt = x.dtype
-        return fn.lora_bypass(module, x, up.to(dt), down.to(dt), None if mid is None else mid.to(dt),
-                              self.scale() * strength)
+        out = fn.lora_bypass(module, x, up.to(dt), down.to(dt), None if mid is None else mid.to(dt),
+                             self.scale() * strength)
+        b = self.bias_delta(strength) if getattr(module, "bias", None) is not None else None
+        return out if b is None else out + fn.bias_view(module, b.to(dt), out)

@@ -51,6 +51,9 @@ class OFT(Adapter):
     def kind_name(self) -> str:
         return "boft" if self.butterfly else "oft"
 
+    def widths(self) -> tuple[int | None, int | None]:
+        return self.covers, None
+
     @property
     def rank(self) -> int:
         return int(self.blocks.shape[-3])  # number of blocks (kohya's network_dim)

@@ -5,7 +5,7 @@ import torch
 
 from .base import Adapter
 from .dora import DoRA
-from .full import Full, Norm
+from .full import Full, Norm, SetWeight
 from .glora import GLoRA
 from .ia3 import IA3
 from .loha import LoHa
@@ -13,7 +13,7 @@ from .lokr import LoKr
 from .lora import LoRA
 from .oft import OFT
 
-ADAPTERS: list[type[Adapter]] = [LoRA, LoHa, LoKr, OFT, GLoRA, IA3, Full, Norm]
+ADAPTERS: list[type[Adapter]] = [LoRA, LoHa, LoKr, OFT, GLoRA, IA3, Full, Norm, SetWeight]
 DORA_WRAPPABLE = (LoRA, LoHa, LoKr)
 
 

@@ -25,11 +25,12 @@ from ..generate.samplers import sampler_name
 from ..patch.weights import PRESETS, as_weight
 from ..prompt import parse_prompt
 
-KINDS = ("lora", "te", "unet", "lbw", "prompt", "seed", "steps", "cfg", "sampler", "clip_skip")
+KINDS = ("lora", "te", "unet", "lbw", "prompt", "seed", "steps", "cfg", "guidance", "sampler", "clip_skip")
 ALIASES = {"weight": "lora", "sr": "prompt", "prompt_sr": "prompt", "cfg_scale": "cfg", "clip-skip": "clip_skip",
-           "clipskip": "clip_skip", "block": "lbw", "blocks": "lbw"}
+           "clipskip": "clip_skip", "block": "lbw", "blocks": "lbw", "distilled_cfg": "guidance",
+           "distilled_cfg_scale": "guidance", "transformer": "unet"}
 LORA_KINDS = ("lora", "te", "unet", "lbw")
-INTS, FLOATS = ("seed", "steps", "clip_skip"), ("lora", "te", "unet", "cfg")
+INTS, FLOATS = ("seed", "steps", "clip_skip"), ("lora", "te", "unet", "cfg", "guidance")
 MAX_VALUES = 1000  # per axis: more is a typo (1-100000) long before it is a grid
 MAX_SEED = 2 ** 64 - 1 - LIMITS["batch"][1]
 _INT, _FLOAT = r"[+-]?\d+", r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)"
@@ -60,7 +61,8 @@ class Axis:
     def label(self, value: Any) -> str:
         """The text drawn beside a row or column, as A1111 labels its axes."""
         shown = num(value) if isinstance(value, float) else str(value)
-        titles = {"seed": "Seed", "steps": "Steps", "cfg": "CFG", "sampler": "Sampler", "clip_skip": "Clip skip",
+        titles = {"seed": "Seed", "steps": "Steps", "cfg": "CFG", "guidance": "Distilled CFG", "sampler": "Sampler",
+                  "clip_skip": "Clip skip",
                   "lora": f"{self.target}", "te": f"{self.target} te", "unet": f"{self.target} unet",
                   "lbw": f"{self.target} lbw"}
         return shown if self.kind == "prompt" else f"{titles[self.kind]}: {shown}"
@@ -160,8 +162,9 @@ def _value(kind: str, item: str | float, where: str) -> Any:
             value = float(item)
             if not math.isfinite(value):
                 raise ValueError
-            if kind == "cfg" and not LIMITS["cfg"][0] <= value <= LIMITS["cfg"][1]:
-                raise GridError(f"{where}: CFG must be from {LIMITS['cfg'][0]:g} to {LIMITS['cfg'][1]:g}")
+            if kind in ("cfg", "guidance") and not LIMITS[kind][0] <= value <= LIMITS[kind][1]:
+                raise GridError(f"{where}: {'CFG' if kind == 'cfg' else 'distilled guidance'} must be from "
+                                f"{LIMITS[kind][0]:g} to {LIMITS[kind][1]:g}")
             return value
     except ValueError:
         whole = "whole " if kind in INTS else ""

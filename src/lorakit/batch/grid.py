@@ -24,7 +24,6 @@ from PIL.PngImagePlugin import PngInfo
 
 from ..errors import GridError
 from ..generate.pipeline import Generator, Request
-from ..generate.request import resolve_job
 from .axes import Axis
 from .common import LoraSet, Progress, lora_set, write_atomic
 from .draw import Layout, draw_grid
@@ -103,7 +102,7 @@ def preflight_requests(gen: Generator, requests: list[Request]) -> None:
     for req in requests:
         if repr(req) not in seen:
             seen.add(repr(req))
-            resolve_job(req, gen.index, gen.conditioner.layers, gen.model.native_size)
+            gen.resolve(req)
 
 
 def run_grid(gen: Generator, base: Request, x: Axis | None, y: Axis | None, z: Axis | None, out: Path,

@@ -103,7 +103,7 @@ def plain_tensor(p: Path, key: str, t: torch.Tensor) -> torch.Tensor:
 
 _DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                 torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-                torch.bool: "BOOL"}
+                torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
 
 
 def save_file(tensors: StateDict, path: str | Path, metadata: dict[str, str] | None = None) -> None:

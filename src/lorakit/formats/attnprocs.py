@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..keymap.leaves import ATTNPROC_LEAVES
+from ..keymap.families import SD, Family
 from .base import Canonical, component_path, group
 
 _PROC = {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "to_out_lora": "to_out.0"}
@@ -44,5 +45,5 @@ def _split(key: str) -> tuple[str, str] | None:
     return None
 
 
-def to_canonical(sd: dict[str, torch.Tensor], metadata: dict[str, str]) -> Canonical:
+def to_canonical(sd: dict[str, torch.Tensor], metadata: dict[str, str], family: Family = SD) -> Canonical:
     return group(sd, _split, "diffusers-attnprocs")

@@ -17,6 +17,7 @@ import torch
 from ..errors import InvalidLora
 from ..files.header import loads_bounded
 from ..keymap.sd_unet import ATTN_LINEARS, clip_attention_linears, sd1_transformer_blocks
+from ..keymap.families import SD, Family
 from .base import Canonical
 
 _KEY = re.compile(r"^(unet|text_encoder):(\d+):(up|down|alpha)$")
@@ -73,7 +74,7 @@ def _check_keys(sd: dict[str, torch.Tensor]) -> int:
     return n_te
 
 
-def to_canonical(sd: dict[str, torch.Tensor], metadata: dict[str, str]) -> Canonical:
+def to_canonical(sd: dict[str, torch.Tensor], metadata: dict[str, str], family: Family = SD) -> Canonical:
     out = Canonical("cloneofsimo")
     n_te = _check_keys(sd)
     tables = {"unet": _unet_paths(sd, _targets(metadata, "unet", ["CrossAttention", "Attention", "GEGLU"])),

@@ -2,38 +2,42 @@
 ``lycoris_…``; SDXL UNets in diffusers or LDM/SGM names; bundled embeddings ``bundle_emb.<name>.…``."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from ..keymap import unflatten
+from ..keymap.families import FAMILIES, SD, Family
 from .base import Canonical, component_path, group
 
-PREFIXES = {  # longest first
-    "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2", "lora_te_": "text_encoder",
-    "lora_unet_": "unet", "oft_unet_": "unet", "oft_te_": "text_encoder", "lycoris_": None,
-}
+# Every family's prefixes (what ``detect`` looks for); a family's own table says what each one means.
+PREFIXES = tuple(sorted({p for f in FAMILIES.values() for p in f.kohya}, key=len, reverse=True))
 TE_HEADS = ("text_model", "encoder", "embeddings", "final_layer_norm", "text_projection")
 
 
 def detect(sd: dict[str, torch.Tensor], metadata: dict[str, str]) -> bool:
-    return any(k.startswith(tuple(PREFIXES)) and "." in k for k in sd)
+    return any(k.startswith(PREFIXES) and "." in k for k in sd)
 
 
-def _split(key: str) -> tuple[str, str] | None:
-    module, dot, leaf = key.partition(".")
-    if not dot:
+def splitter(family: Family) -> Callable[[str], tuple[str, str] | None]:
+    prefixes = sorted(family.kohya.items(), key=lambda item: -len(item[0]))  # longest first
+
+    def split(key: str) -> tuple[str, str] | None:
+        module, dot, leaf = key.partition(".")
+        if not dot:
+            return None
+        for prefix, component in prefixes:
+            if module.startswith(prefix):
+                path = family.vocabulary.unflatten(module[len(prefix):])
+                if component is None:  # LyCORIS' own wrapper: the component is in the path
+                    component = "text_encoder" if path.split(".", 1)[0] in TE_HEADS else family.denoiser
+                return component_path(component, path), leaf
         return None
-    for prefix, component in PREFIXES.items():
-        if module.startswith(prefix):
-            path = unflatten(module[len(prefix):])
-            if component is None:  # LyCORIS' own wrapper: the component is in the path
-                component = "text_encoder" if path.split(".", 1)[0] in TE_HEADS else "unet"
-            return component_path(component, path), leaf
-    return None
+    return split
 
 
-def to_canonical(sd: dict[str, torch.Tensor], metadata: dict[str, str]) -> Canonical:
+def to_canonical(sd: dict[str, torch.Tensor], metadata: dict[str, str], family: Family = SD) -> Canonical:
     emb = {k: v for k, v in sd.items() if k.startswith("bundle_emb.")}
-    out = group({k: v for k, v in sd.items() if k not in emb}, _split, "kohya")
+    out = group({k: v for k, v in sd.items() if k not in emb}, splitter(family), "kohya")
     out.embeddings = _embeddings(emb)
     if any(k.startswith("lycoris_") for k in sd):
         out.dialect = "lycoris"

@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from ..errors import InvalidLora
 from ..files.header import loads_bounded
+from ..keymap.families import SD, Family
 from .base import Canonical, component_path, group, split_leaf
 
 _MARKERS = (".lora_A.", ".lora_B.", ".lora.down.", ".lora.up.", "lora_magnitude_vector")
-_PREFIXES = {"unet.": "unet", "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2",
-             "base_model.model.": "unet"}
 _DOWN = re.compile(r"\.(?:lora_A|lora\.down|lora_down)(?:\.default)?\.weight$")
 META_KEY = "lora_adapter_metadata"
 
@@ -27,26 +27,33 @@ def detect(sd: dict[str, torch.Tensor], metadata: dict[str, str]) -> bool:
     return any(m in k for k in sd for m in _MARKERS)
 
 
-def _split(key: str) -> tuple[str, str] | None:
-    parts = split_leaf(key)
-    if parts is None:
-        return None
-    module, leaf = parts
-    for prefix, component in _PREFIXES.items():
-        if module.startswith(prefix):
-            return component_path(component, module[len(prefix):]), leaf
-    return component_path("unet", module), leaf
+def _splitter(family: Family) -> Callable[[str], tuple[str, str] | None]:
+    prefixes = sorted(family.peft.items(), key=lambda item: -len(item[0]))  # longest first
+
+    def split(key: str) -> tuple[str, str] | None:
+        parts = split_leaf(key)
+        if parts is None:
+            return None
+        module, leaf = parts
+        for prefix, component in prefixes:
+            if module.startswith(prefix):
+                return component_path(component, module[len(prefix):]), leaf
+        return component_path(family.denoiser, module), leaf  # no prefix (DiffSynth, BFL control): the denoiser
+    return split
 
 
-def to_canonical(sd: dict[str, torch.Tensor], metadata: dict[str, str]) -> Canonical:
+def to_canonical(sd: dict[str, torch.Tensor], metadata: dict[str, str], family: Family = SD) -> Canonical:
     for key, t in sd.items():
         if _DOWN.search(key) and (t.dim() < 2 or t.shape[0] < 1):
             raise InvalidLora(None, f"key {key!r}: lora_A must be (r, in[, kh, kw]) with a rank r ≥ 1, got shape "
                                     f"{tuple(t.shape)}")
-    out = group(sd, _split, "peft")
-    for leaves in out.groups.values():
-        if "dora_scale" in leaves:  # PEFT's magnitude is per output row, stored (out,) or, for convs, (1, out, 1, 1)
-            leaves["dora_scale"] = leaves["dora_scale"].reshape(-1, 1)
+    split = _splitter(family)
+    out = group(sd, split, "peft")
+    magnitudes = {parts[0] for k in sd if "lora_magnitude_vector" in k and (parts := split(k)) is not None}
+    for path in magnitudes & set(out.groups):
+        # PEFT's magnitude is per output row, stored (out,) or, for convs, (1, out, 1, 1); a kohya ``dora_scale``
+        # beside lora_A/lora_B keys (ComfyUI reads both) keeps its own shape, which tells its convention
+        out.groups[path]["dora_scale"] = out.groups[path]["dora_scale"].reshape(-1, 1)
     _add_alphas(out, _adapter_metadata(metadata.get(META_KEY)))
     return out
 
@@ -81,7 +88,7 @@ def _add_alphas(out: Canonical, meta: dict[str, Any]) -> None:
         if not isinstance(patterns, dict):
             raise InvalidLora(None, f"metadata {META_KEY!r}: {component}.alpha_pattern must be an object")
         for pattern, value in patterns.items():
-            if module == pattern or module.endswith("." + pattern):
+            if pattern_matches(pattern, module):
                 alpha = value
         down = leaves.get("lora_down.weight")
         if alpha is None or down is None:
@@ -89,3 +96,11 @@ def _add_alphas(out: Canonical, meta: dict[str, Any]) -> None:
         r = down.shape[0]
         denom = math.sqrt(r) if meta.get(f"{component}.use_rslora") else r
         leaves["scale"] = torch.tensor(_number(f"{component}.lora_alpha", alpha) / denom)
+
+
+def pattern_matches(pattern: str, module: str) -> bool:
+    """Whether a ``rank_pattern``/``alpha_pattern`` key names ``module``: the module or a dotted suffix of it, as
+    PEFT matches (``(.*\\.)?key$``); a key written ``^path`` is that module only (PEFT's regex reads it so too)."""
+    if pattern.startswith("^"):
+        return module == pattern[1:]
+    return module == pattern or module.endswith("." + pattern)

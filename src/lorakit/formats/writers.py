@@ -23,17 +23,20 @@ from ..keymap.arch import Arch
 from ..keymap.ldm import diffusers_to_ldm
 from ..keymap.names import unflatten
 from .base import Grouped, component_path
+from .peft import pattern_matches
 
 StateDict = dict[str, torch.Tensor]
 ATTN_UP_BLOCKS: dict[str, tuple[int, ...]] = {Arch.SDXL: (0, 1)}  # up blocks with attentions (where the LDM upsampler sits at .2)
-LORA_LEAVES = {"lora_up.weight", "lora_down.weight", "alpha", "scale", "dora_scale"}
-PEFT_LEAVES = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight",
+LORA_LEAVES = {"lora_up.weight", "lora_down.weight", "lora_up.bias", "alpha", "scale", "dora_scale"}
+PEFT_LEAVES = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight", "lora_up.bias": "lora_B.bias",
                "dora_scale": "lora_magnitude_vector"}
 
 
 def kohya_module_name(path: str, arch: str, ldm_names: bool) -> str:
     """``unet.down_blocks.0.…to_q`` → ``lora_unet_down_blocks_0_…_to_q`` (the flattened name must read back to
-    ``path``: a module name kohya's flattening cannot carry is a ``ToolError``)."""
+    ``path``: a module name kohya's flattening cannot carry is a ``ToolError``). FLUX.1: ``flux_kohya_name``."""
+    if arch == Arch.FLUX1:
+        return flux_kohya_name(path)
     component, _, module = path.partition(".")
     sdxl = arch == Arch.SDXL
     prefix = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if sdxl else "lora_te_",
@@ -66,6 +69,60 @@ def to_kohya(groups: Grouped, arch: str, *, ldm_names: bool | None = None,
     return out
 
 
+FLUX_KOHYA = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te3_"}  # kohya's CLIP-L and T5 prefixes
+
+
+def flux_kohya_name(path: str) -> str:
+    """A FLUX.1 canonical path → its kohya module name: BFL-layout transformer modules as kohya writes them
+    (``lora_unet_double_blocks_0_img_attn_qkv``), diffusers-layout ones as OneTrainer does
+    (``lora_transformer_transformer_blocks_0_attn_to_q``: kohya's own names cannot hold a lone ``to_q``), CLIP-L
+    ``lora_te1_text_model_…``, T5 ``lora_te3_encoder_block_…``. The name must read back to ``path``."""
+    from ..keymap.families import FLUX1
+    from ..keymap.flux import is_bfl_path
+    from .kohya import splitter
+
+    component, _, module = path.partition(".")
+    if component == FLUX1.denoiser:
+        prefix = "lora_unet_" if is_bfl_path(module) else "lora_transformer_"
+    elif component in FLUX_KOHYA:
+        prefix = FLUX_KOHYA[component]
+        module = "text_model." + module if component == "text_encoder" else module
+    else:
+        raise ToolError(f"layer {path}: not a FLUX.1 transformer or text-encoder layer; kohya names cannot carry it")
+    name = prefix + module.replace(".", "_")
+    if splitter(FLUX1)(name + ".alpha") != (path, "alpha"):
+        raise ToolError(f"layer {path}: its kohya name {name} would read back as another module")
+    return name
+
+
+# ComfyUI's names of FLUX.1's components (``diffusion_model.<BFL path>``, ``text_encoders.<name>.transformer.``)
+FLUX_COMFY = {"transformer": "diffusion_model.", "text_encoder": "text_encoders.clip_l.transformer.text_model.",
+              "text_encoder_2": "text_encoders.t5xxl.transformer."}
+
+
+def to_comfy_flux(groups: Grouped) -> StateDict:
+    """A FLUX.1 file as ComfyUI and ai-toolkit write them (BFL-PEFT): ``diffusion_model.<BFL path>.lora_A.weight``,
+    ``lora_B.weight`` (``lora_B.bias``), ``.alpha``, any other type with its LyCORIS leaves; a layer kept in the
+    diffusers layout as ``transformer.<path>``; CLIP-L and T5 under ComfyUI's ``text_encoders.`` names."""
+    from ..keymap.families import FLUX1
+    from ..keymap.flux import is_bfl_path
+
+    out: StateDict = {}
+    for path, leaves in groups.items():
+        component, _, module = path.partition(".")
+        prefix = FLUX_COMFY.get(component)
+        if prefix is None:
+            raise ToolError(f"layer {path}: not a FLUX.1 transformer or text-encoder layer")
+        if component == FLUX1.denoiser and not is_bfl_path(module):
+            prefix = "transformer."
+        for leaf, t in _kohya_leaves(leaves).items():
+            out[f"{prefix}{module}.{COMFY_LEAVES.get(leaf, leaf)}"] = t
+    return out
+
+
+COMFY_LEAVES = {k: v for k, v in PEFT_LEAVES.items() if k != "dora_scale"}  # a magnitude keeps its own shape
+
+
 def _kohya_leaves(leaves: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """PEFT's ``scale`` back to ``alpha``; a per-output DoRA magnitude shaped (out, 1, …) like the weight."""
     out = dict(leaves)
@@ -86,15 +143,19 @@ def _float_dtype(t: torch.Tensor) -> torch.dtype:
     return t.dtype if t.is_floating_point() else torch.float32
 
 
-def to_peft(groups: Grouped) -> tuple[StateDict, dict[str, str]]:
+def to_peft(groups: Grouped, arch: str | None = None) -> tuple[StateDict, dict[str, str]]:
     """PEFT/diffusers tensors and header metadata (``lora_adapter_metadata``, ``format``) of ``groups``."""
     out: StateDict = {}
     per_component: dict[str, dict[str, tuple[int, float, bool]]] = {}
+    biased: set[str] = set()
     for path, leaves in groups.items():
         rank, alpha, dora = _peft_layer(path, leaves)
         component, _, module = path.partition(".")
         per_component.setdefault(component, {})[module] = (rank, alpha, dora)
-        key = f"{component}.{_peft_module(component, module)}"
+        if "lora_up.bias" in leaves:
+            biased.add(component)
+        t5 = arch == Arch.FLUX1 and component == "text_encoder_2"  # T5 has no text_model level
+        key = f"{component}.{module if t5 else _peft_module(component, module)}"
         for leaf, t in leaves.items():
             if leaf in ("alpha", "scale"):
                 continue
@@ -107,6 +168,8 @@ def to_peft(groups: Grouped) -> tuple[StateDict, dict[str, str]]:
     meta: dict[str, object] = {}
     for component, layers in per_component.items():
         meta.update({f"{component}.{k}": v for k, v in _lora_config(component, layers).items()})
+        if component in biased:  # PEFT's ``lora_bias``: the lora_B layers have a bias (BFL control LoRAs)
+            meta[f"{component}.lora_bias"] = True
     return out, {"format": "pt", "lora_adapter_metadata": json.dumps(meta, sort_keys=True)}
 
 
@@ -150,9 +213,13 @@ def _lora_config(component: str, layers: dict[str, tuple[int, float, bool]]) -> 
         raise ToolError(f"{component}: some layers are DoRA and some are not; one PEFT config cannot say that")
     r = Counter(v[0] for v in layers.values()).most_common(1)[0][0]
     alpha = Counter(v[1] for v in layers.values()).most_common(1)[0][0]
+    # PEFT reads a pattern key as the end of a module path: FLUX.1's top-level ``proj_out`` would also name every
+    # ``single_transformer_blocks.N.proj_out`` (the first key that matches wins); ``^proj_out`` is that one only
+    suffixes = {m.split(".", i)[-1] for m in layers for i in range(1, m.count(".") + 1)}
+    key = {m: f"^{m}" if m in suffixes else m for m in layers}
     return {"r": r, "lora_alpha": alpha, "target_modules": sorted(layers),
-            "rank_pattern": {m: v[0] for m, v in sorted(layers.items()) if v[0] != r},
-            "alpha_pattern": {m: v[1] for m, v in sorted(layers.items()) if v[1] != alpha},
+            "rank_pattern": {key[m]: v[0] for m, v in sorted(layers.items()) if v[0] != r},
+            "alpha_pattern": {key[m]: v[1] for m, v in sorted(layers.items()) if v[1] != alpha},
             "use_dora": doras == {True}, "use_rslora": False, "lora_dropout": 0.0, "bias": "none",
             "init_lora_weights": True}
 
@@ -184,7 +251,7 @@ def _header_alpha(meta: dict[str, object], path: str) -> float | None:
     alpha = meta.get(f"{component}.lora_alpha")
     patterns = meta.get(f"{component}.alpha_pattern")
     for pattern, value in (patterns.items() if isinstance(patterns, dict) else []):
-        if module == pattern or module.endswith("." + pattern):
+        if pattern_matches(pattern, module):
             alpha = value
     ok = isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha)
     return float(alpha) if ok else None  # type: ignore[arg-type]

@@ -23,7 +23,7 @@ DEFAULT_MAX_IMAGES = 8  # images (UNet batch rows before CFG doubles them) sampl
 def batch_key(job: Job) -> Hashable | None:
     """What requests must share to sample in one batch; ``None``: this one runs alone (per-step schedules,
     img2img)."""
-    if job.request.init is not None or any(ref.scheduled for ref in job.refs):
+    if job.request.init is not None or job.request.control is not None or any(ref.scheduled for ref in job.refs):
         return None
     s, req = job.settings, job.request
     return (s.steps, s.cfg, s.sampler, job.width, job.height)

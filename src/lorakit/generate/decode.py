@@ -50,13 +50,17 @@ def _in_fp32(vae: Any, latents: torch.Tensor) -> torch.Tensor:
 
 
 def _decode(vae: Any, latents: torch.Tensor) -> torch.Tensor:
-    """The diffusers SD/SDXL decode: unscale (and un-normalise where the VAE has latent statistics)."""
+    """The diffusers decode: unscale (and un-normalise where the VAE has latent statistics, un-shift where it has a
+    shift: FLUX's)."""
     latents = latents.to(vae.dtype)
     stats = latent_stats(vae, latents)
     if stats is not None:
         latents = latents * stats[1] / vae.config.scaling_factor + stats[0]
     else:
         latents = latents / vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None)
+    if shift is not None:
+        latents = latents + shift
     with torch.no_grad():
         return vae.decode(latents, return_dict=False)[0]
 

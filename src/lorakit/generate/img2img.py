@@ -47,7 +47,7 @@ def sample_init(model: BaseModel, settings: Settings, size: tuple[int, int], con
     """The latents after the last step (B, C, h, w), B = ``len(seeds)``, starting from ``prepared.image``
     (noise as in ``sampling.sample``: one CPU generator per image, seeded with its seed)."""
     if steps_run(settings.steps, init.strength) == 0:
-        return _encode(model, prepared, len(seeds))
+        return encoded_init(model, prepared, len(seeds))
     pipe = derived_pipe(model, prepared.mask is not None)
     kwargs: dict[str, Any] = {
         "prompt_embeds": cond.embeds, "negative_prompt_embeds": uncond.embeds, "image": prepared.image,
@@ -87,7 +87,7 @@ def _fill_latents(pipe: Any, prepared: Prepared, fill: int) -> None:
     pipe.prepare_latents = prepare_latents
 
 
-def _encode(model: BaseModel, prepared: Prepared, count: int) -> torch.Tensor:
+def encoded_init(model: BaseModel, prepared: Prepared, count: int) -> torch.Tensor:
     """The init image's latents (the VAE's mean, scaled as ``decode._decode`` unscales them), ``count`` times —
     encoded by training's ``encode_image`` (an fp16 VAE that asks for it encodes in fp32)."""
     vae = model.pipe.vae

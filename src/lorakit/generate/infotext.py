@@ -33,10 +33,12 @@ def save_png(image: Any, path: str | Path, text: str) -> None:
     image.save(str(path), pnginfo=info)
 
 
-def job_infotext(job: Any, model: Any, seed: int, lora_hashes: dict[str, str]) -> str:
-    """The infotext of one image of a ``Job`` on ``model`` (a ``BaseModel``)."""
+def job_infotext(job: Any, model: Any, seed: int, lora_hashes: dict[str, str],
+                 extra: dict[str, Any] | None = None) -> str:
+    """The infotext of one image of a ``Job`` on ``model`` (a ``BaseModel``); ``extra``: the family's own fields
+    (FLUX: ``Distilled CFG Scale``, after ``CFG scale`` as Forge writes it)."""
     s, req = job.settings, job.request
-    params = {"Steps": s.steps, "Sampler": s.sampler, "CFG scale": s.cfg, "Seed": seed,
+    params = {"Steps": s.steps, "Sampler": s.sampler, "CFG scale": s.cfg, **(extra or {}), "Seed": seed,
               "Size": f"{job.width}x{job.height}", "Model hash": model.hash, "Model": model.name,
               "Clip skip": s.clip_skip if s.clip_skip > 1 else None}
     if req.init is not None:

@@ -25,15 +25,13 @@ from ..models.loading import BaseModel
 from ..patch import patcher_for
 from ..patch.multi import MultiPatcher
 from .batched import DEFAULT_MAX_IMAGES, by_length, group_jobs, part_specs
-from .conditioner import Conditioner
 from .conditioning import Conditioning
-from .decode import check_latents, decode
-from .img2img import sample_init
+from .decode import check_latents
+from .family import PipelineFamily, family_for
 from .infotext import job_infotext
 from .init_image import paste_back, prepare
 from .request import DEFAULTS, LIMITS, Job, Request, Settings, resolve_job
-from .samplers import scheduler_for
-from .sampling import sample, stack
+from .sampling import stack
 from .schedule import LoraSchedule
 
 __all__ = ["DEFAULTS", "LIMITS", "Generator", "Job", "Request", "Result", "Settings"]
@@ -54,7 +52,7 @@ class Generator:
     def __init__(self, model: BaseModel, loras: Library, embeddings: EmbeddingIndex | None = None) -> None:
         self.model = model
         self.index = loras
-        self.conditioner = Conditioner(model, embeddings)
+        self.family: PipelineFamily = family_for(model, embeddings)  # how this model's family generates
         self.patcher = patcher_for(model.pipe)
         self.multi = MultiPatcher(self.patcher.components)  # per-sample LoRA sets of mixed batches
         self.lora_mode = "fused"  # how a request's unscheduled LoRAs are applied ("hooks": no weight changes)
@@ -63,8 +61,15 @@ class Generator:
         # acted on between steps; the caller clears "interrupt" when its job ends (``server.worker``).
         self.stopping: str | None = None
         self._stopped = False
-        # The model's own scheduler says what its UNet predicts (SD2-768 models predict v, not the noise).
-        self.prediction_type = str(model.pipe.scheduler.config.get("prediction_type", "epsilon"))
+
+    @property
+    def conditioner(self) -> Any:
+        """Stable Diffusion's prompt encoder (A1111 chunks, emphasis, embeddings); ``None`` for other families."""
+        return getattr(self.family, "conditioner", None)
+
+    def resolve(self, req: Request) -> Job:
+        """``req`` checked and resolved for this model (its family's defaults and limits); nothing changes yet."""
+        return resolve_job(req, self.index, self.family.clip_layers, self.model.native_size, self.family.rules)
 
     def close(self) -> None:
         """Put every weight back (bit-exact)."""
@@ -72,7 +77,7 @@ class Generator:
 
     def __call__(self, req: Request) -> Result:
         try:
-            result = self._generate(resolve_job(req, self.index, self.conditioner.layers, self.model.native_size))
+            result = self._generate(self.resolve(req))
         except BaseException:
             self.patcher.restore()
             raise
@@ -98,7 +103,7 @@ class Generator:
         jobs: list[Job | None] = []
         for i, req in enumerate(requests):
             try:
-                jobs.append(resolve_job(req, self.index, self.conditioner.layers, self.model.native_size))
+                jobs.append(self.resolve(req))
             except LorakitError as e:  # checked before any weight changes
                 jobs.append(None)
                 out[i] = e
@@ -152,8 +157,8 @@ class Generator:
     def _encode_alone(self, job: Job) -> tuple[Conditioning, Conditioning]:
         """The job's prompts encoded with its own text-encoder LoRAs (hooks; the UNet's part off)."""
         self.patcher.set(part_specs(job, "te"), mode="hooks", log_reports=False)
-        self.conditioner.prepare(job.text, job.negative_text, job.loras)
-        return self.conditioner.encode(job.text, job.negative_text, job.settings.clip_skip)
+        self.family.prepare(job.text, job.negative_text, job.loras)
+        return self.family.encode(job.text, job.negative_text, job.settings)
 
     def _sample_mixed(self, jobs: list[Job], conds: list[Conditioning], unconds: list[Conditioning]
                       ) -> torch.Tensor:
@@ -161,39 +166,40 @@ class Generator:
         samples = [k for k, n in enumerate(counts) for _ in range(n)]
         first = jobs[0]
         log.info(f"mixed-LoRA batch: {len(jobs)} requests, {len(samples)} images in one UNet batch")
-        self.model.pipe.scheduler = scheduler_for(first.settings.sampler, self.prediction_type)
+        self.family.set_scheduler(first.settings)
         with self.multi:
             self.multi.set([part_specs(job, "unet") for job in jobs], samples)
-            return sample(self.model, first.settings, (first.width, first.height),
-                          stack(conds, counts), stack(unconds, counts), [s for job in jobs for s in job.seeds],
-                          self._step_end(first, LoraSchedule([], [], first.settings.steps)))
+            return self.family.sample(first.settings, (first.width, first.height), stack(conds, counts),
+                                      stack(unconds, counts), [s for job in jobs for s in job.seeds],
+                                      self._step_end(first, LoraSchedule([], [], first.settings.steps)))
 
     def _generate(self, job: Job) -> Result:
         schedule = LoraSchedule(job.refs, job.loras, job.steps_run)
         schedule.apply(self.patcher, self.lora_mode)
-        self.conditioner.prepare(job.text, job.negative_text, job.loras)
-        cond, uncond = self.conditioner.encode(job.text, job.negative_text, job.settings.clip_skip)
-        self.model.pipe.scheduler = scheduler_for(job.settings.sampler, self.prediction_type)
+        self.family.prepare(job.text, job.negative_text, job.loras)
+        cond, uncond = self.family.encode(job.text, job.negative_text, job.settings)
+        self.family.set_scheduler(job.settings)
         return self._result(job, self._sample(job, cond, uncond, schedule))
 
     def _result(self, job: Job, latents: torch.Tensor) -> Result:
         """Decode the job's latents (its images together, as alone) and describe them."""
         self.model.set_vae_tiling(job.width, job.height)  # by size and --vram
-        images = decode(self.model.pipe, latents)
+        images = self.family.decode(latents, (job.width, job.height))
         if job.request.init is not None:
             images = paste_back(images, self._prepared(job))
         hashes = {ref.name: self._short_hash(str(lora.path)) for ref, lora in zip(job.refs, job.loras)}
-        texts = [job_infotext(job, self.model, seed, hashes) for seed in job.seeds]
+        extra = self.family.infotext_params(job.settings)
+        texts = [job_infotext(job, self.model, seed, hashes, extra) for seed in job.seeds]
         return Result(images, job.seeds, texts, job.notes, job.prompt, job.settings.as_dict())
 
     def _sample(self, job: Job, cond: Any, uncond: Any, schedule: LoraSchedule) -> torch.Tensor:
         """The latents after the last step (B, C, h, w) (``sampling.sample``)."""
         req, size = job.request, (job.width, job.height)
         if req.init is not None:
-            return sample_init(self.model, job.settings, size, cond, uncond, job.seeds, self._step_end(job, schedule),
-                               req.init, self._prepared(job), per_prompt=req.batch)
-        return sample(self.model, job.settings, size, cond, uncond, job.seeds, self._step_end(job, schedule),
-                      per_prompt=req.batch)
+            return self.family.sample_init(job.settings, size, cond, uncond, job.seeds, self._step_end(job, schedule),
+                                           req.init, self._prepared(job), per_prompt=req.batch)
+        return self.family.sample(job.settings, size, cond, uncond, job.seeds, self._step_end(job, schedule),
+                                  per_prompt=req.batch, control=req.control)
 
     def _prepared(self, job: Job) -> Any:
         """The job's init image and mask at its size (prepared once per job)."""
@@ -207,7 +213,6 @@ class Generator:
         """After each step: check the latents, report progress, and move scheduled strengths to the next step
         (re-encoding the prompt when a text-encoder strength moved)."""
         steps = job.steps_run
-        with_cfg = job.settings.cfg > 1
 
         def step_end(pipe: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             check_latents(kwargs["latents"], i + 1, steps)
@@ -219,8 +224,10 @@ class Generator:
                 job.notes.append(f"{'skipped' if self.stopping == 'skip' else 'interrupted'} after step {i + 1} "
                                  f"of {steps}")
             if schedule.scheduled and i + 2 <= steps and schedule.advance(self.patcher, i + 2):
-                cond, uncond = self.conditioner.encode(job.text, job.negative_text, job.settings.clip_skip)
-                kwargs["prompt_embeds"] = torch.cat([uncond.embeds, cond.embeds]) if with_cfg else cond.embeds
+                cond, uncond = self.family.encode(job.text, job.negative_text, job.settings)
+                embeds = self.family.step_embeds(cond, uncond, job.settings)
+                if embeds is not None:
+                    kwargs["prompt_embeds"] = embeds
             return kwargs
 
         return step_end

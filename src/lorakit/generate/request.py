@@ -13,12 +13,30 @@ from ..lora_model import LoraModel, load_cached
 from ..prompt import LoraRef, parse_prompt
 from .fast_loras import SETTINGS, fast_kind
 from .init_image import InitImage, steps_run
-from .samplers import sampler_name
+from .samplers import SAMPLERS, sampler_name
 
 log = logging.getLogger("lorakit")
 DEFAULTS: dict[str, Any] = {"steps": 20, "cfg": 7.0, "sampler": "Euler a"}
-LIMITS = {"width": (64, 2048), "height": (64, 2048), "steps": (1, 150), "batch": (1, 16), "cfg": (0.0, 30.0)}
+LIMITS = {"width": (64, 2048), "height": (64, 2048), "steps": (1, 150), "batch": (1, 16), "cfg": (0.0, 30.0),
+          "guidance": (0.0, 30.0)}
 MAX_SEED = 2 ** 64 - 1
+
+
+@dataclass(frozen=True)
+class Rules:
+    """What a model family's requests may ask for: defaults (``steps``, ``cfg``, ``sampler``, and ``guidance``
+    where the family has a distilled guidance), its sampler names, whether fast (LCM/Turbo/Hyper) LoRA settings and
+    clip skip apply, and the step sizes must be multiples of."""
+
+    defaults: dict[str, Any] = field(default_factory=lambda: dict(DEFAULTS))
+    samplers: tuple[str, ...] = tuple(SAMPLERS)
+    fast_loras: bool = True
+    clip_skip: bool = True
+    size_step: int = 8
+    family: str = "Stable Diffusion"
+
+
+SD_RULES = Rules()
 
 
 @dataclass
@@ -38,6 +56,8 @@ class Request:
     clip_skip: int | None = None
     auto_triggers: bool = False  # add the LoRAs' declared trigger words that the prompt lacks
     init: InitImage | None = None  # img2img / inpainting: what to start from
+    guidance: float | None = None  # FLUX.1-dev's distilled guidance (Forge's "Distilled CFG Scale")
+    control: Any = None  # a FLUX.1 control LoRA's control image (Canny edges, a depth map): a PIL image
 
 
 @dataclass(frozen=True)
@@ -48,9 +68,11 @@ class Settings:
     cfg: float
     sampler: str
     clip_skip: int
+    guidance: float | None = None  # a distilled guidance model's (FLUX.1-dev); None where none applies
 
     def as_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "cfg": self.cfg, "sampler": self.sampler, "clip_skip": self.clip_skip}
+        out = {"steps": self.steps, "cfg": self.cfg, "sampler": self.sampler, "clip_skip": self.clip_skip}
+        return out if self.guidance is None else {**out, "guidance": self.guidance}
 
 
 @dataclass
@@ -85,9 +107,11 @@ class LoraSource(Protocol):
     def entry(self, path: str) -> Any: ...
 
 
-def resolve_job(req: Request, library: LoraSource, clip_layers: int, native: int = 512) -> Job:
+def resolve_job(req: Request, library: LoraSource, clip_layers: int, native: int = 512,
+                rules: Rules = SD_RULES) -> Job:
     """Check and resolve ``req``. ``clip_layers``: the text encoder's layer count (the deepest clip skip);
-    ``native``: the model's side in px, for a width or height left ``None`` (the job's request has both set)."""
+    ``native``: the model's side in px, for a width or height left ``None`` (the job's request has both set);
+    ``rules``: the model family's defaults and limits."""
     width, height = req.width or native, req.height or native
     pos, neg = parse_prompt(req.prompt), parse_prompt(req.negative, negative=True)
     for warning in pos.warnings + neg.warnings:
@@ -97,8 +121,8 @@ def resolve_job(req: Request, library: LoraSource, clip_layers: int, native: int
     loras = [load_cached(str(e.path)) for e in entries]
     added = _missing_triggers(pos.text, entries[:len(pos.loras)]) if req.auto_triggers else ""
     notes: list[str] = []
-    settings = _settings(req, loras, notes, clip_layers)
-    _check_limits(req, settings, width, height)
+    settings = _settings(req, loras, notes, clip_layers, rules)
+    _check_limits(req, settings, width, height, rules.size_step)
     seed = _seed(req.seed)
     return Job(req, req.prompt + added, pos.text + added, neg.text, refs, loras, settings,
                [seed + i for i in range(req.batch)], notes, width=width, height=height)
@@ -121,9 +145,9 @@ def _missing_triggers(text: str, entries: list[Any]) -> str:
     return added
 
 
-def _settings(req: Request, loras: list[LoraModel], notes: list[str], clip_layers: int) -> Settings:
-    """Explicit request values win; then what a fast (LCM/Turbo/Hyper) LoRA needs; then defaults."""
-    fast = next(((lora, k) for lora in loras if (k := fast_kind(lora))), None)
+def _settings(req: Request, loras: list[LoraModel], notes: list[str], clip_layers: int, rules: Rules) -> Settings:
+    """Explicit request values win; then what a fast (LCM/Turbo/Hyper) LoRA needs; then the family's defaults."""
+    fast = next(((lora, k) for lora in loras if (k := fast_kind(lora))), None) if rules.fast_loras else None
     out: dict[str, Any] = {}
     for key in ("steps", "cfg", "sampler"):
         given = getattr(req, key)
@@ -133,12 +157,38 @@ def _settings(req: Request, loras: list[LoraModel], notes: list[str], clip_layer
             out[key] = SETTINGS[key]
             notes.append(f"{fast[1].upper()} LoRA {fast[0].name}: {key} set to {SETTINGS[key]}")
         else:
-            out[key] = DEFAULTS[key]
-    clip_skip = _clip_skip(req.clip_skip, clip_layers) if req.clip_skip is not None else \
-        _recommended_clip_skip(loras, notes, clip_layers)
+            out[key] = rules.defaults[key]
+    guidance = _guidance(req, rules, notes)
+    clip_skip = _family_clip_skip(req, loras, notes, clip_layers, rules)
     for note in notes:
         log.info(note)
-    return Settings(int(out["steps"]), float(out["cfg"]), sampler_name(str(out["sampler"])), clip_skip)
+    return Settings(int(out["steps"]), float(out["cfg"]), _sampler(str(out["sampler"]), rules), clip_skip, guidance)
+
+
+def _guidance(req: Request, rules: Rules, notes: list[str]) -> float | None:
+    if "guidance" not in rules.defaults:
+        if req.guidance is not None:
+            notes.append(f"distilled guidance {req.guidance:g} ignored: this model has none")
+        return None
+    return float(req.guidance if req.guidance is not None else rules.defaults["guidance"])
+
+
+def _family_clip_skip(req: Request, loras: list[LoraModel], notes: list[str], clip_layers: int,
+                      rules: Rules) -> int:
+    if not rules.clip_skip:
+        if req.clip_skip not in (None, 1):
+            notes.append(f"clip skip {req.clip_skip} ignored: {rules.family} reads the text encoders' last layers")
+        return 1
+    return _clip_skip(req.clip_skip, clip_layers) if req.clip_skip is not None else \
+        _recommended_clip_skip(loras, notes, clip_layers)
+
+
+def _sampler(name: str, rules: Rules) -> str:
+    canonical = sampler_name(name) if rules.samplers == tuple(SAMPLERS) else \
+        next((s for s in rules.samplers if s.lower() == name.strip().lower().replace("_", " ")), None)
+    if canonical is None:
+        raise LorakitError(f"unknown sampler {name!r} for {rules.family}; choose one of: {', '.join(rules.samplers)}")
+    return canonical
 
 
 def _clip_skip(value: int, layers: int) -> int:
@@ -166,14 +216,14 @@ def _seed(seed: int | None) -> int:
     return seed
 
 
-def _check_limits(req: Request, settings: Settings, width: int, height: int) -> None:
+def _check_limits(req: Request, settings: Settings, width: int, height: int, step: int = 8) -> None:
     values = {"width": width, "height": height, "steps": settings.steps, "batch": req.batch,
-              "cfg": settings.cfg}
+              "cfg": settings.cfg, "guidance": 0.0 if settings.guidance is None else settings.guidance}
     for key, (low, high) in LIMITS.items():
         if not low <= values[key] <= high:  # also False for NaN
             raise LorakitError(f"{key} must be between {low:g} and {high:g}, got {values[key]}")
     for key in ("width", "height"):
-        if values[key] % 8:
-            raise LorakitError(f"{key} must be a multiple of 8, got {values[key]}")
+        if values[key] % step:
+            raise LorakitError(f"{key} must be a multiple of {step} for this model, got {values[key]}")
     if req.init is not None:
         req.init.check()

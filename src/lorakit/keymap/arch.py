@@ -1,5 +1,5 @@
-"""Which network a LoRA targets: SD1 / SD2 / SDXL from metadata, key names and tensor shapes; SD3, Flux and other
-non-SD families recognised by name so they can be refused clearly."""
+"""Which network a LoRA targets: SD1 / SD2 / SDXL from metadata, key names and tensor shapes. The model *family*
+(Stable Diffusion, FLUX.1, and those refused by name) is decided first, in ``families.py``."""
 from __future__ import annotations
 
 import re
@@ -19,24 +19,14 @@ class Arch(StrEnum):
     SD2 = "sd2"
     SDXL = "sdxl"
     DEMO = "demo"  # the embedded demo model (SD1 architecture, tiny widths)
+    FLUX1 = "flux1"  # FLUX.1 dev / schnell / Kontext (their LoRAs are interchangeable)
     UNKNOWN = "unknown"
 
 
-SD1, SD2, SDXL, DEMO, UNKNOWN = Arch.SD1, Arch.SD2, Arch.SDXL, Arch.DEMO, Arch.UNKNOWN
-LORA_BASES = (SD1, SD2, SDXL, UNKNOWN)  # what a LoRA file can be made for
+SD1, SD2, SDXL, DEMO, FLUX1, UNKNOWN = Arch.SD1, Arch.SD2, Arch.SDXL, Arch.DEMO, Arch.FLUX1, Arch.UNKNOWN
+LORA_BASES = (SD1, SD2, SDXL, FLUX1, UNKNOWN)  # what a LoRA file can be made for
 NAMES: dict[str, str] = {SD1: "Stable Diffusion 1.x", SD2: "Stable Diffusion 2.x", SDXL: "Stable Diffusion XL",
-         DEMO: "the embedded demo model", UNKNOWN: "unknown"}
-
-# Markers of model families lorakit does not apply (matched against raw keys).
-FOREIGN: list[tuple[str, re.Pattern[str]]] = [
-    ("Flux", re.compile(r"double_blocks|single_blocks|single_transformer_blocks|img_attn|txt_attn|"
-                        r"transformer\.x_embedder|context_embedder.*flux")),
-    ("Stable Diffusion 3", re.compile(r"joint_blocks|context_block|x_block|transformer\.transformer_blocks\.\d+\.attn"
-                                      r"\.add_q_proj")),
-    ("a transformer (DiT) model such as SD3, Flux, PixArt or Hunyuan", re.compile(r"^(lora_)?transformer[._]")),
-]
-_META_FOREIGN = {"flux": "Flux", "sd3": "Stable Diffusion 3", "stable-diffusion-v3": "Stable Diffusion 3",
-                 "pixart": "PixArt", "hunyuan": "Hunyuan", "auraflow": "AuraFlow", "cascade": "Stable Cascade"}
+         DEMO: "the embedded demo model", FLUX1: "FLUX.1", UNKNOWN: "unknown"}
 # The widths that tell the architectures apart — the one table of them (LoRA files, headers, models):
 # the UNet's cross-attention context (the text width it reads) and the text encoders' hidden/MLP widths.
 CROSS_DIM: dict[int, Arch] = {768: SD1, 1024: SD2, 2048: SDXL}
@@ -45,18 +35,6 @@ TE_WIDTH: dict[int, Arch] = {768: SD1, 1024: SD2}
 # since shapes decide before metadata; text widths include CLIP-G's 1280/5120 and the MLP widths.
 CONTEXT_WIDTH: dict[int, Arch] = {**CROSS_DIM, 64: DEMO}
 TEXT_WIDTH: dict[int, Arch] = {1280: SDXL, 5120: SDXL, 1024: SD2, 4096: SD2, 768: SD1, 3072: SD1, 64: DEMO, 128: DEMO}
-
-
-def foreign_family(keys: list[str], metadata: dict[str, str]) -> str | None:
-    """The name of a non-SD model family the file is for, or ``None``."""
-    for family, pattern in FOREIGN:
-        if any(pattern.search(k) for k in keys):
-            return family
-    meta = " ".join(metadata.get(k, "") for k in ("ss_base_model_version", "modelspec.architecture")).lower()
-    for marker, family in _META_FOREIGN.items():
-        if marker in meta:
-            return family
-    return None
 
 
 def from_metadata(metadata: dict[str, str]) -> str | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 # Network type → every leaf an adapter of that type consumes (``alpha``/``scale`` where the type reads them).
 TYPE_LEAVES: dict[str, tuple[str, ...]] = {
-    "lora": ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "scale"),
+    "lora": ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "lora_up.bias", "alpha", "scale"),
     "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha", "scale"),
     "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "alpha", "scale"),
     "oft": ("oft_blocks", "oft_diag", "rescale", "alpha"),
@@ -17,6 +17,7 @@ TYPE_LEAVES: dict[str, tuple[str, ...]] = {
     "ia3": ("weight", "on_input"),
     "full": ("diff", "diff_b"),
     "norm": ("w_norm", "b_norm"),
+    "set": ("set_weight",),  # ComfyUI / BFL control LoRAs: the weight's new value (replaced, not added)
     "dora": ("dora_scale",),
 }
 # Network type → the leaves whose presence identifies it. Tried in this order, first match wins (a LoRA layer
@@ -24,7 +25,7 @@ TYPE_LEAVES: dict[str, tuple[str, ...]] = {
 TYPE_DETECT: dict[str, tuple[str, ...]] = {
     "lora": ("lora_down.weight", "lora_up.weight"), "loha": ("hada_w1_a",), "lokr": ("lokr_w1", "lokr_w1_a"),
     "oft": ("oft_blocks", "oft_diag"), "glora": ("a1.weight",), "ia3": ("on_input",), "full": ("diff",),
-    "norm": ("w_norm",),
+    "norm": ("w_norm",), "set": ("set_weight",),
 }
 # Written by LyCORIS but applied by no tool (LoKr's unused first Tucker core, GLoRA's never-enabled Tucker core):
 # known, so dotted dialects still split them off their module path; reported as not understood.
@@ -33,7 +34,7 @@ UNUSED_LEAVES = ("lokr_t1", "bm.weight")
 SHARED_LEAVES = ("alpha", "scale", "weight")
 # Whole-word leaf names of dotted dialects (PEFT, ComfyUI) → this vocabulary.
 LEAF_ALIASES: dict[str, str] = {
-    "lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight",
+    "lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight", "lora_B.bias": "lora_up.bias",
     "lora.down.weight": "lora_down.weight", "lora.up.weight": "lora_up.weight",
     "lora_A.default.weight": "lora_down.weight", "lora_B.default.weight": "lora_up.weight",
     "lora_magnitude_vector": "dora_scale", "lora_magnitude_vector.default": "dora_scale",

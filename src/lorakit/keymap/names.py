@@ -21,26 +21,42 @@ COMPOUNDS: tuple[str, ...] = (
     "input_blocks", "middle_block", "output_blocks", "in_layers", "out_layers", "emb_layers", "skip_connection",
     "time_embed", "label_emb",
 )
-_BY_TOKENS: dict[tuple[str, ...], str] = {tuple(c.split("_")): c for c in COMPOUNDS}
-_MAX_TOKENS = max(len(k) for k in _BY_TOKENS)
+
+
+class Vocabulary:
+    """The multi-word attribute names of one model family's modules, for ``unflatten``."""
+
+    def __init__(self, compounds: tuple[str, ...]) -> None:
+        self.compounds = compounds
+        self._by_tokens: dict[tuple[str, ...], str] = {tuple(c.split("_")): c for c in compounds}
+        self._max = max(len(k) for k in self._by_tokens)
+
+    def unflatten(self, flat: str) -> str:
+        """``down_blocks_0_attentions_0_proj_in`` → ``down_blocks.0.attentions.0.proj_in`` (longest match
+        first)."""
+        tokens = flat.split("_")
+        out: list[str] = []
+        i = 0
+        while i < len(tokens):
+            for n in range(min(self._max, len(tokens) - i), 1, -1):
+                word = self._by_tokens.get(tuple(tokens[i:i + n]))
+                if word:
+                    out.append(word)
+                    i += n
+                    break
+            else:
+                out.append(tokens[i])
+                i += 1
+        return ".".join(out)
+
+
+SD_VOCABULARY = Vocabulary(COMPOUNDS)
 
 
 def unflatten(flat: str) -> str:
-    """``down_blocks_0_attentions_0_proj_in`` → ``down_blocks.0.attentions.0.proj_in`` (longest match first)."""
-    tokens = flat.split("_")
-    out: list[str] = []
-    i = 0
-    while i < len(tokens):
-        for n in range(min(_MAX_TOKENS, len(tokens) - i), 1, -1):
-            word = _BY_TOKENS.get(tuple(tokens[i:i + n]))
-            if word:
-                out.append(word)
-                i += n
-                break
-        else:
-            out.append(tokens[i])
-            i += 1
-    return ".".join(out)
+    """Stable Diffusion's names (UNet, CLIP, LDM): ``down_blocks_0_attentions_0_proj_in`` →
+    ``down_blocks.0.attentions.0.proj_in``."""
+    return SD_VOCABULARY.unflatten(flat)
 
 
 def canonical_te_path(path: str) -> str:

@@ -25,7 +25,9 @@ PREVIEW_EXTS = ("png", "jpg", "jpeg", "webp", "gif")
 BASE_WORDS = [(re.compile(r"^(?:sdxl|sd\s*xl|pony|illustrious|noobai|playground\s*v2)", re.I), Arch.SDXL),
               (re.compile(r"^(?:sd|stable\s*diffusion)\s*(?:v\s*)?2(?:\.\d+)?(?!\d)", re.I), Arch.SD2),
               (re.compile(r"^(?:sd|stable\s*diffusion)\s*(?:v\s*)?1(?:\.\d+)?(?!\d)", re.I), Arch.SD1),
-              (re.compile(r"^flux", re.I), "Flux"),
+              (re.compile(r"^flux\.?\s*2", re.I), "FLUX.2"),
+              (re.compile(r"^flux", re.I), Arch.FLUX1),
+              (re.compile(r"^chroma", re.I), "Chroma"),
               (re.compile(r"^(?:sd|stable\s*diffusion)\s*3", re.I), "Stable Diffusion 3")]
 
 
@@ -114,7 +116,7 @@ def _user_metadata(out: Sidecars, meta: dict[str, Any]) -> None:
 
 
 def base_from_words(text: str) -> str | None:
-    """``SD 1.5`` → sd1, ``SDXL 1.0`` / ``Pony`` → sdxl, ``SD 2.1`` → sd2, ``Flux.1 D`` → Flux, ``SD 3.5`` →
+    """``SD 1.5`` → sd1, ``SDXL 1.0`` / ``Pony`` → sdxl, ``SD 2.1`` → sd2, ``Flux.1 D`` → flux1, ``SD 3.5`` →
     Stable Diffusion 3; other names (``Other``, ``Unknown``, families lorakit does not know) → ``None``.
 
     A sidecar only fills in a base the file's shapes leave unknown (``LoraEntry.base``): it is the user's or

@@ -58,15 +58,16 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     return torch.device(name)
 
 
-def resolve_dtype(spec: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """``auto``/``None`` → fp16 on CUDA/MPS, fp32 on the CPU; ``fp16``/``bf16``/``fp32`` (or ``float16``…)."""
+def resolve_dtype(spec: str | torch.dtype | None, device: torch.device, half: torch.dtype = torch.float16) -> torch.dtype:
+    """``auto``/``None`` → ``half`` (fp16; bf16 for models that overflow fp16, as FLUX.1) on CUDA/MPS, fp32 on the
+    CPU; ``fp16``/``bf16``/``fp32`` (or ``float16``…)."""
     if isinstance(spec, torch.dtype):
         if spec not in DTYPES.values():
             raise DeviceError(f"dtype {spec} is not supported: use {', '.join(DTYPES)}")
         return spec
     name = (spec or "auto").strip().lower()
     if name == "auto":
-        return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+        return half if device.type in ("cuda", "mps") else torch.float32
     name = DTYPE_ALIASES.get(name, name)
     if name not in DTYPES:
         raise DeviceError(f"unknown dtype {spec!r}: use auto, {', '.join(DTYPES)}")

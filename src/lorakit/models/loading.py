@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 
-from ..errors import ModelError
+from ..errors import LorakitError, ModelError
 from ..keymap.arch import Arch
+from ..quant.layers import is_quantized
 from .device import (
     ORIGINALS,
     TILE_FROM,
@@ -57,9 +58,25 @@ class BaseModel:
         return self.arch == Arch.SDXL
 
     @property
+    def flux(self) -> bool:
+        return self.arch == Arch.FLUX1
+
+    @property
     def native_size(self) -> int:
-        """The side in px of the pictures it was trained on: the default width and height."""
+        """The side in px of the pictures it was trained on: the default width and height (a FLUX pipeline says
+        its own: its default latent size × the VAE's scale)."""
+        if self.flux:
+            return int(self.pipe.default_sample_size * self.pipe.vae_scale_factor)
         return {Arch.DEMO: 64, Arch.SDXL: 1024}.get(self.arch, 512)
+
+    @property
+    def variant(self) -> str:
+        """The finer base: ``flux-1-dev``, ``flux-1-schnell``… for FLUX.1, else the architecture."""
+        if self.flux:
+            from .flux import variant
+
+            return variant(self.pipe)
+        return str(self.arch)
 
     @property
     def vae_tiling(self) -> bool:
@@ -87,21 +104,26 @@ class BaseModel:
 
 
 def load_model(spec: str | None, *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-               vram: str | None = None, lora_originals: str | None = None) -> BaseModel:
+               vram: str | None = None, lora_originals: str | None = None,
+               components: str | Path | None = None) -> BaseModel:
     """``None``/``"demo"``: the embedded demo model; else a diffusers model folder (``model_index.json``) or an
     A1111 single file — on ``device`` in ``dtype`` (see ``models/device.py``), with the memory mode ``vram``
     (``low``: model CPU offload on CUDA + VAE tiling; ``normal``: all on the device, tiles from 1536 px;
     ``high``: never tiles) and where LoRA originals are kept (``auto``/``device``/``host``). An argument left
     ``None`` comes from ``$LORAKIT_DEVICE``/``$LORAKIT_DTYPE``/``$LORAKIT_VRAM``/``$LORAKIT_LORA_ORIGINALS``, else
-    its default (``auto``, ``auto``, ``normal``, ``auto``)."""
+    its default (``auto``, ``auto``, ``normal``, ``auto``). ``components``: a FLUX.1 diffusers folder a FLUX single
+    file takes its tokenizers (and, transformer-only, its text encoders and VAE) from (``$LORAKIT_COMPONENTS``)."""
     dev = resolve_device(device if device is not None else _env("device"))
-    dt = resolve_dtype(dtype if dtype is not None else _env("dtype"), dev)
+    # FLUX.1's activations overflow fp16: ``auto`` is bf16 for it on a GPU (as BFL, diffusers and Forge run it)
+    half = torch.bfloat16 if spec not in (None, DEMO) and is_flux_path(Path(spec)) else torch.float16
+    dt = resolve_dtype(dtype if dtype is not None else _env("dtype"), dev, half)
     mode = check_choice(vram or _env("vram"), VRAM_MODES, "vram", "normal")
     originals = check_choice(lora_originals or _env("lora_originals"), ORIGINALS, "lora_originals", "auto")
     if spec in (None, DEMO):
         model = demo_model()
     else:
-        model = _from_path(Path(spec), dt)
+        extra = components if components is not None else _env("components")
+        model = _from_path(Path(spec), dt, Path(extra) if extra else None)
     return place_model(model, dev, dt, mode, originals)
 
 
@@ -109,13 +131,13 @@ def _env(key: str) -> str | None:
     return os.environ.get(f"LORAKIT_{key.upper()}") or None
 
 
-def _from_path(path: Path, dtype: torch.dtype) -> BaseModel:
+def _from_path(path: Path, dtype: torch.dtype, components: Path | None = None) -> BaseModel:
     if not path.exists():
         raise ModelError(f"{path}: no such model file or folder")
     if path.is_dir() and (path / "model_index.json").is_file():
         return _diffusers_folder(path, dtype)
     if path.is_file():
-        return load_single_file(path, dtype=dtype)
+        return load_single_file(path, dtype=dtype, components=components)
     raise ModelError(f"{path}: not a diffusers model folder (no model_index.json)")
 
 
@@ -148,11 +170,30 @@ def _move(pipe: Any, device: torch.device, dtype: torch.dtype) -> None:
     for component in pipe.components.values():
         if not isinstance(component, torch.nn.Module):
             continue
-        torch.nn.Module.to(component, device=device, dtype=dtype)
+        if any(is_quantized(m) for m in component.modules()):
+            _move_quantized(component, device, dtype)
+        else:
+            torch.nn.Module.to(component, device=device, dtype=dtype)
         keep = set(getattr(component, "_keep_in_fp32_modules", None) or ())
         for name, sub in component.named_modules():
             if keep & set(name.split(".")):
                 sub.float()
+
+
+def _move_quantized(component: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """A component with quantized layers: everything to ``device``; the dense tensors to ``dtype``, the quantized
+    weights (GGUF blocks, fp8) and their fp32 scales as they are, and those layers compute in ``dtype``."""
+    torch.nn.Module.to(component, device=device)
+    for module in component.modules():
+        quantized = is_quantized(module)
+        if quantized:
+            setattr(module, "compute_dtype", dtype)
+        for name, p in module._parameters.items():
+            if p is not None and p.is_floating_point() and not (quantized and name == "weight") and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+        for name, b in module._buffers.items():
+            if b is not None and b.is_floating_point() and not quantized and b.dtype != dtype:
+                module._buffers[name] = b.to(dtype)
 
 
 def _offload(pipe: Any, device: torch.device) -> None:
@@ -164,7 +205,8 @@ def _offload(pipe: Any, device: torch.device) -> None:
 
 
 def _offloaded(pipe: Any) -> bool:
-    return any(hasattr(m, "_hf_hook") for m in (getattr(pipe, "unet", None), getattr(pipe, "vae", None)) if m)
+    return any(hasattr(m, "_hf_hook") for m in (getattr(pipe, "unet", None), getattr(pipe, "transformer", None),
+                                                 getattr(pipe, "vae", None)) if m)
 
 
 def _use_sdpa(pipe: Any) -> None:
@@ -181,9 +223,10 @@ def _use_sdpa(pipe: Any) -> None:
 
 
 def load_single_file(path: Path, configs: Mapping[str, Mapping[str, Any]] | None = None,
-                     dtype: torch.dtype = torch.float32) -> BaseModel:
+                     dtype: torch.dtype = torch.float32, components: Path | None = None) -> BaseModel:
     """An A1111-style ``.safetensors``/``.ckpt`` checkpoint (SD1, SD2, SDXL; ``configs`` default to the full-size
-    ones of the architecture its tensors show), on the CPU in ``dtype`` (``load_model`` places it)."""
+    ones of the architecture its tensors show), or a FLUX.1 single file (with ``components``: ``models/flux.py``),
+    on the CPU in ``dtype`` (``load_model`` places it)."""
     from ..files.hashes import cached_sha256
     from .single_file import (
         build_pipeline,
@@ -192,10 +235,44 @@ def load_single_file(path: Path, configs: Mapping[str, Mapping[str, Any]] | None
         default_configs,
     )
 
+    from ..quant.files import fp8_file, read_gguf
+    from .flux import load_single_file as flux_single_file
+
+    if path.suffix.lower() == ".gguf":
+        quantized = read_gguf(path)
+        if not _is_flux_file(quantized.tensors):
+            raise ModelError(f"{path}: a GGUF file of {quantized.architecture or 'an unknown architecture'}; lorakit "
+                             "loads FLUX.1 GGUF files (SD/SDXL GGUF UNets are not supported)")
+        pipe = flux_single_file(path, {}, components, dtype, quantized)
+        return BaseModel(pipe, path.stem, cached_sha256(path)[:10], Arch.FLUX1)
     sd = checkpoint_tensors(path)
+    if _is_flux_file(sd):
+        pipe = flux_single_file(path, sd, components, dtype, fp8_file(dict(sd), path))
+        return BaseModel(pipe, path.stem, cached_sha256(path)[:10], Arch.FLUX1)
     arch = checkpoint_arch(sd, path)
     pipe = build_pipeline(sd, path, arch, configs or default_configs(arch), dtype)
     return BaseModel(pipe, path.stem, cached_sha256(path)[:10], Arch(arch))
+
+
+def is_flux_path(path: Path) -> bool:
+    """Whether ``path`` holds a FLUX.1 model (a folder's ``model_index.json``, a single file's key names), read
+    cheaply: a wrong or unreadable path is ``False`` here and explained when it is loaded."""
+    from ..files.header import read_header
+    from .flux import is_flux_index
+
+    try:
+        if path.is_dir():
+            return is_flux_index(json.loads((path / "model_index.json").read_text()))
+        return path.suffix == ".safetensors" and _is_flux_file(read_header(path).tensors)
+    except (OSError, ValueError, LorakitError):
+        return False
+
+
+def _is_flux_file(sd: Mapping[str, Any]) -> bool:
+    from ..keymap.families import FLUX1, detect
+    from .flux import transformer_keys
+
+    return bool(transformer_keys(sd)) and detect(list(transformer_keys(sd))[:64], {}) is FLUX1
 
 
 def _diffusers_folder(path: Path, dtype: torch.dtype) -> BaseModel:
@@ -205,6 +282,11 @@ def _diffusers_folder(path: Path, dtype: torch.dtype) -> BaseModel:
         index = json.loads((path / "model_index.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ModelError(f"{path / 'model_index.json'}: unreadable ({e})") from None
+    digest = hashlib.sha256(json.dumps(index, sort_keys=True).encode() + str(path.resolve()).encode()).hexdigest()
+    from .flux import is_flux_index, load_folder
+
+    if is_flux_index(index):
+        return BaseModel(load_folder(path, dtype), path.name, digest[:10], Arch.FLUX1)
     cls_name = index.get("_class_name", "")
     cls = StableDiffusionXLPipeline if "XL" in cls_name else StableDiffusionPipeline
     try:
@@ -216,7 +298,6 @@ def _diffusers_folder(path: Path, dtype: torch.dtype) -> BaseModel:
     from ..patch.targets import model_arch
 
     arch = Arch.SDXL if cls is StableDiffusionXLPipeline else model_arch({"unet": pipe.unet})
-    digest = hashlib.sha256(json.dumps(index, sort_keys=True).encode() + str(path.resolve()).encode()).hexdigest()
     return BaseModel(pipe, path.name, digest[:10], Arch(arch))
 
 

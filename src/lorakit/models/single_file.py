@@ -14,7 +14,9 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
-from ..keymap.arch import Arch, foreign_family
+from ..keymap.arch import Arch
+from ..keymap.families import foreign_name
+from ..quant.layers import FP8
 
 UNET_PREFIX = "model.diffusion_model."
 
@@ -29,7 +31,7 @@ def checkpoint_arch(sd: Mapping[str, torch.Tensor], path: Path) -> str:
     """``sd1`` / ``sd2`` / ``sdxl`` from key names; a clear error for LoRAs and other files."""
     keys = list(sd)
     if not any(k.startswith(UNET_PREFIX) for k in keys):
-        family = foreign_family(keys, {})
+        family = foreign_name(keys, {})
         if family:
             raise CheckpointError(f"{path}: a {family} file; lorakit runs Stable Diffusion 1.x, 2.x and XL models")
         from ..formats import to_canonical
@@ -78,7 +80,17 @@ def build_pipeline(sd: Mapping[str, torch.Tensor], path: Path, arch: str,
     with torch.device("meta"):
         unet = UNet2DConditionModel(**configs["unet"])
         vae = AutoencoderKL(**configs["vae"])
-    _fill(unet, convert_ldm_unet_checkpoint(sd, dict(unet.config)), path, "UNet", dtype)
+    unet_state = convert_ldm_unet_checkpoint(sd, dict(unet.config))
+    if any(t.dtype in FP8 for t in unet_state.values()):  # an fp8 checkpoint: the UNet keeps fp8 storage
+        from ..quant.build import fill_quantized
+
+        if any(k.endswith(("scale_weight", "weight_scale")) for k in sd):
+            raise CheckpointError(f"{path}: a scaled fp8 SD checkpoint; lorakit reads scaled fp8 FLUX.1 files and "
+                                  "unscaled fp8 SD/SDXL checkpoints")
+        names = {n for n, _ in unet.named_parameters()}
+        fill_quantized(unet, {k: v for k, v in unet_state.items() if k in names}, {}, path, "UNet", dtype)
+    else:
+        _fill(unet, unet_state, path, "UNet", dtype)
     _fill(vae, convert_ldm_vae_checkpoint(sd, dict(vae.config)), path, "VAE", dtype)
     encoders = _text_encoders(sd, path, arch, configs, dtype)
     return _assemble(arch, unet.eval(), vae.eval(), encoders)

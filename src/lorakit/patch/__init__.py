@@ -16,15 +16,19 @@ from ..errors import LorakitError
 from ..lora_model import LoraLike, LoraModel, load_cached
 from .fused import FusedPatcher
 from .hooks import HookPatcher
+from ..quant.layers import weight_shape, weight_values
 from .placement import place_loras
+from ..keymap.families import family_of_model
+from .expand import InputExpansion
+from .quantized import QuantizedPatcher, Requantized
 from .plan import Contribution, LoraReport, Plan, PlanCache, ResolutionCache, build_plan
-from .targets import components_of, model_arch
+from .targets import components_of, find_module, model_arch
 from .weights import Weight, as_weight
 
 log = logging.getLogger("lorakit")
 
 WeightLike = Union[float, int, Mapping[str, object], Weight]
-MODES = ("fused", "hooks")
+MODES = ("fused", "hooks", "requant")  # requant: quantized layers requantized (lossy, reported), the rest fused
 
 
 class Patcher:
@@ -34,6 +38,11 @@ class Patcher:
         self.components = dict(components)
         self.fused = FusedPatcher()
         self.hooks = HookPatcher()
+        self.quantized = QuantizedPatcher()  # quantized layers: merged per forward, never written
+        self.expansion = InputExpansion()  # input layers widened for control LoRAs
+        self.requantized = Requantized()  # mode "requant": the lossy opt-in, each layer's loss reported
+        self._quantized: frozenset[str] = frozenset()
+        self._mode = "fused"  # of the last set: a per-step update in fused mode is a set
         self.reports: list[LoraReport] = []
         self._active: list[tuple[LoraModel, list[str]]] = []  # the last set: each LoRA and its layers that fit
         self._modules: dict[str, torch.nn.Module] = {}
@@ -52,16 +61,32 @@ class Patcher:
         resolved = place_loras(resolved, self.components, mode, host)  # factors on the weights' device, fp32, cached
         plan = self._plans.get(resolved, strict)
         if plan is None:
-            plan = self._plans.put(resolved, strict, build_plan(self.components, resolved, strict, self._resolved))
-        active, other = (self.fused, self.hooks) if mode == "fused" else (self.hooks, self.fused)
+            plan = self._plans.put(resolved, strict, build_plan(self.components, resolved, strict, self._resolved,
+                                                                self._original))
         try:
-            other.restore()
-            active.apply(plan)
+            self._expand(plan)
+            if mode in ("fused", "requant"):
+                self.hooks.restore()
+                self.fused.apply(plan)
+                quantized = {p: c for p, c in plan.layers.items() if p in plan.quantized}
+                if mode == "requant":
+                    self.quantized.restore()
+                    self.requantized.apply(plan.modules, quantized)
+                    self._log_requant()
+                else:
+                    self.requantized.restore()
+                    self.quantized.apply(plan.modules, quantized)
+            else:
+                self.requantized.restore()
+                self.fused.restore()
+                self._apply_hooks(plan)
         except BaseException:
             self.restore()
             raise
         self.reports = plan.reports
         self._modules = plan.modules
+        self._quantized = plan.quantized
+        self._mode = mode
         self._active = [(lora, [p for p in lora.layers if p in plan.modules]) for lora, _ in resolved]
         for report in plan.reports if log_reports else []:
             log.info(report.line())
@@ -72,8 +97,8 @@ class Patcher:
         checking anything again: the per-step path of strength schedules. In fused mode this is a ``set``."""
         if len(weights) != len(self._active):
             raise LorakitError(f"update needs one weight per active LoRA ({len(self._active)}), got {len(weights)}")
-        if not self.hooks.active and self.fused.active:
-            self.set([(lora, w) for (lora, _), w in zip(self._active, weights)], log_reports=False)
+        if self._mode in ("fused", "requant"):
+            self.set([(lora, w) for (lora, _), w in zip(self._active, weights)], mode=self._mode, log_reports=False)
             return
         arch = model_arch(self.components)
         layers: dict[str, list[Contribution]] = {}
@@ -84,10 +109,46 @@ class Patcher:
                 if strength != 0.0:
                     layers.setdefault(path, []).append(Contribution(lora.layers[path], strength, weight.dyn))
         try:
-            self.hooks.apply(Plan(self._modules, layers, self.reports))
+            self._apply_hooks(Plan(self._modules, layers, self.reports, self._quantized))
         except BaseException:
             self.restore()
             raise
+
+    def _log_requant(self) -> None:
+        report = self.requantized.report
+        if report:
+            worst = min(report.items(), key=lambda kv: kv[1][0])
+            mean = sum(k for k, _ in report.values()) / len(report)
+            log.warning(f"requantized {len(report)} quantized layers (lossy): the LoRA change kept {mean:.3f} on "
+                        f"average, worst {worst[1][0]:.3f} ({worst[0]}); mode fused keeps all of it exactly")
+
+    def _expand(self, plan: Plan) -> None:
+        """Widen (or put back) the input layers a control LoRA needs; every change is restored first, as the widened
+        layer gets a new parameter."""
+        if plan.expansions == self.expansion.current:
+            return
+        self.fused.restore()
+        self.hooks.restore()
+        self.quantized.restore()
+        family = family_of_model(self.components)
+        self.expansion.apply(plan.modules, self.components, plan.expansions, family.expandable if family else {})
+
+    def _apply_hooks(self, plan: Plan) -> None:
+        """Hooks on every layer, but on a quantized layer only when every change is a side branch (LoRA/LoCon);
+        a quantized layer with another type merges per forward (``patch/quantized.py``)."""
+        merged = {p for p in plan.quantized if any(not c.adapter.bypass for c in plan.layers.get(p, []))}
+        self.hooks.apply(Plan(plan.modules, {p: c for p, c in plan.layers.items() if p not in merged}, plan.reports))
+        self.quantized.apply(plan.modules, {p: plan.layers[p] for p in merged})
+
+    def _original(self, path: str) -> torch.Tensor:
+        """A module's original weight, whether patched now (kept by the fused patcher) or not."""
+        kept = self.fused.original((path, "weight"))
+        if kept is not None:
+            return kept
+        module = find_module(self.components, path)
+        if module is None or weight_shape(module) is None:
+            raise LorakitError(f"{path}: a part of a fused layer the LoRA changes is not in this model")
+        return weight_values(module)  # a quantized layer's dequantized weight (its storage is never patched)
 
     @property
     def originals_location(self) -> str:
@@ -98,6 +159,9 @@ class Patcher:
         """Every parameter back to its original tensor (bit-exact); every hook removed."""
         self.fused.restore()
         self.hooks.restore()
+        self.quantized.restore()
+        self.requantized.restore()
+        self.expansion.restore()
         self._plans.clear()
         self.reports = []
         self._active, self._modules = [], {}

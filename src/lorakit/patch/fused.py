@@ -36,6 +36,7 @@ GEMM_DEVICES = {"cuda"}  # cuBLAS sums a half-precision addmm in fp32 and rounds
 # bf16 weights take the fp32 row-block path — as many launches, exact.
 GEMM_DTYPES = {torch.float16}
 GemmFactors = tuple[torch.Tensor, torch.Tensor, float]
+BLOCK_LISTS = ("down_blocks", "up_blocks", "transformer_blocks", "single_transformer_blocks")
 GemmJob = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]
 
 
@@ -94,6 +95,10 @@ class FusedPatcher:
     @property
     def active(self) -> bool:
         return bool(self.params)
+
+    def original(self, key: ParamKey) -> torch.Tensor | None:
+        """The original of a patched parameter (on the device, or its host copy); ``None`` when not patched."""
+        return self.originals.get(key, self.host.get(key))
 
     @property
     def originals_location(self) -> str:
@@ -259,12 +264,12 @@ def _one_addmm(orig: torch.Tensor) -> bool:
 
 def _restored_together(key: ParamKey, weight: torch.Tensor) -> tuple[str, ...]:
     """Which originals share pinned chunks: those that sets with fewer layers drop together — a text encoder, a
-    diffusers UNet block (``down_blocks.1``: block weights that zero it whole), its 3×3 convolutions (LoCon's, not
-    LoRA's) — so such a switch frees whole chunks."""
+    diffusers UNet block (``down_blocks.1``: block weights that zero it whole) or transformer block, its 3×3
+    convolutions (LoCon's, not LoRA's) — so such a switch frees whole chunks."""
     parts = key[0].split(".")
     block: list[str] = []
-    if parts[0] == "unet":
-        block = parts[1:3] if parts[1:2] in (["down_blocks"], ["up_blocks"]) else parts[1:2]
+    if parts[0] in ("unet", "transformer"):
+        block = parts[1:3] if parts[1:2] and parts[1] in BLOCK_LISTS else parts[1:2]
     conv = weight.dim() == 4 and weight.shape[-1] * weight.shape[-2] > 1
     return (parts[0], *block, "conv" if conv else "")
 

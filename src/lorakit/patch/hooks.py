@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ..adapters import functional as fn
+from ..quant.layers import weight_values
 from .plan import Contribution, Plan
 
 
@@ -38,7 +39,7 @@ class _LayerHook:
         key = (id(c.adapter), c.strength, c.dyn, dtype)
         if key in self.cache:
             return self.cache[key]
-        w = _weight(module).detach().float()
+        w = weight_values(module).float()  # a quantized layer's own dequantization, never its stored bytes
         b = c.adapter.bias_delta(c.strength) if getattr(module, "bias", None) is not None else None
         made = (c.adapter.delta(w, c.strength, c.dyn).to(dtype), None if b is None else b.to(dtype))
         if self.cached:

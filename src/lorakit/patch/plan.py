@@ -13,11 +13,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..adapters import Adapter
+from ..adapters import Adapter, Rows
+from ..adapters.rows import Originals
 from ..errors import IncompatibleLora, UnmatchedKeys
 from ..keymap.arch import NAMES, UNKNOWN
 from ..lora_model import LoraModel
-from .targets import SUPPORTED, find_module, model_arch
+from ..keymap.families import family_of_model
+from ..quant.layers import is_quantized, weight_shape, weight_values
+from .expand import Expansions, needed, padded
+from .targets import find_module, model_arch, supported
 from .weights import Weight
 
 ParamKey = tuple[str, str]  # (canonical module path, "weight" | "bias")
@@ -60,9 +64,14 @@ Signature = tuple[tuple[object, float, int | None, str], ...]  # what a paramete
 
 @dataclass
 class Plan:
+    """``quantized``: the modules whose stored weight is quantized (GGUF, fp8) — never fused into: their parameter
+    entries are left out, ``patch/quantized.py`` merges their contributions per forward."""
+
     modules: dict[str, torch.nn.Module]
     layers: dict[str, list[Contribution]]
     reports: list[LoraReport]
+    quantized: frozenset[str] = frozenset()
+    expansions: Expansions = field(default_factory=dict)  # layers widened for a control LoRA: path → inputs
     _entries: Entries | None = field(default=None, repr=False)
     _signatures: dict[ParamKey, Signature] | None = field(default=None, repr=False)
 
@@ -84,6 +93,8 @@ class Plan:
     def _work_out_entries(self) -> Entries:
         out: Entries = {}
         for path, contribs in self.layers.items():
+            if path in self.quantized:
+                continue
             has_bias = getattr(self.modules[path], "bias", None) is not None
             for c in contribs:
                 out.setdefault((path, "weight"), []).append((c, "weight"))
@@ -156,30 +167,43 @@ def resolve(components: Mapping[str, torch.nn.Module], lora: LoraModel) -> Resol
     out: Resolution = []
     for path, adapter in lora.layers.items():
         module = find_module(components, path)
-        if module is None or not isinstance(module, SUPPORTED):
+        if module is None or not supported(module):
             out.append((path, adapter, None, ""))
             continue
-        w = getattr(module, "weight", None)  # a norm layer without affine parameters has none
-        problem = adapter.shape_error(w.shape) if isinstance(w, torch.Tensor) else "it has no weight"
+        shape = weight_shape(module)  # a norm layer without affine parameters has none; GGUF: logical, not bytes
+        problem = adapter.shape_error(shape) if shape is not None else "it has no weight"
         out.append((path, adapter, module, problem or ""))
     return out
 
 
 def build_plan(components: Mapping[str, torch.nn.Module], loras: Sequence[tuple[LoraModel, Weight]],
-               strict: bool = False, cache: ResolutionCache | None = None) -> Plan:
+               strict: bool = False, cache: ResolutionCache | None = None,
+               originals: Originals | None = None) -> Plan:
+    """``originals``: a module's original weight by canonical path (the patcher's kept originals; default: the
+    modules' weights as they are), for parts of fused layers whose change reads the whole fused weight. A layer the
+    family lets widen (FLUX's ``x_embedder``) takes a control LoRA's wider input: ``Plan.expansions``."""
     arch = model_arch(components)
+    originals = originals or _current_weights(components)
+    family = family_of_model(components)
+    resolved = [(lora, weight, cache.get(components, lora) if cache else resolve(components, lora))
+                for lora, weight in loras]
+    expansions = _expansions(resolved, family.expandable if family else {})
     modules: dict[str, torch.nn.Module] = {}
     layers: dict[str, list[Contribution]] = {}
     reports = []
-    for lora, weight in loras:
+    for lora, weight, resolution in resolved:
         _check_arch(lora, arch)
         report = LoraReport(lora.name, lora.path, lora.network_types, lora.arch, weight.describe(_parts(lora)),
                             leftover_keys=len(lora.leftovers))
         errors: list[str] = []
-        for path, adapter, module, problem in (cache.get(components, lora) if cache else resolve(components, lora)):
+        for path, adapter, module, problem in resolution:
             if module is None:
                 report.unmatched.append(path)
                 continue
+            if path in expansions:
+                problem = ""  # checked against the widened shape in _expansions
+                if (adapter.widths()[1] or 0) < expansions[path]:
+                    adapter = padded(adapter, expansions[path], path)
             if problem:
                 errors.append(f"{path}: {problem}")
                 continue
@@ -187,10 +211,38 @@ def build_plan(components: Mapping[str, torch.nn.Module], loras: Sequence[tuple[
             modules[path] = module
             report.patched[path.split(".", 1)[0]] = report.patched.get(path.split(".", 1)[0], 0) + 1
             if strength != 0.0:
+                if isinstance(adapter, Rows) and adapter.needs_weight:
+                    adapter = adapter.bind(originals)
                 layers.setdefault(path, []).append(Contribution(adapter, strength, weight.dyn))
         _raise_if_bad(lora, arch, errors, report, strict)
         reports.append(report)
-    return Plan(modules, layers, reports)
+    return Plan(modules, layers, reports, frozenset(p for p, m in modules.items() if is_quantized(m)), expansions)
+
+
+def _expansions(resolved: list[tuple[LoraModel, Weight, Resolution]], expandable: Mapping[str, str]) -> Expansions:
+    """The layers a control LoRA of the set needs widened, each to one width (its shape checked at that width)."""
+    out: Expansions = {}
+    for lora, _, resolution in resolved:
+        for path, adapter, module, problem in resolution:
+            shape = weight_shape(module) if module is not None and problem else None
+            width = needed(path, adapter, shape, expandable) if shape is not None else None
+            if width is None:
+                continue
+            if out.get(path, width) != width:
+                raise IncompatibleLora(f"{lora.path or lora.name}: {path} needs {width} inputs, another control LoRA "
+                                       f"of the set {out[path]}")
+            if adapter.shape_error((shape[0], width)) is None:  # type: ignore[index]
+                out[path] = width
+    return out
+
+
+def _current_weights(components: Mapping[str, torch.nn.Module]) -> Originals:
+    def weight(path: str) -> torch.Tensor:
+        module = find_module(components, path)
+        if module is None or weight_shape(module) is None:
+            raise IncompatibleLora(f"{path}: a part of a fused layer the LoRA changes is not in this model")
+        return weight_values(module)
+    return weight
 
 
 def _parts(lora: LoraModel) -> set[str]:

@@ -8,9 +8,17 @@ import torch
 
 from ..errors import LorakitError
 from ..keymap.arch import CROSS_DIM, SDXL, TE_WIDTH, UNKNOWN, Arch
+from ..keymap.families import family_of_model
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+from ..adapters.functional import is_rms_norm
+
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 SUPPORTED = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm)
+
+
+def supported(module: torch.nn.Module) -> bool:
+    """Whether LoRAs can change this module: Linear, Conv2d, GroupNorm, LayerNorm, RMSNorm (FLUX's q/k norms)."""
+    return isinstance(module, SUPPORTED) or is_rms_norm(module)
 
 
 def components_of(target: object) -> dict[str, torch.nn.Module]:
@@ -45,12 +53,16 @@ def find_module(components: Mapping[str, torch.nn.Module], canonical_path: str) 
 
 
 def model_arch(components: Mapping[str, torch.nn.Module]) -> str:
-    """SD1/SD2/SDXL from the UNet's cross-attention width, else the text encoder's; a model that names its
-    architecture (the demo model's components carry ``lorakit_arch``) is taken at its word."""
+    """A transformer family (FLUX.1) from its classes; SD1/SD2/SDXL from the UNet's cross-attention width, else the
+    text encoder's; a model that names its architecture (the demo model's components carry ``lorakit_arch``) is
+    taken at its word."""
     for module in components.values():
         named = getattr(module, "lorakit_arch", None)
         if isinstance(named, str):
             return Arch(named)
+    family = family_of_model(components)
+    if family is not None and family.arch is not None:
+        return family.arch
     unet = components.get("unet")
     cross = getattr(getattr(unet, "config", None), "cross_attention_dim", None)
     if isinstance(cross, (list, tuple)):

@@ -1,10 +1,13 @@
-"""Weight specs: a float, or per part (``unet``, ``te``), per block (``in``/``mid``/``out`` as SD.Next, or a
-lora-block-weight vector / preset as ``lbw``), and DyLoRA ``dyn``.
+"""Weight specs: a float, or per part (``unet`` — also spelt ``transformer`` or ``dit``: the denoiser of any
+family —, ``te``), per block (``in``/``mid``/``out`` as SD.Next for UNets, ``double``/``single`` for FLUX.1's
+transformer, or a lora-block-weight vector / preset as ``lbw``), and DyLoRA ``dyn``.
 
-lbw vectors are told apart by length: SD1/SD2 17 (LoRA) or 26 (LoCon), SDXL 12 or 20; ``BASE`` is the text
-encoder(s). Blocks a vector does not list keep the part weight (×1). UNet layers outside every block (time and
-label embeddings) follow ``BASE`` under an lbw vector or preset (so ``NONE`` changes nothing and ``ALL``
-everything); ``in``/``mid``/``out`` leave them at the ``unet`` weight.
+lbw vectors are told apart by length: SD1/SD2 17 (LoRA) or 26 (LoCon), SDXL 12 or 20, FLUX.1 58 (``BASE``, its 19
+double blocks, its 38 single blocks: the layout of ComfyUI's and Forge's block-weight tools); ``BASE`` is the text
+encoder(s). Blocks a vector does not list keep the part weight (×1). Denoiser layers outside every block (time and
+label embeddings; FLUX's embedders and final layer) follow ``BASE`` under an lbw vector or preset (so ``NONE``
+changes nothing and ``ALL`` everything); ``in``/``mid``/``out`` and ``double``/``single`` leave them at the
+``unet`` weight. Block names of one family on a model of another are an error, not ignored.
 """
 from __future__ import annotations
 
@@ -14,15 +17,21 @@ from dataclasses import dataclass, field
 from ..errors import WeightSpecError
 from ..keymap import block_id
 from ..keymap.arch import Arch
+from ..keymap.blocks import DIT_GROUPS
 
 _IN = [f"IN{i:02d}" for i in range(12)]
 _OUT = [f"OUT{i:02d}" for i in range(12)]
+FLUX1_VECTOR = ["BASE"] + [f"D{i:02d}" for i in range(19)] + [f"S{i:02d}" for i in range(38)]
 VECTORS: dict[int, tuple[str, list[str]]] = {
     17: ("sd", ["BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00"] + _OUT[3:12]),
     26: ("sd", ["BASE"] + _IN + ["M00"] + _OUT),
     12: (Arch.SDXL, ["BASE", "IN04", "IN05", "IN07", "IN08", "M00"] + _OUT[0:6]),
     20: (Arch.SDXL, ["BASE"] + _IN[0:9] + ["M00"] + _OUT[0:9]),
+    58: (Arch.FLUX1, FLUX1_VECTOR),
 }
+UNET_PARTS = {"in": _IN, "mid": ["M00"], "out": _OUT}
+DIT_PARTS = {"double": ["DOUBLE"], "single": ["SINGLE"]}
+DENOISER_ALIASES = ("transformer", "dit")  # other names of the ``unet`` part
 PRESETS: dict[str, set[str]] = {
     "NONE": set(), "ALL": {"BASE", *_IN, "M00", *_OUT},
     "INS": {"BASE", "IN01", "IN02", "IN04"}, "IND": {"BASE", "IN05", "IN07", "IN08"},
@@ -46,13 +55,31 @@ class Weight:
 
     def for_path(self, canonical_path: str, arch: str) -> float:
         """The multiplier of one layer: part weight × block factor."""
-        if self.arch_family and (arch == Arch.SDXL) != (self.arch_family == Arch.SDXL):
-            raise WeightSpecError(f"a {len(self.blocks)}-value block-weight vector is for "
-                                  f"{'SDXL' if self.arch_family == 'sdxl' else 'SD1/SD2'}, the model is {arch}")
+        if self.blocks:
+            self._check_family(arch)
         is_te = canonical_path.startswith("text_encoder")
         base = self.te if is_te else self.unet
         block = block_id(canonical_path, last_out=8 if arch == Arch.SDXL else 11)
+        if block is not None and block not in self.blocks and block[0] in DIT_GROUPS:
+            return base * self.blocks.get(DIT_GROUPS[block[0]], 1.0)  # double=/single= name every such block
         return base * self.blocks.get(block or "BASE", 1.0)
+
+    def _check_family(self, arch: str) -> None:
+        """Block weights name one family's blocks: on another family's model they are an error."""
+        flux = arch == Arch.FLUX1
+        if self.arch_family and (arch == Arch.SDXL, flux) != (self.arch_family == Arch.SDXL,
+                                                               self.arch_family == Arch.FLUX1):
+            names: dict[str, str] = {Arch.SDXL: "SDXL", Arch.FLUX1: "FLUX.1"}
+            raise WeightSpecError(f"a {len(self.blocks)}-value block-weight vector is for "
+                                  f"{names.get(self.arch_family, 'SD1/SD2')}, the model is {arch}")
+        unet_blocks = any(b.startswith(("IN", "M0", "OUT")) for b in self.blocks)
+        dit_blocks = any(b in ("DOUBLE", "SINGLE") or b[0] in DIT_GROUPS and b[1:].isdigit() for b in self.blocks)
+        if flux and unet_blocks and not self.arch_family:
+            raise WeightSpecError("in/mid/out name a UNet's blocks; FLUX.1 has double and single blocks: use "
+                                  "double=…/single=… or a 58-value lbw vector (BASE, 19 double, 38 single)")
+        if not flux and dit_blocks:
+            raise WeightSpecError(f"double/single name FLUX.1's transformer blocks; the model is {arch}: use "
+                                  "in/mid/out or an lbw vector")
 
     def describe(self, parts: Collection[str] = ("te", "unet")) -> str:
         """``te 0.8, unet 1`` (+ every block factor that is not 1, dyn) for log lines; ``parts``: the parts the
@@ -73,12 +100,15 @@ def as_weight(spec: float | int | Mapping[str, object] | Weight) -> Weight:
         raise WeightSpecError(f"a LoRA weight must be a number or a mapping, got {spec!r}")
     if not isinstance(spec, Mapping):
         return Weight(unet=float(spec), te=float(spec))
-    unknown = set(spec) - {"unet", "te", "in", "mid", "out", "lbw", "dyn", "weight"}
+    unknown = set(spec) - {"unet", "te", "lbw", "dyn", "weight", *UNET_PARTS, *DIT_PARTS, *DENOISER_ALIASES}
     if unknown:
-        raise WeightSpecError(f"unknown weight part(s) {sorted(unknown)}; known: unet, te, in, mid, out, lbw, dyn, "
-                              "weight")
+        raise WeightSpecError(f"unknown weight part(s) {sorted(unknown)}; known: unet (or transformer, dit), te, in, "
+                              "mid, out, double, single, lbw, dyn, weight")
+    named = [k for k in ("unet", *DENOISER_ALIASES) if k in spec]
+    if len(named) > 1:
+        raise WeightSpecError(f"{' and '.join(named)} name the same part (the denoiser): give one")
     w = _num(spec.get("weight", 1.0), "weight")
-    unet = w * _num(spec.get("unet", 1.0), "unet")
+    unet = w * _num(spec.get(named[0] if named else "unet", 1.0), named[0] if named else "unet")
     te = w * _num(spec.get("te", 1.0), "te")
     blocks, family = _blocks(spec)
     dyn = spec.get("dyn")
@@ -97,7 +127,7 @@ def _blocks(spec: Mapping[str, object]) -> tuple[dict[str, float], str | None]:
     blocks: dict[str, float] = {}
     if "lbw" in spec:
         return _lbw(spec["lbw"])
-    for part, names in (("in", _IN), ("mid", ["M00"]), ("out", _OUT)):
+    for part, names in {**UNET_PARTS, **DIT_PARTS}.items():
         if part in spec:
             blocks.update({n: _num(spec[part], part) for n in names})
     return blocks, None
@@ -115,6 +145,6 @@ def _lbw(value: object) -> tuple[dict[str, float], str | None]:
                                   f"{value!r}") from None
     if not isinstance(value, (list, tuple)) or len(value) not in VECTORS:
         n = len(value) if isinstance(value, (list, tuple)) else "?"
-        raise WeightSpecError(f"an lbw vector has 17 or 26 values (SD1/SD2) or 12 or 20 (SDXL), got {n}")
+        raise WeightSpecError(f"an lbw vector has 17 or 26 values (SD1/SD2), 12 or 20 (SDXL) or 58 (FLUX.1), got {n}")
     family, names = VECTORS[len(value)]
     return {n: _num(v, "lbw") for n, v in zip(names, value)}, family

@@ -2,7 +2,8 @@
 
 Field names and types are A1111's; fields lorakit does not use (hires fix, scripts, restore_faces, …) are
 accepted and ignored, as A1111 ignores what it does not know. Differences, by choice: ``steps``, ``cfg_scale`` and
-``sampler_name`` left out mean lorakit's defaults (20, 7, Euler a) — or what an LCM/Turbo LoRA in the prompt needs.
+``sampler_name`` left out mean lorakit's defaults (20, 7, Euler a; FLUX.1-dev 28, 1, Euler with ``distilled_cfg_scale``
+3.5, schnell 4 steps) — or what an LCM/Turbo LoRA in the prompt needs.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .. import __version__
 from ..generate.pipeline import LIMITS, Request, Result
 from ..generate.samplers import SAMPLERS
+from .images import decode_image
 
 MAX_IMAGES = 16  # batch_size × n_iter per request
 MAX_PROMPT_CHARS = 20_000  # ~10× the longest real prompts; a 10M-character one must not hold the only worker
@@ -39,12 +41,16 @@ class Txt2Img(BaseModel):
     n_iter: int = Field(1, ge=1, le=MAX_IMAGES)
     steps: int | None = Field(None, ge=LIMITS["steps"][0], le=LIMITS["steps"][1])
     cfg_scale: float | None = Field(None, ge=LIMITS["cfg"][0], le=LIMITS["cfg"][1])
+    # Forge's name for FLUX.1-dev's distilled guidance (default 3.5; ignored by models without one)
+    distilled_cfg_scale: float | None = Field(None, ge=LIMITS["guidance"][0], le=LIMITS["guidance"][1])
     width: int = Field(512, ge=LIMITS["width"][0], le=LIMITS["width"][1], multiple_of=8)
     height: int = Field(512, ge=LIMITS["height"][0], le=LIMITS["height"][1], multiple_of=8)
     override_settings: dict[str, Any] = Field(default_factory=dict)
     send_images: bool = True
     # lorakit's own: add the LoRAs' declared trigger words the prompt lacks
     lorakit_auto_trigger_words: bool = False
+    # lorakit's own: the control image (base64) of a FLUX.1 control LoRA (Canny edges, a depth map) in the prompt
+    lorakit_control_image: str | None = None  # size checked when decoded (images.decode_base64)
 
 
 def sampler_of(req: Txt2Img) -> str | None:
@@ -58,9 +64,10 @@ def sampler_of(req: Txt2Img) -> str | None:
 def requests_of(req: Txt2Img, clip_skip: int, auto_triggers: bool) -> list[Request]:
     """One ``Request`` per iteration; image i of the whole job has seed ``seed + i`` (A1111's numbering)."""
     seed = req.seed if req.seed >= 0 else random.randrange(2 ** 32 - MAX_IMAGES)
+    control = decode_image(req.lorakit_control_image, "lorakit_control_image") if req.lorakit_control_image else None
     return [Request(req.prompt, req.negative_prompt, req.steps, req.cfg_scale, sampler_of(req),
                     seed + k * req.batch_size, req.width, req.height, req.batch_size, clip_skip,
-                    auto_triggers or req.lorakit_auto_trigger_words)
+                    auto_triggers or req.lorakit_auto_trigger_words, guidance=req.distilled_cfg_scale, control=control)
             for k in range(req.n_iter)]
 
 
@@ -86,6 +93,11 @@ def _clip_skip_problem(deepest: int) -> Any:
         return f"clip skip must be a whole number from 1 to {deepest} (1 uses the text encoder's last layer)"
 
     return check
+
+
+def _extra(settings: dict[str, Any]) -> dict[str, Any]:
+    """Forge's extra generation parameters: FLUX.1-dev's ``Distilled CFG Scale``."""
+    return {"Distilled CFG Scale": settings["guidance"]} if settings.get("guidance") is not None else {}
 
 
 def png_base64(image: Any, text: str) -> str:
@@ -115,7 +127,8 @@ def response(req: Txt2Img, results: list[Result], model_name: str, model_hash: s
         "steps": first.settings.get("steps"), "batch_size": req.batch_size, "restore_faces": False,
         "face_restoration_model": None, "sd_model_name": model_name, "sd_model_hash": model_hash,
         "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-        "denoising_strength": getattr(req, "denoising_strength", None), "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": texts,
+        "denoising_strength": getattr(req, "denoising_strength", None),
+        "extra_generation_params": _extra(first.settings), "index_of_first_image": 0, "infotexts": texts,
         "styles": req.styles, "job_timestamp": stamp, "clip_skip": first.settings.get("clip_skip", 1),
         "is_using_inpainting_conditioning": False, "version": f"lorakit {__version__}",
         "notes": [n for r in results for n in r.notes],

@@ -43,6 +43,9 @@ def add_info_routes(app: FastAPI, state: Any) -> None:
     @app.get("/sdapi/v1/embeddings")
     def embeddings() -> dict[str, dict[str, Any]]:
         conditioner = state.queue.generator.conditioner
+        if conditioner is None:  # a family without textual-inversion embeddings (FLUX.1): every one skipped
+            every = embeddings_reply(state.queue.generator.family.embeddings, [])  # no encoder refuses one
+            return {"loaded": {}, "skipped": {**every["loaded"], **every["skipped"]}}
         return embeddings_reply(conditioner.embeddings, conditioner.encoders)
 
 

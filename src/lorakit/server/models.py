@@ -1,7 +1,7 @@
 """The base models a server can switch between (A1111's ``/sdapi/v1/sd-models``), and its persisted options.
 
 Models: the embedded demo model, the one the server started with, and every checkpoint in the ``--models-dir``
-folders — single files (``.safetensors``, ``.ckpt``) and diffusers folders (``model_index.json``), found
+folders — single files (``.safetensors``, ``.ckpt``, ``.gguf``) and diffusers folders (``model_index.json``), found
 recursively. A title is A1111's: the path relative to its folder, with ``[hash]`` once the hash is known (the
 loaded model's); a client may name a model by title (with or without the hash), by name (the stem) or by hash.
 
@@ -22,7 +22,7 @@ from typing import Any
 from ..errors import ModelError
 
 log = logging.getLogger("lorakit.server")
-SUFFIXES = (".safetensors", ".ckpt")
+SUFFIXES = (".safetensors", ".ckpt", ".gguf")  # .gguf: quantized FLUX.1 (with --components)
 MAX_MODELS = 10_000
 DEFAULT_OPTIONS_FILE = Path("~/.config/lorakit/server-options.json").expanduser()
 HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]{8,64}\]$")

@@ -45,7 +45,7 @@ class ServerState:
 
     @property
     def clip_layers(self) -> int:
-        return self.queue.generator.conditioner.layers
+        return self.queue.generator.family.clip_layers
 
     def _set_title(self) -> None:
         self.options["sd_model_checkpoint"] = self.catalog.current.a1111(self.model.hash)["title"]

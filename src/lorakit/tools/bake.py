@@ -20,10 +20,12 @@ from typing import Any
 import torch
 
 from ..adapters import kind_of
+from ..keymap.arch import Arch
 from ..lora_model import LoraModel
 from ..patch import Patcher
 from ..patch.plan import build_plan
 from ..patch.weights import Weight
+from .flux_bake import fused_siblings, scatter_rows
 from .modelfile import ModelFile, Ref, TensorFile, open_model
 from .output import Entry, atomic_dir, bar, check_output, write_safetensors
 from .report import LayerResult, ToolReport
@@ -71,6 +73,8 @@ def _skeleton(mf: ModelFile, shapes: Mapping[str, tuple[int, ...]], device: str 
     for component, cfg in mf.config.items():
         roots[component] = torch.nn.Module()
         roots[component].config = SimpleNamespace(**cfg)  # type: ignore[assignment]
+        if mf.arch == Arch.FLUX1:  # a family's model is told by its classes, which a stand-in lacks
+            roots[component].lorakit_arch = mf.arch  # type: ignore[assignment]
     for path, shape in shapes.items():
         component, _, rest = path.partition(".")
         leaf = _leaf_module(shape, f"{path}.bias" in mf.params)
@@ -131,7 +135,11 @@ class _Baker:
     def _patch(self, path: str) -> dict[str, Tensor]:
         names = [n for n in (f"{path}.weight", f"{path}.bias") if n in self.mf.params]
         tensors = {n: self.mf.load(n) for n in names}
-        components = _skeleton(self.mf, {path: self.mf.shape(f"{path}.weight")}, tensors=tensors)
+        others = [p for p in fused_siblings(path, [lora for lora, _ in self.pairs])  # the rest of a fused layer
+                  if f"{p}.weight" in self.mf.params]  # whose change reads its whole original weight
+        tensors |= {n: self.mf.load(n) for p in others for n in (f"{p}.weight", f"{p}.bias") if n in self.mf.params}
+        shapes = {p: self.mf.shape(f"{p}.weight") for p in (path, *others)}
+        components = _skeleton(self.mf, shapes, tensors=tensors)
         subset = [(dataclasses.replace(lora, layers={path: lora.layers[path]}), w) for lora, w in self.pairs
                   if path in lora.layers]
         patcher = Patcher(components)
@@ -163,11 +171,14 @@ class _Baker:
     def _assemble(self, tf: TensorFile, key: str, refs: list[tuple[str, Ref]]) -> Tensor:
         """The file tensor from its canonical parts, patched where a LoRA changed them (q/k/v of a fused
         ``in_proj`` are concatenated back; OpenCLIP's ``text_projection`` transposed back)."""
-        parts = []
+        parts, rows = [], []
         for canonical, ref in sorted(refs, key=lambda cr: cr[1].part or (0, 1)):
             module, _, leaf = canonical.rpartition(".")
             t = self.module(module)[leaf] if module in self.touched else ref.load()
             parts.append(t.T.contiguous() if ref.transposed else t)
+            rows.append(ref.rows)
+        if rows[0]:  # FLUX.1's fused BFL layers: each part's rows back where the file has them
+            return scatter_rows(list(zip(rows, parts)))  # type: ignore[arg-type]
         return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
 
 

@@ -114,7 +114,8 @@ def _add_extract(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("tuned", metavar="TUNED", help="the fine-tuned model")
     _common(p)
     _rank_flags(p, "the rank (default 32; with --sv-*, the cap)")
-    p.add_argument("--components", default="unet,te", help="unet, te or both (default unet,te)")
+    p.add_argument("--components", default="unet,te", help="unet (the UNet or FLUX.1's transformer), te or both "
+                                                            "(default unet,te)")
     p.add_argument("--min-diff", type=float, default=0.0, help="leave out (and report) layers whose largest "
                                                                "change is below this (default 0: none)")
     p.add_argument("--no-norms", action="store_true", help="report changed norm layers instead of writing them")
@@ -152,10 +153,12 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _add_convert(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("convert", help="convert a LoRA between kohya, PEFT and diffusers files, losslessly")
+    p = sub.add_parser("convert", help="convert a LoRA between kohya, PEFT, diffusers and ComfyUI (FLUX.1) files, "
+                                       "losslessly")
     p.add_argument("input", metavar="IN", help="the LoRA file (any dialect lorakit reads)")
     _common(p)
-    p.add_argument("--to", required=True, choices=["kohya", "peft", "diffusers"], help="the target format")
+    p.add_argument("--to", required=True, choices=["kohya", "peft", "diffusers", "comfy"],
+                   help="the target format (comfy: FLUX.1 files in ComfyUI's BFL-PEFT names)")
     p.add_argument("--names", choices=["ldm", "diffusers"], help="kohya UNet names (default: ldm for SDXL, as "
                                                                   "sd-scripts writes; diffusers otherwise)")
     p.add_argument("--drop-unsupported", action="store_true", help="leave out (and report) what the target "

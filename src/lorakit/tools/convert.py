@@ -6,6 +6,10 @@ are PEFT state dicts per component (``unet.…lora_A.weight``) with α, r and th
 unchanged (a PEFT file's α comes from its header, not from the rounded fp32 scale) — and whatever the target
 cannot hold (a layer type, bundled embeddings, keys lorakit does not understand) is an error that names it, or,
 with ``drop_unsupported``, left out and listed in the report.
+
+FLUX.1 files (``flux_layout``): ``kohya`` and ``comfy`` (ComfyUI's BFL-PEFT names) are written in the original BFL
+layout — fused layers as the file had them, parts of a fused layer fused back exactly where they can be — and
+``peft``/``diffusers`` per model module, where a non-LoRA change of a fused layer has no form.
 """
 from __future__ import annotations
 
@@ -14,12 +18,16 @@ from pathlib import Path
 
 import torch
 
-from ..adapters import Adapter, kind_of
+from ..adapters import kind_of
 from ..errors import ToolError
 from ..formats.base import Grouped
 from ..formats.writers import exact_alphas, peft_problem
+from ..keymap.arch import Arch
+from ..layout import file_layout
 from ..lora_model import LoraModel, load_lora
 from ..patch.weights import as_weight
+from .flux_layout import convert_groups
+from .layers import leaves_of
 from .output import check_output
 from .report import LayerResult, ToolReport
 from .sources import Source, source_metadata
@@ -47,11 +55,21 @@ def convert(input_path: str | Path, output: str | Path | None, options: ConvertO
     lora = load_lora(src)
     report = ToolReport(f"convert → {opts.to}", None if opts.dry_run else (str(out) if out else None))
     report.size_before = src.stat().st_size
-    groups = canonical_groups(lora)
+    if lora.arch == Arch.FLUX1:
+        groups, kept, problems = convert_groups(lora, opts.to)
+        report.notes += [f"{what}: {why}" for what, why in kept]
+    elif opts.to == "comfy":
+        raise ToolError(f"{src}: --to comfy writes FLUX.1 LoRAs (BFL names); this one is for {lora.arch} — use kohya")
+    else:
+        groups, problems = canonical_groups(lora), []
     embeddings = dict(lora.embeddings)
-    _unsupported(lora, groups, embeddings, opts, report)
-    for path in groups:
-        report.add(LayerResult(path, kind_of(lora.layers[path]), lora.layers[path].rank, 0.0, 0.0))
+    _unsupported(lora, groups, embeddings, opts, report, problems)
+    named = {**file_layout(lora.layers), **lora.layers}
+    for path, leaves in groups.items():
+        adapter = named.get(path)
+        kind = kind_of(adapter) if adapter is not None else "lora (parts fused)"
+        rank = int(leaves["lora_down.weight"].shape[0]) if "lora_down.weight" in leaves else None
+        report.add(LayerResult(path, kind, rank, 0.0, 0.0))
     if out is not None and not opts.dry_run:
         meta = {k: v for k, v in lora.metadata.items() if not k.startswith(DROPPED_META)}
         sources = source_metadata("convert", [Source(src, lora, as_weight(1.0), "1")])
@@ -64,21 +82,18 @@ def convert(input_path: str | Path, output: str | Path | None, options: ConvertO
 def canonical_groups(lora: LoraModel) -> Grouped:
     """Each layer's leaves as read (a DoRA wrapper's magnitude beside its inner adapter's tensors); a PEFT file's
     α put back from its header."""
-    groups = {path: _leaves(a) for path, a in lora.layers.items()}
+    groups = {path: leaves_of(a) for path, a in lora.layers.items()}
     return exact_alphas(groups, lora.metadata) if lora.dialect == "peft" else groups
 
 
-def _leaves(adapter: Adapter) -> dict[str, torch.Tensor]:
-    inner = getattr(adapter, "inner", None)
-    return {**(_leaves(inner) if isinstance(inner, Adapter) else {}), **adapter.t}
-
-
 def _unsupported(lora: LoraModel, groups: Grouped, embeddings: dict[str, torch.Tensor], opts: ConvertOptions,
-                 report: ToolReport) -> None:
-    """Collect what the target cannot hold; raise unless ``drop_unsupported`` (then leave it out, reported)."""
-    problems: list[tuple[str, str]] = [(k, "a key lorakit does not understand") for k in lora.leftovers]
+                 report: ToolReport, found: list[tuple[str, str]]) -> None:
+    """Collect what the target cannot hold (``found``: what the layout already found); raise unless
+    ``drop_unsupported`` (then leave it out, reported)."""
+    problems: list[tuple[str, str]] = [(k, "a key lorakit does not understand") for k in lora.leftovers] + found
     if opts.to != "kohya":
         problems += [(f"embedding {n}", f"{opts.to} files have no bundled embeddings") for n in embeddings]
+    if opts.to in ("peft", "diffusers"):
         problems += [(p, msg) for p, leaves in groups.items() if (msg := peft_problem(p, leaves))]
     if problems and not opts.drop_unsupported:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 
 from ..errors import ToolError
+from ..keymap.arch import Arch
+from .flux_extract import fused_weights
 from .layers import flat, is_conv_kernel, lora_leaves
 from .modelfile import ModelFile, open_model
 from .output import bar, check_output
@@ -29,7 +31,8 @@ from .svd import RankRule, choose_rank, dense_error2, dense_svd
 from .writing import write_lora
 
 Tensor = torch.Tensor
-COMPONENT_SETS = {"unet": ("unet",), "te": ("text_encoder", "text_encoder_2")}
+COMPONENT_SETS = {"unet": ("unet", "transformer"), "transformer": ("transformer",),
+                  "te": ("text_encoder", "text_encoder_2")}  # unet: the denoiser of any family
 
 
 @dataclass
@@ -70,7 +73,7 @@ def _components(opts: ExtractOptions) -> set[str]:
     out: set[str] = set()
     for c in opts.components:
         if c not in COMPONENT_SETS:
-            raise ToolError(f"unknown component {c!r}; use unet, te")
+            raise ToolError(f"unknown component {c!r}; use unet (or transformer), te")
         out.update(COMPONENT_SETS[c])
     return out
 
@@ -84,7 +87,12 @@ def _extract_layers(mb: ModelFile, mt: ModelFile, opts: ExtractOptions, report: 
     report.notes.append("the VAE is not compared: LoRA files do not change it")
     groups: dict[str, dict[str, Tensor]] = {}
     device = torch.device(opts.device)
+    fused, done = fused_weights(mb, mt, wanted, report) if mb.arch == Arch.FLUX1 else ([], set())
+    for name, base, tuned in fused:  # FLUX.1's fused layers, whole (BFL names)
+        _one(name, base(), tuned(), mb, opts, device, groups, report)
     for name in bar(names, desc="extracting", total=len(names)):
+        if name in done:
+            continue
         if name not in mb.params or name not in mt.params:
             report.leave_out(name, f"only in the {'tuned' if name in mt.params else 'base'} model")
             continue
@@ -106,7 +114,7 @@ def _one(name: str, w_base: Tensor, w_tuned: Tensor, mb: ModelFile, opts: Extrac
         report.leave_out(name, f"max |Δ| {biggest:.3g} below --min-diff {opts.min_diff:g}")
         return
     dtype = opts.dtype or w_tuned.dtype
-    if leaf == "weight" and diff.dim() in (2, 4) and ".embeddings." not in f".{module}.":
+    if leaf == "weight" and diff.dim() in (2, 4) and not _embedding(module):
         leaves = _low_rank(module, diff, opts, dtype, report)
         if leaves:
             groups[module] = leaves
@@ -121,6 +129,12 @@ def _one(name: str, w_base: Tensor, w_tuned: Tensor, mb: ModelFile, opts: Extrac
         what = "a bias of a LoRA layer" if leaf == "bias" else "an embedding or other tensor"
         report.leave_out(name, f"changed (max |Δ| {biggest:.3g}, ‖Δ‖ {float(diff.norm()):.3g}); {what} has no "
                                "place in a LoRA file")
+
+
+def _embedding(module: str) -> bool:
+    """CLIP's ``embeddings.*``, T5's ``shared``/``embed_tokens``/``relative_attention_bias``: tables, not layers."""
+    return ".embeddings." in f".{module}." or module.rsplit(".", 1)[-1] in ("shared", "embed_tokens",
+                                                                          "relative_attention_bias")
 
 
 def _low_rank(module: str, diff: Tensor, opts: ExtractOptions, dtype: torch.dtype, report: ToolReport) \

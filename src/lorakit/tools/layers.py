@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..adapters import Adapter, LoKr, kind_of
+from ..adapters import Adapter, LoKr, Rows, kind_of
 from ..adapters import functional as fn
 from ..errors import ToolError
 from ..keymap.arch import Arch
@@ -53,6 +53,9 @@ def arch_shapes(arch: str) -> dict[str, tuple[int, ...]]:
 
 def adapter_shape(adapter: Adapter) -> tuple[int, ...] | None:
     """The weight shape an adapter's own tensors fix, when they do (LoRA/LoCon, full diff, LoKr, Tucker LoHa)."""
+    if isinstance(adapter, Rows):  # some rows of a fused layer: the fused shape's columns
+        fused = adapter_shape(adapter.inner)
+        return None if fused is None else (adapter.out_rows, *fused[1:])
     inner = getattr(adapter, "inner", adapter)
     t = inner.t
     if "lora_down.weight" in t:
@@ -146,3 +149,9 @@ def is_conv_kernel(shape: tuple[int, ...]) -> bool:
 
 def tucker_delta(up: Tensor, down: Tensor, mid: Tensor, shape: tuple[int, ...]) -> Tensor:
     return fn.lora_delta(up, down, mid, 1.0, torch.Size(shape))
+
+
+def leaves_of(adapter: Adapter) -> dict[str, Tensor]:
+    """A layer's leaves as read: a wrapper's (DoRA's magnitude) beside its inner adapter's tensors."""
+    inner = getattr(adapter, "inner", None)
+    return {**(leaves_of(inner) if isinstance(inner, Adapter) else {}), **adapter.t}

@@ -34,6 +34,8 @@ from .layers import (
     lora_leaves,
     tucker_delta,
 )
+from .flux_layout import noted_layout
+from .flux_merge import bind_parts, concat_fused
 from .output import check_output
 from .report import LayerResult, ToolReport
 from .sources import Source, common_arch, load_sources, lora_metadata, source_metadata
@@ -76,6 +78,8 @@ def merge(inputs: Sequence[str | Source], output: str | Path | None, options: Me
         groups = _svd_all(layers, arch, opts, dtype, report)
     else:
         raise ToolError(f"unknown merge method {method!r}; use concat or svd")
+    if arch == Arch.FLUX1:
+        groups = noted_layout(groups, report)  # BFL names; fused layers whose parts cannot fuse are said
     _leave_out_zero(sources, layers, report)
     for s in sources:
         for key in s.lora.leftovers:
@@ -126,7 +130,7 @@ def _input_dtype(sources: Sequence[Source]) -> torch.dtype:
 def _concat_all(layers: dict[str, list[Contribution]], dtype: torch.dtype, report: ToolReport) -> Groups:
     from .output import bar
 
-    groups: Groups = {}
+    groups, layers = concat_fused(layers, dtype, report)  # FLUX.1's fused layers, whole
     for path, contribs in bar(sorted(layers.items()), desc="merging", total=len(layers)):
         bad = [c for c in contribs if c.kind not in LOW_RANK_KINDS]
         if bad:
@@ -219,6 +223,7 @@ def _svd_all(layers: dict[str, list[Contribution]], arch: str, opts: MergeOption
     device = torch.device(opts.device)
     groups: Groups = {}
     for path, contribs in bar(sorted(layers.items()), desc="svd merge", total=len(layers)):
+        contribs = bind_parts(contribs, base)  # FLUX.1 parts whose change reads the whole fused weight
         if all(isinstance(c.adapter, Norm) for c in contribs):
             groups[path] = _sum_norms(path, contribs, dtype, report)
             continue

@@ -38,12 +38,14 @@ _OPENCLIP_LAYER = {"attn.out_proj": "self_attn.out_proj", "ln_1": "layer_norm1",
 @dataclass(frozen=True)
 class Ref:
     """Where a canonical parameter lives: ``key`` of ``file``; ``part`` (i, n) = the i-th of n row blocks (q/k/v
-    of a fused ``in_proj``); ``transposed`` for OpenCLIP's ``text_projection``."""
+    of a fused ``in_proj``); ``rows``: these row ranges, in this order (a part of a FLUX.1 BFL fused layer: q/k/v/MLP
+    of ``linear1``, the swapped halves of the final adaLN); ``transposed`` for OpenCLIP's ``text_projection``."""
 
     file: TensorFile
     key: str
     part: tuple[int, int] | None = None
     transposed: bool = False
+    rows: tuple[tuple[int, int], ...] | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -54,6 +56,8 @@ class Ref:
         shape = self.file.header.tensors[self.key].shape
         if self.part:
             shape = (shape[0] // self.part[1], *shape[1:])
+        if self.rows:
+            shape = (sum(b - a for a, b in self.rows), *shape[1:])
         return tuple(reversed(shape)) if self.transposed else shape
 
     def load(self) -> torch.Tensor:
@@ -62,6 +66,8 @@ class Ref:
             i, n = self.part
             rows = t.shape[0] // n
             t = t[i * rows:(i + 1) * rows].clone()
+        if self.rows:
+            t = torch.cat([t[a:b] for a, b in self.rows])
         return t.T.contiguous() if self.transposed else t
 
 
@@ -113,7 +119,12 @@ class ModelFile:
 def open_model(path: str | Path, configs: Mapping[str, Mapping[str, Any]] | None = None) -> ModelFile:
     """A diffusers folder (``model_index.json``) or a single ``.safetensors`` checkpoint; ``configs`` (UNet/text
     encoder constructor arguments) for single files of other than the full-size configs."""
+    from .flux_modelfile import flux_model
+
     p = Path(path)
+    flux = flux_model(p, configs)  # FLUX.1: a diffusers folder, a BFL or ComfyUI single file
+    if flux is not None:
+        return flux
     if p.is_dir():
         if not (p / "model_index.json").is_file():
             raise ToolError(f"{p}: not a diffusers model folder (no model_index.json)")
@@ -127,10 +138,21 @@ def open_model(path: str | Path, configs: Mapping[str, Mapping[str, Any]] | None
 
 
 def _open_folder(p: Path) -> ModelFile:
+    files, params, config = read_folder(p, COMPONENTS)
+    if "unet" not in config:
+        raise ToolError(f"{p}: the model folder has no unet/")
+    index = _json(p / "model_index.json")
+    arch = Arch.SDXL if "XL" in str(index.get("_class_name", "")) else _arch_from_config(config)
+    return ModelFile(p, "folder", arch, files, params, config)
+
+
+def read_folder(p: Path, components: tuple[str, ...]) -> tuple[list[TensorFile], dict[str, Ref], dict[str, Any]]:
+    """The weight files, canonical parameters and configs of a diffusers folder's ``components`` (text encoders'
+    paths without ``text_model.``)."""
     files: list[TensorFile] = []
     params: dict[str, Ref] = {}
     config: dict[str, Any] = {}
-    for component in COMPONENTS:
+    for component in components:
         folder = p / component
         if not folder.is_dir():
             continue
@@ -143,14 +165,10 @@ def _open_folder(p: Path) -> ModelFile:
         for wf in weights:
             tf = TensorFile(wf, read_header(wf))
             for key in tf.header.tensors:
-                name = key if component == "unet" else canonical_te_path(key)
+                name = canonical_te_path(key) if component.startswith("text_encoder") else key
                 tf.add(key, f"{component}.{name}", Ref(tf, key), params)
             files.append(tf)
-    if "unet" not in config:
-        raise ToolError(f"{p}: the model folder has no unet/")
-    index = _json(p / "model_index.json")
-    arch = Arch.SDXL if "XL" in str(index.get("_class_name", "")) else _arch_from_config(config)
-    return ModelFile(p, "folder", arch, files, params, config)
+    return files, params, config
 
 
 def _arch_from_config(config: dict[str, Any]) -> str:

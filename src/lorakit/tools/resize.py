@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..adapters import Adapter, DoRA, LoRA, kind_of
+from ..layout import file_layout
 from ..lora_model import LoraModel, load_lora
 from .layers import Contribution, adapter_shape, dense_delta, flat, is_conv_kernel, layer_shape, lora_leaves
 from .output import bar, check_output
@@ -48,7 +49,8 @@ def resize(input_path: str | Path, output: str | Path | None, options: ResizeOpt
     groups: dict[str, dict[str, Tensor]] = {}
     for key in lora.leftovers:
         report.leave_out(key, "a key lorakit does not understand")
-    for path, adapter in bar(sorted(lora.layers.items()), desc="resizing", total=len(lora.layers)):
+    layers = file_layout(lora.layers)  # FLUX.1: a fused layer of the file is resized whole, as the file has it
+    for path, adapter in bar(sorted(layers.items()), desc="resizing", total=len(layers)):
         leaves = _layer(path, adapter, lora, options, report)
         if leaves:
             groups[path] = leaves

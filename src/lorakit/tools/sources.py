@@ -20,8 +20,10 @@ from ..library.training import trigger_words
 from ..lora_model import LoraModel, load_lora
 from ..patch.weights import Weight, as_weight
 
-BASE_VERSION: dict[str, str] = {Arch.SD1: "sd_v1", Arch.SD2: "sd_v2", Arch.SDXL: "sdxl_base_v1-0"}
-MODELSPEC: dict[str, str] = {Arch.SD1: "stable-diffusion-v1", Arch.SD2: "stable-diffusion-v2", Arch.SDXL: "stable-diffusion-xl-v1-base"}
+BASE_VERSION: dict[str, str] = {Arch.SD1: "sd_v1", Arch.SD2: "sd_v2", Arch.SDXL: "sdxl_base_v1-0",
+                                Arch.FLUX1: "flux1"}
+MODELSPEC: dict[str, str] = {Arch.SD1: "stable-diffusion-v1", Arch.SD2: "stable-diffusion-v2", Arch.SDXL: "stable-diffusion-xl-v1-base",
+                             Arch.FLUX1: "flux-1"}  # kohya's names; "flux-1/lora" when dev/schnell is not known
 
 
 @dataclass

@@ -6,7 +6,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .config import OPTIMIZERS, SAVE_DTYPES, SCHEDULES, TrainConfig
-from .loop import Trainer
+from .flow import SAMPLINGS, FlowSpec
+from .flux_loop import trainer_for
 from .network import NETWORKS, NetworkSpec
 
 
@@ -17,7 +18,8 @@ def add_train_command(sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
     p.add_argument("data", metavar="DATA_DIR", help="images with NAME.txt / NAME.caption captions, or kohya repeat "
                                                      "folders such as 10_name")
     p.add_argument("-o", "--output", required=True, help="the LoRA to write (.safetensors, kohya format)")
-    p.add_argument("-m", "--model", help="SD1/SD2/SDXL model folder or single file; default: the embedded demo model")
+    p.add_argument("-m", "--model", help="SD1/SD2/SDXL/FLUX.1 model folder or single file (a FLUX.1 single file with "
+                                         "--components DIR); default: the embedded demo model")
     p.add_argument("--network", choices=NETWORKS, default="lora", help="lora (attention layers), locon (+ ResNet "
                                                                        "convolutions), loha, lokr, dora")
     p.add_argument("--rank", type=int, default=16, help="network dim (default 16)")
@@ -28,6 +30,8 @@ def add_train_command(sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
     p.add_argument("--train", choices=("unet", "te", "both"), default="both", help="what to train (default both)")
     p.add_argument("--only-layers", help="comma-separated layer names to keep (e.g. to_q,to_k,to_v,to_out.0: "
                                          "the diffusers/PEFT recipe's attention-only LoRA)")
+    p.add_argument("--train-t5", action="store_true", help="FLUX.1: with --train te|both, train T5 as well as "
+                                                           "CLIP-L (kohya's train_t5xxl; off by default)")
     n = p.add_mutually_exclusive_group()
     n.add_argument("--steps", type=int, help="optimizer steps (default 1000)")
     n.add_argument("--epochs", type=int, help="passes over the data (with repeats)")
@@ -48,6 +52,18 @@ def add_train_command(sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
     p.add_argument("--caption-dropout", type=float, default=0.0,
                    help="share of samples trained with an empty caption, so that the style also holds under CFG "
                         "(kohya's --caption_dropout_rate; 0.1 is common)")
+    f = p.add_argument_group("FLUX.1 (flow matching)")
+    f.add_argument("--timestep-sampling", choices=SAMPLINGS, help="how noise levels σ are drawn: sigmoid (default: "
+                                                                "sigmoid of N(0,1)·--sigmoid-scale), uniform, shift "
+                                                                "(sigmoid, then --discrete-flow-shift), flux_shift "
+                                                                "(sigmoid, then FLUX's resolution-dependent shift)")
+    f.add_argument("--sigmoid-scale", type=float, help="scale of the normal sample in sigmoid/shift/flux_shift "
+                                                       "(default 1)")
+    f.add_argument("--discrete-flow-shift", dest="shift", type=float, help="the shift of --timestep-sampling shift "
+                                                                         "(default 3; kohya recommends 3.1582)")
+    f.add_argument("--guidance", type=float, help="embedded guidance while training FLUX.1-dev (default 1, as "
+                                                  "kohya and ai-toolkit; schnell has none)")
+    f.add_argument("--max-sequence-length", type=int, help="T5 tokens per caption (default: dev 512, schnell 256)")
     p.add_argument("--grad-checkpointing", action="store_true", help="less memory, ~30 %% slower")
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--save-every", type=int, help="every N steps: NAME-00000N.safetensors and the resume state "
@@ -71,14 +87,17 @@ def _train(args: argparse.Namespace) -> int:
 
     settings = load_settings(None)
     only = tuple(o.strip() for o in (args.only_layers or "").split(",") if o.strip())
-    spec = NetworkSpec(args.network, args.rank, args.alpha, args.conv_rank, args.conv_alpha, args.train, only)
+    spec = NetworkSpec(args.network, args.rank, args.alpha, args.conv_rank, args.conv_alpha, args.train, only,
+                       args.train_t5)
+    flow = FlowSpec(args.timestep_sampling, args.sigmoid_scale, args.shift, args.guidance, args.max_sequence_length)
     fields = ("steps", "epochs", "lr", "te_lr", "batch", "grad_accum", "resolution", "trigger", "seed", "optimizer",
               "schedule", "warmup", "min_snr_gamma", "noise_offset", "caption_dropout", "grad_checkpointing",
-              "max_grad_norm", "save_every", "sample_every", "sample_prompt", "preview_prompt", "preview", "save_dtype", "bad_images")
-    cfg = TrainConfig(Path(args.data), Path(args.output), args.model, spec,
+              "max_grad_norm", "save_every", "sample_every", "sample_prompt", "preview_prompt", "preview", "save_dtype",
+              "bad_images")
+    cfg = TrainConfig(Path(args.data), Path(args.output), args.model, spec, flow,
                       resume=Path(args.resume) if args.resume else None, **{f: getattr(args, f) for f in fields})
     cfg.check()
     model = load_model(args.model or settings.model, **settings.device_options(args))
-    out = Trainer(cfg, model).run()
+    out = trainer_for(cfg, model).run()
     print(out)
     return 0

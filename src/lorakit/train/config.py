@@ -10,6 +10,7 @@ import torch
 
 from ..errors import TrainingError
 from ..keymap.arch import Arch
+from .flow import FlowSpec
 from .network import NetworkSpec
 
 NATIVE = {Arch.SD1: 512, Arch.SD2: 768, Arch.SDXL: 1024, Arch.DEMO: 64}
@@ -24,6 +25,7 @@ class TrainConfig:
     output: Path
     model: str | None = None
     network: NetworkSpec = field(default_factory=NetworkSpec)
+    flow: FlowSpec = field(default_factory=FlowSpec)  # flow-matching models (FLUX.1): sampling, shift, guidance
     steps: int | None = None
     epochs: int | None = None
     lr: float = 1e-4
@@ -54,6 +56,7 @@ class TrainConfig:
 
     def check(self) -> None:
         self.network.check()
+        self.flow.check()
         if (self.steps is None) == (self.epochs is None):
             if self.steps is None and self.epochs is None:
                 self.steps = 1000
@@ -82,7 +85,8 @@ class TrainConfig:
 
 def fingerprint(cfg: TrainConfig) -> str:
     """The settings a resumed run must share with the one it continues."""
-    keep = ("data", "model", "network", "steps", "epochs", "lr", "te_lr", "batch", "grad_accum", "resolution",
-            "trigger", "seed", "optimizer", "schedule", "warmup", "min_snr_gamma", "noise_offset", "caption_dropout")
+    keep = ("data", "model", "network", "flow", "steps", "epochs", "lr", "te_lr", "batch", "grad_accum",
+            "resolution", "trigger", "seed", "optimizer", "schedule", "warmup", "min_snr_gamma", "noise_offset",
+            "caption_dropout")
     d = asdict(cfg)
     return repr({k: str(d[k]) for k in keep})

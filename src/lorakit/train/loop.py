@@ -47,19 +47,15 @@ class Trainer:
         self.cfg = cfg
         self.data: Dataset = scan(cfg.data, cfg.trigger, cfg.bad_images)
         self.model = model or load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
-        if self.model.arch not in NATIVE:
-            raise TrainingError(f"the model {self.model.name} is not SD1, SD2 or SDXL ({self.model.arch})")
+        self.check_model()
         pipe = self.model.pipe
         self.device = self.model.device
         self.sdxl = self.model.arch == Arch.SDXL
-        for name in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        for name in ("unet", "transformer", "text_encoder", "text_encoder_2", "vae"):
             if getattr(pipe, name, None) is not None:
                 getattr(pipe, name).requires_grad_(False)
-        self.resolution = cfg.resolution or NATIVE[self.model.arch]
-        self.schedule = dif.NoiseSchedule.from_scheduler(pipe.scheduler)
-        comps = {n: getattr(pipe, n) for n in ("unet", "text_encoder", "text_encoder_2")
-                 if getattr(pipe, n, None) is not None}
-        self.net = Network(target_modules(comps, cfg.network), cfg.network, cfg.seed)
+        self.resolution = cfg.resolution or NATIVE.get(self.model.arch) or self.model.native_size
+        self.net = self.setup()
         self.train_te = cfg.network.train in ("te", "both")
         self.samples = self._cache_latents()
         release_freed_memory(self.device)  # the VAE's activations: not carried into the training steps
@@ -77,6 +73,30 @@ class Trainer:
         self.losses: list[float] = []
         if cfg.resume:
             self._resume(cfg.resume)
+
+    # -- what the family decides (``flux_loop.FluxTrainer`` overrides these) ---------------------------------------
+    def check_model(self) -> None:
+        if self.model.arch not in NATIVE:
+            hint = " (lorakit.train.flux_loop.FluxTrainer trains FLUX.1)" if self.model.flux else ""
+            raise TrainingError(f"the model {self.model.name} is not SD1, SD2 or SDXL ({self.model.arch}){hint}")
+        flux_only = self.cfg.flow.given() + (["--train-t5"] if self.cfg.network.t5 else [])
+        if flux_only:
+            raise TrainingError(f"{', '.join(flux_only)}: for FLUX.1 models only")
+
+    def setup(self) -> Network:
+        """The objective (ε/v: the scheduler's ᾱ_t) and the network."""
+        pipe = self.model.pipe
+        self.schedule = dif.NoiseSchedule.from_scheduler(pipe.scheduler)
+        comps = {n: getattr(pipe, n) for n in ("unet", "text_encoder", "text_encoder_2")
+                 if getattr(pipe, n, None) is not None}
+        return Network(target_modules(comps, self.cfg.network), self.cfg.network, self.cfg.seed)
+
+    @property
+    def denoiser(self) -> Any:
+        return self.model.pipe.unet
+
+    def objective_metadata(self) -> dict[str, str]:
+        return {**base_metadata(self.model.arch), "modelspec.prediction_type": self.schedule.prediction}
 
     # -- data ----------------------------------------------------------------------------------------------
     def _cache_latents(self) -> list[Sample]:
@@ -121,9 +141,9 @@ class Trainer:
     # -- optimisation ----------------------------------------------------------------------------------------
     def _optimizer(self) -> torch.optim.Optimizer:
         cfg = self.cfg
-        unet = [p for path, leaves in self.net.leaves.items() if path.startswith("unet.")
+        unet = [p for path, leaves in self.net.leaves.items() if not path.startswith("text_encoder")
                 for p in leaves.values() if isinstance(p, torch.nn.Parameter)]
-        te = [p for path, leaves in self.net.leaves.items() if not path.startswith("unet.")
+        te = [p for path, leaves in self.net.leaves.items() if path.startswith("text_encoder")
               for p in leaves.values() if isinstance(p, torch.nn.Parameter)]
         te_lr = cfg.te_lr if cfg.te_lr is not None else cfg.lr / 2
         groups = [g for g in ({"params": unet, "lr": cfg.lr}, {"params": te, "lr": te_lr}) if g["params"]]
@@ -156,6 +176,13 @@ class Trainer:
         pooled = [self.text_cache[c][1] for c in captions]
         return hidden, None if pooled[0] is None else torch.cat(pooled)  # type: ignore[arg-type]
 
+    def _captions(self, batch: list[int]) -> list[str]:
+        captions = [self.samples[i].caption for i in batch]
+        if self.cfg.caption_dropout:  # the empty caption is what CFG's unconditional branch sees
+            drop = torch.rand(len(batch), generator=self.gen) < self.cfg.caption_dropout
+            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        return captions
+
     def loss(self, batch: list[int]) -> torch.Tensor:
         """The (weighted) diffusion loss of one micro-batch."""
         unet, dt = self.model.pipe.unet, self.model.dtype
@@ -163,11 +190,7 @@ class Trainer:
         noise = dif.sample_noise(x0, self.gen, self.cfg.noise_offset)
         t = dif.sample_timesteps(len(batch), self.schedule, self.gen, x0.device)
         noisy = dif.add_noise(self.schedule, x0, noise, t)
-        captions = [self.samples[i].caption for i in batch]
-        if self.cfg.caption_dropout:  # the empty caption is what CFG's unconditional branch sees
-            drop = torch.rand(len(batch), generator=self.gen) < self.cfg.caption_dropout
-            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-        hidden, pooled = self._conditioning(captions)
+        hidden, pooled = self._conditioning(self._captions(batch))
         extra: dict[str, Any] = {}
         if self.sdxl:
             extra["added_cond_kwargs"] = {"text_embeds": pooled.to(dt),  # type: ignore[union-attr]
@@ -206,7 +229,7 @@ class Trainer:
             on_step: Callable[[int, float], None] | None = None) -> Path:
         """Train to the last step (or ``stop_at``, as an interruption would) and write the LoRA."""
         cfg = self.cfg
-        unet = self.model.pipe.unet
+        unet = self.denoiser
         if cfg.grad_checkpointing:
             unet.enable_gradient_checkpointing()
             unet.train()
@@ -259,11 +282,10 @@ class Trainer:
 
         cfg = self.cfg
         words = ", ".join(self.data.trained_triggers(cfg.trigger))
-        meta = {**base_metadata(self.model.arch), **network_metadata(self.net),
+        meta = {**self.objective_metadata(), **network_metadata(self.net),
                 "ss_output_name": cfg.output.stem, "modelspec.title": cfg.output.stem,
                 "ss_resolution": f"({self.resolution}, {self.resolution})",
                 "modelspec.resolution": f"{self.resolution}x{self.resolution}",
-                "modelspec.prediction_type": self.schedule.prediction,
                 "ss_steps": str(self.step), "ss_max_train_steps": str(self.total),
                 "ss_epoch": str(self.step // self.steps_per_epoch()), "ss_num_epochs": str(cfg.epochs or ""),
                 "ss_learning_rate": f"{cfg.lr:g}", "ss_unet_lr": f"{cfg.lr:g}",

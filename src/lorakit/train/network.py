@@ -40,6 +40,7 @@ class NetworkSpec:
     conv_alpha: float | None = None  # None: ``alpha``
     train: str = "both"  # unet | te | both
     only: tuple[str, ...] = ()  # keep only layers whose path ends with one of these (e.g. "to_q", "to_out.0")
+    t5: bool = False  # FLUX.1: train T5 too with --train te|both (kohya's train_t5xxl)
 
     def check(self) -> None:
         if self.kind not in NETWORKS:
@@ -64,6 +65,8 @@ class NetworkSpec:
         out = {"algo": self.kind}
         if self.only:
             out["only_layers"] = ",".join(self.only)
+        if self.t5:
+            out["train_t5xxl"] = "True"
         if self.kind != "lora":
             out.update(conv_dim=str(self.rank if self.conv_rank is None else self.conv_rank),
                        conv_alpha=f"{self.alpha if self.conv_alpha is None else self.conv_alpha:g}")

@@ -47,7 +47,7 @@ def write_lora(path: Path, net: Network, arch: Arch, metadata: dict[str, str], d
     """The network's current values as a kohya file at ``path`` (atomic); returns the metadata written."""
     names_arch = Arch.SD1 if arch in (Arch.DEMO, Arch.UNKNOWN) else arch
     sd = to_kohya(net.groups(dtype), names_arch)
-    meta = {**metadata, "modelspec.sai_model_spec": "1.0.0", "modelspec.implementation": "lorakit",
+    meta = {"modelspec.implementation": "lorakit", **metadata, "modelspec.sai_model_spec": "1.0.0",
             "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S")}
     return write_safetensors(path, entries_of(sd), meta, sshs=True, desc="saving")
 

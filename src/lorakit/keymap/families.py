@@ -1,0 +1,188 @@
+"""Model families as data: what each one's LoRA files are named like, which components its models have, and how a
+file's module names become the model's (``Family``); and which family a file is for (``detect``).
+
+A family is one entry of ``FAMILIES`` plus its tables (``keymap/flux.py`` for FLUX.1). The dialect readers
+(``formats/``) ask the family for component names and the flattened-name vocabulary; ``lora_model`` asks it to map
+an original-layout module (BFL's fused ``qkv``) onto the model's modules. Families lorakit does not apply yet are
+named (``UNSUPPORTED``) so a file for one is refused with its name, never read as something else.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from . import flux
+from .arch import Arch
+from .names import SD_VOCABULARY, Vocabulary
+
+
+class Shaped(Protocol):
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+
+@dataclass(frozen=True)
+class Family:
+    """``denoiser``: the canonical component of the UNet/transformer; ``kohya``: kohya/LyCORIS key prefixes →
+    component (``None``: decided by the path's head, LyCORIS' own wrapper); ``peft``/``comfy``: the prefixes of
+    PEFT/diffusers and ComfyUI keys → component; ``to_model``: an original-layout module path → the model's
+    module(s) (``None`` when the family's files use the model's names); ``arch``: the architecture its LoRAs fit
+    (``None``: decided from shapes, as SD1/SD2/SDXL)."""
+
+    key: str
+    display: str
+    denoiser: str
+    encoders: Mapping[str, str]
+    vocabulary: Vocabulary
+    kohya: Mapping[str, str | None]
+    peft: Mapping[str, str]
+    comfy: Mapping[str, str]
+    arch: Arch | None = None
+    to_model: Callable[[str], flux.Target | None] | None = None
+    is_original: Callable[[str], bool] = field(default=lambda path: False)
+    model_classes: tuple[str, ...] = ()
+    hidden_outputs: tuple[str, ...] = ()  # model module paths ending so write the hidden state (its width)
+    expandable: Mapping[str, str] = field(default_factory=dict)  # input layer → config key widened with it
+
+
+SD = Family(
+    "sd", "Stable Diffusion", "unet", {"text_encoder": "CLIP", "text_encoder_2": "OpenCLIP-G"}, SD_VOCABULARY,
+    kohya={"lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2", "lora_te_": "text_encoder",
+           "lora_unet_": "unet", "oft_unet_": "unet", "oft_te_": "text_encoder", "lycoris_": None},
+    peft={"unet.": "unet", "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2",
+          "base_model.model.": "unet", "diffusion_model.": "unet"},
+    comfy={"clip_l": "text_encoder", "clip_h": "text_encoder", "clip_g": "text_encoder_2"},
+    model_classes=("UNet2DConditionModel",))
+
+FLUX1 = Family(
+    "flux1", "FLUX.1", "transformer", {"text_encoder": "CLIP-L", "text_encoder_2": "T5-XXL"}, flux.VOCABULARY,
+    # T5 is lora_te3_ in kohya and lora_te2_ in OneTrainer (FLUX has no second CLIP): both the T5 encoder
+    kohya={"lora_transformer_": "transformer", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2",
+           "lora_te3_": "text_encoder_2", "lora_te_": "text_encoder", "lora_unet_": "transformer",
+           "lycoris_": "transformer"},
+    peft={"transformer.base_model.model.": "transformer", "transformer.": "transformer",
+          "base_model.model.": "transformer", "diffusion_model.": "transformer", "text_encoder.": "text_encoder",
+          "text_encoder_2.": "text_encoder_2", "text_encoders.clip_l.transformer.": "text_encoder",
+          "text_encoders.t5xxl.transformer.": "text_encoder_2"},  # the last two: ComfyUI's names
+    comfy={"clip_l": "text_encoder", "t5xxl": "text_encoder_2"},
+    arch=Arch.FLUX1, to_model=flux.to_model, is_original=flux.is_bfl_path,
+    model_classes=("FluxTransformer2DModel",), hidden_outputs=flux.HIDDEN_OUTPUTS,
+    expandable={"x_embedder": "in_channels"})  # control LoRAs (Canny/Depth) read the control image's latents too
+
+FAMILIES: dict[str, Family] = {f.key: f for f in (SD, FLUX1)}
+
+# Families lorakit does not apply (yet), by raw key names; tried after FLUX.1's own markers fail.
+UNSUPPORTED: list[tuple[str, re.Pattern[str]]] = [
+    ("Stable Diffusion 3", re.compile(r"joint_blocks|context_block|x_block|(?:^|[._])pos_embed[._]")),
+    ("Qwen-Image", re.compile(r"transformer_blocks[._]\d+[._](?:img_mlp|txt_mlp|img_mod|txt_mod)")),
+    ("HiDream", re.compile(r"double_stream_blocks")),
+    ("AuraFlow", re.compile(r"joint_transformer_blocks")),
+    ("Lumina 2", re.compile(r"noise_refiner|context_refiner|(?:^|[._])layers[._]\d+[._]attention[._]qkv")),
+    ("Wan", re.compile(r"(?:^|[._])blocks[._]\d+[._](?:self_attn|cross_attn|ffn)[._]")),
+    ("a transformer (DiT) model such as SD3, PixArt or Hunyuan", re.compile(r"^(lora_)?transformer[._]")),
+]
+_META: dict[str, str] = {"flux-2": "FLUX.2", "flux.2": "FLUX.2", "flux2": "FLUX.2", "chroma": "Chroma",
+                         "sd3": "Stable Diffusion 3", "stable-diffusion-3": "Stable Diffusion 3",
+                         "stable-diffusion-v3": "Stable Diffusion 3", "qwen": "Qwen-Image", "pixart": "PixArt",
+                         "hunyuan": "Hunyuan", "auraflow": "AuraFlow", "cascade": "Stable Cascade",
+                         "flux": "flux1"}
+# A DiT's top-level ``transformer_blocks`` (FLUX.1's double blocks, SD3's joint blocks) under any dialect's prefix;
+# an SD UNet's ``transformer_blocks`` sit inside ``attentions``, never at the top.
+_DIFFUSERS_DOUBLE = re.compile(r"^(?:transformer\.|lora_transformer_|base_model\.model\.|lycoris_|lora_unet_|"
+                               r"diffusion_model\.)*transformer_blocks[._]\d+[._]")
+SD3_WIDTHS = (1536, 2432)
+# FLUX.1 (dev, schnell, Kontext) has 19 double blocks: a diffusers-layout file naming a later top-level block is
+# for a deeper DiT with the same names (Qwen-Image: 60 blocks of width 3072; SD3.5-Large: 38).
+FLUX1_DOUBLE_BLOCKS = 19
+
+
+def detect(keys: list[str], metadata: Mapping[str, str], shapes: Mapping[str, Shaped] | None = None) -> Family | str:
+    """The family a LoRA file is for, or the name of one lorakit does not apply: keys first, then the input widths
+    of a few layers, then metadata (``modelspec.architecture``, ``ss_base_model_version``), which is often stale."""
+    named = _by_keys(keys, shapes or {})
+    if named is not None:
+        return named
+    meta = " ".join(metadata.get(k, "") for k in ("ss_base_model_version", "modelspec.architecture")).lower()
+    for marker, name in _META.items():
+        if marker in meta:
+            return FAMILIES.get(name, name)
+    return SD
+
+
+def _by_keys(keys: list[str], shapes: Mapping[str, Shaped]) -> Family | str | None:
+    if any(flux.FLUX2.search(k) for k in keys) or _text_width(keys, shapes) in flux.FLUX2_TEXT_WIDTHS:
+        return "FLUX.2"
+    if any(flux.CHROMA.search(k) for k in keys):
+        return "Chroma"
+    if any(flux.KEYS.search(k) for k in keys):
+        return FLUX1
+    doubles = [k for k in keys if _DIFFUSERS_DOUBLE.search(k)]
+    if doubles and not any(p.search(k) for _, p in UNSUPPORTED[:2] for k in keys):  # not SD3's or Qwen's names
+        widths = {s.shape[1] for k in doubles if (s := shapes.get(k)) is not None and len(s.shape) == 2
+                  and re.search(r"lora_A|lora_down|down\.weight", k)}
+        if widths & set(SD3_WIDTHS):
+            return "Stable Diffusion 3"
+        deepest = max(int(m[1]) for k in doubles if (m := re.search(r"transformer_blocks[._](\d+)", k)))
+        return FLUX1 if deepest < FLUX1_DOUBLE_BLOCKS else "Qwen-Image or Stable Diffusion 3"
+    for name, pattern in UNSUPPORTED:
+        if any(pattern.search(k) for k in keys):
+            return name
+    return None
+
+
+def _text_width(keys: list[str], shapes: Mapping[str, Shaped]) -> int | None:
+    """The input width of the text embedder's LoRA (``txt_in``/``context_embedder`` down factor), if shown."""
+    for k in keys:
+        s = shapes.get(k)
+        if s is not None and len(s.shape) == 2 and flux.TEXT_IN.search(k) and re.search(r"lora_A|lora_down", k):
+            return int(s.shape[1])
+    return None
+
+
+def family_of_model(components: Mapping[str, object]) -> Family | None:
+    """The family of a model's components by their classes (``None``: none of ours)."""
+    names = {type(m).__name__ for m in components.values()}
+    return next((f for f in FAMILIES.values() if names & set(f.model_classes)), None)
+
+
+SUPPORTED = "Stable Diffusion 1.x, 2.x and XL, and FLUX.1"
+# FLUX.1 control and Fill LoRAs widen ``img_in`` to take the control image's (or the masked image's and the
+# mask's) latents beside the noise: 64 → 128 (Canny, Depth) or 384 (Fill) input features at full size.
+FLUX1_WIDE_INPUTS = {128: "flux-1-dev-control", 384: "flux-1-fill-dev"}
+FLUX1_VARIANTS = ("flux-1-dev", "flux-1-schnell", *FLUX1_WIDE_INPUTS.values(), "flux-1")  # what ``variant`` tells
+
+
+def variant(family: Family, keys: list[str], metadata: Mapping[str, str],
+            shapes: Mapping[str, Shaped] | None = None) -> str | None:
+    """The finer base of a FLUX.1 LoRA (``flux-1-dev``, ``flux-1-schnell``, ``flux-1-dev-control``,
+    ``flux-1-fill-dev``, else ``flux-1``): metadata when it names one, else a widened ``img_in``, else guidance
+    layers (schnell has none); ``None`` for other families (their arch says it all)."""
+    if family is not FLUX1:
+        return None
+    named = variant_from_metadata(metadata)
+    if named is not None:
+        return named
+    for k in keys:
+        s = (shapes or {}).get(k)
+        if s is not None and len(s.shape) == 2 and flux.IMG_IN.search(k) and re.search(r"lora_A|lora_down", k):
+            wide = FLUX1_WIDE_INPUTS.get(int(s.shape[1]))
+            if wide:
+                return wide
+    return "flux-1-dev" if any(flux.GUIDANCE.search(k) for k in keys) else "flux-1"
+
+
+def variant_from_metadata(metadata: Mapping[str, str]) -> str | None:
+    """The FLUX.1 variant ``modelspec.architecture`` names (``flux-1-dev/lora``, OneTrainer's ``Flux.1-fill-dev/lora``
+    → ``flux-1-fill-dev``), or ``None`` when it names none (``flux-1/lora``: kohya's "unknown")."""
+    spec = metadata.get("modelspec.architecture", "").split("/", 1)[0].strip().lower().replace(".", "-")
+    return spec if spec.startswith("flux-1-") else None
+
+
+def foreign_name(keys: list[str], metadata: Mapping[str, str]) -> str | None:
+    """The display name of the family a file is for when it is not Stable Diffusion (``FLUX.1``, ``Chroma``…)."""
+    found = detect(keys, metadata)
+    if isinstance(found, str):
+        return found
+    return None if found is SD else found.display

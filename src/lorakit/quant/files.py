@@ -1,0 +1,125 @@
+"""Quantized model files, read into tensors that keep their quantization: GGUF (city96 / stable-diffusion.cpp:
+every type diffusers dequantizes, BF16 and F16/F32 too) as diffusers ``GGUFParameter``s of raw blocks; safetensors
+whose weights are fp8 (e4m3fn / e5m2), unscaled or with ComfyUI's scales — legacy ``scaled_fp8`` marker +
+``<layer>.scale_weight``, new ``<layer>.comfy_quant`` (JSON format name) + ``<layer>.weight_scale``. Every bad file
+is a ``ModelError`` naming the file and the tensor; nothing is half-loaded (the model is built only after every
+tensor passed)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import ModelError
+from .layers import FP8
+
+SCALE_KEYS = ("scale_weight", "weight_scale")  # legacy, new
+IGNORED = ("scale_input", "input_scale", "comfy_quant", "scaled_fp8")  # for fp8 matmuls; lorakit dequantizes
+FP8_FORMATS = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
+
+
+@dataclass
+class Quantized:
+    """A quantized file's tensors (quantized weights kept as they are), per-layer fp8 scales, what it is."""
+
+    tensors: dict[str, torch.Tensor]
+    scales: dict[str, torch.Tensor] = field(default_factory=dict)  # layer (module path) → fp8 scale
+    kind: str = ""  # "gguf" | "fp8" | "fp8 scaled"
+    architecture: str | None = None  # GGUF general.architecture
+
+    def types(self) -> dict[str, int]:
+        """Quantization type → tensor count (``inspect``)."""
+        out: dict[str, int] = {}
+        names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}  # GGUF's and safetensors' names
+        for t in self.tensors.values():
+            kind = getattr(t, "quant_type", None)
+            name = str(getattr(kind, "name", kind)) if kind is not None else \
+                names.get(t.dtype, str(t.dtype).removeprefix("torch."))
+            out[name] = out.get(name, 0) + 1
+        return out
+
+
+def read_gguf(path: Path) -> Quantized:
+    """Every tensor of a GGUF file: quantized ones as ``GGUFParameter`` (rows of blocks), F32/F16 as tensors."""
+    import gguf
+    from diffusers.quantizers.gguf.utils import SUPPORTED_GGUF_QUANT_TYPES, GGUFParameter
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+        entries = list(reader.tensors)
+    except (ValueError, IndexError, KeyError, OSError, struct_error()) as e:
+        raise ModelError(f"{path}: not a readable GGUF file ({type(e).__name__}: {str(e)[:160]})") from None
+    plain = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+    out: dict[str, torch.Tensor] = {}
+    for entry in entries:
+        kind = entry.tensor_type
+        if kind not in plain and kind not in SUPPORTED_GGUF_QUANT_TYPES:
+            raise ModelError(f"{path}: tensor {entry.name} is {getattr(kind, 'name', kind)}, which lorakit cannot "
+                             f"dequantize (supported: F32, F16, {', '.join(t.name for t in SUPPORTED_GGUF_QUANT_TYPES)})")
+        data = torch.from_numpy(np.array(entry.data))
+        out[entry.name] = data if kind in plain else GGUFParameter(data, quant_type=kind)
+    return Quantized(out, kind="gguf", architecture=_arch(reader))
+
+
+def struct_error() -> type[Exception]:
+    import struct
+
+    return struct.error
+
+
+def _arch(reader: Any) -> str | None:
+    field_ = reader.get_field("general.architecture")
+    if field_ is None:
+        return None
+    try:
+        return bytes(field_.parts[field_.data[0]]).decode("utf-8", "replace")
+    except (IndexError, TypeError):
+        return None
+
+
+def fp8_file(sd: dict[str, torch.Tensor], path: Path) -> Quantized | None:
+    """A safetensors state dict whose weights are fp8 → its tensors and per-layer scales; ``None`` when no weight
+    is fp8 (a dense file)."""
+    if not any(t.dtype in FP8 for k, t in sd.items() if k.endswith(".weight")):
+        return None
+    scales: dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for key, t in sd.items():
+        layer, _, name = key.rpartition(".")
+        if name in SCALE_KEYS:
+            scales[layer] = _scale(t, key, path)
+        elif name == "comfy_quant":
+            _check_format(t, key, path)
+        elif name not in IGNORED and key not in IGNORED:
+            tensors[key] = t
+    orphans = [layer for layer in scales if f"{layer}.weight" not in tensors]
+    if orphans:
+        raise ModelError(f"{path}: {orphans[0]}.scale_weight/weight_scale has no weight beside it")
+    wrong = [layer for layer, s in scales.items() if s.numel() not in (1, tensors[f"{layer}.weight"].shape[0])]
+    if wrong:
+        raise ModelError(f"{path}: the scale of {wrong[0]} has {scales[wrong[0]].numel()} values; expected 1 (per "
+                         f"tensor) or {tensors[f'{wrong[0]}.weight'].shape[0]} (per row)")
+    return Quantized(tensors, scales, kind="fp8 scaled" if scales else "fp8")
+
+
+def _scale(t: torch.Tensor, key: str, path: Path) -> torch.Tensor:
+    if not t.is_floating_point() or t.numel() == 0 or not bool(torch.isfinite(t.float()).all()) or \
+            bool((t.float() == 0).any()):
+        raise ModelError(f"{path}: {key} must hold finite, non-zero scales, got {t.dtype} {tuple(t.shape)}")
+    return t.float().flatten()
+
+
+def _check_format(t: torch.Tensor, key: str, path: Path) -> None:
+    """ComfyUI's ``comfy_quant``: uint8 bytes of a JSON object naming the format; only fp8 ones are read."""
+    try:
+        spec = json.loads(bytes(t.to(torch.uint8).flatten().tolist()).decode("utf-8"))
+        fmt = spec.get("format") if isinstance(spec, dict) else None
+    except (ValueError, UnicodeDecodeError):
+        fmt = None
+    if fmt not in FP8_FORMATS:
+        raise ModelError(f"{path}: {key} names the quantization {fmt!r}; lorakit reads {', '.join(FP8_FORMATS)} "
+                         "(nvfp4, mxfp8 and int8 layers are not supported)")

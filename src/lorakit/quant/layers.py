@@ -1,0 +1,128 @@
+"""Quantized layers and the one way lorakit reads their weights: ``dq(module)``, the layer's own dequantization.
+
+A quantized weight is never written and never read with ``.float()`` (on GGUF bytes that gives the bytes as
+numbers): everything that needs W — fused sums, DoRA/OFT/GLoRA/IA3, hooks, the rows of a fused layer — reads
+``weight_values(module)``, which is ``dq`` for a quantized layer and the weight itself otherwise.
+
+Layers (subclasses of ``nn.Linear`` / ``nn.Conv2d``, so diffusers' models and lorakit's module lookup take them as
+such):
+
+- diffusers' ``GGUFLinear`` (weight a ``GGUFParameter`` of raw GGUF blocks): dq = ``dequantize_gguf_tensor(w)``
+  cast to the layer's ``compute_dtype`` — exactly what its own forward computes;
+- ``Fp8Linear`` / ``Fp8Conv2d`` (here): weight stored in ``float8_e4m3fn``/``float8_e5m2``, optional per-tensor (or per-row)
+  ``scale`` (ComfyUI's ``scale_weight`` / ``weight_scale``); dq = ``w.to(c)`` unscaled, ``(fp32(w) · scale).to(c)``
+  scaled — lorakit's rule for scaled fp8, fixed once (ComfyUI's own forward computes ``w.to(c) · scale.to(c)``,
+  which rounds twice).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+class Fp8Weight:
+    """What an fp8 layer shares: its stored fp8 weight, an optional fp32 scale (per tensor or per output row), and
+    the dequantization to ``compute_dtype``."""
+
+    compute_dtype: torch.dtype
+
+    def dequantized(self) -> torch.Tensor:
+        w: torch.Tensor = getattr(self, "weight")
+        stored = getattr(self, "scale", None)
+        if not isinstance(stored, torch.Tensor):
+            return w.to(self.compute_dtype)
+        scale = stored.float()
+        scale = scale.reshape(-1, *[1] * (w.dim() - 1)) if scale.numel() > 1 else scale
+        return (w.float() * scale).to(self.compute_dtype)
+
+    def _bias(self) -> torch.Tensor | None:
+        bias = getattr(self, "bias", None)
+        return None if bias is None else bias.to(self.compute_dtype)
+
+
+class Fp8Linear(Fp8Weight, torch.nn.Linear):
+    """A Linear whose weight is stored in fp8 (never written); the forward dequantizes it to ``compute_dtype``."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, compute_dtype: torch.dtype,
+                 device: Any = None) -> None:
+        torch.nn.Linear.__init__(self, in_features, out_features, bias, device=device)
+        self.compute_dtype = compute_dtype
+        self.register_buffer("scale", None)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """As diffusers' ``GGUFLinear``: the inputs as they come (the model's compute dtype)."""
+        return F.linear(inputs, self.dequantized(), self._bias())
+
+
+class Fp8Conv2d(Fp8Weight, torch.nn.Conv2d):
+    """A Conv2d whose weight is stored in fp8 (SDXL fp8 checkpoints quantize the UNet's convolutions too)."""
+
+    def __init__(self, conv: torch.nn.Conv2d, compute_dtype: torch.dtype) -> None:
+        torch.nn.Conv2d.__init__(self, conv.in_channels, conv.out_channels, conv.kernel_size,  # type: ignore[arg-type]
+                                 conv.stride, conv.padding, conv.dilation, conv.groups,  # type: ignore[arg-type]
+                                 conv.bias is not None, conv.padding_mode, device="meta")
+        self.compute_dtype = compute_dtype
+        self.register_buffer("scale", None)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(inputs, self.dequantized(), self._bias())
+
+
+def is_gguf(module: torch.nn.Module) -> bool:
+    return hasattr(getattr(module, "weight", None), "quant_type")
+
+
+def is_quantized(module: torch.nn.Module) -> bool:
+    """A layer whose stored weight is not its values (GGUF blocks, fp8 storage): LoRAs never write it."""
+    return isinstance(module, Fp8Weight) or is_gguf(module)
+
+
+def compute_dtype(module: torch.nn.Module) -> torch.dtype:
+    dt = getattr(module, "compute_dtype", None)
+    return dt if isinstance(dt, torch.dtype) else torch.float32
+
+
+def dq(module: torch.nn.Module) -> torch.Tensor:
+    """The weight the layer's forward uses, in its compute dtype (the loader's own dequantization)."""
+    if isinstance(module, Fp8Weight):
+        return module.dequantized()
+    from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
+
+    return dequantize_gguf_tensor(module.weight).to(compute_dtype(module))
+
+
+def weight_values(module: torch.nn.Module) -> torch.Tensor:
+    """W as numbers: ``dq`` for a quantized layer, the weight itself otherwise (detached)."""
+    if is_quantized(module):
+        return dq(module)
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{type(module).__name__} has no weight tensor")
+    return weight.detach()
+
+
+def weight_shape(module: torch.nn.Module) -> tuple[int, ...] | None:
+    """The weight's logical shape ((out, in) for a GGUF layer, not its byte shape; a layer widened for a control
+    LoRA: its own inputs, ``patch/expand.py``); ``None`` without a weight."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return None
+    shape = getattr(weight, "quant_shape", None)
+    out = tuple(int(s) for s in shape) if shape is not None else tuple(weight.shape)
+    narrow = getattr(module, "lorakit_inputs", None)  # widened for a control LoRA: the model's own width
+    return (out[0], int(narrow), *out[2:]) if isinstance(narrow, int) else out
+
+
+def quant_name(module: torch.nn.Module) -> str | None:
+    """``Q8_0``, ``float8_e4m3fn (scaled)``… for a quantized layer; ``None`` otherwise."""
+    if isinstance(module, Fp8Weight):
+        name = str(module.weight.dtype).removeprefix("torch.")
+        return f"{name} (scaled)" if getattr(module, "scale", None) is not None else name
+    if is_gguf(module):
+        kind = getattr(module.weight, "quant_type", None)
+        return str(getattr(kind, "name", kind))
+    return None

@@ -1,0 +1,61 @@
+"""What ``extract`` does differently on FLUX.1: each fused BFL layer (``qkv``, ``linear1``, the final adaLN) is
+extracted whole, as kohya's own FLUX extractor does — its ΔW rebuilt from the parts (rows stacked in BFL order, the
+final adaLN's halves swapped back; a BFL single file's tensor read as it is), one truncated SVD, one fused LoRA
+under the BFL name. The parts share nothing after an SVD of each, so this is the only exact way to write them in the
+BFL layout, and one rank rule per fused layer is what every BFL-layout LoRA has. T5's layer norms (``T5LayerNorm``)
+are no module a LoRA changes: a change there is listed, never written."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..keymap import flux as fluxmap
+from ..keymap.families import FLUX1
+from .flux_fuse import swap_halves
+from .modelfile import ModelFile
+from .report import ToolReport
+
+Loader = Callable[[], torch.Tensor]
+T5 = "text_encoder_2."
+
+
+def fused_weights(mb: ModelFile, mt: ModelFile, wanted: set[str],
+                  report: ToolReport) -> tuple[list[tuple[str, Loader, Loader]], set[str]]:
+    """(BFL weight name, base loader, tuned loader) of every fused layer whose parts both models have with the same
+    shapes; and every parameter name these (and the T5 norms, reported) take from the per-tensor comparison."""
+    done: set[str] = set()
+    if FLUX1.denoiser not in wanted:
+        return [], done
+    homes = {}
+    for name in mb.params:
+        module, _, leaf = name.rpartition(".")
+        component, _, inner = module.partition(".")
+        home = fluxmap.fused_home(inner) if leaf == "weight" and component == FLUX1.denoiser else None
+        if home is not None:
+            homes[home[0]] = home[1]
+    out: list[tuple[str, Loader, Loader]] = []
+    for bfl, fused in sorted(homes.items()):
+        names = [f"{FLUX1.denoiser}.{t}.weight" for t in fused.targets]
+        if all(n in mb.params and n in mt.params and mb.shape(n) == mt.shape(n) for n in names):
+            name = f"{FLUX1.denoiser}.{bfl}.weight"
+            out.append((name, _loader(mb, names, fused.swap), _loader(mt, names, fused.swap)))
+            done.update(names)
+    if "text_encoder_2" in wanted:
+        for name in sorted(n for n in set(mb.params) & set(mt.params) if n.startswith(T5) and len(mb.shape(n)) == 1):
+            done.add(name)
+            if not torch.equal(mb.load(name), mt.load(name)):
+                report.leave_out(name, "changed; T5's layer norms (T5LayerNorm) are no module a LoRA changes")
+    return out, done
+
+
+def _loader(m: ModelFile, names: list[str], swap: bool) -> Loader:
+    """The fused weight in BFL row order: a BFL file's own tensor, else the parts stacked (halves swapped back)."""
+    refs = [m.params[n] for n in names]
+
+    def load() -> torch.Tensor:
+        if all(r.rows and (r.file, r.key) == (refs[0].file, refs[0].key) for r in refs):
+            return refs[0].file.read(refs[0].key)
+        fused = torch.cat([r.load() for r in refs])
+        return swap_halves(fused) if swap else fused
+    return load

@@ -1,0 +1,145 @@
+"""``lorakit train`` on FLUX.1 (dev, schnell): the ``Trainer`` of ``loop.py`` with the flow-matching objective
+(``flow.py``), FLUX's conditioning and packed latents, and kohya's FLUX network (``flux_network.py``).
+
+One micro-batch (kohya sd-scripts ``flux_train_network.py`` ``get_noise_pred_and_target``): cached latents x₀ (the
+VAE's mean, shifted and scaled by the VAE's ``shift_factor``/``scaling_factor``), ε, σ per sample, x_σ; packed into
+2×2 patches (``FluxPipeline._pack_latents``) with their position ids; T5 embeddings and CLIP-L's pooled output as
+``FluxPipeline`` makes them (``_get_t5_prompt_embeds``/``_get_clip_prompt_embeds``: the same tokenizers, lengths and
+dtypes as generation; each cached per caption unless its encoder is trained); the timestep σ; on guidance-distilled
+models (dev) the embedded guidance, 1.0 by default (kohya's recommended ``--guidance_scale 1.0``, ai-toolkit's
+``cfg_scale`` 1.0); the transformer's output against ε - x₀ in the packed layout (the same elements: the mean squared
+error does not depend on their order).
+
+What does not apply is refused: ``--min-snr-gamma`` and ``--noise-offset`` (an SNR weighting and an ε trick of the
+DDPM objective; kohya's FLUX trainer has neither), ``--guidance`` on a model without a guidance embedding (schnell),
+and FLUX.1 control/Fill models (their extra input channels need a control image).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import TrainingError
+from ..models.loading import BaseModel
+from . import diffusion as dif
+from . import flow
+from .config import TrainConfig
+from .flux_network import FluxNetwork
+from .loop import Trainer
+from .network import Network
+
+BASE_VERSION = "flux1"  # kohya's ss_base_model_version (library/flux_utils.py MODEL_VERSION_FLUX_V1)
+IMPLEMENTATION = "https://github.com/black-forest-labs/flux"  # kohya library/sai_model_spec.py IMPL_FLUX
+SEQUENCE = {"flux-1-schnell": 256}  # T5 tokens (dev 512), as generation reads them (generate/flux_family.py)
+
+
+class FluxTrainer(Trainer):
+    def check_model(self) -> None:
+        cfg, model = self.cfg, self.model
+        if not model.flux:
+            raise TrainingError(f"the model {model.name} is not FLUX.1 ({model.arch})")
+        if model.variant not in ("flux-1-dev", "flux-1-schnell"):
+            raise TrainingError(f"the model {model.name} is {model.variant}: control and Fill models take a control "
+                                "image beside the latents; lorakit trains FLUX.1 dev and schnell")
+        refused = [flag for flag, v in (("--min-snr-gamma", cfg.min_snr_gamma), ("--noise-offset", cfg.noise_offset))
+                   if v]
+        if refused:
+            raise TrainingError(f"{', '.join(refused)}: for ε/v-prediction models; FLUX.1 is trained on the "
+                                "flow-matching velocity, unweighted (see --timestep-sampling)")
+        if cfg.network.t5 and cfg.network.train == "unet":
+            raise TrainingError("--train-t5 trains T5 beside CLIP-L: it needs --train te or both")
+        if cfg.flow.guidance is not None and not self.guided:
+            raise TrainingError(f"--guidance: {model.variant} has no guidance embedding")
+
+    @property
+    def guided(self) -> bool:
+        return bool(self.model.pipe.transformer.config.guidance_embeds)
+
+    def setup(self) -> Network:
+        """The flow objective's settings and kohya's FLUX network."""
+        spec = self.cfg.flow
+        self.dynamic = flow.dynamic_shift(self.model.pipe.scheduler)
+        self.guidance = (flow.DEFAULT_GUIDANCE if spec.guidance is None else spec.guidance) if self.guided else None
+        self.sequence = spec.max_sequence_length or SEQUENCE.get(self.model.variant, 512)
+        return FluxNetwork(self.model.pipe, self.cfg.network, self.cfg.seed, t5=self.cfg.network.t5)
+
+    @property
+    def denoiser(self) -> Any:
+        return self.model.pipe.transformer
+
+    def objective_metadata(self) -> dict[str, str]:
+        spec = self.cfg.flow
+        shift = (flow.DEFAULT_SHIFT if spec.shift is None else spec.shift) if spec.sampling == "shift" else None
+        return {"ss_base_model_version": BASE_VERSION, "ss_model_type": "flux", "ss_v2": "False",
+                "modelspec.architecture": f"{self.model.variant}/lora", "modelspec.implementation": IMPLEMENTATION,
+                "ss_timestep_sampling": spec.sampling,
+                "ss_sigmoid_scale": f"{1.0 if spec.sigmoid_scale is None else spec.sigmoid_scale:g}",
+                "ss_discrete_flow_shift": "None" if shift is None else f"{shift:g}",
+                "ss_guidance_scale": "None" if self.guidance is None else f"{self.guidance:g}",
+                "ss_model_prediction_type": "raw", "ss_weighting_scheme": "none",
+                "ss_t5xxl_max_token_length": str(self.sequence), "ss_apply_t5_attn_mask": "False"}
+
+    def metadata(self) -> dict[str, str]:
+        meta = super().metadata()
+        if self.cfg.network.kind == "lora":
+            meta["ss_network_module"] = "networks.lora_flux"  # kohya's FLUX LoRA module
+        return meta
+
+    # -- the step ------------------------------------------------------------------------------------------
+    def _conditioning(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(T5 embeddings (b, tokens, width), CLIP-L pooled (b, width)); an encoder that is not trained runs once
+        per caption (cached)."""
+        clip_live = self.train_te
+        t5_live = self.train_te and self.cfg.network.t5
+        if not (clip_live and t5_live):
+            with torch.no_grad():
+                for c in captions:
+                    if c not in self.text_cache:
+                        self.text_cache[c] = (self._t5([c]), self._clip([c]))
+        t5 = self._t5(captions) if t5_live else torch.cat([self.text_cache[c][0] for c in captions])
+        cached = [self.text_cache[c][1] for c in captions] if not clip_live else []
+        clip = self._clip(captions) if clip_live else torch.cat(cached)  # type: ignore[arg-type]
+        return t5, clip
+
+    def _t5(self, captions: list[str]) -> torch.Tensor:
+        pipe: Any = self.model.pipe
+        out: torch.Tensor = pipe._get_t5_prompt_embeds(prompt=captions, max_sequence_length=self.sequence,
+                                                       device=self.device)
+        return out
+
+    def _clip(self, captions: list[str]) -> torch.Tensor:
+        pipe: Any = self.model.pipe
+        out: torch.Tensor = pipe._get_clip_prompt_embeds(prompt=captions, device=self.device)
+        return out
+
+    def loss(self, batch: list[int]) -> torch.Tensor:
+        """The flow-matching loss of one micro-batch."""
+        from diffusers import FluxPipeline
+
+        transformer, dt = self.model.pipe.transformer, self.model.dtype
+        x0 = torch.stack([self.samples[i].latent for i in batch])
+        n, c, h, w = x0.shape
+        noise = dif.sample_noise(x0, self.gen)
+        sigmas = flow.sample_sigmas(n, self.cfg.flow, self.gen, (h // 2) * (w // 2), self.dynamic)
+        noisy = flow.add_noise(x0, noise, sigmas)
+        embeds, pooled = self._conditioning(self._captions(batch))
+        guidance = None if self.guidance is None else torch.full((n,), self.guidance, device=x0.device)
+        pred = transformer(hidden_states=FluxPipeline._pack_latents(noisy, n, c, h, w).to(dt),
+                           timestep=sigmas.to(x0.device, dt), guidance=guidance,
+                           pooled_projections=pooled.to(dt),  # type: ignore[union-attr]
+                           encoder_hidden_states=embeds.to(dt),
+                           txt_ids=torch.zeros(embeds.shape[1], 3, device=x0.device, dtype=dt),
+                           img_ids=FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, x0.device, dt),
+                           return_dict=False)[0]
+        want = FluxPipeline._pack_latents(flow.target(x0, noise), n, c, h, w)
+        return dif.diffusion_loss(pred, want)
+
+
+def trainer_for(cfg: TrainConfig, model: BaseModel | None = None) -> Trainer:
+    """The trainer of the model's family (``model`` ``None``: ``cfg.model`` is loaded)."""
+    from ..models.loading import load_model
+
+    cfg.check()
+    model = model or load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    return (FluxTrainer if model.flux else Trainer)(cfg, model)

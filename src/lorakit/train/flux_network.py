@@ -1,0 +1,149 @@
+"""The trainable network of a FLUX.1 model, as kohya's ``networks/lora_flux.py`` makes it: **one** network per BFL
+module — a double block's fused ``img_attn.qkv``/``txt_attn.qkv`` and a single block's ``linear1`` (q|k|v|mlp)
+included — on a diffusers ``FluxTransformer2DModel``, which keeps those parts apart.
+
+A fused layer's leaves are made at the fused shape (rows = the sum of its parts', e.g. 3·h for ``qkv``) and named
+by the BFL module (``transformer.double_blocks.0.img_attn.qkv``), so the file is kohya's FLUX layout. The training
+forward runs them as inference does: ``layout.build_layers`` — the code that loads such a file — splits each fused
+adapter into its parts (``adapters.rows.split_rows``: LoRA's parts share the ``down`` Parameter and take row views of
+``up``; LoKr's part is rows of the fused change, ``Rows``; LoHa and per-output DoRA take their factors' rows), and
+each part runs on its diffusers module through the hooks of ``patch/hooks.py``. Every part is a view or function of
+the fused leaves, so the gradients of all parts reach the one set of leaves.
+
+Reach (kohya's default): every Linear of the double blocks (``img_mod.lin``, ``img_attn.qkv``, ``img_attn.proj``,
+``img_mlp.0``, ``img_mlp.2`` and the ``txt_`` ones) and of the single blocks (``linear1``, ``linear2``,
+``modulation.lin``); the embedders and the final layer only when ``--only-layers`` names them (kohya's ``in_dims``).
+Text encoders (``--train te|both``): CLIP-L's attention and MLP Linears (kohya trains CLIP-L unless
+``--network_train_unet_only``); T5 only with ``t5`` (kohya's ``train_t5xxl=True``; off by default).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..adapters import Adapter
+from ..errors import TrainingError
+from ..keymap import flux as fluxmap
+from ..keymap.families import FLUX1
+from ..layout import build_layers
+from .network import Network, NetworkSpec, _children_of, _param, init_leaves
+
+DOUBLE = ("img_mod.lin", "img_attn.qkv", "img_attn.proj", "img_mlp.0", "img_mlp.2",
+          "txt_mod.lin", "txt_attn.qkv", "txt_attn.proj", "txt_mlp.0", "txt_mlp.2")
+SINGLE = ("linear1", "linear2", "modulation.lin")
+ON_REQUEST = ("img_in", "txt_in", "time_in.in_layer", "time_in.out_layer", "vector_in.in_layer",
+              "vector_in.out_layer", "guidance_in.in_layer", "guidance_in.out_layer", "final_layer.linear",
+              "final_layer.adaLN_modulation.1")
+CLIP_PARENTS = ("Attention", "MLP")  # CLIPAttention / CLIPSdpaAttention / CLIPMLP
+T5_PARENTS = ("Attention", "DenseGatedActDense", "DenseReluDense")  # kohya's T5Attention, T5DenseGatedActDense
+
+Target = tuple[torch.Tensor, dict[str, torch.nn.Module]]  # (the layer's weight, fused where it is; its modules)
+
+
+def bfl_modules(transformer: Any, only: tuple[str, ...]) -> list[str]:
+    """The BFL module paths to train, in kohya's order (double blocks, single blocks, then embedders)."""
+    paths = [f"double_blocks.{i}.{m}" for i in range(len(transformer.transformer_blocks)) for m in DOUBLE]
+    paths += [f"single_blocks.{j}.{m}" for j in range(len(transformer.single_transformer_blocks)) for m in SINGLE]
+    if only:
+        guided = bool(transformer.config.guidance_embeds)
+        paths += [p for p in ON_REQUEST if guided or not p.startswith("guidance_in")]
+    return [p for p in paths if _kept(f"transformer.{p}", only)]
+
+
+def _kept(path: str, only: tuple[str, ...]) -> bool:
+    return not only or any(path.endswith("." + o) or path == o for o in only)
+
+
+def fused_target(transformer: Any, bfl: str, values: bool) -> Target:
+    """The weight of a BFL module rebuilt from its diffusers modules (rows where BFL has them: ``qkv`` stacked,
+    the final adaLN's halves swapped; ``values=False``: only its shape, as a zero-size expanded tensor), and those
+    modules by their canonical paths."""
+    mapped = fluxmap.to_model(bfl)
+    if mapped is None:
+        raise TrainingError(f"internal error: {bfl} is not a FLUX.1 module")
+    if isinstance(mapped, str):
+        module = transformer.get_submodule(mapped)
+        return module.weight.detach(), {f"{FLUX1.denoiser}.{mapped}": module}
+    modules = {t: transformer.get_submodule(t) for t in mapped.targets}
+    rows = sum(int(m.weight.shape[0]) for m in modules.values())
+    hidden = int(transformer.config.num_attention_heads) * int(transformer.config.attention_head_dim)
+    pieces = mapped.pieces(rows, hidden)
+    if isinstance(pieces, str):
+        raise TrainingError(f"{bfl}: the model's modules {', '.join(mapped.targets)} do not make it: {pieces}")
+    first = next(iter(modules.values())).weight
+    if not values:
+        return first.detach().new_zeros(()).expand(rows, *first.shape[1:]), _named(modules)
+    fused = torch.empty((rows, *first.shape[1:]), dtype=first.dtype, device=first.device)
+    for part, ranges in pieces:
+        w, start = modules[part].weight.detach(), 0
+        for a, b in ranges:
+            fused[a:b] = w[start:start + b - a]
+            start += b - a
+    return fused, _named(modules)
+
+
+def _weight(module: torch.nn.Module) -> torch.Tensor:
+    w = module.weight
+    if not isinstance(w, torch.Tensor):
+        raise TrainingError(f"{type(module).__name__} has no weight")
+    return w.detach()
+
+
+def _named(modules: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Module]:
+    return {f"{FLUX1.denoiser}.{t}": m for t, m in modules.items()}
+
+
+def text_targets(pipe: Any, spec: NetworkSpec, t5: bool) -> dict[str, torch.nn.Module]:
+    """Canonical path → Linear of CLIP-L (and T5 with ``t5``) that the network trains."""
+    if spec.train not in ("te", "both"):
+        return {}
+    encoders = [("text_encoder", CLIP_PARENTS)] + ([("text_encoder_2", T5_PARENTS)] if t5 else [])
+    out: dict[str, torch.nn.Module] = {}
+    for name, parents in encoders:
+        root = getattr(pipe, name, None)
+        if root is None:
+            raise TrainingError(f"--train {spec.train}: the model has no {name.replace('_', ' ')} to train")
+        for path, module in _children_of(root, parents, suffix=True):
+            canonical = f"{name}.{path.removeprefix('text_model.')}"
+            if isinstance(module, torch.nn.Linear) and _kept(canonical, spec.only):
+                out[canonical] = module
+    return out
+
+
+class FluxNetwork(Network):
+    """``leaves``: per trained layer as the file names it (BFL modules, text-encoder Linears); ``modules``: the
+    model modules the hooks run on (a fused layer's parts)."""
+
+    def __init__(self, pipe: Any, spec: NetworkSpec, seed: int, t5: bool = False) -> None:
+        spec.check()
+        if spec.kind == "locon" or spec.conv_rank is not None or spec.conv_alpha is not None:
+            raise TrainingError("FLUX.1 has no convolutions: --network locon and --conv-rank/--conv-alpha do not "
+                                "apply (use --network lora)")
+        self.spec = spec
+        gen = torch.Generator().manual_seed(seed)
+        targets: dict[str, Target] = {}
+        if spec.train in ("unet", "both"):
+            for bfl in bfl_modules(pipe.transformer, spec.only):
+                targets[f"{FLUX1.denoiser}.{bfl}"] = fused_target(pipe.transformer, bfl, values=spec.kind == "dora")
+        for path, module in text_targets(pipe, spec, t5).items():
+            targets[path] = (_weight(module), {path: module})
+        if not targets:
+            only = f" and --only-layers {','.join(spec.only)}" if spec.only else ""
+            raise TrainingError(f"no layer of the FLUX.1 model can take a {spec.kind} network with --train "
+                                f"{spec.train}{only}")
+        self.leaves: dict[str, dict[str, torch.Tensor]] = {}
+        self.modules: dict[str, torch.nn.Module] = {}
+        for path, (weight, modules) in targets.items():
+            leaves = init_leaves(spec.kind, weight, spec.rank, spec.alpha, gen)
+            self.leaves[path] = {k: _param(v, weight.device) for k, v in leaves.items()}
+            self.modules.update(modules)
+        self._hooks = []
+
+    def adapters(self) -> dict[str, Adapter]:
+        """Model module path → adapter over the live parameters: the fused layers split as a loaded file is."""
+        layers, rest = build_layers(self.leaves, FLUX1, None)
+        if rest or set(layers) != set(self.modules):
+            raise TrainingError(f"internal error: the network's layers {sorted(set(layers) ^ set(self.modules))[:4]} "
+                                f"and leaves {rest[:4]} do not match the model's modules")
+        return layers
