@@ -4,8 +4,8 @@ reproduces ``src/lorakit/data/demo/`` byte for byte). Written for issue 24 (a mo
 its one measured checkpoint (step 800 of 1,600, ε prediction, an earlier VAE) was better on colour, count, position
 and background and worse on shape and size than the shipped model on the development set, and no run of it has
 finished (docs/training.md, "Every advertised word"), so nothing ships from it. The defaults are the last run's
-(v prediction, the 3,000-step VAE); ``--set prediction=epsilon vae_steps=800 vae_colour=0`` approximates the measured one
-(whose VAE was trained in a separate process, so its random streams differ).
+(v prediction, the 3,000-step VAE); ``--set prediction=epsilon vae_steps=800 vae_colour=0`` approximates the
+measured one (whose VAE was trained in a separate process, so its random streams differ).
 
 Deterministic: fixed seeds, ``threads`` CPU threads, torch's deterministic algorithms. Stages (``demo_stages.py``):
 (1) the VAE (4× down, 16×16×4 latents; channels 0-2 held to the 4×-pooled picture; ``vae_groups`` GroupNorm groups)
