@@ -64,10 +64,11 @@ class BaseModel:
     @property
     def native_size(self) -> int:
         """The side in px of the pictures it was trained on: the default width and height (a FLUX pipeline says
-        its own: its default latent size × the VAE's scale)."""
-        if self.flux:
-            return int(self.pipe.default_sample_size * self.pipe.vae_scale_factor)
-        return {Arch.DEMO: 64, Arch.SDXL: 1024}.get(self.arch, 512)
+        its own: its default latent size × the VAE's scale; 1024 for one that does not)."""
+        sample = getattr(self.pipe, "default_sample_size", None) if self.flux else None
+        if sample is not None:
+            return int(sample * self.pipe.vae_scale_factor)
+        return {Arch.DEMO: 64, Arch.SDXL: 1024, Arch.FLUX1: 1024}.get(self.arch, 512)
 
     @property
     def variant(self) -> str:
