@@ -359,3 +359,14 @@ def test_bake_of_a_single_file_into_a_name_without_safetensors_is_refused(models
     with pytest.raises(ToolError, match="name it NAME.safetensors"):
         bake(models["base"], [str(unknown_base)], tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_serve_write_serve_config_refuses_a_fifo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--write-serve-config FIFO`` blocked on the FIFO (a plain ``write_text``); it is an output like any other."""
+    pytest.importorskip("yaml")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    assert main(["serve", "--write-serve-config", str(fifo), "-l", str(ROOT / "examples" / "loras"),
+                 "--options-file", str(tmp_path / "o.json")]) == 2
+    _one_error_line(capsys, "FIFO")
+    assert fifo.is_fifo()

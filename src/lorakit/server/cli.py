@@ -35,6 +35,9 @@ def add_serve_command(sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
                    "read back at start (default ~/.config/lorakit/server-options.json)")
     p.add_argument("--config", help="settings file (default ./lorakit.toml, then ~/.config/lorakit/config.toml)")
     add_device_args(p)
+    from ..serve_ray.cli import add_ray_args
+
+    add_ray_args(p)
     p.set_defaults(func=serve, verbose_default=False)
 
 
@@ -43,12 +46,18 @@ def serve(args: argparse.Namespace) -> int:
 
     from ..files.output import check_target
     from ..server.models import DEFAULT_OPTIONS_FILE
+    from ..serve_ray.cli import check_ray_flags
     from ..server.worker import check_batching
     from .app import listen
 
     check_batching(args.max_batch, args.batch_window_ms)
     options_file = Path(args.options_file).expanduser() if args.options_file is not None else DEFAULT_OPTIONS_FILE
     check_target(options_file)  # /sdapi/v1/options saves there: a device, FIFO or folder is refused now
+    if args.ray or args.write_serve_config:
+        from ..serve_ray.cli import ray_serve
+
+        return ray_serve(args)
+    check_ray_flags(args)
     if not 0 <= args.port <= 65535:
         print(f"lorakit serve: port {args.port} cannot be opened: a port is 0…65535", file=sys.stderr)
         return 2
