@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..keymap.arch import NAMES, Arch
+from ..keymap.arch import NAMES, Arch, fits
 from .library import Library, LoraEntry
 
 SCHEMA = "lorakit.list/1"
@@ -64,7 +64,7 @@ def incompatibility(lora_base: str, model_arch: str) -> str | None:
     LoRAs made for it (base ``demo``: its widths, 64, match no full-size base)."""
     if lora_base not in BASE_NAMES:
         return f"made for {lora_base}, which lorakit does not apply"
-    if Arch.UNKNOWN in (lora_base, model_arch) or lora_base == model_arch:
+    if fits(lora_base, model_arch):
         return None
     return f"made for {BASE_NAMES[lora_base]}; the model is {BASE_NAMES.get(model_arch, model_arch)}"
 
