@@ -189,9 +189,21 @@ def _by_keys(keys: list[str], shapes: Mapping[str, Shaped]) -> Family | str | No
 
 
 def _double_widths(doubles: list[str], shapes: Mapping[str, Shaped]) -> set[int]:
-    """The input widths the down factors of diffusers-layout double blocks show."""
-    return {s.shape[1] for k in doubles if (s := shapes.get(k)) is not None and len(s.shape) == 2
-            and re.search(r"lora_A|lora_down|down\.weight", k)}
+    """The input widths the factors of diffusers-layout double blocks show (LoRA's down, LoHa's ``w1_b``, LoKr's
+    Kronecker factors: w1's columns × w2's)."""
+    out: set[int] = set()
+    for k in doubles:
+        s = shapes.get(k)
+        if s is None or len(s.shape) != 2:
+            continue
+        if re.search(r"lora_A|lora_down|down\.weight|hada_w1_b", k):
+            out.add(int(s.shape[1]))
+        elif k.endswith((".lokr_w1", ".lokr_w1_b")):
+            base = k.rsplit(".", 1)[0]
+            w2 = next((t for leaf in (".lokr_w2", ".lokr_w2_b") if (t := shapes.get(base + leaf)) is not None), None)
+            if w2 is not None and len(w2.shape) == 2:
+                out.add(int(s.shape[1]) * int(w2.shape[1]))
+    return out
 
 
 def _unsettled_double_blocks(keys: list[str], shapes: Mapping[str, Shaped]) -> bool:
