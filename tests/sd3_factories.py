@@ -158,3 +158,24 @@ def sai_state(tr: torch.nn.Module) -> dict[str, torch.Tensor]:
     out["pos_embed"] = tr.pos_embed.pos_embed.detach().clone()  # type: ignore[union-attr]
     assert cfg.num_layers >= 1
     return out
+
+
+def tiny_sd3_pipeline(seed: int = 0, medium35: bool = False) -> object:
+    """A tiny StableDiffusion3Pipeline (diffusers' test config, 2 blocks): a 3-level VAE (÷4: a 64 px picture is 256
+    tokens) with 4 latent channels,
+    CLIP-L / CLIP-G / T5 from configs, the project's CLIP tokenizer for all three (T5's vocabulary is the CLIP one's
+    size), the flow-matching scheduler with SD3's shift 3.0."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    from lorakit.generate.tokenizer import clip_tokenizer
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(block_out_channels=(4, 4, 4), layers_per_block=1, latent_channels=4, norm_num_groups=1,
+                        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
+                        sample_size=32)
+    parts = tiny_sd3_components(seed, medium35=medium35)
+    return StableDiffusion3Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+                                    text_encoder=parts["text_encoder"], tokenizer=clip_tokenizer(),
+                                    text_encoder_2=parts["text_encoder_2"], tokenizer_2=clip_tokenizer(),
+                                    text_encoder_3=parts["text_encoder_3"], tokenizer_3=clip_tokenizer(),
+                                    transformer=parts["transformer"])
