@@ -70,3 +70,24 @@ def test_an_either_medium_lora_fits_both_mediums_not_large(models: dict[str, dic
         build_plan(models[size], [(lora, lorakit.as_weight(1.0))])
     with pytest.raises(IncompatibleLora, match="Stable Diffusion 3 or 3.5 Medium, the model is Stable Diffusion 3.5"):
         build_plan(models["sd3.5-large"], [(lora, lorakit.as_weight(1.0))])
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+@pytest.mark.parametrize("dialect", DIALECTS)
+def test_the_library_reads_the_size_from_the_header_ends(size: str, dialect: str) -> None:
+    """What ``lorakit list`` / the page say (the first and last ~30 header entries, torch-free), and the fit."""
+    import json
+
+    from lorakit.library.listing import incompatibility
+    from lorakit.library.summary import sample_keys, summarise_keys
+
+    shapes, meta = listing(dialect, SIZES[size])
+    body = json.dumps({k: {"dtype": "F16", "shape": list(s), "data_offsets": [0, 0]} for k, s in
+                       sorted(shapes.items())}, separators=(",", ":"))
+    summary = summarise_keys(sample_keys(body[1:], body), body, None, meta, lambda key: None, by_metadata=False)
+    # a LoKr header shows no factor whose width is the hidden one: any SD3 size (loading it then decides)
+    expected = "sd3" if dialect == "lycoris" and size != "sd3.5-medium" else _expected(size, dialect)
+    assert summary.base == expected
+    for model in SIZES:
+        assert (incompatibility(summary.base, model) is None) == (expected in (model, "sd3") or
+                                                                  expected == "sd3.x-medium" and "medium" in model)

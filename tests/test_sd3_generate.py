@@ -138,6 +138,14 @@ def test_mixed_lora_batch_equals_each_request_alone_in_hooks_mode(gen: Generator
 
 
 def test_loras_of_another_size_or_family_are_refused_with_the_reason(gen: Generator, tmp_path: Path) -> None:
+    from lorakit.library.listing import fit
+
+    bases = {e.name: (e.base, fit(e, gen.model.arch)["fit"]) for e in gen.index.entries}
+    assert bases == {"style_a": ("sd3-medium", "yes"), "style_b": ("sd3-medium", "yes"), "large": ("sd3.5-large", "no")}
+    from lorakit.describe import describe
+
+    info = describe(gen.index.resolve("style_a").path)
+    assert (info["architecture"], info["dialect"]) == ("sd3-medium", "kohya")
     with pytest.raises(LorakitError, match="Stable Diffusion 3.5 Large.*Stable Diffusion 3 Medium"):
         gen(_req("a cat <lora:large:1>"))
     from tests.factories import make_kohya_lora, tiny_components

@@ -211,11 +211,15 @@ def _types(tails: set[str], blob: str, metadata: dict[str, str]) -> list[str]:
 
 def _base(keys: list[str], blob: str, body: str, metadata: dict[str, str], shape_base: str | None,
           by_metadata: bool) -> str:
-    family = families.detect(keys[:4] + keys[-4:], metadata)  # every key of a FLUX/SD3 file says so
+    # the sampled keys of both ends, with their shapes (SD3's final_layer is named as FLUX's; diffusers-layout SD3
+    # and FLUX.1 double blocks differ by their widths)
+    family = families.detect(keys, metadata, _shapes(keys, body))
     if isinstance(family, str):
         return family  # a family lorakit does not apply, by name
     if family.arch is not None:
         return family.arch
+    if family.sizes is not None:
+        return family.sizes.of_header(body, metadata)  # SD3: the size the block widths (or metadata) show
     if any(m in blob for m in SDXL_MARKERS):
         return archmod.SDXL
     m = WIDTH_RE.search(body)
@@ -227,6 +231,22 @@ def _base(keys: list[str], blob: str, body: str, metadata: dict[str, str], shape
     if shape_base:
         return shape_base
     return (archmod.from_metadata(metadata) if by_metadata else None) or archmod.UNKNOWN
+
+
+class _Shape(NamedTuple):
+    shape: tuple[int, ...]
+
+
+def _shapes(keys: list[str], body: str) -> dict[str, _Shape]:
+    """The shapes of ``keys`` as ``body`` (compact header text) gives them: one string search per key."""
+    out: dict[str, _Shape] = {}
+    for key in keys:
+        at = body.find(f'"{key}":{{"dtype":"')
+        start = body.find('"shape":[', at) + len('"shape":[') if at >= 0 else -1
+        dims = body[start:body.find("]", start)].split(",") if start > 0 else []
+        if dims and all(d.strip().isdecimal() for d in dims):
+            out[key] = _Shape(tuple(int(d) for d in dims))
+    return out
 
 
 def _rank(body: str, metadata: dict[str, str]) -> int | None:
