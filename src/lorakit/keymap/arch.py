@@ -31,7 +31,8 @@ class Arch(StrEnum):
 
 SD1, SD2, SDXL, DEMO, FLUX1, UNKNOWN = Arch.SD1, Arch.SD2, Arch.SDXL, Arch.DEMO, Arch.FLUX1, Arch.UNKNOWN
 SD3_SIZES = (Arch.SD3_MEDIUM, Arch.SD35_MEDIUM, Arch.SD35_LARGE)  # what an SD3 model is
-LORA_BASES = (SD1, SD2, SDXL, FLUX1, *SD3_SIZES, Arch.SD3_MEDIUMS, Arch.SD3, UNKNOWN)  # what a LoRA can be made for
+SD3_BASES = (*SD3_SIZES, Arch.SD3_MEDIUMS, Arch.SD3)  # what an SD3 LoRA can be made for
+LORA_BASES = (SD1, SD2, SDXL, FLUX1, *SD3_BASES, UNKNOWN)  # what a LoRA can be made for
 NAMES: dict[str, str] = {SD1: "Stable Diffusion 1.x", SD2: "Stable Diffusion 2.x", SDXL: "Stable Diffusion XL",
          DEMO: "the embedded demo model", FLUX1: "FLUX.1", Arch.SD3_MEDIUM: "Stable Diffusion 3 Medium",
          Arch.SD35_MEDIUM: "Stable Diffusion 3.5 Medium", Arch.SD35_LARGE: "Stable Diffusion 3.5 Large",

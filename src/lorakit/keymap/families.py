@@ -237,6 +237,7 @@ SUPPORTED = "Stable Diffusion 1.x, 2.x and XL, FLUX.1 and Stable Diffusion 3 / 3
 # FLUX.1 control and Fill LoRAs widen ``img_in`` to take the control image's (or the masked image's and the
 # mask's) latents beside the noise: 64 → 128 (Canny, Depth) or 384 (Fill) input features at full size.
 FLUX1_WIDE_INPUTS = {128: "flux-1-dev-control", 384: "flux-1-fill-dev"}
+FLUX1_VARIANTS = ("flux-1-dev", "flux-1-schnell", *FLUX1_WIDE_INPUTS.values(), "flux-1")  # what ``variant`` tells
 
 
 def variant(family: Family, keys: list[str], metadata: Mapping[str, str],
@@ -246,9 +247,9 @@ def variant(family: Family, keys: list[str], metadata: Mapping[str, str],
     layers (schnell has none); ``None`` for other families (their arch says it all)."""
     if family is not FLUX1:
         return None
-    spec = metadata.get("modelspec.architecture", "").split("/", 1)[0].strip().lower().replace(".", "-")
-    if spec.startswith("flux-1-"):
-        return spec
+    named = variant_from_metadata(metadata)
+    if named is not None:
+        return named
     for k in keys:
         s = (shapes or {}).get(k)
         if s is not None and len(s.shape) == 2 and flux.IMG_IN.search(k) and re.search(r"lora_A|lora_down", k):
@@ -256,6 +257,13 @@ def variant(family: Family, keys: list[str], metadata: Mapping[str, str],
             if wide:
                 return wide
     return "flux-1-dev" if any(flux.GUIDANCE.search(k) for k in keys) else "flux-1"
+
+
+def variant_from_metadata(metadata: Mapping[str, str]) -> str | None:
+    """The FLUX.1 variant ``modelspec.architecture`` names (``flux-1-dev/lora``, OneTrainer's ``Flux.1-fill-dev/lora``
+    → ``flux-1-fill-dev``), or ``None`` when it names none (``flux-1/lora``: kohya's "unknown")."""
+    spec = metadata.get("modelspec.architecture", "").split("/", 1)[0].strip().lower().replace(".", "-")
+    return spec if spec.startswith("flux-1-") else None
 
 
 def foreign_name(keys: list[str], metadata: Mapping[str, str]) -> str | None:
