@@ -15,14 +15,14 @@ H = 32  # hidden width of the tiny transformer (4 heads × 8)
 Table = dict[str, tuple[list[str], bool]]
 
 
-def tiny_sd3_transformer(seed: int = 0, layers: int = 2, medium35: bool = False) -> torch.nn.Module:
+def tiny_sd3_transformer(seed: int = 0, layers: int = 2, medium35: bool = False, channels: int = 4) -> torch.nn.Module:
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(seed)
     extra: dict[str, object] = dict(dual_attention_layers=(0,), qk_norm="rms_norm") if medium35 else {}
-    return SD3Transformer2DModel(sample_size=32, patch_size=1, in_channels=4, num_layers=layers,
+    return SD3Transformer2DModel(sample_size=32, patch_size=1, in_channels=channels, num_layers=layers,
                                  attention_head_dim=8, num_attention_heads=4, caption_projection_dim=H,
-                                 joint_attention_dim=32, pooled_projection_dim=64, out_channels=4,
+                                 joint_attention_dim=32, pooled_projection_dim=64, out_channels=channels,
                                  **extra).eval()  # type: ignore[arg-type]
 
 
@@ -37,8 +37,8 @@ def tiny_clip_g(seed: int = 2) -> torch.nn.Module:
 
 
 def tiny_sd3_components(seed: int = 0, dtype: torch.dtype = torch.float32, medium35: bool = False,
-                        layers: int = 2) -> dict[str, torch.nn.Module]:
-    out = {"transformer": tiny_sd3_transformer(seed, layers, medium35), "text_encoder": tiny_clip_g(seed + 1),
+                        layers: int = 2, channels: int = 4) -> dict[str, torch.nn.Module]:
+    out = {"transformer": tiny_sd3_transformer(seed, layers, medium35, channels), "text_encoder": tiny_clip_g(seed + 1),
            "text_encoder_2": tiny_clip_g(seed + 2), "text_encoder_3": tiny_t5(seed + 3)}
     return {k: v.to(dtype) for k, v in out.items()}
 
@@ -162,7 +162,7 @@ def sai_state(tr: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def tiny_sd3_pipeline(seed: int = 0, medium35: bool = False) -> object:
     """A tiny StableDiffusion3Pipeline (diffusers' test config, 2 blocks): a 3-level VAE (÷4: a 64 px picture is 256
-    tokens) with 4 latent channels,
+    tokens) with SD3's 16 latent channels (diffusers' inpainting pipeline takes 16 or 33),
     CLIP-L / CLIP-G / T5 from configs, the project's CLIP tokenizer for all three (T5's vocabulary is the CLIP one's
     size), the flow-matching scheduler with SD3's shift 3.0."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
@@ -170,10 +170,12 @@ def tiny_sd3_pipeline(seed: int = 0, medium35: bool = False) -> object:
     from lorakit.generate.tokenizer import clip_tokenizer
 
     torch.manual_seed(seed)
-    vae = AutoencoderKL(block_out_channels=(4, 4, 4), layers_per_block=1, latent_channels=4, norm_num_groups=1,
+    vae = AutoencoderKL(block_out_channels=(4, 4, 4), down_block_types=("DownEncoderBlock2D",) * 3,
+                        up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1, latent_channels=16,
+                        norm_num_groups=1,
                         use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
                         sample_size=32)
-    parts = tiny_sd3_components(seed, medium35=medium35)
+    parts = tiny_sd3_components(seed, medium35=medium35, channels=16)
     return StableDiffusion3Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
                                     text_encoder=parts["text_encoder"], tokenizer=clip_tokenizer(),
                                     text_encoder_2=parts["text_encoder_2"], tokenizer_2=clip_tokenizer(),

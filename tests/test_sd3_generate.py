@@ -137,6 +137,29 @@ def test_mixed_lora_batch_equals_each_request_alone_in_hooks_mode(gen: Generator
         assert np.abs(_pixels(b.images[0]) - _pixels(a.images[0])).max() <= 2
 
 
+def test_img2img_and_inpainting(gen: Generator) -> None:
+    from PIL import Image
+
+    from lorakit.generate.init_image import InitImage
+
+    init = Image.new("RGB", (SIZE, SIZE), (200, 30, 30))
+    keep = gen(_req("a cat", init=InitImage(init, strength=0.0)))
+    vae, processor = gen.model.pipe.vae, gen.model.pipe.image_processor
+    with torch.no_grad():  # strength 0: the init image through the VAE only
+        through = vae.decode(vae.encode(processor.preprocess(init)).latent_dist.mean).sample
+    assert np.abs(_pixels(keep.images[0]) - _pixels(processor.postprocess(through, output_type="pil")[0])).max() <= 1
+    plain = _pixels(gen(_req("a cat", cfg=3.0)).images[0])
+    changed = _pixels(gen(_req("a cat <lora:style_a:1>", cfg=3.0, init=InitImage(init, strength=0.6))).images[0])
+    assert changed.shape == (SIZE, SIZE, 3) and not np.array_equal(changed, plain)
+    mask = Image.new("L", (SIZE, SIZE), 0)
+    mask.paste(255, (0, 0, SIZE // 2, SIZE))
+    painted = _pixels(gen(_req("a cat", init=InitImage(init, strength=1.0, mask=mask, mask_blur=(0, 0))))
+                      .images[0])
+    assert np.array_equal(painted[:, SIZE // 2 + 2:], np.asarray(init, dtype=np.int16)[:, SIZE // 2 + 2:])
+    with pytest.raises(LorakitError, match="not available on Stable Diffusion 3"):
+        gen(_req("a cat", init=InitImage(init, strength=1.0, mask=mask, fill=2)))
+
+
 def test_loras_of_another_size_or_family_are_refused_with_the_reason(gen: Generator, tmp_path: Path) -> None:
     from lorakit.library.listing import fit
 

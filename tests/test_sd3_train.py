@@ -64,7 +64,7 @@ def _cfg(data: Path, out: Path, kind: str = "lora", net_kw: dict[str, object] | 
 def _outputs(pipe: Any) -> tuple[torch.Tensor, ...]:
     """The prompt embeddings and pooled projection (all three encoders) and the transformer's prediction."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 4, 8, 8, generator=gen)
+    x = torch.randn(1, 16, 8, 8, generator=gen)
     with torch.no_grad():
         embeds, _, pooled, _ = pipe.encode_prompt("a red disc", "a red disc", "a red disc", device="cpu",
                                                   do_classifier_free_guidance=False, max_sequence_length=SEQ)

@@ -93,9 +93,9 @@ class SD3(PipelineFamily):
         masked = prepared.mask is not None
         pipe = _derived(self.model.pipe, StableDiffusion3InpaintPipeline if masked else StableDiffusion3Img2ImgPipeline)
         kwargs = self._kwargs(settings, cond, uncond, seeds, step_end, per_prompt)
-        kwargs.update(image=prepared.image, strength=init.strength)
+        kwargs.update(image=prepared.image, strength=init.strength, width=size[0], height=size[1])
         if masked:
-            kwargs.update(mask_image=prepared.mask, width=size[0], height=size[1])
+            kwargs["mask_image"] = prepared.mask
         with torch.no_grad():
             return pipe(**kwargs).images  # type: ignore[no-any-return]
 
