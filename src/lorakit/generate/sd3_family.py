@@ -22,7 +22,7 @@ from .conditioning import Conditioning
 from .decode import decode
 from .family import PipelineFamily, StepEnd
 from .flux_family import plain_text
-from .img2img import encoded_init
+from .img2img import derived_pipeline, encoded_init
 from .init_image import steps_run
 from .request import Rules
 
@@ -83,15 +83,14 @@ class SD3(PipelineFamily):
                     ) -> torch.Tensor:
         from diffusers import StableDiffusion3Img2ImgPipeline, StableDiffusion3InpaintPipeline
 
-        from .flux_family import _derived
-
         if steps_run(settings.steps, init.strength) == 0:
             return encoded_init(self.model, prepared, len(seeds))
         if prepared.mask is not None and init.fill in (2, 3):
             raise LorakitError("the latent noise / latent nothing fills (2, 3) are not available on Stable "
                                "Diffusion 3; use fill 0 (fill) or 1 (original)")
         masked = prepared.mask is not None
-        pipe = _derived(self.model.pipe, StableDiffusion3InpaintPipeline if masked else StableDiffusion3Img2ImgPipeline)
+        cls = StableDiffusion3InpaintPipeline if masked else StableDiffusion3Img2ImgPipeline
+        pipe = derived_pipeline(self.model.pipe, cls)
         kwargs = self._kwargs(settings, cond, uncond, seeds, step_end, per_prompt)
         kwargs.update(image=prepared.image, strength=init.strength, width=size[0], height=size[1])
         if masked:
