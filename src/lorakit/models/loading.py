@@ -310,6 +310,9 @@ def _diffusers_folder(path: Path, dtype: torch.dtype) -> BaseModel:
     except (OSError, json.JSONDecodeError) as e:
         raise ModelError(f"{path / 'model_index.json'}: unreadable ({e})") from None
     digest = hashlib.sha256(json.dumps(index, sort_keys=True).encode() + str(path.resolve()).encode()).hexdigest()
+    from ..quant.nf4 import check_folder
+
+    check_folder(path)  # a bitsandbytes (NF4) folder: bitsandbytes and CUDA, or a clear error
     dit = next((m for m in dit_families() if m.is_index(index)), None)
     if dit is not None:
         pipe = dit.load_folder(path, dtype)
