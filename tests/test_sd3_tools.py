@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import lorakit
 from lorakit.files.io import load_file, save_file
 from lorakit.lora_model import load_lora
 from lorakit.tools.convert import ConvertOptions, convert
@@ -112,3 +113,46 @@ def test_svd_merge_of_sd3_files(sd3: dict[str, torch.nn.Module], files: dict[str
     m, a, b = load_lora(out), load_lora(files["a"]), load_lora(files["b"])
     for path in b.layers:
         assert rel(delta(m, path, sd3), delta(a, path, sd3, 0.5) + delta(b, path, sd3)) < 1e-4, path
+
+
+def test_bake_and_extract_on_an_sd3_folder(tmp_path: Path) -> None:
+    """bake: the folder's weights = apply_loras' bit for bit; extract (base vs baked) gives the change back in SAI
+    names — the fused qkv and the last block's swapped context adaLN whole — within the reported error."""
+    import math
+
+    from lorakit.models.loading import load_model
+    from lorakit.tools.bake import bake
+    from lorakit.tools.extract import ExtractOptions, extract
+    from tests.sd3_factories import tiny_sd3_pipeline
+
+    model = tmp_path / "model"
+    pipe = tiny_sd3_pipeline()
+    pipe.save_pretrained(model)  # type: ignore[attr-defined]
+    comps = {n: getattr(pipe, n) for n in ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3")}
+    lora = tmp_path / "a.safetensors"  # for the pipeline's 16-channel transformer
+    keys = kohya_keys(sai_lora(comps["transformer"], "lora", seed=5))
+    keys.update(_te(torch.Generator().manual_seed(6)))
+    save_file(keys, lora, META)
+    with lorakit.apply_loras(comps, [(lora, 0.8)]):
+        want = {f"{c}.{n}": p.detach().clone() for c, m in comps.items() for n, p in m.named_parameters()}
+    report = bake(model, [f"{lora}:0.8"], tmp_path / "baked")
+    assert report.left_out == [] and report.layers
+    baked = load_model(str(tmp_path / "baked"), device="cpu", dtype="fp32")
+    assert baked.arch == "sd3-medium"
+    for c in comps:
+        for n, p in getattr(baked.pipe, c).named_parameters():
+            assert torch.equal(p.detach(), want[f"{c}.{n}"]), f"{c}.{n}"
+    out = tmp_path / "x.safetensors"
+    report = extract(model, tmp_path / "baked", out, ExtractOptions(RankRule("rank", 4), components=("transformer",)))
+    sd = _tensors(out)
+    assert sd["lora_unet_joint_blocks_0_x_block_attn_qkv.lora_up.weight"].shape[0] == 3 * 32  # one fused LoRA
+    assert "lora_unet_joint_blocks_1_context_block_adaLN_modulation_1.lora_down.weight" in sd
+    assert not any(k.startswith("lora_transformer_") for k in sd)
+    tr = comps["transformer"]
+    before = {n: p.detach().double().clone() for n, p in tr.named_parameters()}
+    target = {n: want[f"transformer.{n}"].double() - before[n] for n in before if before[n].dim() == 2}
+    with lorakit.apply_loras({"transformer": tr}, [(out, 1.0)]):
+        got = {n: p.detach().double() - before[n] for n, p in tr.named_parameters() if n in target}
+    err = math.sqrt(sum(float((got[n] - target[n]).pow(2).sum()) for n in target))
+    norm = math.sqrt(sum(float(target[n].pow(2).sum()) for n in target))
+    assert err / norm < 1e-4, err / norm  # rank 4 = the LoRA's rank: the change comes back
