@@ -1,10 +1,12 @@
 """Model families as data: what each one's LoRA files are named like, which components its models have, and how a
 file's module names become the model's (``Family``); and which family a file is for (``detect``).
 
-A family is one entry of ``FAMILIES`` plus its tables (``keymap/flux.py`` for FLUX.1). The dialect readers
-(``formats/``) ask the family for component names and the flattened-name vocabulary; ``lora_model`` asks it to map
-an original-layout module (BFL's fused ``qkv``) onto the model's modules. Families lorakit does not apply yet are
-named (``UNSUPPORTED``) so a file for one is refused with its name, never read as something else.
+A family is one entry of ``FAMILIES`` plus its tables (``keymap/flux.py`` for FLUX.1, ``keymap/sd3.py`` for SD3).
+The dialect readers (``formats/``) ask the family for component names and the flattened-name vocabulary;
+``lora_model`` asks it to map an original-layout module (BFL's fused ``qkv``) onto the model's modules, and, for a
+family of several sizes, which size a file is; the tools ask it for the way back (``layout``) and for the names its
+files are written with. Families lorakit does not apply yet are named (``UNSUPPORTED``) so a file for one is refused
+with its name, never read as something else.
 """
 from __future__ import annotations
 
@@ -13,8 +15,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from . import flux
+from typing import Any
+
+from . import flux, sd3
 from .arch import Arch
+from .layouts import LayoutMap, Target
 from .names import SD_VOCABULARY, Vocabulary
 
 
@@ -23,13 +28,28 @@ class Shaped(Protocol):
     def shape(self) -> tuple[int, ...]: ...
 
 
+class Sizes(Protocol):
+    """Which architecture (size) of a family a LoRA or a model is, for families whose sizes do not fit each other
+    (SD3-Medium, 3.5-Medium, 3.5-Large)."""
+
+    def of_layers(self, layers: Mapping[str, Any], metadata: Mapping[str, str]) -> str: ...
+
+    def of_header(self, body: str, metadata: Mapping[str, str]) -> str: ...
+
+    def of_model(self, components: Mapping[str, Any]) -> str: ...
+
+
 @dataclass(frozen=True)
 class Family:
     """``denoiser``: the canonical component of the UNet/transformer; ``kohya``: kohya/LyCORIS key prefixes →
     component (``None``: decided by the path's head, LyCORIS' own wrapper); ``peft``/``comfy``: the prefixes of
     PEFT/diffusers and ComfyUI keys → component; ``to_model``: an original-layout module path → the model's
     module(s) (``None`` when the family's files use the model's names); ``arch``: the architecture its LoRAs fit
-    (``None``: decided from shapes, as SD1/SD2/SDXL)."""
+    (``None``: decided from shapes, as SD1/SD2/SDXL, or by ``sizes``); ``layout``: the original layout both ways
+    (writers); ``kohya_out``/``comfy_out``: the key prefixes its kohya / ComfyUI files are written with, per
+    component (the denoiser's original-layout modules under ``lora_unet_``, others as OneTrainer names them);
+    ``plain_te``: text encoders without a ``text_model`` level (T5); ``modelspec``: per architecture, kohya's
+    ``ss_base_model_version`` and ``modelspec.architecture`` (without ``/lora``)."""
 
     key: str
     display: str
@@ -40,11 +60,17 @@ class Family:
     peft: Mapping[str, str]
     comfy: Mapping[str, str]
     arch: Arch | None = None
-    to_model: Callable[[str], flux.Target | None] | None = None
+    to_model: Callable[[str], Target | None] | None = None
     is_original: Callable[[str], bool] = field(default=lambda path: False)
     model_classes: tuple[str, ...] = ()
     hidden_outputs: tuple[str, ...] = ()  # model module paths ending so write the hidden state (its width)
     expandable: Mapping[str, str] = field(default_factory=dict)  # input layer → config key widened with it
+    sizes: Sizes | None = None
+    layout: LayoutMap | None = None
+    kohya_out: Mapping[str, str] = field(default_factory=dict)
+    comfy_out: Mapping[str, str] = field(default_factory=dict)
+    plain_te: tuple[str, ...] = ()
+    modelspec: Mapping[str, tuple[str, str]] = field(default_factory=dict)
 
 
 SD = Family(
@@ -69,13 +95,39 @@ FLUX1 = Family(
     comfy={"clip_l": "text_encoder", "t5xxl": "text_encoder_2"},
     arch=Arch.FLUX1, to_model=flux.to_model, is_original=flux.is_bfl_path,
     model_classes=("FluxTransformer2DModel",), hidden_outputs=flux.HIDDEN_OUTPUTS,
-    expandable={"x_embedder": "in_channels"})  # control LoRAs (Canny/Depth) read the control image's latents too
+    expandable={"x_embedder": "in_channels"},  # control LoRAs (Canny/Depth) read the control image's latents too
+    layout=flux.MAP, kohya_out={"text_encoder": "lora_te1_", "text_encoder_2": "lora_te3_"},
+    comfy_out={"transformer": "diffusion_model.", "text_encoder": "text_encoders.clip_l.transformer.text_model.",
+               "text_encoder_2": "text_encoders.t5xxl.transformer."},
+    plain_te=("text_encoder_2",), modelspec={Arch.FLUX1: ("flux1", "flux-1")})
 
-FAMILIES: dict[str, Family] = {f.key: f for f in (SD, FLUX1)}
+SD3 = Family(
+    "sd3", "Stable Diffusion 3", "transformer",
+    {"text_encoder": "CLIP-L", "text_encoder_2": "OpenCLIP-G", "text_encoder_3": "T5-XXL"}, sd3.VOCABULARY,
+    kohya={"lora_unet_": "transformer", "lora_transformer_": "transformer", "lora_te1_": "text_encoder",
+           "lora_te2_": "text_encoder_2", "lora_te3_": "text_encoder_3", "lycoris_": "transformer"},
+    peft={"transformer.base_model.model.": "transformer", "transformer.": "transformer",
+          "base_model.model.": "transformer", "diffusion_model.": "transformer", "text_encoder.": "text_encoder",
+          "text_encoder_2.": "text_encoder_2", "text_encoder_3.": "text_encoder_3",
+          "text_encoders.clip_l.transformer.": "text_encoder", "text_encoders.clip_g.transformer.": "text_encoder_2",
+          "text_encoders.t5xxl.transformer.": "text_encoder_3"},
+    comfy={"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5xxl": "text_encoder_3"},
+    to_model=sd3.MAP.to_model, is_original=sd3.MAP.is_original, model_classes=("SD3Transformer2DModel",),
+    hidden_outputs=sd3.HIDDEN_OUTPUTS, sizes=sd3.SIZES, layout=sd3.MAP,
+    kohya_out={"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_", "text_encoder_3": "lora_te3_"},
+    comfy_out={"transformer": "diffusion_model.", "text_encoder": "text_encoders.clip_l.transformer.text_model.",
+               "text_encoder_2": "text_encoders.clip_g.transformer.text_model.",
+               "text_encoder_3": "text_encoders.t5xxl.transformer."},
+    plain_te=("text_encoder_3",),
+    modelspec={Arch.SD3_MEDIUM: ("sd3-medium", "stable-diffusion-3-medium"),
+               Arch.SD35_MEDIUM: ("sd3.5-medium", "stable-diffusion-3-5-medium"),
+               Arch.SD35_LARGE: ("sd3.5-large", "stable-diffusion-3-5-large"),
+               Arch.SD3_MEDIUMS: ("sd3", "stable-diffusion-3"), Arch.SD3: ("sd3", "stable-diffusion-3")})
+
+FAMILIES: dict[str, Family] = {f.key: f for f in (SD, FLUX1, SD3)}
 
 # Families lorakit does not apply (yet), by raw key names; tried after FLUX.1's own markers fail.
 UNSUPPORTED: list[tuple[str, re.Pattern[str]]] = [
-    ("Stable Diffusion 3", re.compile(r"joint_blocks|context_block|x_block|(?:^|[._])pos_embed[._]")),
     ("Qwen-Image", re.compile(r"transformer_blocks[._]\d+[._](?:img_mlp|txt_mlp|img_mod|txt_mod)")),
     ("HiDream", re.compile(r"double_stream_blocks")),
     ("AuraFlow", re.compile(r"joint_transformer_blocks")),
@@ -84,15 +136,14 @@ UNSUPPORTED: list[tuple[str, re.Pattern[str]]] = [
     ("a transformer (DiT) model such as SD3, PixArt or Hunyuan", re.compile(r"^(lora_)?transformer[._]")),
 ]
 _META: dict[str, str] = {"flux-2": "FLUX.2", "flux.2": "FLUX.2", "flux2": "FLUX.2", "chroma": "Chroma",
-                         "sd3": "Stable Diffusion 3", "stable-diffusion-3": "Stable Diffusion 3",
-                         "stable-diffusion-v3": "Stable Diffusion 3", "qwen": "Qwen-Image", "pixart": "PixArt",
+                         "sd3": "sd3", "stable-diffusion-3": "sd3", "stable-diffusion-v3": "sd3", "qwen": "Qwen-Image", "pixart": "PixArt",
                          "hunyuan": "Hunyuan", "auraflow": "AuraFlow", "cascade": "Stable Cascade",
                          "flux": "flux1"}
 # A DiT's top-level ``transformer_blocks`` (FLUX.1's double blocks, SD3's joint blocks) under any dialect's prefix;
 # an SD UNet's ``transformer_blocks`` sit inside ``attentions``, never at the top.
 _DIFFUSERS_DOUBLE = re.compile(r"^(?:transformer\.|lora_transformer_|base_model\.model\.|lycoris_|lora_unet_|"
                                r"diffusion_model\.)*transformer_blocks[._]\d+[._]")
-SD3_WIDTHS = (1536, 2432)
+SD3_WIDTHS = tuple(sd3.WIDTHS)
 # FLUX.1 (dev, schnell, Kontext) has 19 double blocks: a diffusers-layout file naming a later top-level block is
 # for a deeper DiT with the same names (Qwen-Image: 60 blocks of width 3072; SD3.5-Large: 38).
 FLUX1_DOUBLE_BLOCKS = 19
@@ -102,13 +153,18 @@ def detect(keys: list[str], metadata: Mapping[str, str], shapes: Mapping[str, Sh
     """The family a LoRA file is for, or the name of one lorakit does not apply: keys first, then the input widths
     of a few layers, then metadata (``modelspec.architecture``, ``ss_base_model_version``), which is often stale."""
     named = _by_keys(keys, shapes or {})
-    if named is not None:
-        return named
+    by_meta = _by_metadata(metadata)
+    if named is FLUX1 and by_meta is SD3 and _unsettled_double_blocks(keys, shapes or {}):
+        return SD3  # diffusers-layout double blocks whose widths are no full-size model's: metadata decides
+    return named if named is not None else by_meta or SD
+
+
+def _by_metadata(metadata: Mapping[str, str]) -> Family | str | None:
     meta = " ".join(metadata.get(k, "") for k in ("ss_base_model_version", "modelspec.architecture")).lower()
     for marker, name in _META.items():
         if marker in meta:
             return FAMILIES.get(name, name)
-    return SD
+    return None
 
 
 def _by_keys(keys: list[str], shapes: Mapping[str, Shaped]) -> Family | str | None:
@@ -116,20 +172,50 @@ def _by_keys(keys: list[str], shapes: Mapping[str, Shaped]) -> Family | str | No
         return "FLUX.2"
     if any(flux.CHROMA.search(k) for k in keys):
         return "Chroma"
+    if sd3.claims(keys):  # before FLUX.1's markers: SD3's final layer is named as FLUX's
+        return SD3
     if any(flux.KEYS.search(k) for k in keys):
         return FLUX1
     doubles = [k for k in keys if _DIFFUSERS_DOUBLE.search(k)]
-    if doubles and not any(p.search(k) for _, p in UNSUPPORTED[:2] for k in keys):  # not SD3's or Qwen's names
-        widths = {s.shape[1] for k in doubles if (s := shapes.get(k)) is not None and len(s.shape) == 2
-                  and re.search(r"lora_A|lora_down|down\.weight", k)}
-        if widths & set(SD3_WIDTHS):
-            return "Stable Diffusion 3"
+    if doubles and not any(p.search(k) for _, p in UNSUPPORTED[:1] for k in keys):  # not Qwen's names
+        if _double_widths(doubles, shapes) & set(SD3_WIDTHS):
+            return SD3
         deepest = max(int(m[1]) for k in doubles if (m := re.search(r"transformer_blocks[._](\d+)", k)))
         return FLUX1 if deepest < FLUX1_DOUBLE_BLOCKS else "Qwen-Image or Stable Diffusion 3"
     for name, pattern in UNSUPPORTED:
         if any(pattern.search(k) for k in keys):
             return name
     return None
+
+
+def _double_widths(doubles: list[str], shapes: Mapping[str, Shaped]) -> set[int]:
+    """The input widths the factors of diffusers-layout double blocks show (LoRA's down, LoHa's ``w1_b``, LoKr's
+    Kronecker factors: w1's columns × w2's)."""
+    out: set[int] = set()
+    for k in doubles:
+        s = shapes.get(k)
+        if s is None or len(s.shape) != 2:
+            continue
+        if re.search(r"lora_A|lora_down|down\.weight|hada_w1_b", k):
+            out.add(int(s.shape[1]))
+        elif k.endswith((".lokr_w1", ".lokr_w1_b")):
+            base = k.rsplit(".", 1)[0]
+            w2 = next((t for leaf in (".lokr_w2", ".lokr_w2_b") if (t := shapes.get(base + leaf)) is not None), None)
+            if w2 is not None and len(w2.shape) == 2:
+                out.add(int(s.shape[1]) * int(w2.shape[1]))
+    return out
+
+
+def _unsettled_double_blocks(keys: list[str], shapes: Mapping[str, Shaped]) -> bool:
+    """Diffusers-layout double blocks whose widths are neither FLUX.1's (3072) nor SD3's (a tiny test model's, or
+    none shown): FLUX.1 and SD3 files name them alike."""
+    doubles = [k for k in keys if _DIFFUSERS_DOUBLE.search(k)]
+    return bool(doubles) and not _double_widths(doubles, shapes) & {3072, *SD3_WIDTHS}
+
+
+def family_of_arch(arch: str) -> Family:
+    """The family whose LoRAs an architecture names (Stable Diffusion for SD1/SD2/SDXL, the demo and unknown)."""
+    return next((f for f in FAMILIES.values() if f.arch == arch or arch in f.modelspec), SD)
 
 
 def _text_width(keys: list[str], shapes: Mapping[str, Shaped]) -> int | None:
@@ -147,7 +233,7 @@ def family_of_model(components: Mapping[str, object]) -> Family | None:
     return next((f for f in FAMILIES.values() if names & set(f.model_classes)), None)
 
 
-SUPPORTED = "Stable Diffusion 1.x, 2.x and XL, and FLUX.1"
+SUPPORTED = "Stable Diffusion 1.x, 2.x and XL, FLUX.1 and Stable Diffusion 3 / 3.5"
 # FLUX.1 control and Fill LoRAs widen ``img_in`` to take the control image's (or the masked image's and the
 # mask's) latents beside the noise: 64 → 128 (Canny, Depth) or 384 (Fill) input features at full size.
 FLUX1_WIDE_INPUTS = {128: "flux-1-dev-control", 384: "flux-1-fill-dev"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..keymap.arch import NAMES, Arch
+from ..keymap.arch import NAMES, Arch, fits
 from .library import Library, LoraEntry
 
 SCHEMA = "lorakit.list/1"
@@ -93,7 +93,7 @@ def incompatibility(lora_base: str, model_arch: str, variant: str | None = None)
     no full-size base)."""
     if lora_base not in BASE_NAMES:
         return f"made for {lora_base}, which lorakit does not apply yet"
-    if Arch.UNKNOWN in (lora_base, model_arch) or lora_base == model_arch:
+    if fits(lora_base, model_arch):
         return None
     made = BASE_NAMES[lora_base] + (f" ({variant})" if variant else "")
     return f"made for {made}; the model is {BASE_NAMES.get(model_arch, model_arch)}"

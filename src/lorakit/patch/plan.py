@@ -16,7 +16,7 @@ import torch
 from ..adapters import Adapter, Rows
 from ..adapters.rows import Originals
 from ..errors import IncompatibleLora, UnmatchedKeys, WeightSpecError
-from ..keymap.arch import NAMES, UNKNOWN
+from ..keymap.arch import NAMES, fits
 from ..lora_model import LoraModel
 from ..keymap.families import family_of_model
 from ..quant.layers import is_quantized, weight_shape, weight_values
@@ -258,7 +258,7 @@ def _parts(lora: LoraModel) -> set[str]:
 
 
 def _check_arch(lora: LoraModel, arch: str) -> None:
-    if UNKNOWN in (lora.arch, arch) or lora.arch == arch:
+    if fits(lora.arch, arch):
         return
     where = lora.path or lora.name
     raise IncompatibleLora(f"{where}: this LoRA is for {_name(lora.arch)}, the model is {_name(arch)}; "

@@ -21,8 +21,8 @@ import torch
 
 from ..adapters import Rows
 from ..errors import ToolError
-from ..keymap import flux as fluxmap
-from ..keymap.families import FLUX1
+from ..keymap.families import FLUX1, Family
+from ..keymap.layouts import Fused
 from .layers import Contribution, lora_leaves
 from .modelfile import ModelFile
 from .report import LayerResult, ToolReport
@@ -43,14 +43,18 @@ class _Block:
     key: tuple[int, float, int | None]
 
 
-def concat_fused(layers: Layers, dtype: torch.dtype, report: ToolReport) -> tuple[dict[str, dict[str, Tensor]],
-                                                                                   Layers]:
-    """The fused FLUX.1 layers whose every part is in ``layers`` with plain LoRA contributions, concatenated whole
-    (BFL paths); and the layers left for the per-module concat."""
-    homes: dict[str, tuple[fluxmap.Fused, dict[int, str]]] = {}
+def concat_fused(layers: Layers, dtype: torch.dtype, report: ToolReport, family: Family = FLUX1
+                 ) -> tuple[dict[str, dict[str, Tensor]], Layers]:
+    """The fused layers of ``family``'s original layout (FLUX.1's BFL, SD3's SAI) whose every part is in ``layers``
+    with plain LoRA contributions, concatenated whole (original paths); and the layers left for the per-module
+    concat."""
+    layout, denoiser = family.layout, family.denoiser
+    if layout is None:
+        return {}, dict(layers)
+    homes: dict[str, tuple[Fused, dict[int, str]]] = {}
     for path, contribs in layers.items():
         component, _, module = path.partition(".")
-        home = fluxmap.fused_home(module) if component == FLUX1.denoiser else None
+        home = layout.fused_home(module) if component == denoiser else None
         if home is not None and all(c.kind == "lora" for c in contribs):
             homes.setdefault(home[0], (home[1], {}))[1][home[2]] = path
     out: dict[str, dict[str, Tensor]] = {}
@@ -58,18 +62,18 @@ def concat_fused(layers: Layers, dtype: torch.dtype, report: ToolReport) -> tupl
     for bfl, (fused, parts) in sorted(homes.items()):
         if len(parts) == len(fused.targets):
             paths = [parts[i] for i in range(len(parts))]
-            out[f"{FLUX1.denoiser}.{bfl}"] = _fuse(f"{FLUX1.denoiser}.{bfl}", [layers[p] for p in paths],
-                                                   fused.swap, dtype, report)
+            out[f"{denoiser}.{bfl}"] = _fuse(f"{denoiser}.{bfl}", [layers[p] for p in paths], fused, dtype, report)
             for p in paths:
                 del rest[p]
     return out, rest
 
 
-def fused_layer(path: str) -> str | None:
-    """The fused BFL layer (``transformer.double_blocks.0.img_attn.qkv``) a model path is some rows of, if any."""
+def fused_layer(path: str, family: Family = FLUX1) -> str | None:
+    """The fused layer of ``family``'s original layout (FLUX.1's ``transformer.double_blocks.0.img_attn.qkv``) a
+    model path is some rows of, if any."""
     component, _, module = path.partition(".")
-    home = fluxmap.fused_home(module) if component == FLUX1.denoiser else None
-    return f"{FLUX1.denoiser}.{home[0]}" if home is not None else None
+    home = family.layout.fused_home(module) if family.layout is not None and component == family.denoiser else None
+    return f"{family.denoiser}.{home[0]}" if home is not None else None
 
 
 def _blocks(parts: Sequence[list[Contribution]]) -> list[_Block]:
@@ -87,7 +91,7 @@ def _blocks(parts: Sequence[list[Contribution]]) -> list[_Block]:
     return blocks
 
 
-def _fuse(path: str, parts: Sequence[list[Contribution]], swap: bool, dtype: torch.dtype,
+def _fuse(path: str, parts: Sequence[list[Contribution]], fused: Fused, dtype: torch.dtype,
           report: ToolReport) -> dict[str, Tensor]:
     """One LoRA (up (Σdᵢ, R), down (R, in), α = R) adding Σ cᵢ·ΔWᵢ on every part of a fused layer."""
     widths = [int(cs[0].adapter.t["lora_up.weight"].shape[0]) for cs in parts]
@@ -110,7 +114,7 @@ def _fuse(path: str, parts: Sequence[list[Contribution]], swap: bool, dtype: tor
         downs.append((b.down.double() * root).to(dtype))
         ref_downs.append(b.down.double())
         col += r
-    if swap:  # diffusers' norm_out.linear rows [scale; shift] → BFL's [shift; scale]
+    if fused.swapped(sum(widths), int(blocks[0].down.shape[1])):  # diffusers' [scale; shift] → [shift; scale]
         up, ref_up = (torch.cat(t.chunk(2)[::-1]) for t in (up, ref_up))
     stored_up, stored_down = up.to(dtype), torch.cat(downs)
     err2, norm2 = factor_error2(ref_up, torch.cat(ref_downs), stored_up, stored_down)

@@ -16,6 +16,7 @@ from pathlib import Path
 from ..errors import LorakitError, ToolError
 from ..files.hashes import file_hashes
 from ..keymap.arch import Arch
+from ..keymap.families import family_of_arch
 from ..library.training import trigger_words
 from ..lora_model import LoraModel, load_lora
 from ..patch.weights import Weight, as_weight
@@ -118,4 +119,6 @@ def lora_metadata(arch: str, ranks: Sequence[int], alphas: Sequence[float], titl
     if arch in BASE_VERSION:
         meta.update({"ss_base_model_version": BASE_VERSION[arch], "ss_v2": str(arch == Arch.SD2),
                      "modelspec.architecture": f"{MODELSPEC[arch]}/lora"})
+    elif (names := family_of_arch(arch).modelspec.get(arch)) is not None:  # a family's sizes (SD3), as kohya names them
+        meta.update({"ss_base_model_version": names[0], "ss_v2": "False", "modelspec.architecture": f"{names[1]}/lora"})
     return meta
