@@ -20,13 +20,16 @@ class Arch(StrEnum):
     SDXL = "sdxl"
     DEMO = "demo"  # the embedded demo model (SD1 architecture, tiny widths)
     FLUX1 = "flux1"  # FLUX.1 dev / schnell / Kontext (their LoRAs are interchangeable)
+    CHROMA = "chroma"  # Chroma (FLUX.1-schnell-derived, T5 only; FLUX.1 LoRAs fit it: ``families.fits``)
+    QWEN_IMAGE = "qwen-image"  # Qwen-Image and Qwen-Image-Edit (one transformer)
     UNKNOWN = "unknown"
 
 
 SD1, SD2, SDXL, DEMO, FLUX1, UNKNOWN = Arch.SD1, Arch.SD2, Arch.SDXL, Arch.DEMO, Arch.FLUX1, Arch.UNKNOWN
-LORA_BASES = (SD1, SD2, SDXL, FLUX1, UNKNOWN)  # what a LoRA file can be made for
+LORA_BASES = (SD1, SD2, SDXL, FLUX1, Arch.CHROMA, Arch.QWEN_IMAGE, UNKNOWN)  # what a LoRA file can be made for
 NAMES: dict[str, str] = {SD1: "Stable Diffusion 1.x", SD2: "Stable Diffusion 2.x", SDXL: "Stable Diffusion XL",
-         DEMO: "the embedded demo model", FLUX1: "FLUX.1", UNKNOWN: "unknown"}
+         DEMO: "the embedded demo model", FLUX1: "FLUX.1", Arch.CHROMA: "Chroma", Arch.QWEN_IMAGE: "Qwen-Image",
+         UNKNOWN: "unknown"}
 # The widths that tell the architectures apart — the one table of them (LoRA files, headers, models):
 # the UNet's cross-attention context (the text width it reads) and the text encoders' hidden/MLP widths.
 CROSS_DIM: dict[int, Arch] = {768: SD1, 1024: SD2, 2048: SDXL}

@@ -13,8 +13,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from . import flux
-from .arch import Arch
+from . import chroma, flux, qwen
+from .arch import UNKNOWN, Arch
 from .names import SD_VOCABULARY, Vocabulary
 
 
@@ -29,7 +29,13 @@ class Family:
     component (``None``: decided by the path's head, LyCORIS' own wrapper); ``peft``/``comfy``: the prefixes of
     PEFT/diffusers and ComfyUI keys → component; ``to_model``: an original-layout module path → the model's
     module(s) (``None`` when the family's files use the model's names); ``arch``: the architecture its LoRAs fit
-    (``None``: decided from shapes, as SD1/SD2/SDXL)."""
+    (``None``: decided from shapes, as SD1/SD2/SDXL). ``layout``: its original (checkpoint) layout for the tools
+    and trainers (``None``: files use the model's names). ``fits``: the architectures of other families whose
+    LoRAs its models take (their layers without a module here reported, not applied). ``pipelines``: the diffusers
+    pipeline classes of its model folders (``model_index.json``). ``clip_encoders``: its components that are CLIP
+    text models (their files name ``text_model.``). ``kohya_names``: component → the kohya prefix writers give its
+    model-named modules (original-layout ones get ``lora_unet_``); ``base_version``/``modelspec``: kohya's
+    ``ss_base_model_version`` and ``modelspec.architecture`` (without ``/lora``) of its LoRAs."""
 
     key: str
     display: str
@@ -45,6 +51,13 @@ class Family:
     model_classes: tuple[str, ...] = ()
     hidden_outputs: tuple[str, ...] = ()  # model module paths ending so write the hidden state (its width)
     expandable: Mapping[str, str] = field(default_factory=dict)  # input layer → config key widened with it
+    layout: flux.Layout | None = None
+    fits: tuple[Arch, ...] = ()
+    pipelines: tuple[str, ...] = ()
+    clip_encoders: tuple[str, ...] = ("text_encoder", "text_encoder_2")
+    kohya_names: Mapping[str, str] = field(default_factory=dict)
+    base_version: str = ""
+    modelspec: str = ""
 
 
 SD = Family(
@@ -69,23 +82,46 @@ FLUX1 = Family(
     comfy={"clip_l": "text_encoder", "t5xxl": "text_encoder_2"},
     arch=Arch.FLUX1, to_model=flux.to_model, is_original=flux.is_bfl_path,
     model_classes=("FluxTransformer2DModel",), hidden_outputs=flux.HIDDEN_OUTPUTS,
-    expandable={"x_embedder": "in_channels"})  # control LoRAs (Canny/Depth) read the control image's latents too
+    expandable={"x_embedder": "in_channels"},  # control LoRAs (Canny/Depth) read the control image's latents too
+    layout=flux.LAYOUT, clip_encoders=("text_encoder",), base_version="flux1", modelspec="flux-1",
+    kohya_names={"transformer": "lora_transformer_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te3_"})
 
-FAMILIES: dict[str, Family] = {f.key: f for f in (SD, FLUX1)}
+CHROMA = Family(
+    "chroma", "Chroma", "transformer", {"text_encoder": "T5-XXL"}, chroma.VOCABULARY,
+    kohya={"lora_transformer_": "transformer", "lora_unet_": "transformer", "lycoris_": "transformer",
+           "lora_te3_": "text_encoder", "lora_te2_": "text_encoder", "lora_te_": "text_encoder"},  # T5, its only one
+    peft={"transformer.base_model.model.": "transformer", "transformer.": "transformer",
+          "base_model.model.": "transformer", "diffusion_model.": "transformer", "text_encoder.": "text_encoder",
+          "text_encoders.t5xxl.transformer.": "text_encoder"},
+    comfy={"t5xxl": "text_encoder"}, arch=Arch.CHROMA, to_model=chroma.to_model, is_original=chroma.is_original,
+    model_classes=("ChromaTransformer2DModel",), hidden_outputs=flux.HIDDEN_OUTPUTS, layout=chroma.LAYOUT,
+    fits=(Arch.FLUX1,), pipelines=("ChromaPipeline", "ChromaImg2ImgPipeline"), clip_encoders=(),
+    kohya_names={"transformer": "lora_transformer_", "text_encoder": "lora_te3_"}, base_version="chroma",
+    modelspec="chroma")
+
+QWEN_IMAGE = Family(
+    "qwen-image", "Qwen-Image", "transformer", {"text_encoder": "Qwen2.5-VL"}, qwen.VOCABULARY,
+    kohya={"lora_unet_": "transformer", "lora_transformer_": "transformer", "lycoris_": "transformer"},
+    peft={"transformer.base_model.model.": "transformer", "transformer.": "transformer",
+          "base_model.model.": "transformer", "diffusion_model.": "transformer", "text_encoder.": "text_encoder"},
+    comfy={"qwen25_7b": "text_encoder"}, arch=Arch.QWEN_IMAGE, model_classes=("QwenImageTransformer2DModel",),
+    pipelines=("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline"), clip_encoders=(),
+    kohya_names={"transformer": "lora_unet_"}, base_version="qwen_image", modelspec="Qwen-Image")
+
+FAMILIES: dict[str, Family] = {f.key: f for f in (SD, FLUX1, CHROMA, QWEN_IMAGE)}
 
 # Families lorakit does not apply (yet), by raw key names; tried after FLUX.1's own markers fail.
 UNSUPPORTED: list[tuple[str, re.Pattern[str]]] = [
     ("Stable Diffusion 3", re.compile(r"joint_blocks|context_block|x_block|(?:^|[._])pos_embed[._]")),
-    ("Qwen-Image", re.compile(r"transformer_blocks[._]\d+[._](?:img_mlp|txt_mlp|img_mod|txt_mod)")),
     ("HiDream", re.compile(r"double_stream_blocks")),
     ("AuraFlow", re.compile(r"joint_transformer_blocks")),
     ("Lumina 2", re.compile(r"noise_refiner|context_refiner|(?:^|[._])layers[._]\d+[._]attention[._]qkv")),
     ("Wan", re.compile(r"(?:^|[._])blocks[._]\d+[._](?:self_attn|cross_attn|ffn)[._]")),
     ("a transformer (DiT) model such as SD3, PixArt or Hunyuan", re.compile(r"^(lora_)?transformer[._]")),
 ]
-_META: dict[str, str] = {"flux-2": "FLUX.2", "flux.2": "FLUX.2", "flux2": "FLUX.2", "chroma": "Chroma",
+_META: dict[str, str] = {"flux-2": "FLUX.2", "flux.2": "FLUX.2", "flux2": "FLUX.2", "chroma": "chroma",
                          "sd3": "Stable Diffusion 3", "stable-diffusion-3": "Stable Diffusion 3",
-                         "stable-diffusion-v3": "Stable Diffusion 3", "qwen": "Qwen-Image", "pixart": "PixArt",
+                         "stable-diffusion-v3": "Stable Diffusion 3", "qwen": "qwen-image", "pixart": "PixArt",
                          "hunyuan": "Hunyuan", "auraflow": "AuraFlow", "cascade": "Stable Cascade",
                          "flux": "flux1"}
 # A DiT's top-level ``transformer_blocks`` (FLUX.1's double blocks, SD3's joint blocks) under any dialect's prefix;
@@ -96,40 +132,79 @@ SD3_WIDTHS = (1536, 2432)
 # FLUX.1 (dev, schnell, Kontext) has 19 double blocks: a diffusers-layout file naming a later top-level block is
 # for a deeper DiT with the same names (Qwen-Image: 60 blocks of width 3072; SD3.5-Large: 38).
 FLUX1_DOUBLE_BLOCKS = 19
+SD35_LARGE_BLOCKS = 38  # SD3's deepest model: a block past it is Qwen-Image's
+QWEN_WIDTH = 3072  # Qwen-Image's hidden width (SD3's are SD3_WIDTHS)
+_BLOCK_KEY = re.compile(r'"([^"]*?transformer_blocks[._](\d+)[._][^"]*)"')
 
 
 def detect(keys: list[str], metadata: Mapping[str, str], shapes: Mapping[str, Shaped] | None = None) -> Family | str:
     """The family a LoRA file is for, or the name of one lorakit does not apply: keys first, then the input widths
-    of a few layers, then metadata (``modelspec.architecture``, ``ss_base_model_version``), which is often stale."""
+    of a few layers, then metadata (``modelspec.architecture``, ``ss_base_model_version``), which is often stale —
+    it decides only where the keys fit several families (``_Guess``), or none."""
     named = _by_keys(keys, shapes or {})
+    meta = _by_metadata(metadata)
+    if isinstance(named, _Guess):
+        return meta if meta is not None and meta in named.choices else named.default
     if named is not None:
         return named
+    return meta or SD
+
+
+@dataclass(frozen=True)
+class _Guess:
+    """Keys that fit several families: metadata naming one of ``choices`` picks it, else ``default``."""
+
+    default: Family | str
+    choices: tuple[Family | str, ...]
+
+
+def _by_metadata(metadata: Mapping[str, str]) -> Family | str | None:
     meta = " ".join(metadata.get(k, "") for k in ("ss_base_model_version", "modelspec.architecture")).lower()
-    for marker, name in _META.items():
-        if marker in meta:
-            return FAMILIES.get(name, name)
-    return SD
+    return next((FAMILIES.get(name, name) for marker, name in _META.items() if marker in meta), None)
 
 
-def _by_keys(keys: list[str], shapes: Mapping[str, Shaped]) -> Family | str | None:
+def _by_keys(keys: list[str], shapes: Mapping[str, Shaped]) -> Family | str | _Guess | None:
     if any(flux.FLUX2.search(k) for k in keys) or _text_width(keys, shapes) in flux.FLUX2_TEXT_WIDTHS:
         return "FLUX.2"
     if any(flux.CHROMA.search(k) for k in keys):
-        return "Chroma"
-    if any(flux.KEYS.search(k) for k in keys):
-        return FLUX1
+        return CHROMA
+    if any(qwen.KEYS.search(k) for k in keys):
+        return QWEN_IMAGE
+    if any(flux.KEYS.search(k) for k in keys):  # Chroma's own files mostly carry FLUX.1's names only (kohya)
+        return _Guess(FLUX1, (CHROMA,))
     doubles = [k for k in keys if _DIFFUSERS_DOUBLE.search(k)]
-    if doubles and not any(p.search(k) for _, p in UNSUPPORTED[:2] for k in keys):  # not SD3's or Qwen's names
+    if doubles and not any(UNSUPPORTED[0][1].search(k) for k in keys):  # not SD3's names
         widths = {s.shape[1] for k in doubles if (s := shapes.get(k)) is not None and len(s.shape) == 2
                   and re.search(r"lora_A|lora_down|down\.weight", k)}
         if widths & set(SD3_WIDTHS):
             return "Stable Diffusion 3"
         deepest = max(int(m[1]) for k in doubles if (m := re.search(r"transformer_blocks[._](\d+)", k)))
-        return FLUX1 if deepest < FLUX1_DOUBLE_BLOCKS else "Qwen-Image or Stable Diffusion 3"
+        if deepest < FLUX1_DOUBLE_BLOCKS:  # FLUX.1's double blocks or the first blocks of a deeper DiT
+            return _Guess(FLUX1, (CHROMA, QWEN_IMAGE))
+        if deepest >= SD35_LARGE_BLOCKS or widths & {QWEN_WIDTH}:
+            return QWEN_IMAGE
+        return _Guess("Qwen-Image or Stable Diffusion 3", (QWEN_IMAGE,))
     for name, pattern in UNSUPPORTED:
         if any(pattern.search(k) for k in keys):
             return name
     return None
+
+
+def depth_decides(keys: list[str]) -> bool:
+    """Whether these keys are diffusers-layout DiT blocks only, whose family the deepest block index decides
+    (FLUX.1's 19 double blocks or Qwen-Image's 60): a sample of a header's keys cannot say then."""
+    found = _by_keys(keys, {})
+    return isinstance(found, _Guess) and QWEN_IMAGE in found.choices
+
+
+def deepest_block_keys(text: str) -> list[str]:
+    """From a header's text (every key, in any order), the key of the deepest top-level ``transformer_blocks``
+    block — what a sample of a header's keys may miss (safetensors sorts ``…blocks.9`` after ``…blocks.59``)."""
+    best: tuple[int, str] | None = None
+    for m in _BLOCK_KEY.finditer(text):
+        if _DIFFUSERS_DOUBLE.search(m[1]) and (best is None or int(m[2]) > best[0]):
+            best = (int(m[2]), m[1])
+    return [] if best is None else [best[1]]
 
 
 def _text_width(keys: list[str], shapes: Mapping[str, Shaped]) -> int | None:
@@ -147,7 +222,26 @@ def family_of_model(components: Mapping[str, object]) -> Family | None:
     return next((f for f in FAMILIES.values() if names & set(f.model_classes)), None)
 
 
-SUPPORTED = "Stable Diffusion 1.x, 2.x and XL, and FLUX.1"
+SUPPORTED = "Stable Diffusion 1.x, 2.x and XL, " + ", ".join(f.display for f in FAMILIES.values() if f is not SD)
+
+
+def for_arch(arch: str) -> Family:
+    """The family of an architecture (Stable Diffusion for SD1/SD2/SDXL, the demo model and unknown ones)."""
+    return next((f for f in FAMILIES.values() if f.arch is not None and f.arch == arch), SD)
+
+
+def by_pipeline(class_name: str) -> Family | None:
+    """The family whose diffusers pipeline class a model folder's ``model_index.json`` names (``None``: none)."""
+    return next((f for f in FAMILIES.values() if class_name in f.pipelines), None)
+
+
+def fits(lora_arch: str, model_arch: str) -> bool:
+    """Whether a LoRA made for ``lora_arch`` may be applied to a ``model_arch`` model: the same architecture, an
+    unknown one, or one the model's family takes (``Family.fits``: FLUX.1 LoRAs on Chroma, their layers for what
+    Chroma pruned reported as having no module). Chroma's own LoRAs do not fit FLUX.1: no family lists them."""
+    if UNKNOWN in (lora_arch, model_arch) or lora_arch == model_arch:
+        return True
+    return lora_arch in for_arch(model_arch).fits
 # FLUX.1 control and Fill LoRAs widen ``img_in`` to take the control image's (or the masked image's and the
 # mask's) latents beside the noise: 64 → 128 (Canny, Depth) or 384 (Fill) input features at full size.
 FLUX1_WIDE_INPUTS = {128: "flux-1-dev-control", 384: "flux-1-fill-dev"}

@@ -11,6 +11,7 @@ one go through the same code; the model's own shapes then check each part (``pat
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .names import COMPOUNDS, Vocabulary
@@ -202,3 +203,21 @@ def is_written(path: str) -> bool:
     readers take (XLabs' ``linear1_qkv``, OneTrainer's ``qkv.1``)."""
     m = _BLOCK.fullmatch(path)
     return to_model(path) is not None and (m is None or not _READ_ONLY.fullmatch(m[3]))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A family's original (checkpoint) layout beside the model's diffusers one, as the tools and trainers need it:
+    ``to_model`` (original module → model module(s)), ``is_original`` (a path in the original layout),
+    ``to_original`` (a renamed model module → its original name), ``fused_home`` (a model module that is rows of a
+    fused original layer → that layer), ``is_written`` (an original path a checkpoint of the family has, not a
+    reader-only alias). FLUX.1's is ``LAYOUT``; Chroma's extends it (``keymap/chroma.py``)."""
+
+    to_model: Callable[[str], Target | None]
+    is_original: Callable[[str], bool]
+    to_original: Callable[[str], str | None]
+    fused_home: Callable[[str], tuple[str, Fused, int] | None]
+    is_written: Callable[[str], bool]
+
+
+LAYOUT = Layout(to_model, is_bfl_path, to_original, fused_home, is_written)

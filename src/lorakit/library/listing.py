@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..keymap.arch import NAMES, Arch
+from ..keymap.families import fits
 from .library import Library, LoraEntry
 
 SCHEMA = "lorakit.list/1"
@@ -47,6 +48,10 @@ def fit(e: LoraEntry, model_arch: str) -> dict[str, Any]:
         return {"compatible": False, "fit": "maybe",
                 "reason": f"the model's architecture is unknown: a LoRA for {BASE_NAMES.get(e.base, e.base)} may "
                           "not fit it"}
+    if e.base != model_arch:  # another family's LoRAs that the model's family takes (FLUX.1's on Chroma)
+        return {"compatible": True, "fit": "yes",
+                "reason": f"made for {BASE_NAMES.get(e.base, e.base)}, which {BASE_NAMES.get(model_arch, model_arch)} "
+                          "takes: its layers for modules this model lacks are reported, not applied"}
     return {"compatible": True, "fit": "yes", "reason": None}
 
 
@@ -64,7 +69,7 @@ def incompatibility(lora_base: str, model_arch: str) -> str | None:
     LoRAs made for it (base ``demo``: its widths, 64, match no full-size base)."""
     if lora_base not in BASE_NAMES:
         return f"made for {lora_base}, which lorakit does not apply"
-    if Arch.UNKNOWN in (lora_base, model_arch) or lora_base == model_arch:
+    if fits(lora_base, model_arch):  # the same base, an unknown one, or one the model's family takes
         return None
     return f"made for {BASE_NAMES[lora_base]}; the model is {BASE_NAMES.get(model_arch, model_arch)}"
 

@@ -144,7 +144,10 @@ def _summarise_ends(path: Path, ends: Ends) -> Summary | None:
     if last_end(ends.tail) != ends.size - ends.data_start:
         return None  # truncated, appended to, or laid out in another order: the whole header says which
     text = body + "\n" + ends.tail
-    summary = summarise_keys(sample_keys(body, ends.tail), text, None, metadata,
+    keys = sample_keys(body, ends.tail)
+    if families.depth_decides(keys):
+        return None  # diffusers-layout DiT blocks only: the deepest block (in the header's middle) tells the family
+    summary = summarise_keys(keys, text, None, metadata,
                              lambda key: _tensor_value(path, text, key, ends.data_start), by_metadata=False)
     return None if summary.base == archmod.UNKNOWN or not summary.types else summary
 
@@ -211,7 +214,9 @@ def _types(tails: set[str], blob: str, metadata: dict[str, str]) -> list[str]:
 
 def _base(keys: list[str], blob: str, body: str, metadata: dict[str, str], shape_base: str | None,
           by_metadata: bool) -> str:
-    family = families.detect(keys[:4] + keys[-4:], metadata)  # every key of a FLUX/SD3 file says so
+    # every key of a FLUX/SD3 file says so; a deep DiT's depth (Qwen-Image's 60 blocks) needs its deepest block,
+    # which a sample of sorted keys may miss (``…blocks.9`` sorts after ``…blocks.59``)
+    family = families.detect(keys[:4] + keys[-4:] + families.deepest_block_keys(body), metadata)
     if isinstance(family, str):
         return family  # a family lorakit does not apply, by name
     if family.arch is not None:

@@ -16,9 +16,9 @@ import torch
 from ..adapters import Adapter, Rows
 from ..adapters.rows import Originals
 from ..errors import IncompatibleLora, UnmatchedKeys
-from ..keymap.arch import NAMES, UNKNOWN
+from ..keymap.arch import NAMES
 from ..lora_model import LoraModel
-from ..keymap.families import family_of_model
+from ..keymap.families import family_of_model, fits
 from ..quant.layers import is_quantized, weight_shape, weight_values
 from .expand import Expansions, needed, padded
 from .targets import find_module, model_arch, supported
@@ -251,7 +251,7 @@ def _parts(lora: LoraModel) -> set[str]:
 
 
 def _check_arch(lora: LoraModel, arch: str) -> None:
-    if UNKNOWN in (lora.arch, arch) or lora.arch == arch:
+    if fits(lora.arch, arch):  # the same architecture, an unknown one, or one the model's family takes
         return
     where = lora.path or lora.name
     raise IncompatibleLora(f"{where}: this LoRA is for {_name(lora.arch)}, the model is {_name(arch)}; "
