@@ -344,7 +344,7 @@ def test_mixed_dialects_report_the_keys_left_and_strict_refuses() -> None:
     report = apply_loras(comps, [(lora, 1.0)]).reports[0]
     lorakit.restore(comps)
     assert report.unmatched == ["transformer.lora_unet_double_blocks_0_img_attn_qkv"]
-    assert "1 layers not in this model (e.g. transformer.lora_unet_double_blocks_0_img_attn_qkv)" in report.line()
+    assert "1 layers not in this model, not applied: transformer.lora_unet_double_blocks_0_img_attn_qkv" in report.line()
     with pytest.raises(lorakit.UnmatchedKeys, match="mixed.safetensors: 1 entries not applied"):
         apply_loras(comps, [(lora, 1.0)], strict=True)
 

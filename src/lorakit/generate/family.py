@@ -68,8 +68,11 @@ class PipelineFamily:
 
 
 def family_for(model: BaseModel, embeddings: EmbeddingIndex | None = None) -> PipelineFamily:
+    from ..keymap.arch import Arch
+    from .chroma_family import Chroma
     from .flux_family import Flux
+    from .qwen_family import QwenImage
     from .sd_family import SD
 
-    cls: type[PipelineFamily] = Flux if model.flux else SD
-    return cls(model, embeddings)
+    families: dict[str, type[PipelineFamily]] = {Arch.FLUX1: Flux, Arch.CHROMA: Chroma, Arch.QWEN_IMAGE: QwenImage}
+    return families.get(model.arch, SD)(model, embeddings)

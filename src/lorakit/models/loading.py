@@ -65,7 +65,7 @@ class BaseModel:
     def native_size(self) -> int:
         """The side in px of the pictures it was trained on: the default width and height (a FLUX pipeline says
         its own: its default latent size × the VAE's scale)."""
-        if self.flux:
+        if getattr(self.pipe, "transformer", None) is not None:  # a DiT pipeline (FLUX.1, Chroma, Qwen-Image)
             return int(self.pipe.default_sample_size * self.pipe.vae_scale_factor)
         return {Arch.DEMO: 64, Arch.SDXL: 1024}.get(self.arch, 512)
 
@@ -114,8 +114,9 @@ def load_model(spec: str | None, *, device: str | torch.device | None = None, dt
     its default (``auto``, ``auto``, ``normal``, ``auto``). ``components``: a FLUX.1 diffusers folder a FLUX single
     file takes its tokenizers (and, transformer-only, its text encoders and VAE) from (``$LORAKIT_COMPONENTS``)."""
     dev = resolve_device(device if device is not None else _env("device"))
-    # FLUX.1's activations overflow fp16: ``auto`` is bf16 for it on a GPU (as BFL, diffusers and Forge run it)
-    half = torch.bfloat16 if spec not in (None, DEMO) and is_flux_path(Path(spec)) else torch.float16
+    # FLUX.1's (and the later DiTs') activations overflow fp16: ``auto`` is bf16 for them on a GPU (as BFL,
+    # diffusers and Forge run them)
+    half = torch.bfloat16 if spec not in (None, DEMO) and is_dit_path(Path(spec)) else torch.float16
     dt = resolve_dtype(dtype if dtype is not None else _env("dtype"), dev, half)
     mode = check_choice(vram or _env("vram"), VRAM_MODES, "vram", "normal")
     originals = check_choice(lora_originals or _env("lora_originals"), ORIGINALS, "lora_originals", "auto")
@@ -268,6 +269,36 @@ def is_flux_path(path: Path) -> bool:
         return False
 
 
+def is_dit_path(path: Path) -> bool:
+    """Whether ``path`` holds a FLUX.1 model or a folder of another DiT family (``Family.pipelines``)."""
+    if is_flux_path(path):
+        return True
+    try:
+        return path.is_dir() and _family_of_index(json.loads((path / "model_index.json").read_text())) is not None
+    except (OSError, ValueError):
+        return False
+
+
+def _family_of_index(index: Mapping[str, Any]) -> Any:
+    from ..keymap.families import by_pipeline
+
+    return by_pipeline(str(index.get("_class_name", "")))
+
+
+def _family_folder(path: Path, dtype: torch.dtype, class_name: str) -> Any:
+    """A pipeline of a DiT family's diffusers folder (Chroma, Qwen-Image), offline, as its ``model_index.json``
+    names it. What a real folder needs: every component the pipeline lists (Qwen-Image: ``tokenizer/``
+    (Qwen2Tokenizer), ``text_encoder/`` (Qwen2.5-VL), ``transformer/``, ``vae/``, ``scheduler/``; Chroma:
+    ``tokenizer/`` (T5), ``text_encoder/`` (T5), ``transformer/``, ``vae/``, ``scheduler/``)."""
+    import diffusers
+
+    try:
+        return getattr(diffusers, class_name).from_pretrained(str(path), local_files_only=True, dtype=dtype)
+    except Exception as e:  # diffusers raises many types for a broken folder
+        raise ModelError(f"{path}: could not load the {class_name} model ({type(e).__name__}: {str(e)[:200]})") \
+            from None
+
+
 def _is_flux_file(sd: Mapping[str, Any]) -> bool:
     from ..keymap.families import FLUX1, detect
     from .flux import transformer_keys
@@ -287,6 +318,9 @@ def _diffusers_folder(path: Path, dtype: torch.dtype) -> BaseModel:
 
     if is_flux_index(index):
         return BaseModel(load_folder(path, dtype), path.name, digest[:10], Arch.FLUX1)
+    family = _family_of_index(index)
+    if family is not None:
+        return BaseModel(_family_folder(path, dtype, index["_class_name"]), path.name, digest[:10], Arch(family.arch))
     cls_name = index.get("_class_name", "")
     cls = StableDiffusionXLPipeline if "XL" in cls_name else StableDiffusionPipeline
     try:

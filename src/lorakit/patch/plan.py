@@ -6,6 +6,7 @@ specs.
 """
 from __future__ import annotations
 
+import re
 import weakref
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -52,10 +53,34 @@ class LoraReport:
         where = f" ({self.path})" if self.path else ""
         text = f"LoRA {self.name}{where}: {'/'.join(self.types)}, {self.arch}; {self.weight}; patched {parts}"
         if self.unmatched:
-            text += f"; {len(self.unmatched)} layers not in this model (e.g. {self.unmatched[0]})"
+            text += f"; {len(self.unmatched)} layers not in this model, not applied: {compact_paths(self.unmatched)}"
         if self.leftover_keys:
             text += f"; {self.leftover_keys} keys not understood"
         return text
+
+
+def compact_paths(paths: Sequence[str]) -> str:
+    """Every path, block indices folded: ``transformer.transformer_blocks.{0-18}.norm1.linear, …``."""
+    groups: dict[str, list[int]] = {}
+    for path in paths:
+        m = _INDEX.search(path)
+        template, index = (path, -1) if m is None else (path[:m.start(1)] + "{}" + path[m.end(1):], int(m[1]))
+        groups.setdefault(template, []).append(index)
+    return ", ".join(t if t.find("{}") < 0 else t.replace("{}", "{" + _ranges(sorted(set(ix))) + "}")
+                     for t, ix in groups.items())
+
+
+_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def _ranges(ix: list[int]) -> str:
+    out: list[str] = []
+    for i in ix:
+        if out and i == int(out[-1].split("-")[-1]) + 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{i}"
+        else:
+            out.append(str(i))
+    return ",".join(out)
 
 
 Entries = dict[ParamKey, list[tuple[Contribution, str]]]
