@@ -35,7 +35,9 @@ class Family:
     pipeline classes of its model folders (``model_index.json``). ``clip_encoders``: its components that are CLIP
     text models (their files name ``text_model.``). ``kohya_names``: component → the kohya prefix writers give its
     model-named modules (original-layout ones get ``lora_unet_``); ``base_version``/``modelspec``: kohya's
-    ``ss_base_model_version`` and ``modelspec.architecture`` (without ``/lora``) of its LoRAs."""
+    ``ss_base_model_version`` and ``modelspec.architecture`` (without ``/lora``) of its LoRAs. ``dit_blocks``: the
+    block-weight parts its transformer has (``double``: ``transformer_blocks``, ``single``:
+    ``single_transformer_blocks``; ``patch.weights``)."""
 
     key: str
     display: str
@@ -58,6 +60,7 @@ class Family:
     kohya_names: Mapping[str, str] = field(default_factory=dict)
     base_version: str = ""
     modelspec: str = ""
+    dit_blocks: tuple[str, ...] = ()
 
 
 SD = Family(
@@ -84,6 +87,7 @@ FLUX1 = Family(
     model_classes=("FluxTransformer2DModel",), hidden_outputs=flux.HIDDEN_OUTPUTS,
     expandable={"x_embedder": "in_channels"},  # control LoRAs (Canny/Depth) read the control image's latents too
     layout=flux.LAYOUT, clip_encoders=("text_encoder",), base_version="flux1", modelspec="flux-1",
+    dit_blocks=("double", "single"),
     kohya_names={"transformer": "lora_transformer_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te3_"})
 
 CHROMA = Family(
@@ -97,7 +101,7 @@ CHROMA = Family(
     model_classes=("ChromaTransformer2DModel",), hidden_outputs=flux.HIDDEN_OUTPUTS, layout=chroma.LAYOUT,
     fits=(Arch.FLUX1,), pipelines=("ChromaPipeline", "ChromaImg2ImgPipeline"), clip_encoders=(),
     kohya_names={"transformer": "lora_transformer_", "text_encoder": "lora_te3_"}, base_version="chroma",
-    modelspec="chroma")
+    modelspec="chroma", dit_blocks=("double", "single"))
 
 QWEN_IMAGE = Family(
     "qwen-image", "Qwen-Image", "transformer", {"text_encoder": "Qwen2.5-VL"}, qwen.VOCABULARY,
@@ -106,7 +110,8 @@ QWEN_IMAGE = Family(
           "base_model.model.": "transformer", "diffusion_model.": "transformer", "text_encoder.": "text_encoder"},
     comfy={"qwen25_7b": "text_encoder"}, arch=Arch.QWEN_IMAGE, model_classes=("QwenImageTransformer2DModel",),
     pipelines=("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline"), clip_encoders=(),
-    kohya_names={"transformer": "lora_unet_"}, base_version="qwen_image", modelspec="Qwen-Image")
+    kohya_names={"transformer": "lora_unet_"}, base_version="qwen_image", modelspec="Qwen-Image",
+    dit_blocks=("double",))
 
 FAMILIES: dict[str, Family] = {f.key: f for f in (SD, FLUX1, CHROMA, QWEN_IMAGE)}
 
@@ -179,6 +184,8 @@ def _by_keys(keys: list[str], shapes: Mapping[str, Shaped]) -> Family | str | _G
         if widths & set(SD3_WIDTHS):
             return "Stable Diffusion 3"
         deepest = max(int(m[1]) for k in doubles if (m := re.search(r"transformer_blocks[._](\d+)", k)))
+        if deepest < FLUX1_DOUBLE_BLOCKS and all(k.startswith("lora_unet_") for k in doubles):
+            return _Guess(QWEN_IMAGE, (FLUX1, CHROMA))  # musubi-tuner's Qwen-Image names (kohya's FLUX.1: BFL ones)
         if deepest < FLUX1_DOUBLE_BLOCKS:  # FLUX.1's double blocks or the first blocks of a deeper DiT
             return _Guess(FLUX1, (CHROMA, QWEN_IMAGE))
         if deepest >= SD35_LARGE_BLOCKS or widths & {QWEN_WIDTH}:
@@ -194,7 +201,7 @@ def depth_decides(keys: list[str]) -> bool:
     """Whether these keys are diffusers-layout DiT blocks only, whose family the deepest block index decides
     (FLUX.1's 19 double blocks or Qwen-Image's 60): a sample of a header's keys cannot say then."""
     found = _by_keys(keys, {})
-    return isinstance(found, _Guess) and QWEN_IMAGE in found.choices
+    return isinstance(found, _Guess) and QWEN_IMAGE in (found.default, *found.choices)
 
 
 def deepest_block_keys(text: str) -> list[str]:
