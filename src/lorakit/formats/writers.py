@@ -20,6 +20,7 @@ import torch
 
 from ..errors import ToolError
 from ..keymap.arch import Arch
+from ..keymap.families import Family, for_arch
 from ..keymap.ldm import diffusers_to_ldm
 from ..keymap.names import unflatten
 from .base import Grouped, component_path
@@ -34,9 +35,10 @@ PEFT_LEAVES = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.we
 
 def kohya_module_name(path: str, arch: str, ldm_names: bool) -> str:
     """``unet.down_blocks.0.…to_q`` → ``lora_unet_down_blocks_0_…_to_q`` (the flattened name must read back to
-    ``path``: a module name kohya's flattening cannot carry is a ``ToolError``). FLUX.1: ``flux_kohya_name``."""
-    if arch == Arch.FLUX1:
-        return flux_kohya_name(path)
+    ``path``: a module name kohya's flattening cannot carry is a ``ToolError``). DiT families: ``dit_kohya_name``."""
+    family = for_arch(arch)
+    if family.denoiser != "unet":  # a DiT family (FLUX.1, Chroma, Qwen-Image): its own prefixes
+        return dit_kohya_name(path, family)
     component, _, module = path.partition(".")
     sdxl = arch == Arch.SDXL
     prefix = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if sdxl else "lora_te_",
@@ -78,19 +80,27 @@ def flux_kohya_name(path: str) -> str:
     (``lora_transformer_transformer_blocks_0_attn_to_q``: kohya's own names cannot hold a lone ``to_q``), CLIP-L
     ``lora_te1_text_model_…``, T5 ``lora_te3_encoder_block_…``. The name must read back to ``path``."""
     from ..keymap.families import FLUX1
-    from ..keymap.flux import is_bfl_path
+
+    return dit_kohya_name(path, FLUX1)
+
+
+def dit_kohya_name(path: str, family: Family) -> str:
+    """A DiT family's canonical path → its kohya module name, from the family's data: original-layout modules
+    (``Family.layout``) under ``lora_unet_``, model-named ones under ``Family.kohya_names[component]`` (Qwen-Image's
+    ``lora_unet_transformer_blocks_0_attn_to_q`` as musubi-tuner writes it; Chroma's diffusers names under
+    ``lora_transformer_``), CLIP encoders with their ``text_model`` level. The name must read back to ``path``."""
     from .kohya import splitter
 
     component, _, module = path.partition(".")
-    if component == FLUX1.denoiser:
-        prefix = "lora_unet_" if is_bfl_path(module) else "lora_transformer_"
-    elif component in FLUX_KOHYA:
-        prefix = FLUX_KOHYA[component]
-        module = "text_model." + module if component == "text_encoder" else module
-    else:
-        raise ToolError(f"layer {path}: not a FLUX.1 transformer or text-encoder layer; kohya names cannot carry it")
+    original = component == family.denoiser and family.layout is not None and family.layout.is_original(module)
+    prefix = "lora_unet_" if original else family.kohya_names.get(component)
+    if prefix is None or not module:
+        raise ToolError(f"layer {path}: not a {family.display} transformer or text-encoder layer; kohya names "
+                        "cannot carry it")
+    if component in family.clip_encoders:
+        module = "text_model." + module
     name = prefix + module.replace(".", "_")
-    if splitter(FLUX1)(name + ".alpha") != (path, "alpha"):
+    if splitter(family)(name + ".alpha") != (path, "alpha"):
         raise ToolError(f"layer {path}: its kohya name {name} would read back as another module")
     return name
 

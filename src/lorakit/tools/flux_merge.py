@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -43,14 +43,16 @@ class _Block:
     key: tuple[int, float, int | None]
 
 
-def concat_fused(layers: Layers, dtype: torch.dtype, report: ToolReport) -> tuple[dict[str, dict[str, Tensor]],
-                                                                                   Layers]:
+def concat_fused(layers: Layers, dtype: torch.dtype, report: ToolReport,
+                 fused_home: Callable[[str], tuple[str, fluxmap.Fused, int] | None] = fluxmap.fused_home
+                 ) -> tuple[dict[str, dict[str, Tensor]], Layers]:
     """The fused FLUX.1 layers whose every part is in ``layers`` with plain LoRA contributions, concatenated whole
-    (BFL paths); and the layers left for the per-module concat."""
+    (BFL paths); and the layers left for the per-module concat. ``fused_home``: the family's
+    (``Family.layout``)."""
     homes: dict[str, tuple[fluxmap.Fused, dict[int, str]]] = {}
     for path, contribs in layers.items():
         component, _, module = path.partition(".")
-        home = fluxmap.fused_home(module) if component == FLUX1.denoiser else None
+        home = fused_home(module) if component == FLUX1.denoiser else None
         if home is not None and all(c.kind == "lora" for c in contribs):
             homes.setdefault(home[0], (home[1], {}))[1][home[2]] = path
     out: dict[str, dict[str, Tensor]] = {}

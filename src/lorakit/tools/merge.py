@@ -24,6 +24,7 @@ import torch
 from ..adapters import Norm
 from ..errors import ToolError, WeightSpecError
 from ..keymap.arch import Arch
+from ..keymap.families import for_arch
 from .layers import (
     LOW_RANK_KINDS,
     Contribution,
@@ -73,7 +74,7 @@ def merge(inputs: Sequence[str | Source], output: str | Path | None, options: Me
     report = ToolReport(f"merge ({method})", None if opts.dry_run else (str(out) if out else None))
     dtype = opts.dtype or _input_dtype(sources)
     if method == "concat":
-        groups = _concat_all(layers, dtype, report)
+        groups = _concat_all(layers, arch, dtype, report)
     elif method == "svd":
         groups = _svd_all(layers, arch, opts, dtype, report)
     else:
@@ -127,10 +128,11 @@ def _input_dtype(sources: Sequence[Source]) -> torch.dtype:
 
 # -- concat ----------------------------------------------------------------------------------------------------
 
-def _concat_all(layers: dict[str, list[Contribution]], dtype: torch.dtype, report: ToolReport) -> Groups:
+def _concat_all(layers: dict[str, list[Contribution]], arch: str, dtype: torch.dtype, report: ToolReport) -> Groups:
     from .output import bar
 
-    groups, layers = concat_fused(layers, dtype, report)  # FLUX.1's fused layers, whole
+    layout = for_arch(arch).layout  # fused layers of the family's original layout (FLUX.1's, Chroma's), whole
+    groups, layers = concat_fused(layers, dtype, report, layout.fused_home) if layout else ({}, layers)
     for path, contribs in bar(sorted(layers.items()), desc="merging", total=len(layers)):
         bad = [c for c in contribs if c.kind not in LOW_RANK_KINDS]
         if bad:

@@ -16,14 +16,17 @@ from pathlib import Path
 from ..errors import LorakitError, ToolError
 from ..files.hashes import file_hashes
 from ..keymap.arch import Arch
+from ..keymap.families import FAMILIES
 from ..library.training import trigger_words
 from ..lora_model import LoraModel, load_lora
 from ..patch.weights import Weight, as_weight
 
+# kohya's names; "flux-1/lora" when dev/schnell is not known; the DiT families' from their data (``Family``)
 BASE_VERSION: dict[str, str] = {Arch.SD1: "sd_v1", Arch.SD2: "sd_v2", Arch.SDXL: "sdxl_base_v1-0",
-                                Arch.FLUX1: "flux1"}
-MODELSPEC: dict[str, str] = {Arch.SD1: "stable-diffusion-v1", Arch.SD2: "stable-diffusion-v2", Arch.SDXL: "stable-diffusion-xl-v1-base",
-                             Arch.FLUX1: "flux-1"}  # kohya's names; "flux-1/lora" when dev/schnell is not known
+                                **{f.arch: f.base_version for f in FAMILIES.values() if f.arch and f.base_version}}
+MODELSPEC: dict[str, str] = {Arch.SD1: "stable-diffusion-v1", Arch.SD2: "stable-diffusion-v2",
+                             Arch.SDXL: "stable-diffusion-xl-v1-base",
+                             **{f.arch: f.modelspec for f in FAMILIES.values() if f.arch and f.modelspec}}
 
 
 @dataclass
