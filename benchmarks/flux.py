@@ -2,8 +2,9 @@
 weights, CPU): apply, switch A→B and restore of rank-16 kohya files in BFL layout (fused qkv/linear1, embedders and
 final layer included) and of a LoKr, side by side with diffusers' load + fuse / unfuse + unload on the same kohya file
 (diffusers has no LoKr path; its kohya converter works at width 3072 and skips the blocks a file lacks), against
-this CPU's compute bound (the larger of the copy floor — copying exactly the touched weights — and one fp32
-``addmm`` pass W + up@down over them) and extrapolated to FLUX.1's 19 + 38 blocks by the per-block costs.
+this CPU's compute bound (the larger of the copy floor — copying exactly the touched weights — and the type's own
+arithmetic done once over them: one fp32 ``addmm`` pass W + up@down for LoRA, a ``kron`` at each fused shape plus
+W + ΔW for the full-factor LoKr) and extrapolated to FLUX.1's 19 + 38 blocks by the per-block costs.
 
 Run with nothing else busy:  python benchmarks/flux.py [--double 2 --single 4 --rank 16]
 """
@@ -86,6 +87,29 @@ def addmm_seconds(params: list[torch.Tensor], rank: int) -> float:
     return t
 
 
+def kron_seconds(tr: torch.nn.Module, file: dict[str, torch.Tensor], double: int, single: int) -> float:
+    """A full-factor LoKr's own arithmetic, done once: per BFL layer ``kron(w1, w2)`` at the fused shape (the change
+    is defined on the fused weight) and ``W + ΔW`` of each part's rows into preallocated buffers, in the weights'
+    dtype. The LoKr switch cannot do less than this; ``addmm_seconds`` (a rank-r product) is no bound for it."""
+    work = []
+    for bfl, (parts, _swap) in bfl_table(double, single).items():
+        stem = "lora_unet_" + bfl.replace(".", "_")
+        weights = [tr.get_submodule(p).weight for p in parts]
+        w1, w2 = (file[f"{stem}.lokr_w{i}"].to(weights[0]) for i in (1, 2))
+        work.append((w1, w2, weights, [torch.empty_like(w) for w in weights]))
+
+    def run() -> None:
+        for w1, w2, weights, outs in work:
+            delta = torch.kron(w1, w2)
+            row = 0
+            for w, out in zip(weights, outs):
+                torch.add(w, delta[row:row + w.shape[0]], alpha=0.5, out=out)
+                row += w.shape[0]
+        sync(weights[0].device)
+
+    return best_of(3, run)
+
+
 def lorakit_phase(tr: torch.nn.Module, a: Path, b: Path) -> dict[str, float]:
     r: dict[str, float] = {}
     comps = {"transformer": tr}
@@ -119,15 +143,19 @@ def diffusers_phase(tr: torch.nn.Module, a: Path) -> dict[str, float]:
 
 
 def run_kind(tr: torch.nn.Module, kind: str, args: argparse.Namespace, tmp: Path) -> dict[str, float]:
-    files = []
+    files, made = [], []
     for i in range(2):
         path = tmp / f"{kind}_{i}.safetensors"
-        save_file(make_file(tr, kind, args.rank, i, args.double, args.single), path)
+        made.append(make_file(tr, kind, args.rank, i, args.double, args.single))
+        save_file(made[-1], path)
         files.append(path)
     lora = lorakit.load_lora(files[0])
     touched = [lorakit.patch.targets.find_module({"transformer": tr}, p).weight for p in lora.layers]  # type: ignore[union-attr]
     r = {"touched_gib": sum(p.numel() * p.element_size() for p in touched) / 2 ** 30, "layers": float(len(lora.layers)),
          "floor_copy_touched": floor_seconds(touched), "addmm_pass_touched": addmm_seconds(touched, args.rank)}
+    if kind == "lokr":  # its own arithmetic bound (a kron at the fused shape), not a rank-r product's
+        r["kron_pass_touched"] = kron_seconds(tr, made[0], args.double, args.single)
+    made.clear()
     r.update(lorakit_phase(tr, *files))
     if kind == "lora" and not args.skip_diffusers:
         r.update(diffusers_phase(tr, files[0]))
@@ -159,7 +187,7 @@ def report(results: dict[str, dict[str, float]], args: argparse.Namespace) -> No
     print(json.dumps({k: {n: round(v, 3) for n, v in r.items()} for k, r in results.items()}, indent=1))
     blocks = (19 + 38) / (args.double + args.single)
     for kind, r in results.items():
-        bound = max(r["floor_copy_touched"], r["addmm_pass_touched"])
+        bound = max(r["floor_copy_touched"], r.get("kron_pass_touched", r["addmm_pass_touched"]))
         switch = r["switch_best_of_3"]
         print(f"\n[{kind}] {int(r['layers'])} layers, touched {r['touched_gib']:.2f} GiB")
         print(f"  switch A→B {switch:.3f} s = {switch / bound:.2f}× the compute bound (target ≤ 1.15×), "

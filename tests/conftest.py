@@ -41,6 +41,22 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 
 @pytest.fixture
+def read_header_calls(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The files whose whole header the library summary parsed (those whose two ends did not vouch for them)."""
+    from lorakit.library import summary
+
+    calls: list[Path] = []
+    real = summary.read_header
+
+    def spy(path: Path) -> object:
+        calls.append(Path(path))
+        return real(path)
+
+    monkeypatch.setattr(summary, "read_header", spy)
+    return calls
+
+
+@pytest.fixture
 def tiny() -> dict[str, torch.nn.Module]:
     return tiny_components("sd1")
 

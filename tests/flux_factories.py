@@ -15,11 +15,12 @@ MLP = 4 * H
 
 
 def tiny_flux_transformer(seed: int = 0, guidance: bool = True, double: int = 2, single: int = 3,
-                          in_channels: int = 4) -> torch.nn.Module:
+                          in_channels: int = 4, out_channels: int | None = None) -> torch.nn.Module:
+    """``in_channels=8, out_channels=4``: a control model (latents + control image in, latents out)."""
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(seed)
-    return FluxTransformer2DModel(patch_size=1, in_channels=in_channels, num_layers=double,
+    return FluxTransformer2DModel(patch_size=1, in_channels=in_channels, out_channels=out_channels, num_layers=double,
                                   num_single_layers=single, attention_head_dim=16, num_attention_heads=2,
                                   joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
                                   guidance_embeds=guidance).eval()
@@ -46,6 +47,19 @@ def tiny_flux_components(seed: int = 0, dtype: torch.dtype = torch.float32, **kw
     out = {"transformer": tiny_flux_transformer(seed, **kw), "text_encoder": tiny_clip(seed + 1),  # type: ignore[arg-type]
            "text_encoder_2": tiny_t5(seed + 2)}
     return {k: v.to(dtype) for k, v in out.items()}
+
+
+def transformer_forward(tr: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """One transformer forward of a 2×2-token picture ``x`` (1, 4, in_channels) with 3 text tokens."""
+    g = torch.Generator().manual_seed(7)
+    ids = torch.zeros(4, 3)
+    ids[:, 1], ids[:, 2] = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 1])
+    guidance = torch.tensor([3.5]) if tr.config.guidance_embeds else None
+    dt = next(tr.parameters()).dtype
+    with torch.no_grad():
+        return tr(hidden_states=x.to(dt), encoder_hidden_states=torch.randn(1, 3, 32, generator=g).to(dt),
+                  pooled_projections=torch.randn(1, 32, generator=g).to(dt), timestep=torch.tensor([0.5]),
+                  img_ids=ids, txt_ids=torch.zeros(3, 3), guidance=guidance).sample
 
 
 # -- the independent reference: BFL module → (diffusers modules in row order, halves swapped) -------------------------

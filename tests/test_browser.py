@@ -1,7 +1,7 @@
 """The web page end to end in a real headless Chromium (Debian's ``chromium``, driven by Playwright): load the
-page, see the LoRA cards (another base dimmed with its reason, an unreadable file with its error), click one,
-generate, see the image and its infotext in the gallery; errors as messages, nothing inserted silently that cannot
-work; weight sliders on the prompt's LoRA tags, the progress bar and Interrupt, parameters restored from a dropped
+page, see the LoRA cards (another base dimmed with its reason — FLUX.1 and Chroma ones too, a FLUX.1 card showing
+its variant — an unreadable file with its error), click one, generate, see the image and its infotext in the
+gallery; errors as messages, nothing inserted silently that cannot work; weight sliders on the prompt's LoRA tags, the progress bar and Interrupt, parameters restored from a dropped
 PNG, img2img with an uploaded image and mask, a collection of a few hundred LoRAs listed page by page and searched.
 ``LORAKIT_SCREENSHOT=docs/web-page.png`` also saves the screenshot for the docs."""
 from __future__ import annotations
@@ -24,7 +24,8 @@ from lorakit.library import Library
 from lorakit.models.loading import demo_model
 from lorakit.server import create_app
 
-from .servers import demo_lora_folder, running
+from . import flux_files
+from .servers import EXAMPLES, demo_lora_folder, running
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 LONG_FOLDER = "a_folder_whose_name_runs_on_and_on_without_a_single_space_to_break_it"
@@ -89,6 +90,36 @@ def test_cards_show_every_lora_and_dim_other_bases(page: tuple[Any, str]) -> Non
     assert pg.inner_text("#lora-count") == "1 LoRA"
     pg.fill("#search", "")
     pg.wait_for_function("document.querySelectorAll('.lora-card').length === 6")
+
+
+def test_flux_and_chroma_cards_show_their_base_and_are_dimmed_with_the_reason(
+        browser: Any, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """On the demo model: an SD1 LoRA, a FLUX.1 one (its badge the variant, flux-1-dev) and a Chroma one are all
+    dimmed, each with its reason; the base filter finds FLUX.1 LoRAs by base."""
+    folder = tmp_path_factory.mktemp("flux-page") / "loras"
+    folder.mkdir()
+    shutil.copy(EXAMPLES / "ink_sketch_sd15.safetensors", folder / "ink_sketch_sd15.safetensors")
+    flux_files.kohya_flux(folder / "flux_style.safetensors", guidance=True)
+    flux_files.chroma(folder / "chroma_style.safetensors")
+    app = create_app(demo_model(), Library([folder], index=folder.parent / "index.sqlite3"))
+    with running(app) as url:
+        pg, errors = open_page(browser, url)
+        pg.wait_for_selector(".lora-card")
+        card = lambda name: pg.locator(f".lora-card[data-name='{name}']")
+        assert pg.locator(".lora-card.incompatible").count() == 3
+        assert card("flux_style").locator(".badge.base").inner_text() == "flux-1-dev"
+        assert card("flux_style").locator(".reason").inner_text() == \
+            "made for FLUX.1 (flux-1-dev); the model is the embedded demo model"
+        assert card("chroma_style").locator(".badge.base").inner_text() == "Chroma"
+        assert card("chroma_style").locator(".reason").inner_text() == \
+            "made for Chroma; the model is the embedded demo model"
+        assert "Stable Diffusion 1.x" in card("ink_sketch_sd15").locator(".reason").inner_text()
+        assert pg.inner_text("#lora-count") == "3 LoRAs · 3 dimmed: made for another base or unreadable"
+        pg.select_option("#base-filter", "flux1")
+        pg.wait_for_function("document.querySelectorAll('.lora-card').length === 1")
+        assert pg.locator(".lora-card .name").all_inner_texts() == ["flux_style"]
+        pg.close()
+    assert not errors, errors
 
 
 def test_same_stem_in_two_folders_gives_two_distinct_cards(page: tuple[Any, str]) -> None:

@@ -21,6 +21,8 @@ EXAMPLE = ROOT / "examples" / "loras" / "ink_sketch_sd15.safetensors"
 SCHEMA_KEYS = {"schema", "file", "name", "size_bytes", "dialect", "architecture", "network_types", "rank", "ranks",
                "alpha", "alphas", "layers", "modules", "embeddings", "unrecognised_keys", "trigger_words", "hashes",
                "training"}
+# added for FLUX.1 and the families not applied (the keys above are unchanged: lorakit.inspect/1 stays compatible)
+ADDED_KEYS = {"family", "base", "variant", "supported", "note", "encoders", "layout", "fused_layers", "tensors"}
 
 
 def _json(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, object]:
@@ -30,7 +32,9 @@ def _json(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, object]:
 
 def test_inspect_json_schema_and_values(capsys: pytest.CaptureFixture[str]) -> None:
     info = _json(capsys, str(EXAMPLE))
-    assert set(info) == SCHEMA_KEYS and info["schema"] == "lorakit.inspect/1"
+    assert set(info) == SCHEMA_KEYS | ADDED_KEYS and info["schema"] == "lorakit.inspect/1"
+    assert (info["family"], info["base"], info["variant"], info["supported"], info["layout"]) == \
+        ("Stable Diffusion", "sd1", None, True, None)
     assert info["dialect"] == "kohya" and info["architecture"] == "sd1" and info["network_types"] == ["lora"]
     assert info["rank"] == 2 and info["alpha"] == 1.0
     assert info["modules"] == {"unet": 192, "text_encoder": 72}
@@ -81,7 +85,7 @@ def test_inspect_reports_every_file_and_fails_at_the_end(tmp_path: Path, capsys:
     assert main(["inspect", "--json", str(EXAMPLE), str(bad), str(demo)]) == 2
     infos = json.loads(capsys.readouterr().out)
     assert [i["file"] for i in infos] == [str(EXAMPLE), str(bad), str(demo)]
-    assert set(infos[0]) == set(infos[2]) == SCHEMA_KEYS
+    assert set(infos[0]) == set(infos[2]) == SCHEMA_KEYS | ADDED_KEYS
     assert set(infos[1]) == {"schema", "file", "error"} and "torn.safetensors" in infos[1]["error"]
     assert main(["inspect", "--json", str(EXAMPLE), str(demo)]) == 0
     assert len(json.loads(capsys.readouterr().out)) == 2

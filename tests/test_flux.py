@@ -16,6 +16,7 @@ from lorakit.prompt import parse_prompt
 from tests.factories import KINDS, adapter_tensors, make_kohya_lora, tiny_components
 from tests.flux_factories import (H, bfl_lora, bfl_table, kohya_keys, reference_deltas, tiny_flux_components,
                                   xlabs_keys)
+from tests.flux_factories import transformer_forward as _forward
 
 STRENGTH = 0.7
 
@@ -70,17 +71,6 @@ def test_every_type_on_every_bfl_layer_equals_the_fused_reference(flux: dict[str
         hooks_out = _forward(tr, x)
     assert all(torch.equal(p.detach(), before[n]) for n, p in tr.named_parameters())
     assert torch.allclose(fused_out, hooks_out, rtol=1e-4, atol=1e-5)
-
-
-def _forward(tr: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """One transformer forward of a 2×2-token picture with 3 text tokens."""
-    g = torch.Generator().manual_seed(7)
-    ids = torch.zeros(4, 3)
-    ids[:, 1], ids[:, 2] = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 1])
-    with torch.no_grad():
-        return tr(hidden_states=x, encoder_hidden_states=torch.randn(1, 3, 32, generator=g),
-                  pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([0.5]),
-                  img_ids=ids, txt_ids=torch.zeros(3, 3), guidance=torch.tensor([3.5])).sample
 
 
 # -- dialects --------------------------------------------------------------------------------------------------------

@@ -58,20 +58,6 @@ def _kohya(path: Path, widths: dict[str, int], metadata: dict[str, str] | None =
     return path
 
 
-@pytest.fixture
-def read_header_calls(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
-    """The files whose whole header the summary parsed."""
-    calls: list[Path] = []
-    real = summary_mod.read_header
-
-    def spy(path: Path) -> object:
-        calls.append(Path(path))
-        return real(path)
-
-    monkeypatch.setattr(summary_mod, "read_header", spy)
-    return calls
-
-
 def test_a_good_long_header_is_vouched_for_by_its_ends(read_header_calls: list[Path]) -> None:
     """The scan stays fast: the last entry's end offset equals the data size, so the middle is not parsed."""
     assert summarise(INK).base == Arch.SD1 and read_header_calls == []

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import LorakitError
 from .keymap.arch import LORA_BASES, Arch
+from .keymap.families import FLUX1_VARIANTS
 
 if TYPE_CHECKING:
     from .generate.init_image import InitImage
@@ -18,13 +19,12 @@ if TYPE_CHECKING:
 
 def _inspect(args: argparse.Namespace) -> int:
     """Each file in turn: a bad one is one error line (stderr) and the rest are still reported; exit 2 at the end
-    if any failed. ``--json``: one object for one file (nothing when it fails), else a list in which a bad file
-    is ``{"schema", "file", "error"}``."""
-    from .describe import as_text, describe, failure
-    from .lora_model import load_lora
-
+    if any failed (a file for a family lorakit does not apply is reported, saying so: no failure). ``--json``: one
+    object for one file (nothing when it fails), else a list in which a bad file is ``{"schema", "file",
+    "error"}``."""
     from pathlib import Path
 
+    from .describe import as_text, describe, failure
     from .describe_model import as_text as model_text
     from .describe_model import describe_model, is_model_file
 
@@ -37,7 +37,7 @@ def _inspect(args: argparse.Namespace) -> int:
                 if not args.json:
                     print(("\n" if len(infos) > 1 else "") + model_text(info), flush=True)
                 continue
-            info = describe(path, load_lora(path, strict=args.strict))
+            info = describe(path, strict=args.strict)
         except LorakitError as e:
             failed = True
             sys.stdout.flush()  # keep the error line in its place among the reports
@@ -331,8 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="the LoRAs in your folders: name, base, type, rank, size, trigger words")
     p.add_argument("-l", "--lora-dir", action="append", help="LoRA folder (repeatable); default: lorakit.toml / "
                                                              "$LORAKIT_LORA_DIRS")
-    p.add_argument("--base", choices=[a.value for a in (*LORA_BASES, Arch.DEMO)],
-                   help="only LoRAs for this base model")
+    p.add_argument("--base", choices=[a.value for a in (*LORA_BASES, Arch.DEMO)] + list(FLUX1_VARIANTS),
+                   help="only LoRAs for this base model (or FLUX.1 variant)")
     p.add_argument("--search", help="only names, aliases, trigger words or descriptions containing this text")
     p.add_argument("--json", action="store_true", help="machine-readable output (schema lorakit.list/1)")
     p.add_argument("--config", help="settings file (default ./lorakit.toml, then ~/.config/lorakit/config.toml)")

@@ -197,10 +197,11 @@ def _by_keys(keys: list[str], shapes: Mapping[str, Shaped]) -> Family | str | _G
     return None
 
 
-def depth_decides(keys: list[str]) -> bool:
+def depth_decides(keys: list[str], shapes: Mapping[str, Shaped] | None = None) -> bool:
     """Whether these keys are diffusers-layout DiT blocks only, whose family the deepest block index decides
-    (FLUX.1's 19 double blocks or Qwen-Image's 60): a sample of a header's keys cannot say then."""
-    found = _by_keys(keys, {})
+    (FLUX.1's 19 double blocks or Qwen-Image's 60): a sample of a header's keys cannot say then (their widths may:
+    SD3's)."""
+    found = _by_keys(keys, shapes or {})
     return isinstance(found, _Guess) and QWEN_IMAGE in (found.default, *found.choices)
 
 
@@ -229,7 +230,8 @@ def family_of_model(components: Mapping[str, object]) -> Family | None:
     return next((f for f in FAMILIES.values() if names & set(f.model_classes)), None)
 
 
-SUPPORTED = "Stable Diffusion 1.x, 2.x and XL, " + ", ".join(f.display for f in FAMILIES.values() if f is not SD)
+_DITS = [f.display for f in FAMILIES.values() if f is not SD]
+SUPPORTED = "Stable Diffusion 1.x, 2.x and XL, " + ", ".join(_DITS[:-1]) + f" and {_DITS[-1]}"
 
 
 def for_arch(arch: str) -> Family:
@@ -252,6 +254,7 @@ def fits(lora_arch: str, model_arch: str) -> bool:
 # FLUX.1 control and Fill LoRAs widen ``img_in`` to take the control image's (or the masked image's and the
 # mask's) latents beside the noise: 64 → 128 (Canny, Depth) or 384 (Fill) input features at full size.
 FLUX1_WIDE_INPUTS = {128: "flux-1-dev-control", 384: "flux-1-fill-dev"}
+FLUX1_VARIANTS = ("flux-1-dev", "flux-1-schnell", *FLUX1_WIDE_INPUTS.values(), "flux-1")  # what ``variant`` tells
 
 
 def variant(family: Family, keys: list[str], metadata: Mapping[str, str],
@@ -261,9 +264,9 @@ def variant(family: Family, keys: list[str], metadata: Mapping[str, str],
     layers (schnell has none); ``None`` for other families (their arch says it all)."""
     if family is not FLUX1:
         return None
-    spec = metadata.get("modelspec.architecture", "").split("/", 1)[0].strip().lower().replace(".", "-")
-    if spec.startswith("flux-1-"):
-        return spec
+    named = variant_from_metadata(metadata)
+    if named is not None:
+        return named
     for k in keys:
         s = (shapes or {}).get(k)
         if s is not None and len(s.shape) == 2 and flux.IMG_IN.search(k) and re.search(r"lora_A|lora_down", k):
@@ -271,6 +274,13 @@ def variant(family: Family, keys: list[str], metadata: Mapping[str, str],
             if wide:
                 return wide
     return "flux-1-dev" if any(flux.GUIDANCE.search(k) for k in keys) else "flux-1"
+
+
+def variant_from_metadata(metadata: Mapping[str, str]) -> str | None:
+    """The FLUX.1 variant ``modelspec.architecture`` names (``flux-1-dev/lora``, OneTrainer's ``Flux.1-fill-dev/lora``
+    → ``flux-1-fill-dev``), or ``None`` when it names none (``flux-1/lora``: kohya's "unknown")."""
+    spec = metadata.get("modelspec.architecture", "").split("/", 1)[0].strip().lower().replace(".", "-")
+    return spec if spec.startswith("flux-1-") else None
 
 
 def foreign_name(keys: list[str], metadata: Mapping[str, str]) -> str | None:

@@ -88,6 +88,12 @@ class LoraEntry:
         base = str(self.info.get("base", Arch.UNKNOWN))
         return base if base != Arch.UNKNOWN else str(self.sidecars.sd_version or Arch.UNKNOWN)
 
+    @property
+    def variant(self) -> str | None:
+        """The finer base the file shows (FLUX.1: ``flux-1-dev``, ``flux-1-schnell``, ``flux-1-dev-control``,
+        ``flux-1-fill-dev``, or ``flux-1`` when nothing tells dev from schnell); ``None`` for other bases."""
+        return self.info.get("variant") or None
+
     @cached_property
     def sidecars(self) -> Sidecars:
         return Sidecars(**self.info.get("sidecars", {}))
@@ -194,9 +200,10 @@ class Library:
         return {"sha256": h.sha256, "autov2": h.autov2, "addnet": h.addnet, "a1111_short": h.a1111_short}
 
     def search(self, base: str | None = None, text: str | None = None) -> list[LoraEntry]:
+        """Entries in sub-path order; ``base`` matches the base (``flux1``) or the variant (``flux-1-dev``)."""
         needle = (text or "").lower()
         return [e for e in sorted(self.entries, key=lambda e: e.subpath.lower())
-                if (not base or e.base == base) and (not needle or needle in _haystack(e))]
+                if (not base or base in (e.base, e.variant)) and (not needle or needle in _haystack(e))]
 
 
 def _file_metadata(e: LoraEntry) -> dict[str, str]:

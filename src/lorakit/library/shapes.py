@@ -23,6 +23,11 @@ from ..keymap.arch import CONTEXT_WIDTH, CROSS_DIM, TEXT_WIDTH, Arch
 COMPONENTS = (("unet", ("unet", "input_blocks", "down_blocks", "mid_block", "up_blocks", "output_blocks")),
               ("te", ("lora_te_", "lora_te1_", "text_encoder.", "text_encoder:", "te1.")),
               ("te2", ("lora_te2_", "text_encoder_2.", "te2.")))
+# A DiT family's files (FLUX.1, and those lorakit names but does not apply): the transformer, CLIP-L (``te``) and
+# T5 (``t5``; kohya's ``lora_te3_``, OneTrainer's ``lora_te2_``, ComfyUI's ``t5xxl``) — checked in this order.
+DIT_COMPONENTS = (("t5", ("lora_te3_", "lora_te2_", "text_encoder_2.", "t5xxl")),
+                  ("te", ("lora_te1_", "lora_te_", "text_encoder.", "clip_l")))
+DIT_ORDER = ("transformer", "te", "t5")
 UNET_CONTEXT_ONLY = CROSS_DIM
 # Leaves whose second dimension is the layer's input width.
 INPUT_LEAVES = re.compile(r"(?:^|[._:])(?:lora_down|lora_A|down|hada_w1_b|hada_w2_b|diff|a1)(?:\.default)?"
@@ -42,6 +47,17 @@ def component(key: str) -> str | None:
         if any(m in key for m in marks):
             return name
     return None
+
+
+def dit_component(key: str) -> str:
+    """``t5``, ``te`` or ``transformer`` (every other key) of a DiT family's key."""
+    return next((name for name, marks in DIT_COMPONENTS if any(m in key for m in marks)), "transformer")
+
+
+def dit_components(keys: list[str]) -> list[str]:
+    """The components ``keys`` show, in ``DIT_ORDER``."""
+    found = {dit_component(k) for k in keys}
+    return [c for c in DIT_ORDER if c in found]
 
 
 def input_widths(tensors: Mapping[str, Shaped]) -> dict[str, int]:

@@ -13,6 +13,12 @@ with bytes appended) is found from its size without reading any tensor. Anything
 writer's layout, ends that do not tell the base model or the types, a last offset that is not the file's end — is
 read whole with ``files.header.read_header`` (the project's validating reader: schema, and tensors that tile the
 data exactly), and its base decided by every entry's shapes (``shapes.base_from_shapes``).
+
+The family comes first (``keymap.families.detect``, on the first and last entries' names and shapes). A FLUX.1 file
+is base ``flux1`` with a variant (``families.variant``: metadata, a widened ``img_in``, guidance layers); its ends
+tell only when the metadata names the variant and no component can hide between them (``_flux_from_ends``), else
+the whole header decides family, variant and components as the loader does. A family lorakit does not apply is
+the base by name (``"Chroma"``).
 """
 from __future__ import annotations
 
@@ -22,14 +28,14 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 from ..errors import UnreadableFile
 from ..files.header import check_header_length, read_header
 from ..keymap import arch as archmod
 from ..keymap import families
 from ..keymap.leaves import LEAF_TYPE
-from .shapes import COMPONENTS, CONTEXT_WIDTH, TEXT_WIDTH, base_from_shapes
+from .shapes import COMPONENTS, CONTEXT_WIDTH, TEXT_WIDTH, Shaped, base_from_shapes, dit_component, dit_components
 
 HEAD, TAIL = 24_000, 12_000  # bytes read at each end of a long header
 KEYS = 3_500  # characters of entries at each end whose key names are looked at (~30 keys)
@@ -49,6 +55,7 @@ WIDTH_RE = re.compile(r'attn2[._](?:processor\.)?to_k[._](?:lora_down|lora_A|lor
 TE_WIDTH_RE = re.compile(r'(?:self_attn[._]q_proj[._](?:lora_down|lora_A)|text_encoder:0:down)' + SHAPE + r"\d+,(\d+)")
 FLOAT_CODES = {"F32": ("<f", 4), "F16": ("<e", 2), "F64": ("<d", 8)}
 LAST_OFFSETS = '"data_offsets":['
+ENTRY_SHAPE = re.compile(r'"dtype":"\w+","shape":\[([\d,]*)\]')
 
 
 @dataclass
@@ -58,13 +65,20 @@ class Summary:
     rank: int | None
     alpha: float | None
     tensors: int | None  # None when only the header's ends were read
-    components: list[str]  # unet, te, te2
+    components: list[str]  # unet, te, te2 (Stable Diffusion); transformer, te (CLIP-L), t5 (FLUX.1 and other DiTs)
     metadata: dict[str, str] = field(default_factory=dict)
+    variant: str | None = None  # FLUX.1's finer base: flux-1-dev, flux-1-schnell, flux-1-dev-control, … or flux-1
 
     def info(self) -> dict[str, Any]:
         """Everything but the metadata, as plain JSON-able values."""
-        return {"base": self.base, "types": self.types, "rank": self.rank, "alpha": self.alpha,
-                "tensors": self.tensors, "components": self.components}
+        return {"base": self.base, "variant": self.variant, "types": self.types, "rank": self.rank,
+                "alpha": self.alpha, "tensors": self.tensors, "components": self.components}
+
+
+class EntryShape(NamedTuple):
+    """An entry's shape read from header text (what ``families.detect`` looks at)."""
+
+    shape: tuple[int, ...]
 
 
 class Ends(NamedTuple):
@@ -118,14 +132,31 @@ def split_metadata(path: Path, text: str) -> tuple[dict[str, str], str]:
 def sample_keys(body: str, tail: str) -> list[str]:
     """Key names of the first and last ~30 entries (``body``: the header's first bytes without the metadata,
     ``tail``: its last bytes); entries cut at a chunk's edge are left out."""
+    return entry_keys(body[:KEYS], cut_start=False, cut_end=True) + entry_keys(tail[-KEYS:], cut_start=True,
+                                                                                cut_end=False)
+
+
+def entry_keys(chunk: str, cut_start: bool, cut_end: bool) -> list[str]:
+    """The key names of the entries in a piece of header text; ``cut_start``/``cut_end``: the piece begins/ends
+    inside an entry (that entry is left out)."""
+    parts = chunk.lstrip('{,"').split('},"')
     keys = []
-    for chunk, cut_start, cut_end in ((body[:KEYS], False, True), (tail[-KEYS:], True, False)):
-        parts = chunk.lstrip('{,"').split('},"')
-        for part in parts[int(cut_start):len(parts) - int(cut_end)]:
-            key, sep, _ = part.partition('":{')
-            if sep:
-                keys.append(key)
+    for part in parts[int(cut_start):len(parts) - int(cut_end)]:
+        key, sep, _ = part.partition('":{')
+        if sep:
+            keys.append(key)
     return keys
+
+
+def entry_shapes(text: str, keys: list[str]) -> dict[str, EntryShape]:
+    """The shapes of ``keys``' entries in compact header text (those found whole)."""
+    out = {}
+    for key in keys:
+        at = text.find(f'"{key}":{{')
+        m = ENTRY_SHAPE.match(text, at + len(key) + 4) if at >= 0 else None
+        if m:
+            out[key] = EntryShape(tuple(int(d) for d in m[1].split(",") if d))
+    return out
 
 
 def summarise_safetensors(path: Path) -> Summary:
@@ -145,11 +176,25 @@ def _summarise_ends(path: Path, ends: Ends) -> Summary | None:
         return None  # truncated, appended to, or laid out in another order: the whole header says which
     text = body + "\n" + ends.tail
     keys = sample_keys(body, ends.tail)
-    if families.depth_decides(keys):
+    if families.depth_decides(keys, entry_shapes(text, keys)):
         return None  # diffusers-layout DiT blocks only: the deepest block (in the header's middle) tells the family
     summary = summarise_keys(keys, text, None, metadata,
                              lambda key: _tensor_value(path, text, key, ends.data_start), by_metadata=False)
-    return None if summary.base == archmod.UNKNOWN or not summary.types else summary
+    if summary.base == archmod.UNKNOWN or not summary.types:
+        return None
+    return _flux_from_ends(summary, body, ends.tail) if summary.base == archmod.FLUX1 else summary
+
+
+def _flux_from_ends(summary: Summary, body: str, tail: str) -> Summary | None:
+    """A FLUX.1 file's ends tell when its metadata names the variant (guidance and ``img_in`` keys sort into the
+    middle) and no component can hide in the middle: sorted keys keep each component together, so the head's last
+    entry and the tail's first must be of the same one. Its components are then those of every entry seen."""
+    head, rest = entry_keys(body, cut_start=False, cut_end=True), entry_keys(tail, cut_start=True, cut_end=False)
+    if families.variant_from_metadata(summary.metadata) is None or not head or not rest or \
+            dit_component(head[-1]) != dit_component(rest[0]):
+        return None
+    summary.components = dit_components(head + rest)
+    return summary
 
 
 def last_end(tail: str) -> int | None:
@@ -170,7 +215,8 @@ def summarise_header(path: Path) -> Summary:
     body = json.dumps(entries, separators=(",", ":"))
     return _with_layers(path, list(entries), summarise_keys(
         list(entries), body, len(entries), header.metadata,
-        lambda key: _tensor_value(path, body, key, header.data_start), shape_base=base_from_shapes(header.tensors)))
+        lambda key: _tensor_value(path, body, key, header.data_start), shape_base=base_from_shapes(header.tensors),
+        shapes=header.tensors))
 
 
 def read_metadata_fast(path: Path) -> dict[str, str]:
@@ -186,18 +232,40 @@ def read_metadata_fast(path: Path) -> dict[str, str]:
 
 def summarise_keys(keys: list[str], body: str, count: int | None, metadata: dict[str, str],
                    value: Callable[[str], float | None], shape_base: str | None = None,
-                   by_metadata: bool = True) -> Summary:
-    """``keys``: a sample of key names; ``body``: every entry as compact header text (searched with C-speed
-    string and regex scans, never a Python loop per key). ``shape_base``: what every entry's shapes show (the
-    whole header was parsed); the metadata's claim counts only when shapes say nothing and ``by_metadata``."""
+                   by_metadata: bool = True, shapes: Mapping[str, Shaped] | None = None) -> Summary:
+    """``keys``: a sample of key names, or all of them (then ``count`` and ``shapes``, every entry's shape, are
+    given: the whole header was read); ``body``: every entry as compact header text (searched with C-speed string
+    and regex scans, never a Python loop per key). ``shape_base``: what every entry's shapes show (the whole header
+    was parsed); the metadata's claim counts only when shapes say nothing and ``by_metadata``."""
     tails = {k[k.rfind(".", 0, len(k) - 7) + 1:] if k.endswith(".weight") else k[k.rfind(".") + 1:] for k in keys}
     blob = "\n".join(keys)
     types = _types(tails, blob, metadata)
-    base = _base(keys, blob, body, metadata, shape_base, by_metadata)
+    rank, alpha = _rank(body, metadata), _alpha(body, metadata, value)
+    family = _family(keys, body, metadata, shapes)
+    if family is not families.SD:
+        base = family if isinstance(family, str) else family.arch or archmod.UNKNOWN
+        variant = None if isinstance(family, str) else families.variant(family, keys, metadata, shapes)
+        return Summary(base, types, rank, alpha, count, dit_components(keys), metadata, variant)
+    base = _base(blob, body, metadata, shape_base, by_metadata)
     comps = [c for c, marks in COMPONENTS if any(m in blob for m in marks)]
     if base == archmod.SDXL and "te2" not in comps and any(m in body for m in ("lora_te2_", "text_encoder_2.")):
         comps.append("te2")
-    return Summary(base, types, _rank(body, metadata), _alpha(body, metadata, value), count, comps, metadata)
+    return Summary(base, types, rank, alpha, count, comps, metadata)
+
+
+def _family(keys: list[str], body: str, metadata: dict[str, str],
+            shapes: Mapping[str, Shaped] | None) -> families.Family | str:
+    """The family from the first and last entries (every key of a FLUX/SD3 file says so): names, then their widths
+    (SD3's and FLUX.2's DiT names are FLUX.1's) — read from the text only when the names are not Stable Diffusion's;
+    a FLUX.1 file whose whole header was read is decided by every key and shape, as the loader decides it. A deep
+    DiT's depth (Qwen-Image's 60 blocks) needs its deepest block, which a sample of sorted keys may miss
+    (``…blocks.9`` sorts after ``…blocks.59``): it is added from the text."""
+    sample = keys[:4] + keys[-4:] + families.deepest_block_keys(body)
+    if shapes is None:
+        named = families.detect(sample, metadata)
+        return named if named is families.SD else families.detect(sample, metadata, entry_shapes(body, sample))
+    found = families.detect(sample, metadata, shapes)
+    return families.detect(keys, metadata, shapes) if found is families.FLUX1 else found
 
 
 def _types(tails: set[str], blob: str, metadata: dict[str, str]) -> list[str]:
@@ -212,15 +280,8 @@ def _types(tails: set[str], blob: str, metadata: dict[str, str]) -> list[str]:
     return sorted(found)
 
 
-def _base(keys: list[str], blob: str, body: str, metadata: dict[str, str], shape_base: str | None,
-          by_metadata: bool) -> str:
-    # every key of a FLUX/SD3 file says so; a deep DiT's depth (Qwen-Image's 60 blocks) needs its deepest block,
-    # which a sample of sorted keys may miss (``…blocks.9`` sorts after ``…blocks.59``)
-    family = families.detect(keys[:4] + keys[-4:] + families.deepest_block_keys(body), metadata)
-    if isinstance(family, str):
-        return family  # a family lorakit does not apply, by name
-    if family.arch is not None:
-        return family.arch
+def _base(blob: str, body: str, metadata: dict[str, str], shape_base: str | None, by_metadata: bool) -> str:
+    """A Stable Diffusion file's base: SDXL-only names, then widths, then (``by_metadata``) the metadata."""
     if any(m in blob for m in SDXL_MARKERS):
         return archmod.SDXL
     m = WIDTH_RE.search(body)
@@ -281,7 +342,7 @@ def summarise_pickle(path: Path) -> Summary:
                        for k, v in tensors.items()}, separators=(",", ":"))
     value = (lambda key: float(tensors[key].float().reshape(-1)[0]) if tensors[key].numel() else None)
     return _with_layers(path, list(tensors), summarise_keys(list(tensors), body, len(tensors), {}, value,
-                                                            shape_base=base_from_shapes(tensors)))
+                                                            shape_base=base_from_shapes(tensors), shapes=tensors))
 
 
 def _with_layers(path: Path, keys: list[str], summary: Summary) -> Summary:

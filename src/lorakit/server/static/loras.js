@@ -2,7 +2,8 @@
 // filter run here on precomputed lowercase haystacks (what the server's search matches: sub-path, alias, trigger
 // words, description); cards are built only when shown — the first PAGE, then PAGE more each time the end of the
 // list comes near the screen (or "show more" is pressed) — and kept, so a search shows them again without
-// building them twice. Every LoRA is listed (other bases dimmed with the reason, unreadable files with the error).
+// building them twice. Every LoRA is listed (other bases dimmed with the reason, unreadable files with the error);
+// a card's base badge shows the finer base where the file tells it (FLUX.1: flux-1-dev, flux-1-schnell, …).
 import { $, api, el, plural, setValue, timings } from "./util.js";
 
 const PAGE = 60;
@@ -28,7 +29,8 @@ export async function loadLoras() {
 // Show the LoRAs that match the search text and the base filter, from the top.
 export function filter() {
   const needle = $("search").value.trim().toLowerCase(), base = $("base-filter").value;
-  state.shown = state.all.filter((l) => (!base || l.base === base) && (!needle || l.hay.includes(needle)));
+  state.shown = state.all.filter((l) => (!base || l.base === base || l.variant === base) &&
+                                       (!needle || l.hay.includes(needle)));
   state.rendered = 0;
   $("loras").replaceChildren();
   more();
@@ -64,6 +66,9 @@ function cardOf(lora) {
 // "yes", "maybe" (a base nobody knows: may not fit) or "no" (another base, or a file that cannot be used).
 const fitOf = (lora) => lora.error ? "no" : (lora.fit || (lora.compatible ? "yes" : "no"));
 
+// The badge's colour class: "base-sd1", "base-flux1", "base-chroma", "base-stable-diffusion-3" …
+const baseClass = (base) => `base-${String(base).toLowerCase().replace(/[^a-z0-9]+/g, "-")}`;
+
 function card(lora) {
   const thumb = el("div", { class: "thumb" });
   if (lora.preview_url) thumb.style.backgroundImage = `url("${lora.preview_url}")`;
@@ -72,7 +77,7 @@ function card(lora) {
   const body = el("div", { class: "body" },
     el("div", { class: "name", text: lora.name }),
     folder ? el("div", { class: "folder", text: `${folder}/` }) : "",
-    el("span", { class: `badge base-${lora.base}`, text: lora.base }),
+    el("span", { class: `badge base ${baseClass(lora.base)}`, text: lora.variant || lora.base }),
     el("span", { class: "badge", text: (lora.types || []).join(", ") || "?" }),
     lora.rank ? el("span", { class: "badge", text: `r${lora.rank}` }) : "");
   if (lora.trigger_words.length) body.append(el("div", { class: "triggers", text: lora.trigger_words.slice(0, 4).join(", ") }));
