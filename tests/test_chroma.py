@@ -193,3 +193,26 @@ def test_random_apply_switch_restore_cycles_restore_exactly() -> None:
             assert all(torch.equal(p.detach(), before[n]) for n, p in tr.named_parameters())
     lorakit.restore(comps)
     assert all(torch.equal(p.detach(), before[n]) for n, p in tr.named_parameters())
+
+
+def test_flux_t5_layers_land_on_chromas_t5_and_clip_layers_are_reported() -> None:
+    """FLUX.1's T5 is its ``text_encoder_2`` (kohya ``lora_te3_``), Chroma's is its ``text_encoder``; FLUX.1's CLIP-L
+    layers (``lora_te1_``) have no module on Chroma (no CLIP)."""
+    from tests.flux_factories import tiny_t5
+
+    comps = {"transformer": tiny_chroma_transformer(), "text_encoder": tiny_t5()}
+    t5 = comps["text_encoder"].get_submodule("encoder.block.1.layer.0.SelfAttention.q")
+    t = adapter_tensors("lora", tuple(t5.weight.shape), 4, torch.Generator().manual_seed(11))
+    clip = adapter_tensors("lora", (32, 32), 4)
+    sd = {f"lora_te3_encoder_block_1_layer_0_SelfAttention_q.{k}": v for k, v in t.items()}
+    sd |= {f"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.{k}": v for k, v in clip.items()}
+    sd |= kohya_keys({"double_blocks.0.img_attn.proj": adapter_tensors("lora", (H, H))})
+    lora = lora_from_state_dict(sd, {})
+    assert lora.arch == "flux1"
+    before = t5.weight.detach().clone()
+    with apply_loras(comps, [(lora, 1.0)]) as applied:
+        want = before + t["alpha"] / 4 * t["lora_up.weight"] @ t["lora_down.weight"]
+        assert torch.allclose(t5.weight, want, atol=1e-6)
+        assert applied.reports[0].unmatched == ["text_encoder.encoder.layers.0.self_attn.q_proj"]
+        assert applied.reports[0].patched == {"text_encoder": 1, "transformer": 1}
+    assert torch.equal(t5.weight, before)

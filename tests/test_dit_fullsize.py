@@ -51,10 +51,10 @@ def test_every_flux_listing_resolves_on_full_size_chroma_with_the_pruned_layers_
     pruned = [p for p in report.unmatched if p.startswith("transformer.")]
     assert all(any(m in p for m in PRUNED) for p in pruned), pruned
     assert report.patched["transformer"] + len(pruned) == LAYERS[name]["transformer"]
-    assert set(plan.modules) | set(report.unmatched) == set(lora.layers)
-    # FLUX.1's CLIP-L (text_encoder) and T5 (text_encoder_2) layers: Chroma has no CLIP, its T5 is its text_encoder;
-    # such layers find no module (reported, not applied)
-    assert {p.split(".", 1)[0] for p in report.unmatched} <= {"transformer", "text_encoder", "text_encoder_2"}
+    assert len(plan.modules) + len(report.unmatched) == len(lora.layers)
+    # FLUX.1's CLIP-L (text_encoder) and T5 (text_encoder_2, Chroma's text_encoder: renamed) layers find no module
+    # on this transformer-only stand-in: reported, not applied
+    assert {p.split(".", 1)[0] for p in report.unmatched} <= {"transformer", "text_encoder"}
 
 
 def test_full_size_qwen_image_has_the_module_table(qwen: Components) -> None:

@@ -37,7 +37,8 @@ class Family:
     model-named modules (original-layout ones get ``lora_unet_``); ``base_version``/``modelspec``: kohya's
     ``ss_base_model_version`` and ``modelspec.architecture`` (without ``/lora``) of its LoRAs. ``dit_blocks``: the
     block-weight parts its transformer has (``double``: ``transformer_blocks``, ``single``:
-    ``single_transformer_blocks``; ``patch.weights``)."""
+    ``single_transformer_blocks``; ``patch.weights``). ``fitted_components``: a component of the LoRAs it ``fits``
+    → its own (FLUX.1's T5 ``text_encoder_2`` is Chroma's ``text_encoder``)."""
 
     key: str
     display: str
@@ -61,6 +62,7 @@ class Family:
     base_version: str = ""
     modelspec: str = ""
     dit_blocks: tuple[str, ...] = ()
+    fitted_components: Mapping[str, str] = field(default_factory=dict)
 
 
 SD = Family(
@@ -101,7 +103,7 @@ CHROMA = Family(
     model_classes=("ChromaTransformer2DModel",), hidden_outputs=flux.HIDDEN_OUTPUTS, layout=chroma.LAYOUT,
     fits=(Arch.FLUX1,), pipelines=("ChromaPipeline", "ChromaImg2ImgPipeline"), clip_encoders=(),
     kohya_names={"transformer": "lora_transformer_", "text_encoder": "lora_te3_"}, base_version="chroma",
-    modelspec="chroma", dit_blocks=("double", "single"))
+    modelspec="chroma", dit_blocks=("double", "single"), fitted_components={"text_encoder_2": "text_encoder"})
 
 QWEN_IMAGE = Family(
     "qwen-image", "Qwen-Image", "transformer", {"text_encoder": "Qwen2.5-VL"}, qwen.VOCABULARY,

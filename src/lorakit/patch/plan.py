@@ -189,8 +189,16 @@ class PlanCache:
 
 
 def resolve(components: Mapping[str, torch.nn.Module], lora: LoraModel) -> Resolution:
+    """Each layer's module (``None``: not in this model) and what does not fit it. A LoRA of a family the model's
+    takes (``Family.fits``) names its components as its own family does: they are renamed to the model's
+    (``Family.fitted_components``: FLUX.1's T5 is Chroma's ``text_encoder``)."""
     out: Resolution = []
+    family = family_of_model(components)
+    rename = family.fitted_components if family is not None and lora.arch in family.fits else {}
     for path, adapter in lora.layers.items():
+        component, _, rest = path.partition(".")
+        if component in rename:
+            path = f"{rename[component]}.{rest}"
         module = find_module(components, path)
         if module is None or not supported(module):
             out.append((path, adapter, None, ""))
