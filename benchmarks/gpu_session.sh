@@ -3,7 +3,7 @@
 # 10 minutes, out of 15 minutes of device time all told): the `gpu` tests, benchmarks/gpu.py on full-size SD1.5 and
 # SDXL shapes, a CLI generation on CUDA in fp16 and bf16, benchmarks/train.py on SD1.5 (512 px),
 # benchmarks/serving.py (mixed-LoRA batches) on SD1.5 512 px, and full-size FLUX.1-dev rows (benchmarks/flux.py,
-# benchmarks/quant.py). A step that no longer fits before the deadline is
+# benchmarks/quant.py: GGUF, fp8 and — with bitsandbytes — NF4). A step that no longer fits before the deadline is
 # skipped and says so. Logs and images go to $OUT (7 files).
 #     OUT=/tmp/gpu_out DEADLINE=500 bash benchmarks/gpu_session.sh   # from the repository root, lorakit importable
 set -u
@@ -31,7 +31,7 @@ step() {
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
 python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__,
 'transformers', transformers.__version__)" | tee -a "$OUT/card.txt"
-step 150 gpu_tests.log python3 -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider -rs -q
+step 150 gpu_tests.log python3 -m pytest -m gpu tests/test_gpu.py tests/test_gpu_nf4.py -p no:cacheprovider -rs -q
 (cd benchmarks && step 240 gpu_bench.log python3 gpu.py)
 for dt in fp16 bf16; do
     step 45 cli.log python3 -c "from lorakit.cli import main; main()" generate \
@@ -47,4 +47,11 @@ step 150 serving_bench.log python3 benchmarks/serving.py --model sd15 --size 512
 (cd benchmarks && step 150 flux_bench.log python3 flux.py --device cuda --dtype bf16 --double 19 --single 38)
 (cd benchmarks && step 150 quant_bench.log python3 quant.py --device cuda --dtype bf16 --double 19 --single 38 \
     --quant Q8_0 Q4_K fp8 --random-blocks --skip-diffusers)
+# NF4 (bitsandbytes Linear4bit, nested absmax) rows, the same step; only where bitsandbytes imports (the quant extra)
+if python3 -c "import bitsandbytes" 2>/dev/null; then
+    (cd benchmarks && step 120 quant_bench.log python3 quant.py --device cuda --dtype bf16 --double 19 --single 38 \
+        --quant nf4 --skip-diffusers)
+else
+    echo "SKIPPED (bitsandbytes not installed): NF4 rows" | tee -a "$OUT/quant_bench.log"
+fi
 echo "session done in $((SECONDS - START)) s" | tee -a "$OUT/card.txt"

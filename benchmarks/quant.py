@@ -4,7 +4,8 @@ merge path (fused mode: W' = round(fp32(dq(Wq)) + ΔW) per forward) and side pat
 the quantized base alone and against diffusers + PEFT's side branch on the same model; peak RSS over the quantized
 base during a step; and how much of a LoRA's ΔW each way keeps (lorakit's merge vs requantizing after the add, as
 Forge's "Automatic" and ComfyUI's fp8 path do). Q8_0 blocks are quantized with gguf's own quantizer; Q4_K blocks are
-valid random blocks (gguf has no K-quant quantizer), which time the same.
+valid random blocks (gguf has no K-quant quantizer), which time the same. ``nf4``: bitsandbytes ``Linear4bit`` layers
+(nested absmax, quantized on the device by ``quantize_4bit``; needs the ``quant`` extra; GPU rows in gpu_session.sh).
 
 Run with nothing else busy:  python benchmarks/quant.py [--quant Q8_0 Q4_K] [--double 1 --single 2]
 """
@@ -25,21 +26,27 @@ import lorakit
 from lorakit.files.io import save_file
 from lorakit.models.flux_configs import variant_config
 from lorakit.quant.layers import dq
-from lorakit.quant.make import fp8_linear, gguf_linear, gguf_param, quantize_linears, random_kquant
+from lorakit.quant.make import bnb4_linear, fp8_linear, gguf_linear, gguf_param, quantize_linears, random_kquant
 
 IMG, TXT = 1024, 512
 
 
-def quantized_model(kind: str, double: int, single: int, compute: torch.dtype, random_blocks: bool) -> torch.nn.Module:
+def quantized_model(kind: str, double: int, single: int, compute: torch.dtype, random_blocks: bool,
+                    device: str = "cpu") -> torch.nn.Module:
     """Q8_0 with gguf's quantizer (or valid random blocks with ``random_blocks``: full size), K-quants as valid random
-    blocks, ``fp8`` the weights cast to e4m3fn; the model's dense rest in ``compute``."""
+    blocks, ``fp8`` the weights cast to e4m3fn, ``nf4`` bitsandbytes 4-bit (quantized on ``device``); the model's
+    dense rest in ``compute``."""
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(0)
     tr = FluxTransformer2DModel(**dict(variant_config("flux-1-dev"), num_layers=double, num_single_layers=single))
     tr = tr.to(compute)  # the dense rest in the compute dtype; quantized weights are made from these below
+    if kind == "nf4":
+        tr = tr.to(device)  # bitsandbytes quantizes where the weight is (fast on a GPU)
 
     def make(name: str, lin: torch.nn.Linear) -> torch.nn.Module | None:
+        if kind == "nf4":
+            return bnb4_linear(lin, compute, "nf4", nested=True)
         if kind == "fp8":
             return fp8_linear(lin, torch.float8_e4m3fn, compute)
         if lin.in_features % 256:
@@ -99,9 +106,17 @@ def retention(tr: torch.nn.Module, lora: lorakit.LoraModel, kind: str) -> dict[s
     delta = lora.layers[path].delta(w, 1.0)
     out = {"lorakit_merge": float((((w + delta) - w) * delta).sum() / (delta * delta).sum())}
     if kind == "Q8_0":
-        q = gguf.quants.quantize((w + delta).numpy(), gguf.GGMLQuantizationType.Q8_0)
-        back = torch.from_numpy(gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0))
+        q = gguf.quants.quantize((w + delta).cpu().numpy(), gguf.GGMLQuantizationType.Q8_0)  # numpy: on the CPU
+        back = torch.from_numpy(gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0)).to(w.device)
         out["requant_Q8_0"] = float(((back - w) * delta).sum() / (delta * delta).sum())
+    if kind == "nf4":
+        from lorakit.quant.nf4 import functional
+
+        bnbf = functional()
+        q, state = bnbf.quantize_4bit((w + delta).to(module.weight.quant_state.dtype), compress_statistics=True,
+                                      quant_type="nf4")
+        back = bnbf.dequantize_4bit(q, state).float()
+        out["requant_nf4"] = float(((back - w) * delta).sum() / (delta * delta).sum())
     scale = (w + delta).abs().max() / 448
     fp8 = (((w + delta) / scale).to(torch.float8_e4m3fn).float() * scale)
     w8 = (w / scale).to(torch.float8_e4m3fn).float() * scale
@@ -111,7 +126,7 @@ def retention(tr: torch.nn.Module, lora: lorakit.LoraModel, kind: str) -> dict[s
 
 def run(kind: str, args: argparse.Namespace, tmp: Path) -> dict[str, float]:
     compute = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    tr = quantized_model(kind, args.double, args.single, compute, args.random_blocks).to(args.device)
+    tr = quantized_model(kind, args.double, args.single, compute, args.random_blocks, args.device).to(args.device)
     file = tmp / f"lora_{kind}.safetensors"
     save_file(make_file(tr, "lora", args.rank, 0, args.double, args.single), file)
     lora = lorakit.load_lora(file)
@@ -139,7 +154,7 @@ def run(kind: str, args: argparse.Namespace, tmp: Path) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quant", nargs="+", default=["Q8_0", "Q4_K"], help="Q8_0, Q4_K, … or fp8 (e4m3fn)")
+    ap.add_argument("--quant", nargs="+", default=["Q8_0", "Q4_K"], help="Q8_0, Q4_K, …, fp8 (e4m3fn) or nf4")
     ap.add_argument("--double", type=int, default=1)
     ap.add_argument("--single", type=int, default=2)
     ap.add_argument("--rank", type=int, default=16)

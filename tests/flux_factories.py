@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from lorakit.adapters import build_adapter
+from lorakit.quant.layers import weight_values
 from tests.factories import adapter_tensors
 
 H = 32  # hidden width of the tiny transformer (2 heads × 16)
@@ -106,7 +107,9 @@ def _swap(t: torch.Tensor) -> torch.Tensor:
 
 
 def fused_weight(transformer: torch.nn.Module, parts: list[str], swap: bool) -> torch.Tensor:
-    w = torch.cat([transformer.get_submodule(p).weight.detach().float() for p in parts])
+    """The BFL module's weight rebuilt from its diffusers parts (their values: a quantized part's dequantization,
+    never its stored bytes — benchmarks/quant.py sizes LoRAs on quantized models with it)."""
+    w = torch.cat([weight_values(transformer.get_submodule(p)).float() for p in parts])
     return _swap(w) if swap else w
 
 

@@ -314,7 +314,10 @@ def _diffusers_folder(path: Path, dtype: torch.dtype) -> BaseModel:
     except (OSError, json.JSONDecodeError) as e:
         raise ModelError(f"{path / 'model_index.json'}: unreadable ({e})") from None
     digest = hashlib.sha256(json.dumps(index, sort_keys=True).encode() + str(path.resolve()).encode()).hexdigest()
+    from ..quant.nf4 import check_folder
     from .flux import is_flux_index, load_folder
+
+    check_folder(path)  # a bitsandbytes (NF4) folder: bitsandbytes and CUDA, or a clear error
 
     if is_flux_index(index):
         return BaseModel(load_folder(path, dtype), path.name, digest[:10], Arch.FLUX1)

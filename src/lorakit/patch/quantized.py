@@ -128,8 +128,9 @@ class Requantized:
 
 def requantize(module: torch.nn.Module, weight: torch.Tensor) -> torch.nn.Parameter:
     """``weight`` (fp32, logical shape) stored as ``module``'s own type: GGUF blocks by gguf's quantizer (the types
-    it can quantize), fp8 with the layer's scale (round to nearest)."""
+    it can quantize), fp8 with the layer's scale (round to nearest), bitsandbytes 4-bit by its ``quantize_4bit``."""
     from ..errors import LorakitError
+    from ..quant import nf4
     from ..quant.layers import Fp8Weight, is_gguf
     from ..quant.make import GGUF_QUANTIZABLE, gguf_param
 
@@ -146,4 +147,6 @@ def requantize(module: torch.nn.Module, weight: torch.Tensor) -> torch.nn.Parame
                                f"({', '.join(GGUF_QUANTIZABLE)} only); use the exact merge (mode fused)")
         made = gguf_param(weight.cpu(), kind).to(old.device)
         return made  # type: ignore[return-value]  # a GGUFParameter
+    if nf4.is_bnb4(module):
+        return nf4.requantized(module, weight)
     raise LorakitError(f"{type(module).__name__} is not a quantized layer")

@@ -12,7 +12,9 @@ such):
 - ``Fp8Linear`` / ``Fp8Conv2d`` (here): weight stored in ``float8_e4m3fn``/``float8_e5m2``, optional per-tensor (or per-row)
   ``scale`` (ComfyUI's ``scale_weight`` / ``weight_scale``); dq = ``w.to(c)`` unscaled, ``(fp32(w) · scale).to(c)``
   scaled — lorakit's rule for scaled fp8, fixed once (ComfyUI's own forward computes ``w.to(c) · scale.to(c)``,
-  which rounds twice).
+  which rounds twice);
+- bitsandbytes' ``Linear4bit`` (NF4/FP4, weight a ``Params4bit``; ``quant/nf4.py``): dq = bitsandbytes'
+  ``dequantize_4bit(data, quant_state)`` cast to the layer's compute dtype.
 """
 from __future__ import annotations
 
@@ -21,7 +23,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from . import nf4
+
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def fp8_values(w: torch.Tensor, scale: torch.Tensor | None, c: torch.dtype) -> torch.Tensor:
+    """lorakit's one rule for an fp8 weight's values in dtype ``c``: ``w.to(c)`` unscaled, ``(fp32(w) · scale).to(c)``
+    with a per-tensor or per-row (output channel) scale. Layers (``Fp8Weight``) and the file tools share it."""
+    if scale is None:
+        return w.to(c)
+    s = scale.float().to(w.device)
+    s = s.reshape(-1, *[1] * (w.dim() - 1)) if s.numel() > 1 else s.reshape(())
+    return (w.float() * s).to(c)
 
 
 class Fp8Weight:
@@ -31,13 +45,9 @@ class Fp8Weight:
     compute_dtype: torch.dtype
 
     def dequantized(self) -> torch.Tensor:
-        w: torch.Tensor = getattr(self, "weight")
         stored = getattr(self, "scale", None)
-        if not isinstance(stored, torch.Tensor):
-            return w.to(self.compute_dtype)
-        scale = stored.float()
-        scale = scale.reshape(-1, *[1] * (w.dim() - 1)) if scale.numel() > 1 else scale
-        return (w.float() * scale).to(self.compute_dtype)
+        return fp8_values(getattr(self, "weight"), stored if isinstance(stored, torch.Tensor) else None,
+                          self.compute_dtype)
 
     def _bias(self) -> torch.Tensor | None:
         bias = getattr(self, "bias", None)
@@ -73,15 +83,18 @@ class Fp8Conv2d(Fp8Weight, torch.nn.Conv2d):
 
 
 def is_gguf(module: torch.nn.Module) -> bool:
-    return hasattr(getattr(module, "weight", None), "quant_type")
+    """A diffusers GGUF layer (its weight carries a ``quant_type``; a bitsandbytes ``Params4bit`` does too)."""
+    return hasattr(getattr(module, "weight", None), "quant_type") and not nf4.is_bnb4(module)
 
 
 def is_quantized(module: torch.nn.Module) -> bool:
     """A layer whose stored weight is not its values (GGUF blocks, fp8 storage): LoRAs never write it."""
-    return isinstance(module, Fp8Weight) or is_gguf(module)
+    return isinstance(module, Fp8Weight) or is_gguf(module) or nf4.is_bnb4(module)
 
 
 def compute_dtype(module: torch.nn.Module) -> torch.dtype:
+    if nf4.is_bnb4(module):
+        return nf4.bnb_compute_dtype(module)
     dt = getattr(module, "compute_dtype", None)
     return dt if isinstance(dt, torch.dtype) else torch.float32
 
@@ -90,6 +103,8 @@ def dq(module: torch.nn.Module) -> torch.Tensor:
     """The weight the layer's forward uses, in its compute dtype (the loader's own dequantization)."""
     if isinstance(module, Fp8Weight):
         return module.dequantized()
+    if nf4.is_bnb4(module):
+        return nf4.dequantized(module)
     from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
 
     return dequantize_gguf_tensor(module.weight).to(compute_dtype(module))
@@ -111,17 +126,19 @@ def weight_shape(module: torch.nn.Module) -> tuple[int, ...] | None:
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor):
         return None
-    shape = getattr(weight, "quant_shape", None)
+    shape = nf4.logical_shape(module) if nf4.is_bnb4(module) else getattr(weight, "quant_shape", None)
     out = tuple(int(s) for s in shape) if shape is not None else tuple(weight.shape)
     narrow = getattr(module, "lorakit_inputs", None)  # widened for a control LoRA: the model's own width
     return (out[0], int(narrow), *out[2:]) if isinstance(narrow, int) else out
 
 
 def quant_name(module: torch.nn.Module) -> str | None:
-    """``Q8_0``, ``float8_e4m3fn (scaled)``… for a quantized layer; ``None`` otherwise."""
+    """``Q8_0``, ``float8_e4m3fn (scaled)``, ``nf4 (nested)``… for a quantized layer; ``None`` otherwise."""
     if isinstance(module, Fp8Weight):
         name = str(module.weight.dtype).removeprefix("torch.")
         return f"{name} (scaled)" if getattr(module, "scale", None) is not None else name
+    if nf4.is_bnb4(module):
+        return nf4.name(module)
     if is_gguf(module):
         kind = getattr(module.weight, "quant_type", None)
         return str(getattr(kind, "name", kind))

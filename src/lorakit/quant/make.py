@@ -1,5 +1,5 @@
 """Quantized layers made from dense ones (GGUF blocks with the ``gguf`` package's own quantizer, fp8 casts with an
-optional scale): for the tests, and for writing quantized files. K-quants have no quantizer in ``gguf`` (it only
+optional scale, bitsandbytes 4-bit by its own ``quantize_4bit``): for the tests, and for writing quantized files. K-quants have no quantizer in ``gguf`` (it only
 dequantizes them); ``random_kquant`` makes valid random blocks (finite scales) of a given shape for tests."""
 from __future__ import annotations
 
@@ -68,6 +68,22 @@ def fp8_linear(linear: torch.nn.Linear, dtype: torch.dtype, compute_dtype: torch
     if linear.bias is not None:
         layer.bias = torch.nn.Parameter(linear.bias.detach().to(compute_dtype), requires_grad=False)
     return layer
+
+
+def bnb4_linear(linear: torch.nn.Linear, compute_dtype: torch.dtype, quant_type: str = "nf4", nested: bool = True,
+                blocksize: int = 64) -> torch.nn.Module:
+    """A bitsandbytes ``Linear4bit`` holding ``linear``'s weight (taken in ``compute_dtype``, as diffusers quantizes
+    a model loaded in that dtype) quantized by ``quantize_4bit``; on ``linear``'s device."""
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, linear.bias is not None,
+                              compute_dtype=compute_dtype, compress_statistics=nested, quant_type=quant_type)
+    w = linear.weight.detach().to(compute_dtype)
+    layer.weight = bnb.nn.Params4bit(w, requires_grad=False, blocksize=blocksize, compress_statistics=nested,
+                                     quant_type=quant_type, module=layer)._quantize(w.device)
+    if linear.bias is not None:
+        layer.bias = torch.nn.Parameter(linear.bias.detach().to(compute_dtype), requires_grad=False)
+    return layer.requires_grad_(False)
 
 
 def quantize_linears(model: torch.nn.Module, make: Maker) -> torch.nn.Module:

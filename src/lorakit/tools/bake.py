@@ -5,6 +5,11 @@ Each changed parameter is computed by the same ``Patcher`` that ``apply_loras`` 
 holds only that layer (its tensors read from the file in their own dtype, the model's config for the
 architecture checks), so the baked weights are bit-identical to what ``apply_loras`` fuses into the loaded model —
 one layer in memory at a time. All checks (architecture, shapes, weight specs) run on the whole set first.
+
+A quantized base (fp8, ComfyUI scaled fp8): a changed layer is written in bf16 — ``round_bf16(fp32(dq(Wq)) + ΣΔW)``,
+the weight ``apply_loras`` computes per forward on that base in bf16 — and its scale/marker tensors are dropped;
+every unchanged tensor keeps its stored bytes. Requantizing instead would erase part of the LoRA (§ quantized bases
+in docs/formats.md), so bake does not; the report says which layers changed dtype and the size it costs.
 """
 from __future__ import annotations
 
@@ -25,8 +30,11 @@ from ..lora_model import LoraModel
 from ..patch import Patcher
 from ..patch.plan import build_plan
 from ..patch.weights import Weight
+from ..quant.files import IGNORED, SCALE_KEYS
+from ..quant.layers import FP8, weight_values
 from .flux_bake import fused_siblings, scatter_rows
 from .modelfile import ModelFile, Ref, TensorFile, open_model
+from .quant_bake import DENSE, patched, quantized_leaf
 from .output import Entry, atomic_dir, bar, check_output, write_safetensors
 from .report import LayerResult, ToolReport
 from .sources import Source, load_sources
@@ -51,6 +59,11 @@ def bake(model: str | Path, inputs: Sequence[str | Source], output: str | Path |
     pairs = [(s.lora, s.weight) for s in sources]
     report = ToolReport("bake", None if opts.dry_run else (str(out) if out else None))
     touched = _check(mf, pairs, report)
+    rewritten = sorted(p for p in touched if (ref := mf.params.get(f"{p}.weight")) is not None and ref.quantized)
+    if rewritten:
+        report.notes.append(f"{len(rewritten)} changed fp8 layers written in bf16 (exact: the weights apply_loras "
+                            "computes on this base in bf16); the other quantized tensors are kept as stored")
+        report.size_before = sum(f.path.stat().st_size for f in mf.files)
     baker = _Baker(mf, pairs, touched, report)
     if out is None or opts.dry_run:
         for module in bar(sorted(touched), desc="baking", total=len(touched)):
@@ -85,6 +98,8 @@ def _skeleton(mf: ModelFile, shapes: Mapping[str, tuple[int, ...]], device: str 
             t = tensors[key] if tensors is not None else torch.empty(mf.shape(key), dtype=mf.params[key].dtype,
                                                                      device=device)
             setattr(leaf, name, torch.nn.Parameter(t, requires_grad=False))
+        if tensors is not None:  # an fp8 weight: lorakit's fp8 layer, merged per forward as on the loaded base
+            leaf = quantized_leaf(leaf, mf.params[f"{path}.weight"])
         _attach(roots[component], rest, leaf)
     return roots
 
@@ -143,23 +158,40 @@ class _Baker:
         subset = [(dataclasses.replace(lora, layers={path: lora.layers[path]}), w) for lora, w in self.pairs
                   if path in lora.layers]
         patcher = Patcher(components)
-        patcher.set(subset, log_reports=False)
         leaf = components[path.split(".", 1)[0]].get_submodule(path.split(".", 1)[1])
-        out = {n.rsplit(".", 1)[1]: getattr(leaf, n.rsplit(".", 1)[1]).data for n in names}
+        before = weight_values(leaf)  # an fp8 weight's values (dq), not its stored numbers
+        patcher.set(subset, log_reports=False)
+        out = patched(leaf, {n.rsplit(".", 1)[1]: self.mf.params[n].dtype for n in names})
         patcher.restore()
-        before, after = tensors[f"{path}.weight"], out["weight"]
+        after = out["weight"]
         d2 = float((after.double() - before.double()).pow(2).sum())
+        stored = self.mf.params[f"{path}.weight"].dtype
+        note = f"; written {DENSE} (was {str(stored).removeprefix('torch.')})" if stored in FP8 else ""
         self.report.add(LayerResult(path, "+".join(sorted({kind_of(lora.layers[path]) for lora, _ in subset})), None,
-                                    d2, 0.0, f"changed by ‖ΔW‖ {d2 ** 0.5:.3g}"))
+                                    d2, 0.0, f"changed by ‖ΔW‖ {d2 ** 0.5:.3g}{note}"))
         return out
 
     def entries(self, tf: TensorFile) -> list[Entry]:
         out = []
+        dropped = self._dropped(tf)
         for key, info in tf.header.tensors.items():
+            if key in dropped:
+                continue
             refs = tf.refs.get(key, [])
             dtype = Ref(tf, key).dtype
             changed = any(c.rsplit(".", 1)[0] in self.touched for c, _ in refs)
+            if changed and dtype in FP8:
+                dtype = DENSE
             out.append(Entry(key, dtype, tuple(info.shape), self._getter(tf, key, refs if changed else None)))
+        return out
+
+    def _dropped(self, tf: TensorFile) -> set[str]:
+        """The scale and fp8-marker tensors of the fp8 weights this bake rewrites in bf16."""
+        out: set[str] = set()
+        for key, refs in tf.refs.items():
+            if Ref(tf, key).dtype in FP8 and any(c.rsplit(".", 1)[0] in self.touched for c, _ in refs):
+                layer = key.removesuffix(".weight")
+                out |= {f"{layer}.{leaf}" for leaf in (*SCALE_KEYS, *IGNORED)}
         return out
 
     def _getter(self, tf: TensorFile, key: str, refs: list[tuple[str, Ref]] | None) -> Callable[[], Tensor]:
@@ -174,7 +206,8 @@ class _Baker:
         parts, rows = [], []
         for canonical, ref in sorted(refs, key=lambda cr: cr[1].part or (0, 1)):
             module, _, leaf = canonical.rpartition(".")
-            t = self.module(module)[leaf] if module in self.touched else ref.load()
+            t = self.module(module)[leaf] if module in self.touched else \
+                ref.values(DENSE) if ref.quantized else ref.load()  # a part of a rewritten fp8 tensor
             parts.append(t.T.contiguous() if ref.transposed else t)
             rows.append(ref.rows)
         if rows[0]:  # FLUX.1's fused BFL layers: each part's rows back where the file has them

@@ -99,7 +99,7 @@ def _extract_layers(mb: ModelFile, mt: ModelFile, opts: ExtractOptions, report: 
         if mb.shape(name) != mt.shape(name):
             report.leave_out(name, f"shape {mt.shape(name)} in the tuned model, {mb.shape(name)} in the base")
             continue
-        _one(name, mb.load(name), mt.load(name), mb, opts, device, groups, report)
+        _one(name, mb.values(name), mt.values(name), mb, opts, device, groups, report)  # fp8: dequantized
     return groups
 
 

@@ -6,6 +6,7 @@ BFL layout, and one rank rule per fused layer is what every BFL-layout LoRA has.
 are no module a LoRA changes: a change there is listed, never written."""
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -44,7 +45,7 @@ def fused_weights(mb: ModelFile, mt: ModelFile, wanted: set[str],
     if "text_encoder_2" in wanted:
         for name in sorted(n for n in set(mb.params) & set(mt.params) if n.startswith(T5) and len(mb.shape(n)) == 1):
             done.add(name)
-            if not torch.equal(mb.load(name), mt.load(name)):
+            if not torch.equal(mb.values(name), mt.values(name)):
                 report.leave_out(name, "changed; T5's layer norms (T5LayerNorm) are no module a LoRA changes")
     return out, done
 
@@ -55,7 +56,7 @@ def _loader(m: ModelFile, names: list[str], swap: bool) -> Loader:
 
     def load() -> torch.Tensor:
         if all(r.rows and (r.file, r.key) == (refs[0].file, refs[0].key) for r in refs):
-            return refs[0].file.read(refs[0].key)
-        fused = torch.cat([r.load() for r in refs])
+            return dataclasses.replace(refs[0], rows=None).values(torch.float32)  # the whole tensor (fp8: dq)
+        fused = torch.cat([r.values(torch.float32) for r in refs])
         return swap_halves(fused) if swap else fused
     return load

@@ -122,7 +122,7 @@ def bind_parts(contribs: Sequence[Contribution], base: ModelFile | None) -> list
     def load(path: str) -> Tensor:
         if path + ".weight" not in base.params:
             raise ToolError(f"{base.path}: no {path} in the base model; a part of a fused layer the LoRA changes")
-        return base.load(path + ".weight")
+        return base.values(path + ".weight")  # an fp8 base's weight dequantized
 
     return [dataclasses.replace(c, adapter=c.adapter.bind(load))
             if isinstance(c.adapter, Rows) and c.adapter.needs_weight else c for c in contribs]

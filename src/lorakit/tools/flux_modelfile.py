@@ -16,6 +16,7 @@ from ..keymap import flux as fluxmap
 from ..keymap.arch import Arch
 from ..keymap.names import canonical_te_path
 from ..models.flux import TE_PREFIXES, is_flux_index, transformer_keys
+from ..quant.files import IGNORED, SCALE_KEYS
 from .modelfile import ModelFile, Ref, TensorFile, _json, read_folder
 
 COMPONENTS = ("transformer", "text_encoder", "text_encoder_2")
@@ -50,6 +51,8 @@ def _single(p: Path, header: Header, configs: Mapping[str, Mapping[str, Any]]) -
     hidden = int(img_in.shape[0])
     for name, key in bfl.items():
         module, _, param = name.rpartition(".")
+        if param in SCALE_KEYS or param in IGNORED or name in IGNORED:
+            continue  # ComfyUI fp8 scales (read beside their weight: ``modelfile.with_scales``) and markers
         target = fluxmap.to_model(module)
         if target is None or param not in ("weight", "bias", "scale"):
             raise ToolError(f"{p}: {key} is not a FLUX.1 transformer tensor")

@@ -229,7 +229,7 @@ def _svd_all(layers: dict[str, list[Contribution]], arch: str, opts: MergeOption
         if all(isinstance(c.adapter, Norm) for c in contribs):
             groups[path] = _sum_norms(path, contribs, dtype, report)
             continue
-        weight = base.load(path + ".weight").float() if base is not None and \
+        weight = base.values(path + ".weight") if base is not None and \
             any(c.adapter.needs_weight for c in contribs) and path + ".weight" in base.params else None
         shape = layer_shape(path, contribs, known if base is not None else None, arch)
         leaves = _svd_layer(path, contribs, shape, weight, rule, dtype, device, report)

@@ -8,6 +8,7 @@ OpenCLIP text encoders (SD2, SDXL's second) keep q/k/v fused in ``in_proj``: eac
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from ..errors import ToolError
 from ..files.header import Header, read_header
 from ..keymap.arch import Arch
 from ..keymap.names import canonical_te_path
+from ..quant.files import SCALE_KEYS
+from ..quant.layers import FP8, fp8_values
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -46,6 +49,7 @@ class Ref:
     part: tuple[int, int] | None = None
     transposed: bool = False
     rows: tuple[tuple[int, int], ...] | None = None
+    scale: str | None = None  # an fp8 weight's ComfyUI scale (``…scale_weight`` / ``…weight_scale``) in ``file``
 
     @property
     def dtype(self) -> torch.dtype:
@@ -61,7 +65,10 @@ class Ref:
         return tuple(reversed(shape)) if self.transposed else shape
 
     def load(self) -> torch.Tensor:
-        t = self.file.read(self.key)
+        """The tensor as stored (an fp8 weight stays fp8: ``values`` gives its numbers)."""
+        return self._select(self.file.read(self.key))
+
+    def _select(self, t: torch.Tensor) -> torch.Tensor:
         if self.part:
             i, n = self.part
             rows = t.shape[0] // n
@@ -69,6 +76,30 @@ class Ref:
         if self.rows:
             t = torch.cat([t[a:b] for a, b in self.rows])
         return t.T.contiguous() if self.transposed else t
+
+    @property
+    def quantized(self) -> bool:
+        return self.dtype in FP8
+
+    def values(self, c: torch.dtype) -> torch.Tensor:
+        """The parameter's numbers in ``c``: an fp8 weight through lorakit's dequantization (``quant.layers.
+        fp8_values``, its scale's rows selected as the weight's), never the stored bytes read as numbers."""
+        t = self.load()
+        if not self.quantized:
+            if t.is_floating_point():
+                return t.to(c)
+            if self.key.endswith(".weight") and t.dtype in (torch.uint8, torch.int8):
+                raise ToolError(f"{self.file.path}: {self.key} is {t.dtype}: packed weights (bitsandbytes NF4, int8) "
+                                "are not read by the tools")
+            return t  # integer buffers (position ids) as they are
+        return fp8_values(t, self.scale_values(), c)
+
+    def scale_values(self) -> torch.Tensor | None:
+        """The fp32 scale of an fp8 weight (per tensor, or its rows selected as the weight's); ``None`` unscaled."""
+        if not self.scale:
+            return None
+        scale = self.file.read(self.scale).float().reshape(-1)
+        return self._select(scale) if scale.numel() > 1 else scale
 
 
 @dataclass
@@ -108,6 +139,10 @@ class ModelFile:
     def load(self, name: str) -> torch.Tensor:
         return self.params[name].load()
 
+    def values(self, name: str, c: torch.dtype = torch.float32) -> torch.Tensor:
+        """The parameter's numbers in ``c`` (an fp8 weight dequantized with its scale)."""
+        return self.params[name].values(c)
+
     def shape(self, name: str) -> tuple[int, ...]:
         return self.params[name].shape
 
@@ -122,19 +157,38 @@ def open_model(path: str | Path, configs: Mapping[str, Mapping[str, Any]] | None
     from .flux_modelfile import flux_model
 
     p = Path(path)
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        raise ToolError(f"{p}: a GGUF model; the tools read safetensors bases (fp8 and scaled fp8 included). Apply "
+                        "LoRAs to a GGUF base at load time (generate/serve), or bake onto the dense model")
     flux = flux_model(p, configs)  # FLUX.1: a diffusers folder, a BFL or ComfyUI single file
     if flux is not None:
-        return flux
+        return with_scales(flux)
     if p.is_dir():
         if not (p / "model_index.json").is_file():
             raise ToolError(f"{p}: not a diffusers model folder (no model_index.json)")
-        return _open_folder(p)
+        return with_scales(_open_folder(p))
     if not p.is_file():
         raise ToolError(f"{p}: no such model file or folder")
     if p.suffix.lower() != ".safetensors":
         raise ToolError(f"{p}: the tools read .safetensors checkpoints only (pickles load whole and may run code); "
                         "convert it first")
-    return _open_single(p, configs)
+    return with_scales(_open_single(p, configs))
+
+
+def with_scales(mf: ModelFile) -> ModelFile:
+    """Each fp8 weight's Ref told its ComfyUI scale tensor (``<layer>.scale_weight`` / ``<layer>.weight_scale``
+    beside ``<layer>.weight`` in the same file), in ``params`` and in the files' ``refs``."""
+    for tf in mf.files:
+        for key, refs in tf.refs.items():
+            layer = key.removesuffix(".weight")
+            scale = next((f"{layer}.{s}" for s in SCALE_KEYS if f"{layer}.{s}" in tf.header.tensors), None)
+            if scale is None or not key.endswith(".weight"):
+                continue
+            tf.refs[key] = [(c, dataclasses.replace(ref, scale=scale)) for c, ref in refs]
+            for canonical, ref in tf.refs[key]:
+                if mf.params.get(canonical) is not None and mf.params[canonical].key == key:
+                    mf.params[canonical] = ref
+    return mf
 
 
 def _open_folder(p: Path) -> ModelFile:
