@@ -51,7 +51,8 @@ def chroma_table() -> dict[str, tuple[list[str], bool]]:
     return table
 
 
-def chroma_lora(transformer: torch.nn.Module, kind: str, rank: int = 4, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
+def chroma_lora(transformer: torch.nn.Module, kind: str, rank: int = 4,
+                seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
     """BFL module → leaves of ``kind`` at the fused shape, for every module of ``chroma_table``."""
     gen = torch.Generator().manual_seed(seed)
     out = {}

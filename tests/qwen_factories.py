@@ -74,7 +74,7 @@ def tiny_qwen_pipeline(seed: int = 0) -> object:
                              tokenizer=tiny_qwen_tokenizer(), transformer=tiny_qwen_transformer(seed))
 
 
-# -- the independent reference: every Linear a Qwen-Image LoRA names, one to one ----------------------------------------
+# -- the independent reference: every Linear a Qwen-Image LoRA names, one to one ------------------------------------
 def qwen_table(blocks: int = BLOCKS) -> list[str]:
     top = ["img_in", "txt_in", "time_text_embed.timestep_embedder.linear_1",
            "time_text_embed.timestep_embedder.linear_2", "norm_out.linear", "proj_out"]

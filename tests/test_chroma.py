@@ -63,7 +63,8 @@ def _forward(tr: torch.nn.Module) -> torch.Tensor:
     ids = torch.zeros(4, 3)
     ids[:, 1], ids[:, 2] = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 1])
     with torch.no_grad():
-        return tr(hidden_states=torch.randn(1, 4, 4, generator=g), encoder_hidden_states=torch.randn(1, 3, 32, generator=g),
+        return tr(hidden_states=torch.randn(1, 4, 4, generator=g),
+                  encoder_hidden_states=torch.randn(1, 3, 32, generator=g),
                   timestep=torch.tensor([0.5]), img_ids=ids, txt_ids=torch.zeros(3, 3)).sample
 
 
@@ -216,3 +217,12 @@ def test_flux_t5_layers_land_on_chromas_t5_and_clip_layers_are_reported() -> Non
         assert applied.reports[0].unmatched == ["text_encoder.encoder.layers.0.self_attn.q_proj"]
         assert applied.reports[0].patched == {"text_encoder": 1, "transformer": 1}
     assert torch.equal(t5.weight, before)
+
+
+def test_report_lists_every_layer_not_applied_with_block_indices_folded() -> None:
+    from lorakit.patch.plan import compact_paths
+
+    paths = [f"transformer.transformer_blocks.{i}.norm1.linear" for i in (0, 1, 2, 5, 7, 8)]
+    paths += ["transformer.norm_out.linear", "transformer.single_transformer_blocks.3.norm.linear"]
+    assert compact_paths(paths) == ("transformer.transformer_blocks.{0-2,5,7-8}.norm1.linear, transformer.norm_out."
+                                    "linear, transformer.single_transformer_blocks.{3}.norm.linear")

@@ -68,7 +68,8 @@ def _full_size_layers(tr: torch.nn.Module, rank: int = 16) -> dict[str, dict[str
     out = {}
     for m in qwen_table(60):
         o, i = tr.get_submodule(m).weight.shape
-        out[m] = {"lora_down.weight": torch.zeros(()).expand(rank, i), "lora_up.weight": torch.zeros(()).expand(o, rank),
+        out[m] = {"lora_down.weight": torch.zeros(()).expand(rank, i),
+                  "lora_up.weight": torch.zeros(()).expand(o, rank),
                   "alpha": torch.tensor(8.0)}
     return out
 
@@ -84,12 +85,17 @@ def test_every_dialect_resolves_on_full_size_qwen_image(qwen: Components, dialec
 
 def test_qwen_listings(qwen: Components) -> None:
     """InvokeAI's diffusers-format listing names only to_q/to_k of two blocks: no key or shape tells it from FLUX.1,
-    so it is read as FLUX.1 (refused on Qwen-Image with the reason) unless metadata names Qwen-Image; its kohya
-    LoKr listing has synthetic shapes (kron(w1, w2) is 49152 × 49152): refused naming the layer."""
+    so it is read as FLUX.1 that Chroma and Qwen-Image models take too (the report says so), or as Qwen-Image where
+    metadata says; metadata naming FLUX.1 makes it FLUX.1's only. Its kohya LoKr listing has synthetic shapes
+    (kron(w1, w2) is 49152 × 49152): refused naming the layer."""
     plain = _load("qwen_diffusers")
-    assert plain.arch == "flux1"
+    assert (plain.arch, plain.also_fits) == ("flux1", ("chroma", "qwen-image"))
+    report = build_plan(qwen, [(plain, Weight())]).reports[0]
+    assert report.unmatched == [] and report.patched == {"transformer": len(plain.layers)}
+    assert "its keys fit FLUX.1 and Qwen-Image, no metadata says which: applied as Qwen-Image" in report.line()
+    flux = _load("qwen_diffusers", {"ss_base_model_version": "flux1"})
     with pytest.raises(IncompatibleLora, match="this LoRA is for FLUX.1, the model is Qwen-Image"):
-        build_plan(qwen, [(plain, Weight())])
+        build_plan(qwen, [(flux, Weight())])
     named = _load("qwen_diffusers", {"modelspec.architecture": "qwen-image/lora"})
     plan = build_plan(qwen, [(named, Weight())])
     assert named.arch == "qwen-image" and plan.reports[0].unmatched == [] and set(plan.modules) == set(named.layers)

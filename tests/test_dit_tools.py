@@ -93,7 +93,8 @@ def test_library_lists_each_file_under_its_base(qwen: tuple[dict[str, torch.nn.M
     from lorakit.library import Library
 
     _, d = qwen
-    deep = {f"transformer.transformer_blocks.{i}.attn.to_q.lora_{ab}.weight": torch.zeros((2, 48) if ab == "A" else (48, 2))
+    deep = {f"transformer.transformer_blocks.{i}.attn.to_q.lora_{ab}.weight":
+            torch.zeros((2, 48) if ab == "A" else (48, 2))
             for i in range(60) for ab in "AB"}
     save_file(deep, tmp_path / "deep.safetensors", {})
     save_file(load_file(d / "a.safetensors")[0], tmp_path / "musubi.safetensors", {})

@@ -185,7 +185,8 @@ def test_fit_on_sd_flux_and_demo_models(library: Library) -> None:
     assert fit(fill, Arch.SDXL)["reason"] == "made for FLUX.1 (flux-1-fill-dev); the model is Stable Diffusion XL"
     assert chroma.base == Arch.CHROMA and fit(chroma, Arch.CHROMA) == {"compatible": True, "fit": "yes", "reason": None}
     for model, name in ((Arch.FLUX1, "FLUX.1"), (Arch.SD1, "Stable Diffusion 1.x")):  # Chroma's own: not on FLUX.1
-        assert fit(chroma, model) == {"compatible": False, "fit": "no", "reason": f"made for Chroma; the model is {name}"}
+        assert fit(chroma, model) == {"compatible": False, "fit": "no",
+                                      "reason": f"made for Chroma; the model is {name}"}
     assert fit(dev, Arch.CHROMA) == {"compatible": True, "fit": "yes", "reason": "made for FLUX.1, which Chroma takes: "
                                      "its layers for modules this model lacks are reported, not applied"}
 

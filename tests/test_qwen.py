@@ -54,7 +54,8 @@ def _forward(tr: torch.nn.Module) -> torch.Tensor:
     """One forward of a 4×4-latent picture (2×2 tokens after packing) with 3 text tokens."""
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
-        return tr(hidden_states=torch.randn(1, 4, 16, generator=g), encoder_hidden_states=torch.randn(1, 3, 16, generator=g),
+        return tr(hidden_states=torch.randn(1, 4, 16, generator=g),
+                  encoder_hidden_states=torch.randn(1, 3, 16, generator=g),
                   encoder_hidden_states_mask=torch.ones(1, 3), timestep=torch.tensor([0.5]),
                   img_shapes=[(1, 2, 2)]).sample
 

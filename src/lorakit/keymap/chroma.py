@@ -43,7 +43,7 @@ def to_model(path: str) -> flux.Target | None:
 
 
 def to_original(path: str) -> str | None:
-    """The BFL name of a diffusers module that is one renamed (``….layers.0.linear_1`` → ``….layers.0.in_layer``)."""
+    """The BFL name of a renamed diffusers module (``….layers.0.linear_1`` → ``….layers.0.in_layer``)."""
     m = _MLP_MODEL.fullmatch(path)
     if m is not None:
         return f"{HEAD}.layers.{m[1]}.{_TO_BFL[m[2]]}"

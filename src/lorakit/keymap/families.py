@@ -157,6 +157,16 @@ def detect(keys: list[str], metadata: Mapping[str, str], shapes: Mapping[str, Sh
     return meta or SD
 
 
+def alternatives(keys: list[str], metadata: Mapping[str, str], shapes: Mapping[str, Shaped] | None = None
+                 ) -> tuple[Arch, ...]:
+    """The other architectures a file fits when neither its keys nor its metadata decide (diffusers-named double
+    blocks only: FLUX.1's, Chroma's or Qwen-Image's first blocks): a model of one of them takes it, saying so."""
+    named = _by_keys(keys, shapes or {})
+    if not isinstance(named, _Guess) or _by_metadata(metadata) is not None:
+        return ()
+    return tuple(f.arch for f in named.choices if isinstance(f, Family) and f.arch is not None)
+
+
 @dataclass(frozen=True)
 class _Guess:
     """Keys that fit several families: metadata naming one of ``choices`` picks it, else ``default``."""

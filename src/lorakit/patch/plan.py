@@ -46,6 +46,7 @@ class LoraReport:
     weight: str = ""
     patched: dict[str, int] = field(default_factory=dict)
     unmatched: list[str] = field(default_factory=list)
+    note: str = ""  # how the LoRA was taken (keys that fit this model's family as well as its own)
     leftover_keys: int = 0
 
     def line(self) -> str:
@@ -56,7 +57,7 @@ class LoraReport:
             text += f"; {len(self.unmatched)} layers not in this model, not applied: {compact_paths(self.unmatched)}"
         if self.leftover_keys:
             text += f"; {self.leftover_keys} keys not understood"
-        return text
+        return text + (f"; {self.note}" if self.note else "")
 
 
 def compact_paths(paths: Sequence[str]) -> str:
@@ -228,6 +229,9 @@ def build_plan(components: Mapping[str, torch.nn.Module], loras: Sequence[tuple[
         _check_arch(lora, arch)
         report = LoraReport(lora.name, lora.path, lora.network_types, lora.arch, weight.describe(_parts(lora)),
                             leftover_keys=len(lora.leftovers))
+        if not fits(lora.arch, arch):  # _check_arch let it through: its keys fit this model's family too
+            report.note = f"its keys fit {_name(lora.arch)} and {_name(arch)}, no metadata says which: applied as " \
+                          f"{_name(arch)}"
         errors: list[str] = []
         for path, adapter, module, problem in resolution:
             if module is None:
@@ -284,8 +288,8 @@ def _parts(lora: LoraModel) -> set[str]:
 
 
 def _check_arch(lora: LoraModel, arch: str) -> None:
-    if fits(lora.arch, arch):  # the same architecture, an unknown one, or one the model's family takes
-        return
+    if fits(lora.arch, arch) or arch in lora.also_fits:  # the same architecture, an unknown one, one the model's
+        return  # family takes, or one the keys fit as well (no metadata saying which)
     where = lora.path or lora.name
     raise IncompatibleLora(f"{where}: this LoRA is for {_name(lora.arch)}, the model is {_name(arch)}; "
                            "nothing was changed")
