@@ -17,6 +17,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from _common import PeakRss
@@ -95,32 +96,55 @@ def peft_step(tr: torch.nn.Module, lora_file: Path, inputs: dict[str, torch.Tens
         pipe.unload_lora_weights()
 
 
+TYPICAL_RMS = 0.013  # rms(ΔW)/rms(W) of a typical LoRA layer (ROUND3_NOTES §11.3's measured retention uses it)
+
+
 def retention(tr: torch.nn.Module, lora: lorakit.LoraModel, kind: str) -> dict[str, float]:
-    """On one layer: the share of ΔW that reaches the weight used — lorakit's merge (fp32 dq + ΔW, the compute
-    dtype fp32 here) vs requantizing dq(W) + ΔW to the file's type (Q8_0 with gguf's quantizer) and to fp8."""
+    """The share of a typical LoRA's ΔW that reaches the weight used, ⟨ΔW_eff, ΔW⟩/‖ΔW‖², ΔW the file's change on
+    one layer scaled to rms(ΔW)/rms(W) = 1.3 %. lorakit's merge: fp32 dq(W) + ΔW on the model's layer. Requantizing
+    (Forge "Automatic", ComfyUI fp8): a base already stored in the type, w = deq(q(W)) with W ~ N(0, 0.02) of the
+    layer's shape, ΔW_eff = deq(q(w + ΔW)) − w — Q8_0, Q5_0 and Q4_0 with gguf's quantizer (it has none for
+    K-quants: Q4_0 stands for a 4-bit requant), per-tensor fp8 e4m3fn (round to nearest, the scale recomputed) and,
+    for NF4, bitsandbytes' quantize_4bit."""
     import gguf
 
     path = next(p for p in lora.layers if p.endswith("attn.to_out.0"))
     module = tr.get_submodule(path.split(".", 1)[1])
-    w = dq(module).float()
-    delta = lora.layers[path].delta(w, 1.0)
-    out = {"lorakit_merge": float((((w + delta) - w) * delta).sum() / (delta * delta).sum())}
-    if kind == "Q8_0":
-        q = gguf.quants.quantize((w + delta).cpu().numpy(), gguf.GGMLQuantizationType.Q8_0)  # numpy: on the CPU
-        back = torch.from_numpy(gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0)).to(w.device)
-        out["requant_Q8_0"] = float(((back - w) * delta).sum() / (delta * delta).sum())
+    w_model = dq(module).float().cpu()
+    base = torch.randn(w_model.shape, generator=torch.Generator().manual_seed(3)) * 0.02
+    delta = lora.layers[path].delta(w_model, 1.0)
+    delta = delta * (TYPICAL_RMS * base.pow(2).mean().sqrt() / delta.pow(2).mean().sqrt())
+
+    def share(eff: torch.Tensor) -> float:
+        return float((eff * delta).sum() / (delta * delta).sum())
+
+    def requant(rnd: Callable[[torch.Tensor], torch.Tensor]) -> float:
+        w = rnd(base)
+        return share(rnd(w + delta) - w)
+
+    def gguf_round(t: torch.Tensor, qtype: Any) -> torch.Tensor:
+        return torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(t.numpy(), qtype), qtype)).float()
+
+    def fp8_round(t: torch.Tensor) -> torch.Tensor:
+        scale = t.abs().max() / 448
+        return (t / scale).to(torch.float8_e4m3fn).float() * scale
+
+    out = {"lorakit_merge": share((w_model + delta) - w_model)}
+    for name in ("Q8_0", "Q5_0", "Q4_0"):
+        qtype = getattr(gguf.GGMLQuantizationType, name)
+        out[f"requant_{name}"] = requant(lambda t, q=qtype: gguf_round(t, q))  # type: ignore[misc]
+    out["requant_fp8_e4m3fn"] = requant(fp8_round)
     if kind == "nf4":
         from lorakit.quant.nf4 import functional
 
         bnbf = functional()
-        q, state = bnbf.quantize_4bit((w + delta).to(module.weight.quant_state.dtype), compress_statistics=True,
-                                      quant_type="nf4")
-        back = bnbf.dequantize_4bit(q, state).float()
-        out["requant_nf4"] = float(((back - w) * delta).sum() / (delta * delta).sum())
-    scale = (w + delta).abs().max() / 448
-    fp8 = (((w + delta) / scale).to(torch.float8_e4m3fn).float() * scale)
-    w8 = (w / scale).to(torch.float8_e4m3fn).float() * scale
-    out["requant_fp8_e4m3fn"] = float(((fp8 - w8) * delta).sum() / (delta * delta).sum())
+        dtype = module.weight.quant_state.dtype
+
+        def nf4(t: torch.Tensor) -> torch.Tensor:
+            q, state = bnbf.quantize_4bit(t.to(module.weight.device, dtype), compress_statistics=True,
+                                          quant_type="nf4")
+            return bnbf.dequantize_4bit(q, state).float().cpu()
+        out["requant_nf4"] = requant(nf4)
     return out
 
 
