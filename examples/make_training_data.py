@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lorakit.demo.shapes import BACKGROUNDS, PHRASINGS, Scene, caption, random_scene, render
+from lorakit.demo.captions import PHRASINGS, caption
+from lorakit.demo.shapes import BACKGROUNDS, Scene, random_scene, render
 
 ROOT = Path(__file__).resolve().parent / "train"
 SUNSET_BG = (250, 140, 0)  # the demo model's "orange" — its VAE draws its own colours well

@@ -38,7 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from lorakit.demo import weights as demo_weights
-from lorakit.demo.shapes import PHRASINGS, caption, random_scene, render
+from lorakit.demo.captions import PHRASINGS, caption
+from lorakit.demo.shapes import random_scene, render
 from lorakit.generate.conditioning import chunk_prompt, padded_ids
 from lorakit.generate.samplers import scheduler_for
 from lorakit.generate.tokenizer import clip_tokenizer
@@ -261,12 +262,13 @@ def write(out: Path, modules: dict[str, torch.nn.Module], scaling: float, r: Rec
 
 def judge(folder: Path, start: float) -> None:
     """Generate the evaluation set from the model just written and log its scores."""
+    from lorakit.demo import evalset
     from lorakit.demo.evaluate import evaluate
     from lorakit.models.loading import demo_model, place_model
 
     model = place_model(demo_model(folder), DEVICE, torch.float32)
-    for name, scores in evaluate(model).items():
-        log(f"eval {scores.line(name)}", start)
+    for line in evaluate(model, evalset.ci_slice(evalset.load())).table().splitlines():
+        log(f"eval {line}", start)
 
 
 def stage_one(r: Recipe, out: Path, save_every: int, evaluate: bool, start: float) -> float:

@@ -418,3 +418,59 @@ def test_a_collection_of_hundreds_is_listed_page_by_page_and_searched(
         assert pg.input_value("#prompt") == "<lora:lora_0001:1>"
         pg.close()
     assert not errors, errors
+
+
+def test_first_generate_is_at_the_models_native_size_with_previews_on_the_cards(
+        browser: Any, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A new user's first minute (``lorakit serve --lora-dir examples/loras``): the size fields start from the demo
+    model's 64 px, the example LoRAs' cards show their shipped previews and the trained trigger apart from the
+    caption tags, the README's prompt generates a 64-px picture; after a switch to a 512-px model the fields
+    follow it."""
+    from lorakit.server.models import ModelCatalog, entry_for
+
+    from .factories import tiny_sd1_pipeline
+
+    root = tmp_path_factory.mktemp("first-minute")
+    folder = root / "loras"
+    shutil.copytree(EXAMPLES, folder)
+    pipe: Any = tiny_sd1_pipeline()
+    pipe.save_pretrained(root / "models" / "tiny")
+    catalog = ModelCatalog([root / "models"], entry_for(None, [root / "models"]))
+    app = create_app(demo_model(), Library([folder], index=root / "index.sqlite3"), catalog=catalog)
+    with running(app) as url:
+        pg, errors = open_page(browser, url)
+        pg.wait_for_selector(".lora-card[data-name='blueprint_style']")
+        pg.wait_for_function("document.querySelector('#width').value === '64'")
+        assert pg.input_value("#height") == "64"
+        for name, trigger in (("blueprint_style", "blueprint"), ("sunset_lokr", "sunset")):
+            card = pg.locator(f".lora-card[data-name='{name}']")
+            assert "/preview" in card.locator(".thumb").evaluate("t => t.style.backgroundImage")
+            assert card.locator(".triggers").inner_text() == f"trigger: {trigger}"
+            assert card.locator(".tags").inner_text().startswith("tags: a ")  # the captions, apart
+        loaded = "[...document.querySelectorAll('.thumb')].filter(t => t.style.backgroundImage).length"
+        assert pg.evaluate(loaded) == 2
+        pg.fill("#prompt", "blueprint, a yellow star on the left <lora:blueprint_style:1>")
+        pg.fill("#seed", "1")
+        pg.click("#generate")
+        pg.wait_for_function("document.querySelector('#result-image').src.startsWith('data:image/png')",
+                             timeout=60_000)
+        assert pg.eval_on_selector("#result-image", "img => img.naturalWidth") == 64
+        assert "Size: 64x64" in pg.inner_text("#infotext") and "Steps: 20" in pg.inner_text("#infotext")
+        titles = {m["title"].split(" ")[0]: m["title"] for m in pg.request.get(url + "/sdapi/v1/sd-models").json()}
+        assert pg.request.post(url + "/sdapi/v1/options", data={"sd_model_checkpoint": titles["tiny"]}).ok
+        # the next Generate follows the switch before it posts; the post itself is cut off (a 512-px picture of the
+        # tiny model's full-resolution attention takes minutes on a busy 2-core CPU)
+        pg.route("**/sdapi/v1/txt2img", lambda route: route.abort())
+        pg.fill("#prompt", "a cat")
+        pg.click("#generate")
+        pg.wait_for_function("!document.querySelector('#error').hidden")
+        pg.unroute("**/sdapi/v1/txt2img")
+        assert pg.input_value("#width") == pg.input_value("#height") == "512"
+        assert pg.inner_text("#model").startswith("model: tiny")
+        pg.fill("#width", "64")  # set by hand: kept when the model changes again
+        assert pg.request.post(url + "/sdapi/v1/options", data={"sd_model_checkpoint": titles["demo"]}).ok
+        pg.click("#generate")
+        pg.wait_for_function("document.querySelectorAll('#gallery img').length === 2", timeout=60_000)
+        assert pg.input_value("#width") == "64" and pg.input_value("#height") == "64"
+        pg.close()
+    assert not errors, errors

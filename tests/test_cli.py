@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "loras" / "ink_sketch_sd15.safetensors"
 SCHEMA_KEYS = {"schema", "file", "name", "size_bytes", "dialect", "architecture", "network_types", "rank", "ranks",
                "alpha", "alphas", "layers", "modules", "embeddings", "unrecognised_keys", "trigger_words", "hashes",
-               "training"}
+               "training", "trained_trigger_words", "training_tags"}
 # added for FLUX.1 and the families not applied (the keys above are unchanged: lorakit.inspect/1 stays compatible)
 ADDED_KEYS = {"family", "base", "variant", "supported", "note", "encoders", "layout", "fused_layers", "tensors"}
 
@@ -106,3 +107,16 @@ def test_save_file_roundtrip(tmp_path: Path, dtype: torch.dtype) -> None:
     save_file({"b": t, "a": torch.zeros(0)}, tmp_path / "x.safetensors", {"z": "1", "a": "2"})
     back = st_load(str(tmp_path / "x.safetensors"))
     assert torch.equal(back["b"], t) and back["a"].numel() == 0
+
+
+def test_the_command_makes_openmp_threads_wait_passively() -> None:
+    """Set before torch loads (spinning OpenMP threads make training ~13× slower on a busy 2-core CPU); a value the
+    user set is kept."""
+    code = "import os, sys, lorakit.cli; print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert out.stdout.split() == ["PASSIVE", "False"], out.stderr
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env={**env, "OMP_WAIT_POLICY": "ACTIVE"})
+    assert out.stdout.split() == ["ACTIVE", "False"], out.stderr
+

@@ -49,6 +49,7 @@ def test_switch_models_with_webuiapi_and_the_choice_is_saved(tmp_path: Path, mod
         titles = [m["title"] for m in api.get_sd_models()]
         assert titles[0].startswith("demo [") and "tiny" in titles and "broken" in titles
         assert api.util_get_current_model().startswith("demo [")
+        assert requests.get(f"{url}/lorakit/v1/model", timeout=30).json()["native_size"] == 64
         api.util_set_model("tiny")
         current = api.util_get_current_model()
         assert current.startswith("tiny [") and current in [m["title"] for m in api.get_sd_models()]
@@ -58,8 +59,10 @@ def test_switch_models_with_webuiapi_and_the_choice_is_saved(tmp_path: Path, mod
         saved = json.loads(options.read_text())
         assert saved["sd_model_checkpoint"] == current and saved["CLIP_stop_at_last_layers"] == 2
         assert not list(options.parent.glob("*.tmp")), "written to a temporary name, then renamed"
-        # the library endpoint follows the running model
+        # the library endpoint and the page's model endpoint follow the running model (its native size too)
         assert requests.get(f"{url}/lorakit/v1/loras", timeout=30).json()["model"]["title"] == current
+        model = requests.get(f"{url}/lorakit/v1/model", timeout=30).json()
+        assert model["title"] == current and model["native_size"] == 512
     # a new server with the same options file: the saved model and options come back
     catalog = ModelCatalog([models_dir], entry_for(None, [models_dir]))
     entry = saved_model(options, catalog)

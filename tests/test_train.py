@@ -84,6 +84,39 @@ def test_captions_repeat_folders_trigger_and_both_extensions(tmp_path: Path) -> 
     assert "1 with both .txt and .caption" in summary and "2 folder words" in summary and "1 from .caption" in summary
     assert data.dataset_dirs()["10_night sky"] == {"n_repeats": 10, "img_count": 2}
     assert data.tag_frequency()["10_night sky"] == {"nightstyle": 2, "night sky": 2}
+    assert data.trained_triggers("nightstyle") == ["nightstyle", "night sky"]
+
+
+def test_progress_without_a_terminal_is_a_line_every_tenth() -> None:
+    import io
+
+    from lorakit.train.progress import Lines, progress
+
+    out = io.StringIO()
+    now = [0.0]
+    lines = Lines(200, 0, out, clock=lambda: now[0])
+    for _ in range(200):
+        now[0] += 1.0  # a step a second
+        lines.update(0.5)
+    text = out.getvalue().splitlines()
+    assert len(text) == 10 and text[0].startswith("training: step 20/200 (10%), loss 0.5000, ")
+    assert text[-1].startswith("training: step 200/200 (100%)") and text[-1].endswith("ETA 0s")
+    assert text[0].endswith("1.00 it/s, ETA 3m00s")  # 180 steps left at 1 it/s
+    assert isinstance(progress(10, 0, True, io.StringIO()), Lines) and progress(10, 0, False) is None
+
+
+def test_triggers_are_only_words_that_were_trained(tmp_path: Path) -> None:
+    """A folder word serves only images without a caption (kohya's rule): with a caption on every image it is no
+    trigger, and the summary says so; a tag in every caption is one."""
+    _images(tmp_path / "8_zqstyle", 3, caption="a red circle")
+    data = scan(tmp_path)
+    assert data.trained_triggers() == ["a red circle"] and "folder words not trained (zqstyle)" in data.summary()
+    (tmp_path / "8_zqstyle" / "img1.txt").write_text("a blue square")
+    assert scan(tmp_path).trained_triggers() == []
+    assert scan(tmp_path, trigger="zq").trained_triggers() == ["zq"]
+    for i in range(3):
+        (tmp_path / "8_zqstyle" / f"img{i}.txt").write_text(f"Blueprint, shape {i}")
+    assert scan(tmp_path).trained_triggers() == ["Blueprint"]
 
 
 def test_bad_data_is_one_clear_error_each(tmp_path: Path) -> None:
@@ -200,7 +233,10 @@ def test_resume_ends_bitwise_where_an_uninterrupted_run_ends(demo: BaseModel, tm
 def test_the_file_reads_back_with_base_type_rank_alpha_and_trigger(demo: BaseModel, tmp_path: Path) -> None:
     _images(tmp_path / "data" / "5_night", 2, caption=None)
     out = tmp_path / "night.safetensors"
-    Trainer(_cfg(tmp_path / "data", out, "lokr", steps=2, trigger="nightstyle"), demo).run(progress=False)
+    Trainer(_cfg(tmp_path / "data", out, "lokr", steps=2, trigger="nightstyle", preview=True), demo).run(progress=False)
+    with Image.open(tmp_path / "night.preview.png") as preview:  # A1111's card preview, drawn with the LoRA
+        assert preview.size == (64, 64) and "<lora:night:1>" in preview.text["parameters"]
+        assert preview.text["parameters"].startswith("nightstyle, night")  # the first caption
     r = subprocess.run([sys.executable, "-m", "lorakit.cli", "inspect", "--json", str(out)], capture_output=True,
                        text=True, timeout=120)
     info = json.loads(r.stdout)

@@ -2,7 +2,9 @@
 
 Schema ``lorakit.inspect/1`` — keys: schema, file, name, size_bytes, dialect, architecture, network_types, rank,
 ranks, alpha, alphas, layers, modules (per component), embeddings [{name, shape}], unrecognised_keys,
-trigger_words, hashes {sha256, autov2, addnet, a1111_short, sshs_model_hash, sshs_matches}, training {…}; added
+trigger_words (the declared trigger phrase, then the training captions' commonest tags), trained_trigger_words (only
+words that were trained: ``modelspec.trigger_phrase`` and the tags every caption had), training_tags,
+hashes {sha256, autov2, addnet, a1111_short, sshs_model_hash, sshs_matches}, training {…}; added
 since (old keys unchanged): family, base, variant, supported, note, encoders {component: name}, layout,
 fused_layers [{layer, count, into, halves_swapped}], tensors.
 A file that cannot be read is ``{schema, file, error}`` in a list of several (``failure``). A file for a family
@@ -24,7 +26,8 @@ from .keymap import families
 from .keymap.arch import NAMES
 from .keymap.flux import Fused
 from .library.summary import summarise
-from .library.training import training_summary, trigger_words
+from .library.training import caption_triggers, merge_phrases, split_phrases, training_summary, training_tags, \
+    trigger_words
 from .lora_model import LoraModel, lora_from_state_dict
 
 SCHEMA = "lorakit.inspect/1"
@@ -65,7 +68,7 @@ def _report(p: Path, lora: LoraModel, names: tuple[str | None, list[dict[str, An
         "rank": lora.rank, "ranks": lora.ranks, "alpha": lora.alpha, "alphas": lora.alphas,
         "layers": len(lora.layers), "modules": modules,
         "embeddings": [{"name": k, "shape": list(v.shape)} for k, v in lora.embeddings.items()],
-        "unrecognised_keys": lora.leftovers, "trigger_words": trigger_words(lora.metadata),
+        "unrecognised_keys": lora.leftovers, "trigger_words": trigger_words(lora.metadata), **_trained(lora.metadata),
         "hashes": cached_hashes(p, lora.metadata).as_dict(), "training": training_summary(lora.metadata),
         "family": family.display, "base": lora.base, "variant": lora.variant, "supported": True, "note": None,
         "encoders": {k: v for k, v in family.encoders.items() if k in modules}, "layout": names[0],
@@ -96,6 +99,13 @@ def layout(sd: StateDict, metadata: dict[str, str], family: families.Family) -> 
     return ("bfl" if original else "diffusers"), fused
 
 
+def _trained(metadata: dict[str, str]) -> dict[str, list[str]]:
+    """The words that were trained (the declared trigger phrase, the tags every caption had) and the other tags."""
+    return {"trained_trigger_words": merge_phrases([split_phrases(metadata.get("modelspec.trigger_phrase", "")),
+                                                    caption_triggers(metadata)]),
+            "training_tags": training_tags(metadata, 5)}
+
+
 def _foreign(p: Path, family: str, metadata: dict[str, str], tensors: int) -> dict[str, Any]:
     """A file for a family lorakit does not apply: what its header shows (as ``lorakit list``), and that."""
     s = summarise(p)
@@ -103,7 +113,7 @@ def _foreign(p: Path, family: str, metadata: dict[str, str], tensors: int) -> di
         "schema": SCHEMA, "file": str(p), "name": p.stem, "size_bytes": p.stat().st_size, "dialect": None,
         "architecture": family, "network_types": s.types, "rank": s.rank, "ranks": [s.rank] if s.rank else [],
         "alpha": s.alpha, "alphas": [s.alpha] if s.alpha is not None else [], "layers": 0, "modules": {},
-        "embeddings": [], "unrecognised_keys": [], "trigger_words": trigger_words(metadata),
+        "embeddings": [], "unrecognised_keys": [], "trigger_words": trigger_words(metadata), **_trained(metadata),
         "hashes": cached_hashes(p, metadata).as_dict(), "training": training_summary(metadata),
         "family": family, "base": family, "variant": None, "supported": False,
         "note": f"lorakit does not apply {family} LoRAs yet (it applies {families.SUPPORTED})",
@@ -127,14 +137,21 @@ def as_text(info: dict[str, Any]) -> str:
     else:
         lines += _applied_lines(info)
     h = info["hashes"]
-    lines.append(f"  trigger words {', '.join(info['trigger_words']) or '(none in metadata)'}")
+    lines.append(f"  trigger words {', '.join(info['trained_trigger_words']) or '(none trained)'}")
+    tags = [t for t in info["training_tags"] if t not in info["trained_trigger_words"]]
+    if tags:
+        lines.append(f"  caption tags  {_clipped(' · '.join(tags))}")
     lines.append(f"  hashes        AutoV2 {h['autov2']}  A1111 short {h['a1111_short']}  sha256 {h['sha256']}")
     if h["sshs_model_hash"] is not None:
         note = "matches" if h["sshs_matches"] else f"differs from the computed {h['addnet']}"
         lines.append(f"                sshs_model_hash {h['sshs_model_hash']} ({note})")
     for k, v in info["training"].items():
-        lines.append(f"  {k:<13} {v if len(v) < 100 else v[:97] + '...'}")
+        lines.append(f"  {k:<13} {_clipped(v)}")
     return "\n".join(lines)
+
+
+def _clipped(text: str) -> str:
+    return text if len(text) < 100 else text[:97] + "..."
 
 
 def _applied_lines(info: dict[str, Any]) -> list[str]:

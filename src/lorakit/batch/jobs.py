@@ -260,8 +260,14 @@ def run_batch(items: list[Item], outdir: Path, runner: Runner, progress: Progres
     if progress is not None:
         progress.total, progress.done = len(items), summary.skipped
     writer = ResultsWriter(outdir)
+    written: set[str] = set()
     try:
         for outcome in runner(pending) if pending else iter(()):
+            key = str(outcome.record.get("key"))
+            if key in written:  # a retried Ray task delivered it again: the first outcome stands, no second image
+                log.info(f"line {outcome.record.get('line')}: a repeated outcome (a retried task) ignored")
+                continue
+            written.add(key)
             writer.write(outcome)
             failed = "error" in outcome.record
             summary.failed += failed

@@ -1,16 +1,15 @@
-"""Synthetic 64-px pictures of coloured shapes with captions — the demo model's training data, and training
-images for example LoRAs. Pure numpy/PIL, deterministic for a seed.
+"""Synthetic 64-px pictures of coloured shapes — the demo model's training data, and training images for example
+LoRAs. Pure numpy/PIL, deterministic for a seed.
 
 A ``Scene`` says what is drawn (shape, colour, background, size, position, one or two shapes, a small jitter);
-``render(scene)`` draws it and ``caption(scene, phrasing)`` describes it, in one of ``PHRASINGS`` (the ones the
-demo model is trained on: the first 8, or all with the training script's ``phrasings=12``) or ``HELD_OUT`` (phrasings
-kept out of training, to test that the model generalises).
-Captions name every attribute that differs from the default (medium size, in the middle); the background is named
-or not.
+``render(scene)`` draws it; ``captions.caption(scene, phrasing)`` describes it. ``held_out(scene)`` is the frozen
+rule that keeps one combination of shape, colour, size, position and count in eight out of training: the demo
+model never sees those pictures, and its evaluation set (``evalset``) asks only for them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import hashlib
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -51,6 +50,10 @@ POSITIONS: dict[str, tuple[float, float]] = {
 POSITION_WORDS = {"center": "in the middle", "left": "on the left", "right": "on the right", "top": "at the top",
                   "bottom": "at the bottom"}
 PAIR_OFFSET = 15.0  # two shapes: side by side, this far left and right of the centre
+PAIR_SCALE = {"small": 1.0, "medium": 0.85}  # two medium shapes are drawn smaller, to fit side by side
+JITTER = {1: 0.1, 2: 0.05}  # size jitter (±share) by count: two small and two medium shapes stay apart
+COUNT_WORDS = {1: "one", 2: "two"}
+ATTRIBUTES = ("colour", "shape", "count", "size", "position", "background")
 
 
 @dataclass(frozen=True)
@@ -89,23 +92,63 @@ class Scene:
             return [(x, y)]
         return [(x - PAIR_OFFSET, y), (x + PAIR_OFFSET, y)]
 
+    def attributes(self) -> dict[str, str]:
+        """What a judge of the picture should find: attribute (``ATTRIBUTES``) → word."""
+        return {"colour": self.colour, "shape": self.shape, "count": COUNT_WORDS[self.count], "size": self.size,
+                "position": self.position, "background": self.background}
 
-def random_scene(rng: np.random.Generator, pair_share: float = 0.08) -> Scene:
+
+def combination(scene: Scene) -> str:
+    """The scene's combination of shape, colour, size, position and count (not its background or jitter)."""
+    return f"{scene.shape}|{scene.colour}|{scene.size}|{scene.position}|{scene.count}"
+
+
+def held_out(scene: Scene) -> bool:
+    """Frozen (the evaluation set depends on it): one combination in eight, chosen by its SHA-256, is never a
+    training picture."""
+    return hashlib.sha256(combination(scene).encode()).digest()[0] % 8 == 0
+
+
+def combinations(background: str = "gray") -> list[Scene]:
+    """One scene (without jitter) of every combination a scene can have (``combination``), on ``background`` —
+    or, for a shape of that colour, on the first background it shows on."""
+    out = []
+    for shape in SHAPES:
+        for colour in COLOURS:
+            bg = background if background != colour else next(b for b in BACKGROUNDS if b != colour)
+            for count, size, position in _layouts():
+                out.append(Scene(shape, colour, bg, size, position, count, scale=PAIR_SCALE[size] if count == 2
+                                 else 1.0))
+    return out
+
+
+def _layouts() -> list[tuple[int, str, str]]:
+    """(count, size, position) as scenes are drawn: large shapes and pairs in the middle; pairs small or medium."""
+    singles = [(1, size, pos) for size in SIZES for pos in (POSITIONS if size != "large" else ("center",))]
+    return singles + [(2, size, "center") for size in PAIR_SCALE]
+
+
+def random_scene(rng: np.random.Generator, pair_share: float = 0.08, keep_held_out: bool = False) -> Scene:
     """A scene drawn from the training distribution: every shape and colour alike; large shapes and pairs only
-    in the middle; pairs small or medium."""
+    in the middle; pairs small or medium. Held-out combinations (``held_out``) are drawn again unless
+    ``keep_held_out``."""
+    while True:
+        scene = _any_scene(rng, pair_share)
+        if keep_held_out or not held_out(scene):
+            return scene
+
+
+def _any_scene(rng: np.random.Generator, pair_share: float) -> Scene:
     shape = SHAPES[rng.integers(len(SHAPES))]
     colour = list(COLOURS)[rng.integers(len(COLOURS))]
     backgrounds = [b for b in BACKGROUNDS if b != colour]
     background = backgrounds[rng.integers(len(backgrounds))]
     count = 2 if rng.random() < pair_share else 1
     size = ("small", "medium")[rng.integers(2)] if count == 2 else list(SIZES)[rng.integers(len(SIZES))]
-    if count == 2 and size == "medium":
-        size_scale = 0.8  # two medium shapes must fit side by side
-    else:
-        size_scale = 1.0
+    size_scale = PAIR_SCALE[size] if count == 2 else 1.0
     position = "center" if count == 2 or size == "large" else list(POSITIONS)[rng.integers(len(POSITIONS))]
     dx, dy = (float(v) for v in rng.uniform(-2.5, 2.5, 2))
-    scale = float(rng.uniform(0.9, 1.1)) * size_scale
+    scale = float(rng.uniform(1 - JITTER[count], 1 + JITTER[count])) * size_scale
     return Scene(shape, colour, background, size, position, count, dx, dy, scale)
 
 
@@ -126,71 +169,13 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, centre: tuple[float, float], ha
     draw.polygon([(cx + x * hx, cy + y * hy) for x, y in OUTLINES[shape]], fill=fill)
 
 
-def render(scene: Scene) -> Image.Image:
-    """The scene as a 64×64 RGB picture."""
+def render(scene: Scene, colour: tuple[int, int, int] | None = None,
+           background: tuple[int, int, int] | None = None) -> Image.Image:
+    """The scene as a 64×64 RGB picture (in other RGB colours than its names', when given: VAE training)."""
     s = SUPERSAMPLE
-    img = Image.new("RGB", (SIZE * s, SIZE * s), BACKGROUNDS[scene.background])
+    img = Image.new("RGB", (SIZE * s, SIZE * s), background or BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(img)
     for cx, cy in scene.centres():
         h = scene.half * s
-        _draw(draw, scene.shape, (cx * s, cy * s), (h, h), COLOURS[scene.colour])
+        _draw(draw, scene.shape, (cx * s, cy * s), (h, h), colour or COLOURS[scene.colour])
     return img.resize((SIZE, SIZE), Image.Resampling.BOX)
-
-
-# Caption templates. Fields: {np} "a small red circle" / "two red circles"; {inv} "a circle that is red";
-# {colour} {shape} {shapes} {size} {bg}; {pos} " on the left" ("" in the middle, except where a template says
-# "in the middle" itself).
-PHRASINGS: tuple[str, ...] = (
-    "{np}{pos}",
-    "{np}{pos} on a {bg} background",
-    "a picture of {np}{pos}",
-    "{inv}{pos}",
-    "{np}{pos}, {bg} background",
-    "{np}{pos} on {bg}",
-    "{np} {where}",
-    "{a_shape} in {colour}{pos}",
-    # The colour word at other places of the caption (first; after the shape; after the background), so the text
-    # encoder finds it by what it is rather than where it stands.
-    "{colour}: {a_shape}{pos}",
-    "{a_shape} coloured {colour}{pos}",
-    "{bg} background, {np}{pos}",
-    "draw {np}{pos}",
-)
-HELD_OUT: tuple[str, ...] = (
-    "{colour} {shape_s}{pos}",
-    "{a_shape}, {colour}{pos}",
-)
-
-
-def _article(word: str) -> str:
-    return "an" if word[0] in "aeiou" else "a"
-
-
-def caption(scene: Scene, phrasing: str | int) -> str:
-    """Describe ``scene`` with a template (a string, or an index into ``PHRASINGS``)."""
-    template = PHRASINGS[phrasing] if isinstance(phrasing, int) else phrasing
-    size = "" if scene.size == "medium" else scene.size + " "
-    plural = scene.count == 2
-    noun = scene.shape + "s" if plural else scene.shape
-    described = f"{size}{scene.colour} {noun}"
-    np_ = f"two {described}" if plural else f"{_article(described)} {described}"
-    shape_np = f"two {size}{noun}" if plural else f"{_article(size + noun)} {size}{noun}"
-    pos = "" if scene.position == "center" else " " + POSITION_WORDS[scene.position]
-    fields = {
-        "np": np_, "inv": f"{shape_np} that {'are' if plural else 'is'} {scene.colour}", "colour": scene.colour,
-        "shape": scene.shape, "shapes": noun, "shape_s": f"{size}{noun}", "size": size,
-        "bg": scene.background, "pos": pos, "where": POSITION_WORDS[scene.position], "a_shape": shape_np,
-    }
-    return template.format(**fields)
-
-
-def training_pair(rng: np.random.Generator) -> tuple[Scene, str]:
-    """A random scene and a random training caption of it."""
-    scene = random_scene(rng)
-    return scene, caption(scene, int(rng.integers(len(PHRASINGS))))
-
-
-def with_jitter(scene: Scene, rng: np.random.Generator) -> Scene:
-    """``scene`` moved and scaled a little (as training scenes are)."""
-    dx, dy = (float(v) for v in rng.uniform(-2.5, 2.5, 2))
-    return replace(scene, dx=dx, dy=dy, scale=scene.scale * float(rng.uniform(0.9, 1.1)))

@@ -26,7 +26,7 @@ from .names import SUFFIXES, LoraNameError, resolve_name
 from .sidecars import Sidecars, read_sidecars, sidecars_by_stem
 from .store import Store
 from .summary import read_metadata_fast, summarise
-from .training import merge_phrases, training_summary, trigger_words
+from .training import caption_triggers, merge_phrases, training_summary, trigger_words
 
 PARALLEL_FROM = 200  # files to parse before worker processes pay for themselves
 WORKERS = 4
@@ -110,6 +110,12 @@ class LoraEntry:
     def explicit_trigger_words(self) -> list[str]:
         """``trigger_phrases`` (the name callers used first)."""
         return self.trigger_phrases
+
+    @property
+    def trained_trigger_words(self) -> list[str]:
+        """``trigger_phrases``, then the training tags every caption had (``caption_triggers``): what a card shows
+        as the trigger, apart from the other caption tags."""
+        return merge_phrases([self.trigger_phrases, self.info.get("caption_triggers", [])])
 
     @property
     def trigger_words(self) -> list[str]:
@@ -291,6 +297,7 @@ def _parse(f: Found) -> tuple[str, int, int, str, str]:
     info["alias"] = metadata.get("ss_output_name", "")
     info["trigger_phrase"] = metadata.get("modelspec.trigger_phrase", "").strip()
     info["triggers"] = trigger_words(metadata)
+    info["caption_triggers"] = caption_triggers(metadata)
     info["training"] = training_summary(metadata)
     info["sidecars"] = _sidecars_info(f)
     return (f.file, f.size, f.mtime_ns, f.sidecars, json.dumps(info))

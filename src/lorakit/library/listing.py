@@ -24,7 +24,8 @@ WIDE_INPUT_MODELS = {"fill": ("FLUX.1 Fill", "the masked image", False),
 
 def entry_dict(e: LoraEntry) -> dict[str, Any]:
     """Keys: id, name, subpath, alias, path, size_bytes, base, types, rank, alpha, trigger_words,
-    explicit_trigger_words (the declared phrases, split at commas, each once), activation_text, negative_text,
+    explicit_trigger_words (the declared phrases, split at commas, each once), trained_trigger_words (those and the
+    tags every training caption had: the card's trigger), activation_text, negative_text,
     preferred_weight, notes, description, preview (file name or null), training, problems, error (null unless the
     file cannot be used: truncated, malformed, no LoRA layers), variant (FLUX.1's finer base, else null)."""
     side = e.sidecars
@@ -32,7 +33,8 @@ def entry_dict(e: LoraEntry) -> dict[str, Any]:
         "id": e.id, "name": e.name, "subpath": e.subpath, "alias": e.alias, "path": str(e.path),
         "size_bytes": e.size, "base": e.base, "types": list(e.info.get("types", [])), "rank": e.info.get("rank"),
         "alpha": e.info.get("alpha"), "trigger_words": e.trigger_words,
-        "explicit_trigger_words": e.explicit_trigger_words, "activation_text": side.activation_text,
+        "explicit_trigger_words": e.explicit_trigger_words, "trained_trigger_words": e.trained_trigger_words,
+        "activation_text": side.activation_text,
         "negative_text": side.negative_text, "preferred_weight": side.preferred_weight, "notes": side.notes,
         "description": side.description, "preview": side.preview, "training": e.info.get("training", {}),
         "problems": side.problems, "error": e.error, "variant": e.variant,

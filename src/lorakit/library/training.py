@@ -56,22 +56,57 @@ def trigger_words(metadata: dict[str, str], top: int = 10) -> list[str]:
     """``modelspec.trigger_phrase``'s phrases first, then the most frequent tags of ``ss_tag_frequency`` (each
     word once, case-blind)."""
     phrases = split_phrases(metadata.get("modelspec.trigger_phrase", ""))
-    try:
-        freq = json.loads(metadata.get("ss_tag_frequency", "{}"))  # {folder: {tag: count}}
-    except (ValueError, RecursionError):  # the C decoder's own depth guard: safe to catch, and no slower scan
-        freq = {}
-    tables = [t for t in freq.values() if isinstance(t, dict)] if isinstance(freq, dict) else []
+    return merge_phrases([phrases, training_tags(metadata, top + 5)])[:top + len(phrases)]
+
+
+def training_tags(metadata: dict[str, str], top: int = 10) -> list[str]:
+    """The ``top`` most frequent tags of ``ss_tag_frequency`` (kohya's count of each caption's comma-separated
+    tags): what the training captions said, not necessarily a trigger."""
+    tables = _tag_tables(metadata)
     counts: dict[str, Any] = tables[0] if len(tables) == 1 else Counter()
     for tags in tables if len(tables) > 1 else []:
         try:
-            counts.update(tags)  # C speed; tags are normalised below, on the few shown
+            counts.update(tags)  # C speed; tags are normalised by the caller, on the few shown
         except TypeError:
             continue
     try:
-        ranked = sorted(counts, key=counts.__getitem__, reverse=True)[:top + 5]
+        return [str(tag) for tag in sorted(counts, key=counts.__getitem__, reverse=True)[:top]]
     except TypeError:  # counts that are not numbers
-        ranked = []
-    return merge_phrases([phrases, [str(tag) for tag in ranked]])[:top + len(phrases)]
+        return []
+
+
+def caption_triggers(metadata: dict[str, str]) -> list[str]:
+    """The tags that every training caption of a folder had — trained with every image, so the LoRA answers to
+    them: a count equal to the folder's image count (``ss_dataset_dirs``), or, where that is not written, the
+    folder's highest count when one tag alone has it. A folder word that captioned no image is not among them."""
+    try:
+        dirs = json.loads(metadata.get("ss_dataset_dirs", "{}"))
+        freq = json.loads(metadata.get("ss_tag_frequency", "{}"))
+    except (ValueError, RecursionError):
+        return []
+    if not isinstance(freq, dict):
+        return []
+    found = []
+    for folder, tags in list(freq.items())[:100]:
+        counts = {str(t): c for t, c in tags.items() if isinstance(c, int)} if isinstance(tags, dict) else {}
+        images = dirs.get(folder, {}).get("img_count") if isinstance(dirs, dict) and isinstance(
+            dirs.get(folder), dict) else None
+        if not counts:
+            continue
+        best = max(counts.values())
+        if isinstance(images, int) and images > 1:
+            found.append([t for t, c in counts.items() if c == images])
+        elif images is None and best > 1 and list(counts.values()).count(best) == 1:
+            found.append([t for t, c in counts.items() if c == best])
+    return merge_phrases(found)
+
+
+def _tag_tables(metadata: dict[str, str]) -> list[Any]:
+    try:
+        freq = json.loads(metadata.get("ss_tag_frequency", "{}"))  # {folder: {tag: count}}
+    except (ValueError, RecursionError):  # the C decoder's own depth guard: safe to catch, and no slower scan
+        return []
+    return [t for t in freq.values() if isinstance(t, dict)] if isinstance(freq, dict) else []
 
 
 def training_summary(metadata: dict[str, str]) -> dict[str, str]:

@@ -64,10 +64,12 @@ class BaseModel:
     @property
     def native_size(self) -> int:
         """The side in px of the pictures it was trained on: the default width and height (a FLUX pipeline says
-        its own: its default latent size × the VAE's scale)."""
-        if getattr(self.pipe, "transformer", None) is not None:  # a DiT pipeline (FLUX.1, Chroma, Qwen-Image)
-            return int(self.pipe.default_sample_size * self.pipe.vae_scale_factor)
-        return {Arch.DEMO: 64, Arch.SDXL: 1024}.get(self.arch, 512)
+        its own: its default latent size × the VAE's scale; 1024 for one that does not)."""
+        dit = getattr(self.pipe, "transformer", None) is not None  # a DiT pipeline (FLUX.1, Chroma, Qwen-Image)
+        sample = getattr(self.pipe, "default_sample_size", None) if dit else None
+        if sample is not None:
+            return int(sample * self.pipe.vae_scale_factor)
+        return {Arch.DEMO: 64, Arch.SDXL: 1024, Arch.FLUX1: 1024}.get(self.arch, 512)
 
     @property
     def variant(self) -> str:
@@ -351,12 +353,14 @@ def demo_components(folder: Path | None = None) -> dict[str, torch.nn.Module]:
 def demo_model(folder: Path | None = None) -> BaseModel:
     from diffusers import StableDiffusionPipeline
 
-    from ..demo.weights import DATA_DIR, weights_sha256
+    from ..demo.weights import DATA_DIR, read_meta, weights_sha256
     from ..generate.samplers import scheduler_for
     from ..generate.tokenizer import clip_tokenizer
 
     c = demo_components(folder)
+    prediction = str(read_meta(folder or DATA_DIR).get("prediction_type", "epsilon"))
     pipe = StableDiffusionPipeline(vae=c["vae"], text_encoder=c["text_encoder"], tokenizer=clip_tokenizer(),
-                                   unet=c["unet"], scheduler=scheduler_for("Euler a"), safety_checker=None,
+                                   unet=c["unet"], scheduler=scheduler_for("Euler a", prediction),
+                                   safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     return BaseModel(pipe, DEMO, weights_sha256(folder or DATA_DIR)[:10], Arch.DEMO)

@@ -8,9 +8,12 @@ accepted and ignored, as A1111 ignores what it does not know. Differences, by ch
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import random
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi.exceptions import RequestValidationError
@@ -25,6 +28,7 @@ MAX_IMAGES = 16  # batch_size × n_iter per request
 MAX_PROMPT_CHARS = 20_000  # ~10× the longest real prompts; a 10M-character one must not hold the only worker
 MAX_SEED = 2 ** 64 - 1 - 2 * MAX_IMAGES  # image i of the job gets seed + i, and seeds are 64-bit
 MAX_CLIP_SKIP = 12  # A1111's slider; also at most the text encoder's layers
+MAX_TASK_ID = 200  # characters of an idempotency key (force_task_id, x-request-id)
 
 
 class Txt2Img(BaseModel):
@@ -51,6 +55,27 @@ class Txt2Img(BaseModel):
     lorakit_auto_trigger_words: bool = False
     # lorakit's own: the control image (base64) of a FLUX.1 control LoRA (Canny edges, a depth map) in the prompt
     lorakit_control_image: str | None = None  # size checked when decoded (images.decode_base64)
+    # A1111's own: the job's id (its /internal/progress key); lorakit on Ray Serve: the idempotency key
+    force_task_id: str | None = Field(None, min_length=1, max_length=MAX_TASK_ID)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A client's idempotency key for one generation request (``force_task_id``, else the ``x-request-id``
+    header) and a fingerprint of the body: a retry with the same key gets the first answer, never a second
+    image; the same key with another body is a conflict."""
+
+    id: str
+    fingerprint: str
+
+
+def task_of(req: Txt2Img, headers: Mapping[str, str]) -> Task | None:
+    """The request's ``Task``, or ``None`` when the client gave no usable key (an ``x-request-id`` longer than
+    ``MAX_TASK_ID`` or with control characters is ignored)."""
+    key = req.force_task_id or headers.get("x-request-id", "")
+    if not key or len(key) > MAX_TASK_ID or not key.isprintable():
+        return None
+    return Task(key, hashlib.sha256(req.model_dump_json().encode()).hexdigest()[:32])
 
 
 def sampler_of(req: Txt2Img) -> str | None:

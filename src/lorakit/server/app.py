@@ -51,6 +51,12 @@ def create_app(model: BaseModel, library: Library, embeddings: EmbeddingIndex | 
     back from at start (None: not saved)."""
     state = ServerState(model, library, embeddings, auto_triggers, max_batch, batch_window_ms, catalog,
                         options_file, loader)
+    return app_for(state, api_auth)
+
+
+def app_for(state: ServerState, api_auth: str | None = None) -> FastAPI:
+    """The application over ``state``: this process's model (``create_app``), or a cluster's
+    (``serve_ray.ingress``: the same routes over a state whose queue sends jobs to model replicas)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -126,7 +132,7 @@ def _a1111_routes(app: FastAPI, state: ServerState) -> None:
             raise LorakitError(f"batch_size × n_iter must be at most {a1111.MAX_IMAGES}, got "
                                f"{req.batch_size * req.n_iter}")
         jobs = make(req, int(options["CLIP_stop_at_last_layers"]), bool(options["lorakit_auto_trigger_words"]))
-        results = state.queue.generate(jobs)
+        results = state.queue.generate(jobs, a1111.task_of(req, http.headers))
         stamp = state.queue.snapshot().job_timestamp
         return a1111.response(req, results, state.model.name, state.model.hash, stamp, parameters)
 

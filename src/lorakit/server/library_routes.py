@@ -1,5 +1,5 @@
 """lorakit's own library endpoints, what the page shows: ``/lorakit/v1/loras`` (every LoRA with whether it fits
-the running model), previews, re-scan.
+the running model), previews, re-scan, and ``/lorakit/v1/model`` (the running model and its native size).
 
 The whole list is encoded once per scan and kept (``Listing``): 10,000 entries take ~1 s to build and encode on
 this 2-core VM, ~10 ms to send from the cache. It is rebuilt when the scan, the model or the auto-trigger option
@@ -58,7 +58,12 @@ def reply(state: ServerState, base: str | None, search: str | None, auto: bool) 
         item.update(fit(e, state.model.arch), prompt_name=e.name if stems[e.name.lower()] == 1 else e.subpath,
                     preview_url=f"/lorakit/v1/loras/{e.id}/preview" if item["preview"] else None)
         out.append(item)
-    return {"model": {"title": state.title, "arch": state.model.arch}, "loras": out, "auto_trigger_words": auto}
+    return {"model": model_info(state), "loras": out, "auto_trigger_words": auto}
+
+
+def model_info(state: ServerState) -> dict[str, Any]:
+    """The running model: its title, base and native size (the page's default width and height)."""
+    return {"title": state.title, "arch": state.model.arch, "native_size": state.model.native_size}
 
 
 def warm_listing(state: ServerState) -> None:
@@ -76,6 +81,10 @@ def add_library_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/lorakit/v1/loras")
     def library(base: str | None = None, search: str | None = None) -> Response:
         return Response(state.listing.get(state, base, search), media_type="application/json")
+
+    @app.get("/lorakit/v1/model")
+    def model() -> dict[str, Any]:
+        return model_info(state)
 
     @app.get("/lorakit/v1/loras/{entry_id}/preview")
     def preview(entry_id: str) -> FileResponse:

@@ -72,15 +72,19 @@ class GenerationQueue:
         self._thread = threading.Thread(target=self._run, name="lorakit-generate", daemon=True)
         self._thread.start()
 
-    def generate(self, requests: list[Request]) -> list[Result]:
-        """Run ``requests`` as one job (A1111's ``n_iter``) and wait for them; the first error is raised."""
+    def generate(self, requests: list[Request], task: Any = None) -> list[Result]:
+        """Run ``requests`` as one job (A1111's ``n_iter``) and wait for them; the first error is raised.
+        ``task``: the client's idempotency key (``a1111.Task``), used by the cluster's queue, not here."""
+        results: list[Result] = self.submit_generate(requests).result()
+        return results
+
+    def submit_generate(self, requests: list[Request]) -> Future[Any]:
+        """``generate`` without waiting: the future of the job's results (an async caller awaits it)."""
         if self.max_batch == 1:
-            results: list[Result] = self.submit(lambda: self._one_by_one(requests)).result()
-            return results
+            return self.submit(lambda: self._one_by_one(requests))
         future: Future[Any] = Future()
         self._put(_Generate(list(requests), future))
-        batched: list[Result] = future.result()
-        return batched
+        return future
 
     def replace_generator(self, generator: Generator) -> None:
         """Run later jobs with ``generator`` (call on the worker thread, e.g. through ``submit``)."""

@@ -70,6 +70,9 @@ def add_train_command(sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
                                                   "NAME.state.pt")
     p.add_argument("--sample-every", type=int, help="every N steps: samples/NAME-00000N.png of --sample-prompt")
     p.add_argument("--sample-prompt")
+    p.add_argument("--preview-prompt", help="draw NAME.preview.png beside the LoRA from this prompt (A1111's "
+                                            "card preview; default: the first image's caption)")
+    p.add_argument("--no-preview", dest="preview", action="store_false", help="write no NAME.preview.png")
     p.add_argument("--save-dtype", choices=list(SAVE_DTYPES), default="fp16")
     p.add_argument("--bad-images", choices=("skip", "fail"), default="skip",
                    help="unreadable images: skip them (listed) or stop")
@@ -89,7 +92,8 @@ def _train(args: argparse.Namespace) -> int:
     flow = FlowSpec(args.timestep_sampling, args.sigmoid_scale, args.shift, args.guidance, args.max_sequence_length)
     fields = ("steps", "epochs", "lr", "te_lr", "batch", "grad_accum", "resolution", "trigger", "seed", "optimizer",
               "schedule", "warmup", "min_snr_gamma", "noise_offset", "caption_dropout", "grad_checkpointing",
-              "max_grad_norm", "save_every", "sample_every", "sample_prompt", "save_dtype", "bad_images")
+              "max_grad_norm", "save_every", "sample_every", "sample_prompt", "preview_prompt", "preview", "save_dtype",
+              "bad_images")
     cfg = TrainConfig(Path(args.data), Path(args.output), args.model, spec, flow,
                       resume=Path(args.resume) if args.resume else None, **{f: getattr(args, f) for f in fields})
     cfg.check()

@@ -46,6 +46,8 @@ class TrainConfig:
     save_every: int | None = None
     sample_every: int | None = None
     sample_prompt: str | None = None
+    preview: bool = False  # NAME.preview.png beside the LoRA (on by default in `lorakit train`)
+    preview_prompt: str | None = None  # what it draws; None: the first image's caption
     save_dtype: str = "fp16"
     bad_images: str = "skip"
     resume: Path | None = None

@@ -62,10 +62,29 @@ class Dataset:
             out.setdefault(it.folder or self.root.name, Counter()).update(tags)
         return {k: dict(v) for k, v in out.items()}
 
-    def class_words(self) -> list[str]:
-        """The words of the kohya repeat folders in use (``10_night sky`` → ``night sky``): the trigger words."""
-        found = (REPEAT_FOLDER.match(it.folder) for it in self.items)
+    def class_words(self, used: bool = False) -> list[str]:
+        """The words of the kohya repeat folders in use (``10_night sky`` → ``night sky``); with ``used``, only
+        those that served as some image's caption (kohya's rule: a folder's words caption only the images without
+        a caption file)."""
+        found = (REPEAT_FOLDER.match(it.folder) for it in self.items if not used or it.source == "folder")
         return sorted({m.group(2).replace("_", " ").strip() for m in found if m and m.group(2).strip()})
+
+    def trained_triggers(self, trigger: str | None = None) -> list[str]:
+        """The words a LoRA trained on this data answers to: ``--trigger``, folder words that served as captions,
+        and the comma-separated tags that every caption has (of two images or more) — each once, case-blind."""
+        tags = [[t.strip() for t in it.caption.split(",") if t.strip()] for it in self.items]
+        common = {t.casefold() for t in tags[0]}.intersection(*({t.casefold() for t in ts} for ts in tags[1:]))
+        common = common if len(tags) > 1 else set()
+        words = [trigger or "", *self.class_words(used=True), *(t for t in tags[0] if t.casefold() in common)]
+        seen: dict[str, str] = {}
+        for word in words:
+            if word.strip():
+                seen.setdefault(word.strip().casefold(), word.strip())
+        return list(seen.values())
+
+    def untrained_folder_words(self) -> list[str]:
+        """Folder words that no image was captioned with (every image had a caption file)."""
+        return sorted(set(self.class_words()) - set(self.class_words(used=True)))
 
     def summary(self) -> str:
         """One line: images, repeats, where the captions came from, what was skipped."""
@@ -77,6 +96,10 @@ class Dataset:
         text = f"{len(self.items)} images ({steps} per epoch with repeats) in {self.root}; captions: {caps}"
         if self.both_captions:
             text += f"; {len(self.both_captions)} with both .txt and .caption (the .txt was used)"
+        unused = self.untrained_folder_words()
+        if unused:
+            text += (f"; folder words not trained ({', '.join(unused)}): every image there has a caption file — "
+                     "put the word in the captions or pass --trigger")
         if self.skipped:
             text += f"; skipped {len(self.skipped)} unreadable: " + ", ".join(
                 f"{p.name} ({why})" for p, why in self.skipped[:3]) + (" …" if len(self.skipped) > 3 else "")

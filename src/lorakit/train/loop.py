@@ -26,6 +26,7 @@ from . import diffusion as dif
 from .buckets import bucket_sizes, choose, load_pixels
 from .config import NATIVE, SAVE_DTYPES, TrainConfig, fingerprint
 from .data import Dataset, scan
+from .progress import progress as progress_reporter
 from .encode import encode_image, encode_text, time_ids
 from .network import Network, target_modules
 from .output import base_metadata, load_state, network_metadata, save_state, write_lora
@@ -237,7 +238,7 @@ class Trainer:
         log.info(f"training {cfg.network.kind} rank {cfg.network.rank} (α {cfg.network.alpha:g}) on "
                  f"{len(self.net.leaves)} layers of {self.model.describe()}; {self.total} steps, "
                  f"{self.steps_per_epoch()} per epoch")
-        bar = _bar(self.total, self.step, progress)
+        bar = progress_reporter(self.total, self.step, progress)
         smooth = None
         try:
             while self.step < self.total and (stop_at is None or self.step < stop_at):
@@ -245,8 +246,7 @@ class Trainer:
                 self.losses.append(loss)
                 smooth = loss if smooth is None else 0.9 * smooth + 0.1 * loss
                 if bar is not None:
-                    bar.set_postfix(loss=f"{smooth:.4f}", refresh=False)
-                    bar.update(1)
+                    bar.update(smooth)
                 if on_step:
                     on_step(self.step, loss)
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total:
@@ -268,6 +268,10 @@ class Trainer:
             self.save_checkpoint()
             return self.checkpoint_path()
         self.write(cfg.output)
+        if cfg.preview:
+            from .preview import write_preview
+
+            write_preview(self.model, cfg.output, cfg.preview_prompt or self.data.items[0].caption, cfg.seed)
         return cfg.output
 
     def write(self, path: Path) -> dict[str, str]:
@@ -277,7 +281,7 @@ class Trainer:
         import json
 
         cfg = self.cfg
-        words = cfg.trigger or ", ".join(self.data.class_words())
+        words = ", ".join(self.data.trained_triggers(cfg.trigger))
         meta = {**self.objective_metadata(), **network_metadata(self.net),
                 "ss_output_name": cfg.output.stem, "modelspec.title": cfg.output.stem,
                 "ss_resolution": f"({self.resolution}, {self.resolution})",
@@ -356,17 +360,3 @@ class Trainer:
         with atomic_file(path) as f:
             image.save(f, format="PNG")
         return path
-
-
-def _bar(total: int, start: int, enabled: bool) -> Any:
-    """A tqdm bar (step, smoothed loss, it/s, ETA) on a terminal; else one line per 10 % (logs stay short)."""
-    if not enabled:
-        return None
-    import os
-    import sys
-
-    from tqdm.auto import tqdm
-
-    terminal = sys.stderr.isatty() and os.environ.get("LORAKIT_PROGRESS") != "0"
-    return tqdm(total=total, initial=start, desc="training", unit="step", dynamic_ncols=True,
-                mininterval=0.5 if terminal else 1e9, miniters=None if terminal else max(1, total // 10))

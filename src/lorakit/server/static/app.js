@@ -8,6 +8,7 @@ import { attachSliders } from "./tags.js";
 import { $, api, el, showError } from "./util.js";
 
 const state = { gallery: [], run: null };
+const SIZE_FIELDS = ["width", "height"];
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 const POLL_MS = 250;
 
@@ -19,17 +20,25 @@ function numberOrNull(id) {
 function payload() {
   const body = {
     prompt: $("prompt").value, negative_prompt: $("negative").value, seed: numberOrNull("seed") ?? -1,
-    width: numberOrNull("width") ?? 512, height: numberOrNull("height") ?? 512, batch_size: numberOrNull("batch") ?? 1,
+    width: numberOrNull("width"), height: numberOrNull("height"), batch_size: numberOrNull("batch") ?? 1,
   };
   for (const [key, id] of [["steps", "steps"], ["cfg_scale", "cfg"]]) if (numberOrNull(id) !== null) body[key] = numberOrNull(id);
   if ($("sampler").value) body.sampler_name = $("sampler").value;
   return { ...body, ...img2imgFields() };
 }
 
+// Width and height follow the running model's native size (64 px for the demo model, 512 SD1, 1024 SDXL) until
+// the user sets them (typing, a restored PNG, an init image's size); a model switched meanwhile is followed.
+function followModel(model) {
+  $("model").textContent = `model: ${model.title}`;
+  for (const id of SIZE_FIELDS) if (!$(id).dataset.set) $(id).value = String(model.native_size);
+}
+
 async function generate() {
   $("error").hidden = true;
   let body;
   try {
+    followModel(await api("/lorakit/v1/model"));
     body = payload();
   } catch (err) {
     showError(err);
@@ -122,7 +131,8 @@ async function init() {
   attachSliders($("negative"), $("negative-tags"));
   $("generate").addEventListener("click", generate);
   $("interrupt").addEventListener("click", interrupt);
-  const loras = loadLoras();  // the slow one first (preloaded by index.html), the others meanwhile
+  for (const id of SIZE_FIELDS) $(id).addEventListener("input", () => { $(id).dataset.set = "1"; });
+  const loras = loadLoras().then((data) => followModel(data.model));  // preloaded by index.html; others meanwhile
   try {
     const [samplers, options] = await Promise.all([api("/sdapi/v1/samplers"), api("/sdapi/v1/options")]);
     $("sampler").append(...samplers.map((s) => el("option", { value: s.name, text: s.name })));

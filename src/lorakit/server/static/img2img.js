@@ -1,7 +1,7 @@
 // img2img: the mode switch, the init image and the optional mask (each a file input and a drop zone of its own —
 // a file dropped there is that image; dropped anywhere else it restores parameters, see restore.js), previews,
 // and A1111's img2img fields for the request.
-import { $, fileBase64, notice } from "./util.js";
+import { $, fileBase64, notice, setValue } from "./util.js";
 
 const images = { init: null, mask: null };  // {b64, width, height} of each, or null
 
@@ -61,8 +61,8 @@ function clearImage(kind) {
 // Width and height from the init image: a multiple of 8 in 64…2048, as the API accepts.
 function useInitSize() {
   const fit = (n) => Math.min(2048, Math.max(64, Math.round(n / 8) * 8));
-  $("width").value = String(fit(images.init.width));
-  $("height").value = String(fit(images.init.height));
+  setValue($("width"), String(fit(images.init.width)));  // set by the user: no longer the model's size
+  setValue($("height"), String(fit(images.init.height)));
 }
 
 function dropZone(kind) {

@@ -14,7 +14,6 @@ export async function loadLoras() {
   timings.lorasRequested = performance.now();
   const data = await api("/lorakit/v1/loras");
   timings.lorasReceived = performance.now();
-  $("model").textContent = `model: ${data.model.title}`;
   for (const lora of data.loras) {
     lora.hay = [lora.subpath, lora.alias, ...lora.trigger_words, lora.description || ""].join(" ").toLowerCase();
   }
@@ -80,7 +79,11 @@ function card(lora) {
     el("span", { class: `badge base ${baseClass(lora.base)}`, text: lora.variant || lora.base }),
     el("span", { class: "badge", text: (lora.types || []).join(", ") || "?" }),
     lora.rank ? el("span", { class: "badge", text: `r${lora.rank}` }) : "");
-  if (lora.trigger_words.length) body.append(el("div", { class: "triggers", text: lora.trigger_words.slice(0, 4).join(", ") }));
+  // As A1111's cards: the trigger (declared, or a tag every training caption had) first; the other tags apart.
+  const declared = lora.trained_trigger_words || [];
+  const tags = lora.trigger_words.filter((w) => !declared.some((d) => d.toLowerCase() === w.toLowerCase()));
+  if (declared.length) body.append(el("div", { class: "triggers", text: `trigger: ${declared.slice(0, 4).join(", ")}` }));
+  if (tags.length) body.append(el("div", { class: "tags", title: tags.join("\n"), text: `tags: ${tags.slice(0, 3).join(" · ")}` }));
   if (lora.reason) body.append(el("div", { class: "reason", text: lora.reason }));
   if (lora.error) body.append(el("div", { class: "reason error-text", text: lora.error }));
   const fit = fitOf(lora);
