@@ -43,7 +43,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 VARIANTS = {"dev": "flux-1-dev", "schnell": "flux-1-schnell", "canny": "flux-1-dev-control",
             "fill": "flux-1-fill-dev", "plain": "flux-1", "peft": "flux-1"}
-FOREIGN = {"flux2": "FLUX.2", "sd3": "Stable Diffusion 3"}  # Chroma is applied now (tests/test_chroma.py)
+FOREIGN = {"flux2": "FLUX.2"}  # SD3 and Chroma are applied since issue 22 (SD3's base is its size)
 
 
 # -- the summary -----------------------------------------------------------------------------------------------------
@@ -88,7 +88,7 @@ def test_sd3_dit_names_are_told_from_flux_by_their_widths_at_the_ends(
     monkeypatch.setattr(summary_mod, "HEAD", 1500)
     monkeypatch.setattr(summary_mod, "TAIL", 1500)
     monkeypatch.setattr(summary_mod, "KEYS", 600)
-    assert summarise(path).base == "Stable Diffusion 3" and read_header_calls == []
+    assert summarise(path).base == "sd3.x-medium" and read_header_calls == []  # 1536 wide: either Medium
 
 
 def test_ends_tell_a_flux_file_whose_metadata_names_the_variant(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -148,6 +148,7 @@ def test_the_index_keeps_base_and_variant(library: Library) -> None:
         assert entry_dict(e)["variant"] == variant and entry_dict(e)["base"] == "flux1"
     assert _entry(library, "ink").variant is None and entry_dict(_entry(library, "ink"))["variant"] is None
     assert {_entry(library, s).base for s in FOREIGN} == set(FOREIGN.values())
+    assert _entry(library, "sd3").base == "sd3.x-medium"
     assert library.refresh()["parsed"] == 0 and _entry(library, "flux/dev").variant == "flux-1-dev"  # from the index
 
 
@@ -223,7 +224,7 @@ def test_cli_list_json_variant_and_base_filter(folder: Path, capsys: pytest.Capt
     assert data["schema"] == "lorakit.list/1"
     by_name = {e["subpath"]: e for e in data["loras"]}
     assert by_name["flux/schnell"]["variant"] == "flux-1-schnell" and by_name["ink"]["variant"] is None
-    assert by_name["sd3"]["base"] == "Stable Diffusion 3" and by_name["sd3"]["variant"] is None
+    assert by_name["sd3"]["base"] == "sd3.x-medium" and by_name["sd3"]["variant"] is None
     assert main(["list", "--lora-dir", str(folder), "--base", "flux-1-dev-control"]) == 0
     out = capsys.readouterr().out
     assert "flux/canny  flux-1-dev-control" in out and "1 of 10 LoRAs" in out
@@ -310,7 +311,7 @@ def test_inspect_names_a_family_not_applied(folder: Path, capsys: pytest.Capture
     assert (info["family"], info["base"], info["architecture"], info["supported"], info["dialect"]) == \
         (family, family, family, False, None)
     assert info["note"] == f"lorakit does not apply {family} LoRAs yet (it applies {SUPPORTED})"
-    assert SUPPORTED.startswith("Stable Diffusion 1.x, 2.x and XL, FLUX.1, ")
+    assert SUPPORTED.startswith("Stable Diffusion 1.x, 2.x and XL, FLUX.1, Stable Diffusion 3 / 3.5, ")
     assert info["network_types"] == ["lora"] and info["tensors"] > 0 and info["layers"] == 0
     assert main(["inspect", str(folder / f"{stem}.safetensors")]) == 0
     text = capsys.readouterr().out

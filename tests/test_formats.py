@@ -189,7 +189,6 @@ def test_bundled_embeddings_are_kept_aside() -> None:
 @pytest.mark.parametrize("keys,family", [
     (["transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj.lora_A.weight"], "FLUX.2"),
     (["diffusion_model.double_stream_modulation_img.lin.lora_A.weight"], "FLUX.2"),
-    (["lora_unet_joint_blocks_0_context_block_attn_proj.lora_up.weight"], "Stable Diffusion 3"),
     (["transformer.transformer_blocks.20.attn.to_q.lora_A.weight"], "Qwen-Image or Stable Diffusion 3"),
     (["lora_transformer_blocks_0_attn_to_q.lora_up.weight"], "transformer"),
 ])

@@ -185,7 +185,8 @@ def _add_generate(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") ->
     p.add_argument("prompt", nargs="?", help="the prompt, LoRA tags included")
     p.add_argument("-n", "--negative", default="", help="negative prompt (LoRA tags work here too)")
     p.add_argument("-m", "--model", help="a diffusers model folder or a single-file checkpoint (.safetensors/.ckpt "
-                                         "of SD1.x, SD2.x or SDXL; FLUX.1 BFL/ComfyUI files with --components); "
+                                         "of SD1.x, SD2.x or SDXL; FLUX.1 BFL/ComfyUI and SD3 SAI files with "
+                                         "--components); "
                                          "default: the embedded demo model")
     p.add_argument("-l", "--lora-dir", action="append", help="LoRA folder (repeatable); also $LORAKIT_LORA_DIRS "
                                                              "or lora_dirs in lorakit.toml")
@@ -325,9 +326,9 @@ def _add_device_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora-originals", choices=ORIGINALS, help="where the weights LoRAs replace are kept for exact "
                                                                "restore; auto (default): on the device while free "
                                                                "memory allows, else in pinned host memory")
-    g.add_argument("--components", metavar="DIR", help="a FLUX.1 diffusers folder: a FLUX.1 single file takes its "
-                                                       "tokenizers (transformer-only: also text encoders, VAE) from "
-                                                       "it ($LORAKIT_COMPONENTS)")
+    g.add_argument("--components", metavar="DIR", help="a FLUX.1 or SD3 diffusers folder: a single file of that "
+                                                       "family takes its tokenizers (transformer-only: also text "
+                                                       "encoders, VAE) from it ($LORAKIT_COMPONENTS)")
 
 
 def build_parser() -> argparse.ArgumentParser:

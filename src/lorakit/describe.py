@@ -8,7 +8,7 @@ hashes {sha256, autov2, addnet, a1111_short, sshs_model_hash, sshs_matches}, tra
 since (old keys unchanged): family, base, variant, supported, note, encoders {component: name}, layout,
 fused_layers [{layer, count, into, halves_swapped}], tensors.
 A file that cannot be read is ``{schema, file, error}`` in a list of several (``failure``). A file for a family
-lorakit does not apply (Chroma, FLUX.2, SD3, …) is described from its header (``supported`` false, ``note`` says so).
+lorakit does not apply (Chroma, FLUX.2, …) is described from its header (``supported`` false, ``note`` says so).
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def describe(path: str | Path, lora: LoraModel | None = None, *, strict: bool = 
 
 
 def _family(lora: LoraModel) -> families.Family:
-    return next((f for f in families.FAMILIES.values() if f.arch is not None and f.arch == lora.arch), families.SD)
+    return families.family_of_arch(lora.arch)  # SD3's sizes are its family's too
 
 
 def _report(p: Path, lora: LoraModel, names: tuple[str | None, list[dict[str, Any]]]) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import torch
 from .adapters import Adapter, build_adapter, split_rows
 from .errors import InvalidLora
 from .keymap.families import Family
-from .keymap.flux import Fused
+from .keymap.layouts import Fused
 
 Groups = dict[str, dict[str, torch.Tensor]]
 
@@ -101,6 +101,8 @@ def _split(module: str, leaves: dict[str, torch.Tensor], target: Fused, hidden: 
     pieces = target.pieces(rows, own_in if own_in is not None else hidden)
     if isinstance(pieces, str):
         raise InvalidLora(path, f"layer {module}: cannot split it onto {', '.join(target.targets)}: {pieces}")
+    if len(pieces) == 1 and pieces[0][1] == ((0, rows),):  # one module renamed (SD3's context adaLN, not last)
+        return _with_origin({f"{component}.{pieces[0][0]}": adapter}, module, adapter), rest
     split = split_rows(adapter, tuple((f"{component}.{t}", p) for t, p in pieces), rows)
     return _with_origin(split, module, adapter), rest
 

@@ -104,7 +104,8 @@ def lora_from_state_dict(sd: StateDict, metadata: dict[str, str], *, name: str =
     if strict and leftovers:
         raise UnmatchedKeys(path, f"{len(leftovers)} keys not understood (strict mode): {', '.join(leftovers[:5])}")
     _refuse_non_finite(path, layers, canonical.embeddings)
-    arch = family.arch or archmod.detect(canonical.groups, metadata)
+    arch = family.arch or (family.sizes.of_layers(layers, metadata) if family.sizes is not None
+                           else archmod.detect(canonical.groups, metadata))
     variant = families.variant(family, list(sd), metadata, sd)
     return LoraModel(name, path, canonical.dialect, arch, layers, metadata, canonical.embeddings, leftovers, variant,
                      families.alternatives(list(sd), metadata, sd))

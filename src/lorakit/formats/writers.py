@@ -20,7 +20,7 @@ import torch
 
 from ..errors import ToolError
 from ..keymap.arch import Arch
-from ..keymap.families import Family, for_arch
+from ..keymap.families import Family, family_of_arch
 from ..keymap.ldm import diffusers_to_ldm
 from ..keymap.names import unflatten
 from .base import Grouped, component_path
@@ -35,9 +35,10 @@ PEFT_LEAVES = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.we
 
 def kohya_module_name(path: str, arch: str, ldm_names: bool) -> str:
     """``unet.down_blocks.0.…to_q`` → ``lora_unet_down_blocks_0_…_to_q`` (the flattened name must read back to
-    ``path``: a module name kohya's flattening cannot carry is a ``ToolError``). DiT families: ``dit_kohya_name``."""
-    family = for_arch(arch)
-    if family.denoiser != "unet":  # a DiT family (FLUX.1, Chroma, Qwen-Image): its own prefixes
+    ``path``: a module name kohya's flattening cannot carry is a ``ToolError``). A DiT family (FLUX.1, SD3):
+    ``dit_kohya_name``."""
+    family = family_of_arch(arch)
+    if family.layout is not None or family.denoiser != "unet":  # a DiT family, with or without an original layout
         return dit_kohya_name(path, family)
     component, _, module = path.partition(".")
     sdxl = arch == Arch.SDXL
@@ -71,59 +72,42 @@ def to_kohya(groups: Grouped, arch: str, *, ldm_names: bool | None = None,
     return out
 
 
-FLUX_KOHYA = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te3_"}  # kohya's CLIP-L and T5 prefixes
-
-
-def flux_kohya_name(path: str) -> str:
-    """A FLUX.1 canonical path → its kohya module name: BFL-layout transformer modules as kohya writes them
-    (``lora_unet_double_blocks_0_img_attn_qkv``), diffusers-layout ones as OneTrainer does
-    (``lora_transformer_transformer_blocks_0_attn_to_q``: kohya's own names cannot hold a lone ``to_q``), CLIP-L
-    ``lora_te1_text_model_…``, T5 ``lora_te3_encoder_block_…``. The name must read back to ``path``."""
-    from ..keymap.families import FLUX1
-
-    return dit_kohya_name(path, FLUX1)
-
-
 def dit_kohya_name(path: str, family: Family) -> str:
-    """A DiT family's canonical path → its kohya module name, from the family's data: original-layout modules
-    (``Family.layout``) under ``lora_unet_``, model-named ones under ``Family.kohya_names[component]`` (Qwen-Image's
-    ``lora_unet_transformer_blocks_0_attn_to_q`` as musubi-tuner writes it; Chroma's diffusers names under
-    ``lora_transformer_``), CLIP encoders with their ``text_model`` level. The name must read back to ``path``."""
+    """A DiT family's canonical path → its kohya module name: original-layout transformer modules as kohya writes
+    them (``lora_unet_double_blocks_0_img_attn_qkv``, ``lora_unet_joint_blocks_0_x_block_attn_qkv``),
+    diffusers-layout ones as OneTrainer does (``lora_transformer_transformer_blocks_0_attn_to_q``: kohya's own names
+    cannot hold a lone ``to_q``), text encoders under ``Family.kohya_out`` (CLIP ``lora_te1_text_model_…``, T5
+    ``lora_te3_encoder_block_…``). The name must read back to ``path``."""
     from .kohya import splitter
 
     component, _, module = path.partition(".")
-    original = component == family.denoiser and family.layout is not None and family.layout.is_original(module)
-    prefix = "lora_unet_" if original else family.kohya_names.get(component)
-    if prefix is None or not module:
-        raise ToolError(f"layer {path}: not a {family.display} transformer or text-encoder layer; kohya names "
-                        "cannot carry it")
-    if component in family.clip_encoders:
-        module = "text_model." + module
+    if component == family.denoiser:  # Qwen-Image's model names under musubi-tuner's lora_unet_ (Family.kohya_out)
+        prefix = "lora_unet_" if family.is_original(module) else family.kohya_out.get(component, "lora_transformer_")
+    elif component in family.kohya_out:
+        prefix = family.kohya_out[component]
+        module = module if component in family.plain_te or module.startswith("text_projection") else \
+            "text_model." + module
+    else:
+        raise ToolError(f"layer {path}: not a {family.display} transformer or text-encoder layer; kohya names cannot "
+                        "carry it")
     name = prefix + module.replace(".", "_")
     if splitter(family)(name + ".alpha") != (path, "alpha"):
         raise ToolError(f"layer {path}: its kohya name {name} would read back as another module")
     return name
 
 
-# ComfyUI's names of FLUX.1's components (``diffusion_model.<BFL path>``, ``text_encoders.<name>.transformer.``)
-FLUX_COMFY = {"transformer": "diffusion_model.", "text_encoder": "text_encoders.clip_l.transformer.text_model.",
-              "text_encoder_2": "text_encoders.t5xxl.transformer."}
-
-
-def to_comfy_flux(groups: Grouped) -> StateDict:
-    """A FLUX.1 file as ComfyUI and ai-toolkit write them (BFL-PEFT): ``diffusion_model.<BFL path>.lora_A.weight``,
-    ``lora_B.weight`` (``lora_B.bias``), ``.alpha``, any other type with its LyCORIS leaves; a layer kept in the
-    diffusers layout as ``transformer.<path>``; CLIP-L and T5 under ComfyUI's ``text_encoders.`` names."""
-    from ..keymap.families import FLUX1
-    from ..keymap.flux import is_bfl_path
-
+def to_comfy(groups: Grouped, family: Family) -> StateDict:
+    """A DiT family's file as ComfyUI (and ai-toolkit, for FLUX.1) write them: ``diffusion_model.<original path>
+    .lora_A.weight``, ``lora_B.weight`` (``lora_B.bias``), ``.alpha``, any other type with its LyCORIS leaves; a
+    layer kept in the diffusers layout as ``transformer.<path>``; text encoders under ComfyUI's ``text_encoders.``
+    names (``Family.comfy_out``)."""
     out: StateDict = {}
     for path, leaves in groups.items():
         component, _, module = path.partition(".")
-        prefix = FLUX_COMFY.get(component)
+        prefix = family.comfy_out.get(component)
         if prefix is None:
-            raise ToolError(f"layer {path}: not a FLUX.1 transformer or text-encoder layer")
-        if component == FLUX1.denoiser and not is_bfl_path(module):
+            raise ToolError(f"layer {path}: not a {family.display} transformer or text-encoder layer")
+        if component == family.denoiser and not family.is_original(module):
             prefix = "transformer."
         for leaf, t in _kohya_leaves(leaves).items():
             out[f"{prefix}{module}.{COMFY_LEAVES.get(leaf, leaf)}"] = t
@@ -164,7 +148,7 @@ def to_peft(groups: Grouped, arch: str | None = None) -> tuple[StateDict, dict[s
         per_component.setdefault(component, {})[module] = (rank, alpha, dora)
         if "lora_up.bias" in leaves:
             biased.add(component)
-        t5 = arch == Arch.FLUX1 and component == "text_encoder_2"  # T5 has no text_model level
+        t5 = arch is not None and component in family_of_arch(arch).plain_te  # T5 has no text_model level
         key = f"{component}.{module if t5 else _peft_module(component, module)}"
         for leaf, t in leaves.items():
             if leaf in ("alpha", "scale"):

@@ -24,8 +24,8 @@ from ..models.loading import BaseModel
 from .conditioning import Conditioning
 from .decode import decode
 from .family import PipelineFamily, StepEnd
-from .flux_family import _derived, plain_text
-from .img2img import encoded_init
+from .flux_family import plain_text
+from .img2img import derived_pipeline, encoded_init
 from .init_image import steps_run
 from .request import Rules
 
@@ -87,7 +87,7 @@ class Chroma(PipelineFamily):
             raise LorakitError("the latent noise / latent nothing fills (2, 3) are not available on Chroma; use "
                                "fill 0 (fill) or 1 (original)")
         masked = prepared.mask is not None
-        pipe = _derived(self.model.pipe, ChromaInpaintPipeline if masked else ChromaImg2ImgPipeline)
+        pipe = derived_pipeline(self.model.pipe, ChromaInpaintPipeline if masked else ChromaImg2ImgPipeline)
         kwargs = self._kwargs(settings, cond, uncond, seeds, step_end, per_prompt)
         kwargs.update(image=prepared.image, strength=init.strength, width=size[0], height=size[1])
         if masked:

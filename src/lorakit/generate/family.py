@@ -2,8 +2,8 @@
 image), decoding and infotext — behind one interface, so the ``Generator`` drives any family the same way
 (LoRA schedules, progress, interrupt, mixed-LoRA batches, NaN checks stay in one place).
 
-A family is one class here (``sd_family.SD``, ``flux_family.Flux``) and one line of ``FAMILIES``; its key tables
-live in ``keymap`` and its loading in ``models``.
+A family is one class here (``sd_family.SD``, ``flux_family.Flux``, ``sd3_family.SD3``) and one line of
+``family_for``'s list; its key tables live in ``keymap`` and its loading in ``models``.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ..keymap.arch import SD3_SIZES, Arch
 from ..library import EmbeddingIndex
 from ..lora_model import LoraModel
 from ..models.loading import BaseModel
@@ -68,11 +69,13 @@ class PipelineFamily:
 
 
 def family_for(model: BaseModel, embeddings: EmbeddingIndex | None = None) -> PipelineFamily:
-    from ..keymap.arch import Arch
     from .chroma_family import Chroma
     from .flux_family import Flux
     from .qwen_family import QwenImage
+    from .sd3_family import SD3
     from .sd_family import SD
 
-    families: dict[str, type[PipelineFamily]] = {Arch.FLUX1: Flux, Arch.CHROMA: Chroma, Arch.QWEN_IMAGE: QwenImage}
-    return families.get(model.arch, SD)(model, embeddings)
+    adapters: list[tuple[tuple[str, ...], type[PipelineFamily]]] = [
+        ((Arch.FLUX1,), Flux), (SD3_SIZES, SD3), ((Arch.CHROMA,), Chroma), ((Arch.QWEN_IMAGE,), QwenImage)]
+    cls = next((c for arches, c in adapters if model.arch in arches), SD)
+    return cls(model, embeddings)

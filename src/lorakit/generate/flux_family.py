@@ -23,7 +23,7 @@ from .conditioning import Conditioning
 from .decode import decode
 from .emphasis import BREAK, parse_emphasis
 from .family import PipelineFamily, StepEnd
-from .img2img import encoded_init
+from .img2img import derived_pipeline, encoded_init
 from .init_image import steps_run
 from .request import Rules
 
@@ -84,7 +84,7 @@ class Flux(PipelineFamily):
                                if control is None else "a control image needs a FLUX.1 control LoRA (Canny, "
                                "Depth) in the prompt")
         if control is not None:
-            pipe = _derived(pipe, FluxControlPipeline)
+            pipe = derived_pipeline(pipe, FluxControlPipeline)
             kwargs["control_image"] = control
         with torch.no_grad():
             return pipe(width=size[0], height=size[1], **kwargs).images  # type: ignore[no-any-return]
@@ -104,7 +104,8 @@ class Flux(PipelineFamily):
                                "fill 0 (fill) or 1 (original)")
         if self._widened():
             raise LorakitError("a FLUX.1 control LoRA generates from a control image, not from an init image")
-        pipe = _derived(self.model.pipe, FluxInpaintPipeline if prepared.mask is not None else FluxImg2ImgPipeline)
+        cls = FluxInpaintPipeline if prepared.mask is not None else FluxImg2ImgPipeline
+        pipe = derived_pipeline(self.model.pipe, cls)
         kwargs = self._kwargs(settings, cond, uncond, seeds, step_end, per_prompt)
         kwargs.update(image=prepared.image, strength=init.strength, width=size[0], height=size[1])
         if prepared.mask is not None:
@@ -121,12 +122,3 @@ class Flux(PipelineFamily):
 
     def infotext_params(self, settings: Any) -> dict[str, Any]:
         return {"Distilled CFG Scale": settings.guidance} if settings.guidance is not None else {}
-
-
-def _derived(pipe: Any, cls: Any) -> Any:
-    """A FLUX img2img / inpaint / control pipeline on the same modules (built from the components: no fp32 cast)."""
-    expected, _ = cls._get_signature_keys(cls)
-    out = cls(**{name: pipe.components.get(name) for name in expected})
-    if hasattr(pipe, "_progress_bar_config"):
-        out.set_progress_bar_config(**pipe._progress_bar_config)
-    return out

@@ -97,3 +97,13 @@ def encoded_init(model: BaseModel, prepared: Prepared, count: int) -> torch.Tens
     if stats is not None:  # the normalised latents decode un-normalises
         latents = (latents / vae.config.scaling_factor - stats[0]) * vae.config.scaling_factor / stats[1]
     return latents.repeat(count, 1, 1, 1)
+
+
+def derived_pipeline(pipe: Any, cls: Any) -> Any:
+    """A pipeline of class ``cls`` (a family's img2img / inpaint / control pipeline) on the same modules, built from
+    the components: no fp32 cast, as ``from_pipe`` would make."""
+    expected, _ = cls._get_signature_keys(cls)
+    out = cls(**{name: pipe.components.get(name) for name in expected})
+    if hasattr(pipe, "_progress_bar_config"):
+        out.set_progress_bar_config(**pipe._progress_bar_config)
+    return out

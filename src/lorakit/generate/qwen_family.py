@@ -25,7 +25,8 @@ from ..models.loading import BaseModel
 from .conditioning import Conditioning
 from .decode import decode
 from .family import PipelineFamily, StepEnd
-from .flux_family import _derived, plain_text
+from .flux_family import plain_text
+from .img2img import derived_pipeline
 from .init_image import steps_run
 from .request import Rules
 
@@ -88,7 +89,7 @@ class QwenImage(PipelineFamily):
             raise LorakitError("the latent noise / latent nothing fills (2, 3) are not available on Qwen-Image; use "
                                "fill 0 (fill) or 1 (original)")
         masked = prepared.mask is not None
-        pipe = _derived(self.model.pipe, QwenImageInpaintPipeline if masked else QwenImageImg2ImgPipeline)
+        pipe = derived_pipeline(self.model.pipe, QwenImageInpaintPipeline if masked else QwenImageImg2ImgPipeline)
         kwargs = self._kwargs(settings, cond, uncond, seeds, step_end, per_prompt)
         kwargs.update(image=prepared.image, strength=init.strength, width=size[0], height=size[1])
         if masked:

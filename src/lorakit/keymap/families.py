@@ -1,10 +1,12 @@
 """Model families as data: what each one's LoRA files are named like, which components its models have, and how a
 file's module names become the model's (``Family``); and which family a file is for (``detect``).
 
-A family is one entry of ``FAMILIES`` plus its tables (``keymap/flux.py`` for FLUX.1). The dialect readers
-(``formats/``) ask the family for component names and the flattened-name vocabulary; ``lora_model`` asks it to map
-an original-layout module (BFL's fused ``qkv``) onto the model's modules. Families lorakit does not apply yet are
-named (``UNSUPPORTED``) so a file for one is refused with its name, never read as something else.
+A family is one entry of ``FAMILIES`` plus its tables (``keymap/flux.py`` for FLUX.1, ``keymap/sd3.py`` for SD3).
+The dialect readers (``formats/``) ask the family for component names and the flattened-name vocabulary;
+``lora_model`` asks it to map an original-layout module (BFL's fused ``qkv``) onto the model's modules, and, for a
+family of several sizes, which size a file is; the tools ask it for the way back (``layout``) and for the names its
+files are written with. Families lorakit does not apply yet are named (``UNSUPPORTED``) so a file for one is refused
+with its name, never read as something else.
 """
 from __future__ import annotations
 
@@ -13,8 +15,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from . import chroma, flux, qwen
-from .arch import UNKNOWN, Arch
+from typing import Any
+
+from . import chroma, flux, qwen, sd3
+from .arch import Arch
+from .arch import fits as archmod_fits
+from .layouts import LayoutMap, Target
 from .names import SD_VOCABULARY, Vocabulary
 
 
@@ -23,22 +29,33 @@ class Shaped(Protocol):
     def shape(self) -> tuple[int, ...]: ...
 
 
+class Sizes(Protocol):
+    """Which architecture (size) of a family a LoRA or a model is, for families whose sizes do not fit each other
+    (SD3-Medium, 3.5-Medium, 3.5-Large)."""
+
+    def of_layers(self, layers: Mapping[str, Any], metadata: Mapping[str, str]) -> str: ...
+
+    def of_header(self, body: str, metadata: Mapping[str, str]) -> str: ...
+
+    def of_model(self, components: Mapping[str, Any]) -> str: ...
+
+
 @dataclass(frozen=True)
 class Family:
     """``denoiser``: the canonical component of the UNet/transformer; ``kohya``: kohya/LyCORIS key prefixes →
     component (``None``: decided by the path's head, LyCORIS' own wrapper); ``peft``/``comfy``: the prefixes of
     PEFT/diffusers and ComfyUI keys → component; ``to_model``: an original-layout module path → the model's
     module(s) (``None`` when the family's files use the model's names); ``arch``: the architecture its LoRAs fit
-    (``None``: decided from shapes, as SD1/SD2/SDXL). ``layout``: its original (checkpoint) layout for the tools
-    and trainers (``None``: files use the model's names). ``fits``: the architectures of other families whose
-    LoRAs its models take (their layers without a module here reported, not applied). ``pipelines``: the diffusers
-    pipeline classes of its model folders (``model_index.json``). ``clip_encoders``: its components that are CLIP
-    text models (their files name ``text_model.``). ``kohya_names``: component → the kohya prefix writers give its
-    model-named modules (original-layout ones get ``lora_unet_``); ``base_version``/``modelspec``: kohya's
-    ``ss_base_model_version`` and ``modelspec.architecture`` (without ``/lora``) of its LoRAs. ``dit_blocks``: the
-    block-weight parts its transformer has (``double``: ``transformer_blocks``, ``single``:
-    ``single_transformer_blocks``; ``patch.weights``). ``fitted_components``: a component of the LoRAs it ``fits``
-    → its own (FLUX.1's T5 ``text_encoder_2`` is Chroma's ``text_encoder``)."""
+    (``None``: decided from shapes, as SD1/SD2/SDXL, or by ``sizes``); ``layout``: the original layout both ways
+    (writers); ``kohya_out``/``comfy_out``: the key prefixes its kohya / ComfyUI files are written with, per
+    component (the denoiser's original-layout modules under ``lora_unet_``, others as OneTrainer names them);
+    ``plain_te``: text encoders without a ``text_model`` level (T5); ``modelspec``: per architecture, kohya's
+    ``ss_base_model_version`` and ``modelspec.architecture`` (without ``/lora``). ``fits``: the architectures of
+    other families whose LoRAs its models take (their layers without a module here reported, not applied), with
+    ``fitted_components`` renaming their components to its own (FLUX.1's T5 ``text_encoder_2`` is Chroma's
+    ``text_encoder``); ``pipelines``: the diffusers pipeline classes of its model folders (``model_index.json``);
+    ``dit_blocks``: the block-weight parts its transformer has (``double``: ``transformer_blocks``, ``single``:
+    ``single_transformer_blocks``; ``patch.weights``)."""
 
     key: str
     display: str
@@ -49,20 +66,21 @@ class Family:
     peft: Mapping[str, str]
     comfy: Mapping[str, str]
     arch: Arch | None = None
-    to_model: Callable[[str], flux.Target | None] | None = None
+    to_model: Callable[[str], Target | None] | None = None
     is_original: Callable[[str], bool] = field(default=lambda path: False)
     model_classes: tuple[str, ...] = ()
     hidden_outputs: tuple[str, ...] = ()  # model module paths ending so write the hidden state (its width)
     expandable: Mapping[str, str] = field(default_factory=dict)  # input layer → config key widened with it
-    layout: flux.Layout | None = None
+    sizes: Sizes | None = None
+    layout: LayoutMap | None = None
+    kohya_out: Mapping[str, str] = field(default_factory=dict)
+    comfy_out: Mapping[str, str] = field(default_factory=dict)
+    plain_te: tuple[str, ...] = ()
+    modelspec: Mapping[str, tuple[str, str]] = field(default_factory=dict)
     fits: tuple[Arch, ...] = ()
-    pipelines: tuple[str, ...] = ()
-    clip_encoders: tuple[str, ...] = ("text_encoder", "text_encoder_2")
-    kohya_names: Mapping[str, str] = field(default_factory=dict)
-    base_version: str = ""
-    modelspec: str = ""
-    dit_blocks: tuple[str, ...] = ()
     fitted_components: Mapping[str, str] = field(default_factory=dict)
+    pipelines: tuple[str, ...] = ()
+    dit_blocks: tuple[str, ...] = ()
 
 
 SD = Family(
@@ -88,9 +106,33 @@ FLUX1 = Family(
     arch=Arch.FLUX1, to_model=flux.to_model, is_original=flux.is_bfl_path,
     model_classes=("FluxTransformer2DModel",), hidden_outputs=flux.HIDDEN_OUTPUTS,
     expandable={"x_embedder": "in_channels"},  # control LoRAs (Canny/Depth) read the control image's latents too
-    layout=flux.LAYOUT, clip_encoders=("text_encoder",), base_version="flux1", modelspec="flux-1",
-    dit_blocks=("double", "single"),
-    kohya_names={"transformer": "lora_transformer_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te3_"})
+    layout=flux.MAP, kohya_out={"text_encoder": "lora_te1_", "text_encoder_2": "lora_te3_"},
+    comfy_out={"transformer": "diffusion_model.", "text_encoder": "text_encoders.clip_l.transformer.text_model.",
+               "text_encoder_2": "text_encoders.t5xxl.transformer."},
+    plain_te=("text_encoder_2",), modelspec={Arch.FLUX1: ("flux1", "flux-1")}, dit_blocks=("double", "single"))
+
+SD3 = Family(
+    "sd3", "Stable Diffusion 3", "transformer",
+    {"text_encoder": "CLIP-L", "text_encoder_2": "OpenCLIP-G", "text_encoder_3": "T5-XXL"}, sd3.VOCABULARY,
+    kohya={"lora_unet_": "transformer", "lora_transformer_": "transformer", "lora_te1_": "text_encoder",
+           "lora_te2_": "text_encoder_2", "lora_te3_": "text_encoder_3", "lycoris_": "transformer"},
+    peft={"transformer.base_model.model.": "transformer", "transformer.": "transformer",
+          "base_model.model.": "transformer", "diffusion_model.": "transformer", "text_encoder.": "text_encoder",
+          "text_encoder_2.": "text_encoder_2", "text_encoder_3.": "text_encoder_3",
+          "text_encoders.clip_l.transformer.": "text_encoder", "text_encoders.clip_g.transformer.": "text_encoder_2",
+          "text_encoders.t5xxl.transformer.": "text_encoder_3"},
+    comfy={"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5xxl": "text_encoder_3"},
+    to_model=sd3.MAP.to_model, is_original=sd3.MAP.is_original, model_classes=("SD3Transformer2DModel",),
+    hidden_outputs=sd3.HIDDEN_OUTPUTS, sizes=sd3.SIZES, layout=sd3.MAP,
+    kohya_out={"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_", "text_encoder_3": "lora_te3_"},
+    comfy_out={"transformer": "diffusion_model.", "text_encoder": "text_encoders.clip_l.transformer.text_model.",
+               "text_encoder_2": "text_encoders.clip_g.transformer.text_model.",
+               "text_encoder_3": "text_encoders.t5xxl.transformer."},
+    plain_te=("text_encoder_3",),
+    modelspec={Arch.SD3_MEDIUM: ("sd3-medium", "stable-diffusion-3-medium"),
+               Arch.SD35_MEDIUM: ("sd3.5-medium", "stable-diffusion-3-5-medium"),
+               Arch.SD35_LARGE: ("sd3.5-large", "stable-diffusion-3-5-large"),
+               Arch.SD3_MEDIUMS: ("sd3", "stable-diffusion-3"), Arch.SD3: ("sd3", "stable-diffusion-3")})
 
 CHROMA = Family(
     "chroma", "Chroma", "transformer", {"text_encoder": "T5-XXL"}, chroma.VOCABULARY,
@@ -99,11 +141,13 @@ CHROMA = Family(
     peft={"transformer.base_model.model.": "transformer", "transformer.": "transformer",
           "base_model.model.": "transformer", "diffusion_model.": "transformer", "text_encoder.": "text_encoder",
           "text_encoders.t5xxl.transformer.": "text_encoder"},
-    comfy={"t5xxl": "text_encoder"}, arch=Arch.CHROMA, to_model=chroma.to_model, is_original=chroma.is_original,
-    model_classes=("ChromaTransformer2DModel",), hidden_outputs=flux.HIDDEN_OUTPUTS, layout=chroma.LAYOUT,
-    fits=(Arch.FLUX1,), pipelines=("ChromaPipeline", "ChromaImg2ImgPipeline"), clip_encoders=(),
-    kohya_names={"transformer": "lora_transformer_", "text_encoder": "lora_te3_"}, base_version="chroma",
-    modelspec="chroma", dit_blocks=("double", "single"), fitted_components={"text_encoder_2": "text_encoder"})
+    comfy={"t5xxl": "text_encoder"}, arch=Arch.CHROMA, to_model=chroma.MAP.to_model, is_original=chroma.MAP.is_original,
+    model_classes=("ChromaTransformer2DModel",), hidden_outputs=flux.HIDDEN_OUTPUTS, layout=chroma.MAP,
+    kohya_out={"text_encoder": "lora_te3_"},
+    comfy_out={"transformer": "diffusion_model.", "text_encoder": "text_encoders.t5xxl.transformer."},
+    plain_te=("text_encoder",), modelspec={Arch.CHROMA: ("chroma", "chroma")}, fits=(Arch.FLUX1,),
+    fitted_components={"text_encoder_2": "text_encoder"}, pipelines=("ChromaPipeline", "ChromaImg2ImgPipeline"),
+    dit_blocks=("double", "single"))
 
 QWEN_IMAGE = Family(
     "qwen-image", "Qwen-Image", "transformer", {"text_encoder": "Qwen2.5-VL"}, qwen.VOCABULARY,
@@ -111,15 +155,14 @@ QWEN_IMAGE = Family(
     peft={"transformer.base_model.model.": "transformer", "transformer.": "transformer",
           "base_model.model.": "transformer", "diffusion_model.": "transformer", "text_encoder.": "text_encoder"},
     comfy={"qwen25_7b": "text_encoder"}, arch=Arch.QWEN_IMAGE, model_classes=("QwenImageTransformer2DModel",),
-    pipelines=("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline"), clip_encoders=(),
-    kohya_names={"transformer": "lora_unet_"}, base_version="qwen_image", modelspec="Qwen-Image",
-    dit_blocks=("double",))
+    kohya_out={"transformer": "lora_unet_"},  # musubi-tuner's names (its transformer has no original layout)
+    plain_te=("text_encoder",), modelspec={Arch.QWEN_IMAGE: ("qwen_image", "Qwen-Image")},
+    pipelines=("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline"), dit_blocks=("double",))
 
-FAMILIES: dict[str, Family] = {f.key: f for f in (SD, FLUX1, CHROMA, QWEN_IMAGE)}
+FAMILIES: dict[str, Family] = {f.key: f for f in (SD, FLUX1, SD3, CHROMA, QWEN_IMAGE)}
 
 # Families lorakit does not apply (yet), by raw key names; tried after FLUX.1's own markers fail.
 UNSUPPORTED: list[tuple[str, re.Pattern[str]]] = [
-    ("Stable Diffusion 3", re.compile(r"joint_blocks|context_block|x_block|(?:^|[._])pos_embed[._]")),
     ("HiDream", re.compile(r"double_stream_blocks")),
     ("AuraFlow", re.compile(r"joint_transformer_blocks")),
     ("Lumina 2", re.compile(r"noise_refiner|context_refiner|(?:^|[._])layers[._]\d+[._]attention[._]qkv")),
@@ -127,15 +170,15 @@ UNSUPPORTED: list[tuple[str, re.Pattern[str]]] = [
     ("a transformer (DiT) model such as SD3, PixArt or Hunyuan", re.compile(r"^(lora_)?transformer[._]")),
 ]
 _META: dict[str, str] = {"flux-2": "FLUX.2", "flux.2": "FLUX.2", "flux2": "FLUX.2", "chroma": "chroma",
-                         "sd3": "Stable Diffusion 3", "stable-diffusion-3": "Stable Diffusion 3",
-                         "stable-diffusion-v3": "Stable Diffusion 3", "qwen": "qwen-image", "pixart": "PixArt",
+                         "sd3": "sd3", "stable-diffusion-3": "sd3", "stable-diffusion-v3": "sd3", "qwen": "qwen-image",
+                         "pixart": "PixArt",
                          "hunyuan": "Hunyuan", "auraflow": "AuraFlow", "cascade": "Stable Cascade",
                          "flux": "flux1"}
 # A DiT's top-level ``transformer_blocks`` (FLUX.1's double blocks, SD3's joint blocks) under any dialect's prefix;
 # an SD UNet's ``transformer_blocks`` sit inside ``attentions``, never at the top.
 _DIFFUSERS_DOUBLE = re.compile(r"^(?:transformer\.|lora_transformer_|base_model\.model\.|lycoris_|lora_unet_|"
                                r"diffusion_model\.)*transformer_blocks[._]\d+[._]")
-SD3_WIDTHS = (1536, 2432)
+SD3_WIDTHS = tuple(sd3.WIDTHS)
 # FLUX.1 (dev, schnell, Kontext) has 19 double blocks: a diffusers-layout file naming a later top-level block is
 # for a deeper DiT with the same names (Qwen-Image: 60 blocks of width 3072; SD3.5-Large: 38).
 FLUX1_DOUBLE_BLOCKS = 19
@@ -151,6 +194,8 @@ def detect(keys: list[str], metadata: Mapping[str, str], shapes: Mapping[str, Sh
     named = _by_keys(keys, shapes or {})
     meta = _by_metadata(metadata)
     if isinstance(named, _Guess):
+        if meta is SD3 and named.default is FLUX1 and _unsettled_double_blocks(keys, shapes or {}):
+            return SD3  # diffusers-layout double blocks whose widths are no full-size model's: metadata decides
         return meta if meta is not None and meta in named.choices else named.default
     if named is not None:
         return named
@@ -187,14 +232,15 @@ def _by_keys(keys: list[str], shapes: Mapping[str, Shaped]) -> Family | str | _G
         return CHROMA
     if any(qwen.KEYS.search(k) for k in keys):
         return QWEN_IMAGE
+    if sd3.claims(keys):  # before FLUX.1's markers: SD3's final layer is named as FLUX's
+        return SD3
     if any(flux.KEYS.search(k) for k in keys):  # Chroma's own files mostly carry FLUX.1's names only (kohya)
         return _Guess(FLUX1, (CHROMA,))
     doubles = [k for k in keys if _DIFFUSERS_DOUBLE.search(k)]
-    if doubles and not any(UNSUPPORTED[0][1].search(k) for k in keys):  # not SD3's names
-        widths = {s.shape[1] for k in doubles if (s := shapes.get(k)) is not None and len(s.shape) == 2
-                  and re.search(r"lora_A|lora_down|down\.weight", k)}
+    if doubles:
+        widths = _double_widths(doubles, shapes)
         if widths & set(SD3_WIDTHS):
-            return "Stable Diffusion 3"
+            return SD3
         deepest = max(int(m[1]) for k in doubles if (m := re.search(r"transformer_blocks[._](\d+)", k)))
         if deepest < FLUX1_DOUBLE_BLOCKS and all(k.startswith("lora_unet_") for k in doubles):
             return _Guess(QWEN_IMAGE, (FLUX1, CHROMA))  # musubi-tuner's Qwen-Image names (kohya's FLUX.1: BFL ones)
@@ -207,6 +253,31 @@ def _by_keys(keys: list[str], shapes: Mapping[str, Shaped]) -> Family | str | _G
         if any(pattern.search(k) for k in keys):
             return name
     return None
+
+
+def _double_widths(doubles: list[str], shapes: Mapping[str, Shaped]) -> set[int]:
+    """The input widths the factors of diffusers-layout double blocks show (LoRA's down, LoHa's ``w1_b``, LoKr's
+    Kronecker factors: w1's columns × w2's)."""
+    out: set[int] = set()
+    for k in doubles:
+        s = shapes.get(k)
+        if s is None or len(s.shape) != 2:
+            continue
+        if re.search(r"lora_A|lora_down|down\.weight|hada_w1_b", k):
+            out.add(int(s.shape[1]))
+        elif k.endswith((".lokr_w1", ".lokr_w1_b")):
+            base = k.rsplit(".", 1)[0]
+            w2 = next((t for leaf in (".lokr_w2", ".lokr_w2_b") if (t := shapes.get(base + leaf)) is not None), None)
+            if w2 is not None and len(w2.shape) == 2:
+                out.add(int(s.shape[1]) * int(w2.shape[1]))
+    return out
+
+
+def _unsettled_double_blocks(keys: list[str], shapes: Mapping[str, Shaped]) -> bool:
+    """Diffusers-layout double blocks whose widths are neither FLUX.1's (3072) nor SD3's (a tiny test model's, or
+    none shown): FLUX.1 and SD3 files name them alike."""
+    doubles = [k for k in keys if _DIFFUSERS_DOUBLE.search(k)]
+    return bool(doubles) and not _double_widths(doubles, shapes) & {3072, *SD3_WIDTHS}
 
 
 def depth_decides(keys: list[str], shapes: Mapping[str, Shaped] | None = None) -> bool:
@@ -227,6 +298,11 @@ def deepest_block_keys(text: str) -> list[str]:
     return [] if best is None else [best[1]]
 
 
+def family_of_arch(arch: str) -> Family:
+    """The family whose LoRAs an architecture names (Stable Diffusion for SD1/SD2/SDXL, the demo and unknown)."""
+    return next((f for f in FAMILIES.values() if f.arch == arch or arch in f.modelspec), SD)
+
+
 def _text_width(keys: list[str], shapes: Mapping[str, Shaped]) -> int | None:
     """The input width of the text embedder's LoRA (``txt_in``/``context_embedder`` down factor), if shown."""
     for k in keys:
@@ -242,13 +318,7 @@ def family_of_model(components: Mapping[str, object]) -> Family | None:
     return next((f for f in FAMILIES.values() if names & set(f.model_classes)), None)
 
 
-_DITS = [f.display for f in FAMILIES.values() if f is not SD]
-SUPPORTED = "Stable Diffusion 1.x, 2.x and XL, " + ", ".join(_DITS[:-1]) + f" and {_DITS[-1]}"
-
-
-def for_arch(arch: str) -> Family:
-    """The family of an architecture (Stable Diffusion for SD1/SD2/SDXL, the demo model and unknown ones)."""
-    return next((f for f in FAMILIES.values() if f.arch is not None and f.arch == arch), SD)
+SUPPORTED = "Stable Diffusion 1.x, 2.x and XL, FLUX.1, Stable Diffusion 3 / 3.5, Chroma and Qwen-Image"
 
 
 def by_pipeline(class_name: str) -> Family | None:
@@ -257,12 +327,11 @@ def by_pipeline(class_name: str) -> Family | None:
 
 
 def fits(lora_arch: str, model_arch: str) -> bool:
-    """Whether a LoRA made for ``lora_arch`` may be applied to a ``model_arch`` model: the same architecture, an
-    unknown one, or one the model's family takes (``Family.fits``: FLUX.1 LoRAs on Chroma, their layers for what
-    Chroma pruned reported as having no module). Chroma's own LoRAs do not fit FLUX.1: no family lists them."""
-    if UNKNOWN in (lora_arch, model_arch) or lora_arch == model_arch:
-        return True
-    return lora_arch in for_arch(model_arch).fits
+    """Whether a LoRA made for ``lora_arch`` may be applied to a ``model_arch`` model: the same architecture, one
+    that covers it, an unknown one (``arch.fits``), or one the model's family takes (``Family.fits``: FLUX.1 LoRAs
+    on Chroma, their layers for what Chroma pruned reported as having no module). Chroma's own LoRAs do not fit
+    FLUX.1: no family lists them."""
+    return archmod_fits(lora_arch, model_arch) or lora_arch in family_of_arch(model_arch).fits
 # FLUX.1 control and Fill LoRAs widen ``img_in`` to take the control image's (or the masked image's and the
 # mask's) latents beside the noise: 64 → 128 (Canny, Depth) or 384 (Fill) input features at full size.
 FLUX1_WIDE_INPUTS = {128: "flux-1-dev-control", 384: "flux-1-fill-dev"}

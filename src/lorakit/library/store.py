@@ -14,7 +14,7 @@ from ..files.hashes import HashCache, cache_db_path
 SCHEMA = """CREATE TABLE IF NOT EXISTS loras (
     path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, sidecars TEXT NOT NULL,
     info TEXT NOT NULL, metadata TEXT)"""
-VERSION = 5  # bump when the info layout changes: old rows are dropped (the hashes table is kept)
+VERSION = 6  # bump when the info layout or a base changes (6: SD3 sizes): old rows are dropped (hashes kept)
 
 
 def default_index_path() -> Path:

@@ -182,7 +182,18 @@ def _summarise_ends(path: Path, ends: Ends) -> Summary | None:
                              lambda key: _tensor_value(path, text, key, ends.data_start), by_metadata=False)
     if summary.base == archmod.UNKNOWN or not summary.types:
         return None
+    if summary.base in archmod.SD3_BASES:
+        return _sd3_from_ends(summary, body, ends.tail)
     return _flux_from_ends(summary, body, ends.tail) if summary.base == archmod.FLUX1 else summary
+
+
+def _sd3_from_ends(summary: Summary, body: str, tail: str) -> Summary | None:
+    """An SD3 file's ends tell when no component can hide in the middle (as for FLUX.1: the head's last entry and
+    the tail's first are of the same one); its size is in every block layer's widths, so the ends show it."""
+    head, rest = entry_keys(body, cut_start=False, cut_end=True), entry_keys(tail, cut_start=True, cut_end=False)
+    if not head or not rest or dit_component(head[-1]) != dit_component(rest[0]):
+        return None
+    return summary
 
 
 def _flux_from_ends(summary: Summary, body: str, tail: str) -> Summary | None:
@@ -243,7 +254,8 @@ def summarise_keys(keys: list[str], body: str, count: int | None, metadata: dict
     rank, alpha = _rank(body, metadata), _alpha(body, metadata, value)
     family = _family(keys, body, metadata, shapes)
     if family is not families.SD:
-        base = family if isinstance(family, str) else family.arch or archmod.UNKNOWN
+        base = family if isinstance(family, str) else family.arch or (  # SD3: the size its block widths show
+            family.sizes.of_header(body, metadata) if family.sizes is not None else archmod.UNKNOWN)
         variant = None if isinstance(family, str) else families.variant(family, keys, metadata, shapes)
         return Summary(base, types, rank, alpha, count, dit_components(keys), metadata, variant)
     base = _base(blob, body, metadata, shape_base, by_metadata)
@@ -263,7 +275,11 @@ def _family(keys: list[str], body: str, metadata: dict[str, str],
     sample = keys[:4] + keys[-4:] + families.deepest_block_keys(body)
     if shapes is None:
         named = families.detect(sample, metadata)
-        return named if named is families.SD else families.detect(sample, metadata, entry_shapes(body, sample))
+        if named is families.SD:
+            return named
+        found = families.detect(sample, metadata, entry_shapes(body, sample))
+        # SD3's SAI embedders and final layer are named as FLUX.1's: then every sampled key decides
+        return families.detect(keys, metadata, entry_shapes(body, keys)) if found is families.FLUX1 else found
     found = families.detect(sample, metadata, shapes)
     return families.detect(keys, metadata, shapes) if found is families.FLUX1 else found
 

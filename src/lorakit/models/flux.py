@@ -20,9 +20,9 @@ import torch
 from ..errors import CheckpointError, ModelError
 from ..keymap import flux as fluxmap
 from ..keymap.arch import Arch
+from .dit_files import prefixed, replace_encoders, replace_vae, split_original
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.")  # BFL transformer keys in ComfyUI / Forge files
-VAE_PREFIXES = ("vae.", "first_stage_model.")
 T = TypeVar("T")
 TE_PREFIXES = {"text_encoder": "text_encoders.clip_l.transformer.", "text_encoder_2": "text_encoders.t5xxl.transformer."}
 
@@ -45,39 +45,14 @@ def load_folder(path: Path, dtype: torch.dtype) -> Any:
 def transformer_keys(sd: Mapping[str, T]) -> dict[str, T]:
     """The transformer tensors (or header entries) of a single file, prefixes stripped: BFL names (a bare BFL
     file has no prefix), or diffusers names (diffusers-keyed GGUF files)."""
-    out: dict[str, T] = {}
-    for key, t in sd.items():
-        for prefix in PREFIXES:
-            if key.startswith(prefix):
-                out[key[len(prefix):]] = t
-                break
-        else:
-            if fluxmap.is_bfl_path(key) or key.split(".", 1)[0] in fluxmap.DIFFUSERS_HEADS:
-                out[key] = t
-    return out
+    return prefixed(sd, PREFIXES, lambda key: fluxmap.is_bfl_path(key) or key.split(".", 1)[0] in fluxmap.DIFFUSERS_HEADS)
 
 
 def bfl_to_diffusers(sd: Mapping[str, torch.Tensor], hidden: int, path: Path) -> dict[str, torch.Tensor]:
     """BFL transformer tensors → ``FluxTransformer2DModel`` names: renamed, fused rows split by ``hidden`` (the
     config's ``num_attention_heads·attention_head_dim``), the final adaLN's halves swapped, RMSNorm ``scale`` →
-    ``weight``. Row slices only: quantized rows (GGUF blocks run along rows) split exactly too."""
-    out: dict[str, torch.Tensor] = {}
-    for key, t in sd.items():
-        module, _, param = key.rpartition(".")
-        target = fluxmap.to_model(module)
-        if target is None or param not in ("weight", "bias", "scale"):
-            raise CheckpointError(f"{path}: {key} is not a FLUX.1 transformer tensor")
-        param = "weight" if param == "scale" else param
-        if isinstance(target, str):
-            out[f"{target}.{param}"] = t
-            continue
-        pieces = target.pieces(int(t.shape[0]), hidden)
-        if isinstance(pieces, str):
-            raise CheckpointError(f"{path}: {key} {tuple(t.shape)} cannot be split onto {', '.join(target.targets)}: "
-                                  f"{pieces}")
-        for part, rows in pieces:
-            out[f"{part}.{param}"] = torch.cat([t[a:b] for a, b in rows]) if len(rows) > 1 else t[rows[0][0]:rows[0][1]]
-    return out
+    ``weight``."""
+    return split_original(sd, hidden, path, fluxmap.to_model, "FLUX.1 transformer", {"scale": "weight"})
 
 
 def transformer_config(components: Path | None, sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
@@ -121,8 +96,8 @@ def load_single_file(path: Path, sd: Mapping[str, torch.Tensor], components: Pat
         base.transformer = build_quantized_transformer(quantized, config, path, dtype)
     else:
         base.transformer = build_transformer(transformer_keys(sd), config, path, dtype)
-    _replace_encoders(base, sd, path, dtype)
-    _replace_vae(base, sd, path, dtype)
+    replace_encoders(base, sd, path, dtype, TE_PREFIXES)
+    replace_vae(base, sd, path, dtype)
     return base
 
 
@@ -175,39 +150,6 @@ def _is_folder(path: Path) -> bool:
         return False
 
 
-def _replace_encoders(pipe: Any, sd: Mapping[str, torch.Tensor], path: Path, dtype: torch.dtype) -> None:
-    """An all-in-one file's CLIP-L and T5 (HF names under ComfyUI's prefixes) replace the folder's."""
-    from .single_file import _fill
-
-    for name, prefix in TE_PREFIXES.items():
-        state = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-        if not state:
-            continue
-        encoder = getattr(pipe, name)
-        with torch.device("meta"):
-            fresh = type(encoder)(encoder.config)
-        state = {k.removeprefix("text_model."): v for k, v in state.items()} if not hasattr(fresh, "text_model") \
-            else state
-        _fill(fresh, {k: v for k, v in state.items() if k in fresh.state_dict()}, path, name.replace("_", " "), dtype)
-        setattr(pipe, name, fresh.eval())
-
-
-def _replace_vae(pipe: Any, sd: Mapping[str, torch.Tensor], path: Path, dtype: torch.dtype) -> None:
-    from diffusers import AutoencoderKL
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-
-    from .single_file import _fill
-
-    prefix = next((p for p in VAE_PREFIXES if any(k.startswith(p) for k in sd)), None)
-    if prefix is None:
-        return
-    state = {"first_stage_model." + k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-    with torch.device("meta"):
-        vae = AutoencoderKL(**{k: v for k, v in pipe.vae.config.items() if not k.startswith("_")})
-    _fill(vae, convert_ldm_vae_checkpoint(state, dict(vae.config)), path, "VAE", dtype)
-    pipe.vae = vae.eval()
-
-
 def variant(pipe: Any) -> str:
     """``flux-1-dev`` (guidance embedding), ``flux-1-schnell`` (none); ``-control``/``fill`` by input width."""
     cfg = pipe.transformer.config
@@ -217,3 +159,19 @@ def variant(pipe: Any) -> str:
 
 
 ARCH = Arch.FLUX1
+# the interface ``models.loading`` asks of a DiT family's model module
+ARCHES = (Arch.FLUX1,)
+HALF = torch.bfloat16  # FLUX.1's activations overflow fp16: bf16 on a GPU (as BFL, diffusers and Forge run it)
+is_index = is_flux_index
+
+
+def is_file(sd: Mapping[str, Any]) -> bool:
+    """Whether a single file's keys are a FLUX.1 transformer's."""
+    from ..keymap.families import FLUX1, detect
+
+    keys = transformer_keys(sd)
+    return bool(keys) and detect(list(keys)[:64], {}) is FLUX1
+
+
+def arch_of(pipe: Any) -> str:
+    return ARCH

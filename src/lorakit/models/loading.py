@@ -62,23 +62,24 @@ class BaseModel:
         return self.arch == Arch.FLUX1
 
     @property
+    def dit(self) -> Any:
+        """The model module of its DiT family (``models/flux.py``, ``models/sd3.py``), ``None`` for SD/SDXL."""
+        return dit_family(self.arch)
+
+    @property
     def native_size(self) -> int:
-        """The side in px of the pictures it was trained on: the default width and height (a FLUX pipeline says
-        its own: its default latent size × the VAE's scale; 1024 for one that does not)."""
-        dit = getattr(self.pipe, "transformer", None) is not None  # a DiT pipeline (FLUX.1, Chroma, Qwen-Image)
-        sample = getattr(self.pipe, "default_sample_size", None) if dit else None
+        """The side in px of the pictures it was trained on: the default width and height (a DiT pipeline says
+        its own: its default latent size × the VAE's scale; 1024 for one that does not — FLUX.1's and SD3's)."""
+        sample = getattr(self.pipe, "default_sample_size", None) if self.dit is not None else None
         if sample is not None:
             return int(sample * self.pipe.vae_scale_factor)
-        return {Arch.DEMO: 64, Arch.SDXL: 1024, Arch.FLUX1: 1024}.get(self.arch, 512)
+        return 1024 if self.dit is not None else {Arch.DEMO: 64, Arch.SDXL: 1024}.get(self.arch, 512)
 
     @property
     def variant(self) -> str:
-        """The finer base: ``flux-1-dev``, ``flux-1-schnell``… for FLUX.1, else the architecture."""
-        if self.flux:
-            from .flux import variant
-
-            return variant(self.pipe)
-        return str(self.arch)
+        """The finer base: ``flux-1-dev``, ``flux-1-schnell``… for FLUX.1, else the architecture (SD3: its size)."""
+        dit = self.dit
+        return str(self.arch) if dit is None else str(dit.variant(self.pipe))
 
     @property
     def vae_tiling(self) -> bool:
@@ -113,12 +114,13 @@ def load_model(spec: str | None, *, device: str | torch.device | None = None, dt
     (``low``: model CPU offload on CUDA + VAE tiling; ``normal``: all on the device, tiles from 1536 px;
     ``high``: never tiles) and where LoRA originals are kept (``auto``/``device``/``host``). An argument left
     ``None`` comes from ``$LORAKIT_DEVICE``/``$LORAKIT_DTYPE``/``$LORAKIT_VRAM``/``$LORAKIT_LORA_ORIGINALS``, else
-    its default (``auto``, ``auto``, ``normal``, ``auto``). ``components``: a FLUX.1 diffusers folder a FLUX single
-    file takes its tokenizers (and, transformer-only, its text encoders and VAE) from (``$LORAKIT_COMPONENTS``)."""
+    its default (``auto``, ``auto``, ``normal``, ``auto``). ``components``: a diffusers folder of the family
+    (FLUX.1, SD3) a single file takes its tokenizers (and, transformer-only, its text encoders and VAE) from
+    (``$LORAKIT_COMPONENTS``)."""
     dev = resolve_device(device if device is not None else _env("device"))
-    # FLUX.1's (and the later DiTs') activations overflow fp16: ``auto`` is bf16 for them on a GPU (as BFL,
-    # diffusers and Forge run them)
-    half = torch.bfloat16 if spec not in (None, DEMO) and is_dit_path(Path(spec)) else torch.float16
+    # FLUX.1's activations overflow fp16: ``auto`` is bf16 for the DiT families on a GPU (their modules' ``HALF``)
+    dit = dit_of_path(Path(spec)) if spec not in (None, DEMO) else None
+    half = dit.HALF if dit is not None else torch.float16
     dt = resolve_dtype(dtype if dtype is not None else _env("dtype"), dev, half)
     mode = check_choice(vram or _env("vram"), VRAM_MODES, "vram", "normal")
     originals = check_choice(lora_originals or _env("lora_originals"), ORIGINALS, "lora_originals", "auto")
@@ -228,8 +230,8 @@ def _use_sdpa(pipe: Any) -> None:
 def load_single_file(path: Path, configs: Mapping[str, Mapping[str, Any]] | None = None,
                      dtype: torch.dtype = torch.float32, components: Path | None = None) -> BaseModel:
     """An A1111-style ``.safetensors``/``.ckpt`` checkpoint (SD1, SD2, SDXL; ``configs`` default to the full-size
-    ones of the architecture its tensors show), or a FLUX.1 single file (with ``components``: ``models/flux.py``),
-    on the CPU in ``dtype`` (``load_model`` places it)."""
+    ones of the architecture its tensors show), or a DiT family's single file (FLUX.1, SD3; with ``components``:
+    ``models/flux.py``, ``models/sd3.py``), on the CPU in ``dtype`` (``load_model`` places it)."""
     from ..files.hashes import cached_sha256
     from .single_file import (
         build_pipeline,
@@ -243,69 +245,63 @@ def load_single_file(path: Path, configs: Mapping[str, Mapping[str, Any]] | None
 
     if path.suffix.lower() == ".gguf":
         quantized = read_gguf(path)
-        if not _is_flux_file(quantized.tensors):
+        if _dit_file(quantized.tensors) is not _flux():
             raise ModelError(f"{path}: a GGUF file of {quantized.architecture or 'an unknown architecture'}; lorakit "
                              "loads FLUX.1 GGUF files (SD/SDXL GGUF UNets are not supported)")
         pipe = flux_single_file(path, {}, components, dtype, quantized)
         return BaseModel(pipe, path.stem, cached_sha256(path)[:10], Arch.FLUX1)
     sd = checkpoint_tensors(path)
-    if _is_flux_file(sd):
-        pipe = flux_single_file(path, sd, components, dtype, fp8_file(dict(sd), path))
-        return BaseModel(pipe, path.stem, cached_sha256(path)[:10], Arch.FLUX1)
+    dit = _dit_file(sd)
+    if dit is not None:
+        pipe = dit.load_single_file(path, sd, components, dtype, fp8_file(dict(sd), path) if dit is _flux() else None)
+        return BaseModel(pipe, path.stem, cached_sha256(path)[:10], Arch(dit.arch_of(pipe)))
     arch = checkpoint_arch(sd, path)
     pipe = build_pipeline(sd, path, arch, configs or default_configs(arch), dtype)
     return BaseModel(pipe, path.stem, cached_sha256(path)[:10], Arch(arch))
 
 
-def is_flux_path(path: Path) -> bool:
-    """Whether ``path`` holds a FLUX.1 model (a folder's ``model_index.json``, a single file's key names), read
-    cheaply: a wrong or unreadable path is ``False`` here and explained when it is loaded."""
+def dit_families() -> tuple[Any, ...]:
+    """The model modules of the DiT families, each with ``ARCHES``, ``HALF``, ``is_index(model_index)``,
+    ``is_file(tensors)``, ``load_folder``, ``load_single_file``, ``arch_of(pipe)`` and ``variant(pipe)``. SD3 is
+    asked first: its SAI names (``joint_blocks``) are its own, while BFL and SAI share ``final_layer.*``."""
+    from . import flux, sd3
+    from .folder_dits import CHROMA, QWEN_IMAGE
+
+    return (sd3, flux, CHROMA, QWEN_IMAGE)
+
+
+def dit_family(arch: str) -> Any:
+    """The model module of the DiT family ``arch`` belongs to (``None``: Stable Diffusion)."""
+    return next((m for m in dit_families() if arch in m.ARCHES), None)
+
+
+def _flux() -> Any:
+    from . import flux
+
+    return flux
+
+
+def _dit_file(sd: Mapping[str, Any]) -> Any:
+    return next((m for m in dit_families() if m.is_file(sd)), None)
+
+
+def dit_of_path(path: Path) -> Any:
+    """The DiT family of the model at ``path`` (a folder's ``model_index.json``, a single file's key names), read
+    cheaply: ``None`` for Stable Diffusion, and for a wrong or unreadable path (explained when it is loaded)."""
     from ..files.header import read_header
-    from .flux import is_flux_index
 
     try:
         if path.is_dir():
-            return is_flux_index(json.loads((path / "model_index.json").read_text()))
-        return path.suffix == ".safetensors" and _is_flux_file(read_header(path).tensors)
+            index = json.loads((path / "model_index.json").read_text())
+            return next((m for m in dit_families() if m.is_index(index)), None)
+        return _dit_file(read_header(path).tensors) if path.suffix == ".safetensors" else None
     except (OSError, ValueError, LorakitError):
-        return False
+        return None
 
 
-def is_dit_path(path: Path) -> bool:
-    """Whether ``path`` holds a FLUX.1 model or a folder of another DiT family (``Family.pipelines``)."""
-    if is_flux_path(path):
-        return True
-    try:
-        return path.is_dir() and _family_of_index(json.loads((path / "model_index.json").read_text())) is not None
-    except (OSError, ValueError):
-        return False
-
-
-def _family_of_index(index: Mapping[str, Any]) -> Any:
-    from ..keymap.families import by_pipeline
-
-    return by_pipeline(str(index.get("_class_name", "")))
-
-
-def _family_folder(path: Path, dtype: torch.dtype, class_name: str) -> Any:
-    """A pipeline of a DiT family's diffusers folder (Chroma, Qwen-Image), offline, as its ``model_index.json``
-    names it. What a real folder needs: every component the pipeline lists (Qwen-Image: ``tokenizer/``
-    (Qwen2Tokenizer), ``text_encoder/`` (Qwen2.5-VL), ``transformer/``, ``vae/``, ``scheduler/``; Chroma:
-    ``tokenizer/`` (T5), ``text_encoder/`` (T5), ``transformer/``, ``vae/``, ``scheduler/``)."""
-    import diffusers
-
-    try:
-        return getattr(diffusers, class_name).from_pretrained(str(path), local_files_only=True, dtype=dtype)
-    except Exception as e:  # diffusers raises many types for a broken folder
-        raise ModelError(f"{path}: could not load the {class_name} model ({type(e).__name__}: {str(e)[:200]})") \
-            from None
-
-
-def _is_flux_file(sd: Mapping[str, Any]) -> bool:
-    from ..keymap.families import FLUX1, detect
-    from .flux import transformer_keys
-
-    return bool(transformer_keys(sd)) and detect(list(transformer_keys(sd))[:64], {}) is FLUX1
+def is_flux_path(path: Path) -> bool:
+    """Whether ``path`` holds a FLUX.1 model."""
+    return dit_of_path(path) is _flux()
 
 
 def _diffusers_folder(path: Path, dtype: torch.dtype) -> BaseModel:
@@ -317,15 +313,12 @@ def _diffusers_folder(path: Path, dtype: torch.dtype) -> BaseModel:
         raise ModelError(f"{path / 'model_index.json'}: unreadable ({e})") from None
     digest = hashlib.sha256(json.dumps(index, sort_keys=True).encode() + str(path.resolve()).encode()).hexdigest()
     from ..quant.nf4 import check_folder
-    from .flux import is_flux_index, load_folder
 
     check_folder(path)  # a bitsandbytes (NF4) folder: bitsandbytes and CUDA, or a clear error
-
-    if is_flux_index(index):
-        return BaseModel(load_folder(path, dtype), path.name, digest[:10], Arch.FLUX1)
-    family = _family_of_index(index)
-    if family is not None:
-        return BaseModel(_family_folder(path, dtype, index["_class_name"]), path.name, digest[:10], Arch(family.arch))
+    dit = next((m for m in dit_families() if m.is_index(index)), None)
+    if dit is not None:
+        pipe = dit.load_folder(path, dtype)
+        return BaseModel(pipe, path.name, digest[:10], Arch(dit.arch_of(pipe)))
     cls_name = index.get("_class_name", "")
     cls = StableDiffusionXLPipeline if "XL" in cls_name else StableDiffusionPipeline
     try:

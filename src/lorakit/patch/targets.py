@@ -12,7 +12,7 @@ from ..keymap.families import family_of_model
 
 from ..adapters.functional import is_rms_norm
 
-COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 SUPPORTED = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm)
 
 
@@ -53,7 +53,8 @@ def find_module(components: Mapping[str, torch.nn.Module], canonical_path: str) 
 
 
 def model_arch(components: Mapping[str, torch.nn.Module]) -> str:
-    """A transformer family (FLUX.1) from its classes; SD1/SD2/SDXL from the UNet's cross-attention width, else the
+    """A transformer family (FLUX.1) from its classes, its size where it has several (SD3: ``Family.sizes``);
+    SD1/SD2/SDXL from the UNet's cross-attention width, else the
     text encoder's; a model that names its architecture (the demo model's components carry ``lorakit_arch``) is
     taken at its word."""
     for module in components.values():
@@ -63,6 +64,8 @@ def model_arch(components: Mapping[str, torch.nn.Module]) -> str:
     family = family_of_model(components)
     if family is not None and family.arch is not None:
         return family.arch
+    if family is not None and family.sizes is not None:
+        return family.sizes.of_model(components)
     unet = components.get("unet")
     cross = getattr(getattr(unet, "config", None), "cross_attention_dim", None)
     if isinstance(cross, (list, tuple)):

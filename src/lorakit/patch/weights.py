@@ -18,7 +18,7 @@ from ..errors import WeightSpecError
 from ..keymap import block_id
 from ..keymap.arch import NAMES, Arch
 from ..keymap.blocks import DIT_GROUPS
-from ..keymap.families import for_arch
+from ..keymap.families import family_of_arch
 
 _IN = [f"IN{i:02d}" for i in range(12)]
 _OUT = [f"OUT{i:02d}" for i in range(12)]
@@ -69,7 +69,7 @@ class Weight:
         """Block weights name one family's blocks: on another family's model they are an error. ``double``/
         ``single`` and the 58-value vector fit the transformers with those blocks (``Family.dit_blocks``: FLUX.1
         and Chroma have both, Qwen-Image double ones only)."""
-        parts = for_arch(arch).dit_blocks
+        parts = family_of_arch(arch).dit_blocks
         flux = "single" in parts  # FLUX.1's block layout: its 58-value vector applies
         if self.arch_family and (arch == Arch.SDXL, flux) != (self.arch_family == Arch.SDXL,
                                                                self.arch_family == Arch.FLUX1):

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..adapters import kind_of
-from ..keymap.arch import Arch
+from ..keymap.families import family_of_arch
 from ..lora_model import LoraModel
 from ..patch import Patcher
 from ..patch.plan import build_plan
@@ -86,7 +86,8 @@ def _skeleton(mf: ModelFile, shapes: Mapping[str, tuple[int, ...]], device: str 
     for component, cfg in mf.config.items():
         roots[component] = torch.nn.Module()
         roots[component].config = SimpleNamespace(**cfg)  # type: ignore[assignment]
-        if mf.arch == Arch.FLUX1:  # a family's model is told by its classes, which a stand-in lacks
+        if family_of_arch(mf.arch).layout is not None:  # a DiT family's model is told by its classes, which a
+            # stand-in lacks (SD3's size is its arch too)
             roots[component].lorakit_arch = mf.arch  # type: ignore[assignment]
     for path, shape in shapes.items():
         component, _, rest = path.partition(".")

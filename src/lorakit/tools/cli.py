@@ -158,7 +158,7 @@ def _add_convert(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("input", metavar="IN", help="the LoRA file (any dialect lorakit reads)")
     _common(p)
     p.add_argument("--to", required=True, choices=["kohya", "peft", "diffusers", "comfy"],
-                   help="the target format (comfy: FLUX.1 files in ComfyUI's BFL-PEFT names)")
+                   help="the target format (comfy: FLUX.1 / SD3 files in ComfyUI's BFL / SAI PEFT names)")
     p.add_argument("--names", choices=["ldm", "diffusers"], help="kohya UNet names (default: ldm for SDXL, as "
                                                                   "sd-scripts writes; diffusers otherwise)")
     p.add_argument("--drop-unsupported", action="store_true", help="leave out (and report) what the target "

@@ -7,9 +7,9 @@ unchanged (a PEFT file's α comes from its header, not from the rounded fp32 sca
 cannot hold (a layer type, bundled embeddings, keys lorakit does not understand) is an error that names it, or,
 with ``drop_unsupported``, left out and listed in the report.
 
-FLUX.1 files (``flux_layout``): ``kohya`` and ``comfy`` (ComfyUI's BFL-PEFT names) are written in the original BFL
-layout — fused layers as the file had them, parts of a fused layer fused back exactly where they can be — and
-``peft``/``diffusers`` per model module, where a non-LoRA change of a fused layer has no form.
+FLUX.1 and SD3 files (``flux_layout``): ``kohya`` and ``comfy`` (ComfyUI's BFL/SAI-PEFT names) are written in the
+original layout (BFL, SAI) — fused layers as the file had them, parts of a fused layer fused back exactly where they
+can be — and ``peft``/``diffusers`` per model module, where a non-LoRA change of a fused layer has no form.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from ..adapters import kind_of
 from ..errors import ToolError
 from ..formats.base import Grouped
 from ..formats.writers import exact_alphas, peft_problem
-from ..keymap.arch import Arch
+from ..keymap.families import family_of_arch
 from ..layout import file_layout
 from ..lora_model import LoraModel, load_lora
 from ..patch.weights import as_weight
@@ -55,11 +55,13 @@ def convert(input_path: str | Path, output: str | Path | None, options: ConvertO
     lora = load_lora(src)
     report = ToolReport(f"convert → {opts.to}", None if opts.dry_run else (str(out) if out else None))
     report.size_before = src.stat().st_size
-    if lora.arch == Arch.FLUX1:
-        groups, kept, problems = convert_groups(lora, opts.to)
+    family = family_of_arch(lora.arch)
+    if family.layout is not None:  # FLUX.1, SD3: the original layout (BFL, SAI) in kohya / comfy files
+        groups, kept, problems = convert_groups(lora, opts.to, family)
         report.notes += [f"{what}: {why}" for what, why in kept]
     elif opts.to == "comfy":
-        raise ToolError(f"{src}: --to comfy writes FLUX.1 LoRAs (BFL names); this one is for {lora.arch} — use kohya")
+        raise ToolError(f"{src}: --to comfy writes FLUX.1 LoRAs (BFL names) and SD3 LoRAs (SAI names); this one "
+                        f"is for {lora.arch} — use kohya")
     else:
         groups, problems = canonical_groups(lora), []
     embeddings = dict(lora.embeddings)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import ToolError
-from ..keymap.arch import Arch
+from ..keymap.families import family_of_arch
 from .flux_extract import fused_weights
 from .layers import flat, is_conv_kernel, lora_leaves
 from .modelfile import ModelFile, open_model
@@ -32,7 +32,7 @@ from .writing import write_lora
 
 Tensor = torch.Tensor
 COMPONENT_SETS = {"unet": ("unet", "transformer"), "transformer": ("transformer",),
-                  "te": ("text_encoder", "text_encoder_2")}  # unet: the denoiser of any family
+                  "te": ("text_encoder", "text_encoder_2", "text_encoder_3")}  # unet: the denoiser of any family
 
 
 @dataclass
@@ -87,7 +87,8 @@ def _extract_layers(mb: ModelFile, mt: ModelFile, opts: ExtractOptions, report: 
     report.notes.append("the VAE is not compared: LoRA files do not change it")
     groups: dict[str, dict[str, Tensor]] = {}
     device = torch.device(opts.device)
-    fused, done = fused_weights(mb, mt, wanted, report) if mb.arch == Arch.FLUX1 else ([], set())
+    family = family_of_arch(mb.arch)
+    fused, done = fused_weights(mb, mt, wanted, report, family) if family.layout is not None else ([], set())
     for name, base, tuned in fused:  # FLUX.1's fused layers, whole (BFL names)
         _one(name, base(), tuned(), mb, opts, device, groups, report)
     for name in bar(names, desc="extracting", total=len(names)):

@@ -11,39 +11,43 @@ from collections.abc import Callable
 
 import torch
 
-from ..keymap import flux as fluxmap
-from ..keymap.families import FLUX1
+from ..keymap.families import FLUX1, Family
 from .flux_fuse import swap_halves
 from .modelfile import ModelFile
 from .report import ToolReport
 
 Loader = Callable[[], torch.Tensor]
-T5 = "text_encoder_2."
 
 
-def fused_weights(mb: ModelFile, mt: ModelFile, wanted: set[str],
-                  report: ToolReport) -> tuple[list[tuple[str, Loader, Loader]], set[str]]:
-    """(BFL weight name, base loader, tuned loader) of every fused layer whose parts both models have with the same
-    shapes; and every parameter name these (and the T5 norms, reported) take from the per-tensor comparison."""
+def fused_weights(mb: ModelFile, mt: ModelFile, wanted: set[str], report: ToolReport,
+                  family: Family = FLUX1) -> tuple[list[tuple[str, Loader, Loader]], set[str]]:
+    """(original weight name, base loader, tuned loader) of every fused layer of ``family``'s layout (FLUX.1's BFL,
+    SD3's SAI) whose parts both models have with the same shapes; and every parameter name these (and the T5
+    norms, reported) take from the per-tensor comparison."""
     done: set[str] = set()
-    if FLUX1.denoiser not in wanted:
+    layout, denoiser = family.layout, family.denoiser
+    if denoiser not in wanted or layout is None:
         return [], done
     homes = {}
     for name in mb.params:
         module, _, leaf = name.rpartition(".")
         component, _, inner = module.partition(".")
-        home = fluxmap.fused_home(inner) if leaf == "weight" and component == FLUX1.denoiser else None
+        home = layout.fused_home(inner) if leaf == "weight" and component == denoiser else None
         if home is not None:
             homes[home[0]] = home[1]
     out: list[tuple[str, Loader, Loader]] = []
     for bfl, fused in sorted(homes.items()):
-        names = [f"{FLUX1.denoiser}.{t}.weight" for t in fused.targets]
+        names = [f"{denoiser}.{t}.weight" for t in fused.targets]
         if all(n in mb.params and n in mt.params and mb.shape(n) == mt.shape(n) for n in names):
-            name = f"{FLUX1.denoiser}.{bfl}.weight"
-            out.append((name, _loader(mb, names, fused.swap), _loader(mt, names, fused.swap)))
+            name = f"{denoiser}.{bfl}.weight"
+            shape = mb.shape(names[0])  # SD3's context adaLN is swapped in the last block only (2·h rows)
+            swap = fused.swapped(sum(mb.shape(n)[0] for n in names), shape[1] if len(shape) > 1 else None)
+            out.append((name, _loader(mb, names, swap), _loader(mt, names, swap)))
             done.update(names)
-    if "text_encoder_2" in wanted:
-        for name in sorted(n for n in set(mb.params) & set(mt.params) if n.startswith(T5) and len(mb.shape(n)) == 1):
+    t5s = [t for t in family.plain_te if t in wanted]
+    for t5 in t5s:
+        for name in sorted(n for n in set(mb.params) & set(mt.params) if n.startswith(t5 + ".") and
+                           len(mb.shape(n)) == 1):
             done.add(name)
             if not torch.equal(mb.values(name), mt.values(name)):
                 report.leave_out(name, "changed; T5's layer norms (T5LayerNorm) are no module a LoRA changes")

@@ -1,5 +1,6 @@
-"""FLUX.1 LoRAs as the tools write them: the original (BFL) layout of kohya and ComfyUI files, or the diffusers
-layout of PEFT/diffusers files, from the layers lorakit holds per model module.
+"""The LoRAs of a family with an original layout (FLUX.1's BFL, SD3's SAI: ``Family.layout``) as the tools write
+them: the original layout of kohya and ComfyUI files, or the diffusers layout of PEFT/diffusers files, from the
+layers lorakit holds per model module. Every function takes the family (default FLUX.1, where this began).
 
 - ``original_layout``: canonical groups (model paths, BFL paths or both) → BFL paths wherever the layer has one:
   a plain rename (``to_out.0`` → ``img_attn.proj``), or the parts of a fused layer fused back (``flux_fuse``).
@@ -20,36 +21,42 @@ from torch import Tensor
 from ..adapters import Adapter, Rows, kind_of
 from ..formats.base import Grouped
 from ..formats.writers import exact_alphas, peft_problem
-from ..keymap import flux as fluxmap
-from ..keymap.families import FLUX1
+from ..keymap.families import FLUX1, Family
+from ..keymap.layouts import Fused, LayoutMap
 from ..layout import file_layout, origin_of
 from ..lora_model import LoraModel
 from .flux_fuse import compact, fuse_parts
 from .layers import leaves_of
 from .report import ToolReport
 
-DENOISER = FLUX1.denoiser
 Problem = tuple[str, str]  # (what, why)
 
 
-def original_layout(groups: Grouped) -> tuple[Grouped, list[Problem]]:
-    """``groups`` in the BFL layout where each layer has one; the fused layers whose parts keep diffusers names."""
+def _layout(family: Family) -> LayoutMap:
+    assert family.layout is not None, f"{family.display} has no original layout"
+    return family.layout
+
+
+def original_layout(groups: Grouped, family: Family = FLUX1) -> tuple[Grouped, list[Problem]]:
+    """``groups`` in the original layout where each layer has one; the fused layers whose parts keep diffusers
+    names."""
     out: Grouped = {}
-    homes: dict[str, tuple[fluxmap.Fused, dict[int, str]]] = {}
+    homes: dict[str, tuple[Fused, dict[int, str]]] = {}
+    layout, denoiser = _layout(family), family.denoiser
     for path, leaves in groups.items():
         component, _, module = path.partition(".")
-        if component != DENOISER or fluxmap.is_bfl_path(module):
+        if component != denoiser or layout.is_original(module):
             out[path] = leaves
-        elif (plain := fluxmap.to_original(module)) is not None:
-            out[f"{DENOISER}.{plain}"] = leaves
-        elif (home := fluxmap.fused_home(module)) is not None:
+        elif (plain := layout.to_original(module)) is not None:
+            out[f"{denoiser}.{plain}"] = leaves
+        elif (home := layout.fused_home(module)) is not None:
             bfl, fused, index = home
             homes.setdefault(bfl, (fused, {}))[1][index] = path
         else:
             out[path] = leaves
     kept: list[Problem] = []
     for bfl, (fused, parts) in sorted(homes.items()):
-        target = f"{DENOISER}.{bfl}"
+        target = f"{denoiser}.{bfl}"
         have = [parts[i] for i in sorted(parts)]
         fused_leaves: dict[str, Tensor] | None = None
         if len(parts) < len(fused.targets):
@@ -58,7 +65,7 @@ def original_layout(groups: Grouped) -> tuple[Grouped, list[Problem]]:
         elif target in out:
             why = "the fused layer is given too"
         else:
-            fused_leaves, why = fuse_parts([groups[p] for p in have], fused.swap)
+            fused_leaves, why = fuse_parts([groups[p] for p in have], _swapped(fused, [groups[p] for p in have]))
         if fused_leaves is None:
             out.update({p: groups[p] for p in have})
             names = ", ".join(p.rsplit(".", 1)[-1] for p in have)
@@ -68,20 +75,32 @@ def original_layout(groups: Grouped) -> tuple[Grouped, list[Problem]]:
     return out, kept
 
 
-def noted_layout(groups: Grouped, report: ToolReport) -> Grouped:
-    """``original_layout`` of a tool's FLUX.1 result, the fused layers kept as parts noted in ``report``."""
-    out, kept = original_layout(groups)
+def _swapped(fused: Fused, parts: list[dict[str, Tensor]]) -> bool:
+    """Whether the fused layer's halves are swapped: always (FLUX.1's final adaLN), or by its rows and input width
+    (SD3's context adaLN: only the last block's, 2·h rows)."""
+    if not fused.swap_only:
+        return fused.swap
+    up, down = (p.get("lora_up.weight") for p in parts), (p.get("lora_down.weight") for p in parts)
+    ups, downs = [u for u in up if u is not None], [d for d in down if d is not None]
+    if len(ups) != len(parts) or not downs:
+        return False  # not a LoRA: fuse_parts says why it does not fuse
+    return fused.swapped(sum(int(u.shape[0]) for u in ups), int(downs[0].shape[1]))
+
+
+def noted_layout(groups: Grouped, report: ToolReport, family: Family = FLUX1) -> Grouped:
+    """``original_layout`` of a tool's result, the fused layers kept as parts noted in ``report``."""
+    out, kept = original_layout(groups, family)
     report.notes += [f"{what}: {why}" for what, why in kept]
     return out
 
 
-def file_groups(lora: LoraModel, *, partial_names: bool) -> tuple[Grouped, list[Problem]]:
+def file_groups(lora: LoraModel, *, partial_names: bool, family: Family = FLUX1) -> tuple[Grouped, list[Problem]]:
     """The file's layers in the original layout, tensors as read (``partial_names``: a name such as XLabs'
     ``linear1_qkv``, some rows of a BFL layer, may stay — ComfyUI reads it; kohya readers do not, so without it the
     layer goes back to its parts); what cannot be written."""
     layers = file_layout(lora.layers)
     origins = {o.module: o for a in lora.layers.values() if (o := origin_of(a)) is not None}
-    for path in [p for p in layers if _partial(p) and not partial_names]:
+    for path in [p for p in layers if _partial(p, family) and not partial_names]:
         del layers[path]
         layers.update({p: lora.layers[p] for p in origins[path].parts})
     problems = [(p, f"a {kind_of(a)} change of some rows of a fused layer has no kohya name") for p, a in
@@ -90,9 +109,10 @@ def file_groups(lora: LoraModel, *, partial_names: bool) -> tuple[Grouped, list[
     return (exact_alphas(groups, lora.metadata) if lora.dialect == "peft" else groups), problems
 
 
-def _partial(path: str) -> bool:
+def _partial(path: str, family: Family) -> bool:
     component, _, module = path.partition(".")
-    return component == DENOISER and fluxmap.is_bfl_path(module) and not fluxmap.is_written(module)
+    layout = _layout(family)
+    return component == family.denoiser and layout.is_original(module) and not layout.is_written(module)
 
 
 def model_groups(lora: LoraModel) -> tuple[Grouped, list[Problem]]:
@@ -128,12 +148,13 @@ def _why_not_peft(adapter: Adapter, parts: tuple[str, ...]) -> str:
             "or comfy, or make it a LoRA with `lorakit resize` / `merge --method svd` first")
 
 
-def convert_groups(lora: LoraModel, target: str) -> tuple[Grouped, list[Problem], list[Problem]]:
-    """A FLUX.1 file's layers for ``convert --to target``: (groups, fused layers kept as parts (noted), what the
-    target cannot hold)."""
+def convert_groups(lora: LoraModel, target: str, family: Family = FLUX1
+                   ) -> tuple[Grouped, list[Problem], list[Problem]]:
+    """A file's layers for ``convert --to target``: (groups, fused layers kept as parts (noted), what the target
+    cannot hold)."""
     if target in ("peft", "diffusers"):
         groups, problems = model_groups(lora)
         return groups, [], problems
-    groups, problems = file_groups(lora, partial_names=target == "comfy")
-    groups, kept = original_layout(groups)
+    groups, problems = file_groups(lora, partial_names=target == "comfy", family=family)
+    groups, kept = original_layout(groups, family)
     return groups, kept, problems

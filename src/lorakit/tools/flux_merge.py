@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from ..adapters import Rows
 from ..errors import ToolError
-from ..keymap import flux as fluxmap
-from ..keymap.families import FLUX1
+from ..keymap.families import FLUX1, Family
+from ..keymap.layouts import Fused
 from .layers import Contribution, lora_leaves
 from .modelfile import ModelFile
 from .report import LayerResult, ToolReport
@@ -43,16 +43,18 @@ class _Block:
     key: tuple[int, float, int | None]
 
 
-def concat_fused(layers: Layers, dtype: torch.dtype, report: ToolReport,
-                 fused_home: Callable[[str], tuple[str, fluxmap.Fused, int] | None] = fluxmap.fused_home
+def concat_fused(layers: Layers, dtype: torch.dtype, report: ToolReport, family: Family = FLUX1
                  ) -> tuple[dict[str, dict[str, Tensor]], Layers]:
-    """The fused FLUX.1 layers whose every part is in ``layers`` with plain LoRA contributions, concatenated whole
-    (BFL paths); and the layers left for the per-module concat. ``fused_home``: the family's
-    (``Family.layout``)."""
-    homes: dict[str, tuple[fluxmap.Fused, dict[int, str]]] = {}
+    """The fused layers of ``family``'s original layout (FLUX.1's BFL, SD3's SAI) whose every part is in ``layers``
+    with plain LoRA contributions, concatenated whole (original paths); and the layers left for the per-module
+    concat."""
+    layout, denoiser = family.layout, family.denoiser
+    if layout is None:
+        return {}, dict(layers)
+    homes: dict[str, tuple[Fused, dict[int, str]]] = {}
     for path, contribs in layers.items():
         component, _, module = path.partition(".")
-        home = fused_home(module) if component == FLUX1.denoiser else None
+        home = layout.fused_home(module) if component == denoiser else None
         if home is not None and all(c.kind == "lora" for c in contribs):
             homes.setdefault(home[0], (home[1], {}))[1][home[2]] = path
     out: dict[str, dict[str, Tensor]] = {}
@@ -60,8 +62,7 @@ def concat_fused(layers: Layers, dtype: torch.dtype, report: ToolReport,
     for bfl, (fused, parts) in sorted(homes.items()):
         if len(parts) == len(fused.targets):
             paths = [parts[i] for i in range(len(parts))]
-            out[f"{FLUX1.denoiser}.{bfl}"] = _fuse(f"{FLUX1.denoiser}.{bfl}", [layers[p] for p in paths],
-                                                   fused.swap, dtype, report)
+            out[f"{denoiser}.{bfl}"] = _fuse(f"{denoiser}.{bfl}", [layers[p] for p in paths], fused, dtype, report)
             for p in paths:
                 del rest[p]
     return out, rest
@@ -82,7 +83,7 @@ def _blocks(parts: Sequence[list[Contribution]]) -> list[_Block]:
     return blocks
 
 
-def _fuse(path: str, parts: Sequence[list[Contribution]], swap: bool, dtype: torch.dtype,
+def _fuse(path: str, parts: Sequence[list[Contribution]], fused: Fused, dtype: torch.dtype,
           report: ToolReport) -> dict[str, Tensor]:
     """One LoRA (up (Σdᵢ, R), down (R, in), α = R) adding Σ cᵢ·ΔWᵢ on every part of a fused layer."""
     widths = [int(cs[0].adapter.t["lora_up.weight"].shape[0]) for cs in parts]
@@ -105,7 +106,7 @@ def _fuse(path: str, parts: Sequence[list[Contribution]], swap: bool, dtype: tor
         downs.append((b.down.double() * root).to(dtype))
         ref_downs.append(b.down.double())
         col += r
-    if swap:  # diffusers' norm_out.linear rows [scale; shift] → BFL's [shift; scale]
+    if fused.swapped(sum(widths), int(blocks[0].down.shape[1])):  # diffusers' [scale; shift] → [shift; scale]
         up, ref_up = (torch.cat(t.chunk(2)[::-1]) for t in (up, ref_up))
     stored_up, stored_down = up.to(dtype), torch.cat(downs)
     err2, norm2 = factor_error2(ref_up, torch.cat(ref_downs), stored_up, stored_down)

@@ -24,7 +24,7 @@ import torch
 from ..adapters import Norm
 from ..errors import ToolError, WeightSpecError
 from ..keymap.arch import Arch
-from ..keymap.families import for_arch
+from ..keymap.families import Family, family_of_arch
 from .layers import (
     LOW_RANK_KINDS,
     Contribution,
@@ -73,14 +73,15 @@ def merge(inputs: Sequence[str | Source], output: str | Path | None, options: Me
     method = opts.method or ("concat" if all(_stackable(cs) for cs in layers.values()) else "svd")
     report = ToolReport(f"merge ({method})", None if opts.dry_run else (str(out) if out else None))
     dtype = opts.dtype or _input_dtype(sources)
+    family = family_of_arch(arch)
     if method == "concat":
-        groups = _concat_all(layers, arch, dtype, report)
+        groups = _concat_all(layers, dtype, report, family)
     elif method == "svd":
         groups = _svd_all(layers, arch, opts, dtype, report)
     else:
         raise ToolError(f"unknown merge method {method!r}; use concat or svd")
-    if arch == Arch.FLUX1:
-        groups = noted_layout(groups, report)  # BFL names; fused layers whose parts cannot fuse are said
+    if family.layout is not None:  # BFL / SAI names; fused layers whose parts cannot fuse are said
+        groups = noted_layout(groups, report, family)
     _leave_out_zero(sources, layers, report)
     for s in sources:
         for key in s.lora.leftovers:
@@ -128,11 +129,11 @@ def _input_dtype(sources: Sequence[Source]) -> torch.dtype:
 
 # -- concat ----------------------------------------------------------------------------------------------------
 
-def _concat_all(layers: dict[str, list[Contribution]], arch: str, dtype: torch.dtype, report: ToolReport) -> Groups:
+def _concat_all(layers: dict[str, list[Contribution]], dtype: torch.dtype, report: ToolReport,
+                family: Family) -> Groups:
     from .output import bar
 
-    layout = for_arch(arch).layout  # fused layers of the family's original layout (FLUX.1's, Chroma's), whole
-    groups, layers = concat_fused(layers, dtype, report, layout.fused_home) if layout else ({}, layers)
+    groups, layers = concat_fused(layers, dtype, report, family)  # FLUX.1's / SD3's fused layers, whole
     for path, contribs in bar(sorted(layers.items()), desc="merging", total=len(layers)):
         bad = [c for c in contribs if c.kind not in LOW_RANK_KINDS]
         if bad:

@@ -155,6 +155,7 @@ def open_model(path: str | Path, configs: Mapping[str, Mapping[str, Any]] | None
     """A diffusers folder (``model_index.json``) or a single ``.safetensors`` checkpoint; ``configs`` (UNet/text
     encoder constructor arguments) for single files of other than the full-size configs."""
     from .flux_modelfile import flux_model
+    from .sd3_modelfile import sd3_model
 
     p = Path(path)
     if p.is_file() and p.suffix.lower() == ".gguf":
@@ -163,6 +164,9 @@ def open_model(path: str | Path, configs: Mapping[str, Mapping[str, Any]] | None
     flux = flux_model(p, configs)  # FLUX.1: a diffusers folder, a BFL or ComfyUI single file
     if flux is not None:
         return with_scales(flux)
+    sd3 = sd3_model(p)  # SD3 / SD3.5: a diffusers folder
+    if sd3 is not None:
+        return with_scales(sd3)
     if p.is_dir():
         if not (p / "model_index.json").is_file():
             raise ToolError(f"{p}: not a diffusers model folder (no model_index.json)")

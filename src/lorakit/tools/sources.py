@@ -16,17 +16,15 @@ from pathlib import Path
 from ..errors import LorakitError, ToolError
 from ..files.hashes import file_hashes
 from ..keymap.arch import Arch
-from ..keymap.families import FAMILIES
+from ..keymap.families import family_of_arch
 from ..library.training import trigger_words
 from ..lora_model import LoraModel, load_lora
 from ..patch.weights import Weight, as_weight
 
-# kohya's names; "flux-1/lora" when dev/schnell is not known; the DiT families' from their data (``Family``)
 BASE_VERSION: dict[str, str] = {Arch.SD1: "sd_v1", Arch.SD2: "sd_v2", Arch.SDXL: "sdxl_base_v1-0",
-                                **{f.arch: f.base_version for f in FAMILIES.values() if f.arch and f.base_version}}
-MODELSPEC: dict[str, str] = {Arch.SD1: "stable-diffusion-v1", Arch.SD2: "stable-diffusion-v2",
-                             Arch.SDXL: "stable-diffusion-xl-v1-base",
-                             **{f.arch: f.modelspec for f in FAMILIES.values() if f.arch and f.modelspec}}
+                                Arch.FLUX1: "flux1"}
+MODELSPEC: dict[str, str] = {Arch.SD1: "stable-diffusion-v1", Arch.SD2: "stable-diffusion-v2", Arch.SDXL: "stable-diffusion-xl-v1-base",
+                             Arch.FLUX1: "flux-1"}  # kohya's names; "flux-1/lora" when dev/schnell is not known
 
 
 @dataclass
@@ -121,4 +119,6 @@ def lora_metadata(arch: str, ranks: Sequence[int], alphas: Sequence[float], titl
     if arch in BASE_VERSION:
         meta.update({"ss_base_model_version": BASE_VERSION[arch], "ss_v2": str(arch == Arch.SD2),
                      "modelspec.architecture": f"{MODELSPEC[arch]}/lora"})
+    elif (names := family_of_arch(arch).modelspec.get(arch)) is not None:  # a family's sizes (SD3), as kohya names them
+        meta.update({"ss_base_model_version": names[0], "ss_v2": "False", "modelspec.architecture": f"{names[1]}/lora"})
     return meta

@@ -18,8 +18,8 @@ def add_train_command(sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
     p.add_argument("data", metavar="DATA_DIR", help="images with NAME.txt / NAME.caption captions, or kohya repeat "
                                                      "folders such as 10_name")
     p.add_argument("-o", "--output", required=True, help="the LoRA to write (.safetensors, kohya format)")
-    p.add_argument("-m", "--model", help="SD1/SD2/SDXL/FLUX.1 model folder or single file (a FLUX.1 single file with "
-                                         "--components DIR); default: the embedded demo model")
+    p.add_argument("-m", "--model", help="SD1/SD2/SDXL/FLUX.1/SD3 model folder or single file (a FLUX.1 or SD3 single "
+                                         "file with --components DIR); default: the embedded demo model")
     p.add_argument("--network", choices=NETWORKS, default="lora", help="lora (attention layers), locon (+ ResNet "
                                                                        "convolutions), loha, lokr, dora")
     p.add_argument("--rank", type=int, default=16, help="network dim (default 16)")

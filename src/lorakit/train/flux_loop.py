@@ -142,4 +142,8 @@ def trainer_for(cfg: TrainConfig, model: BaseModel | None = None) -> Trainer:
 
     cfg.check()
     model = model or load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
-    return (FluxTrainer if model.flux else Trainer)(cfg, model)
+    from ..keymap.arch import SD3_SIZES
+    from .sd3_loop import SD3Trainer
+
+    cls = FluxTrainer if model.flux else SD3Trainer if model.arch in SD3_SIZES else Trainer
+    return cls(cfg, model)

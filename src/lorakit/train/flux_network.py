@@ -24,8 +24,7 @@ import torch
 
 from ..adapters import Adapter
 from ..errors import TrainingError
-from ..keymap import flux as fluxmap
-from ..keymap.families import FLUX1
+from ..keymap.families import FLUX1, Family
 from ..layout import build_layers
 from .network import Network, NetworkSpec, _children_of, _param, init_leaves
 
@@ -55,16 +54,17 @@ def _kept(path: str, only: tuple[str, ...]) -> bool:
     return not only or any(path.endswith("." + o) or path == o for o in only)
 
 
-def fused_target(transformer: Any, bfl: str, values: bool) -> Target:
+def fused_target(transformer: Any, bfl: str, values: bool, family: Family = FLUX1) -> Target:
     """The weight of a BFL module rebuilt from its diffusers modules (rows where BFL has them: ``qkv`` stacked,
     the final adaLN's halves swapped; ``values=False``: only its shape, as a zero-size expanded tensor), and those
     modules by their canonical paths."""
-    mapped = fluxmap.to_model(bfl)
+    assert family.to_model is not None
+    mapped = family.to_model(bfl)
     if mapped is None:
-        raise TrainingError(f"internal error: {bfl} is not a FLUX.1 module")
+        raise TrainingError(f"internal error: {bfl} is not a {family.display} module")
     if isinstance(mapped, str):
         module = transformer.get_submodule(mapped)
-        return module.weight.detach(), {f"{FLUX1.denoiser}.{mapped}": module}
+        return module.weight.detach(), {f"{family.denoiser}.{mapped}": module}
     modules = {t: transformer.get_submodule(t) for t in mapped.targets}
     rows = sum(int(m.weight.shape[0]) for m in modules.values())
     hidden = int(transformer.config.num_attention_heads) * int(transformer.config.attention_head_dim)
@@ -73,14 +73,14 @@ def fused_target(transformer: Any, bfl: str, values: bool) -> Target:
         raise TrainingError(f"{bfl}: the model's modules {', '.join(mapped.targets)} do not make it: {pieces}")
     first = next(iter(modules.values())).weight
     if not values:
-        return first.detach().new_zeros(()).expand(rows, *first.shape[1:]), _named(modules)
+        return first.detach().new_zeros(()).expand(rows, *first.shape[1:]), _named(modules, family)
     fused = torch.empty((rows, *first.shape[1:]), dtype=first.dtype, device=first.device)
     for part, ranges in pieces:
         w, start = modules[part].weight.detach(), 0
         for a, b in ranges:
             fused[a:b] = w[start:start + b - a]
             start += b - a
-    return fused, _named(modules)
+    return fused, _named(modules, family)
 
 
 def _weight(module: torch.nn.Module) -> torch.Tensor:
@@ -90,15 +90,17 @@ def _weight(module: torch.nn.Module) -> torch.Tensor:
     return w.detach()
 
 
-def _named(modules: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Module]:
-    return {f"{FLUX1.denoiser}.{t}": m for t, m in modules.items()}
+def _named(modules: dict[str, torch.nn.Module], family: Family) -> dict[str, torch.nn.Module]:
+    return {f"{family.denoiser}.{t}": m for t, m in modules.items()}
 
 
-def text_targets(pipe: Any, spec: NetworkSpec, t5: bool) -> dict[str, torch.nn.Module]:
-    """Canonical path → Linear of CLIP-L (and T5 with ``t5``) that the network trains."""
+def text_targets(pipe: Any, spec: NetworkSpec, t5: bool, clips: tuple[str, ...] = ("text_encoder",),
+                 t5_name: str = "text_encoder_2") -> dict[str, torch.nn.Module]:
+    """Canonical path → Linear of the CLIP encoders (FLUX.1: CLIP-L; SD3: CLIP-L and CLIP-G) and of T5 (with
+    ``t5``) that the network trains."""
     if spec.train not in ("te", "both"):
         return {}
-    encoders = [("text_encoder", CLIP_PARENTS)] + ([("text_encoder_2", T5_PARENTS)] if t5 else [])
+    encoders = [(c, CLIP_PARENTS) for c in clips] + ([(t5_name, T5_PARENTS)] if t5 else [])
     out: dict[str, torch.nn.Module] = {}
     for name, parents in encoders:
         root = getattr(pipe, name, None)
@@ -112,26 +114,31 @@ def text_targets(pipe: Any, spec: NetworkSpec, t5: bool) -> dict[str, torch.nn.M
 
 
 class FluxNetwork(Network):
-    """``leaves``: per trained layer as the file names it (BFL modules, text-encoder Linears); ``modules``: the
-    model modules the hooks run on (a fused layer's parts)."""
+    """``leaves``: per trained layer as the file names it (original-layout modules, text-encoder Linears);
+    ``modules``: the model modules the hooks run on (a fused layer's parts). ``family``/``originals``/``texts``:
+    another DiT family's (SD3: ``sd3_network``) — its original modules and its text encoders' Linears."""
 
-    def __init__(self, pipe: Any, spec: NetworkSpec, seed: int, t5: bool = False) -> None:
+    family: Family = FLUX1
+
+    def __init__(self, pipe: Any, spec: NetworkSpec, seed: int, t5: bool = False,
+                 originals: list[str] | None = None, texts: dict[str, torch.nn.Module] | None = None) -> None:
         spec.check()
+        family = self.family
         if spec.kind == "locon" or spec.conv_rank is not None or spec.conv_alpha is not None:
-            raise TrainingError("FLUX.1 has no convolutions: --network locon and --conv-rank/--conv-alpha do not "
-                                "apply (use --network lora)")
+            raise TrainingError(f"{family.display} has no convolutions to train: --network locon and "
+                                "--conv-rank/--conv-alpha do not apply (use --network lora)")
         self.spec = spec
         gen = torch.Generator().manual_seed(seed)
         targets: dict[str, Target] = {}
         if spec.train in ("unet", "both"):
-            for bfl in bfl_modules(pipe.transformer, spec.only):
-                targets[f"{FLUX1.denoiser}.{bfl}"] = fused_target(pipe.transformer, bfl, values=spec.kind == "dora")
-        for path, module in text_targets(pipe, spec, t5).items():
+            for bfl in (bfl_modules(pipe.transformer, spec.only) if originals is None else originals):
+                targets[f"{family.denoiser}.{bfl}"] = fused_target(pipe.transformer, bfl, spec.kind == "dora", family)
+        for path, module in (text_targets(pipe, spec, t5) if texts is None else texts).items():
             targets[path] = (_weight(module), {path: module})
         if not targets:
             only = f" and --only-layers {','.join(spec.only)}" if spec.only else ""
-            raise TrainingError(f"no layer of the FLUX.1 model can take a {spec.kind} network with --train "
-                                f"{spec.train}{only}")
+            raise TrainingError(f"no layer of the {family.display} model can take a {spec.kind} network with "
+                                f"--train {spec.train}{only}")
         self.leaves: dict[str, dict[str, torch.Tensor]] = {}
         self.modules: dict[str, torch.nn.Module] = {}
         for path, (weight, modules) in targets.items():
@@ -142,7 +149,7 @@ class FluxNetwork(Network):
 
     def adapters(self) -> dict[str, Adapter]:
         """Model module path → adapter over the live parameters: the fused layers split as a loaded file is."""
-        layers, rest = build_layers(self.leaves, FLUX1, None)
+        layers, rest = build_layers(self.leaves, self.family, None)
         if rest or set(layers) != set(self.modules):
             raise TrainingError(f"internal error: the network's layers {sorted(set(layers) ^ set(self.modules))[:4]} "
                                 f"and leaves {rest[:4]} do not match the model's modules")
