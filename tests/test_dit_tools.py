@@ -78,12 +78,17 @@ def test_qwen_merge_is_the_sum_and_resize_to_full_rank_is_exact(qwen: tuple[dict
 def test_chroma_files_convert_and_merge_exactly(tmp_path: Path) -> None:
     comps = {"transformer": tiny_chroma_transformer()}
     save_file(kohya_keys(chroma_lora(comps["transformer"], "lora", seed=1)), tmp_path / "a.safetensors", {})
-    convert(tmp_path / "a.safetensors", tmp_path / "p.safetensors", ConvertOptions(to="peft"))
-    merge([str(tmp_path / "a.safetensors"), f"{tmp_path / 'p.safetensors'}:0.5"], tmp_path / "m.safetensors")
-    for out in ("p", "m"):
-        assert load_lora(tmp_path / f"{out}.safetensors").arch == "chroma"
+    for to in ("peft", "kohya", "comfy"):  # kohya and comfy: FLUX.1's BFL names, the approximator's in_layer
+        convert(tmp_path / "a.safetensors", tmp_path / f"{to}.safetensors", ConvertOptions(to=to))
+    kohya = load_file(tmp_path / "kohya.safetensors")[0]
+    assert "lora_unet_distilled_guidance_layer_layers_1_out_layer.lora_down.weight" in kohya
+    assert "diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight" in load_file(tmp_path / "comfy.safetensors")[0]
+    merge([str(tmp_path / "a.safetensors"), f"{tmp_path / 'peft.safetensors'}:0.5"], tmp_path / "m.safetensors")
     want = _deltas(comps, [(tmp_path / "a.safetensors", 1.0)])
-    _same(_deltas(comps, [(tmp_path / "p.safetensors", 1.0)]), want)
+    for out in ("peft", "kohya", "comfy"):
+        assert load_lora(tmp_path / f"{out}.safetensors").arch == "chroma"
+        _same(_deltas(comps, [(tmp_path / f"{out}.safetensors", 1.0)]), want)
+    assert load_lora(tmp_path / "m.safetensors").arch == "chroma"
     _same(_deltas(comps, [(tmp_path / "m.safetensors", 1.0)]), {n: 1.5 * t for n, t in want.items()})
 
 

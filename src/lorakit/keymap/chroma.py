@@ -6,8 +6,7 @@ names for its blocks — ``double_blocks``/``single_blocks`` with the fused ``qk
 
 diffusers' ``ChromaTransformer2DModel`` names that layer the same except its MLP layers: BFL
 ``distilled_guidance_layer.layers.N.in_layer``/``out_layer`` are ``….layers.N.linear_1``/``linear_2``
-(``PixArtAlphaTextProjection``; the model's names are read too, as aliases); ``in_proj`` and ``out_proj`` keep their
-names.
+(``PixArtAlphaTextProjection``); ``in_proj`` and ``out_proj`` keep their names.
 
 A FLUX.1 LoRA's layers for what Chroma pruned map to modules a Chroma model lacks: they are reported per layer and
 not applied (an error under ``strict``), as ``patch.plan`` does for any layer without a module.
@@ -22,9 +21,17 @@ from .names import Vocabulary
 
 HEAD = "distilled_guidance_layer"
 VOCABULARY = Vocabulary(flux.VOCABULARY.compounds + (HEAD, "in_proj"))
-_APPROXIMATOR = Blocks(f"{HEAD}.layers", f"{HEAD}.layers",
-                       {"in_layer": "linear_1", "out_layer": "linear_2", "linear_1": "linear_1", "linear_2": "linear_2"})
+_APPROXIMATOR = Blocks(f"{HEAD}.layers", f"{HEAD}.layers", {"in_layer": "linear_1", "out_layer": "linear_2"})
 _TOP = {**flux.MAP.top, f"{HEAD}.in_proj": f"{HEAD}.in_proj", f"{HEAD}.out_proj": f"{HEAD}.out_proj"}
-_FLUX_ALIASES = flux.MAP.read_only.pattern if flux.MAP.read_only is not None else r"(?!)"
-MAP = LayoutMap(_TOP, (*flux.MAP.blocks, _APPROXIMATOR), (*flux.MAP.heads, HEAD),
-                read_only=re.compile(rf"{_FLUX_ALIASES}|linear_[12]"))
+_MODEL_MLP = re.compile(rf"{HEAD}\.layers\.\d+\.linear_[12]")  # the model's names of the approximator's MLP
+
+
+class _ChromaMap(LayoutMap):
+    """FLUX.1's map plus the approximator, whose model names share its head (``distilled_guidance_layer``): those
+    are the model's, not the original layout's."""
+
+    def is_original(self, path: str) -> bool:
+        return super().is_original(path) and _MODEL_MLP.fullmatch(path) is None
+
+
+MAP = _ChromaMap(_TOP, (*flux.MAP.blocks, _APPROXIMATOR), (*flux.MAP.heads, HEAD), read_only=flux.MAP.read_only)

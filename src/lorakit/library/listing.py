@@ -63,7 +63,7 @@ def fit(e: LoraEntry, model_arch: str) -> dict[str, Any]:
     needs = wide_input_model(e.variant)
     if needs:
         return {"compatible": False, "fit": "maybe", "reason": needs}
-    if e.base in family_of_arch(model_arch).fits:  # another family's LoRAs the model's family takes (FLUX.1's on Chroma)
+    if e.base in family_of_arch(model_arch).fits:  # another family's LoRAs the model's takes (FLUX.1's on Chroma)
         return {"compatible": True, "fit": "yes",
                 "reason": f"made for {BASE_NAMES.get(e.base, e.base)}, which {BASE_NAMES.get(model_arch, model_arch)} "
                           "takes: its layers for modules this model lacks are reported, not applied"}
