@@ -87,10 +87,12 @@ def addmm_seconds(params: list[torch.Tensor], rank: int) -> float:
     return t
 
 
-def kron_seconds(tr: torch.nn.Module, file: dict[str, torch.Tensor], double: int, single: int) -> float:
+def kron_seconds(tr: torch.nn.Module, file: dict[str, torch.Tensor], double: int, single: int) -> tuple[float, float]:
     """A full-factor LoKr's own arithmetic, done once: per BFL layer ``kron(w1, w2)`` at the fused shape (the change
     is defined on the fused weight) and ``W + ΔW`` of each part's rows into preallocated buffers, in the weights'
-    dtype. The LoKr switch cannot do less than this; ``addmm_seconds`` (a rank-r product) is no bound for it."""
+    dtype. The LoKr switch cannot do less than this; ``addmm_seconds`` (a rank-r product) is no bound for it. Second:
+    the same with the scale as its own pass, ``kron(w1, w2)·s`` then ``W + ΔW`` — LyCORIS's order, which lorakit
+    keeps so that its ΔW is LyCORIS's bit for bit (folding s into the add rounds differently)."""
     work = []
     for bfl, (parts, _swap) in bfl_table(double, single).items():
         stem = "lora_unet_" + bfl.replace(".", "_")
@@ -98,16 +100,18 @@ def kron_seconds(tr: torch.nn.Module, file: dict[str, torch.Tensor], double: int
         w1, w2 = (file[f"{stem}.lokr_w{i}"].to(weights[0]) for i in (1, 2))
         work.append((w1, w2, weights, [torch.empty_like(w) for w in weights]))
 
-    def run() -> None:
+    def run(scaled: bool) -> None:
         for w1, w2, weights, outs in work:
             delta = torch.kron(w1, w2)
+            if scaled:
+                delta.mul_(0.5)
             row = 0
             for w, out in zip(weights, outs):
-                torch.add(w, delta[row:row + w.shape[0]], alpha=0.5, out=out)
+                torch.add(w, delta[row:row + w.shape[0]], alpha=1.0 if scaled else 0.5, out=out)
                 row += w.shape[0]
         sync(weights[0].device)
 
-    return best_of(3, run)
+    return best_of(3, lambda: run(False)), best_of(3, lambda: run(True))
 
 
 def lorakit_phase(tr: torch.nn.Module, a: Path, b: Path) -> dict[str, float]:
@@ -154,7 +158,7 @@ def run_kind(tr: torch.nn.Module, kind: str, args: argparse.Namespace, tmp: Path
     r = {"touched_gib": sum(p.numel() * p.element_size() for p in touched) / 2 ** 30, "layers": float(len(lora.layers)),
          "floor_copy_touched": floor_seconds(touched), "addmm_pass_touched": addmm_seconds(touched, args.rank)}
     if kind == "lokr":  # its own arithmetic bound (a kron at the fused shape), not a rank-r product's
-        r["kron_pass_touched"] = kron_seconds(tr, made[0], args.double, args.single)
+        r["kron_pass_touched"], r["kron_scale_pass_touched"] = kron_seconds(tr, made[0], args.double, args.single)
     made.clear()
     r.update(lorakit_phase(tr, *files))
     if kind == "lora" and not args.skip_diffusers:
@@ -192,6 +196,9 @@ def report(results: dict[str, dict[str, float]], args: argparse.Namespace) -> No
         print(f"\n[{kind}] {int(r['layers'])} layers, touched {r['touched_gib']:.2f} GiB")
         print(f"  switch A→B {switch:.3f} s = {switch / bound:.2f}× the compute bound (target ≤ 1.15×), "
               f"{switch / r['floor_copy_touched']:.2f}× the copy floor; median {r['switch_median_of_3'] / bound:.2f}×")
+        if "kron_scale_pass_touched" in r:
+            print(f"  vs kron, scale and add as separate passes (LyCORIS's order, kept bit for bit): "
+                  f"{switch / max(r['floor_copy_touched'], r['kron_scale_pass_touched']):.2f}×")
         print(f"  cold apply {r['apply_A_cold']:.3f} s, restore {r['restore'] * 1000:.1f} ms; peak RSS over the model "
               f"{r['peak_rss_over_model_gib']:.2f} GiB ({r['peak_rss_over_model_gib'] / r['touched_gib']:.2f}× touched)")
         print(f"  extrapolated to 19+38 blocks (×{blocks:.1f} the block layers): switch ≈ {switch * blocks:.1f} s, "
