@@ -84,3 +84,23 @@ def tiny_flux_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("tinyflux") / "tinyflux"
     tiny_flux_pipeline().save_pretrained(path)  # type: ignore[attr-defined]
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_chroma_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Chroma pipeline saved as a diffusers folder (tests/chroma_factories.py), once per session."""
+    from tests.chroma_factories import tiny_chroma_pipeline
+
+    path = tmp_path_factory.mktemp("tinychroma") / "tinychroma"
+    tiny_chroma_pipeline().save_pretrained(path)  # type: ignore[attr-defined]
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Qwen-Image pipeline saved as a diffusers folder (tests/qwen_factories.py), once per session."""
+    from tests.qwen_factories import tiny_qwen_pipeline
+
+    path = tmp_path_factory.mktemp("tinyqwen") / "tinyqwen"
+    tiny_qwen_pipeline().save_pretrained(path)  # type: ignore[attr-defined]
+    return path

@@ -110,9 +110,9 @@ def test_flux_and_chroma_cards_show_their_base_and_are_dimmed_with_the_reason(
         assert card("flux_style").locator(".badge.base").inner_text() == "flux-1-dev"
         assert card("flux_style").locator(".reason").inner_text() == \
             "made for FLUX.1 (flux-1-dev); the model is the embedded demo model"
-        assert card("chroma_style").locator(".badge.base").inner_text() == "Chroma"
+        assert card("chroma_style").locator(".badge.base").inner_text() == "chroma"  # its base, as SD3 sizes show
         assert card("chroma_style").locator(".reason").inner_text() == \
-            "made for Chroma, which lorakit does not apply yet"
+            "made for Chroma; the model is the embedded demo model"
         assert "Stable Diffusion 1.x" in card("ink_sketch_sd15").locator(".reason").inner_text()
         assert pg.inner_text("#lora-count") == "3 LoRAs · 3 dimmed: made for another base or unreadable"
         pg.select_option("#base-filter", "flux1")

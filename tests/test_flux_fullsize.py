@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lorakit import lora_model
-from lorakit.errors import IncompatibleLora, InvalidLora, UnsupportedLora
+from lorakit.errors import IncompatibleLora, InvalidLora
 from lorakit.lora_model import LoraModel, lora_from_state_dict
 from lorakit.models.flux_configs import FLUX1_VARIANTS, build_flux_components
 from lorakit.patch.plan import build_plan
@@ -198,11 +198,9 @@ def test_dev_lora_on_schnell_reports_the_guidance_layers(models: dict[str, Compo
 
 
 def test_listings_that_are_not_flux1_files_are_refused() -> None:
-    """InvokeAI's LoKr listing (synthetic factor shapes: kron is 1024 rows, no FLUX layer's), a Qwen-Image kohya
-    file (named), and a prefix-less ``lora_down`` file of diffusers names (no dialect lorakit knows)."""
+    """InvokeAI's LoKr listing (synthetic factor shapes: kron is 1024 rows, no FLUX layer's). Its two Qwen-Image
+    listings are Qwen-Image's now (kohya: Qwen-Image; prefix-less diffusers names with kohya leaves: FLUX.1 that
+    Chroma and Qwen-Image models take too): tests/test_dit_fullsize.py."""
     with pytest.raises(InvalidLora, match=r"double_blocks\.0\.img_attn\.qkv: cannot split .*1024 rows"):
         _load("lokr_bfl_invokeai")
-    with pytest.raises(UnsupportedLora, match="for Qwen-Image"):
-        _load("qwen_kohya")
-    with pytest.raises(UnsupportedLora, match="no known LoRA key layout"):
-        _load("qwen_diffusers")
+    assert _load("qwen_kohya").arch == "qwen-image" and _load("qwen_diffusers").also_fits == ("chroma", "qwen-image")

@@ -13,6 +13,7 @@ import requests
 
 from lorakit.cli import main
 from lorakit.keymap.arch import Arch
+from lorakit.keymap.families import SUPPORTED
 from lorakit.library import Library
 from lorakit.library import summary as summary_mod
 from lorakit.library.listing import a1111_loras, as_table, entry_dict, fit
@@ -42,7 +43,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 VARIANTS = {"dev": "flux-1-dev", "schnell": "flux-1-schnell", "canny": "flux-1-dev-control",
             "fill": "flux-1-fill-dev", "plain": "flux-1", "peft": "flux-1"}
-FOREIGN = {"chroma": "Chroma", "flux2": "FLUX.2"}  # (SD3 is applied since issue 22: its base is its size)
+FOREIGN = {"flux2": "FLUX.2"}  # SD3 and Chroma are applied since issue 22 (SD3's base is its size)
 
 
 # -- the summary -----------------------------------------------------------------------------------------------------
@@ -164,7 +165,7 @@ def test_an_index_of_the_previous_layout_is_rebuilt(folder: Path, tmp_path: Path
 def test_search_by_base_or_variant(library: Library) -> None:
     assert [e.subpath for e in library.search("flux-1-dev")] == ["flux/dev"]
     assert len(library.search("flux1")) == len(VARIANTS)
-    assert [e.subpath for e in library.search("Chroma")] == ["chroma"]
+    assert [e.subpath for e in library.search("chroma")] == ["chroma"]
 
 
 def test_fit_on_sd_flux_and_demo_models(library: Library) -> None:
@@ -183,9 +184,12 @@ def test_fit_on_sd_flux_and_demo_models(library: Library) -> None:
                   "for it, and it needs the control image (--control-image, the API's lorakit_control_image)"}
     assert fit(fill, Arch.FLUX1)["fit"] == "maybe" and "needs a FLUX.1 Fill model" in fit(fill, Arch.FLUX1)["reason"]
     assert fit(fill, Arch.SDXL)["reason"] == "made for FLUX.1 (flux-1-fill-dev); the model is Stable Diffusion XL"
-    for model in (Arch.FLUX1, Arch.SD1, Arch.DEMO):
+    assert chroma.base == Arch.CHROMA and fit(chroma, Arch.CHROMA) == {"compatible": True, "fit": "yes", "reason": None}
+    for model, name in ((Arch.FLUX1, "FLUX.1"), (Arch.SD1, "Stable Diffusion 1.x")):  # Chroma's own: not on FLUX.1
         assert fit(chroma, model) == {"compatible": False, "fit": "no",
-                                      "reason": "made for Chroma, which lorakit does not apply yet"}
+                                      "reason": f"made for Chroma; the model is {name}"}
+    assert fit(dev, Arch.CHROMA) == {"compatible": True, "fit": "yes", "reason": "made for FLUX.1, which Chroma takes: "
+                                     "its layers for modules this model lacks are reported, not applied"}
 
 
 def test_a_flux_pipelines_arch_fits_flux_loras(library: Library) -> None:
@@ -211,7 +215,7 @@ def test_table_shows_the_variant(library: Library) -> None:
     table = as_table(library.search())
     rows = {line.split()[0]: line.split()[1] for line in table.splitlines()[1:]}
     assert rows["flux/dev"] == "flux-1-dev" and rows["flux/fill"] == "flux-1-fill-dev" and rows["ink"] == "sd1"
-    assert rows["chroma"] == "Chroma" and rows["flux/plain"] == "flux-1"
+    assert rows["chroma"] == "chroma" and rows["flux/plain"] == "flux-1"
 
 
 def test_cli_list_json_variant_and_base_filter(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -244,7 +248,7 @@ def test_http_lists_show_variant_and_fit(folder: Path, tmp_path: Path) -> None:
         by_name = {e["subpath"]: e for e in data["loras"]}
         assert data["model"]["arch"] == "demo" and len(by_name) == 10
         assert (by_name["flux/dev"]["variant"], by_name["flux/dev"]["fit"]) == ("flux-1-dev", "no")
-        assert by_name["chroma"]["reason"] == "made for Chroma, which lorakit does not apply yet"
+        assert by_name["chroma"]["reason"] == "made for Chroma; the model is the embedded demo model"
         only = requests.get(f"{url}/lorakit/v1/loras", params={"base": "flux-1-fill-dev"}, timeout=30).json()
         assert [e["subpath"] for e in only["loras"]] == ["flux/fill"]
         a1111 = requests.get(f"{url}/sdapi/v1/loras", timeout=30).json()
@@ -306,8 +310,8 @@ def test_inspect_names_a_family_not_applied(folder: Path, capsys: pytest.Capture
     info = _inspect(capsys, folder / f"{stem}.safetensors")
     assert (info["family"], info["base"], info["architecture"], info["supported"], info["dialect"]) == \
         (family, family, family, False, None)
-    assert info["note"] == (f"lorakit does not apply {family} LoRAs yet (it applies Stable Diffusion 1.x, 2.x and "
-                            "XL, FLUX.1 and Stable Diffusion 3 / 3.5)")
+    assert info["note"] == f"lorakit does not apply {family} LoRAs yet (it applies {SUPPORTED})"
+    assert SUPPORTED.startswith("Stable Diffusion 1.x, 2.x and XL, FLUX.1, Stable Diffusion 3 / 3.5, ")
     assert info["network_types"] == ["lora"] and info["tensors"] > 0 and info["layers"] == 0
     assert main(["inspect", str(folder / f"{stem}.safetensors")]) == 0
     text = capsys.readouterr().out

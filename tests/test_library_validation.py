@@ -192,7 +192,7 @@ def test_unknown_base_may_not_fit_with_a_reason(tmp_path: Path) -> None:
 @pytest.mark.parametrize("words,base", [("SD 1.5", "sd1"), ("SD 1.5 LCM", "sd1"), ("SD1", "sd1"),
                                         ("SD 2.1 768", "sd2"), ("SDXL 1.0", "sdxl"), ("Pony", "sdxl"),
                                         ("Illustrious", "sdxl"), ("Flux.1 D", "flux1"),
-                                        ("Flux.2 Klein", "FLUX.2"), ("Chroma", "Chroma"),
+                                        ("Flux.2 Klein", "FLUX.2"), ("Chroma", "chroma"), ("Qwen", "qwen-image"),
                                         ("SD 3.5 Large", "Stable Diffusion 3"), ("Hunyuan 1", None),
                                         ("Other", None), ("Unknown", None), ("", None)])
 def test_sidecar_base_words(words: str, base: str | None) -> None:

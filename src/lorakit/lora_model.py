@@ -34,6 +34,7 @@ class LoraModel:
     embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
     leftovers: list[str] = field(default_factory=list)
     variant: str | None = None  # the finer base where the file shows it: flux-1-dev, flux-1-schnell, …
+    also_fits: tuple[str, ...] = ()  # archs its keys fit as well, no metadata saying which (families.alternatives)
 
     @property
     def base(self) -> str:
@@ -106,7 +107,8 @@ def lora_from_state_dict(sd: StateDict, metadata: dict[str, str], *, name: str =
     arch = family.arch or (family.sizes.of_layers(layers, metadata) if family.sizes is not None
                            else archmod.detect(canonical.groups, metadata))
     variant = families.variant(family, list(sd), metadata, sd)
-    return LoraModel(name, path, canonical.dialect, arch, layers, metadata, canonical.embeddings, leftovers, variant)
+    return LoraModel(name, path, canonical.dialect, arch, layers, metadata, canonical.embeddings, leftovers, variant,
+                     families.alternatives(list(sd), metadata, sd))
 
 
 def _refuse_non_finite(path: str | None, layers: dict[str, Adapter], embeddings: dict[str, torch.Tensor]) -> None:

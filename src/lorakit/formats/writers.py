@@ -38,7 +38,7 @@ def kohya_module_name(path: str, arch: str, ldm_names: bool) -> str:
     ``path``: a module name kohya's flattening cannot carry is a ``ToolError``). A DiT family (FLUX.1, SD3):
     ``dit_kohya_name``."""
     family = family_of_arch(arch)
-    if family.layout is not None:
+    if family.layout is not None or family.denoiser != "unet":  # a DiT family, with or without an original layout
         return dit_kohya_name(path, family)
     component, _, module = path.partition(".")
     sdxl = arch == Arch.SDXL
@@ -81,8 +81,8 @@ def dit_kohya_name(path: str, family: Family) -> str:
     from .kohya import splitter
 
     component, _, module = path.partition(".")
-    if component == family.denoiser:
-        prefix = "lora_unet_" if family.is_original(module) else "lora_transformer_"
+    if component == family.denoiser:  # Qwen-Image's model names under musubi-tuner's lora_unet_ (Family.kohya_out)
+        prefix = "lora_unet_" if family.is_original(module) else family.kohya_out.get(component, "lora_transformer_")
     elif component in family.kohya_out:
         prefix = family.kohya_out[component]
         module = module if component in family.plain_te or module.startswith("text_projection") else \

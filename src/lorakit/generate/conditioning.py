@@ -165,6 +165,8 @@ def _final_norm(encoder: torch.nn.Module) -> torch.nn.Module:
 class Conditioning:
     embeds: torch.Tensor  # (1, 77·n, width)
     pooled: torch.Tensor | None  # (1, proj) for SDXL
+    mask: torch.Tensor | None = None  # (1, L): which tokens count, for encoders whose padding is masked (T5 on
+    # Chroma, Qwen2.5-VL on Qwen-Image); None: every token
 
     @property
     def chunks(self) -> int:

@@ -3,6 +3,7 @@ decodes again in fp32 (A1111's automatic ``--no-half-vae``)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,40 +20,49 @@ def check_latents(latents: torch.Tensor, step: int, steps: int) -> None:
                               "model, or a half-precision model that overflows (try --dtype fp32 or bf16)")
 
 
-def decode(pipe: Any, latents: torch.Tensor) -> list[Any]:
+VaeIn = Callable[[Any, torch.Tensor], torch.Tensor]  # (vae, latents in the VAE's dtype) → what vae.decode reads
+
+
+def decode(pipe: Any, latents: torch.Tensor, vae_in: VaeIn | None = None) -> list[Any]:
     """Latents (B, C, h, w) → PIL images, through the pipeline's VAE and image processor (VAE tiling is the
-    model's: ``BaseModel.set_vae_tiling``)."""
-    image = _decode_checked(pipe.vae, latents)
+    model's: ``BaseModel.set_vae_tiling``). ``vae_in``: how the family's latents become the VAE's input (default:
+    the SD/FLUX scale, statistics and shift of ``unscaled``); a video VAE's (B, 3, frames, H, W) gives frame 0."""
+    image = _decode_checked(pipe.vae, latents, vae_in or unscaled)
     return list(pipe.image_processor.postprocess(image.float(), output_type="pil"))
 
 
-def _decode_checked(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+def _decode_checked(vae: Any, latents: torch.Tensor, vae_in: VaeIn) -> torch.Tensor:
     half = vae.dtype in (torch.float16, torch.bfloat16)
     if half and vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
-        return _in_fp32(vae, latents)  # VAEs known to overflow in fp16 (SDXL's) say so in their config
-    image = _decode(vae, latents)
+        return _in_fp32(vae, latents, vae_in)  # VAEs known to overflow in fp16 (SDXL's) say so in their config
+    image = _decode(vae, latents, vae_in)
     if not bool(torch.isfinite(image).all()) and half:
         log.warning(f"the VAE produced NaN/inf in {str(vae.dtype).removeprefix('torch.')}; decoding again in fp32 "
                     "(as A1111's --no-half-vae)")
-        image = _in_fp32(vae, latents)
+        image = _in_fp32(vae, latents, vae_in)
     if not bool(torch.isfinite(image).all()):
         raise NonFiniteOutput("NaN/inf appeared in the decoded image (the VAE's output); no image was written")
     return image
 
 
-def _in_fp32(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+def _in_fp32(vae: Any, latents: torch.Tensor, vae_in: VaeIn) -> torch.Tensor:
     dtype = vae.dtype
     vae.to(torch.float32)  # fp16/bf16 → fp32 → back is lossless: the VAE's weights come back bit-exact
     try:
-        return _decode(vae, latents.float())
+        return _decode(vae, latents.float(), vae_in)
     finally:
         vae.to(dtype)
 
 
-def _decode(vae: Any, latents: torch.Tensor) -> torch.Tensor:
-    """The diffusers decode: unscale (and un-normalise where the VAE has latent statistics, un-shift where it has a
-    shift: FLUX's)."""
-    latents = latents.to(vae.dtype)
+def _decode(vae: Any, latents: torch.Tensor, vae_in: VaeIn) -> torch.Tensor:
+    with torch.no_grad():
+        image = vae.decode(vae_in(vae, latents.to(vae.dtype)), return_dict=False)[0]
+    return image[:, :, 0] if image.dim() == 5 else image
+
+
+def unscaled(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """The diffusers decode's input: unscale (and un-normalise where the VAE has latent statistics, un-shift where
+    it has a shift: FLUX's)."""
     stats = latent_stats(vae, latents)
     if stats is not None:
         latents = latents * stats[1] / vae.config.scaling_factor + stats[0]
@@ -61,8 +71,7 @@ def _decode(vae: Any, latents: torch.Tensor) -> torch.Tensor:
     shift = getattr(vae.config, "shift_factor", None)
     if shift is not None:
         latents = latents + shift
-    with torch.no_grad():
-        return vae.decode(latents, return_dict=False)[0]
+    return latents
 
 
 def latent_stats(vae: Any, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -69,10 +69,13 @@ class PipelineFamily:
 
 
 def family_for(model: BaseModel, embeddings: EmbeddingIndex | None = None) -> PipelineFamily:
+    from .chroma_family import Chroma
     from .flux_family import Flux
+    from .qwen_family import QwenImage
     from .sd3_family import SD3
     from .sd_family import SD
 
-    adapters: list[tuple[tuple[str, ...], type[PipelineFamily]]] = [((Arch.FLUX1,), Flux), (SD3_SIZES, SD3)]
+    adapters: list[tuple[tuple[str, ...], type[PipelineFamily]]] = [
+        ((Arch.FLUX1,), Flux), (SD3_SIZES, SD3), ((Arch.CHROMA,), Chroma), ((Arch.QWEN_IMAGE,), QwenImage)]
     cls = next((c for arches, c in adapters if model.arch in arches), SD)
     return cls(model, embeddings)

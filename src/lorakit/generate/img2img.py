@@ -88,7 +88,7 @@ def _fill_latents(pipe: Any, prepared: Prepared, fill: int) -> None:
 
 
 def encoded_init(model: BaseModel, prepared: Prepared, count: int) -> torch.Tensor:
-    """The init image's latents (the VAE's mean, scaled as ``decode._decode`` unscales them), ``count`` times —
+    """The init image's latents (the VAE's mean, scaled as ``decode.unscaled`` unscales them), ``count`` times —
     encoded by training's ``encode_image`` (an fp16 VAE that asks for it encodes in fp32)."""
     vae = model.pipe.vae
     pixels = model.pipe.image_processor.preprocess(prepared.image)[0]

@@ -32,9 +32,27 @@ def sample(model: BaseModel, settings: Settings, size: tuple[int, int], cond: Co
 
 def stack(conds: list[Conditioning], repeats: list[int]) -> Conditioning:
     """One conditioning for a batch: ``conds[i]`` (1, L, width) repeated ``repeats[i]`` times (its images), in
-    order — the rows diffusers would make of each with ``num_images_per_prompt``."""
-    embeds = torch.cat([c.embeds.repeat(n, 1, 1) for c, n in zip(conds, repeats)])
+    order — the rows diffusers would make of each with ``num_images_per_prompt``. Conditionings of different
+    lengths (an LLM encoder's: Qwen-Image) are padded with zeros to the longest, and their ``mask`` says which
+    tokens count (what diffusers does for a batch of prompts)."""
+    longest = max(c.embeds.shape[1] for c in conds)
+    ragged = any(c.embeds.shape[1] != longest for c in conds)
+    embeds = torch.cat([_pad(c.embeds, longest).repeat(n, 1, 1) for c, n in zip(conds, repeats)])
     pooled = [c.pooled for c in conds]
+    masks = [c.mask if c.mask is not None or not ragged else _ones(c) for c in conds]
+    mask = None if any(m is None for m in masks) else \
+        torch.cat([_pad(m, longest).repeat(n, 1) for m, n in zip(masks, repeats) if m is not None])
     if any(p is None for p in pooled):
-        return Conditioning(embeds, None)
-    return Conditioning(embeds, torch.cat([p.repeat(n, 1) for p, n in zip(pooled, repeats) if p is not None]))
+        return Conditioning(embeds, None, mask)
+    return Conditioning(embeds, torch.cat([p.repeat(n, 1) for p, n in zip(pooled, repeats) if p is not None]), mask)
+
+
+def _pad(t: torch.Tensor, length: int) -> torch.Tensor:
+    """``t`` (1, L[, width]) zero-padded along L to ``length``."""
+    if t.shape[1] == length:
+        return t
+    return torch.cat([t, t.new_zeros((t.shape[0], length - t.shape[1], *t.shape[2:]))], dim=1)
+
+
+def _ones(c: Conditioning) -> torch.Tensor:
+    return torch.ones(c.embeds.shape[:2], dtype=torch.long, device=c.embeds.device)

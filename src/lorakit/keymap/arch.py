@@ -26,18 +26,20 @@ class Arch(StrEnum):
     SD35_LARGE = "sd3.5-large"  # 2432 wide, 38 blocks, qk-norm (and Large Turbo)
     SD3_MEDIUMS = "sd3.x-medium"  # a 1536-wide LoRA that does not show which Medium: fits both
     SD3 = "sd3"  # an SD3 LoRA whose size its layers do not show (text encoders only): fits every SD3 model
+    CHROMA = "chroma"  # Chroma (FLUX.1-schnell-derived, T5 only; FLUX.1 LoRAs fit it: ``families.fits``)
+    QWEN_IMAGE = "qwen-image"  # Qwen-Image and Qwen-Image-Edit (one transformer)
     UNKNOWN = "unknown"
 
 
 SD1, SD2, SDXL, DEMO, FLUX1, UNKNOWN = Arch.SD1, Arch.SD2, Arch.SDXL, Arch.DEMO, Arch.FLUX1, Arch.UNKNOWN
 SD3_SIZES = (Arch.SD3_MEDIUM, Arch.SD35_MEDIUM, Arch.SD35_LARGE)  # what an SD3 model is
 SD3_BASES = (*SD3_SIZES, Arch.SD3_MEDIUMS, Arch.SD3)  # what an SD3 LoRA can be made for
-LORA_BASES = (SD1, SD2, SDXL, FLUX1, *SD3_BASES, UNKNOWN)  # what a LoRA can be made for
+LORA_BASES = (SD1, SD2, SDXL, FLUX1, *SD3_BASES, Arch.CHROMA, Arch.QWEN_IMAGE, UNKNOWN)  # what a LoRA can be made for
 NAMES: dict[str, str] = {SD1: "Stable Diffusion 1.x", SD2: "Stable Diffusion 2.x", SDXL: "Stable Diffusion XL",
          DEMO: "the embedded demo model", FLUX1: "FLUX.1", Arch.SD3_MEDIUM: "Stable Diffusion 3 Medium",
          Arch.SD35_MEDIUM: "Stable Diffusion 3.5 Medium", Arch.SD35_LARGE: "Stable Diffusion 3.5 Large",
          Arch.SD3_MEDIUMS: "Stable Diffusion 3 or 3.5 Medium", Arch.SD3: "Stable Diffusion 3 (any size)",
-         UNKNOWN: "unknown"}
+         Arch.CHROMA: "Chroma", Arch.QWEN_IMAGE: "Qwen-Image", UNKNOWN: "unknown"}
 # A LoRA architecture that stands for several model architectures (its file does not show which one).
 COVERS: dict[str, frozenset[str]] = {Arch.SD3_MEDIUMS: frozenset({Arch.SD3_MEDIUM, Arch.SD35_MEDIUM}),
                                      Arch.SD3: frozenset(SD3_SIZES)}

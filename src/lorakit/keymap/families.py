@@ -17,8 +17,9 @@ from typing import Protocol
 
 from typing import Any
 
-from . import flux, sd3
+from . import chroma, flux, qwen, sd3
 from .arch import Arch
+from .arch import fits as archmod_fits
 from .layouts import LayoutMap, Target
 from .names import SD_VOCABULARY, Vocabulary
 
@@ -49,7 +50,12 @@ class Family:
     (writers); ``kohya_out``/``comfy_out``: the key prefixes its kohya / ComfyUI files are written with, per
     component (the denoiser's original-layout modules under ``lora_unet_``, others as OneTrainer names them);
     ``plain_te``: text encoders without a ``text_model`` level (T5); ``modelspec``: per architecture, kohya's
-    ``ss_base_model_version`` and ``modelspec.architecture`` (without ``/lora``)."""
+    ``ss_base_model_version`` and ``modelspec.architecture`` (without ``/lora``). ``fits``: the architectures of
+    other families whose LoRAs its models take (their layers without a module here reported, not applied), with
+    ``fitted_components`` renaming their components to its own (FLUX.1's T5 ``text_encoder_2`` is Chroma's
+    ``text_encoder``); ``pipelines``: the diffusers pipeline classes of its model folders (``model_index.json``);
+    ``dit_blocks``: the block-weight parts its transformer has (``double``: ``transformer_blocks``, ``single``:
+    ``single_transformer_blocks``; ``patch.weights``)."""
 
     key: str
     display: str
@@ -71,6 +77,10 @@ class Family:
     comfy_out: Mapping[str, str] = field(default_factory=dict)
     plain_te: tuple[str, ...] = ()
     modelspec: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    fits: tuple[Arch, ...] = ()
+    fitted_components: Mapping[str, str] = field(default_factory=dict)
+    pipelines: tuple[str, ...] = ()
+    dit_blocks: tuple[str, ...] = ()
 
 
 SD = Family(
@@ -99,7 +109,7 @@ FLUX1 = Family(
     layout=flux.MAP, kohya_out={"text_encoder": "lora_te1_", "text_encoder_2": "lora_te3_"},
     comfy_out={"transformer": "diffusion_model.", "text_encoder": "text_encoders.clip_l.transformer.text_model.",
                "text_encoder_2": "text_encoders.t5xxl.transformer."},
-    plain_te=("text_encoder_2",), modelspec={Arch.FLUX1: ("flux1", "flux-1")})
+    plain_te=("text_encoder_2",), modelspec={Arch.FLUX1: ("flux1", "flux-1")}, dit_blocks=("double", "single"))
 
 SD3 = Family(
     "sd3", "Stable Diffusion 3", "transformer",
@@ -124,19 +134,44 @@ SD3 = Family(
                Arch.SD35_LARGE: ("sd3.5-large", "stable-diffusion-3-5-large"),
                Arch.SD3_MEDIUMS: ("sd3", "stable-diffusion-3"), Arch.SD3: ("sd3", "stable-diffusion-3")})
 
-FAMILIES: dict[str, Family] = {f.key: f for f in (SD, FLUX1, SD3)}
+CHROMA = Family(
+    "chroma", "Chroma", "transformer", {"text_encoder": "T5-XXL"}, chroma.VOCABULARY,
+    kohya={"lora_transformer_": "transformer", "lora_unet_": "transformer", "lycoris_": "transformer",
+           "lora_te3_": "text_encoder", "lora_te2_": "text_encoder", "lora_te_": "text_encoder"},  # T5, its only one
+    peft={"transformer.base_model.model.": "transformer", "transformer.": "transformer",
+          "base_model.model.": "transformer", "diffusion_model.": "transformer", "text_encoder.": "text_encoder",
+          "text_encoders.t5xxl.transformer.": "text_encoder"},
+    comfy={"t5xxl": "text_encoder"}, arch=Arch.CHROMA, to_model=chroma.MAP.to_model, is_original=chroma.MAP.is_original,
+    model_classes=("ChromaTransformer2DModel",), hidden_outputs=flux.HIDDEN_OUTPUTS, layout=chroma.MAP,
+    kohya_out={"text_encoder": "lora_te3_"},
+    comfy_out={"transformer": "diffusion_model.", "text_encoder": "text_encoders.t5xxl.transformer."},
+    plain_te=("text_encoder",), modelspec={Arch.CHROMA: ("chroma", "chroma")}, fits=(Arch.FLUX1,),
+    fitted_components={"text_encoder_2": "text_encoder"}, pipelines=("ChromaPipeline", "ChromaImg2ImgPipeline"),
+    dit_blocks=("double", "single"))
+
+QWEN_IMAGE = Family(
+    "qwen-image", "Qwen-Image", "transformer", {"text_encoder": "Qwen2.5-VL"}, qwen.VOCABULARY,
+    kohya={"lora_unet_": "transformer", "lora_transformer_": "transformer", "lycoris_": "transformer"},
+    peft={"transformer.base_model.model.": "transformer", "transformer.": "transformer",
+          "base_model.model.": "transformer", "diffusion_model.": "transformer", "text_encoder.": "text_encoder"},
+    comfy={"qwen25_7b": "text_encoder"}, arch=Arch.QWEN_IMAGE, model_classes=("QwenImageTransformer2DModel",),
+    kohya_out={"transformer": "lora_unet_"},  # musubi-tuner's names (its transformer has no original layout)
+    plain_te=("text_encoder",), modelspec={Arch.QWEN_IMAGE: ("qwen_image", "Qwen-Image")},
+    pipelines=("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline"), dit_blocks=("double",))
+
+FAMILIES: dict[str, Family] = {f.key: f for f in (SD, FLUX1, SD3, CHROMA, QWEN_IMAGE)}
 
 # Families lorakit does not apply (yet), by raw key names; tried after FLUX.1's own markers fail.
 UNSUPPORTED: list[tuple[str, re.Pattern[str]]] = [
-    ("Qwen-Image", re.compile(r"transformer_blocks[._]\d+[._](?:img_mlp|txt_mlp|img_mod|txt_mod)")),
     ("HiDream", re.compile(r"double_stream_blocks")),
     ("AuraFlow", re.compile(r"joint_transformer_blocks")),
     ("Lumina 2", re.compile(r"noise_refiner|context_refiner|(?:^|[._])layers[._]\d+[._]attention[._]qkv")),
     ("Wan", re.compile(r"(?:^|[._])blocks[._]\d+[._](?:self_attn|cross_attn|ffn)[._]")),
     ("a transformer (DiT) model such as SD3, PixArt or Hunyuan", re.compile(r"^(lora_)?transformer[._]")),
 ]
-_META: dict[str, str] = {"flux-2": "FLUX.2", "flux.2": "FLUX.2", "flux2": "FLUX.2", "chroma": "Chroma",
-                         "sd3": "sd3", "stable-diffusion-3": "sd3", "stable-diffusion-v3": "sd3", "qwen": "Qwen-Image", "pixart": "PixArt",
+_META: dict[str, str] = {"flux-2": "FLUX.2", "flux.2": "FLUX.2", "flux2": "FLUX.2", "chroma": "chroma",
+                         "sd3": "sd3", "stable-diffusion-3": "sd3", "stable-diffusion-v3": "sd3", "qwen": "qwen-image",
+                         "pixart": "PixArt",
                          "hunyuan": "Hunyuan", "auraflow": "AuraFlow", "cascade": "Stable Cascade",
                          "flux": "flux1"}
 # A DiT's top-level ``transformer_blocks`` (FLUX.1's double blocks, SD3's joint blocks) under any dialect's prefix;
@@ -147,41 +182,73 @@ SD3_WIDTHS = tuple(sd3.WIDTHS)
 # FLUX.1 (dev, schnell, Kontext) has 19 double blocks: a diffusers-layout file naming a later top-level block is
 # for a deeper DiT with the same names (Qwen-Image: 60 blocks of width 3072; SD3.5-Large: 38).
 FLUX1_DOUBLE_BLOCKS = 19
+SD35_LARGE_BLOCKS = 38  # SD3's deepest model: a block past it is Qwen-Image's
+QWEN_WIDTH = 3072  # Qwen-Image's hidden width (SD3's are SD3_WIDTHS)
+_BLOCK_KEY = re.compile(r'"([^"]*?transformer_blocks[._](\d+)[._][^"]*)"')
 
 
 def detect(keys: list[str], metadata: Mapping[str, str], shapes: Mapping[str, Shaped] | None = None) -> Family | str:
     """The family a LoRA file is for, or the name of one lorakit does not apply: keys first, then the input widths
-    of a few layers, then metadata (``modelspec.architecture``, ``ss_base_model_version``), which is often stale."""
+    of a few layers, then metadata (``modelspec.architecture``, ``ss_base_model_version``), which is often stale —
+    it decides only where the keys fit several families (``_Guess``), or none."""
     named = _by_keys(keys, shapes or {})
-    by_meta = _by_metadata(metadata)
-    if named is FLUX1 and by_meta is SD3 and _unsettled_double_blocks(keys, shapes or {}):
-        return SD3  # diffusers-layout double blocks whose widths are no full-size model's: metadata decides
-    return named if named is not None else by_meta or SD
+    meta = _by_metadata(metadata)
+    if isinstance(named, _Guess):
+        if meta is SD3 and named.default is FLUX1 and _unsettled_double_blocks(keys, shapes or {}):
+            return SD3  # diffusers-layout double blocks whose widths are no full-size model's: metadata decides
+        return meta if meta is not None and meta in named.choices else named.default
+    if named is not None:
+        return named
+    return meta or SD
+
+
+def alternatives(keys: list[str], metadata: Mapping[str, str], shapes: Mapping[str, Shaped] | None = None
+                 ) -> tuple[Arch, ...]:
+    """The other architectures a file fits when neither its keys nor its metadata decide (diffusers-named double
+    blocks only: FLUX.1's, Chroma's or Qwen-Image's first blocks): a model of one of them takes it, saying so."""
+    named = _by_keys(keys, shapes or {})
+    if not isinstance(named, _Guess) or _by_metadata(metadata) is not None:
+        return ()
+    return tuple(f.arch for f in named.choices if isinstance(f, Family) and f.arch is not None)
+
+
+@dataclass(frozen=True)
+class _Guess:
+    """Keys that fit several families: metadata naming one of ``choices`` picks it, else ``default``."""
+
+    default: Family | str
+    choices: tuple[Family | str, ...]
 
 
 def _by_metadata(metadata: Mapping[str, str]) -> Family | str | None:
     meta = " ".join(metadata.get(k, "") for k in ("ss_base_model_version", "modelspec.architecture")).lower()
-    for marker, name in _META.items():
-        if marker in meta:
-            return FAMILIES.get(name, name)
-    return None
+    return next((FAMILIES.get(name, name) for marker, name in _META.items() if marker in meta), None)
 
 
-def _by_keys(keys: list[str], shapes: Mapping[str, Shaped]) -> Family | str | None:
+def _by_keys(keys: list[str], shapes: Mapping[str, Shaped]) -> Family | str | _Guess | None:
     if any(flux.FLUX2.search(k) for k in keys) or _text_width(keys, shapes) in flux.FLUX2_TEXT_WIDTHS:
         return "FLUX.2"
     if any(flux.CHROMA.search(k) for k in keys):
-        return "Chroma"
+        return CHROMA
+    if any(qwen.KEYS.search(k) for k in keys):
+        return QWEN_IMAGE
     if sd3.claims(keys):  # before FLUX.1's markers: SD3's final layer is named as FLUX's
         return SD3
-    if any(flux.KEYS.search(k) for k in keys):
-        return FLUX1
+    if any(flux.KEYS.search(k) for k in keys):  # Chroma's own files mostly carry FLUX.1's names only (kohya)
+        return _Guess(FLUX1, (CHROMA,))
     doubles = [k for k in keys if _DIFFUSERS_DOUBLE.search(k)]
-    if doubles and not any(p.search(k) for _, p in UNSUPPORTED[:1] for k in keys):  # not Qwen's names
-        if _double_widths(doubles, shapes) & set(SD3_WIDTHS):
+    if doubles:
+        widths = _double_widths(doubles, shapes)
+        if widths & set(SD3_WIDTHS):
             return SD3
         deepest = max(int(m[1]) for k in doubles if (m := re.search(r"transformer_blocks[._](\d+)", k)))
-        return FLUX1 if deepest < FLUX1_DOUBLE_BLOCKS else "Qwen-Image or Stable Diffusion 3"
+        if deepest < FLUX1_DOUBLE_BLOCKS and all(k.startswith("lora_unet_") for k in doubles):
+            return _Guess(QWEN_IMAGE, (FLUX1, CHROMA))  # musubi-tuner's Qwen-Image names (kohya's FLUX.1: BFL ones)
+        if deepest < FLUX1_DOUBLE_BLOCKS:  # FLUX.1's double blocks or the first blocks of a deeper DiT
+            return _Guess(FLUX1, (CHROMA, QWEN_IMAGE))
+        if deepest >= SD35_LARGE_BLOCKS or widths & {QWEN_WIDTH}:
+            return QWEN_IMAGE
+        return _Guess("Qwen-Image or Stable Diffusion 3", (QWEN_IMAGE,))
     for name, pattern in UNSUPPORTED:
         if any(pattern.search(k) for k in keys):
             return name
@@ -213,6 +280,24 @@ def _unsettled_double_blocks(keys: list[str], shapes: Mapping[str, Shaped]) -> b
     return bool(doubles) and not _double_widths(doubles, shapes) & {3072, *SD3_WIDTHS}
 
 
+def depth_decides(keys: list[str], shapes: Mapping[str, Shaped] | None = None) -> bool:
+    """Whether these keys are diffusers-layout DiT blocks only, whose family the deepest block index decides
+    (FLUX.1's 19 double blocks or Qwen-Image's 60): a sample of a header's keys cannot say then (their widths may:
+    SD3's)."""
+    found = _by_keys(keys, shapes or {})
+    return isinstance(found, _Guess) and QWEN_IMAGE in (found.default, *found.choices)
+
+
+def deepest_block_keys(text: str) -> list[str]:
+    """From a header's text (every key, in any order), the key of the deepest top-level ``transformer_blocks``
+    block — what a sample of a header's keys may miss (safetensors sorts ``…blocks.9`` after ``…blocks.59``)."""
+    best: tuple[int, str] | None = None
+    for m in _BLOCK_KEY.finditer(text):
+        if _DIFFUSERS_DOUBLE.search(m[1]) and (best is None or int(m[2]) > best[0]):
+            best = (int(m[2]), m[1])
+    return [] if best is None else [best[1]]
+
+
 def family_of_arch(arch: str) -> Family:
     """The family whose LoRAs an architecture names (Stable Diffusion for SD1/SD2/SDXL, the demo and unknown)."""
     return next((f for f in FAMILIES.values() if f.arch == arch or arch in f.modelspec), SD)
@@ -233,7 +318,20 @@ def family_of_model(components: Mapping[str, object]) -> Family | None:
     return next((f for f in FAMILIES.values() if names & set(f.model_classes)), None)
 
 
-SUPPORTED = "Stable Diffusion 1.x, 2.x and XL, FLUX.1 and Stable Diffusion 3 / 3.5"
+SUPPORTED = "Stable Diffusion 1.x, 2.x and XL, FLUX.1, Stable Diffusion 3 / 3.5, Chroma and Qwen-Image"
+
+
+def by_pipeline(class_name: str) -> Family | None:
+    """The family whose diffusers pipeline class a model folder's ``model_index.json`` names (``None``: none)."""
+    return next((f for f in FAMILIES.values() if class_name in f.pipelines), None)
+
+
+def fits(lora_arch: str, model_arch: str) -> bool:
+    """Whether a LoRA made for ``lora_arch`` may be applied to a ``model_arch`` model: the same architecture, one
+    that covers it, an unknown one (``arch.fits``), or one the model's family takes (``Family.fits``: FLUX.1 LoRAs
+    on Chroma, their layers for what Chroma pruned reported as having no module). Chroma's own LoRAs do not fit
+    FLUX.1: no family lists them."""
+    return archmod_fits(lora_arch, model_arch) or lora_arch in family_of_arch(model_arch).fits
 # FLUX.1 control and Fill LoRAs widen ``img_in`` to take the control image's (or the masked image's and the
 # mask's) latents beside the noise: 64 → 128 (Canny, Depth) or 384 (Fill) input features at full size.
 FLUX1_WIDE_INPUTS = {128: "flux-1-dev-control", 384: "flux-1-fill-dev"}

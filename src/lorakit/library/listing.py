@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..keymap.arch import NAMES, Arch, fits
+from ..keymap.arch import NAMES, Arch
+from ..keymap.families import family_of_arch, fits
 from .library import Library, LoraEntry
 
 SCHEMA = "lorakit.list/1"
@@ -62,6 +63,10 @@ def fit(e: LoraEntry, model_arch: str) -> dict[str, Any]:
     needs = wide_input_model(e.variant)
     if needs:
         return {"compatible": False, "fit": "maybe", "reason": needs}
+    if e.base in family_of_arch(model_arch).fits:  # another family's LoRAs the model's takes (FLUX.1's on Chroma)
+        return {"compatible": True, "fit": "yes",
+                "reason": f"made for {BASE_NAMES.get(e.base, e.base)}, which {BASE_NAMES.get(model_arch, model_arch)} "
+                          "takes: its layers for modules this model lacks are reported, not applied"}
     return {"compatible": True, "fit": "yes", "reason": None}
 
 
@@ -93,7 +98,7 @@ def incompatibility(lora_base: str, model_arch: str, variant: str | None = None)
     no full-size base)."""
     if lora_base not in BASE_NAMES:
         return f"made for {lora_base}, which lorakit does not apply yet"
-    if fits(lora_base, model_arch):
+    if fits(lora_base, model_arch):  # the same base, an unknown one, or one the model's family takes
         return None
     made = BASE_NAMES[lora_base] + (f" ({variant})" if variant else "")
     return f"made for {made}; the model is {BASE_NAMES.get(model_arch, model_arch)}"

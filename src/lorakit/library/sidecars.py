@@ -27,7 +27,8 @@ BASE_WORDS = [(re.compile(r"^(?:sdxl|sd\s*xl|pony|illustrious|noobai|playground\
               (re.compile(r"^(?:sd|stable\s*diffusion)\s*(?:v\s*)?1(?:\.\d+)?(?!\d)", re.I), Arch.SD1),
               (re.compile(r"^flux\.?\s*2", re.I), "FLUX.2"),
               (re.compile(r"^flux", re.I), Arch.FLUX1),
-              (re.compile(r"^chroma", re.I), "Chroma"),
+              (re.compile(r"^chroma", re.I), Arch.CHROMA),
+              (re.compile(r"^qwen", re.I), Arch.QWEN_IMAGE),
               (re.compile(r"^(?:sd|stable\s*diffusion)\s*3", re.I), "Stable Diffusion 3")]
 
 

@@ -175,7 +175,10 @@ def _summarise_ends(path: Path, ends: Ends) -> Summary | None:
     if last_end(ends.tail) != ends.size - ends.data_start:
         return None  # truncated, appended to, or laid out in another order: the whole header says which
     text = body + "\n" + ends.tail
-    summary = summarise_keys(sample_keys(body, ends.tail), text, None, metadata,
+    keys = sample_keys(body, ends.tail)
+    if families.depth_decides(keys, entry_shapes(text, keys)):
+        return None  # diffusers-layout DiT blocks only: the deepest block (in the header's middle) tells the family
+    summary = summarise_keys(keys, text, None, metadata,
                              lambda key: _tensor_value(path, text, key, ends.data_start), by_metadata=False)
     if summary.base == archmod.UNKNOWN or not summary.types:
         return None
@@ -266,8 +269,10 @@ def _family(keys: list[str], body: str, metadata: dict[str, str],
             shapes: Mapping[str, Shaped] | None) -> families.Family | str:
     """The family from the first and last entries (every key of a FLUX/SD3 file says so): names, then their widths
     (SD3's and FLUX.2's DiT names are FLUX.1's) — read from the text only when the names are not Stable Diffusion's;
-    a FLUX.1 file whose whole header was read is decided by every key and shape, as the loader decides it."""
-    sample = keys[:4] + keys[-4:]
+    a FLUX.1 file whose whole header was read is decided by every key and shape, as the loader decides it. A deep
+    DiT's depth (Qwen-Image's 60 blocks) needs its deepest block, which a sample of sorted keys may miss
+    (``…blocks.9`` sorts after ``…blocks.59``): it is added from the text."""
+    sample = keys[:4] + keys[-4:] + families.deepest_block_keys(body)
     if shapes is None:
         named = families.detect(sample, metadata)
         if named is families.SD:

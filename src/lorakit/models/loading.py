@@ -266,8 +266,9 @@ def dit_families() -> tuple[Any, ...]:
     ``is_file(tensors)``, ``load_folder``, ``load_single_file``, ``arch_of(pipe)`` and ``variant(pipe)``. SD3 is
     asked first: its SAI names (``joint_blocks``) are its own, while BFL and SAI share ``final_layer.*``."""
     from . import flux, sd3
+    from .folder_dits import CHROMA, QWEN_IMAGE
 
-    return (sd3, flux)
+    return (sd3, flux, CHROMA, QWEN_IMAGE)
 
 
 def dit_family(arch: str) -> Any:

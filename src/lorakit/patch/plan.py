@@ -6,6 +6,7 @@ specs.
 """
 from __future__ import annotations
 
+import re
 import weakref
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -16,9 +17,9 @@ import torch
 from ..adapters import Adapter, Rows
 from ..adapters.rows import Originals
 from ..errors import IncompatibleLora, UnmatchedKeys, WeightSpecError
-from ..keymap.arch import NAMES, fits
+from ..keymap.arch import NAMES
 from ..lora_model import LoraModel
-from ..keymap.families import family_of_model
+from ..keymap.families import family_of_model, fits
 from ..quant.layers import is_quantized, weight_shape, weight_values
 from .expand import Expansions, needed, padded
 from .targets import find_module, model_arch, supported
@@ -45,6 +46,7 @@ class LoraReport:
     weight: str = ""
     patched: dict[str, int] = field(default_factory=dict)
     unmatched: list[str] = field(default_factory=list)
+    note: str = ""  # how the LoRA was taken (keys that fit this model's family as well as its own)
     leftover_keys: int = 0
 
     def line(self) -> str:
@@ -52,10 +54,34 @@ class LoraReport:
         where = f" ({self.path})" if self.path else ""
         text = f"LoRA {self.name}{where}: {'/'.join(self.types)}, {self.arch}; {self.weight}; patched {parts}"
         if self.unmatched:
-            text += f"; {len(self.unmatched)} layers not in this model (e.g. {self.unmatched[0]})"
+            text += f"; {len(self.unmatched)} layers not in this model, not applied: {compact_paths(self.unmatched)}"
         if self.leftover_keys:
             text += f"; {self.leftover_keys} keys not understood"
-        return text
+        return text + (f"; {self.note}" if self.note else "")
+
+
+def compact_paths(paths: Sequence[str]) -> str:
+    """Every path, block indices folded: ``transformer.transformer_blocks.{0-18}.norm1.linear, …``."""
+    groups: dict[str, list[int]] = {}
+    for path in paths:
+        m = _INDEX.search(path)
+        template, index = (path, -1) if m is None else (path[:m.start(1)] + "{}" + path[m.end(1):], int(m[1]))
+        groups.setdefault(template, []).append(index)
+    return ", ".join(t if t.find("{}") < 0 else t.replace("{}", "{" + _ranges(sorted(set(ix))) + "}")
+                     for t, ix in groups.items())
+
+
+_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def _ranges(ix: list[int]) -> str:
+    out: list[str] = []
+    for i in ix:
+        if out and i == int(out[-1].split("-")[-1]) + 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{i}"
+        else:
+            out.append(str(i))
+    return ",".join(out)
 
 
 Entries = dict[ParamKey, list[tuple[Contribution, str]]]
@@ -164,8 +190,16 @@ class PlanCache:
 
 
 def resolve(components: Mapping[str, torch.nn.Module], lora: LoraModel) -> Resolution:
+    """Each layer's module (``None``: not in this model) and what does not fit it. A LoRA of a family the model's
+    takes (``Family.fits``) names its components as its own family does: they are renamed to the model's
+    (``Family.fitted_components``: FLUX.1's T5 is Chroma's ``text_encoder``)."""
     out: Resolution = []
+    family = family_of_model(components)
+    rename = family.fitted_components if family is not None and lora.arch in family.fits else {}
     for path, adapter in lora.layers.items():
+        component, _, rest = path.partition(".")
+        if component in rename:
+            path = f"{rename[component]}.{rest}"
         module = find_module(components, path)
         if module is None or not supported(module):
             out.append((path, adapter, None, ""))
@@ -198,6 +232,9 @@ def build_plan(components: Mapping[str, torch.nn.Module], loras: Sequence[tuple[
         _check_arch(lora, arch)
         report = LoraReport(lora.name, lora.path, lora.network_types, lora.arch, weight.describe(_parts(lora)),
                             leftover_keys=len(lora.leftovers))
+        if not fits(lora.arch, arch):  # _check_arch let it through: its keys fit this model's family too
+            report.note = f"its keys fit {_name(lora.arch)} and {_name(arch)}, no metadata says which: applied as " \
+                          f"{_name(arch)}"
         errors: list[str] = []
         for path, adapter, module, problem in resolution:
             if module is None:
@@ -258,8 +295,8 @@ def _parts(lora: LoraModel) -> set[str]:
 
 
 def _check_arch(lora: LoraModel, arch: str) -> None:
-    if fits(lora.arch, arch):
-        return
+    if fits(lora.arch, arch) or arch in lora.also_fits:  # the same architecture, an unknown one, one the model's
+        return  # family takes, or one the keys fit as well (no metadata saying which)
     where = lora.path or lora.name
     raise IncompatibleLora(f"{where}: this LoRA is for {_name(lora.arch)}, the model is {_name(arch)}; "
                            "nothing was changed")

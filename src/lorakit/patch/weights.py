@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 
 from ..errors import WeightSpecError
 from ..keymap import block_id
-from ..keymap.arch import Arch
+from ..keymap.arch import NAMES, Arch
 from ..keymap.blocks import DIT_GROUPS
+from ..keymap.families import family_of_arch
 
 _IN = [f"IN{i:02d}" for i in range(12)]
 _OUT = [f"OUT{i:02d}" for i in range(12)]
@@ -66,21 +67,26 @@ class Weight:
         return base * self.blocks.get(block or "BASE", 1.0)
 
     def _check_family(self, arch: str) -> None:
-        """Block weights name one family's blocks: on another family's model they are an error."""
-        flux = arch == Arch.FLUX1
+        """Block weights name one family's blocks: on another family's model they are an error. ``double``/
+        ``single`` and the 58-value vector fit the transformers with those blocks (``Family.dit_blocks``: FLUX.1
+        and Chroma have both, Qwen-Image double ones only)."""
+        parts = family_of_arch(arch).dit_blocks
+        flux = "single" in parts  # FLUX.1's block layout: its 58-value vector applies
         if self.arch_family and (arch == Arch.SDXL, flux) != (self.arch_family == Arch.SDXL,
                                                                self.arch_family == Arch.FLUX1):
             names: dict[str, str] = {Arch.SDXL: "SDXL", Arch.FLUX1: "FLUX.1"}
             raise WeightSpecError(f"a {len(self.blocks)}-value block-weight vector is for "
                                   f"{names.get(self.arch_family, 'SD1/SD2')}, the model is {arch}")
         unet_blocks = any(b.startswith(("IN", "M0", "OUT")) for b in self.blocks)
-        dit_blocks = any(b in ("DOUBLE", "SINGLE") or b[0] in DIT_GROUPS and b[1:].isdigit() for b in self.blocks)
-        if flux and unet_blocks and not self.arch_family:
-            raise WeightSpecError("in/mid/out name a UNet's blocks; FLUX.1 has double and single blocks: use "
-                                  "double=…/single=… or a 58-value lbw vector (BASE, 19 double, 38 single)")
-        if not flux and dit_blocks:
-            raise WeightSpecError(f"double/single name FLUX.1's transformer blocks; the model is {arch}: use "
-                                  "in/mid/out or an lbw vector")
+        dit_blocks = {b for b in self.blocks if b in ("DOUBLE", "SINGLE") or b[0] in DIT_GROUPS and b[1:].isdigit()}
+        if parts and unet_blocks and not self.arch_family:
+            raise WeightSpecError(f"in/mid/out name a UNet's blocks; {NAMES.get(arch, arch)} has "
+                                  f"{' and '.join(parts)} blocks: use {'=…/'.join(parts)}=…"
+                                  + (" or a 58-value lbw vector (BASE, 19 double, 38 single)" if flux else ""))
+        missing = {b for b in dit_blocks if DIT_GROUPS.get(b[0], b).lower() not in parts}
+        if missing:
+            raise WeightSpecError(f"double/single name FLUX.1's and Chroma's transformer blocks (Qwen-Image has "
+                                  f"double ones only); the model is {arch}: use in/mid/out or an lbw vector")
 
     def describe(self, parts: Collection[str] = ("te", "unet")) -> str:
         """``te 0.8, unet 1`` (+ every block factor that is not 1, dyn) for log lines; ``parts``: the parts the
