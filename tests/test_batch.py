@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lorakit.batch.jobs import RESULTS, Item, Outcome, check_loras, finished, local_runner, read_jobs, run_batch
+from lorakit.batch.jobs import RESULTS, Item, Outcome, check_loras, local_runner, read_jobs, run_batch
+from lorakit.batch.results import finished
 from lorakit.batch.ray_runner import group_order
 from lorakit.cli import main
 from lorakit.errors import BatchError, LorakitError

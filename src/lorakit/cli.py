@@ -22,6 +22,8 @@ from .keymap.families import FLUX1_VARIANTS  # noqa: E402
 if TYPE_CHECKING:
     from .generate.init_image import InitImage
 
+MAX_PROMPTS_BYTES = 16 * 2 ** 20  # --prompts-file: a prompt a line
+
 
 def _inspect(args: argparse.Namespace) -> int:
     """Each file in turn: a bad one is one error line (stderr) and the rest are still reported; exit 2 at the end
@@ -59,8 +61,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+    from .files.output import check_writable, write_atomic
     from .generate.infotext import save_png
     from .generate.pipeline import Generator, Request
     from .library import EmbeddingIndex, LoraIndex
@@ -70,12 +71,13 @@ def _generate(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     prompts = _prompts(args)
     init = _init_image(args)  # a bad image fails before the model loads
+    out = Path(args.output)
+    check_writable(out)  # so does an output that cannot be written (a device, a FIFO, a path under a file)
     control = _control_image(args)
     model = load_model(args.model or settings.model, **settings.device_options(args))
     embedding_dirs = args.embeddings_dir or settings.embedding_dirs
     generator = Generator(model, LoraIndex(args.lora_dir or settings.lora_dirs),
                           EmbeddingIndex(embedding_dirs) if embedding_dirs else None)
-    out = Path(args.output)
     many = len(prompts) > 1 or args.batch > 1
     width, height = (model.native_size if v is None else v for v in (args.width, args.height))
     if model.arch == Arch.DEMO:
@@ -90,8 +92,7 @@ def _generate(args: argparse.Namespace) -> int:
             for image, text in zip(result.images, result.infotexts):
                 n += 1
                 path = out.with_name(f"{out.stem}-{n:04d}{out.suffix}") if many else out
-                path.parent.mkdir(parents=True, exist_ok=True)
-                save_png(image, path, text)
+                write_atomic(path, lambda tmp: save_png(image, tmp, text))
                 print(f"{path}\n{text}\n")
     finally:
         generator.close()
@@ -125,13 +126,13 @@ def _control_image(args: argparse.Namespace) -> Any:
 
 def _read_bytes(path: str, what: str) -> bytes:
     from .errors import ImageInputError
+    from .files.inputs import read_limited
     from .generate.init_image import MAX_BYTES
 
     try:
-        with open(path, "rb") as f:
-            return f.read(MAX_BYTES + 1)
-    except OSError as e:
-        raise ImageInputError(f"{what} {path}: cannot be read ({e.strerror or e})") from None
+        return read_limited(path, MAX_BYTES)
+    except ValueError as e:
+        raise ImageInputError(f"{what} {path}: {e}") from None
 
 
 def _demo_notice() -> str:
@@ -165,12 +166,12 @@ def _list(args: argparse.Namespace) -> int:
 
 def _prompts(args: argparse.Namespace) -> list[str]:
     if args.prompts_file:
-        from pathlib import Path
+        from .files.inputs import read_limited
 
         try:
-            lines = Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
-        except OSError as e:
-            raise LorakitError(f"{args.prompts_file}: cannot read prompts file ({e.strerror})") from None
+            lines = read_limited(args.prompts_file, MAX_PROMPTS_BYTES).decode("utf-8").splitlines()
+        except ValueError as e:  # UnicodeDecodeError is one
+            raise LorakitError(f"{args.prompts_file}: cannot read the prompts file ({e})") from None
         prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
         if not prompts:
             raise LorakitError(f"{args.prompts_file}: no prompts in the file")
@@ -229,89 +230,6 @@ def _add_generate(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") ->
     p.set_defaults(func=_generate, verbose_default=True)
 
 
-def _serve(args: argparse.Namespace) -> int:
-    import errno
-
-    import uvicorn
-
-    from .library import EmbeddingIndex, Library
-    from .models.loading import load_model
-    from .server import create_app, listen
-    from .server.models import DEFAULT_OPTIONS_FILE, ModelCatalog, entry_for
-    from .server.state import saved_model
-    from .server.worker import check_batching
-    from .serve_ray.cli import check_ray_flags
-    from .settings import load_settings
-
-    check_batching(args.max_batch, args.batch_window_ms)
-    if args.ray or args.write_serve_config:
-        from .serve_ray.cli import ray_serve
-
-        return ray_serve(args)
-    check_ray_flags(args)
-    try:  # before the model loads: a port in use is one line at once, not a traceback after "serving on …"
-        sock = listen(args.host, args.port)
-    except OSError as e:
-        problem = "is in use" if e.errno == errno.EADDRINUSE else f"cannot be opened on {args.host}: {e.strerror or e}"
-        print(f"lorakit serve: port {args.port} {problem}", file=sys.stderr)
-        return 2
-    settings = load_settings(args.config)
-    dirs = args.lora_dir or settings.lora_dirs
-    embedding_dirs = args.embeddings_dir or settings.embedding_dirs
-    library = Library(dirs)
-    print(f"{len(library.entries)} LoRAs in {', '.join(str(d) for d in dirs) or '(no folder)'} "
-          f"({library.last_scan['seconds']:.2f} s)")
-    options_file = Path(args.options_file).expanduser() if args.options_file else DEFAULT_OPTIONS_FILE
-    models_dirs = [Path(d) for d in args.models_dir or []]
-    spec = args.model or settings.model
-    catalog = ModelCatalog(models_dirs, entry_for(spec, models_dirs))
-    saved = saved_model(options_file, catalog) if not args.model else None
-    if saved is not None:  # as A1111: the model last chosen through the API, unless --model says otherwise
-        spec = saved.spec
-        catalog.current = saved
-    device_options = settings.device_options(args)
-    model = load_model(spec, **device_options)
-    print(f"model {model.describe()}")
-    app = create_app(model, library, EmbeddingIndex(embedding_dirs) if embedding_dirs else None, args.api_auth,
-                     args.auto_triggers, args.max_batch, args.batch_window_ms, catalog, options_file,
-                     lambda s: load_model(s, **device_options))
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_auth:
-        print(f"warning: listening on {args.host} without --api-auth: anyone who reaches it can generate")
-    port = sock.getsockname()[1]
-    print(f"lorakit: serving the page and the A1111 API on http://{args.host}:{port}/ (Ctrl+C stops)", flush=True)
-    logging.getLogger("lorakit.server").setLevel(logging.INFO)  # one line per request, -v or not
-    uvicorn.Server(uvicorn.Config(app, host=args.host, port=port, log_level="warning")).run(sockets=[sock])
-    return 0
-
-
-def _add_serve(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    p = sub.add_parser("serve", help="A1111-compatible HTTP API (/sdapi/v1) and a web page to browse LoRAs")
-    p.add_argument("-m", "--model", help="a diffusers model folder or single file; default: the embedded demo model")
-    p.add_argument("-l", "--lora-dir", action="append", help="LoRA folder (repeatable); also $LORAKIT_LORA_DIRS "
-                                                             "or lora_dirs in lorakit.toml")
-    p.add_argument("-e", "--embeddings-dir", action="append", help="textual-inversion embeddings folder")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=7860, help="port (default 7860, as A1111)")
-    p.add_argument("--api-auth", help="USER:PASSWORD: require HTTP basic auth for the API and the page")
-    p.add_argument("--auto-triggers", action="store_true", help="add each LoRA's declared trigger words that the "
-                                                                "prompt lacks (off by default)")
-    p.add_argument("--max-batch", type=int, default=1, metavar="N",
-                   help="sample up to N images of waiting txt2img requests in one UNet batch, each with its own "
-                        "LoRAs (requests sharing size, steps, sampler and CFG; default 1: one by one, fused)")
-    p.add_argument("--batch-window-ms", type=float, default=50.0, metavar="MS",
-                   help="with --max-batch: how long the first waiting request waits for others (default 50)")
-    p.add_argument("--models-dir", action="append", metavar="DIR", help="folder of checkpoints (single files and "
-                   "diffusers folders, recursively) that API clients may switch to (repeatable)")
-    p.add_argument("--options-file", metavar="FILE", help="where options posted to /sdapi/v1/options are saved and "
-                   "read back at start (default ~/.config/lorakit/server-options.json)")
-    p.add_argument("--config", help="settings file (default ./lorakit.toml, then ~/.config/lorakit/config.toml)")
-    _add_device_args(p)
-    from .serve_ray.cli import add_ray_args
-
-    add_ray_args(p)
-    p.set_defaults(func=_serve, verbose_default=False)
-
-
 def _add_device_args(p: argparse.ArgumentParser) -> None:
     """Where the model runs (every command that runs a model); flags win over $LORAKIT_* and lorakit.toml."""
     from .settings import DTYPE_CHOICES, ORIGINALS, VRAM_MODES
@@ -353,7 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output (schema lorakit.list/1)")
     p.add_argument("--config", help="settings file (default ./lorakit.toml, then ~/.config/lorakit/config.toml)")
     p.set_defaults(func=_list)
-    _add_serve(sub)
+    from .server.cli import add_serve_command
+
+    add_serve_command(sub, _add_device_args)
     from .tools.cli import add_tool_commands  # merge, bake, extract, resize, convert
 
     add_tool_commands(sub)

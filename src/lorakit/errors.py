@@ -19,6 +19,8 @@ Every error a user can cause is a ``LorakitError``; nothing else escapes the pub
     ├── GridError                an XY-grid axis or block analysis that cannot be run (names the axis)
     ├── BatchError               a batch job file or run that cannot be used (names the file and line)
     ├── ImageInputError          an init image, mask or PNG that cannot be used (names the field and why)
+    ├── OutputError              an output path that cannot be written: a device, FIFO, socket or folder (never
+    │                            replaced), a folder that cannot be made, no permission or space (names the path)
     ├── TrainingError            ``lorakit train`` cannot run as asked (names the flag or the checkpoint)
     │   └── TrainDataError       a training folder that cannot be used (names the folder or the images)
     └── ModelError               a base model that cannot be loaded (names the path and the problem)
@@ -84,6 +86,7 @@ class PromptSyntaxError(LorakitError):
         lo = max(0, min(column - 1 - self.CONTEXT, len(text) - 2 * self.CONTEXT))
         hi = min(len(text), lo + 2 * self.CONTEXT)
         excerpt = text[lo:hi].translate({9: " ", 10: " ", 13: " "})  # one line, so the caret lines up
+        excerpt = "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in excerpt)  # printable, same width
         shown = ("…" if lo else "") + excerpt + ("…" if hi < len(text) else "")
         pointer = " " * (column - 1 - lo + (1 if lo else 0)) + "^"
         super().__init__(f"prompt, column {column}: {problem}\n  {shown}\n  {pointer}")
@@ -116,6 +119,12 @@ class NonFiniteOutput(LorakitError):
 class ToolError(LorakitError):
     """A LoRA tool (merge, bake, extract, resize, convert) cannot do what was asked: a type the target format
     cannot express, an output that would overwrite an input, a missing option; the message names what."""
+
+
+class OutputError(LorakitError):
+    """An output that cannot be written where asked: the path is a device, FIFO, socket or folder (or a symlink to
+    one) — refused, never replaced — or its folder cannot be made, or the write fails (no permission, no space);
+    the message names the path and the reason."""
 
 
 class GridError(LorakitError):

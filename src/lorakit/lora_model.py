@@ -113,15 +113,15 @@ def lora_from_state_dict(sd: StateDict, metadata: dict[str, str], *, name: str =
 
 def _refuse_non_finite(path: str | None, layers: dict[str, Adapter], embeddings: dict[str, torch.Tensor]) -> None:
     """``InvalidLora`` naming up to 5 layers (and embeddings) with NaN or inf values, and how many there are."""
-    bad = [p for p, adapter in layers.items() if not all(_finite(t) for t in adapter.leaves().values())]
-    bad += [f"embedding {k}" for k, t in embeddings.items() if not _finite(t)]
+    bad = [p for p, adapter in layers.items() if not all(all_finite(t) for t in adapter.leaves().values())]
+    bad += [f"embedding {k}" for k, t in embeddings.items() if not all_finite(t)]
     if bad:
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
         raise InvalidLora(path, f"NaN or inf values in {len(bad)} layers: {', '.join(bad[:5])}{more}; a LoRA "
                                 "carrying them would only make black images, so it is not applied")
 
 
-def _finite(t: torch.Tensor) -> bool:
+def all_finite(t: torch.Tensor) -> bool:
     """No NaN/inf in ``t``: a float64 sum is finite exactly when every value is (NaN and ±inf propagate), at a third
     of the cost of ``isfinite().all()``; only a sum that overflows is checked value by value."""
     if not t.is_floating_point():

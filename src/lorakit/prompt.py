@@ -21,7 +21,7 @@ from itertools import pairwise
 
 from .errors import PromptSyntaxError
 
-__all__ = ["LoraRef", "ParsedPrompt", "PromptSyntaxError", "Schedule", "parse_prompt"]
+__all__ = ["LoraRef", "ParsedPrompt", "PromptSyntaxError", "Schedule", "lone_surrogate", "parse_prompt"]
 
 # One pattern for both tag forms: searching for each separately re-scanned the rest of the text at every tag.
 SCAN = re.compile(r"<(?P<kind>[A-Za-z_][\w-]*):|(?P<invoke>withLora\()")
@@ -32,6 +32,7 @@ DENOISER = ("transformer", "dit")  # other names of ``unet``: the denoiser of an
 NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 DYN_DIGITS = 9  # ranks are far below 10⁹; more digits would also meet int()'s 4,300-digit limit
 MAX_WARNINGS = 10
+SURROGATE = re.compile("[\ud800-\udfff]")  # lone surrogates: text no encoder takes (server.guards uses it too)
 
 
 @dataclass(frozen=True)
@@ -112,8 +113,18 @@ class ParsedPrompt:
     warnings: list[str] = field(default_factory=list)
 
 
+def lone_surrogate(text: str) -> int | None:
+    """The 1-based column of the first lone surrogate in ``text`` (``None``: there is none)."""
+    m = SURROGATE.search(text)
+    return None if m is None else m.start() + 1
+
+
 def parse_prompt(text: str, *, negative: bool = False) -> ParsedPrompt:
-    """Find every LoRA tag in ``text``; return the text without them, the references, and warnings."""
+    """Find every LoRA tag in ``text``; return the text without them, the references, and warnings. A lone
+    surrogate (undecodable bytes on a command line) is a ``PromptSyntaxError``: no tokenizer can encode it."""
+    column = lone_surrogate(text)
+    if column is not None:
+        raise PromptSyntaxError(text, column, "not valid Unicode text (a lone surrogate: bytes that are not UTF-8?)")
     out = ParsedPrompt(text)
     pieces: list[str] = []
     others: list[str] = []

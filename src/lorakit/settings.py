@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import LorakitError
+from .files.inputs import read_limited
 from .library import lora_dirs_from_env
 
 SEARCH = (Path("lorakit.toml"), Path.home() / ".config" / "lorakit" / "config.toml")
+MAX_BYTES = 1 << 20  # a settings file is a few lines
 DEVICE_KEYS = ("device", "dtype", "vram", "lora_originals", "components")
 # The choices, here because this module is torch-free (``models/device.py`` imports them; ``list`` needs no torch).
 DTYPE_CHOICES = ("auto", "fp16", "bf16", "fp32")
@@ -52,10 +54,12 @@ def load_settings(path: str | None = None) -> Settings:
     candidates = [Path(path)] if path else [p for p in SEARCH if p.is_file()]
     data: dict[str, object] = {}
     if candidates:
-        try:
-            data = tomllib.loads(candidates[0].read_text(encoding="utf-8"))
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise LorakitError(f"{candidates[0]}: unreadable settings file ({e})") from None
+        try:  # a regular file of at most MAX_BYTES (a FIFO would block); ValueError covers TOML and UTF-8 errors
+            data = tomllib.loads(read_limited(candidates[0], MAX_BYTES).decode("utf-8"))
+        except ValueError as e:
+            raise LorakitError(f"{candidates[0]}: unreadable settings file ({str(e)[:200]})") from None
+        except RecursionError:  # tomllib recurses once per nested array or inline table
+            raise LorakitError(f"{candidates[0]}: unreadable settings file (nested too deeply)") from None
     dirs, embedding_dirs = data.get("lora_dirs", []), data.get("embedding_dirs", [])
     if not isinstance(dirs, list) or not isinstance(embedding_dirs, list):
         raise LorakitError(f"{candidates[0]}: lora_dirs and embedding_dirs must be lists of folders")

@@ -19,13 +19,14 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from ..errors import GridError
+from ..files.output import write_atomic
 from ..generate.pipeline import Generator, Request
 from ..keymap import block_id
 from ..keymap.arch import Arch
 from ..lora_model import load_cached
 from ..patch.weights import VECTORS
 from .axes import num, set_lora_args
-from .common import Progress, write_atomic
+from .common import Progress
 from .draw import draw_grid
 from .grid import fix_seed, preflight_requests
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -71,10 +72,16 @@ def _grid(args: argparse.Namespace) -> int:
         raise GridError("give at least one axis (--x, --y, --z) or --analyze-blocks LORA")
     base = Request(args.prompt, args.negative, args.steps, args.cfg, args.sampler, args.seed, args.width or 512,
                    args.height or 512, 1, args.clip_skip, args.auto_triggers)
-    from .grid import build_cells, run_grid
+    from ..files.output import check_writable
+    from .grid import build_cells, check_size, run_grid
 
-    # The axes meet the prompt (Prompt S/R's text, withLora tags) before the model loads.
-    count = 0 if args.analyze_blocks else len(build_cells(base, axes[0], axes[1], axes[2]))
+    count = 0
+    if not args.analyze_blocks:  # counted, then the axes meet the prompt (Prompt S/R, withLora) before the model
+        count = check_size(base, axes[0], axes[1], axes[2])
+        build_cells(base, axes[0], axes[1], axes[2])
+    check_writable(Path(args.output))  # a device, FIFO or folder: refused now, not after the last cell
+    if count:
+        print(f"grid: {count} cells", file=sys.stderr, flush=True)
     gen = _generator(args)
     native = gen.model.native_size  # a size not given is the model's own
     base = replace(base, width=args.width or native, height=args.height or native)

@@ -1,5 +1,5 @@
 """What grids and batches share: the LoRA set of a request (the key that orders work so weights switch rarely),
-atomic file writes, and a progress line on stderr."""
+PNGs written atomically (``files.output``), and a progress line on stderr."""
 from __future__ import annotations
 
 import os
@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
+from ..files.output import write_atomic
 from ..prompt import parse_prompt
 
 LoraSet = tuple[str, ...]
@@ -20,24 +21,6 @@ def lora_set(prompt: str, negative: str = "") -> LoraSet:
     column): two requests with the same set need no weight switch between them. Raises ``PromptSyntaxError``."""
     refs = parse_prompt(prompt).loras + parse_prompt(negative, negative=True).loras
     return tuple(sorted(repr(replace(r, column=0)) for r in refs))
-
-
-def atomic_path(path: Path) -> Path:
-    """A temporary name beside ``path`` (same folder, so the rename is atomic; same suffix, so PIL still knows
-    the format): ``.NAME.PID.tmp.SUFFIX``."""
-    return path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-
-
-def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """Run ``write(temporary path)`` and rename the result onto ``path``: a reader sees the old file or the new
-    one, never half of one (a crash leaves at most a ``.NAME.PID.tmp`` file behind)."""
-    tmp = atomic_path(path)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def save_png_atomic(image: Any, path: Path, text: str) -> None:

@@ -23,12 +23,14 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from ..errors import GridError
+from ..files.output import write_atomic
 from ..generate.pipeline import Generator, Request
 from .axes import Axis
-from .common import LoraSet, Progress, lora_set, write_atomic
+from .common import LoraSet, Progress, lora_set
 from .draw import Layout, draw_grid
 
-MAX_GRID_PIXELS = 200_000_000  # per PNG: A1111's img_max_size_mp default (200 MP)
+MAX_GRID_PIXELS = 200_000_000  # per PNG (A1111's img_max_size_mp default, 200 MP), and all Z grids together
+MAX_CELLS = 5_000  # 50 × 50 × 2: hours of images on a GPU; more is a typo (1-1000 on two axes) long before a plan
 SCHEMA = "lorakit.grid/1"
 
 
@@ -88,11 +90,19 @@ def switches(order: list[Cell]) -> int:
     return sum(1 for a, b in itertools.pairwise(order) if a.key != b.key)
 
 
-def check_size(base: Request, x: Axis | None, y: Axis | None) -> None:
-    pixels = len(_values(x)) * len(_values(y)) * (base.width or 512) * (base.height or 512)
-    if pixels > MAX_GRID_PIXELS:
-        raise GridError(f"the grid would be {pixels / 1e6:.0f} megapixels (more than {MAX_GRID_PIXELS / 1e6:.0f}): "
-                        "use fewer values or a smaller size")
+def check_size(base: Request, x: Axis | None, y: Axis | None, z: Axis | None) -> int:
+    """The number of cells, checked before any is built: at most ``MAX_CELLS``, each PNG at most
+    ``MAX_GRID_PIXELS``, and all of them together too (every cell's image is held until the PNGs are drawn)."""
+    nx, ny, nz = (len(_values(a)) for a in (x, y, z))
+    cells = nx * ny * nz
+    if cells > MAX_CELLS:
+        raise GridError(f"the grid has {cells} cells ({nx} × {ny} × {nz}); at most {MAX_CELLS}: use fewer values")
+    size = (base.width or 512) * (base.height or 512)
+    for pixels, what in ((nx * ny * size, "grid would be"), (cells * size, "grids would hold")):
+        if pixels > MAX_GRID_PIXELS:
+            raise GridError(f"the {what} {pixels / 1e6:.0f} megapixels (more than {MAX_GRID_PIXELS / 1e6:.0f}): "
+                            "use fewer values or a smaller size")
+    return cells
 
 
 def preflight_requests(gen: Generator, requests: list[Request]) -> None:
@@ -110,7 +120,7 @@ def run_grid(gen: Generator, base: Request, x: Axis | None, y: Axis | None, z: A
     """Generate every cell (one image each) and write one labelled PNG per Z value: ``out`` without a Z axis,
     else ``OUT-01.png``, ``OUT-02.png``…"""
     base = fix_seed(replace(base, batch=1))
-    check_size(base, x, y)
+    check_size(base, x, y, z)
     cells = build_cells(base, x, y, z)
     preflight_requests(gen, [c.request for c in cells])
     order = run_order(cells)

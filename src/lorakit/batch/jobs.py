@@ -4,13 +4,16 @@ Each line is one JSON object with A1111's ``/sdapi/v1/txt2img`` field names (``p
 ``negative_prompt``, ``seed``, ``steps``, ``cfg_scale``, ``sampler_name``, ``scheduler``, ``width``, ``height``,
 ``batch_size``, ``n_iter``, ``override_settings.CLIP_stop_at_last_layers``); fields lorakit does not use are
 ignored with one warning. Every line is checked before the first image (a bad one is an error naming the file and
-line). A seed of -1 is drawn when the file is read, so every runner gives the same images.
+line): the file is a regular file of at most ``MAX_JOBS_BYTES`` and ``MAX_ITEMS`` requests, each line JSON nested
+at most ``MAX_DEPTH`` levels, without what the HTTP API refuses (NaN, ±inf, huge integers, lone surrogates). A seed
+of -1 is drawn when the file is read, so every runner gives the same images.
 
 An item's key is its line number and a hash of its JSON (``000003-9f2c…``): images are ``KEY-NN.png`` and each
 finished item appends one line to ``results.jsonl`` (key, line, images, seeds, infotexts, prompt, settings,
 notes, seconds, worker; or ``error``). A re-run skips the items whose line is there without an error and whose
-images exist; an edited line has a new key and runs again. Images are written under a temporary name and renamed;
-a results line is appended in one write, and a torn last line (a crash mid-write) is dropped on the next run.
+images exist (``results.py``); an edited line has a new key and runs again. Images are written under a temporary
+name and renamed; a results line is appended in one write, and a torn last line (a crash mid-write) is dropped on
+the next run.
 """
 from __future__ import annotations
 
@@ -18,7 +21,6 @@ import hashlib
 import itertools
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -28,12 +30,16 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..errors import BatchError, LorakitError
+from ..files.inputs import loads_bounded, read_limited
 from ..generate.pipeline import Generator, Request, Result
 from ..prompt import parse_prompt
-from .common import LoraSet, Progress, lora_set, save_png_atomic, write_atomic
+from ..server.guards import MAX_DEPTH
+from .common import LoraSet, Progress, lora_set, save_png_atomic
+from .results import RESULTS, ResultsWriter, finished
 
 log = logging.getLogger("lorakit")
-RESULTS = "results.jsonl"
+MAX_JOBS_BYTES = 64 * 2 ** 20  # ~60,000 requests of 1 KB
+MAX_ITEMS = 100_000
 CHUNK = 4  # with batching: items are run in runs of CHUNK × max images (results are written after each run)
 
 
@@ -74,15 +80,17 @@ class Summary:
 def read_jobs(path: str | Path) -> list[Item]:
     """Every request of the jobs file, checked. Raises ``BatchError`` naming the file and line."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise BatchError(f"{path}: cannot read the jobs file ({getattr(e, 'strerror', None) or e})") from None
+        lines = read_limited(path, MAX_JOBS_BYTES).decode("utf-8").splitlines()
+    except ValueError as e:  # UnicodeDecodeError is one
+        raise BatchError(f"{path}: cannot read the jobs file ({e})") from None
     items, ignored = [], set()
     for number, text in enumerate(lines, 1):
         if text.strip():
             item, unused = _item(str(path), number, text)
             items.append(item)
             ignored |= unused
+        if len(items) > MAX_ITEMS:
+            raise BatchError(f"{path}: more than {MAX_ITEMS} requests; split the file")
     if not items:
         raise BatchError(f"{path}: no requests (one JSON object a line, with A1111 txt2img fields)")
     if ignored:
@@ -97,9 +105,12 @@ def _item(path: str, number: int, text: str) -> tuple[Item, set[str]]:
 
     where = f"{path}:{number}"
     try:
-        fields = json.loads(text)
+        fields = loads_bounded(text, MAX_DEPTH)
     except json.JSONDecodeError as e:
         raise BatchError(f"{where}: not JSON ({e.msg} at column {e.colno})") from None
+    except ValueError as e:
+        raise BatchError(f"{where}: {e}") from None
+    _check_values(text, where)
     if not isinstance(fields, dict):
         raise BatchError(f"{where}: expected a JSON object of A1111 txt2img fields, got {type(fields).__name__}")
     try:
@@ -107,7 +118,9 @@ def _item(path: str, number: int, text: str) -> tuple[Item, set[str]]:
     except ValidationError as e:
         first = e.errors()[0]
         name = ".".join(str(p) for p in first["loc"]) or "(the object)"
-        raise BatchError(f"{where}: field {name!r}: {first['msg']} (got {first.get('input')!r})") from None
+        got = repr(first.get("input"))
+        raise BatchError(f"{where}: field {name!r}: {first['msg']} (got {got[:80] + '…' if len(got) > 80 else got})") \
+            from None
     clip_skip = _clip_skip(txt2img.override_settings, where)
     for name, value in (("prompt", txt2img.prompt), ("negative_prompt", txt2img.negative_prompt)):
         try:
@@ -118,6 +131,21 @@ def _item(path: str, number: int, text: str) -> tuple[Item, set[str]]:
     requests = requests_of(txt2img, clip_skip, False)  # type: ignore[arg-type]  # None: the model's default
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
     return Item(number, f"{number:06d}-{digest}", tuple(requests), key), set(fields) - set(Txt2Img.model_fields)
+
+
+def _check_values(text: str, where: str) -> None:
+    """What the HTTP API refuses in a body (``server.guards.check_json``), refused here too: NaN, ±inf, huge
+    integers, lone surrogates."""
+    from fastapi.exceptions import RequestValidationError
+
+    from ..server.guards import check_json
+
+    try:
+        check_json(text.encode("utf-8", "surrogatepass"))
+    except RequestValidationError as e:
+        first = e.errors()[0]
+        name = ".".join(str(p) for p in first["loc"] if p != "body") or "(the object)"
+        raise BatchError(f"{where}: field {name!r}: {first['msg']}") from None
 
 
 def _clip_skip(overrides: dict[str, Any], where: str) -> int | None:
@@ -197,52 +225,19 @@ def item_outcome(key: str, line: int, results: list[Result | LorakitError], seco
     return Outcome(record, pixels)
 
 
-def finished(outdir: Path) -> set[str]:
-    """Keys finished in earlier runs (no error, every image there). Drops unreadable lines — a torn last line
-    from a crash — by rewriting the file without them (atomically)."""
-    path = outdir / RESULTS
-    if not path.is_file():
-        return set()
-    text = path.read_text(encoding="utf-8", errors="replace")
-    kept, keys = [], set()
-    for raw in text.splitlines():
-        try:
-            record = json.loads(raw)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("key"), str):
-            kept.append(raw)
-            images = record.get("images") or []
-            if "error" not in record and images and all((outdir / str(n)).is_file() for n in images):
-                keys.add(record["key"])
-    if len(kept) != len([r for r in text.splitlines() if r.strip()]) or (text and not text.endswith("\n")):
-        write_atomic(path, lambda tmp: tmp.write_text("".join(f"{r}\n" for r in kept), encoding="utf-8"))
-    return keys
+def write_outcome(writer: ResultsWriter, outdir: Path, outcome: Outcome) -> None:
+    """An outcome's images (atomically), then its record (one appended line)."""
+    from PIL import Image
 
-
-class ResultsWriter:
-    """Writes an outcome's images (atomically) and then appends its record to ``results.jsonl`` in one write."""
-
-    def __init__(self, outdir: Path) -> None:
-        self.outdir = outdir
-        self.fd = os.open(outdir / RESULTS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-
-    def write(self, outcome: Outcome) -> None:
-        from PIL import Image
-
-        record = dict(outcome.record)
-        names = []
-        for i, (px, text) in enumerate(zip(outcome.pixels, record.get("infotexts", []))):
-            name = f"{record['key']}-{i:02d}.png"
-            save_png_atomic(Image.fromarray(px), self.outdir / name, text)
-            names.append(name)
-        if "error" not in record:
-            record["images"] = names
-        os.write(self.fd, (json.dumps(record, ensure_ascii=False) + "\n").encode())
-        os.fsync(self.fd)
-
-    def close(self) -> None:
-        os.close(self.fd)
+    record = dict(outcome.record)
+    names = []
+    for i, (px, text) in enumerate(zip(outcome.pixels, record.get("infotexts", []))):
+        name = f"{record['key']}-{i:02d}.png"
+        save_png_atomic(Image.fromarray(px), outdir / name, text)
+        names.append(name)
+    if "error" not in record:
+        record["images"] = names
+    writer.append(record)
 
 
 Runner = Callable[[list[Item]], Iterator[Outcome]]
@@ -268,7 +263,7 @@ def run_batch(items: list[Item], outdir: Path, runner: Runner, progress: Progres
                 log.info(f"line {outcome.record.get('line')}: a repeated outcome (a retried task) ignored")
                 continue
             written.add(key)
-            writer.write(outcome)
+            write_outcome(writer, outdir, outcome)
             failed = "error" in outcome.record
             summary.failed += failed
             summary.done += not failed

@@ -1,8 +1,8 @@
 """safetensors headers, parsed and validated without torch (the LoRA library scans thousands of files).
 
 The one reader of the project: ``read_header`` checks the whole schema before anything is used — a JSON object
-nested at most ``MAX_JSON_DEPTH`` deep (checked before decoding, in linear time), ``__metadata__`` an object of
-strings, and per tensor ``dtype`` a known name, ``shape`` a list of non-negative integers (not bools, floats or
+nested at most ``MAX_JSON_DEPTH`` deep (checked before decoding, in linear time and a few bytes of memory per
+byte: ``files.inputs``), ``__metadata__`` an object of strings, and per tensor ``dtype`` a known name, ``shape`` a list of non-negative integers (not bools, floats or
 ``Infinity``), ``data_offsets`` two integers ``[start, end]`` whose span is ``numel · itemsize`` — and the tensors
 tile the data section exactly, as safetensors itself requires (so a truncated file is told from its size).
 """
@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeGuard
 
 from ..errors import UnreadableFile
+from . import inputs
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 MAX_JSON_DEPTH = 8  # a valid header nests 3 deep (header → entry → shape); metadata JSON a few more
@@ -25,9 +25,6 @@ SAFETENSORS_DTYPES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
     "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
 }
-# A JSON string, or an unterminated one running to the end: always matches from a quote, so a scan is linear.
-_STRING = re.compile(r'"[^"\\]*(?:\\[\s\S][^"\\]*)*(?:"|\\?\Z)')
-_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 
 
 @dataclass(frozen=True)
@@ -85,26 +82,9 @@ def parse_header(p: Path, raw: bytes, size: int) -> Header:
 
 
 def loads_bounded(text: str, max_depth: int = MAX_JSON_DEPTH) -> Any:
-    """``json.loads(text)``, refusing nesting deeper than ``max_depth`` before decoding (the decoder recurses once
-    per level). Raises ``ValueError`` for invalid or too deeply nested JSON and for numbers too long to convert."""
-    if not nesting_within(text, max_depth):
-        raise ValueError(f"not valid JSON, or nested deeper than {max_depth} levels")
-    return json.loads(text)  # ValueError (JSONDecodeError is one) for anything else
-
-
-def nesting_within(text: str, max_depth: int) -> bool:
-    """Whether the brackets outside strings of ``text`` are balanced and nest at most about ``max_depth`` deep.
-    Linear: strings are cut out, then each of ``max_depth`` passes deletes the innermost empty ``[]`` and ``{}``
-    pairs (a depth of d empties in at most d passes; alternating ``[{[{`` may empty two levels in one)."""
-    skeleton = _NOT_BRACKET.sub("", _STRING.sub("", text))
-    for _ in range(max_depth):
-        if not skeleton:
-            return True
-        shorter = skeleton.replace("[]", "").replace("{}", "")
-        if len(shorter) == len(skeleton):
-            return False
-        skeleton = shorter
-    return not skeleton
+    """``files.inputs.loads_bounded`` (linear time, a few bytes of memory per byte of text) with the header's
+    depth limit."""
+    return inputs.loads_bounded(text, max_depth)
 
 
 def decode_json(p: Path, text: str, what: str) -> Any:

@@ -30,7 +30,7 @@ def save_png(image: Any, path: str | Path, text: str) -> None:
 
     info = PngInfo()
     info.add_text("parameters", text)
-    image.save(str(path), pnginfo=info)
+    image.save(str(path), format="PNG", pnginfo=info)  # PNG whatever the name ends in (PIL refused ".safetensors")
 
 
 def job_infotext(job: Any, model: Any, seed: int, lora_hashes: dict[str, str],

@@ -9,13 +9,13 @@ Broken sidecars are ignored (with the reason kept), never fatal: they are the us
 """
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..files.inputs import read_json
 from ..keymap.arch import Arch
 
 PREVIEW_EXTS = ("png", "jpg", "jpeg", "webp", "gif")
@@ -84,9 +84,9 @@ def read_sidecars(folder: Path, stem: str, present: set[str]) -> Sidecars:
 
 def _json(path: Path, out: Sidecars) -> dict[str, Any]:
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        out.problems.append(f"{path.name}: unreadable ({e})")
+        obj = read_json(path)
+    except ValueError as e:  # not a regular file, too big, not UTF-8, not JSON, nested too deep
+        out.problems.append(f"{path.name}: unreadable ({str(e)[:200]})")
         return {}
     if not isinstance(obj, dict):
         out.problems.append(f"{path.name}: not a JSON object")

@@ -10,7 +10,6 @@ scheduler and, when it has one, the transformer's config; else the shipped confi
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,6 +17,7 @@ from typing import Any, TypeVar
 import torch
 
 from ..errors import CheckpointError, ModelError
+from ..files.inputs import read_json
 from ..keymap import flux as fluxmap
 from ..keymap.arch import Arch
 from .dit_files import prefixed, replace_encoders, replace_vae, split_original
@@ -27,9 +27,9 @@ T = TypeVar("T")
 TE_PREFIXES = {"text_encoder": "text_encoders.clip_l.transformer.", "text_encoder_2": "text_encoders.t5xxl.transformer."}
 
 
-def is_flux_index(index: Mapping[str, Any]) -> bool:
-    """Whether a ``model_index.json`` is a FLUX.1 pipeline's (FluxPipeline, FluxKontextPipeline, …)."""
-    return str(index.get("_class_name", "")).startswith("Flux")
+def is_flux_index(index: Any) -> bool:
+    """Whether a ``model_index.json`` (any JSON value) is a FLUX.1 pipeline's (FluxPipeline, FluxKontextPipeline, …)."""
+    return isinstance(index, Mapping) and str(index.get("_class_name", "")).startswith("Flux")
 
 
 def load_folder(path: Path, dtype: torch.dtype) -> Any:
@@ -58,7 +58,13 @@ def bfl_to_diffusers(sd: Mapping[str, torch.Tensor], hidden: int, path: Path) ->
 def transformer_config(components: Path | None, sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """The components folder's ``transformer/config.json``, else the shipped config of the variant the keys show."""
     if components is not None and (components / "transformer" / "config.json").is_file():
-        cfg = json.loads((components / "transformer" / "config.json").read_text())
+        path = components / "transformer" / "config.json"
+        try:
+            cfg = read_json(path)
+        except ValueError as e:
+            raise ModelError(f"{path}: unreadable ({str(e)[:200]})") from None
+        if not isinstance(cfg, dict):
+            raise ModelError(f"{path}: not a JSON object")
         return {k: v for k, v in cfg.items() if not k.startswith("_")}
     from .flux_configs import variant_config
 
@@ -145,8 +151,8 @@ def _is_folder(path: Path) -> bool:
     if not index.is_file():
         return False
     try:
-        return is_flux_index(json.loads(index.read_text()))
-    except (OSError, json.JSONDecodeError):
+        return is_flux_index(read_json(index))
+    except ValueError:
         return False
 
 

@@ -39,9 +39,14 @@ class FolderDiT:
 
     def load_folder(self, path: Path, dtype: torch.dtype) -> Any:
         import diffusers
-        import json
 
-        name = str(json.loads((path / "model_index.json").read_text()).get("_class_name", ""))
+        from ..files.inputs import read_json
+
+        try:
+            index = read_json(path / "model_index.json")
+        except ValueError as e:
+            raise ModelError(f"{path / 'model_index.json'}: unreadable ({str(e)[:200]})") from None
+        name = str(index.get("_class_name", "")) if isinstance(index, dict) else ""
         try:
             return getattr(diffusers, name).from_pretrained(str(path), local_files_only=True, dtype=dtype)
         except Exception as e:  # diffusers raises many types for a broken folder

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ..errors import LorakitError, ModelError
+from ..files.inputs import read_json
 from ..keymap.arch import Arch
 from ..quant.layers import is_quantized
 from .device import (
@@ -292,8 +293,8 @@ def dit_of_path(path: Path) -> Any:
 
     try:
         if path.is_dir():
-            index = json.loads((path / "model_index.json").read_text())
-            return next((m for m in dit_families() if m.is_index(index)), None)
+            index = read_json(path / "model_index.json")
+            return next((m for m in dit_families() if m.is_index(index)), None) if isinstance(index, dict) else None
         return _dit_file(read_header(path).tensors) if path.suffix == ".safetensors" else None
     except (OSError, ValueError, LorakitError):
         return None
@@ -308,9 +309,11 @@ def _diffusers_folder(path: Path, dtype: torch.dtype) -> BaseModel:
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     try:
-        index = json.loads((path / "model_index.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelError(f"{path / 'model_index.json'}: unreadable ({e})") from None
+        index = read_json(path / "model_index.json")
+    except ValueError as e:
+        raise ModelError(f"{path / 'model_index.json'}: unreadable ({str(e)[:200]})") from None
+    if not isinstance(index, dict):
+        raise ModelError(f"{path / 'model_index.json'}: not a JSON object")
     digest = hashlib.sha256(json.dumps(index, sort_keys=True).encode() + str(path.resolve()).encode()).hexdigest()
     from ..quant.nf4 import check_folder
 
@@ -319,7 +322,7 @@ def _diffusers_folder(path: Path, dtype: torch.dtype) -> BaseModel:
     if dit is not None:
         pipe = dit.load_folder(path, dtype)
         return BaseModel(pipe, path.name, digest[:10], Arch(dit.arch_of(pipe)))
-    cls_name = index.get("_class_name", "")
+    cls_name = str(index.get("_class_name", ""))
     cls = StableDiffusionXLPipeline if "XL" in cls_name else StableDiffusionPipeline
     try:
         extra = dict(safety_checker=None, requires_safety_checker=False) if cls is StableDiffusionPipeline else {}

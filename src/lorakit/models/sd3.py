@@ -11,7 +11,6 @@ is 3.5-Large, ``attn2`` layers 3.5-Medium, else SD3-Medium).
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,6 +18,7 @@ from typing import Any, TypeVar
 import torch
 
 from ..errors import ModelError
+from ..files.inputs import read_json
 from ..keymap import sd3 as sd3map
 from ..keymap.arch import Arch
 from .dit_files import prefixed, replace_encoders, replace_vae, split_original
@@ -81,7 +81,13 @@ def size_of_file(sd: Mapping[str, Any]) -> str:
 def transformer_config(components: Path | None, sd: Mapping[str, Any]) -> dict[str, Any]:
     """The components folder's ``transformer/config.json``, else the shipped config of the size the file shows."""
     if components is not None and (components / "transformer" / "config.json").is_file():
-        cfg = json.loads((components / "transformer" / "config.json").read_text())
+        path = components / "transformer" / "config.json"
+        try:
+            cfg = read_json(path)
+        except ValueError as e:
+            raise ModelError(f"{path}: unreadable ({str(e)[:200]})") from None
+        if not isinstance(cfg, dict):
+            raise ModelError(f"{path}: not a JSON object")
         return {k: v for k, v in cfg.items() if not k.startswith("_")}
     from .sd3_configs import transformer_config as shipped
 
@@ -122,8 +128,9 @@ def load_single_file(path: Path, sd: Mapping[str, torch.Tensor], components: Pat
 
 def _is_folder(path: Path) -> bool:
     try:
-        return is_index(json.loads((path / "model_index.json").read_text()))
-    except (OSError, json.JSONDecodeError):
+        index = read_json(path / "model_index.json")
+        return isinstance(index, dict) and is_index(index)
+    except ValueError:
         return False
 
 

@@ -16,7 +16,7 @@ import torch
 
 from ..adapters import Adapter, Rows
 from ..adapters.rows import Originals
-from ..errors import IncompatibleLora, UnmatchedKeys
+from ..errors import IncompatibleLora, UnmatchedKeys, WeightSpecError
 from ..keymap.arch import NAMES
 from ..lora_model import LoraModel
 from ..keymap.families import family_of_model, fits
@@ -210,6 +210,9 @@ def resolve(components: Mapping[str, torch.nn.Module], lora: LoraModel) -> Resol
     return out
 
 
+MAX_SCALE = 1e30  # |weight × α/r| of a layer: fp32 holds 3.4e38, and ΔW's own values multiply it further
+
+
 def build_plan(components: Mapping[str, torch.nn.Module], loras: Sequence[tuple[LoraModel, Weight]],
                strict: bool = False, cache: ResolutionCache | None = None,
                originals: Originals | None = None) -> Plan:
@@ -245,6 +248,10 @@ def build_plan(components: Mapping[str, torch.nn.Module], loras: Sequence[tuple[
                 errors.append(f"{path}: {problem}")
                 continue
             strength = weight.for_path(path, arch)
+            if not abs(strength * adapter.scale()) <= MAX_SCALE:  # NaN too (an infinite weight × a scale of 0)
+                raise WeightSpecError(f"{lora.path or lora.name}: weight {strength:g} × its scale {adapter.scale():g} "
+                                      f"on {path} is beyond {MAX_SCALE:g} (fp32 arithmetic overflows); nothing was "
+                                      "changed")
             modules[path] = module
             report.patched[path.split(".", 1)[0]] = report.patched.get(path.split(".", 1)[0], 0) + 1
             if strength != 0.0:

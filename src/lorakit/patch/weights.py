@@ -11,6 +11,7 @@ changes nothing and ``ALL`` everything); ``in``/``mid``/``out`` and ``double``/`
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
@@ -105,7 +106,7 @@ def as_weight(spec: float | int | Mapping[str, object] | Weight) -> Weight:
     if isinstance(spec, bool) or not isinstance(spec, (int, float, Mapping)):
         raise WeightSpecError(f"a LoRA weight must be a number or a mapping, got {spec!r}")
     if not isinstance(spec, Mapping):
-        return Weight(unet=float(spec), te=float(spec))
+        return Weight(unet=_num(spec, "weight"), te=_num(spec, "weight"))
     unknown = set(spec) - {"unet", "te", "lbw", "dyn", "weight", *UNET_PARTS, *DIT_PARTS, *DENOISER_ALIASES}
     if unknown:
         raise WeightSpecError(f"unknown weight part(s) {sorted(unknown)}; known: unet (or transformer, dit), te, in, "
@@ -124,8 +125,8 @@ def as_weight(spec: float | int | Mapping[str, object] | Weight) -> Weight:
 
 
 def _num(v: object, name: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise WeightSpecError(f"weight part {name!r} must be a number, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise WeightSpecError(f"weight part {name!r} must be a finite number, got {v!r}")
     return float(v)
 
 

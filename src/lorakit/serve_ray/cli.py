@@ -59,6 +59,7 @@ def cluster_config(args: argparse.Namespace, settings: Any) -> ClusterConfig:
 
 def ray_serve(args: argparse.Namespace) -> int:
     """``lorakit serve --ray`` (or ``--write-serve-config``): check, then deploy and serve until Ctrl+C."""
+    from ..files.output import write_atomic
     from ..server.app import listen
     from ..settings import load_settings
 
@@ -73,7 +74,8 @@ def ray_serve(args: argparse.Namespace) -> int:
     if args.write_serve_config:
         from .run import serve_config
 
-        Path(args.write_serve_config).write_text(serve_config(cfg, args.host, args.port), encoding="utf-8")
+        text = serve_config(cfg, args.host, args.port)
+        write_atomic(args.write_serve_config, lambda tmp: tmp.write_text(text, encoding="utf-8"))  # never a FIFO
         print(f"wrote {args.write_serve_config}: serve deploy {args.write_serve_config} (docs/serving.md)")
         return 0
     try:

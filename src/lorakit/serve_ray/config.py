@@ -12,12 +12,12 @@ Choices (``docs/serving.md`` explains them):
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import LorakitError
+from ..files.inputs import MAX_JSON_DEPTH, loads_bounded
 from ..patch.plan import PLANS_KEEP
 
 APP_NAME = "lorakit"
@@ -124,7 +124,7 @@ def _coerce(name: str, kind: str, value: Any) -> Any:
         if kind.startswith("tuple"):
             return parse_autoscale(value)
         if kind.startswith("dict"):
-            return dict(json.loads(value))
+            return dict(loads_bounded(value, MAX_JSON_DEPTH))
     except (ValueError, TypeError) as e:
         raise ServeConfigError(f"lorakit serve arg {name}={value!r}: not a {kind} ({e})") from None
     return value

@@ -22,8 +22,9 @@ from fastapi.routing import APIRoute
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..prompt import SURROGATE
+
 log = logging.getLogger("lorakit.server")
-SURROGATE = re.compile("[\ud800-\udfff]")
 MAX_INT_DIGITS = 100  # Python's int() refuses > 4,300 digits with a ValueError; nothing here needs 100
 MAX_DEPTH = 64  # A1111 bodies nest a few levels (alwayson_scripts); responses echo the body
 MAX_INPUT_CHARS = 200  # of a rejected value, echoed in a 422

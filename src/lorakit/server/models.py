@@ -14,17 +14,20 @@ import json
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import ModelError
+from ..files.inputs import loads_bounded, read_limited
+from ..files.output import write_atomic
+from .guards import MAX_DEPTH
 
 log = logging.getLogger("lorakit.server")
 SUFFIXES = (".safetensors", ".ckpt", ".gguf")  # .gguf: quantized FLUX.1 (with --components)
 MAX_MODELS = 10_000
 DEFAULT_OPTIONS_FILE = Path("~/.config/lorakit/server-options.json").expanduser()
+MAX_OPTIONS_BYTES = 4 * 2 ** 20  # A1111's config.json is a few KB
 HASH_SUFFIX = re.compile(r"\s*\[[0-9a-fA-F]{8,64}\]$")
 
 
@@ -81,8 +84,8 @@ def entry_for(spec: str | None, dirs: list[Path]) -> ModelEntry:
         try:
             title = path.resolve().relative_to(root.resolve()).as_posix()
             return ModelEntry(title, _stem(path), str(path))
-        except ValueError:
-            continue
+        except (ValueError, OSError, RuntimeError):  # outside the folder; a symlink loop (RuntimeError before 3.13)
+            continue  # a path that cannot be loaded is the loader's ModelError, when the server loads it
     return ModelEntry(path.name, _stem(path), str(path))
 
 
@@ -111,12 +114,12 @@ def _scan(root: Path) -> list[ModelEntry]:
 
 def load_options(path: Path | None) -> dict[str, Any]:
     """The saved options, or ``{}`` (a missing file; an unreadable one is logged and ignored)."""
-    if path is None or not path.exists():
+    if path is None or not os.path.lexists(path):
         return {}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        log.warning(f"{path}: saved options unreadable ({e}); starting with the defaults")
+        data = loads_bounded(read_limited(path, MAX_OPTIONS_BYTES).decode("utf-8"), MAX_DEPTH)
+    except ValueError as e:  # not a regular file, too big, not UTF-8, not JSON, too deep
+        log.warning(f"{path}: saved options unreadable ({str(e)[:200]}); starting with the defaults")
         return {}
     if not isinstance(data, dict):
         log.warning(f"{path}: saved options are not a JSON object; starting with the defaults")
@@ -126,14 +129,6 @@ def load_options(path: Path | None) -> dict[str, Any]:
 
 def save_options(path: Path | None, options: dict[str, Any]) -> None:
     """Write ``options`` to ``path`` atomically (nothing when ``path`` is None)."""
-    if path is None:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(options, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    if path is not None:
+        text = json.dumps(options, indent=1, sort_keys=True)
+        write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

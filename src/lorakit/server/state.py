@@ -59,7 +59,8 @@ class ServerState:
             try:
                 self.options.update(a1111.checked_options({key: value}, self.clip_layers, ("saved",)))
             except RequestValidationError:
-                log.warning(f"{self.options_file}: saved option {key}={value!r} no longer valid; ignored")
+                log.warning(f"{self.options_file}: saved option {str(key)[:80]}={repr(value)[:80]} no longer valid; "
+                            "ignored")
 
     def set_options(self, values: dict[str, Any]) -> None:
         """Check every value first (a bad one is a 422 and changes nothing), switch the model if another is named

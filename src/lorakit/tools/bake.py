@@ -25,8 +25,10 @@ from typing import Any
 import torch
 
 from ..adapters import kind_of
+from ..errors import ToolError
+from ..files.output import atomic_dir
 from ..keymap.families import family_of_arch
-from ..lora_model import LoraModel
+from ..lora_model import LoraModel, all_finite
 from ..patch import Patcher
 from ..patch.plan import build_plan
 from ..patch.weights import Weight
@@ -34,8 +36,8 @@ from ..quant.files import IGNORED, SCALE_KEYS
 from ..quant.layers import FP8, weight_values
 from .flux_bake import fused_siblings, scatter_rows
 from .modelfile import ModelFile, Ref, TensorFile, open_model
+from .output import Entry, bar, check_output, write_safetensors
 from .quant_bake import DENSE, patched, quantized_leaf
-from .output import Entry, atomic_dir, bar, check_output, write_safetensors
 from .report import LayerResult, ToolReport
 from .sources import Source, load_sources
 
@@ -55,6 +57,8 @@ def bake(model: str | Path, inputs: Sequence[str | Source], output: str | Path |
     sources = [s for s in inputs if isinstance(s, Source)] + load_sources([s for s in inputs if isinstance(s, str)])
     out = Path(output) if output is not None else None
     if out is not None:
+        if mf.form == "single" and out.suffix.lower() != ".safetensors":  # else no tool could open what it wrote
+            raise ToolError(f"{out}: a single-file model is baked into a single file: name it NAME.safetensors")
         check_output(out, [mf.path] + [s.path for s in sources], folder=mf.form == "folder")
     pairs = [(s.lora, s.weight) for s in sources]
     report = ToolReport("bake", None if opts.dry_run else (str(out) if out else None))
@@ -164,6 +168,10 @@ class _Baker:
         patcher.set(subset, log_reports=False)
         out = patched(leaf, {n.rsplit(".", 1)[1]: self.mf.params[n].dtype for n in names})
         patcher.restore()
+        bad = [n for n, t in out.items() if not all_finite(t)]
+        if bad:
+            raise ToolError(f"layer {path}: the baked {bad[0]} holds NaN or infinite values (a LoRA weight too large "
+                            f"for {out[bad[0]].dtype}?); nothing was written")
         after = out["weight"]
         d2 = float((after.double() - before.double()).pow(2).sum())
         stored = self.mf.params[f"{path}.weight"].dtype
@@ -226,6 +234,8 @@ def _write_folder(mf: ModelFile, out: Path, baker: _Baker, meta: dict[str, str])
             elif src in weights:
                 tf = weights[src]
                 write_safetensors(dst, baker.entries(tf), {**tf.header.metadata, **meta}, desc=f"baking {src.name}")
-            else:
+            elif src.is_file():
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src, dst)
+            else:  # a FIFO would block the copy; a device would copy without end
+                raise ToolError(f"{src}: not a regular file or folder, so the model folder cannot be copied")

@@ -52,7 +52,14 @@ def _rule(args: argparse.Namespace, default_rank: int | None) -> RankRule | None
 def _output(args: argparse.Namespace) -> Path | None:
     if args.output is None and not args.dry_run:
         raise ToolError(f"{args.command}: give -o OUTPUT (or --dry-run to see the report only)")
-    return Path(args.output) if args.output else None
+    return Path(args.output) if args.output is not None else None  # "" is "." (a folder: refused), not "none"
+
+
+def _device(args: argparse.Namespace) -> str:
+    """``--device``, checked: one that is unknown or not on this machine is a ``DeviceError`` before any work."""
+    from ..models.device import resolve_device
+
+    return str(resolve_device(args.device))
 
 
 def _print(report: ToolReport, args: argparse.Namespace) -> int:
@@ -63,7 +70,7 @@ def _print(report: ToolReport, args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     from .merge import MergeOptions, merge
 
-    opts = MergeOptions(args.method, _rule(args, None), args.base, parse_dtype(args.dtype), args.device,
+    opts = MergeOptions(args.method, _rule(args, None), args.base, parse_dtype(args.dtype), _device(args),
                         args.dry_run, args.conv_rank)
     return _print(merge(args.loras, _output(args), opts), args)
 
@@ -103,7 +110,7 @@ def _extract(args: argparse.Namespace) -> int:
     rule = _rule(args, 32)
     assert rule is not None  # a default rank is given
     comps = tuple(c.strip() for c in args.components.split(",") if c.strip())
-    opts = ExtractOptions(rule, comps, args.min_diff, not args.no_norms, parse_dtype(args.dtype), args.device,
+    opts = ExtractOptions(rule, comps, args.min_diff, not args.no_norms, parse_dtype(args.dtype), _device(args),
                           args.dry_run)
     return _print(extract(args.base, args.tuned, _output(args), opts), args)
 
@@ -130,7 +137,7 @@ def _resize(args: argparse.Namespace) -> int:
     rule = _rule(args, None)
     if rule is None:
         raise ToolError("resize: give --rank R, --sv-ratio T, --sv-fro T or --sv-cumulative T")
-    opts = ResizeOptions(rule, parse_dtype(args.dtype), args.device, args.dry_run)
+    opts = ResizeOptions(rule, parse_dtype(args.dtype), _device(args), args.dry_run)
     return _print(resize(args.input, _output(args), opts), args)
 
 

@@ -31,7 +31,7 @@ from .layers import leaves_of
 from .output import check_output
 from .report import LayerResult, ToolReport
 from .sources import Source, source_metadata
-from .writing import TARGETS, write_lora
+from .writing import TARGETS, check_layers, write_lora
 
 DROPPED_META = ("sshs_", "lora_adapter_metadata", "format", "lorakit.")
 
@@ -72,6 +72,7 @@ def convert(input_path: str | Path, output: str | Path | None, options: ConvertO
         kind = kind_of(adapter) if adapter is not None else "lora (parts fused)"
         rank = int(leaves["lora_down.weight"].shape[0]) if "lora_down.weight" in leaves else None
         report.add(LayerResult(path, kind, rank, 0.0, 0.0))
+    check_layers(groups, report, opts.dry_run)
     if out is not None and not opts.dry_run:
         meta = {k: v for k, v in lora.metadata.items() if not k.startswith(DROPPED_META)}
         sources = source_metadata("convert", [Source(src, lora, as_weight(1.0), "1")])

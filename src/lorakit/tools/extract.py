@@ -12,6 +12,7 @@ Peak memory is one layer of each model plus the factors kept: the weights are re
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 
 from ..errors import ToolError
 from ..keymap.families import family_of_arch
+from ..lora_model import all_finite
 from .flux_extract import fused_weights
 from .layers import flat, is_conv_kernel, lora_leaves
 from .modelfile import ModelFile, open_model
@@ -28,7 +30,7 @@ from .output import bar, check_output
 from .report import LayerResult, ToolReport
 from .sources import lora_metadata
 from .svd import RankRule, choose_rank, dense_error2, dense_svd
-from .writing import write_lora
+from .writing import check_layers, write_lora
 
 Tensor = torch.Tensor
 COMPONENT_SETS = {"unet": ("unet", "transformer"), "transformer": ("transformer",),
@@ -51,15 +53,21 @@ class ExtractOptions:
 def extract(base: str | Path, tuned: str | Path, output: str | Path | None,
             options: ExtractOptions | None = None) -> ToolReport:
     opts = options or ExtractOptions()
+    if not (math.isfinite(opts.min_diff) and opts.min_diff >= 0):  # NaN would leave nothing out, silently
+        raise ToolError(f"--min-diff must be a finite number ≥ 0, got {opts.min_diff:g}")
     out = Path(output) if output is not None else None
     if out is not None:
         check_output(out, [Path(base), Path(tuned)])
     mb, mt = open_model(base, opts.base_configs), open_model(tuned, opts.tuned_configs)
     if mb.arch != mt.arch:
         raise ToolError(f"{tuned} is {mt.arch}, {base} is {mb.arch}: extract needs a model and its base")
+    _check_pair(mb, mt, opts)
     report = ToolReport("extract", None if opts.dry_run else (str(out) if out else None))
     report.notes.append(f"rank rule: {opts.rule.describe()}")
     groups = _extract_layers(mb, mt, opts, report)
+    if not groups:
+        _nothing_to_extract(base, tuned, opts, report)
+    check_layers(groups, report, opts.dry_run)
     if out is not None and not opts.dry_run:
         ranks = [int(g["lora_down.weight"].shape[0]) for g in groups.values() if "lora_down.weight" in g] or [0]
         meta = lora_metadata(mb.arch, ranks, [float(r) for r in ranks], out.stem)
@@ -67,6 +75,24 @@ def extract(base: str | Path, tuned: str | Path, output: str | Path | None,
                                                                            _model_source(mt, "tuned")])}
         write_lora(out, groups, mb.arch, meta, report)
     return report
+
+
+def _check_pair(mb: ModelFile, mt: ModelFile, opts: ExtractOptions) -> None:
+    """Before any tensor is read: most tensors of the compared components must be in both models with the same
+    shape (a fine-tune changes values, not shapes — at most a token embedding grows); else a ``ToolError``."""
+    wanted = _components(opts)
+    names = [n for n in set(mb.params) | set(mt.params) if n.split(".", 1)[0] in wanted]
+    same = sum(1 for n in names if n in mb.params and n in mt.params and mb.shape(n) == mt.shape(n))
+    if not same or 2 * same < len(names):
+        raise ToolError(f"{mt.path} and {mb.path} share {same} of {len(names)} tensors (same name and shape) in "
+                        f"{','.join(opts.components)}: they are not a model and its base (different architectures?)")
+
+
+def _nothing_to_extract(base: str | Path, tuned: str | Path, opts: ExtractOptions, report: ToolReport) -> None:
+    """Identical models are a ``ToolError`` (an empty LoRA cannot be loaded)."""
+    if not report.layers and not report.left_out:
+        raise ToolError(f"{tuned} and {base} are identical in {','.join(opts.components)}: there is no difference to "
+                        "extract")
 
 
 def _components(opts: ExtractOptions) -> set[str]:
@@ -109,6 +135,10 @@ def _one(name: str, w_base: Tensor, w_tuned: Tensor, mb: ModelFile, opts: Extrac
     if torch.equal(w_base, w_tuned):
         return
     diff = w_tuned.to(device, torch.float32) - w_base.to(device, torch.float32)
+    if not all_finite(diff):
+        which = "base model" if not all_finite(w_base) else "tuned model" if not all_finite(w_tuned) else \
+            "difference of the two models"
+        raise ToolError(f"{name}: the {which} holds NaN or infinite values; no LoRA can be extracted from it")
     biggest = float(diff.abs().max())
     module, _, leaf = name.rpartition(".")
     if biggest < opts.min_diff:

@@ -68,6 +68,14 @@ def concat_fused(layers: Layers, dtype: torch.dtype, report: ToolReport, family:
     return out, rest
 
 
+def fused_layer(path: str, family: Family = FLUX1) -> str | None:
+    """The fused layer of ``family``'s original layout (FLUX.1's ``transformer.double_blocks.0.img_attn.qkv``) a
+    model path is some rows of, if any."""
+    component, _, module = path.partition(".")
+    home = family.layout.fused_home(module) if family.layout is not None and component == family.denoiser else None
+    return f"{family.denoiser}.{home[0]}" if home is not None else None
+
+
 def _blocks(parts: Sequence[list[Contribution]]) -> list[_Block]:
     """Contributions grouped by the down they share (the same tensor, weight and DyLoRA rank)."""
     blocks: list[_Block] = []

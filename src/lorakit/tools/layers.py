@@ -80,6 +80,28 @@ def _loha_flat(adapter: Adapter) -> tuple[int, int] | None:
     return int(t["hada_w1_a"].shape[0]), int(t["hada_w1_b"].reshape(t["hada_w1_b"].shape[0], -1).shape[1])
 
 
+def check_same_shape(path: str, contribs: Sequence[Contribution], fused: str | None = None) -> None:
+    """The contributions to one layer must be for the same weight: their factors' flat (out, in·kh·kw) agree where
+    they fix it; else a ``ToolError`` naming both sources (LoRAs of different models, one of an unknown base).
+    ``fused``: the fused layer ``path`` is some rows of (FLUX.1's ``qkv``), which the error names instead."""
+    known = [(c, d) for c in contribs if (d := _flat_dims(c.adapter)) is not None]
+    for c, dims in known[1:]:
+        if dims != known[0][1]:
+            first, d0 = known[0]
+            if fused is not None:
+                sources = ", ".join(sorted({k.source for k in contribs}))
+                raise ToolError(f"layer {fused}: the inputs ({sources}) give its parts different shapes: LoRAs for "
+                                "different models")
+            raise ToolError(f"layer {path}: {first.source or 'one input'} is for a {d0[0]}×{d0[1]} weight, "
+                            f"{c.source or 'another'} for a {dims[0]}×{dims[1]} one: the LoRAs are for different "
+                            "models")
+
+
+def _flat_dims(adapter: Adapter) -> tuple[int, int] | None:
+    shape = adapter_shape(adapter)
+    return flat(shape) if shape is not None else _loha_flat(adapter)
+
+
 def _by_name(path: str, out: int, n: int) -> tuple[int, ...]:
     """A LoHa's flat (out, in·kh·kw): in every SD UNet the 3×3 convolutions are exactly the resnets' ``conv1``/
     ``conv2``, the samplers' ``conv`` and ``conv_in``/``conv_out``; every other layer is a Linear or a 1×1

@@ -28,6 +28,7 @@ from ..keymap.families import Family, family_of_arch
 from .layers import (
     LOW_RANK_KINDS,
     Contribution,
+    check_same_shape,
     dense_delta,
     flat,
     is_conv_kernel,
@@ -36,12 +37,13 @@ from .layers import (
     tucker_delta,
 )
 from .flux_layout import noted_layout
-from .flux_merge import bind_parts, concat_fused
+from .flux_merge import bind_parts, concat_fused, fused_layer
+from .modelfile import ModelFile, open_model
 from .output import check_output
 from .report import LayerResult, ToolReport
 from .sources import Source, common_arch, load_sources, lora_metadata, source_metadata
 from .svd import RankRule, choose_rank, dense_error2, dense_svd, factor_error2, factored_svd
-from .writing import write_lora
+from .writing import check_layers, write_lora
 
 Tensor = torch.Tensor
 Groups = dict[str, dict[str, Tensor]]
@@ -68,6 +70,7 @@ def merge(inputs: Sequence[str | Source], output: str | Path | None, options: Me
     out = Path(output) if output is not None else None
     if out is not None:
         check_output(out, [s.path for s in sources] + ([Path(opts.base)] if opts.base else []))
+    base = open_model(opts.base) if opts.base else None  # checked whatever the method: a bad --base is named
     arch = common_arch(s.lora for s in sources)
     layers = _contributions(sources, arch)
     method = opts.method or ("concat" if all(_stackable(cs) for cs in layers.values()) else "svd")
@@ -77,7 +80,7 @@ def merge(inputs: Sequence[str | Source], output: str | Path | None, options: Me
     if method == "concat":
         groups = _concat_all(layers, dtype, report, family)
     elif method == "svd":
-        groups = _svd_all(layers, arch, opts, dtype, report)
+        groups = _svd_all(layers, arch, opts, base, dtype, report)
     else:
         raise ToolError(f"unknown merge method {method!r}; use concat or svd")
     if family.layout is not None:  # BFL / SAI names; fused layers whose parts cannot fuse are said
@@ -88,6 +91,7 @@ def merge(inputs: Sequence[str | Source], output: str | Path | None, options: Me
             report.leave_out(f"{s.path.name}: {key}", "a key lorakit does not understand")
         for name in s.lora.embeddings:
             report.leave_out(f"{s.path.name}: embedding {name}", "bundled embeddings are not merged")
+    check_layers(groups, report, opts.dry_run)
     if out is not None and not opts.dry_run:
         meta = source_metadata("merge", sources) | {"lorakit.method": method}
         ranks = [int(g["lora_down.weight"].shape[0]) for g in groups.values() if "lora_down.weight" in g] or [0]
@@ -106,6 +110,8 @@ def _contributions(sources: Sequence[Source], arch: str) -> dict[str, list[Contr
                 raise ToolError(f"{s.path}: {e}") from None
             if strength != 0.0:
                 layers.setdefault(path, []).append(Contribution(adapter, strength, s.weight.dyn, s.path.name))
+    for path, contribs in layers.items():
+        check_same_shape(path, contribs, fused_layer(path, family_of_arch(arch)))
     return layers
 
 
@@ -208,12 +214,10 @@ def _lora_shape(c: Contribution) -> tuple[int, ...]:
 
 # -- svd -------------------------------------------------------------------------------------------------------
 
-def _svd_all(layers: dict[str, list[Contribution]], arch: str, opts: MergeOptions, dtype: torch.dtype,
-             report: ToolReport) -> Groups:
-    from .modelfile import open_model
+def _svd_all(layers: dict[str, list[Contribution]], arch: str, opts: MergeOptions, base: ModelFile | None,
+             dtype: torch.dtype, report: ToolReport) -> Groups:
     from .output import bar
 
-    base = open_model(opts.base) if opts.base else None
     if base is not None and Arch.UNKNOWN not in (arch, base.arch) and arch != base.arch:
         raise ToolError(f"{opts.base} is {base.arch}, the LoRAs are {arch}: give the base model they were made for")
 

@@ -9,7 +9,6 @@ OpenCLIP text encoders (SD2, SDXL's second) keep q/k/v fused in ``in_proj``: eac
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 
 from ..errors import ToolError
 from ..files.header import Header, read_header
+from ..files.inputs import read_json
 from ..keymap.arch import Arch
 from ..keymap.names import canonical_te_path
 from ..quant.files import SCALE_KEYS
@@ -238,9 +238,9 @@ def _arch_from_config(config: dict[str, Any]) -> str:
 
 def _json(path: Path) -> dict[str, Any]:
     try:
-        obj = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ToolError(f"{path}: unreadable ({e})") from None
+        obj = read_json(path)
+    except ValueError as e:
+        raise ToolError(f"{path}: unreadable ({str(e)[:200]})") from None
     if not isinstance(obj, dict):
         raise ToolError(f"{path}: not a JSON object")
     return obj

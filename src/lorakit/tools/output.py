@@ -1,5 +1,5 @@
-"""Writing the tools' outputs: safetensors streamed to a temporary name and renamed (an interrupted run leaves no
-half file), kohya's ``sshs_*`` hashes computed on the bytes written, outputs that would replace an input refused,
+"""Writing the tools' outputs: safetensors streamed to a temporary name and renamed (``files.output``: an
+interrupted run leaves no half file, a device or FIFO is never replaced), kohya's ``sshs_*`` hashes computed on the bytes written, outputs that would replace an input refused,
 and progress bars for long loops.
 
 ``sshs_model_hash`` is the SHA-256 of the data after the header and ``sshs_legacy_hash`` the first 8 hex digits of
@@ -11,14 +11,12 @@ what readers that verify them (sd-webui-additional-networks) compute.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import shutil
 import struct
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
@@ -26,6 +24,7 @@ from typing import Any, BinaryIO, TypeVar
 import torch
 
 from ..errors import ToolError
+from ..files.output import atomic_file, check_writable
 
 T = TypeVar("T")
 LEGACY_START, LEGACY_LEN = 0x100000, 0x10000
@@ -70,21 +69,30 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
 
 
 def check_output(out: Path, inputs: Iterable[Path], *, folder: bool = False) -> None:
-    """Refuse an output that is one of the inputs, inside an input folder, or a folder holding an input."""
+    """Before any work: refuse an output that is one of the inputs, inside an input folder, or a folder holding an
+    input (``ToolError``), or that is not a regular file (``folder``: a folder) or cannot be written there
+    (``OutputError``, from ``files.output.check_writable``). A folder output replaces the folder whole: an existing
+    one must be a diffusers model folder (an earlier output), never any other folder."""
+    check_writable(out, folder=folder)  # first: a symlink loop is an OutputError here, before resolve() meets it
+    if folder and out.is_dir() and not (out / "model_index.json").is_file():  # bake swaps the whole folder
+        raise ToolError(f"{out}: is a folder but not a diffusers model folder (no model_index.json); an output "
+                        "folder is replaced whole, so give a new path (or a model folder lorakit wrote)")
     target = out.resolve()
     for src in inputs:
-        s = Path(src).resolve()
+        try:
+            s = Path(src).resolve()
+        except (OSError, RuntimeError):  # an input in a symlink loop: its reader says so
+            continue
         if target == s or s in target.parents or (s.exists() and target in s.parents):
             raise ToolError(f"{out}: the output would overwrite the input {src}; choose another output path")
-    if target.is_dir() and not folder:
-        raise ToolError(f"{out}: is a folder; give a file name for the output")
-    if target.is_file() and folder:
-        raise ToolError(f"{out}: is a file; the output is a model folder")
 
 
 def write_safetensors(path: Path, entries: Sequence[Entry], metadata: Mapping[str, str] | None = None, *,
-                      sshs: bool = False, desc: str = "writing") -> dict[str, str]:
-    """Stream ``entries`` into ``path`` (sorted by key) through a temporary file; returns the final metadata."""
+                      sshs: bool = False, desc: str = "writing", finite: bool = False,
+                      verify: Callable[[Path], object] | None = None) -> dict[str, str]:
+    """Stream ``entries`` into ``path`` (sorted by key) through a temporary file; returns the final metadata.
+    ``finite``: a floating tensor holding NaN or ±inf is a ``ToolError`` naming it (nothing is written);
+    ``verify(temporary path)`` runs on the finished file before it is renamed onto ``path``."""
     meta = {str(k): str(v) for k, v in (metadata or {}).items() if not k.startswith("sshs_")}
     ordered = sorted(entries, key=lambda e: e.key)
     if sshs:
@@ -92,9 +100,9 @@ def write_safetensors(path: Path, entries: Sequence[Entry], metadata: Mapping[st
         if len(_header(ordered, meta)) >= LEGACY_START:  # the window would cover the header holding the value
             meta.pop("sshs_legacy_hash")
     header = _header(ordered, meta)
-    with atomic_file(path) as f:
+    with atomic_file(path, verify) as f:
         f.write(header)
-        model_hash, legacy = _stream(f, ordered, len(header), desc)
+        model_hash, legacy = _stream(f, ordered, len(header), desc, finite)
         if sshs:  # same-length values: the layout, and so both hashes, stay as computed
             meta["sshs_model_hash"] = model_hash
             if "sshs_legacy_hash" in meta:
@@ -117,7 +125,7 @@ def _header(entries: Sequence[Entry], meta: Mapping[str, str]) -> bytes:
     return struct.pack("<Q", len(text)) + text
 
 
-def _stream(f: BinaryIO, entries: Sequence[Entry], start: int, desc: str) -> tuple[str, str]:
+def _stream(f: BinaryIO, entries: Sequence[Entry], start: int, desc: str, finite: bool) -> tuple[str, str]:
     """Write the tensors; SHA-256 of all of them and of the bytes at [0x100000, 0x110000) of the file."""
     whole, legacy = hashlib.sha256(), hashlib.sha256()
     pos = start
@@ -125,6 +133,9 @@ def _stream(f: BinaryIO, entries: Sequence[Entry], start: int, desc: str) -> tup
         t = e.get()
         if t.dtype != e.dtype or tuple(t.shape) != e.shape:
             raise ToolError(f"tensor {e.key}: got {t.dtype} {tuple(t.shape)}, announced {e.dtype} {e.shape}")
+        if finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ToolError(f"tensor {e.key}: holds NaN or infinite values (weights or inputs too large for "
+                            f"{e.dtype}?); nothing was written")
         raw = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data if t.numel() \
             else memoryview(b"")
         f.write(raw)
@@ -134,42 +145,6 @@ def _stream(f: BinaryIO, entries: Sequence[Entry], start: int, desc: str) -> tup
             legacy.update(raw[lo - pos:hi - pos])
         pos += len(raw)
     return whole.hexdigest(), legacy.hexdigest()[:8]
-
-
-def _temp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.lorakit-tmp-{os.getpid()}")
-
-
-@contextlib.contextmanager
-def atomic_file(path: Path) -> Iterator[BinaryIO]:
-    """A file opened at a temporary name beside ``path``, renamed over it only when the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_name(path)
-    try:
-        with tmp.open("w+b") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def atomic_dir(path: Path) -> Iterator[Path]:
-    """A folder built at a temporary name, swapped in for ``path`` only when the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp, old = _temp_name(path), path.with_name(f".{path.name}.lorakit-old-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def bar(items: Iterable[T], *, desc: str, total: int | None = None) -> Iterable[T]:

@@ -23,7 +23,7 @@ from .output import bar, check_output
 from .report import LayerResult, ToolReport
 from .sources import Source, lora_metadata, source_metadata
 from .svd import RankRule, choose_rank, dense_error2, dense_svd, factor_error2, factored_svd
-from .writing import write_lora
+from .writing import check_layers, write_lora
 
 Tensor = torch.Tensor
 KEPT_KINDS = ("ia3", "oft", "boft", "glora", "norm")
@@ -54,6 +54,7 @@ def resize(input_path: str | Path, output: str | Path | None, options: ResizeOpt
         leaves = _layer(path, adapter, lora, options, report)
         if leaves:
             groups[path] = leaves
+    check_layers(groups, report, options.dry_run)
     if out is not None and not options.dry_run:
         write_lora(out, groups, lora.arch, _metadata(src, lora, groups, report), report, embeddings=lora.embeddings)
     return report

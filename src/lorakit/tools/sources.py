@@ -100,7 +100,7 @@ def source_metadata(tool: str, sources: Sequence[Source]) -> dict[str, str]:
     for s in sources:
         try:
             freq = json.loads(s.lora.metadata.get("ss_tag_frequency", "{}"))
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # the C decoder's own depth guard: safe to catch (library.training)
             continue
         if isinstance(freq, dict):
             tags.update({f"{s.path.stem}/{k}": v for k, v in freq.items()})

@@ -17,6 +17,7 @@ changing) when the rule bounds k well below min(out, n) (and the layer is not ti
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -45,6 +46,8 @@ class RankRule:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ToolError(f"unknown rank rule {self.method!r}; use one of {', '.join(METHODS)}")
+        if not math.isfinite(self.value):  # NaN passes every comparison below
+            raise ToolError(f"--{self.method.replace('_', '-')} must be a finite number, got {self.value:g}")
         if self.method == "rank" and (self.value < 1 or self.value != int(self.value)):
             raise ToolError(f"--rank must be a whole number ≥ 1, got {self.value:g}")
         if self.method in ("sv_fro", "sv_cumulative") and not 0 < self.value <= 1:

@@ -8,14 +8,16 @@ from pathlib import Path
 import torch
 
 STEP = 64
+MAX_RESOLUTION = 8192  # 8192² = 64 MP, the largest image training takes; the buckets are listed side by side
 
 
 def bucket_sizes(resolution: int, step: int = STEP) -> list[tuple[int, int]]:
     """(width, height) pairs, multiples of ``step``, area ≤ resolution², sides ≤ 2·resolution, aspect ≤ 4."""
-    if resolution < step or resolution % step:
+    if resolution < step or resolution % step or resolution > MAX_RESOLUTION:
         from ..errors import TrainingError
 
-        raise TrainingError(f"--resolution must be a multiple of {step} and at least {step}, got {resolution}")
+        raise TrainingError(f"--resolution must be a multiple of {step} from {step} to {MAX_RESOLUTION}, got "
+                            f"{resolution}")
     area = resolution * resolution
     out = []
     for w in range(step, 2 * resolution + 1, step):

@@ -9,7 +9,9 @@ from pathlib import Path
 import torch
 
 from ..errors import TrainingError
+from ..files.output import check_target, check_writable
 from ..keymap.arch import Arch
+from ..prompt import lone_surrogate
 from .flow import FlowSpec
 from .network import NetworkSpec
 
@@ -77,10 +79,22 @@ class TrainConfig:
                                 f"{self.save_dtype}")
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise TrainingError(f"--caption-dropout must be 0…1, got {self.caption_dropout}")
+        for name, text in (("--trigger", self.trigger), ("--sample-prompt", self.sample_prompt)):
+            column = lone_surrogate(text or "")
+            if column is not None:
+                raise TrainingError(f"{name}: not valid Unicode text (a lone surrogate at character {column}: bytes "
+                                    "that are not UTF-8?)")
         if self.sample_every and not self.sample_prompt:
             raise TrainingError("--sample-every needs --sample-prompt")
         if self.output.suffix != ".safetensors":
             raise TrainingError(f"{self.output}: the output must be a .safetensors file")
+        check_writable(self.output)  # before the model loads: not after an hour of training
+        check_target(self.state_path)
+
+    @property
+    def state_path(self) -> Path:
+        """Where the resume state goes (``NAME.state.pt`` beside the output)."""
+        return self.output.with_name(self.output.stem + ".state.pt")
 
 
 def fingerprint(cfg: TrainConfig) -> str:

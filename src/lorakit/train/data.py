@@ -12,15 +12,24 @@ Layout (everything below ``root``; images: .png .jpg .jpeg .webp .bmp):
 
 An image without a caption, class words or trigger cannot be trained on: ``TrainDataError`` lists them.
 Unreadable images are skipped and listed (``bad_images="skip"``) or fatal (``"fail"``).
+
+Nothing leads the scan out of ``root``: every folder, image and caption is taken with its symlinks resolved, and
+one that lands outside ``root``, in a symlink loop, or on a folder or image already taken (a link to ``root``
+itself would train its images twice) is a ``TrainDataError`` naming the link. A caption is a regular UTF-8 text
+file of at most ``MAX_CAPTION_BYTES`` (read no further) without control characters (a caption of NULs is a
+binary file, not a caption).
 """
 from __future__ import annotations
 
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import TrainDataError
+from ..files.inputs import read_limited
+from ..prompt import lone_surrogate
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_EXTS = (".txt", ".caption")
@@ -28,6 +37,8 @@ REPEAT_FOLDER = re.compile(r"^(\d+)_(.*)$")
 MAX_PIXELS = 64 * 1024 * 1024  # a bigger image is refused as unreadable (decompression bombs)
 MAX_IMAGES = 100_000
 MAX_CAPTION_CHARS = 10_000
+MAX_CAPTION_BYTES = 4 * MAX_CAPTION_CHARS  # UTF-8: at most 4 bytes a character
+CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -117,9 +128,10 @@ def scan(root: str | Path, trigger: str | None = None, bad_images: str = "skip")
     trigger = (trigger or "").strip() or None
     data = Dataset(base, [])
     uncaptioned: list[Path] = []
-    for folder, repeats, words in _folders(base):
-        for image in _images(folder):
-            caption, source = _caption(image, words, trigger, data)
+    seen = _Seen(base)
+    for folder, repeats, words in _folders(base, seen):
+        for image in _images(folder, seen):
+            caption, source = _caption(image, words, trigger, data, seen)
             if caption is None:
                 uncaptioned.append(image)
                 continue
@@ -142,10 +154,44 @@ def scan(root: str | Path, trigger: str | None = None, bad_images: str = "skip")
     return data
 
 
-def _folders(base: Path) -> list[tuple[Path, int, str]]:
+class _Seen:
+    """The resolved folders and images taken so far, and the resolved root they must stay in."""
+
+    def __init__(self, base: Path) -> None:
+        self.root = base.resolve()
+        self.taken: dict[Path, Path] = {}
+
+    def resolve(self, path: Path) -> Path:
+        """``path`` with its symlinks resolved; a ``TrainDataError`` when that leaves the root or loops."""
+        try:
+            real = path.resolve(strict=True)
+        except (OSError, RuntimeError):  # a symlink loop (ELOOP), or a link whose target vanished
+            raise TrainDataError(f"{path}: a symlink that loops or leads nowhere; remove it from {self.root}") \
+                from None
+        if not real.is_relative_to(self.root):
+            raise TrainDataError(f"{path}: a symlink to {real}, outside the data folder {self.root}; training "
+                                 "reads only what is inside it (copy the file in)")
+        return real
+
+    def take(self, path: Path) -> None:
+        """Take a folder or image once: a second path to the same one (a link) is an error naming both."""
+        real = self.resolve(path)
+        if real in self.taken:
+            raise TrainDataError(f"{path}: the same {'folder' if real.is_dir() else 'image'} as "
+                                 f"{self.taken[real]} (a symlink); it would be trained twice")
+        self.taken[real] = path
+
+
+def _folders(base: Path, seen: _Seen) -> list[tuple[Path, int, str]]:
     """(folder, repeats, class words): ``base`` itself, then its sub-folders in name order."""
+    seen.take(base)
     out = [(base, 1, "")]
+    for link in (p for p in base.iterdir() if p.is_symlink() and not p.exists()):
+        seen.resolve(link)  # a loop or a dangling link: named, not skipped in silence
     for sub in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        seen.take(sub)
+        if lone_surrogate(sub.name) is not None:  # its words would be captions no tokenizer can encode
+            raise TrainDataError(f"{sub}: the folder's name is not valid UTF-8; rename it")
         m = REPEAT_FOLDER.match(sub.name)
         if m and int(m.group(1)) > 0:
             out.append((sub, min(int(m.group(1)), 10_000), m.group(2).replace("_", " ").strip()))
@@ -154,16 +200,20 @@ def _folders(base: Path) -> list[tuple[Path, int, str]]:
     return out
 
 
-def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+def _images(folder: Path, seen: _Seen) -> list[Path]:
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and (p.is_symlink() or p.is_file()))
+    for image in images:
+        seen.take(image)
+    return [p for p in images if p.is_file()]
 
 
-def _caption(image: Path, words: str, trigger: str | None, data: Dataset) -> tuple[str | None, str]:
-    found = [(ext, image.with_suffix(ext)) for ext in CAPTION_EXTS if image.with_suffix(ext).is_file()]
+def _caption(image: Path, words: str, trigger: str | None, data: Dataset, seen: _Seen) -> tuple[str | None, str]:
+    found = [(ext, image.with_suffix(ext)) for ext in CAPTION_EXTS if os.path.lexists(image.with_suffix(ext))]
     if len(found) == 2:
         data.both_captions.append(image)
     text, source = "", ""
     for ext, path in found[:1]:
+        seen.resolve(path)
         text, source = _read_caption(path), ext
     if not text and words:
         text, source = words, "folder"
@@ -176,12 +226,21 @@ def _caption(image: Path, words: str, trigger: str | None, data: Dataset) -> tup
 
 
 def _read_caption(path: Path) -> str:
+    """A caption's text, whitespace collapsed; a ``TrainDataError`` for anything that is not a caption."""
     try:
-        raw = path.read_bytes()[:MAX_CAPTION_CHARS * 4]
-    except OSError as e:
-        raise TrainDataError(f"{path}: unreadable caption ({e.strerror or e})") from None
-    text = raw.decode("utf-8", errors="replace")
-    return " ".join(text.split())[:MAX_CAPTION_CHARS]
+        text = read_limited(path, MAX_CAPTION_BYTES).decode("utf-8-sig")  # a BOM (Windows editors) is dropped
+    except ValueError as e:  # not a regular file, too big, not UTF-8
+        raise TrainDataError(f"{path}: unusable caption ({e}; a caption is UTF-8 text of at most "
+                             f"{MAX_CAPTION_BYTES:,} bytes)") from None
+    bad = CONTROL.search(text)
+    if bad:
+        raise TrainDataError(f"{path}: not a text caption (it holds control character U+{ord(bad.group()):04X} at "
+                             f"character {bad.start() + 1}: a binary file?)")
+    text = " ".join(text.split())
+    if len(text) > MAX_CAPTION_CHARS:
+        raise TrainDataError(f"{path}: the caption has {len(text):,} characters; at most {MAX_CAPTION_CHARS:,} (CLIP "
+                             "reads the first 75 tokens of each chunk)")
+    return text
 
 
 def check_image(path: Path) -> str | None:

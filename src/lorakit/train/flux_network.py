@@ -26,6 +26,7 @@ from ..adapters import Adapter
 from ..errors import TrainingError
 from ..keymap.families import FLUX1, Family
 from ..layout import build_layers
+from ..quant.layers import compute_dtype, is_quantized, weight_shape, weight_values
 from .network import Network, NetworkSpec, _children_of, _param, init_leaves
 
 DOUBLE = ("img_mod.lin", "img_attn.qkv", "img_attn.proj", "img_mlp.0", "img_mlp.2",
@@ -64,19 +65,24 @@ def fused_target(transformer: Any, bfl: str, values: bool, family: Family = FLUX
         raise TrainingError(f"internal error: {bfl} is not a {family.display} module")
     if isinstance(mapped, str):
         module = transformer.get_submodule(mapped)
-        return module.weight.detach(), {f"{family.denoiser}.{mapped}": module}
+        return _weight(module), {f"{family.denoiser}.{mapped}": module}
     modules = {t: transformer.get_submodule(t) for t in mapped.targets}
     rows = sum(int(m.weight.shape[0]) for m in modules.values())
     hidden = int(transformer.config.num_attention_heads) * int(transformer.config.attention_head_dim)
     pieces = mapped.pieces(rows, hidden)
     if isinstance(pieces, str):
         raise TrainingError(f"{bfl}: the model's modules {', '.join(mapped.targets)} do not make it: {pieces}")
-    first = next(iter(modules.values())).weight
+    first = next(iter(modules.values()))
+    shape = weight_shape(first) or ()  # a GGUF layer's weight holds bytes: its logical (out, in)
     if not values:
-        return first.detach().new_zeros(()).expand(rows, *first.shape[1:]), _named(modules, family)
-    fused = torch.empty((rows, *first.shape[1:]), dtype=first.dtype, device=first.device)
+        stored = first.weight
+        dtype = compute_dtype(first) if is_quantized(first) else stored.dtype
+        return torch.zeros((), dtype=dtype, device=stored.device).expand(rows, *shape[1:]), _named(modules, family)
+    parts = {name: _weight(m) for name, m in modules.items()}
+    w0 = parts[next(iter(parts))]
+    fused = torch.empty((rows, *shape[1:]), dtype=w0.dtype, device=w0.device)
     for part, ranges in pieces:
-        w, start = modules[part].weight.detach(), 0
+        w, start = parts[part], 0
         for a, b in ranges:
             fused[a:b] = w[start:start + b - a]
             start += b - a
@@ -84,10 +90,10 @@ def fused_target(transformer: Any, bfl: str, values: bool, family: Family = FLUX
 
 
 def _weight(module: torch.nn.Module) -> torch.Tensor:
-    w = module.weight
-    if not isinstance(w, torch.Tensor):
+    """The layer's weight as numbers (a quantized layer's dequantized: ``quant.layers.weight_values``)."""
+    if not isinstance(getattr(module, "weight", None), torch.Tensor):
         raise TrainingError(f"{type(module).__name__} has no weight")
-    return w.detach()
+    return weight_values(module)
 
 
 def _named(modules: dict[str, torch.nn.Module], family: Family) -> dict[str, torch.nn.Module]:

@@ -314,7 +314,7 @@ class Trainer:
 
     # -- checkpoints and samples -----------------------------------------------------------------------------
     def checkpoint_path(self) -> Path:
-        return self.cfg.output.with_name(self.cfg.output.stem + ".state.pt")
+        return self.cfg.state_path
 
     def save_checkpoint(self) -> None:
         """The LoRA as it is now (``NAME-000100.safetensors``) and the resume state (``NAME.state.pt``)."""
@@ -348,7 +348,7 @@ class Trainer:
 
     def write_sample(self) -> Path:
         """An image of ``--sample-prompt`` with the LoRA as it is now (``samples/NAME-000100.png``)."""
-        from ..tools.output import atomic_file
+        from ..files.output import atomic_file
 
         cfg = self.cfg
         pipe = self.model.pipe

@@ -14,8 +14,11 @@ import torch
 from ..errors import TrainingError
 from ..formats.writers import to_kohya
 from ..keymap.arch import Arch
-from ..tools.output import atomic_file, entries_of, write_safetensors
+from ..files.output import atomic_file
+from ..lora_model import all_finite
+from ..tools.output import entries_of, write_safetensors
 from ..tools.sources import BASE_VERSION, MODELSPEC
+from ..tools.writing import loads_back
 from .network import Network
 
 DEMO_BASE = "lorakit_demo"  # ss_base_model_version of LoRAs made for the embedded demo model
@@ -46,10 +49,15 @@ def network_metadata(net: Network) -> dict[str, str]:
 def write_lora(path: Path, net: Network, arch: Arch, metadata: dict[str, str], dtype: torch.dtype) -> dict[str, str]:
     """The network's current values as a kohya file at ``path`` (atomic); returns the metadata written."""
     names_arch = Arch.SD1 if arch in (Arch.DEMO, Arch.UNKNOWN) else arch
-    sd = to_kohya(net.groups(dtype), names_arch)
+    groups = net.groups(dtype)
+    bad = sorted(p for p, leaves in groups.items() if not all(all_finite(t) for t in leaves.values()))
+    if bad:
+        raise TrainingError(f"{path}: {len(bad)} layers (first {bad[0]}) are not finite in {str(dtype)[6:]}: the "
+                            "values overflow it (lower --lr, or --save-dtype fp32); nothing was written")
+    sd = to_kohya(groups, names_arch)
     meta = {"modelspec.implementation": "lorakit", **metadata, "modelspec.sai_model_spec": "1.0.0",
             "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    return write_safetensors(path, entries_of(sd), meta, sshs=True, desc="saving")
+    return write_safetensors(path, entries_of(sd), meta, sshs=True, desc="saving", verify=loads_back(path))
 
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
