@@ -35,12 +35,12 @@ LAYERS = {"kohya": {"transformer": 494}, "kohya_te1": {"transformer": 494, "text
 def _cheap_finite_check(monkeypatch: pytest.MonkeyPatch) -> None:
     """The NaN/inf check at load, on the tensors' own elements: a zero-stride (expanded) dimension repeats the same
     ones, so one index of it is checked (as many values as the file's, not the 170 M of its full-size shapes)."""
-    finite = lora_model._finite
+    finite = lora_model.all_finite
 
     def own_elements(t: torch.Tensor) -> bool:
         return finite(t[tuple(slice(0, 1) if s == 0 else slice(None) for s in t.stride())])
 
-    monkeypatch.setattr(lora_model, "_finite", own_elements)
+    monkeypatch.setattr(lora_model, "all_finite", own_elements)
 
 
 @pytest.fixture(scope="module")
