@@ -91,8 +91,8 @@ def kron_seconds(tr: torch.nn.Module, file: dict[str, torch.Tensor], double: int
     """A full-factor LoKr's own arithmetic, done once: per BFL layer ``kron(w1, w2)`` at the fused shape (the change
     is defined on the fused weight) and ``W + ΔW`` of each part's rows into preallocated buffers, in the weights'
     dtype. The LoKr switch cannot do less than this; ``addmm_seconds`` (a rank-r product) is no bound for it. Second:
-    the same with the scale as its own pass, ``kron(w1, w2)·s`` then ``W + ΔW`` — the order LyCORIS and lorakit's
-    ``functional.lokr_delta`` use (folding s into the add or into w1 rounds differently)."""
+    the same with the scale as its own pass, ``kron(w1, w2)·s`` then ``W + ΔW`` — LyCORIS's order (lorakit's
+    ``functional.lokr_delta`` scales the smaller factor before the kron instead, saving that pass)."""
     work = []
     for bfl, (parts, _swap) in bfl_table(double, single).items():
         stem = "lora_unet_" + bfl.replace(".", "_")
@@ -197,7 +197,7 @@ def report(results: dict[str, dict[str, float]], args: argparse.Namespace) -> No
         print(f"  switch A→B {switch:.3f} s = {switch / bound:.2f}× the compute bound (target ≤ 1.15×), "
               f"{switch / r['floor_copy_touched']:.2f}× the copy floor; median {r['switch_median_of_3'] / bound:.2f}×")
         if "kron_scale_pass_touched" in r:
-            print(f"  vs kron, scale and add as separate passes (LyCORIS's and lorakit's order): "
+            print(f"  vs kron, scale and add as separate passes (LyCORIS's order; lorakit scales the smaller factor): "
                   f"{switch / max(r['floor_copy_touched'], r['kron_scale_pass_touched']):.2f}×")
         print(f"  cold apply {r['apply_A_cold']:.3f} s, restore {r['restore'] * 1000:.1f} ms; peak RSS over the model "
               f"{r['peak_rss_over_model_gib']:.2f} GiB ({r['peak_rss_over_model_gib'] / r['touched_gib']:.2f}× touched)")
