@@ -174,3 +174,17 @@ def test_check_target_allows_regular_files_and_missing_paths(tmp_path: Path) -> 
     check_target(tmp_path / "f")
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     check_target(tmp_path / "dangling")
+
+
+def test_a_closed_pipe_ends_the_command_quietly() -> None:
+    """`lorakit inspect … | head`: the reader leaves before lorakit writes — no BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    loras = sorted(str(p) for p in (Path(__file__).parent.parent / "examples" / "loras").glob("*.safetensors"))
+    proc = subprocess.Popen([sys.executable, "-m", "lorakit.cli", "inspect", *loras], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before anything is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and "Traceback" not in err, err

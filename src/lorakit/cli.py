@@ -308,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     except LorakitError as e:
         print(f"lorakit: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`lorakit inspect … | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        return 141  # what a shell reports for a tool ended by SIGPIPE
 
 
 if __name__ == "__main__":
