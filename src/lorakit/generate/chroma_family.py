@@ -18,22 +18,22 @@ from typing import Any
 import torch
 from diffusers import ChromaImg2ImgPipeline, ChromaInpaintPipeline, ChromaPipeline
 
-from ..errors import LorakitError
 from ..library import EmbeddingIndex
 from ..models.loading import BaseModel
 from .conditioning import Conditioning
 from .decode import decode
-from .family import PipelineFamily, StepEnd
+from .dit_family import DiffusersDiT
+from .family import StepEnd
 from .flux_family import plain_text
-from .img2img import derived_pipeline, encoded_init
-from .init_image import steps_run
 from .request import Rules
 
 DEFAULTS = {"steps": 26, "cfg": 4.0, "sampler": "Euler"}
 SEQUENCE = 512  # T5 tokens, as Chroma was trained
 
 
-class Chroma(PipelineFamily):
+class Chroma(DiffusersDiT):
+    label = "Chroma"
+
     def __init__(self, model: BaseModel, embeddings: EmbeddingIndex | None = None) -> None:
         super().__init__(model, embeddings)
         self.rules = Rules(defaults=dict(DEFAULTS), samplers=("Euler",), fast_loras=False, clip_skip=False,
@@ -70,30 +70,8 @@ class Chroma(PipelineFamily):
             kwargs.update(negative_prompt_embeds=uncond.embeds, negative_prompt_attention_mask=uncond.mask)
         return kwargs
 
-    def sample(self, settings: Any, size: tuple[int, int], cond: Conditioning, uncond: Conditioning,
-               seeds: list[int], step_end: StepEnd, per_prompt: int = 1, control: Any = None) -> torch.Tensor:
-        if control is not None:
-            raise LorakitError("a control image is for FLUX.1 control LoRAs (Canny, Depth); this is a Chroma model")
-        kwargs = self._kwargs(settings, cond, uncond, seeds, step_end, per_prompt)
-        with torch.no_grad():
-            return self.model.pipe(width=size[0], height=size[1], **kwargs).images  # type: ignore[no-any-return]
-
-    def sample_init(self, settings: Any, size: tuple[int, int], cond: Conditioning, uncond: Conditioning,
-                    seeds: list[int], step_end: StepEnd, init: Any, prepared: Any, per_prompt: int = 1
-                    ) -> torch.Tensor:
-        if steps_run(settings.steps, init.strength) == 0:
-            return encoded_init(self.model, prepared, len(seeds))
-        if prepared.mask is not None and init.fill in (2, 3):
-            raise LorakitError("the latent noise / latent nothing fills (2, 3) are not available on Chroma; use "
-                               "fill 0 (fill) or 1 (original)")
-        masked = prepared.mask is not None
-        pipe = derived_pipeline(self.model.pipe, ChromaInpaintPipeline if masked else ChromaImg2ImgPipeline)
-        kwargs = self._kwargs(settings, cond, uncond, seeds, step_end, per_prompt)
-        kwargs.update(image=prepared.image, strength=init.strength, width=size[0], height=size[1])
-        if masked:
-            kwargs["mask_image"] = prepared.mask
-        with torch.no_grad():
-            return pipe(**kwargs).images  # type: ignore[no-any-return]
+    def _init_pipelines(self) -> tuple[type, type]:
+        return ChromaImg2ImgPipeline, ChromaInpaintPipeline
 
     def decode(self, latents: torch.Tensor, size: tuple[int, int]) -> list[Any]:
         """Packed latents (B, tokens, 4·C) are unpacked to (B, C, h, w) first."""

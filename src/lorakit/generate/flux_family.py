@@ -21,10 +21,10 @@ from ..library import EmbeddingIndex
 from ..models.loading import BaseModel
 from .conditioning import Conditioning
 from .decode import decode
+from .dit_family import DiffusersDiT
 from .emphasis import BREAK, parse_emphasis
-from .family import PipelineFamily, StepEnd
-from .img2img import derived_pipeline, encoded_init
-from .init_image import steps_run
+from .family import StepEnd
+from .img2img import derived_pipeline
 from .request import Rules
 
 SEQUENCE = {"flux-1-schnell": 256}  # T5 tokens read (dev: 512, as the models were trained)
@@ -37,7 +37,9 @@ def plain_text(prompt: str) -> str:
     return " ".join(p.strip() for p in (t for t, w in parse_emphasis(prompt) if (t, w) != BREAK) if p.strip())
 
 
-class Flux(PipelineFamily):
+class Flux(DiffusersDiT):
+    label = "FLUX.1"
+
     def __init__(self, model: BaseModel, embeddings: EmbeddingIndex | None = None) -> None:
         super().__init__(model, embeddings)
         self.variant = model.variant
@@ -94,24 +96,12 @@ class Flux(PipelineFamily):
         pipe = self.model.pipe
         return int(pipe.transformer.config.in_channels) > 4 * int(pipe.vae.config.latent_channels)
 
-    def sample_init(self, settings: Any, size: tuple[int, int], cond: Conditioning, uncond: Conditioning,
-                    seeds: list[int], step_end: StepEnd, init: Any, prepared: Any, per_prompt: int = 1
-                    ) -> torch.Tensor:
-        if steps_run(settings.steps, init.strength) == 0:
-            return encoded_init(self.model, prepared, len(seeds))
-        if prepared.mask is not None and init.fill in (2, 3):
-            raise LorakitError("the latent noise / latent nothing fills (2, 3) are not available on FLUX.1; use "
-                               "fill 0 (fill) or 1 (original)")
+    def _init_pipelines(self) -> tuple[type, type]:
+        return FluxImg2ImgPipeline, FluxInpaintPipeline
+
+    def _check_init(self) -> None:
         if self._widened():
             raise LorakitError("a FLUX.1 control LoRA generates from a control image, not from an init image")
-        cls = FluxInpaintPipeline if prepared.mask is not None else FluxImg2ImgPipeline
-        pipe = derived_pipeline(self.model.pipe, cls)
-        kwargs = self._kwargs(settings, cond, uncond, seeds, step_end, per_prompt)
-        kwargs.update(image=prepared.image, strength=init.strength, width=size[0], height=size[1])
-        if prepared.mask is not None:
-            kwargs["mask_image"] = prepared.mask
-        with torch.no_grad():
-            return pipe(**kwargs).images  # type: ignore[no-any-return]
 
     def decode(self, latents: torch.Tensor, size: tuple[int, int]) -> list[Any]:
         """Packed latents (B, tokens, 4·C) are unpacked to (B, C, h, w) first."""

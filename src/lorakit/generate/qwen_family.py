@@ -18,23 +18,23 @@ from typing import Any
 import torch
 from diffusers import QwenImageImg2ImgPipeline, QwenImageInpaintPipeline, QwenImagePipeline
 
-from ..errors import LorakitError
 from ..library import EmbeddingIndex
 from ..models import qwen
 from ..models.loading import BaseModel
 from .conditioning import Conditioning
 from .decode import decode
-from .family import PipelineFamily, StepEnd
+from .dit_family import DiffusersDiT
+from .family import StepEnd
 from .flux_family import plain_text
-from .img2img import derived_pipeline
-from .init_image import steps_run
 from .request import Rules
 
 DEFAULTS = {"steps": 30, "cfg": 4.0, "sampler": "Euler"}
 EMPTY_NEGATIVE = " "  # the model card's negative prompt when there is none
 
 
-class QwenImage(PipelineFamily):
+class QwenImage(DiffusersDiT):
+    label = "Qwen-Image"
+
     def __init__(self, model: BaseModel, embeddings: EmbeddingIndex | None = None) -> None:
         super().__init__(model, embeddings)
         self.rules = Rules(defaults=dict(DEFAULTS), samplers=("Euler",), fast_loras=False, clip_skip=False,
@@ -70,32 +70,12 @@ class QwenImage(PipelineFamily):
             kwargs.update(negative_prompt_embeds=uncond.embeds, negative_prompt_embeds_mask=uncond.mask)
         return kwargs
 
-    def sample(self, settings: Any, size: tuple[int, int], cond: Conditioning, uncond: Conditioning,
-               seeds: list[int], step_end: StepEnd, per_prompt: int = 1, control: Any = None) -> torch.Tensor:
-        if control is not None:
-            raise LorakitError("a control image is for FLUX.1 control LoRAs (Canny, Depth); this is a Qwen-Image "
-                               "model")
-        kwargs = self._kwargs(settings, cond, uncond, seeds, step_end, per_prompt)
-        with torch.no_grad():
-            return self.model.pipe(width=size[0], height=size[1], **kwargs).images  # type: ignore[no-any-return]
+    def _init_pipelines(self) -> tuple[type, type]:
+        return QwenImageImg2ImgPipeline, QwenImageInpaintPipeline
 
-    def sample_init(self, settings: Any, size: tuple[int, int], cond: Conditioning, uncond: Conditioning,
-                    seeds: list[int], step_end: StepEnd, init: Any, prepared: Any, per_prompt: int = 1
-                    ) -> torch.Tensor:
-        if steps_run(settings.steps, init.strength) == 0:
-            pixels = self.model.pipe.image_processor.preprocess(prepared.image)[0]
-            return qwen.encode(self.model.pipe.vae, pixels).repeat(len(seeds), 1, 1, 1)
-        if prepared.mask is not None and init.fill in (2, 3):
-            raise LorakitError("the latent noise / latent nothing fills (2, 3) are not available on Qwen-Image; use "
-                               "fill 0 (fill) or 1 (original)")
-        masked = prepared.mask is not None
-        pipe = derived_pipeline(self.model.pipe, QwenImageInpaintPipeline if masked else QwenImageImg2ImgPipeline)
-        kwargs = self._kwargs(settings, cond, uncond, seeds, step_end, per_prompt)
-        kwargs.update(image=prepared.image, strength=init.strength, width=size[0], height=size[1])
-        if masked:
-            kwargs["mask_image"] = prepared.mask
-        with torch.no_grad():
-            return pipe(**kwargs).images  # type: ignore[no-any-return]
+    def _encoded_init(self, prepared: Any, count: int) -> torch.Tensor:
+        pixels = self.model.pipe.image_processor.preprocess(prepared.image)[0]
+        return qwen.encode(self.model.pipe.vae, pixels).repeat(count, 1, 1, 1)
 
     def decode(self, latents: torch.Tensor, size: tuple[int, int]) -> list[Any]:
         """Packed latents (B, tokens, 4·C) are unpacked to (B, C, 1, h, w) first."""

@@ -14,16 +14,14 @@ from typing import Any
 
 import torch
 
-from ..errors import LorakitError
 from ..keymap.arch import Arch
 from ..library import EmbeddingIndex
 from ..models.loading import BaseModel
 from .conditioning import Conditioning
 from .decode import decode
-from .family import PipelineFamily, StepEnd
+from .dit_family import DiffusersDiT
+from .family import StepEnd
 from .flux_family import plain_text
-from .img2img import derived_pipeline, encoded_init
-from .init_image import steps_run
 from .request import Rules
 
 SEQUENCE = 256  # T5 tokens read (diffusers' default for SD3; at most 512)
@@ -34,7 +32,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-class SD3(PipelineFamily):
+class SD3(DiffusersDiT):
+    label = "Stable Diffusion 3"
+
     def __init__(self, model: BaseModel, embeddings: EmbeddingIndex | None = None) -> None:
         super().__init__(model, embeddings)
         pipe = model.pipe
@@ -69,34 +69,10 @@ class SD3(PipelineFamily):
                 "generator": [torch.Generator().manual_seed(seed) for seed in seeds],
                 "callback_on_step_end": step_end, "callback_on_step_end_tensor_inputs": ["latents"]}
 
-    def sample(self, settings: Any, size: tuple[int, int], cond: Conditioning, uncond: Conditioning,
-               seeds: list[int], step_end: StepEnd, per_prompt: int = 1, control: Any = None) -> torch.Tensor:
-        if control is not None:
-            raise LorakitError("a control image is for FLUX.1 control LoRAs (Canny, Depth); this is a Stable "
-                               "Diffusion 3 model")
-        kwargs = self._kwargs(settings, cond, uncond, seeds, step_end, per_prompt)
-        with torch.no_grad():
-            return self.model.pipe(width=size[0], height=size[1], **kwargs).images  # type: ignore[no-any-return]
-
-    def sample_init(self, settings: Any, size: tuple[int, int], cond: Conditioning, uncond: Conditioning,
-                    seeds: list[int], step_end: StepEnd, init: Any, prepared: Any, per_prompt: int = 1
-                    ) -> torch.Tensor:
+    def _init_pipelines(self) -> tuple[type, type]:
         from diffusers import StableDiffusion3Img2ImgPipeline, StableDiffusion3InpaintPipeline
 
-        if steps_run(settings.steps, init.strength) == 0:
-            return encoded_init(self.model, prepared, len(seeds))
-        if prepared.mask is not None and init.fill in (2, 3):
-            raise LorakitError("the latent noise / latent nothing fills (2, 3) are not available on Stable "
-                               "Diffusion 3; use fill 0 (fill) or 1 (original)")
-        masked = prepared.mask is not None
-        cls = StableDiffusion3InpaintPipeline if masked else StableDiffusion3Img2ImgPipeline
-        pipe = derived_pipeline(self.model.pipe, cls)
-        kwargs = self._kwargs(settings, cond, uncond, seeds, step_end, per_prompt)
-        kwargs.update(image=prepared.image, strength=init.strength, width=size[0], height=size[1])
-        if masked:
-            kwargs["mask_image"] = prepared.mask
-        with torch.no_grad():
-            return pipe(**kwargs).images  # type: ignore[no-any-return]
+        return StableDiffusion3Img2ImgPipeline, StableDiffusion3InpaintPipeline
 
     def decode(self, latents: torch.Tensor, size: tuple[int, int]) -> list[Any]:
         return decode(self.model.pipe, latents)
