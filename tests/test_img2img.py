@@ -234,5 +234,5 @@ def test_cli_generate_img2img_and_inpainting(tmp_path: Path, capsys: pytest.Capt
     assert main(["generate", "x", "--mask", str(mask), *common]) == 2
     assert main(["generate", "x", "--init-image", str(init), "--strength", "1.5", *common]) == 2
     err = capsys.readouterr().err
-    assert "missing.png: cannot be read" in err and "--mask needs --init-image" in err
+    assert "missing.png: no such file" in err and "--mask needs --init-image" in err
     assert "denoising strength must be from 0 to 1, got 1.5" in err
