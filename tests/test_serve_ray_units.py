@@ -95,6 +95,10 @@ def test_switch_counter_counts_changes_and_misses() -> None:
     assert counter.misses == {"a": 1, "b": 2, "c": 1}  # b fell out of the 2 most recent when c came
     report = counter.as_dict()
     assert report["requests"] == 8 and report["changes_total"] == 6 and report["misses_total"] == 4
+    assert report["batches"] == report["largest_batch"] == 0
+    counter.observe_batch(3)
+    counter.observe_batch(2)
+    assert counter.as_dict()["batches"] == 2 and counter.as_dict()["largest_batch"] == 3
 
 
 def test_switch_counter_keeps_its_report_small_and_its_totals_whole(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -80,6 +80,8 @@ class SetCounter:
         self.changes: Counter[str] = Counter()
         self.misses: Counter[str] = Counter()
         self.totals = {"changes": 0, "misses": 0}
+        self.batches = 0  # runs of several requests in one denoiser batch (``--max-batch``)
+        self.largest_batch = 0
         self._lock = threading.Lock()  # observed on the worker thread, read by the replica's reports
 
     def observe(self, key: str) -> None:
@@ -100,7 +102,14 @@ class SetCounter:
                 if len(counts) > MAX_COUNTED:  # a long-running replica sees many sets: keep the report small
                     del counts[next(iter(counts))]
 
+    def observe_batch(self, size: int) -> None:
+        """A run of ``size`` requests in one batch (mixed LoRA sets through per-sample hooks)."""
+        with self._lock:
+            self.batches += 1
+            self.largest_batch = max(self.largest_batch, size)
+
     def as_dict(self) -> dict[str, Any]:
         with self._lock:
             return {"requests": self.requests, "changes": dict(self.changes), "misses": dict(self.misses),
+                    "batches": self.batches, "largest_batch": self.largest_batch,
                     **{f"{k}_total": v for k, v in self.totals.items()}}

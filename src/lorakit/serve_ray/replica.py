@@ -68,6 +68,8 @@ class CountingGenerator(Generator):
     def run_batch(self, requests: Any, max_images: int = 8) -> list[Any]:
         for req in requests:
             self.counter.observe(set_key(req, self._canonical))
+        if len(requests) > 1:
+            self.counter.observe_batch(len(requests))
         return super().run_batch(requests, max_images)
 
     def _canonical(self, name: str) -> str:
