@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ModelError
+from ..files.inputs import read_json
 from ..keymap.layouts import Target
 
 VAE_PREFIXES = ("vae.", "first_stage_model.")
@@ -89,3 +90,31 @@ def prefixed(sd: Mapping[str, Any], prefixes: tuple[str, ...], bare: Callable[[s
             if bare(key):
                 out[key] = t
     return out
+
+
+def folder_config(components: Path | None, part: str = "transformer") -> dict[str, Any] | None:
+    """A components folder's ``part/config.json`` as constructor arguments (diffusers' ``_`` keys dropped), or
+    ``None`` when there is none (the family's shipped config is used then)."""
+    path = components / part / "config.json" if components is not None else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        cfg = read_json(path)
+    except ValueError as e:
+        raise ModelError(f"{path}: unreadable ({str(e)[:200]})") from None
+    if not isinstance(cfg, dict):
+        raise ModelError(f"{path}: not a JSON object")
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+
+def build_on_meta(cls: Any, config: Mapping[str, Any], tensors: Callable[[int], Mapping[str, torch.Tensor]],
+                  path: Path, what: str, dtype: torch.dtype) -> Any:
+    """A ``cls(**config)`` transformer made on ``meta`` and filled with ``tensors(hidden)`` (the file's tensors in
+    the model's names; ``hidden`` = heads × head width from the config) — no random init."""
+    from .single_file import _fill
+
+    with torch.device("meta"):
+        model = cls(**config)
+    hidden = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+    _fill(model, dict(tensors(hidden)), path, what, dtype)
+    return model.eval()

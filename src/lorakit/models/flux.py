@@ -20,7 +20,8 @@ from ..errors import CheckpointError, ModelError
 from ..files.inputs import read_json
 from ..keymap import flux as fluxmap
 from ..keymap.arch import Arch
-from .dit_files import prefixed, replace_encoders, replace_vae, split_original
+from .dit_files import (build_on_meta, folder_config, prefixed, replace_encoders, replace_vae,
+                        split_original)
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.")  # BFL transformer keys in ComfyUI / Forge files
 T = TypeVar("T")
@@ -57,15 +58,9 @@ def bfl_to_diffusers(sd: Mapping[str, torch.Tensor], hidden: int, path: Path) ->
 
 def transformer_config(components: Path | None, sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """The components folder's ``transformer/config.json``, else the shipped config of the variant the keys show."""
-    if components is not None and (components / "transformer" / "config.json").is_file():
-        path = components / "transformer" / "config.json"
-        try:
-            cfg = read_json(path)
-        except ValueError as e:
-            raise ModelError(f"{path}: unreadable ({str(e)[:200]})") from None
-        if not isinstance(cfg, dict):
-            raise ModelError(f"{path}: not a JSON object")
-        return {k: v for k, v in cfg.items() if not k.startswith("_")}
+    cfg = folder_config(components)
+    if cfg is not None:
+        return cfg
     from .flux_configs import variant_config
 
     guided = any(k.startswith(("guidance_in.", "time_text_embed.guidance_embedder.")) for k in sd)
@@ -77,13 +72,8 @@ def build_transformer(bfl: Mapping[str, torch.Tensor], config: Mapping[str, Any]
     """A FluxTransformer2DModel made on ``meta`` and filled with the converted tensors (no random init)."""
     from diffusers import FluxTransformer2DModel
 
-    from .single_file import _fill
-
-    with torch.device("meta"):
-        transformer = FluxTransformer2DModel(**config)
-    hidden = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
-    _fill(transformer, bfl_to_diffusers(bfl, hidden, path), path, "FLUX.1 transformer", dtype)
-    return transformer.eval()
+    return build_on_meta(FluxTransformer2DModel, config, lambda hidden: bfl_to_diffusers(bfl, hidden, path), path,
+                         "FLUX.1 transformer", dtype)
 
 
 def load_single_file(path: Path, sd: Mapping[str, torch.Tensor], components: Path | None,

@@ -21,7 +21,8 @@ from ..errors import ModelError
 from ..files.inputs import read_json
 from ..keymap import sd3 as sd3map
 from ..keymap.arch import Arch
-from .dit_files import prefixed, replace_encoders, replace_vae, split_original
+from .dit_files import (build_on_meta, folder_config, prefixed, replace_encoders, replace_vae,
+                        split_original)
 
 ARCHES = (Arch.SD3_MEDIUM, Arch.SD35_MEDIUM, Arch.SD35_LARGE)
 HALF = torch.bfloat16  # SD3.5's activations are run in bf16 (the model cards, diffusers' docs)
@@ -80,15 +81,9 @@ def size_of_file(sd: Mapping[str, Any]) -> str:
 
 def transformer_config(components: Path | None, sd: Mapping[str, Any]) -> dict[str, Any]:
     """The components folder's ``transformer/config.json``, else the shipped config of the size the file shows."""
-    if components is not None and (components / "transformer" / "config.json").is_file():
-        path = components / "transformer" / "config.json"
-        try:
-            cfg = read_json(path)
-        except ValueError as e:
-            raise ModelError(f"{path}: unreadable ({str(e)[:200]})") from None
-        if not isinstance(cfg, dict):
-            raise ModelError(f"{path}: not a JSON object")
-        return {k: v for k, v in cfg.items() if not k.startswith("_")}
+    cfg = folder_config(components)
+    if cfg is not None:
+        return cfg
     from .sd3_configs import transformer_config as shipped
 
     return shipped(size_of_file(sd))
@@ -96,16 +91,11 @@ def transformer_config(components: Path | None, sd: Mapping[str, Any]) -> dict[s
 
 def build_transformer(sai: Mapping[str, torch.Tensor], config: Mapping[str, Any], path: Path,
                       dtype: torch.dtype) -> Any:
-    """An SD3Transformer2DModel made on ``meta`` and filled with the converted tensors (no random init)."""
+    """A SD3Transformer2DModel made on ``meta`` and filled with the converted tensors (no random init)."""
     from diffusers import SD3Transformer2DModel
 
-    from .single_file import _fill
-
-    with torch.device("meta"):
-        transformer = SD3Transformer2DModel(**config)
-    hidden = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
-    _fill(transformer, sai_to_diffusers(sai, hidden, path), path, "SD3 transformer", dtype)
-    return transformer.eval()
+    return build_on_meta(SD3Transformer2DModel, config, lambda hidden: sai_to_diffusers(sai, hidden, path), path,
+                         "SD3 transformer", dtype)
 
 
 def load_single_file(path: Path, sd: Mapping[str, torch.Tensor], components: Path | None, dtype: torch.dtype,
