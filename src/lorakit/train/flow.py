@@ -74,6 +74,15 @@ class FlowSpec:
             raise TrainingError(f"--max-sequence-length must be 1…512, got {self.max_sequence_length}")
 
 
+def sampling_metadata(spec: FlowSpec) -> dict[str, str]:
+    """kohya's ``ss_*`` fields of the σ sampling and the objective (a flow-matching LoRA's metadata)."""
+    shift = (DEFAULT_SHIFT if spec.shift is None else spec.shift) if spec.sampling == "shift" else None
+    return {"ss_timestep_sampling": spec.sampling,
+            "ss_sigmoid_scale": f"{1.0 if spec.sigmoid_scale is None else spec.sigmoid_scale:g}",
+            "ss_discrete_flow_shift": "None" if shift is None else f"{shift:g}",
+            "ss_model_prediction_type": "raw", "ss_weighting_scheme": "none"}
+
+
 def dynamic_shift(scheduler: object) -> tuple[float, float, float, float]:
     """(base_image_seq_len, max_image_seq_len, base_shift, max_shift) of a flow scheduler's config (FLUX.1-dev's
     values where it does not say)."""

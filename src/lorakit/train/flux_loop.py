@@ -69,15 +69,10 @@ class FluxTrainer(Trainer):
         return self.model.pipe.transformer
 
     def objective_metadata(self) -> dict[str, str]:
-        spec = self.cfg.flow
-        shift = (flow.DEFAULT_SHIFT if spec.shift is None else spec.shift) if spec.sampling == "shift" else None
         return {"ss_base_model_version": BASE_VERSION, "ss_model_type": "flux", "ss_v2": "False",
                 "modelspec.architecture": f"{self.model.variant}/lora", "modelspec.implementation": IMPLEMENTATION,
-                "ss_timestep_sampling": spec.sampling,
-                "ss_sigmoid_scale": f"{1.0 if spec.sigmoid_scale is None else spec.sigmoid_scale:g}",
-                "ss_discrete_flow_shift": "None" if shift is None else f"{shift:g}",
+                **flow.sampling_metadata(self.cfg.flow),
                 "ss_guidance_scale": "None" if self.guidance is None else f"{self.guidance:g}",
-                "ss_model_prediction_type": "raw", "ss_weighting_scheme": "none",
                 "ss_t5xxl_max_token_length": str(self.sequence), "ss_apply_t5_attn_mask": "False"}
 
     def metadata(self) -> dict[str, str]:

@@ -84,14 +84,9 @@ class SD3Trainer(Trainer):
         return self.model.pipe.transformer
 
     def objective_metadata(self) -> dict[str, str]:
-        spec = self.cfg.flow
-        shift = (flow.DEFAULT_SHIFT if spec.shift is None else spec.shift) if spec.sampling == "shift" else None
         version, architecture = SD3.modelspec[self.model.arch]
         return {"ss_base_model_version": version, "ss_model_type": "sd3", "ss_v2": "False",
-                "modelspec.architecture": f"{architecture}/lora", "ss_timestep_sampling": spec.sampling,
-                "ss_sigmoid_scale": f"{1.0 if spec.sigmoid_scale is None else spec.sigmoid_scale:g}",
-                "ss_discrete_flow_shift": "None" if shift is None else f"{shift:g}",
-                "ss_model_prediction_type": "raw", "ss_weighting_scheme": "none",
+                "modelspec.architecture": f"{architecture}/lora", **flow.sampling_metadata(self.cfg.flow),
                 "ss_t5xxl_max_token_length": str(self.sequence)}
 
     def metadata(self) -> dict[str, str]:
