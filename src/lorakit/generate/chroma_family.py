@@ -32,13 +32,10 @@ SEQUENCE = 512  # T5 tokens, as Chroma was trained
 
 
 class Chroma(DiffusersDiT):
-    label = "Chroma"
-
     def __init__(self, model: BaseModel, embeddings: EmbeddingIndex | None = None) -> None:
         super().__init__(model, embeddings)
         self.rules = Rules(defaults=dict(DEFAULTS), samplers=("Euler",), fast_loras=False, clip_skip=False,
                            size_step=2 * int(model.pipe.vae_scale_factor), family="Chroma")
-        self.scheduler = model.pipe.scheduler
 
     @property
     def clip_layers(self) -> int:
@@ -55,9 +52,6 @@ class Chroma(DiffusersDiT):
             embeds, mask = pipe._get_t5_prompt_embeds(prompt=plain_text(text), max_sequence_length=SEQUENCE,
                                                       device=pipe._execution_device)
         return Conditioning(embeds, None, mask)
-
-    def set_scheduler(self, settings: Any) -> None:
-        self.model.pipe.scheduler = self.scheduler
 
     def _kwargs(self, settings: Any, cond: Conditioning, uncond: Conditioning, seeds: list[int],
                 step_end: StepEnd, per_prompt: int) -> dict[str, Any]:

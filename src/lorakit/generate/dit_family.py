@@ -1,7 +1,8 @@
 """What the diffusion-transformer families (FLUX.1, SD3, Chroma, Qwen-Image) share: a diffusers pipeline whose
 img2img and inpainting siblings take the same keyword arguments as it (``_kwargs``), so sampling, sampling from an
-init image and their refusals are written once. A family gives its label, its arguments and its two init-image
-pipelines; FLUX.1 adds control images (``flux_family``), Qwen-Image its own latent encoding."""
+init image, the scheduler and their refusals are written once. A family gives its ``Rules`` (whose ``family``
+names it in messages), its arguments and its two init-image pipelines; FLUX.1 adds control images
+(``flux_family``), Qwen-Image its own latent encoding."""
 from __future__ import annotations
 
 from typing import Any
@@ -9,6 +10,8 @@ from typing import Any
 import torch
 
 from ..errors import LorakitError
+from ..library import EmbeddingIndex
+from ..models.loading import BaseModel
 from .conditioning import Conditioning
 from .family import PipelineFamily, StepEnd
 from .img2img import derived_pipeline, encoded_init
@@ -16,7 +19,17 @@ from .init_image import steps_run
 
 
 class DiffusersDiT(PipelineFamily):
-    label = ""  # the family's name in messages ("Chroma")
+    def __init__(self, model: BaseModel, embeddings: EmbeddingIndex | None = None) -> None:
+        super().__init__(model, embeddings)
+        self.scheduler = model.pipe.scheduler  # the model's own flow-matching config (shift, dynamic shifting)
+
+    @property
+    def label(self) -> str:
+        """The family's name in messages (its ``Rules.family``: "Chroma")."""
+        return self.rules.family
+
+    def set_scheduler(self, settings: Any) -> None:
+        self.model.pipe.scheduler = self.scheduler  # one sampler: the model's own scheduler
 
     def _kwargs(self, settings: Any, cond: Conditioning, uncond: Conditioning, seeds: list[int],
                 step_end: StepEnd, per_prompt: int) -> dict[str, Any]:

@@ -38,15 +38,12 @@ def plain_text(prompt: str) -> str:
 
 
 class Flux(DiffusersDiT):
-    label = "FLUX.1"
-
     def __init__(self, model: BaseModel, embeddings: EmbeddingIndex | None = None) -> None:
         super().__init__(model, embeddings)
         self.variant = model.variant
         self.guided = bool(model.pipe.transformer.config.guidance_embeds)
         self.rules = Rules(defaults=dict(DEV if self.guided else SCHNELL), samplers=("Euler",), fast_loras=False,
                            clip_skip=False, size_step=2 * int(model.pipe.vae_scale_factor), family="FLUX.1")
-        self.scheduler = model.pipe.scheduler  # the model's own flow-matching config (shift, dynamic shifting)
         self.sequence = SEQUENCE.get(self.variant, 512)
 
     def encode(self, text: str, negative: str, settings: Any) -> tuple[Conditioning, Conditioning]:
@@ -60,9 +57,6 @@ class Flux(DiffusersDiT):
             embeds, pooled, _ = pipe.encode_prompt(prompt=plain, prompt_2=plain, device=pipe._execution_device,
                                                    max_sequence_length=self.sequence)
         return Conditioning(embeds, pooled)
-
-    def set_scheduler(self, settings: Any) -> None:
-        self.model.pipe.scheduler = self.scheduler
 
     def _kwargs(self, settings: Any, cond: Conditioning, uncond: Conditioning, seeds: list[int],
                 step_end: StepEnd, per_prompt: int) -> dict[str, Any]:

@@ -33,13 +33,10 @@ EMPTY_NEGATIVE = " "  # the model card's negative prompt when there is none
 
 
 class QwenImage(DiffusersDiT):
-    label = "Qwen-Image"
-
     def __init__(self, model: BaseModel, embeddings: EmbeddingIndex | None = None) -> None:
         super().__init__(model, embeddings)
         self.rules = Rules(defaults=dict(DEFAULTS), samplers=("Euler",), fast_loras=False, clip_skip=False,
                            size_step=2 * int(model.pipe.vae_scale_factor), family="Qwen-Image")
-        self.scheduler = model.pipe.scheduler  # the model's own flow-matching config (dynamic shifting)
 
     @property
     def clip_layers(self) -> int:
@@ -55,9 +52,6 @@ class QwenImage(DiffusersDiT):
         with torch.no_grad():
             embeds, mask = pipe.encode_prompt(prompt=plain_text(text), device=pipe._execution_device)
         return Conditioning(embeds, None, mask)
-
-    def set_scheduler(self, settings: Any) -> None:
-        self.model.pipe.scheduler = self.scheduler
 
     def _kwargs(self, settings: Any, cond: Conditioning, uncond: Conditioning, seeds: list[int],
                 step_end: StepEnd, per_prompt: int) -> dict[str, Any]:

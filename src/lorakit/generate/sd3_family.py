@@ -33,15 +33,12 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 class SD3(DiffusersDiT):
-    label = "Stable Diffusion 3"
-
     def __init__(self, model: BaseModel, embeddings: EmbeddingIndex | None = None) -> None:
         super().__init__(model, embeddings)
         pipe = model.pipe
         step = int(pipe.vae_scale_factor) * int(pipe.transformer.config.patch_size)
         self.rules = Rules(defaults=dict(DEFAULTS.get(model.variant, DEFAULTS[Arch.SD3_MEDIUM])), samplers=("Euler",),
                            fast_loras=False, clip_skip=False, size_step=step, family="Stable Diffusion 3")
-        self.scheduler = pipe.scheduler  # the model's own flow-matching config (shift 3.0)
 
     def encode(self, text: str, negative: str, settings: Any) -> tuple[Conditioning, Conditioning]:
         cond = self._encode(text)
@@ -56,9 +53,6 @@ class SD3(DiffusersDiT):
                                                       do_classifier_free_guidance=False,
                                                       max_sequence_length=SEQUENCE)
         return Conditioning(embeds, pooled)
-
-    def set_scheduler(self, settings: Any) -> None:
-        self.model.pipe.scheduler = self.scheduler
 
     def _kwargs(self, settings: Any, cond: Conditioning, uncond: Conditioning, seeds: list[int],
                 step_end: StepEnd, per_prompt: int) -> dict[str, Any]:
