@@ -1,0 +1,62 @@
+"""Defects the CLI fuzz harness found in its SD3, Chroma, Qwen-Image, quantized and ``serve --ray`` rows
+(``tests/cli_fuzz_dit_rows.py``), one test each."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lorakit.cli import main
+
+
+def _one_error_line(capsys: pytest.CaptureFixture[str], *words: str) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("lorakit: error:") and "Traceback" not in err, err
+    assert all(w in err for w in words), err
+    return err
+
+
+def test_qwen_image_in_one_step_makes_an_image(tiny_qwen_dir: Path, tmp_path: Path) -> None:
+    """Was "NaN/inf appeared in the latents … a LoRA weight far too high" for every ``--steps 1``: the scheduler's
+    terminal stretch (``shift_terminal``) of a one-sigma schedule divides 0 by 0."""
+    out = tmp_path / "one.png"
+    assert main(["generate", "a cat", "--steps", "1", "-W", "64", "-H", "64", "--seed", "1", "-m",
+                 str(tiny_qwen_dir), "-l", str(tmp_path), "--device", "cpu", "-o", str(out)]) == 0
+    pixels = np.asarray(Image.open(out), dtype=np.float32)
+    assert pixels.shape == (64, 64, 3) and pixels.std() > 0
+
+
+RAY_FLAGS = [
+    (["--replica-gpus", "nan"], "--replica-gpus must be a number"),  # were Ray's ValueError after it started
+    (["--replica-gpus", "-1"], "--replica-gpus must be a number"),
+    (["--replica-gpus", "inf"], "--replica-gpus must be a number"),
+    (["--replica-gpus", "1e-9"], "--replica-gpus must be a number"),
+    (["--max-ongoing", "2147483648"], "--max-ongoing must be at most 2147483647"),  # Serve's int32, at deploy
+    (["--address", "127.0.0.1:99999"], "--address must be"),  # were urlparse's ValueError
+    (["--address", "127.0.0.1:-5"], "--address must be"),
+]
+
+
+@pytest.mark.parametrize("flags,words", RAY_FLAGS)
+def test_serve_ray_flags_ray_would_refuse_are_refused_before_ray_starts(
+        flags: list[str], words: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from lorakit.serve_ray import run
+
+    def started(*args: object) -> int:
+        raise AssertionError("Ray would start")
+
+    monkeypatch.setattr(run, "import_serve", started)  # start_ray checks the address, then imports Ray
+    assert main(["serve", "--ray", "--port", "0", "--options-file", str(tmp_path / "o.json"), *flags]) == 2
+    _one_error_line(capsys, words)
+
+
+def test_a_serve_config_with_nan_gpus_is_not_written(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Was exit 0 and a config whose ``num_gpus: .nan`` ``serve deploy`` fails on."""
+    out = tmp_path / "serve.yaml"
+    assert main(["serve", "--write-serve-config", str(out), "--replica-gpus", "nan", "--options-file",
+                 str(tmp_path / "o.json")]) == 2
+    _one_error_line(capsys, "--replica-gpus")
+    assert not out.exists()
