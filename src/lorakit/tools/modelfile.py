@@ -197,9 +197,10 @@ def with_scales(mf: ModelFile) -> ModelFile:
 
 def _open_folder(p: Path) -> ModelFile:
     files, params, config = read_folder(p, COMPONENTS)
-    if "unet" not in config:
-        raise ToolError(f"{p}: the model folder has no unet/")
     index = _json(p / "model_index.json")
+    if "unet" not in config:  # a Chroma or Qwen-Image folder: its pipeline named, not a missing unet/
+        raise ToolError(f"{p}: the model folder has no unet/ (a {str(index.get('_class_name', 'pipeline'))[:80]}); "
+                        "bake and extract read SD1, SD2, SDXL, FLUX.1 and SD3 models")
     arch = Arch.SDXL if "XL" in str(index.get("_class_name", "")) else _arch_from_config(config)
     return ModelFile(p, "folder", arch, files, params, config)
 
