@@ -71,3 +71,34 @@ def test_bake_and_extract_of_a_chroma_folder_name_what_it_is(command: str, tiny_
     second = str(tiny_chroma_dir) if command == "extract" else str(lora)
     assert main([command, str(tiny_chroma_dir), second, "-o", str(tmp_path / "out.safetensors")]) == 2
     _one_error_line(capsys, "ChromaPipeline", "bake and extract read")
+
+
+def test_an_sd3_size_past_its_positional_table_is_refused_before_sampling(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Was diffusers' ValueError ("Height (128) cannot be greater than pos_embed_max_size") from inside the
+    sampling loop: the tiny SD3 covers 96 patches a side, 384 px; SD3-Medium 192 (3072 px)."""
+    from tests.sd3_factories import tiny_sd3_pipeline
+
+    model = tmp_path / "sd3"
+    tiny_sd3_pipeline().save_pretrained(model)  # type: ignore[attr-defined]
+    out = tmp_path / "big.png"
+    assert main(["generate", "a cat", "--steps", "1", "-W", "512", "-H", "64", "-m", str(model), "-l",
+                 str(tmp_path), "-o", str(out)]) == 2
+    err = capsys.readouterr().err  # the model's loading messages, then the error
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("lorakit: error: width must be at "
+                                                                             "most 384"), err[-500:]
+    assert not out.exists()
+
+
+def test_a_lora_folder_holding_a_symlink_loop_lists_its_loras(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Was OSError (ELOOP) from the library walk: ``list``, ``generate -l``, ``serve``, a training preview."""
+    import shutil
+
+    from tests.conftest import ROOT
+
+    shutil.copyfile(ROOT / "examples" / "loras" / "demo_style.safetensors", tmp_path / "style.safetensors")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "gone.safetensors").symlink_to(tmp_path / "nowhere")
+    assert main(["list", "-l", str(tmp_path), "--json"]) == 0
+    assert '"style"' in capsys.readouterr().out
