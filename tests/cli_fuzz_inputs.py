@@ -50,7 +50,8 @@ class Workspace:
         self.texts = self._texts()
         self.data = self._data()
         self.folders = {"loras": DEMO_LORAS, "empty": self._dir("in/empty"), "file": self.loras["good"],
-                        "outside": self.outside.parent, "missing": root / "in/no-such-folder", **{
+                        "outside": self.outside.parent, "missing": root / "in/no-such-folder",
+                        "specials": root / "special", **{  # a folder holding a FIFO, a socket, a symlink loop
                             k: v for k, v in self.specials.items() if k in ("fifo", "loop", "dir", "link_out")}}
         self._flux()
         self._dits()
@@ -202,7 +203,8 @@ class Workspace:
 
     def _data(self) -> dict[str, Path]:
         """Training folders: a good one, then one defect each."""
-        out = {name: self._dir(f"data/{name}") for name in ("good", "nul", "big", "outside", "loop", "empty")}
+        out = {name: self._dir(f"data/{name}") for name in ("good", "nul", "big", "outside", "loop", "empty",
+                                                            "self_loop")}
         for name, folder in out.items():
             if name == "empty":
                 continue
@@ -213,6 +215,7 @@ class Workspace:
         _sparse(out["big"] / "img1.txt", 3 << 30)
         (out["outside"] / "img2.png").symlink_to(self.root / "in" / "image.png")
         (out["loop"] / "10_again").symlink_to(out["loop"])
+        (out["self_loop"] / "self").symlink_to(out["self_loop"] / "self")  # ELOOP when followed
         return out
 
 
