@@ -37,8 +37,11 @@ SEQ = 16  # Chroma's T5 tokens in these tests
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return draw_data(tmp_path_factory.mktemp("ditdata"))
+
+
+def draw_data(folder: Path) -> Path:
     """Two 64-px pictures; captions of different lengths (Qwen-Image's embeddings keep their own)."""
-    folder = tmp_path_factory.mktemp("ditdata")
     for i, (colour, caption) in enumerate((((200, 30, 30), "zq, a red disc"),
                                            ((30, 40, 200), "zq, a large blue square on a grey ground"))):
         im = Image.new("RGB", (SIZE, SIZE), (235, 235, 235))

@@ -27,7 +27,6 @@ from ..errors import TrainingError
 from ..generate.conditioning import Conditioning
 from ..keymap.arch import Arch
 from ..keymap.families import CHROMA, Family
-from ..models.loading import BaseModel
 from . import flow
 from .flow_loop import FlowTrainer, image_ids, pack
 from .flux_network import FluxNetwork, bfl_modules, text_targets
@@ -58,10 +57,7 @@ class ChromaNetwork(FluxNetwork):
 
 class ChromaTrainer(FlowTrainer):
     display = "Chroma"
-
-    @classmethod
-    def trains(cls, model: BaseModel) -> bool:
-        return model.arch == Arch.CHROMA
+    arches = (Arch.CHROMA,)
 
     def check_family(self) -> None:
         net = self.cfg.network

@@ -25,16 +25,17 @@ from .network import Network
 
 
 class FlowTrainer(Trainer):
-    """``display``: the family's name in messages; ``patch``: the latents' patch side the transformer packs
-    (``tokens`` for ``flux_shift``)."""
+    """``display``: the family's name in messages; ``arches``: the architectures it trains; ``patch``: the
+    latents' patch side the transformer packs (``tokens`` for ``flux_shift``)."""
 
     display = "flow-matching"
+    arches: tuple[str, ...] = ()
     patch = 2
 
     @classmethod
     def trains(cls, model: BaseModel) -> bool:
         """Whether this trainer is the one of ``model``'s family (``flux_loop.trainer_for`` asks each)."""
-        return False
+        return model.arch in cls.arches
 
     # -- what the family decides ---------------------------------------------------------------------------------
     def check_family(self) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..errors import TrainingError
+from ..keymap.arch import Arch
 from ..generate.conditioning import Conditioning
 from ..models.loading import BaseModel
 from . import flow
@@ -37,10 +38,7 @@ SEQUENCE = {"flux-1-schnell": 256}  # T5 tokens (dev 512), as generation reads t
 
 class FluxTrainer(FlowTrainer):
     display = "FLUX.1"
-
-    @classmethod
-    def trains(cls, model: BaseModel) -> bool:
-        return model.flux
+    arches = (Arch.FLUX1,)
 
     def check_family(self) -> None:
         cfg, model = self.cfg, self.model

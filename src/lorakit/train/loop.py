@@ -81,7 +81,8 @@ class Trainer:
             raise TrainingError(f"the model {self.model.name} is not SD1, SD2 or SDXL ({self.model.arch}){hint}")
         flux_only = self.cfg.flow.given() + (["--train-t5"] if self.cfg.network.t5 else [])
         if flux_only:
-            raise TrainingError(f"{', '.join(flux_only)}: for FLUX.1 models only")
+            raise TrainingError(f"{', '.join(flux_only)}: for the flow-matching models only (FLUX.1, SD3, "
+                                "Chroma, Qwen-Image)")
 
     def setup(self) -> Network:
         """The objective (ε/v: the scheduler's ᾱ_t) and the network."""

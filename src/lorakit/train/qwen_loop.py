@@ -29,7 +29,6 @@ from ..generate.conditioning import Conditioning
 from ..keymap.arch import Arch
 from ..keymap.families import QWEN_IMAGE, Family
 from ..models import qwen
-from ..models.loading import BaseModel
 from . import flow
 from .flow_loop import FlowTrainer, pack
 from .flux_network import FluxNetwork, present_modules
@@ -60,10 +59,7 @@ class QwenNetwork(FluxNetwork):
 
 class QwenTrainer(FlowTrainer):
     display = "Qwen-Image"
-
-    @classmethod
-    def trains(cls, model: BaseModel) -> bool:
-        return model.arch == Arch.QWEN_IMAGE
+    arches = (Arch.QWEN_IMAGE,)
 
     def check_family(self) -> None:
         flags = [f for f in self.cfg.flow.given() if f in ("--guidance", "--max-sequence-length")]

@@ -22,7 +22,6 @@ from ..errors import TrainingError
 from ..generate.conditioning import Conditioning
 from ..keymap.arch import SD3_SIZES
 from ..keymap.families import SD3, Family
-from ..models.loading import BaseModel
 from . import flow
 from .flow_loop import FlowTrainer
 from .flux_network import FluxNetwork, present_modules, text_targets
@@ -51,10 +50,7 @@ class SD3Network(FluxNetwork):
 
 class SD3Trainer(FlowTrainer):
     display = "SD3"
-
-    @classmethod
-    def trains(cls, model: BaseModel) -> bool:
-        return model.arch in SD3_SIZES
+    arches = SD3_SIZES
 
     def check_family(self) -> None:
         cfg = self.cfg
