@@ -115,7 +115,11 @@ def _weight_changes(pipe: Any, out: Path, want: dict[str, torch.Tensor]) -> None
 
 
 def _changes_the_image(model: BaseModel, out: Path, tmp_path: Path) -> None:
-    gen = Generator(model, Library([out.parent], index=tmp_path / "index.sqlite3"))
+    """The library shows the file's base and trained trigger; the LoRA's tag changes the generated picture."""
+    library = Library([out.parent], index=tmp_path / "index.sqlite3")
+    entry = library.resolve(out.stem)
+    assert (entry.base, entry.trigger_phrases) == (model.arch, ["zq"])
+    gen = Generator(model, library)
     try:
         def draw(prompt: str) -> np.ndarray:
             req = Request(prompt, steps=2, width=SIZE, height=SIZE, seed=1, cfg=1.0)
