@@ -53,6 +53,7 @@ class Recipe:
     threads: int = 2
     vae_steps: int = 3000
     vae_groups: int = 1  # GroupNorm groups in the VAE (the shipped VAE: 8)
+    vae_width: int = 1  # the VAE's channels × this (the shipped VAE: 16, 32, 32)
     vae_batch: int = 24
     vae_crop: int = 32  # the VAE trains on 4-aligned crops of the 64-px pictures (4× cheaper)
     vae_lr: float = 2e-3
@@ -104,6 +105,7 @@ def configs(r: Recipe) -> dict[str, dict[str, Any]]:
     """The shipped architecture, with the recipe's VAE GroupNorm groups."""
     out = {name: dict(config) for name, config in demo_weights.CONFIGS.items()}
     out["vae"]["norm_num_groups"] = r.vae_groups
+    out["vae"]["block_out_channels"] = [c * r.vae_width for c in out["vae"]["block_out_channels"]]
     return out
 
 
