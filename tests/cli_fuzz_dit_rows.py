@@ -3,7 +3,7 @@ holds those, and ``Slot``): ``NAME@sd3``, ``NAME@chroma``, ``NAME@qwen`` (tiny f
 each family's LoRA dialects, mutated LoRAs, another family's LoRA as ``<lora:wrong:1>``), ``NAME@quant`` (fp8 and
 GGUF FLUX.1 files as ``--model`` and inputs; broken ones from ``QUANT_BAD``) and ``serve@ray`` (the Ray flags; the
 harness stands in for Ray — ``cli_fuzz.ray_once`` — so no cluster starts). Chroma and Qwen-Image have no
-``train``/``bake``/``extract`` of model files: their rows are there for the clear refusal."""
+``bake``/``extract`` of model files: their ``bake`` rows are there for the clear refusal."""
 from __future__ import annotations
 
 import random
