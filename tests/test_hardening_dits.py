@@ -36,6 +36,7 @@ RAY_FLAGS = [
     (["--max-ongoing", "2147483648"], "--max-ongoing must be at most 2147483647"),  # Serve's int32, at deploy
     (["--address", "127.0.0.1:99999"], "--address must be"),  # were urlparse's ValueError
     (["--address", "127.0.0.1:-5"], "--address must be"),
+    (["--port", "99999999999999"], "a port is 0…65535"),  # was OverflowError from bind() (full CLI fuzz run)
 ]
 
 
@@ -50,7 +51,8 @@ def test_serve_ray_flags_ray_would_refuse_are_refused_before_ray_starts(
 
     monkeypatch.setattr(run, "import_serve", started)  # start_ray checks the address, then imports Ray
     assert main(["serve", "--ray", "--port", "0", "--options-file", str(tmp_path / "o.json"), *flags]) == 2
-    _one_error_line(capsys, words)
+    err = capsys.readouterr().err  # lorakit's line ("lorakit: error: …" or "lorakit serve: port …")
+    assert err.count("\n") == 1 and err.startswith("lorakit") and words in err and "Traceback" not in err, err
 
 
 def test_a_serve_config_with_nan_gpus_is_not_written(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
