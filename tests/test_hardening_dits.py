@@ -37,6 +37,7 @@ RAY_FLAGS = [
     (["--address", "127.0.0.1:99999"], "--address must be"),  # were urlparse's ValueError
     (["--address", "127.0.0.1:-5"], "--address must be"),
     (["--port", "99999999999999"], "a port is 0…65535"),  # was OverflowError from bind() (full CLI fuzz run)
+    (["-l", "LOOP"], "a symlink that loops"),  # was RuntimeError from resolve() (a serve@ray rerun)
 ]
 
 
@@ -50,6 +51,8 @@ def test_serve_ray_flags_ray_would_refuse_are_refused_before_ray_starts(
         raise AssertionError("Ray would start")
 
     monkeypatch.setattr(run, "import_serve", started)  # start_ray checks the address, then imports Ray
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    flags = [str(tmp_path / "loop") if f == "LOOP" else f for f in flags]
     assert main(["serve", "--ray", "--port", "0", "--options-file", str(tmp_path / "o.json"), *flags]) == 2
     err = capsys.readouterr().err  # lorakit's line ("lorakit: error: …" or "lorakit serve: port …")
     assert err.count("\n") == 1 and err.startswith("lorakit") and words in err and "Traceback" not in err, err
