@@ -264,11 +264,12 @@ def load_single_file(path: Path, configs: Mapping[str, Mapping[str, Any]] | None
 def dit_families() -> tuple[Any, ...]:
     """The model modules of the DiT families, each with ``ARCHES``, ``HALF``, ``is_index(model_index)``,
     ``is_file(tensors)``, ``load_folder``, ``load_single_file``, ``arch_of(pipe)`` and ``variant(pipe)``. SD3 is
-    asked first: its SAI names (``joint_blocks``) are its own, while BFL and SAI share ``final_layer.*``."""
+    asked first: its SAI names (``joint_blocks``) are its own, while BFL and SAI share ``final_layer.*``; Chroma
+    before FLUX.1: its checkpoints are BFL-named too, plus the approximator that only they have."""
     from . import flux, sd3
     from .folder_dits import CHROMA, QWEN_IMAGE
 
-    return (sd3, flux, CHROMA, QWEN_IMAGE)
+    return (sd3, CHROMA, QWEN_IMAGE, flux)
 
 
 def dit_family(arch: str) -> Any:

@@ -4,12 +4,15 @@ from the transformer's config (``keymap.sd3.Sizes``). SAI single files are not r
 need ``flux_modelfile``'s row references with SD3's map): the tools say so."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 from ..errors import ToolError
 from ..files.header import read_header
 from ..keymap import sd3 as sd3map
+from ..keymap.families import Family
 from ..models.sd3 import is_file, is_index
 from .modelfile import ModelFile, _json, read_folder
 
@@ -29,3 +32,8 @@ def sd3_model(p: Path) -> ModelFile | None:
         raise ToolError(f"{p}: the SD3 model folder has no transformer/")
     transformer = SimpleNamespace(config=SimpleNamespace(**config["transformer"]))
     return ModelFile(p, "folder", sd3map.SIZES.of_model({"transformer": transformer}), files, params, config)
+
+
+def read(p: Path, configs: Mapping[str, Mapping[str, Any]] | None, family: Family | None = None) -> ModelFile | None:
+    """``modelfile.family_readers``' interface: ``sd3_model``."""
+    return sd3_model(p)
