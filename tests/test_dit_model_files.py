@@ -1,7 +1,7 @@
-"""Chroma and Qwen-Image model files: ``bake`` into their diffusers folders and single files (lodestones' BFL-named
-Chroma checkpoints, ComfyUI's Qwen-Image ones) is bit for bit what ``apply_loras`` fuses; ``extract`` of (base,
-base + ΔW) gives ΔW back within its rank; bad files are named; a single file loads for generation with the rest from
-a ``--components`` folder, as the folder's own model."""
+"""Chroma and Qwen-Image model files (and SD3's SAI single files, read the same way): ``bake`` into their diffusers
+folders and single files (lodestones' BFL-named Chroma checkpoints, ComfyUI's Qwen-Image ones) is bit for bit what
+``apply_loras`` fuses; ``extract`` of (base, base + ΔW) gives ΔW back within its rank; bad files are named; a single
+file loads for generation with the rest from a ``--components`` folder, as the folder's own model."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -190,3 +190,31 @@ def test_single_files_load_for_generation_with_components(chroma: tuple[dict[str
     from_file = Generator(model, library)(req).images[0]  # Qwen-Image: the file's model draws the folder's picture
     from_folder = Generator(load_model(str(tiny_qwen_dir), device="cpu", dtype="fp32"), library)(req).images[0]
     assert from_file.tobytes() == from_folder.tobytes()
+
+
+def test_sd3_sai_file_bake_and_extract(tmp_path: Path) -> None:
+    """The last block's swapped 2·h context adaLN and the fused qkv: row ranges of the SAI tensors, put back."""
+    from tests.sd3_factories import sai_lora, sai_state, tiny_sd3_transformer
+    from tests.sd3_factories import kohya_keys as sai_kohya_keys
+
+    comps = {"transformer": tiny_sd3_transformer()}
+    tr = comps["transformer"]
+    meta = {"modelspec.architecture": "stable-diffusion-3-medium/lora"}
+    save_file({COMFY + k: v for k, v in sai_state(tr).items()}, tmp_path / "sd3.safetensors")
+    save_file(sai_kohya_keys(sai_lora(tr, "lora", seed=1)), tmp_path / "a.safetensors", meta)
+    save_file(sai_kohya_keys(sai_lora(tr, "loha", seed=2)), tmp_path / "b.safetensors", meta)
+    with lorakit.apply_loras(comps, [(tmp_path / "b.safetensors", 0.5)]):
+        want = {COMFY + k: v for k, v in sai_state(tr).items()}
+    assert open_model(tmp_path / "sd3.safetensors").arch == "sd3-medium"
+    bake(tmp_path / "sd3.safetensors", [f"{tmp_path / 'b.safetensors'}:0.5"], tmp_path / "baked.safetensors")
+    out = load_file(tmp_path / "baked.safetensors")[0]
+    assert out.keys() == want.keys() and [k for k in out if not torch.equal(out[k], want[k])] == []
+    with lorakit.apply_loras(comps, [(tmp_path / "a.safetensors", 1.0)]):
+        tuned = {n: p.detach().clone() for n, p in tr.named_parameters()}
+        save_file(sai_state(tr), tmp_path / "tuned.safetensors")
+    lora = tmp_path / "x.safetensors"
+    report = extract(tmp_path / "sd3.safetensors", tmp_path / "tuned.safetensors", lora,
+                     ExtractOptions(RankRule("rank", 4), components=("transformer",)))
+    assert report.per_component()["transformer"] < 1e-5
+    assert "lora_unet_joint_blocks_1_context_block_adaLN_modulation_1.lora_down.weight" in load_file(lora)[0]
+    _recovers(comps, lora, tuned, 1e-4)

@@ -1,6 +1,6 @@
 """DiT base models as files for the tools, for the families described as data (``Family.pipelines`` for their
 diffusers folders, ``Family.single_file`` for their checkpoints: Chroma, Qwen-Image; FLUX.1's BFL files through
-``single``): every parameter under the diffusers name lorakit's LoRAs use, a fused original layer's parts as row
+``single``; SD3's SAI files): every parameter under the diffusers name lorakit's LoRAs use, a fused original layer's parts as row
 ranges of its tensor (``Ref.rows``), split by the hidden width the file itself shows. The VAE is not read."""
 from __future__ import annotations
 
@@ -39,8 +39,9 @@ def read(p: Path, configs: Configs | None, family: Family) -> ModelFile | None:
 
 
 def single(p: Path, header: Header, configs: Configs, family: Family, layout: SingleFile,
-           components: tuple[str, ...]) -> ModelFile:
-    """A single file's transformer (``layout``) and an all-in-one file's text encoders, under canonical names."""
+           components: tuple[str, ...], arch: str | None = None) -> ModelFile:
+    """A single file's transformer (``layout``) and an all-in-one file's text encoders, under canonical names;
+    ``arch``: the file's size, for a family of several (SD3)."""
     tf = TensorFile(p, header)
     params: dict[str, Ref] = {}
     names = layout.transformer_keys(header.tensors)  # the layout's name → the file's key
@@ -69,7 +70,7 @@ def single(p: Path, header: Header, configs: Configs, family: Family, layout: Si
                 tf.add(key, f"{component}.{canonical_te_path(key[len(prefix):])}", Ref(tf, key), params)
     config: dict[str, Any] = {c: dict(configs.get(c, {})) for c in components
                               if any(n.startswith(c + ".") for n in params)}
-    return ModelFile(p, "single", _arch(family), [tf], params, config)
+    return ModelFile(p, "single", arch or _arch(family), [tf], params, config)
 
 
 def _arch(family: Family) -> str:
