@@ -59,8 +59,8 @@ class Family:
     ``single_transformer_blocks``; ``patch.weights``); ``lbw``: per architecture (``*``: the family's others), the
     lora-block-weight vectors its models take (``block_vectors``); ``model_files``: the module of ``lorakit.tools``
     that reads its model folders and single files for ``bake``/``extract`` (``tools.modelfile.open_model``);
-    ``single_file``: how its single-file checkpoints hold the transformer, for the families read by the shared
-    readers (``models/folder_dits.py``, ``tools/dit_modelfile.py``)."""
+    ``single_file``: how its single-file checkpoints hold the transformer (``tools/dit_modelfile.py`` reads them for
+    every DiT family, ``models/folder_dits.py`` loads those of the families without a model module of their own)."""
 
     key: str
     display: str
@@ -121,7 +121,7 @@ FLUX1 = Family(
     comfy_out={"transformer": "diffusion_model.", "text_encoder": "text_encoders.clip_l.transformer.text_model.",
                "text_encoder_2": "text_encoders.t5xxl.transformer."},
     plain_te=("text_encoder_2",), modelspec={Arch.FLUX1: ("flux1", "flux-1")}, dit_blocks=("double", "single"),
-    lbw={"*": (flux.LBW,)}, model_files="flux_modelfile")
+    lbw={"*": (flux.LBW,)}, model_files="flux_modelfile", single_file=flux.SINGLE_FILE)
 
 SD3 = Family(
     "sd3", "Stable Diffusion 3", "transformer",
@@ -145,7 +145,7 @@ SD3 = Family(
                Arch.SD35_MEDIUM: ("sd3.5-medium", "stable-diffusion-3-5-medium"),
                Arch.SD35_LARGE: ("sd3.5-large", "stable-diffusion-3-5-large"),
                Arch.SD3_MEDIUMS: ("sd3", "stable-diffusion-3"), Arch.SD3: ("sd3", "stable-diffusion-3")},
-    model_files="sd3_modelfile")
+    model_files="sd3_modelfile", single_file=sd3.SINGLE_FILE)
 
 CHROMA = Family(
     "chroma", "Chroma", "transformer", {"text_encoder": "T5-XXL"}, chroma.VOCABULARY,
