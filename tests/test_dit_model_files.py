@@ -218,3 +218,22 @@ def test_sd3_sai_file_bake_and_extract(tmp_path: Path) -> None:
     assert report.per_component()["transformer"] < 1e-5
     assert "lora_unet_joint_blocks_1_context_block_adaLN_modulation_1.lora_down.weight" in load_file(lora)[0]
     _recovers(comps, lora, tuned, 1e-4)
+
+
+def test_lbw_vectors_are_the_families_data() -> None:
+    """A vector's length names the families that list it (``Family.lbw``); a model whose family lists none refuses
+    every vector (it named nothing there), and the messages name the families."""
+    from lorakit.errors import WeightSpecError
+    from lorakit.keymap.families import FAMILIES
+    from lorakit.patch.weights import as_weight
+
+    assert {f.key for f in FAMILIES.values() if any(58 in map(len, (v.blocks for v in vs)) for vs in f.lbw.values())} \
+        == {"flux1", "chroma"}
+    as_weight({"lbw": [1.0] * 58}).for_path("transformer.transformer_blocks.0.attn.to_q", "chroma")
+    for arch, n, message in (("sd3-medium", 17, "17-value block-weight vector is for SD1/SD2, the model is sd3"),
+                             ("qwen-image", 58, "is for FLUX.1 and Chroma, the model is qwen-image"),
+                             ("sdxl", 26, "is for SD1/SD2, the model is sdxl")):
+        with pytest.raises(WeightSpecError, match=message):
+            as_weight({"lbw": [1.0] * n}).for_path("transformer.proj_out", arch)
+    with pytest.raises(WeightSpecError, match=r"12 or 20 \(SDXL\) or 58 \(FLUX.1 and Chroma\), got 3"):
+        as_weight({"lbw": [1.0] * 3})
