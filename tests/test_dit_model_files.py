@@ -161,7 +161,8 @@ def test_bad_chroma_and_qwen_files_are_named(chroma: tuple[dict[str, torch.nn.Mo
     for name, (sd, message) in cases.items():
         save_file(sd, tmp_path / f"{name}.safetensors")
         with pytest.raises(ToolError, match=message):
-            bake(tmp_path / f"{name}.safetensors", [str(qwen[1] / "lora.safetensors")], tmp_path / f"o{name}.safetensors")
+            bake(tmp_path / f"{name}.safetensors", [str(qwen[1] / "lora.safetensors")],
+                 tmp_path / f"o{name}.safetensors")
         assert not (tmp_path / f"o{name}.safetensors").exists()
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "model_index.json").write_text('{"_class_name": "ChromaPipeline"}')

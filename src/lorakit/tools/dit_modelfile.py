@@ -1,7 +1,8 @@
 """DiT base models as files for the tools, for the families described as data (``Family.pipelines`` for their
-diffusers folders, ``Family.single_file`` for their checkpoints: Chroma, Qwen-Image; FLUX.1's BFL files through
-``single``; SD3's SAI files): every parameter under the diffusers name lorakit's LoRAs use, a fused original layer's parts as row
-ranges of its tensor (``Ref.rows``), split by the hidden width the file itself shows. The VAE is not read."""
+diffusers folders, ``Family.single_file`` for their checkpoints: Chroma, Qwen-Image; FLUX.1's BFL files and SD3's
+SAI files through ``single``): every parameter under the diffusers name lorakit's LoRAs use, a fused original
+layer's parts as row ranges of its tensor (``Ref.rows``), split by the hidden width the file itself shows. The VAE
+is not read."""
 from __future__ import annotations
 
 from collections.abc import Mapping
