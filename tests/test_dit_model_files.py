@@ -149,7 +149,8 @@ def test_qwen_extract_recovers_the_change(qwen: tuple[dict[str, torch.nn.Module]
 
 
 def test_bad_chroma_and_qwen_files_are_named(chroma: tuple[dict[str, torch.nn.Module], Path],
-                                             qwen: tuple[dict[str, torch.nn.Module], Path], tmp_path: Path) -> None:
+                                             qwen: tuple[dict[str, torch.nn.Module], Path], tmp_path: Path,
+                                             tiny_chroma_dir: Path) -> None:
     c, q = load_file(chroma[1] / "chroma.safetensors")[0], load_file(qwen[1] / "qwen_image.safetensors")[0]
     cases = {"odd": ({**c, "distilled_guidance_layer.extra.weight": torch.zeros(2, 2)},
                      "distilled_guidance_layer.extra.weight is not a Chroma transformer tensor"),
@@ -164,6 +165,8 @@ def test_bad_chroma_and_qwen_files_are_named(chroma: tuple[dict[str, torch.nn.Mo
             bake(tmp_path / f"{name}.safetensors", [str(qwen[1] / "lora.safetensors")],
                  tmp_path / f"o{name}.safetensors")
         assert not (tmp_path / f"o{name}.safetensors").exists()
+    with pytest.raises(lorakit.LorakitError, match="odd.safetensors: distilled_guidance_layer.extra.weight is not"):
+        load_model(str(tmp_path / "odd.safetensors"), device="cpu", dtype="fp32", components=tiny_chroma_dir)
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "model_index.json").write_text('{"_class_name": "ChromaPipeline"}')
     with pytest.raises(ToolError, match="the Chroma model folder has no transformer/"):
