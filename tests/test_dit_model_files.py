@@ -241,3 +241,43 @@ def test_lbw_vectors_are_the_families_data() -> None:
             as_weight({"lbw": [1.0] * n}).for_path("transformer.proj_out", arch)
     with pytest.raises(WeightSpecError, match=r"12 or 20 \(SDXL\) or 58 \(FLUX.1 and Chroma\), got 3"):
         as_weight({"lbw": [1.0] * 3})
+
+
+def test_qwen_scaled_fp8_file_bakes_as_apply_computes(qwen: tuple[dict[str, torch.nn.Module], Path],
+                                                      tmp_path: Path) -> None:
+    """ComfyUI's scaled-fp8 Qwen-Image file (``qwen_image_fp8_e4m3fn``: fp8 block weights, ``scale_weight`` beside):
+    a changed layer is written in bf16 as ``round_bf16(fp32(dq(Wq)) + ΔW)`` (against an fp32 model holding dq(Wq):
+    within bf16's rounding), its scale dropped; every other tensor keeps its bytes."""
+    comps, d = qwen
+    state = _qwen_file(comps["transformer"])
+    fp8: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        if ".transformer_blocks." in k and k.endswith(".weight") and v.dim() == 2:
+            scale = v.abs().max() / 448
+            fp8[k] = (v / scale).to(torch.float8_e4m3fn)
+            fp8[k.removesuffix("weight") + "scale_weight"] = scale.reshape(())
+        else:
+            fp8[k] = v.bfloat16()  # ComfyUI's fp8 files keep the rest in bf16
+    save_file(fp8, tmp_path / "fp8.safetensors")
+    dq = {n: (fp8[COMFY + n].float() * fp8[COMFY + n.removesuffix("weight") + "scale_weight"])
+          if fp8[COMFY + n].dtype == torch.float8_e4m3fn else fp8[COMFY + n] for n in comps["transformer"].state_dict()}
+    from tests.qwen_factories import tiny_qwen_transformer
+
+    ref = tiny_qwen_transformer()
+    ref.load_state_dict(dq)
+    with lorakit.apply_loras({"transformer": ref}, [(d / "lora.safetensors", 0.7)]):
+        want = {COMFY + n: p.detach().clone() for n, p in ref.named_parameters()}
+    bake(tmp_path / "fp8.safetensors", [f"{d / 'lora.safetensors'}:0.7"], tmp_path / "baked.safetensors")
+    out = load_file(tmp_path / "baked.safetensors")[0]
+    changed = [k for k in fp8 if k.endswith(".weight") and fp8[k].dtype == torch.float8_e4m3fn]
+    assert changed and all(out[k].dtype == torch.bfloat16 for k in changed)
+    for k in changed:  # fp32(dq) + ΔW rounded once to bf16, ΔW from factors in the layer's bf16 compute dtype:
+        delta = (want[k] - dq[k.removeprefix(COMFY)]).abs()  # within an ulp of the result and of ΔW
+        err = (out[k].float() - want[k]).abs()
+        assert bool((err <= (want[k].abs() + delta) * 2 ** -7 + 1e-6).all()), k
+        assert float(err.mean()) < 0.05 * float(delta.mean()), k  # the LoRA's change is all there
+    assert not any(k.endswith("scale_weight") for k in out)
+    from tests.qwen_factories import qwen_table
+
+    kept = [k for k in out if k.removeprefix(COMFY).rsplit(".", 1)[0] not in qwen_table()]  # no LoRA module
+    assert kept and all(torch.equal(out[k], fp8[k]) for k in kept)
