@@ -116,25 +116,32 @@ def test_every_qwen_image_dialect_lands_whole_on_full_size_qwen_image(models: di
     assert plan.reports[0].unmatched == [] and plan.reports[0].patched == {"transformer": 60 * 14 + 6}
 
 
-def _refused(components: Components, lora: LoraModel, reason: str) -> None:
-    """Refused by ``apply_loras`` with ``reason`` before any change: the same parameter objects, no hooks (on the
-    ``meta`` device any weight touched would fail otherwise)."""
+def _refused(components: Components, lora: LoraModel, reason: str, apply: bool = False) -> None:
+    """Refused with ``reason`` by the plan, where every check happens before any weight is touched; ``apply``: by
+    ``apply_loras`` itself, which leaves the same parameter objects and no hooks (on the ``meta`` device a touched
+    weight would fail otherwise)."""
     params = {c: list(m.parameters()) for c, m in components.items()}
     with pytest.raises(IncompatibleLora, match=reason):
-        lorakit.apply_loras(components, [(lora, 1.0)])
-    assert all(list(m.parameters()) == params[c] for c, m in components.items())
+        if apply:
+            lorakit.apply_loras(components, [(lora, 1.0)])
+        else:
+            build_plan(components, [(lora, Weight())])
+    assert all(a is b for c, m in components.items() for a, b in zip(m.parameters(), params[c], strict=True))
     assert not any(m._forward_hooks or m._forward_pre_hooks for c in components for m in components[c].modules())
 
 
-def test_a_qwen_image_file_on_chroma_and_a_chroma_file_on_flux1_are_refused_with_the_reason(
+def test_qwen_image_files_on_chroma_chroma_files_on_flux1_and_control_loras_on_chroma_are_refused(
         models: dict[str, Components], modules: dict[str, L.Modules]) -> None:
     qwen = L.qwen_file("kohya/musubi", modules["qwen"])
     _refused(models["chroma"], lora_from_state_dict(L.zeros(qwen.shapes), {}, name="q"),
-             "this LoRA is for Qwen-Image, the model is Chroma")
+             "this LoRA is for Qwen-Image, the model is Chroma", apply=True)
     for dialect in L.CHROMA_DIALECTS:
         chroma = L.chroma_file(dialect, modules["chroma"], modules["t5"])
         _refused(models["flux"], lora_from_state_dict(L.zeros(chroma.shapes), {}, name="c"),
-                 "this LoRA is for Chroma, the model is FLUX.1")
+                 "this LoRA is for Chroma, the model is FLUX.1", apply=dialect == "kohya")
+    # a FLUX.1 control LoRA (F8) reads latents + control image: Chroma has no control model to widen img_in for
+    _refused(models["chroma"], _load("control"),
+             r"control: 1 layers do not fit the model \(Chroma\): transformer.x_embedder: LoRA maps 128→3072")
 
 
 # -- the real listings -----------------------------------------------------------------------------------------------
