@@ -74,6 +74,19 @@ def best_of(n: int, fn: Callable[[], None]) -> float:
     return min(times)
 
 
+def diffusers_load_fuse(pipe: object, lora_file: Path) -> None:
+    """diffusers' own apply: load one LoRA file (adapter named after it) and fuse it at scale 1."""
+    load: Callable[..., None] = pipe.load_lora_weights  # type: ignore[attr-defined]
+    load(str(lora_file.parent), weight_name=lora_file.name, adapter_name=lora_file.stem)
+    pipe.fuse_lora(lora_scale=1.0)  # type: ignore[attr-defined]
+
+
+def diffusers_unfuse_unload(pipe: object) -> None:
+    """diffusers' own undo: subtract the fused LoRA again, then drop its layers."""
+    pipe.unfuse_lora()  # type: ignore[attr-defined]
+    pipe.unload_lora_weights()  # type: ignore[attr-defined]
+
+
 def diffusers_cycle(pipe: object, lora_file: Path) -> dict[str, float]:
     """diffusers' own load → fuse → unfuse → unload of one LoRA file on ``pipe``, each timed."""
     r: dict[str, float] = {}
