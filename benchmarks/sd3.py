@@ -9,7 +9,7 @@ fp32 ``addmm`` pass ``W + up@down`` over the touched weights; ``flux.py``'s); an
 SAI names (``lora_unet_joint_blocks_N_x_block_attn_qkv`` …, q/k/v fused: the shape kohya's SD3 trainer writes),
 which diffusers loads none of (ROUND3_NOTES §2.4), lorakit only.
 
-Run with nothing else busy:  python benchmarks/sd3.py [--blocks 3 --rank 16 --all-linears]
+Run with nothing else busy:  python benchmarks/sd3.py [--blocks 3 --rank 16 --all-linears --device cuda --dtype bf16]
 """
 from __future__ import annotations
 
@@ -107,7 +107,7 @@ def diffusers_phase(tr: torch.nn.Module, a: Path, b: Path, original: dict[str, t
     pipe = StableDiffusion3Pipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
                                     tokenizer_2=None, text_encoder_3=None, tokenizer_3=None, transformer=tr)
     r: dict[str, float] = {}
-    check = list(original)
+    check, device = list(original), next(tr.parameters()).device
     patcher = lorakit.patcher_for({"transformer": tr})
     patcher.set([(lorakit.load_lora(a), 1.0)])
     fused_by_lorakit = snapshot(tr, check)
@@ -117,15 +117,18 @@ def diffusers_phase(tr: torch.nn.Module, a: Path, b: Path, original: dict[str, t
     with PeakRss() as mem:
         with timed(r, "diffusers_load_fuse_A_cold"):
             diffusers_load_fuse(pipe, a)
+            sync(device)
         r["diffusers_vs_lorakit_max_abs"] = max_diff(tr, fused_by_lorakit)
         switches = []
         for path in (b, a, b):
             t = time.perf_counter()
             diffusers_unfuse_unload(pipe)
             diffusers_load_fuse(pipe, path)
+            sync(device)
             switches.append(time.perf_counter() - t)
         with timed(r, "diffusers_unfuse_unload"):
             diffusers_unfuse_unload(pipe)
+            sync(device)
     r["diffusers_switch_best_of_3"], r["diffusers_switch_median_of_3"] = min(switches), sorted(switches)[1]
     r["diffusers_peak_rss_over_model_gib"] = mem.peak_over / 2 ** 30
     r["diffusers_restore_max_abs"] = max_diff(tr, original)
@@ -164,11 +167,13 @@ def main() -> None:
     ap.add_argument("--skip-diffusers", action="store_true")
     ap.add_argument("--skip-kohya", action="store_true")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     args = ap.parse_args()
     t0 = time.perf_counter()
-    tr = build(args.blocks, args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    tr = build(args.blocks, args.device, dtype)
     params = sum(p.numel() for p in tr.parameters())
-    print(f"built SD3.5-Large width 2432, {args.blocks} joint blocks, {params / 1e9:.2f} B params (fp32, "
+    print(f"built SD3.5-Large width 2432, {args.blocks} joint blocks, {params / 1e9:.2f} B params ({args.dtype}, "
           f"{args.device}) in {time.perf_counter() - t0:.1f} s")
     tmp = Path(tempfile.mkdtemp())
     dialects = ("diffusers",) if args.skip_kohya else ("diffusers", "kohya")
