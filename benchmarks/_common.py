@@ -1,6 +1,7 @@
 """Shared helpers for the hand-run benchmarks: timing and a peak-RSS sampler."""
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import threading
@@ -12,6 +13,13 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' LoRA factories
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # --dtype → the torch dtype's name
+
+
+def device_args(ap: argparse.ArgumentParser) -> None:
+    """``--device`` (default the CPU) and ``--dtype`` (``DTYPES``'s names, default fp32)."""
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp32", choices=list(DTYPES))
 
 
 def rss() -> int:

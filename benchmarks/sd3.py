@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-from _common import PeakRss, diffusers_load_fuse, diffusers_unfuse_unload, timed
+from _common import DTYPES, PeakRss, device_args, diffusers_load_fuse, diffusers_unfuse_unload, timed
 from flux import addmm_seconds, floor_seconds, lorakit_phase, sync
 
 import lorakit
@@ -164,14 +164,12 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--all-linears", action="store_true",
                     help="every Linear of the joint blocks, not diffusers' training default")
-    ap.add_argument("--skip-diffusers", action="store_true")
-    ap.add_argument("--skip-kohya", action="store_true")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    for flag in ("--skip-diffusers", "--skip-kohya"):
+        ap.add_argument(flag, action="store_true")
+    device_args(ap)
     args = ap.parse_args()
     t0 = time.perf_counter()
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    tr = build(args.blocks, args.device, dtype)
+    tr = build(args.blocks, args.device, getattr(torch, DTYPES[args.dtype]))
     params = sum(p.numel() for p in tr.parameters())
     print(f"built SD3.5-Large width 2432, {args.blocks} joint blocks, {params / 1e9:.2f} B params ({args.dtype}, "
           f"{args.device}) in {time.perf_counter() - t0:.1f} s")
