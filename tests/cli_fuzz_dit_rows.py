@@ -2,8 +2,7 @@
 holds those, and ``Slot``): ``NAME@sd3``, ``NAME@chroma``, ``NAME@qwen`` (tiny folders, SD3's SAI single files,
 each family's LoRA dialects, mutated LoRAs, another family's LoRA as ``<lora:wrong:1>``), ``NAME@quant`` (fp8 and
 GGUF FLUX.1 files as ``--model`` and inputs; broken ones from ``QUANT_BAD``) and ``serve@ray`` (the Ray flags; the
-harness stands in for Ray — ``cli_fuzz.ray_once`` — so no cluster starts). Chroma and Qwen-Image have no
-``bake``/``extract`` of model files: their ``bake`` rows are there for the clear refusal."""
+harness stands in for Ray — ``cli_fuzz.ray_once`` — so no cluster starts)."""
 from __future__ import annotations
 
 import random
@@ -75,7 +74,7 @@ def _family_rows(family: str, models: tuple[str, ...], components: str | None, l
                   Slot("--network", "choice", ("lora", "lokr"), present=0.2),
                   Slot("--train", "choice", ("unet", "both"), present=0.1)),
     }
-    if tools:  # bake/extract of model files and grids: SD3 (Chroma and Qwen-Image: bake and extract refused)
+    if tools:  # SD3: bake (with --dry-run), extract from a tuned copy, grids; Chroma and Qwen-Image: bake
         rows["bake"] = (Slot(None, "model", (models[0],)), Slot(None, "lora_spec", (loras[0], f"{loras[0]}:0.5")),
                         Slot("-o", "out", ("{fresh:}",), output="model"), DRY)
         rows["extract"] = (Slot(None, "model", (models[0],)), Slot(None, "model", (f"{{model:{family}_tuned}}",)),

@@ -67,17 +67,6 @@ def test_a_serve_config_with_nan_gpus_is_not_written(tmp_path: Path, capsys: pyt
     assert not out.exists()
 
 
-@pytest.mark.parametrize("command", ["bake", "extract"])
-def test_bake_and_extract_of_a_chroma_folder_name_what_it_is(command: str, tiny_chroma_dir: Path, tmp_path: Path,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
-    """Was "the model folder has no unet/", which sent users looking for a missing folder."""
-    lora = tmp_path / "l.safetensors"
-    lora.write_bytes(b"")  # never read: the model is refused first
-    second = str(tiny_chroma_dir) if command == "extract" else str(lora)
-    assert main([command, str(tiny_chroma_dir), second, "-o", str(tmp_path / "out.safetensors")]) == 2
-    _one_error_line(capsys, "ChromaPipeline", "bake and extract read")
-
-
 def test_an_sd3_size_past_its_positional_table_is_refused_before_sampling(tmp_path: Path,
                                                                           capsys: pytest.CaptureFixture[str]) -> None:
     """Was diffusers' ValueError ("Height (128) cannot be greater than pos_embed_max_size") from inside the
