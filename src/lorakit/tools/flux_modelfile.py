@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ToolError
-from ..files.header import Header, read_header
+from ..files.header import read_header
 from ..keymap import flux as fluxmap
 from ..keymap.arch import Arch
 from ..keymap.names import canonical_te_path
@@ -30,7 +30,7 @@ def flux_model(p: Path, configs: Mapping[str, Mapping[str, Any]] | None = None) 
     if p.is_file() and p.suffix.lower() == ".safetensors":
         header = read_header(p)
         if any(k.startswith("double_blocks.") for k in transformer_keys(header.tensors)):
-            return _single(p, header, configs or {})
+            return single_file(TensorFile(p, header), configs or {})
     return None
 
 
@@ -41,8 +41,9 @@ def _folder(p: Path) -> ModelFile:
     return ModelFile(p, "folder", Arch.FLUX1, files, params, config)
 
 
-def _single(p: Path, header: Header, configs: Mapping[str, Mapping[str, Any]]) -> ModelFile:
-    tf = TensorFile(p, header)
+def single_file(tf: TensorFile, configs: Mapping[str, Mapping[str, Any]]) -> ModelFile:
+    """A BFL-named single file (safetensors, or GGUF: ``tools/gguf_modelfile.py``): fused tensors as row ranges."""
+    p, header = tf.path, tf.header
     params: dict[str, Ref] = {}
     bfl = transformer_keys({k: k for k in header.tensors})  # BFL name → the file's key
     img_in = header.tensors.get(bfl.get("img_in.weight", ""))
