@@ -202,8 +202,9 @@ class _Baker:
         patcher = Patcher(components)
         leaf = components[path.split(".", 1)[0]].get_submodule(path.split(".", 1)[1])
         before = weight_values(leaf)  # an fp8 weight's values (dq), not its stored numbers
+        bias = leaf.bias.detach() if getattr(leaf, "bias", None) is not None else None
         patcher.set(subset, log_reports=False)
-        out = patched(leaf, {n.rsplit(".", 1)[1]: self.mf.params[n].dtype for n in names})
+        out = patched(leaf, {n.rsplit(".", 1)[1]: self.mf.params[n].dtype for n in names}, bias)
         patcher.restore()
         bad = [n for n, t in out.items() if not all_finite(t)]
         if bad:
@@ -255,8 +256,9 @@ class _Baker:
         parts, rows = [], []
         for canonical, ref in sorted(refs, key=lambda cr: cr[1].part or (0, 1)):
             module, _, leaf = canonical.rpartition(".")
-            t = self.module(module)[leaf] if module in self.touched else \
-                ref.values(DENSE) if ref.quantized else ref.load()  # a part of a rewritten fp8 tensor
+            t = self.module(module).get(leaf) if module in self.touched else None  # None: a bias no LoRA changed
+            if t is None:  # a part of a rewritten quantized tensor, or a bias kept as stored
+                t = ref.values(DENSE) if ref.quantized else ref.load()
             parts.append(t.T.contiguous() if ref.transposed else t)
             rows.append(ref.rows)
         if rows[0]:  # FLUX.1's fused BFL layers: each part's rows back where the file has them

@@ -118,7 +118,7 @@ def _tensor(baked: Baked, tf: GgufFile, key: str) -> np.ndarray[Any, Any]:
     parts = []
     for canonical, ref in refs:
         module, _, leaf = canonical.rpartition(".")
-        t = requantized(baked, module, ref, leaf) if module in touched else \
+        t = requantized(baked, module, ref, leaf) if module in touched and leaf in baked.module(module) else \
             (ref.load().as_tensor() if ref.quantized else ref.load())  # type: ignore[attr-defined]
         parts.append((ref.rows, t))
     if parts[0][0] is None:

@@ -55,13 +55,19 @@ def quantized_leaf(leaf: torch.nn.Module, ref: Ref) -> torch.nn.Module:
     return made
 
 
-def patched(leaf: torch.nn.Module, names: Mapping[str, torch.dtype]) -> dict[str, torch.Tensor]:
-    """The patched ``weight``/``bias`` of ``leaf``: a merged forward's (quantized layer; the bias back in its file
-    dtype), else the parameters the Patcher wrote."""
+def patched(leaf: torch.nn.Module, names: Mapping[str, torch.dtype], bias: torch.Tensor | None) \
+        -> dict[str, torch.Tensor]:
+    """The patched ``weight`` and — where a LoRA changed it from ``bias`` (the stand-in's, before patching) —
+    ``bias`` of ``leaf``: a merged forward's (quantized layer; the bias back in its file dtype), else the parameters
+    the Patcher wrote. A bias left out is written as stored (a GGUF file's F32 bias stands in as bf16: unchanged, it
+    keeps its own bytes)."""
     merged = vars(leaf).get("forward")
     if merged is None:
-        return {n: getattr(leaf, n).data for n in names}
-    out = {"weight": merged.weight()}
-    if "bias" in names:
-        out["bias"] = merged.bias().to(names["bias"])
+        out = {n: getattr(leaf, n).data for n in names}
+    else:
+        out = {"weight": merged.weight()}
+        if "bias" in names:
+            out["bias"] = merged.bias().to(names["bias"])
+    if "bias" in out and bias is not None and torch.equal(out["bias"], bias.to(out["bias"].dtype)):
+        del out["bias"]
     return out
