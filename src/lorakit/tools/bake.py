@@ -202,7 +202,8 @@ class _Baker:
         patcher = Patcher(components)
         leaf = components[path.split(".", 1)[0]].get_submodule(path.split(".", 1)[1])
         before = weight_values(leaf)  # an fp8 weight's values (dq), not its stored numbers
-        bias = leaf.bias.detach() if getattr(leaf, "bias", None) is not None else None
+        bias = getattr(leaf, "bias", None)
+        bias = bias.detach() if isinstance(bias, torch.Tensor) else None
         patcher.set(subset, log_reports=False)
         out = patched(leaf, {n.rsplit(".", 1)[1]: self.mf.params[n].dtype for n in names}, bias)
         patcher.restore()
