@@ -165,16 +165,12 @@ def _wide_kquant(d: Path) -> tuple[Path, Path, dict[str, dict[str, torch.Tensor]
 
 
 def test_k_quant_bases_bake_exactly_and_refuse_requant_by_name(tmp_path: Path) -> None:
-    from diffusers.quantizers.gguf.utils import GGUFParameter
-
     path, lora, layers = _wide_kquant(tmp_path)
     out = tmp_path / "wide.safetensors"
     bake(path, [f"{lora}:{STRENGTH}"], out)
     written, source = load_file(out)[0], {e.name: e for e in gguf.GGUFReader(str(path)).tensors}
     for bfl, leaves in layers.items():  # round_bf16(fp32(dq(Wq)) + m·(α/r)·up·down), written out here
-        blocks = GGUFParameter(torch.from_numpy(np.array(source[f"{bfl}.weight"].data)),
-                               quant_type=gguf.GGMLQuantizationType.Q4_K)
-        w = dq_blocks(blocks)
+        w = dq_blocks(_blocks(torch.from_numpy(np.array(source[f"{bfl}.weight"].data)), "Q4_K"))
         up, down = leaves["lora_up.weight"], leaves["lora_down.weight"]
         want = (w.float() + STRENGTH * float(leaves["alpha"]) / down.shape[0] * (up @ down)).to(C)
         assert torch.equal(written[f"{bfl}.weight"], want), bfl
@@ -248,4 +244,40 @@ def test_bad_gguf_files_are_tool_errors_and_nothing_is_written(bases: dict[str, 
             bake(tmp_path / file, [str(bases["bfl-Q8_0"].lora)], tmp_path / "out.safetensors")
         with pytest.raises(ToolError, match=match):
             extract(tmp_path / file, good, tmp_path / "x.safetensors", ExtractOptions(components=("transformer",)))
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(cases)
+    huge = {f"transformer.transformer_blocks.1.attn.to_k.lora_{ab}.weight": torch.full(shape, 1e20)
+            for ab, shape in (("A", (4, 32)), ("B", (32, 4)))}  # finite factors, ΔW beyond fp32
+    save_file(huge, tmp_path / "huge.safetensors")
+    for out, options in [(tmp_path / "inf.safetensors", BakeOptions()), (tmp_path / "inf.gguf", BakeOptions(requant=True))]:
+        with pytest.raises(ToolError, match="holds NaN or infinite values"):  # found mid-way: nothing half-written
+            bake(good, [str(tmp_path / "huge.safetensors")], out, options)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*cases, "huge.safetensors"])
+
+
+def test_a_fused_tensor_changed_in_part_keeps_its_other_rows(bases: dict[str, Base], tmp_path: Path) -> None:
+    """A diffusers-named LoRA on ``to_k`` alone changes rows H:2H of BFL's ``img_attn.qkv``: bf16 bake — those rows
+    ``round_bf16(fp32(dq) + ΔW)``, the others their dequantization; ``--requant`` — those rows re-quantized, the
+    others' blocks copied."""
+    base, h = bases["bfl-Q8_0"], 32
+    g = torch.Generator().manual_seed(11)
+    down, up = torch.randn(4, h, generator=g) * 0.1, torch.randn(h, 4, generator=g) * 0.1
+    save_file({"transformer.transformer_blocks.1.attn.to_k.lora_A.weight": down,
+               "transformer.transformer_blocks.1.attn.to_k.lora_B.weight": up}, tmp_path / "k.safetensors")
+    key = "double_blocks.1.img_attn.qkv.weight"
+    raw = torch.from_numpy(np.array(next(e for e in gguf.GGUFReader(str(base.path)).tensors if e.name == key).data))
+    w = dq_blocks(_blocks(raw))
+    want_k = (w[h:2 * h].float() + STRENGTH * (up @ down)).to(C)
+    bake(base.path, [f"{tmp_path / 'k.safetensors'}:{STRENGTH}"], tmp_path / "k-baked.safetensors")
+    got = load_file(tmp_path / "k-baked.safetensors")[0][key]
+    assert torch.equal(got[h:2 * h], want_k) and torch.equal(got[:h], w[:h]) and torch.equal(got[2 * h:], w[2 * h:])
+    bake(base.path, [f"{tmp_path / 'k.safetensors'}:{STRENGTH}"], tmp_path / "k.gguf", BakeOptions(requant=True))
+    new = torch.from_numpy(np.array(next(e for e in gguf.GGUFReader(str(tmp_path / "k.gguf")).tensors
+                                        if e.name == key).data))
+    assert torch.equal(new[:h], raw[:h]) and torch.equal(new[2 * h:], raw[2 * h:])
+    assert torch.equal(new[h:2 * h], gguf_param(want_k.float(), "Q8_0").as_tensor())
+
+
+def _blocks(raw: torch.Tensor, kind: str = "Q8_0") -> torch.Tensor:
+    """Raw GGUF rows as diffusers' ``GGUFParameter``."""
+    from diffusers.quantizers.gguf.utils import GGUFParameter
+
+    return GGUFParameter(raw, quant_type=gguf.GGMLQuantizationType[kind])
