@@ -110,7 +110,9 @@ def _notes(mf: ModelFile, touched: set[str], opts: BakeOptions, report: ToolRepo
                             "as stored")
     elif refs:
         report.notes.append(f"{len(refs)} changed quantized layers ({kinds}) written in bf16 (exact: the weights "
-                            "apply_loras computes on this base in bf16)")
+                            "apply_loras computes on this base in bf16)" +
+                            ("" if isinstance(mf.files[0], GgufFile) else "; the other quantized tensors are kept as "
+                             "stored"))
     gguf = [k for tf in mf.files for k in tf.header.tensors if not tf.holds(k)]
     if gguf and not opts.requant:
         report.notes.append(f"safetensors cannot hold GGUF blocks: the {len(gguf)} quantized tensors are written "
