@@ -4,12 +4,15 @@ dtypes, every other tensor and file copied unchanged.
 Each changed parameter is computed by the same ``Patcher`` that ``apply_loras`` uses, on a stand-in model that
 holds only that layer (its tensors read from the file in their own dtype, the model's config for the
 architecture checks), so the baked weights are bit-identical to what ``apply_loras`` fuses into the loaded model —
-one layer in memory at a time. All checks (architecture, shapes, weight specs) run on the whole set first.
+one layer (a fused layer's parts) in memory at a time. All checks (architecture, shapes, weight specs) run on the
+whole set first.
 
-A quantized base (fp8, ComfyUI scaled fp8): a changed layer is written in bf16 — ``round_bf16(fp32(dq(Wq)) + ΣΔW)``,
-the weight ``apply_loras`` computes per forward on that base in bf16 — and its scale/marker tensors are dropped;
-every unchanged tensor keeps its stored bytes. Requantizing instead would erase part of the LoRA (§ quantized bases
-in docs/formats.md), so bake does not; the report says which layers changed dtype and the size it costs.
+A quantized base (fp8, ComfyUI scaled fp8, GGUF): a changed layer is written in bf16 — ``round_bf16(fp32(dq(Wq)) +
+ΣΔW)``, the weight ``apply_loras`` computes per forward on that base in bf16 — and its scale/marker tensors are
+dropped; every unchanged tensor keeps its stored bytes, except GGUF blocks, which safetensors cannot hold: they are
+written as their bf16 dequantization. Requantizing would erase part of the LoRA (§ quantized bases in
+docs/formats.md), so bake does not unless asked: ``--requant`` (GGUF bases, ``gguf_bake.py``) writes a GGUF of the
+base's types with each layer's loss reported. The report says which layers changed dtype and the sizes.
 """
 from __future__ import annotations
 
@@ -44,6 +47,7 @@ from .report import LayerResult, ToolReport
 from .sources import Source, load_sources
 
 Tensor = torch.Tensor
+KEEP = 4  # patched modules held by the baker: the most parts a fused layer has (FLUX.1's linear1: q, k, v, MLP)
 
 
 @dataclass
@@ -178,7 +182,8 @@ def _check(mf: ModelFile, pairs: list[tuple[LoraModel, Weight]], report: ToolRep
 
 
 class _Baker:
-    """Computes the patched tensors of one module at a time (cached until both weight and bias are taken)."""
+    """Computes the patched tensors of one module at a time (the last ``KEEP`` cached: a fused tensor's parts, until
+    both its weight and bias are taken)."""
 
     def __init__(self, mf: ModelFile, pairs: list[tuple[LoraModel, Weight]], touched: set[str],
                  report: ToolReport) -> None:
@@ -187,8 +192,12 @@ class _Baker:
         self.results: dict[str, LayerResult] = {}  # module → its report line (a module computed again: not twice)
 
     def module(self, path: str) -> dict[str, Tensor]:
+        """The patched tensors of ``path``; the last ``KEEP`` modules are held (the parts of one fused layer, so its
+        weight and bias keys compute each part once)."""
         if path not in self._cache:
-            self._cache = {path: self._patch(path)}  # one module held at a time
+            if len(self._cache) >= KEEP:
+                del self._cache[next(iter(self._cache))]
+            self._cache[path] = self._patch(path)
         return self._cache[path]
 
     def _patch(self, path: str) -> dict[str, Tensor]:
