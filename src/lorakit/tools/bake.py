@@ -45,6 +45,7 @@ from .gguf_modelfile import GgufFile
 from .quant_bake import DENSE, patched, quantized_leaf, stand_in
 from .report import LayerResult, ToolReport
 from .sources import Source, load_sources
+from .svd import diff_dot
 
 Tensor = torch.Tensor
 KEEP = 4  # patched modules held by the baker: the most parts a fused layer has (FLUX.1's linear1: q, k, v, MLP)
@@ -223,7 +224,7 @@ class _Baker:
             raise ToolError(f"layer {path}: the baked {bad[0]} holds NaN or infinite values (a LoRA weight too large "
                             f"for {out[bad[0]].dtype}?); nothing was written")
         after = out["weight"]
-        d2 = float((after.double() - before.double()).pow(2).sum())
+        d2 = diff_dot(after, before, after, before)
         ref = self.mf.params[f"{path}.weight"]
         note = f"; written {DENSE} (was {ref.file.stored(ref.key)})" if ref.quantized else ""
         if path not in self.results:

@@ -23,6 +23,7 @@ from .flux_bake import scatter_rows
 from .gguf_modelfile import GgufFile
 from .modelfile import DENSE, ModelFile, Ref
 from .report import LayerResult
+from .svd import diff_dot
 
 SKIPPED_FIELDS = ("general.architecture", "general.alignment")  # the writer sets both (its own alignment)
 
@@ -74,14 +75,12 @@ def _file(baked: Baked) -> GgufFile:
 
 
 def _loss(result: LayerResult, before: torch.Tensor, wanted: torch.Tensor, after: torch.Tensor, kind: str) -> None:
-    """ΔW = wanted − before, ΔW_eff = after − before: ‖ΔW_eff − ΔW‖² into the layer's line, the share kept in its
-    note."""
-    delta = wanted.double() - before.double()
-    effective = after.double() - before.double()
-    norm2 = float((delta * delta).sum())
+    """ΔW = wanted − before, ΔW_eff = after − before: ‖ΔW‖² and ‖ΔW_eff − ΔW‖² into the layer's line, the share
+    kept in its note (fp64 sums, a block of rows at a time)."""
+    norm2 = diff_dot(wanted, before, wanted, before)
     result.norm2 = norm2
-    result.err2 = float((effective - delta).pow(2).sum())
-    kept = float((effective * delta).sum()) / norm2 if norm2 else 1.0
+    result.err2 = diff_dot(after, wanted, after, wanted)  # ΔW_eff − ΔW = after − wanted
+    kept = diff_dot(after, before, wanted, before) / norm2 if norm2 else 1.0
     result.note = f"changed by ‖ΔW‖ {norm2 ** 0.5:.3g}; requantized {kind}: {kept:.1%} of ΔW kept, error " \
                   f"{result.rel:.3g}"
 
