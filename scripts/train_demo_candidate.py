@@ -53,6 +53,7 @@ class Recipe:
     threads: int = 2
     vae_steps: int = 3000
     vae_groups: int = 1  # GroupNorm groups in the VAE (the shipped VAE: 8)
+    vae_width: int = 1  # the VAE's channels × this (the shipped VAE: 16, 32, 32)
     vae_batch: int = 24
     vae_crop: int = 32  # the VAE trains on 4-aligned crops of the 64-px pictures (4× cheaper)
     vae_lr: float = 2e-3
@@ -104,6 +105,7 @@ def configs(r: Recipe) -> dict[str, dict[str, Any]]:
     """The shipped architecture, with the recipe's VAE GroupNorm groups."""
     out = {name: dict(config) for name, config in demo_weights.CONFIGS.items()}
     out["vae"]["norm_num_groups"] = r.vae_groups
+    out["vae"]["block_out_channels"] = [c * r.vae_width for c in out["vae"]["block_out_channels"]]
     return out
 
 
@@ -128,13 +130,21 @@ def write(out: Path, modules: dict[str, torch.nn.Module], scaling: float, r: Rec
     os.replace(tmp, out / demo_weights.META.name)
 
 
-def train(r: Recipe, out: Path, save_every: int, judge: bool, clock: Clock) -> None:
+def train(r: Recipe, out: Path, save_every: int, judge: bool, clock: Clock, vae_only: bool = False) -> None:
     torch.manual_seed(r.seed)
     rng, gen = np.random.default_rng(r.seed), torch.Generator().manual_seed(r.seed)
     modules = {name: m.to(stages.DEVICE) for name, m in demo_weights.build(configs(r)).items()}
     stages.train_vae(modules["vae"], r, rng, gen, clock.log)
     modules["vae"].requires_grad_(False)
     clock.lap("vae")
+    vae_ceiling(modules["vae"], clock)
+    if vae_only:
+        from lorakit.demo.roundtrip import errors, random_pictures
+
+        bg, fg = errors(modules["vae"], random_pictures(300, seed=1))
+        clock.log(f"vae round trip: background max {bg.max():.3f} mean {bg.mean():.3f}, "
+                  f"shape inside max {fg.max():.3f} mean {fg.mean():.3f}")
+        return
     captions = stages.Captions()
     stages.pretrain_text_encoder(modules["text_encoder"], r, rng, captions, clock.log)
     clock.lap("text_encoder")
@@ -154,6 +164,29 @@ def train(r: Recipe, out: Path, save_every: int, judge: bool, clock: Clock) -> N
 
     data = stages.Denoising(modules, latents * scaling, scenes, captions)
     stages.train_denoiser(data, r, rng, gen, save, save_every, clock.log)
+
+
+@torch.no_grad()
+def vae_ceiling(vae: torch.nn.Module, clock: Clock, n: int = 240) -> None:
+    """What the classifier finds in 240 rendered scenes after encode → decode: the best the denoiser can reach."""
+    from PIL import Image
+
+    from lorakit.demo.classify import classify
+    from lorakit.demo.shapes import render
+
+    rng = np.random.default_rng(11)
+    scenes = [random_scene(rng, pair_share=0.25) for _ in range(n)]
+    right: dict[str, int] = {}
+    for i in range(0, n, 48):
+        batch = scenes[i:i + 48]
+        rec = vae.decode(vae.encode(stages.to_tensor([render(s) for s in batch])).latent_dist.mean).sample  # type: ignore[operator]
+        pixels = ((rec.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        for scene, px in zip(batch, pixels):
+            got = classify(Image.fromarray(px)).attributes()
+            for key, want in scene.attributes().items():
+                right[key] = right.get(key, 0) + int(got[key] == want)
+    clock.log("vae ceiling (classifier on decoded renderings): "
+              + " ".join(f"{k} {v / n:.3f}" for k, v in right.items()))
 
 
 def dev_check(folder: Path, clock: Clock) -> None:
@@ -209,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="a tiny smoke run (into /tmp/lorakit-demo-quick)")
     p.add_argument("--save-every", type=int, default=SAVE_EVERY)
     p.add_argument("--dev", action="store_true", help="judge each saved model on the development set")
+    p.add_argument("--vae-only", action="store_true",
+                   help="train the VAE, report its ceiling (the classifier on decoded renderings) and round trip, stop")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override a recipe value")
     a = p.parse_args(argv)
     r = recipe_from(a.set, a.quick)
@@ -218,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.use_deterministic_algorithms(True, warn_only=True)
     clock = Clock()
     clock.log(f"recipe {asdict(r)} -> {out}")
-    train(r, out, a.save_every, a.dev, clock)
+    train(r, out, a.save_every, a.dev, clock, a.vae_only)
     clock.log(f"done in {time.time() - clock.start:.0f}s")
     return 0
 

@@ -239,3 +239,18 @@ def tiny_sd1_pipeline() -> object:
     return StableDiffusionPipeline(vae=vae.eval(), text_encoder=te.eval(), tokenizer=clip_tokenizer(),
                                    unet=unet.eval(), scheduler=scheduler_for("Euler a"), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
+
+
+def fused_sum(w32: torch.Tensor, adapters: list[tuple[object, float]]) -> torch.Tensor:
+    """fp32(W) + Σ mᵢ·ΔWᵢ summed as lorakit's fused path sums a weight: a plain LoRA/LoCon (two factors) as
+    ``acc.addmm_(up, down, alpha=s·m)`` — the GEMM rounded once into the sum —, every other type ``acc + ΔWᵢ`` with
+    ΔWᵢ read from the original W. Written out here as the reference the quantized merge is compared with."""
+    acc = w32.clone()
+    for adapter, m in adapters:
+        factors = adapter.low_rank()  # type: ignore[attr-defined]
+        if factors is None:
+            acc = acc + adapter.delta(w32, m)  # type: ignore[attr-defined]
+        else:
+            up, down, s = factors
+            acc.view(acc.shape[0], -1).addmm_(up, down, alpha=s * m)
+    return acc

@@ -304,7 +304,7 @@ def test_flags_that_do_not_apply_are_refused(flux_dir: Path, data: Path, tmp_pat
         assert rc == 2 and err.startswith("lorakit: error:") and match in err, err
     rc, err = _train_cli(capsys, str(data), "-o", out, "--steps", "1", "--guidance", "2", "--timestep-sampling",
                          "shift")
-    assert rc == 2 and "--timestep-sampling, --guidance: for FLUX.1 models only" in err, err
+    assert rc == 2 and "--timestep-sampling, --guidance: for the flow-matching models only" in err, err
     assert not Path(out).exists()
 
 

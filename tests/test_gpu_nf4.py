@@ -19,6 +19,7 @@ from lorakit.generate.pipeline import Generator, Request
 from lorakit.lora_model import lora_from_state_dict
 from lorakit.models.loading import load_model
 from lorakit.quant.layers import is_quantized, quant_name
+from tests.factories import fused_sum
 from tests.flux_factories import H, bfl_lora, kohya_keys, tiny_flux_components
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -78,7 +79,7 @@ def test_nf4_folder_every_type_exact_and_restore_keeps_every_byte(nf4_dir: Path)
                 if getattr(adapter, "originals", "unbound") is None:
                     adapter = adapter.bind(lambda p: _w(tr.get_submodule(p.split(".", 1)[1])))
                 w32 = _w(module).float()
-                w = (w32 + adapter.delta(w32, 0.8)).to(C)
+                w = fused_sum(w32, [(adapter, 0.8)]).to(C)
                 db = adapter.bias_delta(0.8) if adapter.changes_bias else None
                 b = module.bias.float() if db is None else module.bias.float() + db.reshape(-1)
                 assert torch.equal(module(x), F.linear(x, w, b.to(C))), f"{lora.name} {name}"  # type: ignore[attr-defined]

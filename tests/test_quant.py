@@ -1,6 +1,6 @@
 """LoRAs on quantized bases: a tiny FLUX.1 whose Linears are GGUF blocks (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, BF16) or fp8
 (e4m3fn, e5m2, per-tensor and per-row scales), and K-quant layers from valid random blocks. Each patched layer's
-output is bit for bit ``F.linear(x, round_c(fp32(dq(Wq)) + Σ ΔWᵢ), b)``, strength 0 (a zero ΔW) is the unpatched layer,
+output is bit for bit ``F.linear(x, round_c(fp32(dq(Wq)) + Σ ΔWᵢ), b)`` (summed as the fused path sums: ``fused_sum``), strength 0 (a zero ΔW) is the unpatched layer,
 the stored bytes never change, and restore is exact."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from lorakit import apply_loras, restore
 from lorakit.lora_model import lora_from_state_dict
 from lorakit.quant.layers import compute_dtype, dq, is_quantized, weight_values
 from lorakit.quant.make import fp8_linear, gguf_linear, gguf_param, quantize_linears, random_kquant
-from tests.factories import adapter_tensors
+from tests.factories import adapter_tensors, fused_sum
 from tests.flux_factories import H, bfl_lora, kohya_keys, tiny_flux_components
 
 C = torch.bfloat16
@@ -53,11 +53,9 @@ def _stored(module: torch.nn.Module) -> bytes:
 def _reference(module: torch.nn.Module, adapters: list[tuple[object, float]], x: torch.Tensor) -> torch.Tensor:
     """F.linear(x, round_c(fp32(dq(Wq)) + Σ ΔWᵢ), round_c(fp32(b) + Σ Δbᵢ)) (F.conv2d for a convolution), written
     out."""
-    w32 = dq(module).float()
-    acc = w32
+    acc = fused_sum(dq(module).float(), adapters)
     b32 = None if module.bias is None else module.bias.float()
     for adapter, m in adapters:
-        acc = acc + adapter.delta(w32, m)  # type: ignore[attr-defined]
         db = adapter.bias_delta(m) if adapter.changes_bias else None  # type: ignore[attr-defined]
         if b32 is not None and db is not None:
             b32 = b32 + db.reshape(b32.shape)
@@ -191,3 +189,33 @@ def test_requant_needs_a_quantizer() -> None:
     with pytest.raises(LorakitError, match="needs a quantizer for Q4_K"):
         apply_loras(comps, [(lora, 1.0)], mode="requant")
     assert _stored(layer) == stored
+
+
+@pytest.mark.parametrize("quant", ["Q8_0", "BF16", "fp8_e4m3fn", "stored"])
+def test_fp32_compute_merge_is_the_fused_sum_and_never_writes_what_dq_returns(quant: str,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """In fp32 compute the order of the sum shows in the output bits: a LoRA is added as one in-place addmm into
+    dq's fresh output, as the fused path adds it to a dense weight. A dequantization that returns a stored tensor
+    itself ("stored": an fp8 layer whose values are kept in an fp32 buffer) is copied first, never written."""
+    g = torch.Generator().manual_seed(8)
+    lin = torch.nn.Linear(256, 64)
+    layer = (fp8_linear(lin, torch.float8_e4m3fn, torch.float32) if quant in ("fp8_e4m3fn", "stored")
+             else gguf_linear(lin, gguf_param(lin.weight.float(), quant), torch.float32))
+    if quant == "stored":
+        layer.register_buffer("values", layer.dequantized())
+        monkeypatch.setattr(type(layer), "dequantized", lambda self: self.values)
+    comps = {"transformer": torch.nn.ModuleDict({"single_transformer_blocks": torch.nn.ModuleDict(
+        {"0": torch.nn.ModuleDict({"proj_mlp": layer})})})}
+    path = "single_transformer_blocks.0.proj_mlp"
+    x = torch.randn(3, 256, generator=g)
+    plain, stored, w_before = layer(x), _stored(layer), dq(layer).clone()
+    loras = [lora_from_state_dict({f"lora_transformer_{path.replace('.', '_')}.{k}": v
+                                   for k, v in adapter_tensors(kind, (64, 256), 4, g).items()}, {}, name=kind)
+             for kind in ("lora", "dora-out", "lora")]
+    for chosen in ([loras[0]], [loras[0], loras[2]], [loras[1], loras[0]]):
+        with apply_loras(comps, [(lora, 0.9) for lora in chosen]):
+            adapters = [(lora.layers[f"transformer.{path}"], 0.9) for lora in chosen]  # type: ignore[attr-defined]
+            assert torch.equal(layer(x), _reference(layer, adapters, x))
+            assert torch.equal(layer(x), _reference(layer, adapters, x))  # the stored values did not move
+        assert torch.equal(dq(layer), w_before) and _stored(layer) == stored
+    assert torch.equal(layer(x), plain)

@@ -169,10 +169,11 @@ def test_k_quant_bases_bake_exactly_and_refuse_requant_by_name(tmp_path: Path) -
     out = tmp_path / "wide.safetensors"
     bake(path, [f"{lora}:{STRENGTH}"], out)
     written, source = load_file(out)[0], {e.name: e for e in gguf.GGUFReader(str(path)).tensors}
-    for bfl, leaves in layers.items():  # round_bf16(fp32(dq(Wq)) + m·(α/r)·up·down), written out here
+    for bfl, leaves in layers.items():  # round_bf16(fp32(dq(Wq)) + m·(α/r)·up·down), written out here (one fp32
+        # addmm: how lorakit's fused path adds a LoRA, rounding included)
         w = dq_blocks(_blocks(torch.from_numpy(np.array(source[f"{bfl}.weight"].data)), "Q4_K"))
         up, down = leaves["lora_up.weight"], leaves["lora_down.weight"]
-        want = (w.float() + STRENGTH * float(leaves["alpha"]) / down.shape[0] * (up @ down)).to(C)
+        want = torch.addmm(w.float(), up, down, alpha=float(leaves["alpha"]) / down.shape[0] * STRENGTH).to(C)
         assert torch.equal(written[f"{bfl}.weight"], want), bfl
     for options, output, match in [(BakeOptions(requant=True), tmp_path / "w.gguf", "is Q4_K, which --requant cannot"),
                                    (BakeOptions(requant=True), tmp_path / "w2.safetensors", "name it NAME.gguf"),
@@ -265,7 +266,7 @@ def test_a_fused_tensor_changed_in_part_keeps_its_other_rows(bases: dict[str, Ba
     key = "double_blocks.1.img_attn.qkv.weight"
     raw = torch.from_numpy(np.array(next(e for e in gguf.GGUFReader(str(base.path)).tensors if e.name == key).data))
     w = dq_blocks(_blocks(raw))
-    want_k = (w[h:2 * h].float() + STRENGTH * (up @ down)).to(C)
+    want_k = torch.addmm(w[h:2 * h].float(), up, down, alpha=1.0 * STRENGTH).to(C)  # no alpha: scale 1
     bake(base.path, [f"{tmp_path / 'k.safetensors'}:{STRENGTH}"], tmp_path / "k-baked.safetensors")
     got = load_file(tmp_path / "k-baked.safetensors")[0][key]
     assert torch.equal(got[h:2 * h], want_k) and torch.equal(got[:h], w[:h]) and torch.equal(got[2 * h:], w[2 * h:])

@@ -19,7 +19,7 @@ from lorakit import apply_loras, restore
 from lorakit.lora_model import lora_from_state_dict
 from lorakit.quant.layers import compute_dtype, dq, is_quantized, quant_name, weight_shape, weight_values
 from lorakit.quant.make import bnb4_linear, quantize_linears
-from tests.factories import adapter_tensors
+from tests.factories import adapter_tensors, fused_sum
 from tests.flux_factories import H, bfl_lora, kohya_keys, tiny_flux_components
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -61,7 +61,7 @@ def _w(module: torch.nn.Module) -> torch.Tensor:
 
 def _reference(module: torch.nn.Module, adapter: object, m: float, x: torch.Tensor) -> torch.Tensor:
     w32 = _w(module).float()
-    w = (w32 + adapter.delta(w32, m)).to(C)  # type: ignore[attr-defined]
+    w = fused_sum(w32, [(adapter, m)]).to(C)  # type: ignore[attr-defined]
     b32 = module.bias.float()
     db = adapter.bias_delta(m) if adapter.changes_bias else None  # type: ignore[attr-defined]
     return F.linear(x, w, (b32 if db is None else b32 + db.reshape(b32.shape)).to(C))

@@ -29,13 +29,16 @@ class MergedForward:
         self.contribs = contribs
 
     def weight(self) -> torch.Tensor:
-        """round_c(fp32(dq(Wq)) + ΔW₁ + ΔW₂ + …) with ΔWᵢ = ``adapter.delta(fp32(dq(Wq)), mᵢ)``: the weight this
-        forward uses, the very formula an independent recomputation writes (one layer-sized temporary)."""
+        """round_c(fp32(dq(Wq)) + ΔW₁ + ΔW₂ + …), each ΔWᵢ added as lorakit's fused path adds it to a dense fp32
+        weight (``adapter.add_into``: a LoRA/LoCon as one in-place ``addmm`` — no full-size ΔW temporary, no separate
+        scale and add passes; other types ``acc += ΔWᵢ`` with ΔWᵢ read from fp32(dq(Wq))). One layer-sized fp32
+        buffer: dq's own output when it is a fresh tensor, a copy when a type reads W or dq returned stored values."""
         c = compute_dtype(self.module)
         w32 = dq(self.module).float()
-        acc = w32
+        reads_weight = any(contrib.adapter.needs_weight for contrib in self.contribs)
+        acc = w32.clone() if reads_weight or _stored(w32, self.module) else w32
         for contrib in self.contribs:
-            acc = acc + contrib.adapter.delta(w32, contrib.strength, contrib.dyn)
+            contrib.adapter.add_into(acc, w32, contrib.strength, contrib.dyn)
         return acc.to(c)
 
     def bias(self) -> torch.Tensor | None:
@@ -55,6 +58,14 @@ class MergedForward:
 
     def __call__(self, inputs: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return fn.module_op(self.module, inputs, self.weight(), self.bias())  # F.linear / F.conv2d as the layer
+
+
+def _stored(t: torch.Tensor, module: torch.nn.Module) -> bool:
+    """Whether ``t`` shares memory with one of the layer's stored tensors (an unquantized GGUF F32 weight's dq may be
+    the parameter itself): such a tensor is never written."""
+    ptr = t.untyped_storage().data_ptr()
+    return any(ptr == s.untyped_storage().data_ptr() for s in (*module.parameters(recurse=False),
+                                                                 *module.buffers(recurse=False)))
 
 
 class QuantizedPatcher:

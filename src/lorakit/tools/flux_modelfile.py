@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ToolError
-from ..files.header import read_header
+from ..files.header import Header, read_header
 from ..keymap import flux as fluxmap
 from ..keymap.arch import Arch
-from ..keymap.names import canonical_te_path
-from ..models.flux import TE_PREFIXES, is_flux_index, transformer_keys
-from ..quant.files import IGNORED, SCALE_KEYS
-from .modelfile import ModelFile, Ref, TensorFile, _json, read_folder
+from ..keymap.families import FLUX1, Family
+from ..models.flux import is_flux_index, transformer_keys
+from .dit_modelfile import single
+from .modelfile import ModelFile, _json, read_folder
 
 COMPONENTS = ("transformer", "text_encoder", "text_encoder_2")
 
@@ -30,7 +30,7 @@ def flux_model(p: Path, configs: Mapping[str, Mapping[str, Any]] | None = None) 
     if p.is_file() and p.suffix.lower() == ".safetensors":
         header = read_header(p)
         if any(k.startswith("double_blocks.") for k in transformer_keys(header.tensors)):
-            return single_file(TensorFile(p, header), configs or {})
+            return _single(p, header, configs or {})
     return None
 
 
@@ -41,35 +41,10 @@ def _folder(p: Path) -> ModelFile:
     return ModelFile(p, "folder", Arch.FLUX1, files, params, config)
 
 
-def single_file(tf: TensorFile, configs: Mapping[str, Mapping[str, Any]]) -> ModelFile:
-    """A BFL-named single file (safetensors, or GGUF: ``tools/gguf_modelfile.py``): fused tensors as row ranges."""
-    p, header = tf.path, tf.header
-    params: dict[str, Ref] = {}
-    bfl = transformer_keys({k: k for k in header.tensors})  # BFL name → the file's key
-    img_in = header.tensors.get(bfl.get("img_in.weight", ""))
-    if img_in is None:
-        raise ToolError(f"{p}: a FLUX.1 file without img_in.weight: its hidden width is unknown")
-    hidden = int(img_in.shape[0])
-    for name, key in bfl.items():
-        module, _, param = name.rpartition(".")
-        if param in SCALE_KEYS or param in IGNORED or name in IGNORED:
-            continue  # ComfyUI fp8 scales (read beside their weight: ``modelfile.with_scales``) and markers
-        target = fluxmap.to_model(module)
-        if target is None or param not in ("weight", "bias", "scale"):
-            raise ToolError(f"{p}: {key} is not a FLUX.1 transformer tensor")
-        param = "weight" if param == "scale" else param  # RMSNorm's scale is diffusers' weight
-        if isinstance(target, str):
-            tf.add(key, f"transformer.{target}.{param}", Ref(tf, key), params)
-            continue
-        pieces = target.pieces(int(header.tensors[key].shape[0]), hidden)
-        if isinstance(pieces, str):
-            raise ToolError(f"{p}: {key} cannot be split onto {', '.join(target.targets)}: {pieces}")
-        for part, rows in pieces:
-            tf.add(key, f"transformer.{part}.{param}", Ref(tf, key, rows=rows), params)
-    for key in header.tensors:
-        for component, prefix in TE_PREFIXES.items():
-            if key.startswith(prefix):
-                tf.add(key, f"{component}.{canonical_te_path(key[len(prefix):])}", Ref(tf, key), params)
-    config: dict[str, Any] = {c: dict(configs.get(c, {})) for c in COMPONENTS
-                              if any(n.startswith(c + ".") for n in params)}
-    return ModelFile(p, "single", Arch.FLUX1, [tf], params, config)
+def _single(p: Path, header: Header, configs: Mapping[str, Mapping[str, Any]]) -> ModelFile:
+    return single(p, header, configs, FLUX1, fluxmap.SINGLE_FILE, COMPONENTS)
+
+
+def read(p: Path, configs: Mapping[str, Mapping[str, Any]] | None, family: Family | None = None) -> ModelFile | None:
+    """``modelfile.family_readers``' interface: ``flux_model``."""
+    return flux_model(p, configs)

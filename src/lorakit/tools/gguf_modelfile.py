@@ -21,10 +21,12 @@ from ..errors import ToolError
 from ..files.header import Header, TensorInfo
 from ..keymap import flux as fluxmap
 from ..keymap.arch import Arch
+from ..keymap.families import FLUX1
 from ..models.flux import is_file as is_flux_file
 from ..models.flux import transformer_keys
 from ..quant.files import architecture, struct_error
-from .flux_modelfile import single_file
+from .dit_modelfile import single
+from .flux_modelfile import COMPONENTS
 from .modelfile import DENSE, ModelFile, Ref, TensorFile
 
 PLAIN = {"F32": torch.float32, "F16": torch.float16}  # read as tensors (as the loader does); the rest are blocks
@@ -105,7 +107,7 @@ def gguf_model(p: Path, configs: Mapping[str, Mapping[str, Any]] | None = None) 
     if stray:
         raise ToolError(f"{p}: {stray[0]} is not a FLUX.1 transformer tensor ({len(stray)} such)")
     if any(fluxmap.is_bfl_path(n) for n in names):
-        return single_file(tf, configs or {})
+        return single(p, tf.header, configs or {}, FLUX1, fluxmap.SINGLE_FILE, COMPONENTS, tf=tf)
     params: dict[str, Ref] = {}
     for name, key in names.items():
         tf.add(key, f"transformer.{name}", Ref(tf, key), params)

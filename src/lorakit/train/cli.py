@@ -30,8 +30,9 @@ def add_train_command(sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
     p.add_argument("--train", choices=("unet", "te", "both"), default="both", help="what to train (default both)")
     p.add_argument("--only-layers", help="comma-separated layer names to keep (e.g. to_q,to_k,to_v,to_out.0: "
                                          "the diffusers/PEFT recipe's attention-only LoRA)")
-    p.add_argument("--train-t5", action="store_true", help="FLUX.1: with --train te|both, train T5 as well as "
-                                                           "CLIP-L (kohya's train_t5xxl; off by default)")
+    p.add_argument("--train-t5", action="store_true", help="FLUX.1, SD3, Chroma: with --train te|both, train T5 as "
+                                                           "well as the CLIP encoders (kohya's train_t5xxl; off by "
+                                                           "default; Chroma's only encoder)")
     n = p.add_mutually_exclusive_group()
     n.add_argument("--steps", type=int, help="optimizer steps (default 1000)")
     n.add_argument("--epochs", type=int, help="passes over the data (with repeats)")
@@ -52,7 +53,7 @@ def add_train_command(sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
     p.add_argument("--caption-dropout", type=float, default=0.0,
                    help="share of samples trained with an empty caption, so that the style also holds under CFG "
                         "(kohya's --caption_dropout_rate; 0.1 is common)")
-    f = p.add_argument_group("FLUX.1 (flow matching)")
+    f = p.add_argument_group("flow matching (FLUX.1, SD3, Chroma, Qwen-Image)")
     f.add_argument("--timestep-sampling", choices=SAMPLINGS, help="how noise levels σ are drawn: sigmoid (default: "
                                                                 "sigmoid of N(0,1)·--sigmoid-scale), uniform, shift "
                                                                 "(sigmoid, then --discrete-flow-shift), flux_shift "
@@ -63,7 +64,8 @@ def add_train_command(sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
                                                                          "(default 3; kohya recommends 3.1582)")
     f.add_argument("--guidance", type=float, help="embedded guidance while training FLUX.1-dev (default 1, as "
                                                   "kohya and ai-toolkit; schnell has none)")
-    f.add_argument("--max-sequence-length", type=int, help="T5 tokens per caption (default: dev 512, schnell 256)")
+    f.add_argument("--max-sequence-length", type=int, help="T5 tokens per caption (default: FLUX.1-dev and Chroma 512, "
+                                                                 "schnell and SD3 256)")
     p.add_argument("--grad-checkpointing", action="store_true", help="less memory, ~30 %% slower")
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--save-every", type=int, help="every N steps: NAME-00000N.safetensors and the resume state "

@@ -1,5 +1,6 @@
 """The rectified-flow (flow-matching) training objective, for the models sampled by ``FlowMatchEulerDiscreteScheduler``
-(FLUX.1 now; SD3 and Qwen-Image use the same one) — the counterpart of ``diffusion.py`` (ε / v, DDPM ᾱ_t).
+(FLUX.1, SD3, Chroma, Qwen-Image; their step: ``flow_loop.FlowTrainer``) — the counterpart of ``diffusion.py``
+(ε / v, DDPM ᾱ_t).
 
 One step: clean latents x₀, noise ε ~ N(0, 1), a noise level σ ∈ (0, 1) per sample, ``x_σ = (1 - σ)·x₀ + σ·ε``;
 the model predicts the velocity ``v = ε - x₀`` (kohya's ``--model_prediction_type raw``: the output as it is);

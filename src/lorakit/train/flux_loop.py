@@ -21,10 +21,12 @@ from typing import Any
 import torch
 
 from ..errors import TrainingError
+from ..keymap.arch import Arch
+from ..generate.conditioning import Conditioning
 from ..models.loading import BaseModel
-from . import diffusion as dif
 from . import flow
 from .config import TrainConfig
+from .flow_loop import FlowTrainer, image_ids, pack
 from .flux_network import FluxNetwork
 from .loop import Trainer
 from .network import Network
@@ -34,19 +36,15 @@ IMPLEMENTATION = "https://github.com/black-forest-labs/flux"  # kohya library/sa
 SEQUENCE = {"flux-1-schnell": 256}  # T5 tokens (dev 512), as generation reads them (generate/flux_family.py)
 
 
-class FluxTrainer(Trainer):
-    def check_model(self) -> None:
+class FluxTrainer(FlowTrainer):
+    display = "FLUX.1"
+    arches = (Arch.FLUX1,)
+
+    def check_family(self) -> None:
         cfg, model = self.cfg, self.model
-        if not model.flux:
-            raise TrainingError(f"the model {model.name} is not FLUX.1 ({model.arch})")
         if model.variant not in ("flux-1-dev", "flux-1-schnell"):
             raise TrainingError(f"the model {model.name} is {model.variant}: control and Fill models take a control "
                                 "image beside the latents; lorakit trains FLUX.1 dev and schnell")
-        refused = [flag for flag, v in (("--min-snr-gamma", cfg.min_snr_gamma), ("--noise-offset", cfg.noise_offset))
-                   if v]
-        if refused:
-            raise TrainingError(f"{', '.join(refused)}: for ε/v-prediction models; FLUX.1 is trained on the "
-                                "flow-matching velocity, unweighted (see --timestep-sampling)")
         if cfg.network.t5 and cfg.network.train == "unet":
             raise TrainingError("--train-t5 trains T5 beside CLIP-L: it needs --train te or both")
         if cfg.flow.guidance is not None and not self.guided:
@@ -56,17 +54,12 @@ class FluxTrainer(Trainer):
     def guided(self) -> bool:
         return bool(self.model.pipe.transformer.config.guidance_embeds)
 
-    def setup(self) -> Network:
+    def network(self) -> Network:
         """The flow objective's settings and kohya's FLUX network."""
         spec = self.cfg.flow
-        self.dynamic = flow.dynamic_shift(self.model.pipe.scheduler)
         self.guidance = (flow.DEFAULT_GUIDANCE if spec.guidance is None else spec.guidance) if self.guided else None
         self.sequence = spec.max_sequence_length or SEQUENCE.get(self.model.variant, 512)
         return FluxNetwork(self.model.pipe, self.cfg.network, self.cfg.seed, t5=self.cfg.network.t5)
-
-    @property
-    def denoiser(self) -> Any:
-        return self.model.pipe.transformer
 
     def objective_metadata(self) -> dict[str, str]:
         return {"ss_base_model_version": BASE_VERSION, "ss_model_type": "flux", "ss_v2": "False",
@@ -82,20 +75,20 @@ class FluxTrainer(Trainer):
         return meta
 
     # -- the step ------------------------------------------------------------------------------------------
-    def _conditioning(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(T5 embeddings (b, tokens, width), CLIP-L pooled (b, width)); an encoder that is not trained runs once
-        per caption (cached)."""
+    def conditioning(self, captions: list[str]) -> Conditioning:
+        """T5 embeddings (b, tokens, width) and CLIP-L's pooled output (b, width); an encoder that is not trained
+        runs once per caption (cached)."""
         clip_live = self.train_te
         t5_live = self.train_te and self.cfg.network.t5
         if not (clip_live and t5_live):
             with torch.no_grad():
                 for c in captions:
-                    if c not in self.text_cache:
-                        self.text_cache[c] = (self._t5([c]), self._clip([c]))
-        t5 = self._t5(captions) if t5_live else torch.cat([self.text_cache[c][0] for c in captions])
-        cached = [self.text_cache[c][1] for c in captions] if not clip_live else []
+                    if c not in self.cond_cache:
+                        self.cond_cache[c] = Conditioning(self._t5([c]), self._clip([c]))
+        t5 = self._t5(captions) if t5_live else torch.cat([self.cond_cache[c].embeds for c in captions])
+        cached = [self.cond_cache[c].pooled for c in captions] if not clip_live else []
         clip = self._clip(captions) if clip_live else torch.cat(cached)  # type: ignore[arg-type]
-        return t5, clip
+        return Conditioning(t5, clip)
 
     def _t5(self, captions: list[str]) -> torch.Tensor:
         pipe: Any = self.model.pipe
@@ -108,37 +101,27 @@ class FluxTrainer(Trainer):
         out: torch.Tensor = pipe._get_clip_prompt_embeds(prompt=captions, device=self.device)
         return out
 
-    def loss(self, batch: list[int]) -> torch.Tensor:
-        """The flow-matching loss of one micro-batch."""
-        from diffusers import FluxPipeline
-
-        transformer, dt = self.model.pipe.transformer, self.model.dtype
-        x0 = torch.stack([self.samples[i].latent for i in batch])
-        n, c, h, w = x0.shape
-        noise = dif.sample_noise(x0, self.gen)
-        sigmas = flow.sample_sigmas(n, self.cfg.flow, self.gen, (h // 2) * (w // 2), self.dynamic)
-        noisy = flow.add_noise(x0, noise, sigmas)
-        embeds, pooled = self._conditioning(self._captions(batch))
-        guidance = None if self.guidance is None else torch.full((n,), self.guidance, device=x0.device)
-        pred = transformer(hidden_states=FluxPipeline._pack_latents(noisy, n, c, h, w).to(dt),
-                           timestep=sigmas.to(x0.device, dt), guidance=guidance,
-                           pooled_projections=pooled.to(dt),  # type: ignore[union-attr]
-                           encoder_hidden_states=embeds.to(dt),
-                           txt_ids=torch.zeros(embeds.shape[1], 3, device=x0.device, dtype=dt),
-                           img_ids=FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, x0.device, dt),
-                           return_dict=False)[0]
-        want = FluxPipeline._pack_latents(flow.target(x0, noise), n, c, h, w)
-        return dif.diffusion_loss(pred, want)
+    def predict(self, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """FLUX.1's forward: packed x_σ, σ as the timestep, T5, CLIP-L pooled and (dev) the embedded guidance."""
+        dt, n = self.model.dtype, noisy.shape[0]
+        guidance = None if self.guidance is None else torch.full((n,), self.guidance, device=noisy.device)
+        return self.denoiser(hidden_states=pack(noisy).to(dt), timestep=sigmas.to(noisy.device, dt),
+                             guidance=guidance, pooled_projections=cond.pooled.to(dt),  # type: ignore[union-attr]
+                             encoder_hidden_states=cond.embeds.to(dt),
+                             txt_ids=torch.zeros(cond.embeds.shape[1], 3, device=noisy.device, dtype=dt),
+                             img_ids=image_ids(noisy, dt), return_dict=False)[0]
 
 
 def trainer_for(cfg: TrainConfig, model: BaseModel | None = None) -> Trainer:
-    """The trainer of the model's family (``model`` ``None``: ``cfg.model`` is loaded)."""
+    """The trainer of the model's family (``model`` ``None``: ``cfg.model`` is loaded): the first flow family
+    whose ``trains`` takes it, else SD1/SD2/SDXL's ``Trainer``."""
     from ..models.loading import load_model
+    from .chroma_loop import ChromaTrainer
+    from .qwen_loop import QwenTrainer
+    from .sd3_loop import SD3Trainer
 
     cfg.check()
     model = model or load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
-    from ..keymap.arch import SD3_SIZES
-    from .sd3_loop import SD3Trainer
-
-    cls = FluxTrainer if model.flux else SD3Trainer if model.arch in SD3_SIZES else Trainer
+    families: tuple[type[FlowTrainer], ...] = (FluxTrainer, SD3Trainer, ChromaTrainer, QwenTrainer)
+    cls = next((f for f in families if f.trains(model)), Trainer)
     return cls(cfg, model)

@@ -41,14 +41,27 @@ T5_PARENTS = ("Attention", "DenseGatedActDense", "DenseReluDense")  # kohya's T5
 Target = tuple[torch.Tensor, dict[str, torch.nn.Module]]  # (the layer's weight, fused where it is; its modules)
 
 
-def bfl_modules(transformer: Any, only: tuple[str, ...]) -> list[str]:
-    """The BFL module paths to train, in kohya's order (double blocks, single blocks, then embedders)."""
+def bfl_modules(transformer: Any, only: tuple[str, ...], family: Family = FLUX1,
+                on_request: tuple[str, ...] = ON_REQUEST) -> list[str]:
+    """The BFL module paths to train that this model has, in kohya's order (double blocks, single blocks, then
+    the ``on_request`` embedders: only when ``--only-layers`` names them). Chroma's pruned modulations and
+    schnell's missing ``guidance_in`` are not in the model, so not trained."""
     paths = [f"double_blocks.{i}.{m}" for i in range(len(transformer.transformer_blocks)) for m in DOUBLE]
     paths += [f"single_blocks.{j}.{m}" for j in range(len(transformer.single_transformer_blocks)) for m in SINGLE]
-    if only:
-        guided = bool(transformer.config.guidance_embeds)
-        paths += [p for p in ON_REQUEST if guided or not p.startswith("guidance_in")]
-    return [p for p in paths if _kept(f"transformer.{p}", only)]
+    return present_modules(transformer, family, paths + (list(on_request) if only else []), only)
+
+
+def present_modules(transformer: Any, family: Family, paths: list[str], only: tuple[str, ...]) -> list[str]:
+    """Those of ``paths`` (original-layout modules, or the model's own names where the family has no original
+    layout) whose every model module exists and that ``--only-layers`` keeps, in order."""
+    names = dict(transformer.named_modules())
+    out = []
+    for path in paths:
+        target = family.to_model(path) if family.to_model is not None else path
+        parts = [target] if isinstance(target, str) else list(target.targets) if target is not None else []
+        if parts and all(p in names for p in parts) and _kept(f"{family.denoiser}.{path}", only):
+            out.append(path)
+    return out
 
 
 def _kept(path: str, only: tuple[str, ...]) -> bool:
@@ -59,8 +72,7 @@ def fused_target(transformer: Any, bfl: str, values: bool, family: Family = FLUX
     """The weight of a BFL module rebuilt from its diffusers modules (rows where BFL has them: ``qkv`` stacked,
     the final adaLN's halves swapped; ``values=False``: only its shape, as a zero-size expanded tensor), and those
     modules by their canonical paths."""
-    assert family.to_model is not None
-    mapped = family.to_model(bfl)
+    mapped = family.to_model(bfl) if family.to_model is not None else bfl  # Qwen-Image: the model's own names
     if mapped is None:
         raise TrainingError(f"internal error: {bfl} is not a {family.display} module")
     if isinstance(mapped, str):

@@ -36,7 +36,7 @@ log = logging.getLogger("lorakit")
 
 @dataclass
 class Sample:
-    latent: torch.Tensor  # (4, h, w) fp32 on the device
+    latent: torch.Tensor  # (c, h, w) fp32 on the device
     caption: str
     size: tuple[int, int]
 
@@ -81,7 +81,8 @@ class Trainer:
             raise TrainingError(f"the model {self.model.name} is not SD1, SD2 or SDXL ({self.model.arch}){hint}")
         flux_only = self.cfg.flow.given() + (["--train-t5"] if self.cfg.network.t5 else [])
         if flux_only:
-            raise TrainingError(f"{', '.join(flux_only)}: for FLUX.1 models only")
+            raise TrainingError(f"{', '.join(flux_only)}: for the flow-matching models only (FLUX.1, SD3, "
+                                "Chroma, Qwen-Image)")
 
     def setup(self) -> Network:
         """The objective (ε/v: the scheduler's ᾱ_t) and the network."""
@@ -98,6 +99,10 @@ class Trainer:
     def objective_metadata(self) -> dict[str, str]:
         return {**base_metadata(self.model.arch), "modelspec.prediction_type": self.schedule.prediction}
 
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """One image (3, h, w) in [-1, 1] → its latents (c, h/f, w/f), fp32 (Qwen-Image's 3-D VAE: its own)."""
+        return encode_image(self.model.pipe.vae, pixels)
+
     # -- data ----------------------------------------------------------------------------------------------
     def _cache_latents(self) -> list[Sample]:
         """Every image encoded once (the VAE runs once per image, not per repeat or epoch)."""
@@ -105,11 +110,10 @@ class Trainer:
 
         sizes = bucket_sizes(self.resolution)
         out = []
-        vae = self.model.pipe.vae
         for item in self.data.items:
             with Image.open(item.image) as im:
                 size = choose(im.width, im.height, sizes)
-            latent = encode_image(vae, load_pixels(item.image, size))
+            latent = self.encode_pixels(load_pixels(item.image, size))
             if not torch.isfinite(latent).all():
                 raise TrainingError(f"{item.image}: the VAE encoded it to NaN/inf (try --dtype fp32)")
             out.append(Sample(latent.to(self.device), item.caption, size))

@@ -19,13 +19,12 @@ from typing import Any
 import torch
 
 from ..errors import TrainingError
-from ..keymap import sd3 as sd3map
+from ..generate.conditioning import Conditioning
 from ..keymap.arch import SD3_SIZES
 from ..keymap.families import SD3, Family
-from . import diffusion as dif
 from . import flow
-from .flux_network import FluxNetwork, _kept, text_targets
-from .loop import Trainer
+from .flow_loop import FlowTrainer
+from .flux_network import FluxNetwork, present_modules, text_targets
 from .network import Network, NetworkSpec
 
 JOINT = ("x_block.attn.qkv", "x_block.attn.proj", "x_block.mlp.fc1", "x_block.mlp.fc2", "x_block.adaLN_modulation.1",
@@ -37,16 +36,8 @@ SEQUENCE = 256  # T5 tokens, as generation reads them (generate/sd3_family.py)
 def sai_modules(transformer: Any, only: tuple[str, ...]) -> list[str]:
     """The SAI modules kohya's SD3 network trains that this model has (the last block has no context output
     layers; ``attn2`` only in SD3.5-Medium's dual-attention blocks), in block order."""
-    names = dict(transformer.named_modules())
-    out = []
-    for i in range(len(transformer.transformer_blocks)):
-        for m in JOINT:
-            path = f"joint_blocks.{i}.{m}"
-            target = sd3map.MAP.to_model(path)
-            parts = [target] if isinstance(target, str) else list(target.targets) if target is not None else []
-            if parts and all(p in names for p in parts) and _kept(f"transformer.{path}", only):
-                out.append(path)
-    return out
+    paths = [f"joint_blocks.{i}.{m}" for i in range(len(transformer.transformer_blocks)) for m in JOINT]
+    return present_modules(transformer, SD3, paths, only)
 
 
 class SD3Network(FluxNetwork):
@@ -57,31 +48,24 @@ class SD3Network(FluxNetwork):
         super().__init__(pipe, spec, seed, t5, originals=sai_modules(pipe.transformer, spec.only), texts=texts)
 
 
-class SD3Trainer(Trainer):
-    def check_model(self) -> None:
-        cfg, model = self.cfg, self.model
-        if model.arch not in SD3_SIZES:
-            raise TrainingError(f"the model {model.name} is not SD3 ({model.arch})")
-        refused = [flag for flag, v in (("--min-snr-gamma", cfg.min_snr_gamma), ("--noise-offset", cfg.noise_offset),
-                                        ("--guidance", cfg.flow.guidance)) if v]
-        if refused:
-            raise TrainingError(f"{', '.join(refused)}: not for SD3, which is trained on the flow-matching velocity, "
-                                "unweighted, and has no guidance embedding (see --timestep-sampling)")
+class SD3Trainer(FlowTrainer):
+    display = "SD3"
+    arches = SD3_SIZES
+
+    def check_family(self) -> None:
+        cfg = self.cfg
+        if cfg.flow.guidance is not None:
+            raise TrainingError("--guidance: SD3 has no guidance embedding (it is trained with real CFG)")
         if cfg.network.t5 and cfg.network.train == "unet":
             raise TrainingError("--train-t5 trains T5 beside CLIP-L and CLIP-G: it needs --train te or both")
 
-    def setup(self) -> Network:
-        spec = self.cfg.flow
+    def network(self) -> Network:
         pipe = self.model.pipe
         if getattr(pipe, "text_encoder_3", None) is not None:
             pipe.text_encoder_3.requires_grad_(False)  # the loop freezes the first two encoders only
-        self.dynamic = flow.dynamic_shift(pipe.scheduler)
-        self.sequence = spec.max_sequence_length or SEQUENCE
+        self.patch = int(pipe.transformer.config.patch_size)
+        self.sequence = self.cfg.flow.max_sequence_length or SEQUENCE
         return SD3Network(pipe, self.cfg.network, self.cfg.seed, t5=self.cfg.network.t5)
-
-    @property
-    def denoiser(self) -> Any:
-        return self.model.pipe.transformer
 
     def objective_metadata(self) -> dict[str, str]:
         version, architecture = SD3.modelspec[self.model.arch]
@@ -95,34 +79,20 @@ class SD3Trainer(Trainer):
             meta["ss_network_module"] = "networks.lora_sd3"
         return meta
 
-    def _encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, captions: list[str]) -> Conditioning:
         pipe: Any = self.model.pipe
         embeds, _, pooled, _ = pipe.encode_prompt(prompt=captions, prompt_2=captions, prompt_3=captions,
                                                   device=self.device, do_classifier_free_guidance=False,
                                                   max_sequence_length=self.sequence)
-        return embeds, pooled
+        return Conditioning(embeds, pooled)
 
-    def _conditioning(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.train_te:
-            return self._encode(captions)
-        with torch.no_grad():
-            for c in captions:
-                if c not in self.text_cache:
-                    self.text_cache[c] = self._encode([c])
-        pooled = [self.text_cache[c][1] for c in captions]
-        return torch.cat([self.text_cache[c][0] for c in captions]), torch.cat(pooled)  # type: ignore[arg-type]
+    def packed(self, x: torch.Tensor) -> torch.Tensor:
+        return x  # SD3's transformer patches and unpatches inside
 
-    def loss(self, batch: list[int]) -> torch.Tensor:
-        """The flow-matching loss of one micro-batch."""
-        transformer, dt = self.model.pipe.transformer, self.model.dtype
-        x0 = torch.stack([self.samples[i].latent for i in batch])
-        n, _, h, w = x0.shape
-        patch = int(transformer.config.patch_size)
-        noise = dif.sample_noise(x0, self.gen)
-        sigmas = flow.sample_sigmas(n, self.cfg.flow, self.gen, (h // patch) * (w // patch), self.dynamic)
-        noisy = flow.add_noise(x0, noise, sigmas)
-        embeds, pooled = self._conditioning(self._captions(batch))
-        pred = transformer(hidden_states=noisy.to(dt), timestep=(sigmas * 1000).to(x0.device, dt),
-                           encoder_hidden_states=embeds.to(dt), pooled_projections=pooled.to(dt),
-                           return_dict=False)[0]
-        return dif.diffusion_loss(pred, flow.target(x0, noise))
+    def predict(self, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """SD3's forward: x_σ as it is, the timestep 1000·σ, the prompt embeddings and pooled projection."""
+        dt = self.model.dtype
+        return self.denoiser(hidden_states=noisy.to(dt), timestep=(sigmas * 1000).to(noisy.device, dt),
+                             encoder_hidden_states=cond.embeds.to(dt),
+                             pooled_projections=cond.pooled.to(dt),  # type: ignore[union-attr]
+                             return_dict=False)[0]
