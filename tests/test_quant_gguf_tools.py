@@ -248,7 +248,8 @@ def test_bad_gguf_files_are_tool_errors_and_nothing_is_written(bases: dict[str, 
     huge = {f"transformer.transformer_blocks.1.attn.to_k.lora_{ab}.weight": torch.full(shape, 1e20)
             for ab, shape in (("A", (4, 32)), ("B", (32, 4)))}  # finite factors, ΔW beyond fp32
     save_file(huge, tmp_path / "huge.safetensors")
-    for out, options in [(tmp_path / "inf.safetensors", BakeOptions()), (tmp_path / "inf.gguf", BakeOptions(requant=True))]:
+    for out, options in [(tmp_path / "inf.safetensors", BakeOptions()),
+                         (tmp_path / "inf.gguf", BakeOptions(requant=True))]:
         with pytest.raises(ToolError, match="holds NaN or infinite values"):  # found mid-way: nothing half-written
             bake(good, [str(tmp_path / "huge.safetensors")], out, options)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*cases, "huge.safetensors"])

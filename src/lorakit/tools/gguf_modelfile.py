@@ -111,4 +111,5 @@ def gguf_model(p: Path, configs: Mapping[str, Mapping[str, Any]] | None = None) 
     params: dict[str, Ref] = {}
     for name, key in names.items():
         tf.add(key, f"transformer.{name}", Ref(tf, key), params)
-    return ModelFile(p, "single", Arch.FLUX1, [tf], params, {"transformer": dict((configs or {}).get("transformer", {}))})
+    config = {"transformer": dict((configs or {}).get("transformer", {}))}
+    return ModelFile(p, "single", Arch.FLUX1, [tf], params, config)

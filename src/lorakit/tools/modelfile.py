@@ -27,7 +27,7 @@ from ..quant.layers import FP8, fp8_values, gguf_values
 TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                 "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-DENSE = torch.bfloat16  # the compute dtype the tools read quantized weights in: a changed (or GGUF) layer is written in it
+DENSE = torch.bfloat16  # the tools' compute dtype for quantized weights: a changed (or GGUF) layer is written in it
 
 
 @dataclass(frozen=True)
