@@ -62,7 +62,7 @@ def read_gguf(path: Path) -> Quantized:
                              f"dequantize (supported: F32, F16, {', '.join(t.name for t in SUPPORTED_GGUF_QUANT_TYPES)})")
         data = torch.from_numpy(np.array(entry.data))
         out[entry.name] = data if kind in plain else GGUFParameter(data, quant_type=kind)
-    return Quantized(out, kind="gguf", architecture=_arch(reader))
+    return Quantized(out, kind="gguf", architecture=architecture(reader))
 
 
 def struct_error() -> type[Exception]:
@@ -71,7 +71,8 @@ def struct_error() -> type[Exception]:
     return struct.error
 
 
-def _arch(reader: Any) -> str | None:
+def architecture(reader: Any) -> str | None:
+    """A GGUF reader's ``general.architecture`` (``None`` when absent or unreadable)."""
     field_ = reader.get_field("general.architecture")
     if field_ is None:
         return None

@@ -105,9 +105,16 @@ def dq(module: torch.nn.Module) -> torch.Tensor:
         return module.dequantized()
     if nf4.is_bnb4(module):
         return nf4.dequantized(module)
+    return gguf_values(getattr(module, "weight"), compute_dtype(module))
+
+
+def gguf_values(w: torch.Tensor, c: torch.dtype) -> torch.Tensor:
+    """A GGUF weight's values in ``c`` (a ``GGUFParameter`` of raw blocks → (out, in)): diffusers'
+    ``dequantize_gguf_tensor`` cast to ``c``, as ``GGUFLinear``'s own forward computes it. Layers and the file tools
+    share it."""
     from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
 
-    return dequantize_gguf_tensor(module.weight).to(compute_dtype(module))
+    return dequantize_gguf_tensor(w).to(c)
 
 
 def weight_values(module: torch.nn.Module) -> torch.Tensor:
