@@ -182,4 +182,32 @@ def test_inspect_says_a_gguf_unets_family_and_quantization(ldm: dict[str, torch.
     info = json.loads(capsys.readouterr().out)
     assert info["family"] == "Stable Diffusion XL" and info["gguf_architecture"] == "sdxl"
     assert info["layout"] == "diffusers/LDM"
+    from lorakit.models.loading import dit_of_path
+
+    assert dit_of_path(path) is None  # Stable Diffusion: fp16 on a GPU with --dtype auto
     assert info["quantization"] == {t: list(types.values()).count(t) for t in set(types.values())}
+
+
+def test_requant_opt_in_on_gguf_convolutions_reports_its_loss_and_restores(pipe: object, ldm: dict[str, torch.Tensor],
+                                                                           tmp_path: Path) -> None:
+    from lorakit import restore
+
+    path = tmp_path / "xl-Q8_0.gguf"
+    write_unet_gguf(path, ldm, "Q8_0")
+    unet = _unet(path, pipe)
+    quantized = {n: m for n, m in unet.named_modules() if is_quantized(m)}
+    params = {n: m.weight for n, m in quantized.items()}
+    stored = {n: _stored(m) for n, m in quantized.items()}
+    before = {n: dq(m).float() for n, m in quantized.items()}
+    lora = lora_from_state_dict(make_kohya_lora({"unet": pipe.unet}, "lora", seed=4), {})  # type: ignore[attr-defined]
+    report = apply_loras({"unet": unet}, [(lora, 1.0)], mode="requant").patcher.requantized.report
+    assert set(report) == {f"unet.{n}" for n in quantized}
+    for name, module in quantized.items():
+        w32 = before[name]
+        delta = (w32 + lora.layers[f"unet.{name}"].delta(w32, 1.0)).to(C).float() - w32
+        effective = dq(module).float() - w32  # the requantized blocks, read as the layer reads them
+        kept, error = report[f"unet.{name}"]
+        assert error == pytest.approx(float((effective - delta).norm() / delta.norm()), rel=1e-4, abs=1e-6), name
+        assert kept == pytest.approx(float((effective * delta).sum() / (delta * delta).sum()), rel=1e-4, abs=1e-6)
+    restore({"unet": unet})
+    assert all(m.weight is params[n] and _stored(m) == stored[n] for n, m in quantized.items())

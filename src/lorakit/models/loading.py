@@ -299,6 +299,10 @@ def dit_of_path(path: Path) -> Any:
         if path.is_dir():
             index = read_json(path / "model_index.json")
             return next((m for m in dit_families() if m.is_index(index)), None) if isinstance(index, dict) else None
+        if path.suffix.lower() == ".gguf":  # a FLUX.1 GGUF runs in bf16 on a GPU too
+            from ..quant.files import gguf_names
+
+            return _dit_file(dict.fromkeys(gguf_names(path)))
         return _dit_file(read_header(path).tensors) if path.suffix == ".safetensors" else None
     except (OSError, ValueError, LorakitError):
         return None

@@ -75,6 +75,16 @@ def read_gguf(path: Path) -> Quantized:
     return Quantized(out, kind="gguf", architecture=_arch(reader))
 
 
+def gguf_names(path: Path) -> list[str]:
+    """A GGUF file's tensor names (its tensor table; no data read). ``ModelError`` for an unreadable file."""
+    import gguf
+
+    try:
+        return [t.name for t in gguf.GGUFReader(str(path)).tensors]
+    except (ValueError, IndexError, KeyError, OSError, struct_error()) as e:
+        raise ModelError(f"{path}: not a readable GGUF file ({type(e).__name__}: {str(e)[:160]})") from None
+
+
 def _orig_shapes(reader: Any, names: set[str], path: Path) -> dict[str, tuple[int, ...]]:
     """``comfy.gguf.orig_shape.<name>`` fields: an array of positive integers for a tensor of the file."""
     out: dict[str, tuple[int, ...]] = {}
