@@ -211,3 +211,21 @@ def test_requant_opt_in_on_gguf_convolutions_reports_its_loss_and_restores(pipe:
         assert kept == pytest.approx(float((effective * delta).sum() / (delta * delta).sum()), rel=1e-4, abs=1e-6)
     restore({"unet": unet})
     assert all(m.weight is params[n] and _stored(m) == stored[n] for n, m in quantized.items())
+
+
+def test_sd1_gguf_unet_with_1x1_projection_convolutions(tiny_sdxl_dir: Path, tmp_path: Path) -> None:
+    from tests.factories import tiny_sd1_pipeline
+
+    sd1 = tiny_sd1_pipeline()
+    folder = tmp_path / "sd1"
+    sd1.save_pretrained(folder)  # type: ignore[attr-defined]
+    path = tmp_path / "sd1-Q8_0.gguf"
+    write_unet_gguf(path, unet_ldm_state(sd1), "Q8_0", arch="sd1")
+    model = load_model(str(path), device="cpu", dtype="bf16", components=str(folder))
+    assert type(model.pipe).__name__ == "StableDiffusionPipeline" and model.arch != "sdxl"
+    proj = model.pipe.unet.down_blocks[0].attentions[0].proj_in
+    assert isinstance(proj, GGUFConv2d) and proj.kernel_size == (1, 1)
+    want = sd1.unet.down_blocks[0].attentions[0].proj_in.weight.detach().float()  # type: ignore[attr-defined]
+    assert dq(proj).shape == want.shape and (dq(proj).float() - want).abs().max() <= 0.01 * want.abs().max()
+    with pytest.raises(ModelError, match="a Stable Diffusion 1.x UNet; .* is a StableDiffusionXLPipeline folder"):
+        load_model(str(path), device="cpu", components=str(tiny_sdxl_dir))
