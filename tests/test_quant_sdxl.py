@@ -102,6 +102,12 @@ def test_every_patched_gguf_layer_is_the_exact_merge(pipe: object, ldm: dict[str
                 ref = _reference(module, [(lora.layers[f"unet.{name}"], m)], _input(module))
                 assert torch.equal(module(_input(module)), ref), (kind, name)
                 assert not torch.equal(ref, plain[name]), (kind, name)  # the layer took its change
+        if kind in ("lora", "locon-tucker"):  # hooks mode: the side branch q(x) + m·s·up(down(x)), within rounding
+            with apply_loras(comps, [(lora, m)], mode="hooks"):
+                for name, module in quantized.items():
+                    ref = _reference(module, [(lora.layers[f"unet.{name}"], m)], _input(module)).float()
+                    off = (module(_input(module)).float() - ref).abs().max()
+                    assert off <= 2 ** -6 * ref.abs().max(), (kind, name)  # a few bf16 ulps of the output
         with apply_loras(comps, [(lora, 0.0)]):
             assert all(torch.equal(module(_input(module)), plain[n]) for n, module in quantized.items()), kind
     assert all(_stored(m) == stored[n] for n, m in quantized.items())
