@@ -134,6 +134,39 @@ def test_generate_on_a_gguf_unet_with_a_lora(pipe: object, ldm: dict[str, torch.
     image = Image.open(out)
     assert image.size == (64, 64) and "style" in image.text["parameters"]
     assert np.asarray(image).std() > 1
+    _mixed_batch(path, tiny_sdxl_dir, loras, tmp_path)
+
+
+def _mixed_batch(path: Path, components: Path, loras: Path, tmp_path: Path) -> None:
+    """A batch of a LoRA request and a plain one (per-sample side branches on the GGUF layers): the plain sample is
+    the plain image, the styled one differs, and no stored byte changed."""
+    from lorakit.generate.pipeline import Generator, Request
+    from lorakit.library import Library
+
+    model = load_model(str(path), device="cpu", dtype="bf16", components=str(components))
+    quantized = [m for m in model.pipe.unet.modules() if is_quantized(m)]
+    stored = [_stored(m) for m in quantized]
+    gen = Generator(model, Library([loras], index=tmp_path / "i.sqlite3"))
+    req = dict(steps=2, width=64, height=64, seed=1)
+    plain = np.asarray(gen(Request("a cat", **req)).images[0], dtype=np.int16)  # type: ignore[arg-type]
+    batched = gen.run_batch([Request("a cat <lora:style:1>", **req), Request("a cat", **req)])  # type: ignore[arg-type]
+    styled, same = (np.asarray(r.images[0], dtype=np.int16) for r in batched)  # type: ignore[union-attr]
+    assert np.abs(same - plain).max() <= 2 and np.abs(styled - plain).max() > 8
+    gen.close()
+    assert [_stored(m) for m in quantized] == stored
+
+
+def test_diffusers_named_gguf_unet(pipe: object, tmp_path: Path) -> None:
+    """A UNet in diffusers' names (ComfyUI-GGUF converts those too): no renaming, the same layers."""
+    path = tmp_path / "xl-diffusers-Q8_0.gguf"
+    write_unet_gguf(path, dict(pipe.unet.state_dict()), "Q8_0")  # type: ignore[attr-defined]
+    unet = _unet(path, pipe)
+    dense = dict(pipe.unet.named_modules())  # type: ignore[attr-defined]
+    quantized = {n: m for n, m in unet.named_modules() if is_quantized(m)}
+    assert any(isinstance(m, GGUFConv2d) for m in quantized.values()) and len(quantized) > 100
+    for name, module in quantized.items():
+        want = dense[name].weight.detach().float()
+        assert (dq(module).float() - want).abs().max() <= ERROR["Q8_0"] * want.abs().max(), name
 
 
 def _with_type(path: Path, name: str, type_id: int) -> bytes:
