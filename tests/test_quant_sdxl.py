@@ -268,3 +268,27 @@ def test_sd1_gguf_unet_with_1x1_projection_convolutions(tiny_sdxl_dir: Path, tmp
     assert dq(proj).shape == want.shape and (dq(proj).float() - want).abs().max() <= 0.01 * want.abs().max()
     with pytest.raises(ModelError, match="a Stable Diffusion 1.x UNet; .* is a StableDiffusionXLPipeline folder"):
         load_model(str(path), device="cpu", components=str(tiny_sdxl_dir))
+
+
+def test_a_training_network_on_a_gguf_unet_sees_its_layers_shapes_and_values(pipe: object,
+                                                                            ldm: dict[str, torch.Tensor],
+                                                                            tmp_path: Path) -> None:
+    """``lorakit train --model unet.gguf`` starts from the layers' logical shapes and dequantized values (DoRA's
+    magnitudes = dq's norms), never from the stored bytes."""
+    from lorakit.train.network import Network, NetworkSpec, target_modules
+
+    path = tmp_path / "xl-Q8_0.gguf"
+    write_unet_gguf(path, ldm, "Q8_0")
+    unet = _unet(path, pipe)
+    spec = NetworkSpec(kind="dora", rank=2, alpha=1.0, train="unet")
+    modules = target_modules({"unet": unet}, spec)
+    network = Network(modules, spec, seed=0)
+    quantized = [p for p, m in modules.items() if is_quantized(m)]
+    assert any(isinstance(modules[p], GGUFConv2d) for p in quantized)
+    for p in quantized:
+        w = dq(modules[p]).float()
+        down, up = network.leaves[p]["lora_down.weight"], network.leaves[p]["lora_up.weight"]
+        assert (up.shape[0], down.shape[1]) == w.shape[:2], p
+        magnitude = network.leaves[p]["dora_scale"].detach().flatten()
+        assert torch.allclose(magnitude, w.flatten(1).norm(dim=1), rtol=1e-3) or \
+            torch.allclose(magnitude, w.flatten(1).norm(dim=0), rtol=1e-3), p
