@@ -1,6 +1,7 @@
 """Shared helpers for the hand-run benchmarks: timing and a peak-RSS sampler."""
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import threading
@@ -12,6 +13,13 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' LoRA factories
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # --dtype → the torch dtype's name
+
+
+def device_args(ap: argparse.ArgumentParser) -> None:
+    """``--device`` (default the CPU) and ``--dtype`` (``DTYPES``'s names, default fp32)."""
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp32", choices=list(DTYPES))
 
 
 def rss() -> int:
@@ -72,6 +80,19 @@ def best_of(n: int, fn: Callable[[], None]) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return min(times)
+
+
+def diffusers_load_fuse(pipe: object, lora_file: Path) -> None:
+    """diffusers' own apply: load one LoRA file (adapter named after it) and fuse it at scale 1."""
+    load: Callable[..., None] = pipe.load_lora_weights  # type: ignore[attr-defined]
+    load(str(lora_file.parent), weight_name=lora_file.name, adapter_name=lora_file.stem)
+    pipe.fuse_lora(lora_scale=1.0)  # type: ignore[attr-defined]
+
+
+def diffusers_unfuse_unload(pipe: object) -> None:
+    """diffusers' own undo: subtract the fused LoRA again, then drop its layers."""
+    pipe.unfuse_lora()  # type: ignore[attr-defined]
+    pipe.unload_lora_weights()  # type: ignore[attr-defined]
 
 
 def diffusers_cycle(pipe: object, lora_file: Path) -> dict[str, float]:

@@ -2,9 +2,9 @@
 # One prepared GPU session, in priority order and inside one deadline (a lent machine runs one command for at most
 # 10 minutes, out of 15 minutes of device time all told): the `gpu` tests, benchmarks/gpu.py on full-size SD1.5 and
 # SDXL shapes, a CLI generation on CUDA in fp16 and bf16, benchmarks/train.py on SD1.5 (512 px),
-# benchmarks/serving.py (mixed-LoRA batches) on SD1.5 512 px, and full-size FLUX.1-dev rows (benchmarks/flux.py,
-# benchmarks/quant.py: GGUF, fp8 and — with bitsandbytes — NF4). A step that no longer fits before the deadline is
-# skipped and says so. Logs and images go to $OUT (7 files).
+# benchmarks/serving.py (mixed-LoRA batches) on SD1.5 512 px, full-size FLUX.1-dev rows (benchmarks/flux.py,
+# benchmarks/quant.py: GGUF, fp8 and — with bitsandbytes — NF4) and full-size SD3.5-Large rows (benchmarks/sd3.py).
+# A step that no longer fits before the deadline is skipped and says so. Logs and images go to $OUT (11 files).
 #     OUT=/tmp/gpu_out DEADLINE=500 bash benchmarks/gpu_session.sh   # from the repository root, lorakit importable
 set -u
 OUT=${OUT:-/tmp/gpu_out}
@@ -54,4 +54,7 @@ if python3 -c "import bitsandbytes" 2>/dev/null; then
 else
     echo "SKIPPED (bitsandbytes not installed): NF4 rows" | tee -a "$OUT/quant_bench.log"
 fi
+# SD3.5-Large (issue 22): full size (38 joint blocks, random weights) in bf16 — a rank-16 diffusers-format LoRA over
+# diffusers' default SD3 targets (and the same layers in kohya SAI names): apply/switch/restore vs load+fuse
+(cd benchmarks && step 120 sd3_bench.log python3 sd3.py --device cuda --dtype bf16 --blocks 38)
 echo "session done in $((SECONDS - START)) s" | tee -a "$OUT/card.txt"

@@ -77,6 +77,12 @@ def colour_loss(rec: Tensor, x: Tensor) -> Tensor:
     return (nn.functional.avg_pool2d(rec, 4) - nn.functional.avg_pool2d(x, 4)).pow(2).mean()
 
 
+def edge_loss(rec: Tensor, x: Tensor) -> Tensor:
+    """The pictures' horizontal and vertical differences (L1): a shape's outline and points, which the L2 and colour
+    losses (dominated by flat regions) let blur."""
+    return ((rec.diff(dim=-1) - x.diff(dim=-1)).abs().mean() + (rec.diff(dim=-2) - x.diff(dim=-2)).abs().mean())
+
+
 def train_vae(vae: Any, r: Any, rng: np.random.Generator, gen: torch.Generator, log: Log) -> None:
     opt = torch.optim.AdamW(vae.parameters(), lr=r.vae_lr, weight_decay=0.0)
     vae.train()
@@ -89,6 +95,8 @@ def train_vae(vae: Any, r: Any, rng: np.random.Generator, gen: torch.Generator, 
         rec = vae.decode(z).sample
         loss = (rec - x).pow(2).mean() + 0.5 * (rec - x).abs().mean() + r.vae_kl * post.kl().mean()
         loss = loss + r.vae_anchor * anchor_loss(post.mean, x) + r.vae_colour * colour_loss(rec, x)
+        if getattr(r, "vae_edge", 0.0):
+            loss = loss + r.vae_edge * edge_loss(rec, x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(vae.parameters(), 1.0)

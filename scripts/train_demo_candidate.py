@@ -60,6 +60,7 @@ class Recipe:
     vae_kl: float = 1e-6
     vae_anchor: float = 1.0  # latent channels 0-2 held to the 4×-pooled RGB picture, channel 3 near 0
     vae_any_colour: float = 0.5  # share of VAE pictures in random RGB colours
+    vae_edge: float = 0.0  # weight of the edge (image-difference L1) loss
     vae_colour: float = 2.0  # weight of the 4×4-mean colour loss (the measured VAE had one; 2 is inferred, see docs)
     te_pre_steps: int = 400  # 0: no pre-training (the text encoder learns from the denoiser alone)
     te_pre_batch: int = 128

@@ -61,3 +61,30 @@ def chroma_lora(transformer: torch.nn.Module, kind: str, rank: int = 4,
         cols = int(transformer.get_submodule(parts[0]).weight.shape[1])
         out[bfl] = adapter_tensors(kind, (rows, cols), rank, gen)
     return out
+
+
+def chroma_bfl_state(tr: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A tiny Chroma transformer's weights in lodestones' BFL names, by the table above (fused rows stacked), the
+    RMSNorms' ``weight`` as BFL's ``scale``."""
+    out: dict[str, torch.Tensor] = {}
+    done = set()
+    for bfl, (parts, _) in chroma_table().items():
+        for param in ("weight", "bias"):
+            out[f"{bfl}.{param}"] = torch.cat([tr.get_submodule(p).get_parameter(param).detach() for p in parts])
+        done.update(parts)
+    norms = {"norm_q": "img_attn.norm.query_norm", "norm_k": "img_attn.norm.key_norm",
+             "norm_added_q": "txt_attn.norm.query_norm", "norm_added_k": "txt_attn.norm.key_norm"}
+    for name, p in tr.named_parameters():
+        module = name.rsplit(".", 1)[0]
+        if module in done:
+            continue
+        head, i, sub = (module.split(".", 2) + ["", ""])[:3]
+        if head == "transformer_blocks":
+            out[f"double_blocks.{i}.{norms[sub.removeprefix('attn.')]}.scale"] = p.detach().clone()
+        elif head == "single_transformer_blocks":
+            out[f"single_blocks.{i}.norm.{'query' if sub.endswith('q') else 'key'}_norm.scale"] = p.detach().clone()
+        elif module.startswith("distilled_guidance_layer.norms."):
+            out[f"{module}.scale"] = p.detach().clone()
+        else:
+            raise AssertionError(f"unmapped {name}")
+    return out

@@ -244,9 +244,10 @@ def _add_device_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora-originals", choices=ORIGINALS, help="where the weights LoRAs replace are kept for exact "
                                                                "restore; auto (default): on the device while free "
                                                                "memory allows, else in pinned host memory")
-    g.add_argument("--components", metavar="DIR", help="a FLUX.1, SD3 or SD/SDXL diffusers folder: a single file of "
-                                                       "that family takes its tokenizers (transformer-only or a GGUF "
-                                                       "UNet: also text encoders, VAE) from it ($LORAKIT_COMPONENTS)")
+    g.add_argument("--components", metavar="DIR", help="a diffusers folder of the family (FLUX.1, SD3, Chroma, "
+                                                       "Qwen-Image, SD/SDXL): a single file of that family takes its "
+                                                       "tokenizers (transformer-only or a GGUF UNet: also text "
+                                                       "encoders, VAE) from it ($LORAKIT_COMPONENTS)")
 
 
 def build_parser() -> argparse.ArgumentParser:

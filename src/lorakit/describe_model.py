@@ -76,5 +76,6 @@ def as_text(info: dict[str, Any]) -> str:
              f"  quantization  {quant}" + (" — fp8 with scales (ComfyUI scaled fp8)" if info["scaled_fp8"] else "")]
     if info.get("gguf_architecture"):
         lines.append(f"  GGUF arch     {info['gguf_architecture']}")
-    lines.append("  (a base model: load it with --model; FLUX.1 single files and GGUF UNets also need --components DIR)")
+    lines.append("  (a base model: load it with --model; the single files of FLUX.1, SD3, Chroma and Qwen-Image, and "
+                 "SD/SDXL GGUF UNets, also need --components DIR)")
     return "\n".join(lines)

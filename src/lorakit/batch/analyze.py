@@ -58,7 +58,7 @@ class Analysis:
 
 def vector_names(arch: str) -> list[str]:
     """The block ids of the full lbw vector for ``arch`` (20 for SDXL, else 26)."""
-    return VECTORS[20 if arch == Arch.SDXL else 26][1]
+    return list(VECTORS[20 if arch == Arch.SDXL else 26].blocks)
 
 
 def lora_blocks(gen: Generator, name: str) -> list[str]:

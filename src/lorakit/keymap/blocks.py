@@ -4,11 +4,39 @@ transformer: ``D00``… (double blocks) and ``S00``… (single blocks)."""
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 _DOWN = re.compile(r"down_blocks\.(\d+)\.(resnets|attentions|downsamplers)\.(\d+)")
 _DIT = re.compile(r"(single_)?transformer_blocks\.(\d+)\.")
 DIT_GROUPS = {"D": "DOUBLE", "S": "SINGLE"}  # block id letter → the part that names all such blocks
 _UP = re.compile(r"up_blocks\.(\d+)\.(resnets|attentions|upsamplers)\.(\d+)")
+
+
+@dataclass(frozen=True)
+class BlockVector:
+    """A lora-block-weight vector's layout (told apart by its length): the block id each value weights, in order;
+    ``label``: the models it is for and ``layout``: what its values are, for messages. A family lists the vectors
+    its models take (``Family.lbw``)."""
+
+    label: str
+    blocks: tuple[str, ...]
+    layout: str = ""
+
+
+_IN = tuple(f"IN{i:02d}" for i in range(12))
+_OUT = tuple(f"OUT{i:02d}" for i in range(12))
+# the UNet vectors of sd-webui-lora-block-weight: LoRA (attention blocks only) and LoCon (every block)
+SD_VECTORS = (BlockVector("SD1/SD2", ("BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00") + _OUT[3:12]),
+              BlockVector("SD1/SD2", ("BASE",) + _IN + ("M00",) + _OUT))
+SDXL_VECTORS = (BlockVector("SDXL", ("BASE", "IN04", "IN05", "IN07", "IN08", "M00") + _OUT[0:6]),
+                BlockVector("SDXL", ("BASE",) + _IN[0:9] + ("M00",) + _OUT[0:9]))
+
+
+def dit_vector(label: str, double: int, single: int) -> BlockVector:
+    """A DiT's vector as ComfyUI's and Forge's block-weight tools lay it out: ``BASE``, the double blocks, the
+    single blocks."""
+    blocks = ("BASE", *(f"D{i:02d}" for i in range(double)), *(f"S{i:02d}" for i in range(single)))
+    return BlockVector(label, blocks, f"BASE, {double} double, {single} single")
 
 
 def block_id(canonical_path: str, last_out: int = 11) -> str | None:

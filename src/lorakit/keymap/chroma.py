@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 
 from . import flux
-from .layouts import Blocks, LayoutMap
+from .layouts import Blocks, LayoutMap, SingleFile, Target
 from .names import Vocabulary
 
 HEAD = "distilled_guidance_layer"
@@ -35,3 +35,17 @@ class _ChromaMap(LayoutMap):
 
 
 MAP = _ChromaMap(_TOP, (*flux.MAP.blocks, _APPROXIMATOR), (*flux.MAP.heads, HEAD), read_only=flux.MAP.read_only)
+
+_NORM = re.compile(rf"{HEAD}\.norms\.\d+")  # the approximator's RMSNorms: in checkpoints, never a LoRA's target
+
+
+def file_module(path: str) -> Target | None:
+    """A Chroma checkpoint's module → the model's: ``MAP``, and the approximator's norms (the same names)."""
+    return MAP.to_model(path) or (path if _NORM.fullmatch(path) else None)
+
+
+# lodestones' checkpoints (``chroma-unlocked-v*.safetensors``, ``Chroma1-HD.safetensors``): BFL names with the
+# approximator, bare or under ComfyUI's prefix; an all-in-one file's T5 and VAE as FLUX.1's
+SINGLE_FILE = SingleFile("ChromaTransformer2DModel", re.compile(rf"^{HEAD}\.in_proj\."), file_module,
+                         MAP.is_original, renames={"scale": "weight"},
+                         text_encoders={"text_encoder": "text_encoders.t5xxl.transformer."}, ldm_vae=True)

@@ -20,7 +20,8 @@ from typing import Any
 from . import chroma, flux, qwen, sd3
 from .arch import Arch
 from .arch import fits as archmod_fits
-from .layouts import LayoutMap, Target
+from .blocks import SD_VECTORS, SDXL_VECTORS, BlockVector
+from .layouts import LayoutMap, SingleFile, Target
 from .names import SD_VOCABULARY, Vocabulary
 
 
@@ -55,7 +56,11 @@ class Family:
     ``fitted_components`` renaming their components to its own (FLUX.1's T5 ``text_encoder_2`` is Chroma's
     ``text_encoder``); ``pipelines``: the diffusers pipeline classes of its model folders (``model_index.json``);
     ``dit_blocks``: the block-weight parts its transformer has (``double``: ``transformer_blocks``, ``single``:
-    ``single_transformer_blocks``; ``patch.weights``)."""
+    ``single_transformer_blocks``; ``patch.weights``); ``lbw``: per architecture (``*``: the family's others), the
+    lora-block-weight vectors its models take (``block_vectors``); ``model_files``: the module of ``lorakit.tools``
+    that reads its model folders and single files for ``bake``/``extract`` (``tools.modelfile.open_model``);
+    ``single_file``: how its single-file checkpoints hold the transformer (``tools/dit_modelfile.py`` reads them for
+    every DiT family, ``models/folder_dits.py`` loads those of the families without a model module of their own)."""
 
     key: str
     display: str
@@ -81,6 +86,9 @@ class Family:
     fitted_components: Mapping[str, str] = field(default_factory=dict)
     pipelines: tuple[str, ...] = ()
     dit_blocks: tuple[str, ...] = ()
+    lbw: Mapping[str, tuple[BlockVector, ...]] = field(default_factory=dict)
+    model_files: str | None = None
+    single_file: SingleFile | None = None
 
 
 SD = Family(
@@ -90,7 +98,10 @@ SD = Family(
     peft={"unet.": "unet", "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2",
           "base_model.model.": "unet", "diffusion_model.": "unet"},
     comfy={"clip_l": "text_encoder", "clip_h": "text_encoder", "clip_g": "text_encoder_2"},
-    model_classes=("UNet2DConditionModel",))
+    model_classes=("UNet2DConditionModel",),
+    modelspec={Arch.SD1: ("sd_v1", "stable-diffusion-v1"), Arch.SD2: ("sd_v2", "stable-diffusion-v2"),
+               Arch.SDXL: ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base")},
+    lbw={"*": SD_VECTORS, Arch.SDXL: SDXL_VECTORS}, model_files="sd_modelfile")
 
 FLUX1 = Family(
     "flux1", "FLUX.1", "transformer", {"text_encoder": "CLIP-L", "text_encoder_2": "T5-XXL"}, flux.VOCABULARY,
@@ -109,7 +120,8 @@ FLUX1 = Family(
     layout=flux.MAP, kohya_out={"text_encoder": "lora_te1_", "text_encoder_2": "lora_te3_"},
     comfy_out={"transformer": "diffusion_model.", "text_encoder": "text_encoders.clip_l.transformer.text_model.",
                "text_encoder_2": "text_encoders.t5xxl.transformer."},
-    plain_te=("text_encoder_2",), modelspec={Arch.FLUX1: ("flux1", "flux-1")}, dit_blocks=("double", "single"))
+    plain_te=("text_encoder_2",), modelspec={Arch.FLUX1: ("flux1", "flux-1")}, dit_blocks=("double", "single"),
+    lbw={"*": (flux.LBW,)}, model_files="flux_modelfile", single_file=flux.SINGLE_FILE)
 
 SD3 = Family(
     "sd3", "Stable Diffusion 3", "transformer",
@@ -132,7 +144,8 @@ SD3 = Family(
     modelspec={Arch.SD3_MEDIUM: ("sd3-medium", "stable-diffusion-3-medium"),
                Arch.SD35_MEDIUM: ("sd3.5-medium", "stable-diffusion-3-5-medium"),
                Arch.SD35_LARGE: ("sd3.5-large", "stable-diffusion-3-5-large"),
-               Arch.SD3_MEDIUMS: ("sd3", "stable-diffusion-3"), Arch.SD3: ("sd3", "stable-diffusion-3")})
+               Arch.SD3_MEDIUMS: ("sd3", "stable-diffusion-3"), Arch.SD3: ("sd3", "stable-diffusion-3")},
+    model_files="sd3_modelfile", single_file=sd3.SINGLE_FILE)
 
 CHROMA = Family(
     "chroma", "Chroma", "transformer", {"text_encoder": "T5-XXL"}, chroma.VOCABULARY,
@@ -147,7 +160,8 @@ CHROMA = Family(
     comfy_out={"transformer": "diffusion_model.", "text_encoder": "text_encoders.t5xxl.transformer."},
     plain_te=("text_encoder",), modelspec={Arch.CHROMA: ("chroma", "chroma")}, fits=(Arch.FLUX1,),
     fitted_components={"text_encoder_2": "text_encoder"}, pipelines=("ChromaPipeline", "ChromaImg2ImgPipeline"),
-    dit_blocks=("double", "single"))
+    dit_blocks=("double", "single"), lbw={"*": (flux.LBW,)}, model_files="dit_modelfile",
+    single_file=chroma.SINGLE_FILE)
 
 QWEN_IMAGE = Family(
     "qwen-image", "Qwen-Image", "transformer", {"text_encoder": "Qwen2.5-VL"}, qwen.VOCABULARY,
@@ -157,7 +171,8 @@ QWEN_IMAGE = Family(
     comfy={"qwen25_7b": "text_encoder"}, arch=Arch.QWEN_IMAGE, model_classes=("QwenImageTransformer2DModel",),
     kohya_out={"transformer": "lora_unet_"},  # musubi-tuner's names (its transformer has no original layout)
     plain_te=("text_encoder",), modelspec={Arch.QWEN_IMAGE: ("qwen_image", "Qwen-Image")},
-    pipelines=("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline"), dit_blocks=("double",))
+    pipelines=("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline"), dit_blocks=("double",),
+    model_files="dit_modelfile", single_file=qwen.SINGLE_FILE)
 
 FAMILIES: dict[str, Family] = {f.key: f for f in (SD, FLUX1, SD3, CHROMA, QWEN_IMAGE)}
 
@@ -181,7 +196,7 @@ _DIFFUSERS_DOUBLE = re.compile(r"^(?:transformer\.|lora_transformer_|base_model\
 SD3_WIDTHS = tuple(sd3.WIDTHS)
 # FLUX.1 (dev, schnell, Kontext) has 19 double blocks: a diffusers-layout file naming a later top-level block is
 # for a deeper DiT with the same names (Qwen-Image: 60 blocks of width 3072; SD3.5-Large: 38).
-FLUX1_DOUBLE_BLOCKS = 19
+FLUX1_DOUBLE_BLOCKS = flux.DOUBLE_BLOCKS
 SD35_LARGE_BLOCKS = 38  # SD3's deepest model: a block past it is Qwen-Image's
 QWEN_WIDTH = 3072  # Qwen-Image's hidden width (SD3's are SD3_WIDTHS)
 _BLOCK_KEY = re.compile(r'"([^"]*?transformer_blocks[._](\d+)[._][^"]*)"')
@@ -296,6 +311,23 @@ def deepest_block_keys(text: str) -> list[str]:
         if _DIFFUSERS_DOUBLE.search(m[1]) and (best is None or int(m[2]) > best[0]):
             best = (int(m[2]), m[1])
     return [] if best is None else [best[1]]
+
+
+def block_vectors(arch: str) -> tuple[BlockVector, ...]:
+    """The lora-block-weight vectors a model of ``arch`` takes (``Family.lbw``; none: a family without them)."""
+    table = family_of_arch(arch).lbw
+    return table.get(arch, table.get("*", ()))
+
+
+def all_block_vectors() -> dict[int, BlockVector]:
+    """Every family's lbw vectors by length (the length tells a vector apart)."""
+    return {len(v.blocks): v for f in FAMILIES.values() for vs in f.lbw.values() for v in vs}
+
+
+def vector_takers(vector: BlockVector) -> str:
+    """Who takes ``vector``: its label, and the families listing it after the first (``FLUX.1 and Chroma``)."""
+    takers = [f.display for f in FAMILIES.values() if any(vector in vs for vs in f.lbw.values())]
+    return " and ".join([vector.label, *takers[1:]])
 
 
 def family_of_arch(arch: str) -> Family:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import re
 
-from .layouts import Blocks, Fused, LayoutMap, Pieces, Target
+from .blocks import dit_vector
+from .layouts import Blocks, Fused, LayoutMap, Pieces, SingleFile, Target
 from .names import COMPOUNDS, Vocabulary
 
 __all__ = ["Fused", "Pieces", "Target", "MAP"]
@@ -59,6 +60,8 @@ _SINGLE: dict[str, Target] = {
     "norm.query_norm": "attn.norm_q", "norm.key_norm": "attn.norm_k",
     **{f"linear1.{i}": t for i, t in enumerate(_QKV + ("proj_mlp",))},
 }
+DOUBLE_BLOCKS, SINGLE_BLOCKS = 19, 38  # FLUX.1 dev/schnell/Kontext (Chroma keeps them)
+LBW = dit_vector("FLUX.1", DOUBLE_BLOCKS, SINGLE_BLOCKS)  # the 58-value block-weight vector
 # diffusers modules whose output is the hidden state (their output width is the hidden width)
 HIDDEN_OUTPUTS = ("attn.to_out.0", "attn.to_add_out", "ff.net.2", "ff_context.net.2", "x_embedder",
                   "context_embedder")
@@ -77,6 +80,13 @@ MAP = LayoutMap(_TOP, (Blocks("double_blocks", "transformer_blocks", _DOUBLE),
 # BFL module, its ``Fused``, the part's index); ``is_written``: a BFL name a BFL model has (not an alias).
 is_bfl_path, to_model, to_original = MAP.is_original, MAP.to_model, MAP.to_original
 fused_home, is_written = MAP.fused_home, MAP.is_written
+# BFL's ``flux1-dev.safetensors`` and ComfyUI's all-in-one files (``model.diffusion_model.`` + CLIP-L, T5, VAE); bare
+# diffusers names are diffusers-keyed GGUF files' (``models/flux.py`` reads those)
+SINGLE_FILE = SingleFile("FluxTransformer2DModel", re.compile(r"^double_blocks\."), to_model,
+                         lambda key: is_bfl_path(key) or key.split(".", 1)[0] in DIFFUSERS_HEADS,
+                         renames={"scale": "weight"}, ldm_vae=True,
+                         text_encoders={"text_encoder": "text_encoders.clip_l.transformer.",
+                                        "text_encoder_2": "text_encoders.t5xxl.transformer."})
 
 
 # -- what tells FLUX.1 files apart (raw key names, any dialect) ----------------------------------------------------

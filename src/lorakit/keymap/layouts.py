@@ -10,8 +10,8 @@ model's own shapes then check each part (``patch.plan``).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 
 Pieces = tuple[tuple[int, int], ...]  # source row ranges, in the target's row order
 
@@ -150,3 +150,39 @@ class LayoutMap:
         """Whether an original module path is one the layout's checkpoints have, not an alias some readers take."""
         m = self._block.fullmatch(path)
         return self.to_model(path) is not None and (m is None or not self._alias(m[3]))
+
+
+@dataclass(frozen=True)
+class SingleFile:
+    """How a DiT family's single-file checkpoints hold its transformer — the one description ``models`` (loading)
+    and ``tools`` (bake/extract) read them by: ``marker``, a key only its files have (prefixes stripped);
+    ``to_model``, a file module → the model's module(s) (fused rows split by the width ``hidden``'s rows show);
+    ``is_bare``, whether a key of a file without prefixes is the transformer's; ``renames``, parameter names the
+    file spells otherwise (BFL's RMSNorm ``scale``); ``text_encoders``, component → key prefix (HF names) in an
+    all-in-one file; ``ldm_vae``: an all-in-one file's VAE (``vae.``/``first_stage_model.``) is an LDM
+    ``AutoencoderKL``; ``model_class``: the diffusers transformer class."""
+
+    model_class: str
+    marker: re.Pattern[str]
+    to_model: Callable[[str], Target | None]
+    is_bare: Callable[[str], bool]
+    renames: Mapping[str, str] = field(default_factory=dict)
+    text_encoders: Mapping[str, str] = field(default_factory=dict)
+    ldm_vae: bool = False
+    hidden: str = "img_in.weight"
+    prefixes: tuple[str, ...] = ("model.diffusion_model.", "diffusion_model.")
+
+    def transformer_keys(self, keys: Mapping[str, object] | list[str]) -> dict[str, str]:
+        """The file's transformer keys: the name without its prefix → the file's key."""
+        out: dict[str, str] = {}
+        for key in keys:
+            prefix = next((p for p in self.prefixes if key.startswith(p)), None)
+            if prefix is not None:
+                out[key[len(prefix):]] = key
+            elif self.is_bare(key):
+                out[key] = key
+        return out
+
+    def claims(self, keys: Mapping[str, object] | list[str]) -> bool:
+        """Whether a single file with these keys is this family's."""
+        return any(self.marker.search(k) for k in self.transformer_keys(keys))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 
+from .layouts import SingleFile, Target
 from .names import COMPOUNDS, Vocabulary
 
 VOCABULARY = Vocabulary(COMPOUNDS + (
@@ -29,3 +30,15 @@ VOCABULARY = Vocabulary(COMPOUNDS + (
 KEYS = re.compile(r"(?:^|[._])transformer_blocks[._]\d+[._](?:img_mlp|txt_mlp|img_mod|txt_mod)[._]"
                   r"|(?:^|[._])txt_norm[._](?:lora|alpha|diff|lokr|hada|weight)")
 BLOCKS = 60  # QwenImageTransformer2DModel's num_layers (Qwen-Image, -Edit, -Edit-2509)
+HEADS = ("img_in", "txt_in", "txt_norm", "time_text_embed", "transformer_blocks", "norm_out", "proj_out")
+
+
+def file_module(path: str) -> Target | None:
+    """A Qwen-Image checkpoint's module → the model's: the same name (ComfyUI's model is named as diffusers')."""
+    return path if path.split(".", 1)[0] in HEADS else None
+
+
+# ComfyUI's ``qwen_image_*.safetensors`` (``split_files/diffusion_models``): the transformer alone, bare or under
+# ComfyUI's prefix
+SINGLE_FILE = SingleFile("QwenImageTransformer2DModel", re.compile(r"^transformer_blocks\.\d+\.img_mod\."),
+                         file_module, lambda key: key.split(".", 1)[0] in HEADS)

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .arch import Arch
-from .layouts import Blocks, Fused, LayoutMap, Target
+from .layouts import Blocks, Fused, LayoutMap, SingleFile, Target
 from .names import COMPOUNDS, Vocabulary
 
 VOCABULARY = Vocabulary(COMPOUNDS + (
@@ -146,3 +146,20 @@ SIZES = Sizes()
 def claims(keys: Iterable[str]) -> bool:
     """Whether key names alone say SD3: SAI block names, or diffusers names only SD3 has."""
     return any(KEYS.search(k) or DIFFUSERS_KEYS.search(k) for k in keys)
+
+
+def file_module(path: str) -> Target | None:
+    """A SAI checkpoint's module → the model's: ``MAP``, and the position table (the bare key ``pos_embed``: module
+    ``""``, parameter ``pos_embed``) → ``pos_embed`` (its parameter ``pos_embed``)."""
+    return "pos_embed" if path == "" else MAP.to_model(path)
+
+
+# SAI's ``sd3_medium.safetensors``, ``sd3.5_large.safetensors`` (``model.diffusion_model.`` + ``first_stage_model.``,
+# with or without ``text_encoders.clip_l|clip_g|t5xxl.transformer.``), or a bare transformer; its width is
+# ``x_embedder.proj``'s rows
+SINGLE_FILE = SingleFile("SD3Transformer2DModel", re.compile(r"^joint_blocks\.\d+\."), file_module,
+                         lambda key: MAP.is_original(key) or key == "pos_embed", renames={"pos_embed": "pos_embed"},
+                         text_encoders={"text_encoder": "text_encoders.clip_l.transformer.",
+                                        "text_encoder_2": "text_encoders.clip_g.transformer.",
+                                        "text_encoder_3": "text_encoders.t5xxl.transformer."},
+                         ldm_vae=True, hidden="x_embedder.proj.weight")

@@ -4,7 +4,8 @@ put back), and the text encoders / VAE of an all-in-one file (ComfyUI / SAI ``te
 ``vae.`` or ``first_stage_model.``) replacing those of the components folder."""
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -108,13 +109,33 @@ def folder_config(components: Path | None, part: str = "transformer") -> dict[st
 
 
 def build_on_meta(cls: Any, config: Mapping[str, Any], tensors: Callable[[int], Mapping[str, torch.Tensor]],
-                  path: Path, what: str, dtype: torch.dtype) -> Any:
+                  path: Path, what: str, dtype: torch.dtype, real_buffers: bool = False) -> Any:
     """A ``cls(**config)`` transformer made on ``meta`` and filled with ``tensors(hidden)`` (the file's tensors in
-    the model's names; ``hidden`` = heads × head width from the config) — no random init."""
+    the model's names; ``hidden`` = heads × head width from the config) — no random init. ``real_buffers``: the
+    buffers are made as the constructor computes them (Chroma's non-persistent ``mod_proj`` table, which no file
+    holds), only the parameters on ``meta``."""
     from .single_file import _fill
 
-    with torch.device("meta"):
+    with params_on_meta() if real_buffers else torch.device("meta"):
         model = cls(**config)
     hidden = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
     _fill(model, dict(tensors(hidden)), path, what, dtype)
     return model.eval()
+
+
+@contextmanager
+def params_on_meta() -> Iterator[None]:
+    """Modules built inside put every parameter on ``meta`` as it is registered (its values are never computed:
+    initialising a meta tensor is free), while buffers are computed as usual."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None:
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    torch.nn.Module.register_parameter = on_meta  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register  # type: ignore[method-assign]

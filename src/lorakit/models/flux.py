@@ -25,7 +25,7 @@ from .dit_files import (build_on_meta, folder_config, prefixed, replace_encoders
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.")  # BFL transformer keys in ComfyUI / Forge files
 T = TypeVar("T")
-TE_PREFIXES = {"text_encoder": "text_encoders.clip_l.transformer.", "text_encoder_2": "text_encoders.t5xxl.transformer."}
+TE_PREFIXES = dict(fluxmap.SINGLE_FILE.text_encoders)  # an all-in-one file's CLIP-L and T5
 
 
 def is_flux_index(index: Any) -> bool:

@@ -116,8 +116,8 @@ def load_model(spec: str | None, *, device: str | torch.device | None = None, dt
     ``high``: never tiles) and where LoRA originals are kept (``auto``/``device``/``host``). An argument left
     ``None`` comes from ``$LORAKIT_DEVICE``/``$LORAKIT_DTYPE``/``$LORAKIT_VRAM``/``$LORAKIT_LORA_ORIGINALS``, else
     its default (``auto``, ``auto``, ``normal``, ``auto``). ``components``: a diffusers folder of the family
-    (FLUX.1, SD3) a single file takes its tokenizers (and, transformer-only, its text encoders and VAE) from
-    (``$LORAKIT_COMPONENTS``)."""
+    (FLUX.1, SD3, Chroma, Qwen-Image) a single file takes its tokenizers (and, transformer-only, its text encoders
+    and VAE) from (``$LORAKIT_COMPONENTS``)."""
     dev = resolve_device(device if device is not None else _env("device"))
     # FLUX.1's activations overflow fp16: ``auto`` is bf16 for the DiT families on a GPU (their modules' ``HALF``)
     dit = dit_of_path(Path(spec)) if spec not in (None, DEMO) else None
@@ -231,8 +231,9 @@ def _use_sdpa(pipe: Any) -> None:
 def load_single_file(path: Path, configs: Mapping[str, Mapping[str, Any]] | None = None,
                      dtype: torch.dtype = torch.float32, components: Path | None = None) -> BaseModel:
     """An A1111-style ``.safetensors``/``.ckpt`` checkpoint (SD1, SD2, SDXL; ``configs`` default to the full-size
-    ones of the architecture its tensors show), or a DiT family's single file (FLUX.1, SD3; with ``components``:
-    ``models/flux.py``, ``models/sd3.py``), on the CPU in ``dtype`` (``load_model`` places it)."""
+    ones of the architecture its tensors show), or a DiT family's single file (FLUX.1, SD3, Chroma, Qwen-Image; with
+    ``components``: ``models/flux.py``, ``models/sd3.py``, ``models/folder_dits.py``), on the CPU in ``dtype``
+    (``load_model`` places it)."""
     from ..files.hashes import cached_sha256
     from .single_file import (
         build_pipeline,
@@ -268,11 +269,12 @@ def load_single_file(path: Path, configs: Mapping[str, Mapping[str, Any]] | None
 def dit_families() -> tuple[Any, ...]:
     """The model modules of the DiT families, each with ``ARCHES``, ``HALF``, ``is_index(model_index)``,
     ``is_file(tensors)``, ``load_folder``, ``load_single_file``, ``arch_of(pipe)`` and ``variant(pipe)``. SD3 is
-    asked first: its SAI names (``joint_blocks``) are its own, while BFL and SAI share ``final_layer.*``."""
+    asked first: its SAI names (``joint_blocks``) are its own, while BFL and SAI share ``final_layer.*``; Chroma
+    before FLUX.1: its checkpoints are BFL-named too, plus the approximator that only they have."""
     from . import flux, sd3
     from .folder_dits import CHROMA, QWEN_IMAGE
 
-    return (sd3, flux, CHROMA, QWEN_IMAGE)
+    return (sd3, CHROMA, QWEN_IMAGE, flux)
 
 
 def dit_family(arch: str) -> Any:

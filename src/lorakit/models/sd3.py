@@ -27,9 +27,7 @@ from .dit_files import (build_on_meta, folder_config, prefixed, replace_encoders
 ARCHES = (Arch.SD3_MEDIUM, Arch.SD35_MEDIUM, Arch.SD35_LARGE)
 HALF = torch.bfloat16  # SD3.5's activations are run in bf16 (the model cards, diffusers' docs)
 PREFIXES = ("model.diffusion_model.", "diffusion_model.")
-TE_PREFIXES = {"text_encoder": "text_encoders.clip_l.transformer.",
-               "text_encoder_2": "text_encoders.clip_g.transformer.",
-               "text_encoder_3": "text_encoders.t5xxl.transformer."}
+TE_PREFIXES = dict(sd3map.SINGLE_FILE.text_encoders)  # an all-in-one file's CLIP-L, CLIP-G and T5
 T = TypeVar("T")
 
 

@@ -168,7 +168,7 @@ class PlanCache:
 
     @staticmethod
     def _key(loras: Sequence[tuple[LoraModel, Weight]], strict: bool) -> tuple[object, ...]:
-        return (strict, *((id(lora), w.unet, w.te, tuple(sorted(w.blocks.items())), w.dyn, w.arch_family)
+        return (strict, *((id(lora), w.unet, w.te, tuple(sorted(w.blocks.items())), w.dyn, w.vector)
                           for lora, w in loras))
 
     def clear(self) -> None:

@@ -2,12 +2,13 @@
 family —, ``te``), per block (``in``/``mid``/``out`` as SD.Next for UNets, ``double``/``single`` for FLUX.1's
 transformer, or a lora-block-weight vector / preset as ``lbw``), and DyLoRA ``dyn``.
 
-lbw vectors are told apart by length: SD1/SD2 17 (LoRA) or 26 (LoCon), SDXL 12 or 20, FLUX.1 58 (``BASE``, its 19
-double blocks, its 38 single blocks: the layout of ComfyUI's and Forge's block-weight tools); ``BASE`` is the text
-encoder(s). Blocks a vector does not list keep the part weight (×1). Denoiser layers outside every block (time and
-label embeddings; FLUX's embedders and final layer) follow ``BASE`` under an lbw vector or preset (so ``NONE``
-changes nothing and ``ALL`` everything); ``in``/``mid``/``out`` and ``double``/``single`` leave them at the
-``unet`` weight. Block names of one family on a model of another are an error, not ignored.
+lbw vectors are told apart by length, each family listing those its models take (``Family.lbw``: SD1/SD2 17
+(LoRA) or 26 (LoCon), SDXL 12 or 20, FLUX.1 and Chroma 58 — ``BASE``, 19 double blocks, 38 single blocks: the
+layout of ComfyUI's and Forge's block-weight tools); ``BASE`` is the text encoder(s). Blocks a vector does not list
+keep the part weight (×1). Denoiser layers outside every block (time and label embeddings; FLUX's embedders and final
+layer) follow ``BASE`` under an lbw vector or preset (so ``NONE`` changes nothing and ``ALL`` everything);
+``in``/``mid``/``out`` and ``double``/``single`` leave them at the ``unet`` weight. Block names of one family on a
+model of another are an error, not ignored; so is a vector on a model whose family takes none.
 """
 from __future__ import annotations
 
@@ -18,19 +19,12 @@ from dataclasses import dataclass, field
 from ..errors import WeightSpecError
 from ..keymap import block_id
 from ..keymap.arch import NAMES, Arch
-from ..keymap.blocks import DIT_GROUPS
-from ..keymap.families import family_of_arch
+from ..keymap.blocks import DIT_GROUPS, BlockVector
+from ..keymap.families import FAMILIES, all_block_vectors, block_vectors, family_of_arch, vector_takers
 
 _IN = [f"IN{i:02d}" for i in range(12)]
 _OUT = [f"OUT{i:02d}" for i in range(12)]
-FLUX1_VECTOR = ["BASE"] + [f"D{i:02d}" for i in range(19)] + [f"S{i:02d}" for i in range(38)]
-VECTORS: dict[int, tuple[str, list[str]]] = {
-    17: ("sd", ["BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00"] + _OUT[3:12]),
-    26: ("sd", ["BASE"] + _IN + ["M00"] + _OUT),
-    12: (Arch.SDXL, ["BASE", "IN04", "IN05", "IN07", "IN08", "M00"] + _OUT[0:6]),
-    20: (Arch.SDXL, ["BASE"] + _IN[0:9] + ["M00"] + _OUT[0:9]),
-    58: (Arch.FLUX1, FLUX1_VECTOR),
-}
+VECTORS: dict[int, BlockVector] = all_block_vectors()  # every family's lbw vectors, by length
 UNET_PARTS = {"in": _IN, "mid": ["M00"], "out": _OUT}
 DIT_PARTS = {"double": ["DOUBLE"], "single": ["SINGLE"]}
 DENOISER_ALIASES = ("transformer", "dit")  # other names of the ``unet`` part
@@ -53,7 +47,7 @@ class Weight:
     te: float = 1.0
     blocks: Mapping[str, float] = field(default_factory=dict)
     dyn: int | None = None
-    arch_family: str | None = None  # "sd" or Arch.SDXL when an lbw vector fixed it
+    vector: BlockVector | None = None  # the lbw vector's layout when one gave the blocks
 
     def for_path(self, canonical_path: str, arch: str) -> float:
         """The multiplier of one layer: part weight × block factor."""
@@ -67,26 +61,23 @@ class Weight:
         return base * self.blocks.get(block or "BASE", 1.0)
 
     def _check_family(self, arch: str) -> None:
-        """Block weights name one family's blocks: on another family's model they are an error. ``double``/
-        ``single`` and the 58-value vector fit the transformers with those blocks (``Family.dit_blocks``: FLUX.1
-        and Chroma have both, Qwen-Image double ones only)."""
+        """Block weights name one family's blocks: on another family's model they are an error. An lbw vector fits
+        the models whose family lists it (``Family.lbw``); ``double``/``single`` the transformers with those blocks
+        (``Family.dit_blocks``)."""
         parts = family_of_arch(arch).dit_blocks
-        flux = "single" in parts  # FLUX.1's block layout: its 58-value vector applies
-        if self.arch_family and (arch == Arch.SDXL, flux) != (self.arch_family == Arch.SDXL,
-                                                               self.arch_family == Arch.FLUX1):
-            names: dict[str, str] = {Arch.SDXL: "SDXL", Arch.FLUX1: "FLUX.1"}
+        fitting = block_vectors(arch)
+        if self.vector is not None and self.vector not in fitting:
             raise WeightSpecError(f"a {len(self.blocks)}-value block-weight vector is for "
-                                  f"{names.get(self.arch_family, 'SD1/SD2')}, the model is {arch}")
+                                  f"{vector_takers(self.vector)}, the model is {arch}")
         unet_blocks = any(b.startswith(("IN", "M0", "OUT")) for b in self.blocks)
         dit_blocks = {b for b in self.blocks if b in ("DOUBLE", "SINGLE") or b[0] in DIT_GROUPS and b[1:].isdigit()}
-        if parts and unet_blocks and not self.arch_family:
+        if parts and unet_blocks and self.vector is None:
+            vectors = "".join(f" or a {len(v.blocks)}-value lbw vector ({v.layout})" for v in fitting)
             raise WeightSpecError(f"in/mid/out name a UNet's blocks; {NAMES.get(arch, arch)} has "
-                                  f"{' and '.join(parts)} blocks: use {'=…/'.join(parts)}=…"
-                                  + (" or a 58-value lbw vector (BASE, 19 double, 38 single)" if flux else ""))
+                                  f"{' and '.join(parts)} blocks: use {'=…/'.join(parts)}=…{vectors}")
         missing = {b for b in dit_blocks if DIT_GROUPS.get(b[0], b).lower() not in parts}
         if missing:
-            raise WeightSpecError(f"double/single name FLUX.1's and Chroma's transformer blocks (Qwen-Image has "
-                                  f"double ones only); the model is {arch}: use in/mid/out or an lbw vector")
+            raise WeightSpecError(f"{_dit_parts_message()}; the model is {arch}: use in/mid/out or an lbw vector")
 
     def describe(self, parts: Collection[str] = ("te", "unet")) -> str:
         """``te 0.8, unet 1`` (+ every block factor that is not 1, dyn) for log lines; ``parts``: the parts the
@@ -130,7 +121,7 @@ def _num(v: object, name: str) -> float:
     return float(v)
 
 
-def _blocks(spec: Mapping[str, object]) -> tuple[dict[str, float], str | None]:
+def _blocks(spec: Mapping[str, object]) -> tuple[dict[str, float], BlockVector | None]:
     blocks: dict[str, float] = {}
     if "lbw" in spec:
         return _lbw(spec["lbw"])
@@ -140,7 +131,7 @@ def _blocks(spec: Mapping[str, object]) -> tuple[dict[str, float], str | None]:
     return blocks, None
 
 
-def _lbw(value: object) -> tuple[dict[str, float], str | None]:
+def _lbw(value: object) -> tuple[dict[str, float], BlockVector | None]:
     if isinstance(value, str) and value.strip().upper() in PRESETS:
         members = PRESETS[value.strip().upper()]
         return {b: (1.0 if b in members else 0.0) for b in PRESETS["ALL"]}, None
@@ -152,6 +143,25 @@ def _lbw(value: object) -> tuple[dict[str, float], str | None]:
                                   f"{value!r}") from None
     if not isinstance(value, (list, tuple)) or len(value) not in VECTORS:
         n = len(value) if isinstance(value, (list, tuple)) else "?"
-        raise WeightSpecError(f"an lbw vector has 17 or 26 values (SD1/SD2), 12 or 20 (SDXL) or 58 (FLUX.1), got {n}")
-    family, names = VECTORS[len(value)]
-    return {n: _num(v, "lbw") for n, v in zip(names, value)}, family
+        raise WeightSpecError(f"an lbw vector has {_lengths_message()}, got {n}")
+    vector = VECTORS[len(value)]
+    return {n: _num(v, "lbw") for n, v in zip(vector.blocks, value)}, vector
+
+
+def _lengths_message() -> str:
+    """``17 or 26 values (SD1/SD2), 12 or 20 (SDXL) or 58 (FLUX.1 and Chroma)``: the vectors by whom they are for."""
+    by_label: dict[str, list[str]] = {}
+    for n, v in VECTORS.items():
+        by_label.setdefault(vector_takers(v), []).append(str(n))
+    parts = [f"{' or '.join(ns)}{' values' if i == 0 else ''} ({label})"
+             for i, (label, ns) in enumerate(by_label.items())]
+    return ", ".join(parts[:-1]) + " or " + parts[-1] if len(parts) > 1 else parts[0]
+
+
+def _dit_parts_message() -> str:
+    """``double/single name FLUX.1's and Chroma's transformer blocks (Qwen-Image has double ones only)``, from the
+    families' ``dit_blocks``."""
+    every = [f.display for f in FAMILIES.values() if set(f.dit_blocks) == set(DIT_PARTS)]
+    some = "".join(f" ({f.display} has {' and '.join(f.dit_blocks)} ones only)" for f in FAMILIES.values()
+                   if f.dit_blocks and set(f.dit_blocks) != set(DIT_PARTS))
+    return f"double/single name {' and '.join(n + chr(39) + 's' for n in every)} transformer blocks{some}"

@@ -90,7 +90,7 @@ def _skeleton(mf: ModelFile, shapes: Mapping[str, tuple[int, ...]], device: str 
     for component, cfg in mf.config.items():
         roots[component] = torch.nn.Module()
         roots[component].config = SimpleNamespace(**cfg)  # type: ignore[assignment]
-        if family_of_arch(mf.arch).layout is not None:  # a DiT family's model is told by its classes, which a
+        if family_of_arch(mf.arch).denoiser != "unet":  # a DiT family's model is told by its classes, which a
             # stand-in lacks (SD3's size is its arch too)
             roots[component].lorakit_arch = mf.arch  # type: ignore[assignment]
     for path, shape in shapes.items():

@@ -14,10 +14,10 @@ from ..errors import ToolError
 from ..files.header import Header, read_header
 from ..keymap import flux as fluxmap
 from ..keymap.arch import Arch
-from ..keymap.names import canonical_te_path
-from ..models.flux import TE_PREFIXES, is_flux_index, transformer_keys
-from ..quant.files import IGNORED, SCALE_KEYS
-from .modelfile import ModelFile, Ref, TensorFile, _json, read_folder
+from ..keymap.families import FLUX1, Family
+from ..models.flux import is_flux_index, transformer_keys
+from .dit_modelfile import single
+from .modelfile import ModelFile, _json, read_folder
 
 COMPONENTS = ("transformer", "text_encoder", "text_encoder_2")
 
@@ -42,33 +42,9 @@ def _folder(p: Path) -> ModelFile:
 
 
 def _single(p: Path, header: Header, configs: Mapping[str, Mapping[str, Any]]) -> ModelFile:
-    tf = TensorFile(p, header)
-    params: dict[str, Ref] = {}
-    bfl = transformer_keys({k: k for k in header.tensors})  # BFL name → the file's key
-    img_in = header.tensors.get(bfl.get("img_in.weight", ""))
-    if img_in is None:
-        raise ToolError(f"{p}: a FLUX.1 file without img_in.weight: its hidden width is unknown")
-    hidden = int(img_in.shape[0])
-    for name, key in bfl.items():
-        module, _, param = name.rpartition(".")
-        if param in SCALE_KEYS or param in IGNORED or name in IGNORED:
-            continue  # ComfyUI fp8 scales (read beside their weight: ``modelfile.with_scales``) and markers
-        target = fluxmap.to_model(module)
-        if target is None or param not in ("weight", "bias", "scale"):
-            raise ToolError(f"{p}: {key} is not a FLUX.1 transformer tensor")
-        param = "weight" if param == "scale" else param  # RMSNorm's scale is diffusers' weight
-        if isinstance(target, str):
-            tf.add(key, f"transformer.{target}.{param}", Ref(tf, key), params)
-            continue
-        pieces = target.pieces(int(header.tensors[key].shape[0]), hidden)
-        if isinstance(pieces, str):
-            raise ToolError(f"{p}: {key} cannot be split onto {', '.join(target.targets)}: {pieces}")
-        for part, rows in pieces:
-            tf.add(key, f"transformer.{part}.{param}", Ref(tf, key, rows=rows), params)
-    for key in header.tensors:
-        for component, prefix in TE_PREFIXES.items():
-            if key.startswith(prefix):
-                tf.add(key, f"{component}.{canonical_te_path(key[len(prefix):])}", Ref(tf, key), params)
-    config: dict[str, Any] = {c: dict(configs.get(c, {})) for c in COMPONENTS
-                              if any(n.startswith(c + ".") for n in params)}
-    return ModelFile(p, "single", Arch.FLUX1, [tf], params, config)
+    return single(p, header, configs, FLUX1, fluxmap.SINGLE_FILE, COMPONENTS)
+
+
+def read(p: Path, configs: Mapping[str, Mapping[str, Any]] | None, family: Family | None = None) -> ModelFile | None:
+    """``modelfile.family_readers``' interface: ``flux_model``."""
+    return flux_model(p, configs)

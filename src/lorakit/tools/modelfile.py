@@ -1,18 +1,17 @@
-"""Base models as files, read one tensor at a time: a diffusers folder (``unet/``, ``text_encoder*/``) or an
-A1111 single file, each parameter found under its canonical name (``unet.down_blocks.0.…to_q.weight``,
-``text_encoder.encoder.layers.0.self_attn.q_proj.weight``) without building the model.
+"""Base models as files, read one tensor at a time: a diffusers folder or a single file, each parameter found under
+its canonical name (``unet.down_blocks.0.…to_q.weight``, ``text_encoder.encoder.layers.0.self_attn.q_proj.weight``)
+without building the model — by the reader its family names (``Family.model_files``: ``sd_modelfile``,
+``flux_modelfile``, ``sd3_modelfile``, ``dit_modelfile``).
 
 Tensors are read with plain reads into fresh torch buffers (no mmap), so memory holds only what a tool keeps.
-Single-file UNet names come from ``tools.checkpoint.unet_to_ldm`` (the exporter) for the UNet config in use;
-OpenCLIP text encoders (SD2, SDXL's second) keep q/k/v fused in ``in_proj``: each projection is a row slice.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -20,22 +19,14 @@ import torch
 from ..errors import ToolError
 from ..files.header import Header, read_header
 from ..files.inputs import read_json
-from ..keymap.arch import Arch
+from ..keymap.families import FAMILIES, SD, SUPPORTED, Family
 from ..keymap.names import canonical_te_path
 from ..quant.files import SCALE_KEYS
 from ..quant.layers import FP8, fp8_values
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                 "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-UNET_PREFIX = "model.diffusion_model."
-HF_TE = {"cond_stage_model.transformer.text_model.": "text_encoder", "cond_stage_model.transformer.": "text_encoder",
-         "conditioner.embedders.0.transformer.text_model.": "text_encoder"}
-OPENCLIP_TE: dict[str, tuple[str, str]] = {Arch.SD2: ("cond_stage_model.model.", "text_encoder"),
-               Arch.SDXL: ("conditioner.embedders.1.model.", "text_encoder_2")}
-_OPENCLIP_LAYER = {"attn.out_proj": "self_attn.out_proj", "ln_1": "layer_norm1", "ln_2": "layer_norm2",
-                   "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
 
 
 @dataclass(frozen=True)
@@ -152,31 +143,28 @@ class ModelFile:
 
 
 def open_model(path: str | Path, configs: Mapping[str, Mapping[str, Any]] | None = None) -> ModelFile:
-    """A diffusers folder (``model_index.json``) or a single ``.safetensors`` checkpoint; ``configs`` (UNet/text
-    encoder constructor arguments) for single files of other than the full-size configs."""
-    from .flux_modelfile import flux_model
-    from .sd3_modelfile import sd3_model
-
+    """A diffusers folder (``model_index.json``) or a single ``.safetensors`` checkpoint of any family, read by the
+    family's reader (``family_readers``); ``configs`` (UNet/text encoder constructor arguments) for single files of
+    other than the full-size configs."""
     p = Path(path)
     if p.is_file() and p.suffix.lower() == ".gguf":
         raise ToolError(f"{p}: a GGUF model; the tools read safetensors bases (fp8 and scaled fp8 included). Apply "
                         "LoRAs to a GGUF base at load time (generate/serve), or bake onto the dense model")
-    flux = flux_model(p, configs)  # FLUX.1: a diffusers folder, a BFL or ComfyUI single file
-    if flux is not None:
-        return with_scales(flux)
-    sd3 = sd3_model(p)  # SD3 / SD3.5: a diffusers folder
-    if sd3 is not None:
-        return with_scales(sd3)
-    if p.is_dir():
-        if not (p / "model_index.json").is_file():
-            raise ToolError(f"{p}: not a diffusers model folder (no model_index.json)")
-        return with_scales(_open_folder(p))
-    if not p.is_file():
-        raise ToolError(f"{p}: no such model file or folder")
-    if p.suffix.lower() != ".safetensors":
-        raise ToolError(f"{p}: the tools read .safetensors checkpoints only (pickles load whole and may run code); "
-                        "convert it first")
-    return with_scales(_open_single(p, configs))
+    for family, reader in family_readers():
+        found = reader.read(p, configs, family)
+        if found is not None:
+            return with_scales(found)
+    raise ToolError(f"{p}: not a model folder or checkpoint of {SUPPORTED}")
+
+
+def family_readers() -> list[tuple[Family, Any]]:
+    """Each family's model-file reader: the module of ``lorakit.tools`` its ``Family.model_files`` names, with
+    ``read(path, configs, family) -> ModelFile | None`` (``None``: not its family's). Asked in this order: a family
+    whose models take another's LoRAs (``Family.fits``: Chroma, FLUX.1's) first — its files are that family's names
+    plus its own, which the other's reader would take for its own —, then the rest, Stable Diffusion's last: it reads
+    what no other family claims and says what is wrong with it."""
+    order = sorted(FAMILIES.values(), key=lambda f: (f is SD, not f.fits))
+    return [(f, importlib.import_module(f".{f.model_files}", __package__)) for f in order if f.model_files]
 
 
 def with_scales(mf: ModelFile) -> ModelFile:
@@ -193,15 +181,6 @@ def with_scales(mf: ModelFile) -> ModelFile:
                 if mf.params.get(canonical) is not None and mf.params[canonical].key == key:
                     mf.params[canonical] = ref
     return mf
-
-
-def _open_folder(p: Path) -> ModelFile:
-    files, params, config = read_folder(p, COMPONENTS)
-    if "unet" not in config:
-        raise ToolError(f"{p}: the model folder has no unet/")
-    index = _json(p / "model_index.json")
-    arch = Arch.SDXL if "XL" in str(index.get("_class_name", "")) else _arch_from_config(config)
-    return ModelFile(p, "folder", arch, files, params, config)
 
 
 def read_folder(p: Path, components: tuple[str, ...]) -> tuple[list[TensorFile], dict[str, Ref], dict[str, Any]]:
@@ -229,13 +208,6 @@ def read_folder(p: Path, components: tuple[str, ...]) -> tuple[list[TensorFile],
     return files, params, config
 
 
-def _arch_from_config(config: dict[str, Any]) -> str:
-    """What ``patch.targets.model_arch`` says of the loaded model (the same facts, from the config files)."""
-    from ..patch.targets import model_arch
-
-    return model_arch({k: SimpleNamespace(config=SimpleNamespace(**v)) for k, v in config.items()})  # type: ignore[misc]
-
-
 def _json(path: Path) -> dict[str, Any]:
     try:
         obj = read_json(path)
@@ -244,74 +216,3 @@ def _json(path: Path) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise ToolError(f"{path}: not a JSON object")
     return obj
-
-
-def _open_single(p: Path, configs: Mapping[str, Mapping[str, Any]] | None) -> ModelFile:
-    from ..models.single_file import checkpoint_arch, default_configs
-
-    tf = TensorFile(p, read_header(p))
-    keys = list(tf.header.tensors)
-    if not any(k.startswith(UNET_PREFIX) for k in keys):
-        raise ToolError(f"{p}: not a Stable Diffusion checkpoint (no {UNET_PREFIX}* keys)")
-    arch = checkpoint_arch(dict.fromkeys(keys), p)  # type: ignore[arg-type]
-    cfg = {k: dict(v) for k, v in (configs or default_configs(arch)).items()}
-    params: dict[str, Ref] = {}
-    _map_unet(tf, cfg["unet"], params)
-    _map_hf_te(tf, params)
-    if arch in OPENCLIP_TE:
-        prefix, component = OPENCLIP_TE[arch]
-        _map_openclip(tf, prefix, component, params)
-    config = {"unet": cfg["unet"], "text_encoder": cfg.get("text_encoder", {})}
-    if arch == Arch.SDXL:
-        config["text_encoder_2"] = cfg.get("text_encoder_2", {})
-    return ModelFile(p, "single", arch, [tf], params, config)
-
-
-def _map_unet(tf: TensorFile, unet_config: Mapping[str, Any], params: dict[str, Ref]) -> None:
-    from diffusers import UNet2DConditionModel
-
-    from .checkpoint import unet_to_ldm
-
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**unet_config)
-    for name, _ in unet.named_parameters():
-        key = UNET_PREFIX + unet_to_ldm(name, unet.config)
-        if key in tf.header.tensors:
-            tf.add(key, f"unet.{name}", Ref(tf, key), params)
-
-
-def _map_hf_te(tf: TensorFile, params: dict[str, Ref]) -> None:
-    for key in tf.header.tensors:
-        for prefix, component in HF_TE.items():
-            if key.startswith(prefix):
-                name = canonical_te_path(key[len(prefix):])
-                tf.add(key, f"{component}.{name}", Ref(tf, key), params)
-                break
-
-
-def _map_openclip(tf: TensorFile, prefix: str, component: str, params: dict[str, Ref]) -> None:
-    """OpenCLIP names → transformers CLIP names (the inverse of ``checkpoint.openclip_state``)."""
-    top = {"ln_final.weight": "final_layer_norm.weight", "ln_final.bias": "final_layer_norm.bias"}
-    for key in tf.header.tensors:
-        if not key.startswith(prefix):
-            continue
-        rest = key[len(prefix):]
-        if rest in top:
-            tf.add(key, f"{component}.{top[rest]}", Ref(tf, key), params)
-        elif rest == "text_projection":
-            tf.add(key, f"{component}.text_projection.weight", Ref(tf, key, transposed=True), params)
-        elif rest.startswith("transformer.resblocks."):
-            _map_resblock(tf, key, rest, component, params)
-
-
-def _map_resblock(tf: TensorFile, key: str, rest: str, component: str, params: dict[str, Ref]) -> None:
-    i, _, tail = rest[len("transformer.resblocks."):].partition(".")
-    layer = f"{component}.encoder.layers.{i}"
-    if tail.startswith("attn.in_proj_"):
-        leaf = tail[len("attn.in_proj_"):]
-        for n, proj in enumerate(("q_proj", "k_proj", "v_proj")):
-            tf.add(key, f"{layer}.self_attn.{proj}.{leaf}", Ref(tf, key, part=(n, 3)), params)
-        return
-    module, _, leaf = tail.rpartition(".")
-    if module in _OPENCLIP_LAYER:
-        tf.add(key, f"{layer}.{_OPENCLIP_LAYER[module]}.{leaf}", Ref(tf, key), params)

@@ -16,15 +16,15 @@ from pathlib import Path
 from ..errors import LorakitError, ToolError
 from ..files.hashes import file_hashes
 from ..keymap.arch import Arch
-from ..keymap.families import family_of_arch
+from ..keymap.families import FLUX1, SD, family_of_arch
 from ..library.training import trigger_words
 from ..lora_model import LoraModel, load_lora
 from ..patch.weights import Weight, as_weight
 
-BASE_VERSION: dict[str, str] = {Arch.SD1: "sd_v1", Arch.SD2: "sd_v2", Arch.SDXL: "sdxl_base_v1-0",
-                                Arch.FLUX1: "flux1"}
-MODELSPEC: dict[str, str] = {Arch.SD1: "stable-diffusion-v1", Arch.SD2: "stable-diffusion-v2", Arch.SDXL: "stable-diffusion-xl-v1-base",
-                             Arch.FLUX1: "flux-1"}  # kohya's names; "flux-1/lora" when dev/schnell is not known
+# kohya's names of SD1/SD2/SDXL and FLUX.1 ("flux-1/lora" when dev/schnell is not known), from the families'
+# ``modelspec`` (what ``train.output`` reads)
+BASE_VERSION: dict[str, str] = {a: names[0] for f in (SD, FLUX1) for a, names in f.modelspec.items()}
+MODELSPEC: dict[str, str] = {a: names[1] for f in (SD, FLUX1) for a, names in f.modelspec.items()}
 
 
 @dataclass
@@ -116,9 +116,8 @@ def lora_metadata(arch: str, ranks: Sequence[int], alphas: Sequence[float], titl
             "ss_network_alpha": f"{alphas[0]:g}" if len(set(alphas)) == 1 else "Dynamic",
             "modelspec.sai_model_spec": "1.0.0", "modelspec.title": title,
             "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"), "modelspec.implementation": "lorakit"}
-    if arch in BASE_VERSION:
-        meta.update({"ss_base_model_version": BASE_VERSION[arch], "ss_v2": str(arch == Arch.SD2),
-                     "modelspec.architecture": f"{MODELSPEC[arch]}/lora"})
-    elif (names := family_of_arch(arch).modelspec.get(arch)) is not None:  # a family's sizes (SD3), as kohya names them
-        meta.update({"ss_base_model_version": names[0], "ss_v2": "False", "modelspec.architecture": f"{names[1]}/lora"})
+    names = family_of_arch(arch).modelspec.get(arch)  # kohya's names of the base (``Family.modelspec``)
+    if names is not None:
+        meta.update({"ss_base_model_version": names[0], "ss_v2": str(arch == Arch.SD2),
+                     "modelspec.architecture": f"{names[1]}/lora"})
     return meta
