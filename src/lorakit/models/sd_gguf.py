@@ -27,7 +27,7 @@ ARCHITECTURES = {"sdxl": Arch.SDXL, "sd1": Arch.SD1}  # GGUF ``general.architect
 
 
 def unet_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The UNet's tensors, prefix stripped: those under ``model.diffusion_model.`` when the file has any (an
+    """The UNet's tensors, prefix stripped: those under ``model.diffusion_model.`` when the file has any (a
     stable-diffusion.cpp file also holds the text encoders and the VAE), else every tensor."""
     if any(k.startswith(PREFIX) for k in tensors):
         return {k[len(PREFIX):]: v for k, v in tensors.items() if k.startswith(PREFIX)}
