@@ -104,3 +104,13 @@ def tiny_qwen_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("tinyqwen") / "tinyqwen"
     tiny_qwen_pipeline().save_pretrained(path)  # type: ignore[attr-defined]
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny SDXL pipeline (tests/factories.py) saved as a diffusers folder, once per session."""
+    from tests.factories import tiny_sdxl_pipeline
+
+    path = tmp_path_factory.mktemp("tinysdxl") / "tinysdxl"
+    tiny_sdxl_pipeline().save_pretrained(path)  # type: ignore[attr-defined]
+    return path

@@ -222,6 +222,9 @@ def test_inspect_says_what_a_model_file_is_and_its_quantization(dense: object, t
     write_gguf(gguf_path, bfl_state(pipe.transformer), "Q8_0")
     fp8_path = tmp_path / "flux-fp8.safetensors"
     save_file(_fp8_file(pipe, "legacy"), fp8_path)
+    from lorakit.models.loading import is_flux_path
+
+    assert is_flux_path(gguf_path)  # so ``--dtype auto`` runs it in bf16 on a GPU, as FLUX.1 folders
     assert main(["inspect", "--json", str(gguf_path), str(fp8_path)]) == 0
     gguf_info, fp8_info = json.loads(capsys.readouterr().out)
     assert gguf_info["family"] == "FLUX.1" and gguf_info["layout"] == "BFL" and gguf_info["gguf_architecture"] == "flux"

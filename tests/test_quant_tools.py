@@ -2,7 +2,7 @@
 scaled layouts; BFL keys) and a tiny SDXL fp8 checkpoint. A baked layer is the bf16 weight ``apply_loras`` computes on
 that base per forward (``round_bf16(fp32(dq(Wq)) + ΣΔW)``), its scale tensors gone; every other tensor keeps its
 bytes, and lorakit loads the mixed file. ``extract`` reads fp8 weights through their dequantization (scales
-included). GGUF bases are refused by name."""
+included). GGUF bases: tests/test_quant_gguf_tools.py."""
 from __future__ import annotations
 
 import math
@@ -131,16 +131,13 @@ def _options(configs: dict[str, dict[str, object]]) -> object:
     return BakeOptions(configs=configs)
 
 
-def test_gguf_and_packed_bases_are_refused_by_name(fp8_base: tuple[Path, Path, Path], tmp_path: Path) -> None:
-    from tests.flux_factories import bfl_state
-    from tests.test_quant_files import write_gguf
+def test_packed_bases_are_refused_by_name_and_requant_takes_gguf_only(fp8_base: tuple[Path, Path, Path],
+                                                                      tmp_path: Path) -> None:
+    from lorakit.tools.bake import BakeOptions
 
     d, lora, _ = fp8_base
-    write_gguf(tmp_path / "q8.gguf", bfl_state(tiny_flux_pipeline().transformer), "Q8_0")  # type: ignore[attr-defined]
-    with pytest.raises(ToolError, match="q8.gguf: a GGUF model"):
-        bake(tmp_path / "q8.gguf", [str(lora)], tmp_path / "out.safetensors")
-    with pytest.raises(ToolError, match="q8.gguf: a GGUF model"):
-        extract(tmp_path / "q8.gguf", d / "fp8-plain.safetensors", tmp_path / "x.safetensors")
+    with pytest.raises(ToolError, match="--requant writes a GGUF of the base's own quantization types"):
+        bake(d / "fp8-plain.safetensors", [str(lora)], tmp_path / "out.gguf", BakeOptions(requant=True))
     sd = load_file(d / "fp8-plain.safetensors")[0]
     key = "model.diffusion_model.double_blocks.0.img_attn.proj.weight"
     sd[key] = torch.zeros(sd[key].shape, dtype=torch.uint8)  # packed integers, not values

@@ -245,8 +245,8 @@ def _add_device_args(p: argparse.ArgumentParser) -> None:
                                                                "restore; auto (default): on the device while free "
                                                                "memory allows, else in pinned host memory")
     g.add_argument("--components", metavar="DIR", help="a diffusers folder of the family (FLUX.1, SD3, Chroma, "
-                                                       "Qwen-Image): a single file of that "
-                                                       "family takes its tokenizers (transformer-only: also text "
+                                                       "Qwen-Image, SD/SDXL): a single file of that family takes its "
+                                                       "tokenizers (transformer-only or a GGUF UNet: also text "
                                                        "encoders, VAE) from it ($LORAKIT_COMPONENTS)")
 
 

@@ -38,10 +38,21 @@ def describe_model(path: Path) -> dict[str, Any]:
     stripped = [k.removeprefix("model.diffusion_model.").removeprefix("diffusion_model.") for k in keys]
     family = detect(stripped[:256], {})
     name = family if isinstance(family, str) else (foreign_name(stripped[:256], {}) or "Stable Diffusion")
+    if arch is not None or path.suffix.lower() == ".gguf":
+        name = _gguf_unet(keys, arch) or name
     layout = "BFL" if any(k.startswith(("double_blocks.", "single_blocks.")) for k in stripped) else "diffusers/LDM"
     return {"schema": SCHEMA, "file": str(path), "family": name, "gguf_architecture": arch, "layout": layout,
             "quantization": dict(sorted(types.items(), key=lambda kv: -kv[1])), "scaled_fp8": scaled,
             "tensors": len(keys)}
+
+
+def _gguf_unet(keys: list[str], arch: str | None) -> str | None:
+    """An SD/SDXL GGUF UNet's architecture by name (``models/sd_gguf.py``), ``None`` for other files."""
+    from .keymap.arch import NAMES
+    from .models import sd_gguf
+
+    names = dict.fromkeys(keys)
+    return NAMES[sd_gguf.file_arch(names, arch)] if sd_gguf.is_unet_file(names) else None
 
 
 def _types(path: Path) -> tuple[Counter[str], list[str], bool, str | None]:
@@ -65,6 +76,6 @@ def as_text(info: dict[str, Any]) -> str:
              f"  quantization  {quant}" + (" — fp8 with scales (ComfyUI scaled fp8)" if info["scaled_fp8"] else "")]
     if info.get("gguf_architecture"):
         lines.append(f"  GGUF arch     {info['gguf_architecture']}")
-    lines.append("  (a base model: load it with --model; the single files of FLUX.1, SD3, Chroma and Qwen-Image "
-                 "also need --components DIR)")
+    lines.append("  (a base model: load it with --model; the single files of FLUX.1, SD3, Chroma and Qwen-Image, and "
+                 "SD/SDXL GGUF UNets, also need --components DIR)")
     return "\n".join(lines)

@@ -243,15 +243,19 @@ def load_single_file(path: Path, configs: Mapping[str, Mapping[str, Any]] | None
     )
 
     from ..quant.files import fp8_file, read_gguf
+    from . import sd_gguf
     from .flux import load_single_file as flux_single_file
 
     if path.suffix.lower() == ".gguf":
         quantized = read_gguf(path)
-        if _dit_file(quantized.tensors) is not _flux():
+        if _dit_file(quantized.tensors) is _flux():
+            pipe = flux_single_file(path, {}, components, dtype, quantized)
+            return BaseModel(pipe, path.stem, cached_sha256(path)[:10], Arch.FLUX1)
+        if not sd_gguf.is_unet_file(quantized.tensors):
             raise ModelError(f"{path}: a GGUF file of {quantized.architecture or 'an unknown architecture'}; lorakit "
-                             "loads FLUX.1 GGUF files (SD/SDXL GGUF UNets are not supported)")
-        pipe = flux_single_file(path, {}, components, dtype, quantized)
-        return BaseModel(pipe, path.stem, cached_sha256(path)[:10], Arch.FLUX1)
+                             "loads FLUX.1 transformers and SD1/SD2/SDXL UNets from GGUF files")
+        pipe, unet_arch = sd_gguf.load_gguf_unet(path, quantized, components, dtype)
+        return BaseModel(pipe, path.stem, cached_sha256(path)[:10], unet_arch)
     sd = checkpoint_tensors(path)
     dit = _dit_file(sd)
     if dit is not None:
@@ -297,6 +301,10 @@ def dit_of_path(path: Path) -> Any:
         if path.is_dir():
             index = read_json(path / "model_index.json")
             return next((m for m in dit_families() if m.is_index(index)), None) if isinstance(index, dict) else None
+        if path.suffix.lower() == ".gguf":  # a FLUX.1 GGUF runs in bf16 on a GPU too
+            from ..quant.files import gguf_names
+
+            return _dit_file(dict.fromkeys(gguf_names(path)))
         return _dit_file(read_header(path).tensors) if path.suffix == ".safetensors" else None
     except (OSError, ValueError, LorakitError):
         return None
@@ -324,8 +332,9 @@ def _diffusers_folder(path: Path, dtype: torch.dtype) -> BaseModel:
     if dit is not None:
         pipe = dit.load_folder(path, dtype)
         return BaseModel(pipe, path.name, digest[:10], Arch(dit.arch_of(pipe)))
-    cls_name = str(index.get("_class_name", ""))
-    cls = StableDiffusionXLPipeline if "XL" in cls_name else StableDiffusionPipeline
+    from .sd_gguf import sd_pipeline_class
+
+    cls = sd_pipeline_class(index)
     try:
         extra = dict(safety_checker=None, requires_safety_checker=False) if cls is StableDiffusionPipeline else {}
         # ``dtype=`` (diffusers ≥ 0.36; older ones load fp32 and ``place_model`` casts)

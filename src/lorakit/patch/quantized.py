@@ -156,7 +156,8 @@ def requantize(module: torch.nn.Module, weight: torch.Tensor) -> torch.nn.Parame
         if kind not in GGUF_QUANTIZABLE:
             raise LorakitError(f"requantizing needs a quantizer for {kind}, which the gguf package does not have "
                                f"({', '.join(GGUF_QUANTIZABLE)} only); use the exact merge (mode fused)")
-        made = gguf_param(weight.cpu(), kind).to(old.device)
+        # laid out as the stored blocks are (an SD/SDXL GGUF layer's rows are not its weight's: ``GGUFShaped``)
+        made = gguf_param(weight.cpu().reshape(tuple(old.quant_shape)), kind).to(old.device)
         return made  # type: ignore[return-value]  # a GGUFParameter
     if nf4.is_bnb4(module):
         return nf4.requantized(module, weight)

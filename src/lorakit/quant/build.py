@@ -1,21 +1,25 @@
-"""A model built on ``meta`` filled with quantized tensors: every Linear whose weight is GGUF blocks becomes a
-diffusers ``GGUFLinear``, every fp8 one an ``Fp8Linear`` (with its scale); the rest is dense in the compute dtype.
-Shapes are checked as logical shapes (a GGUF weight's rows × values, not its bytes) before anything is assigned."""
+"""A model built on ``meta`` filled with quantized tensors: every Linear whose weight is GGUF blocks along its rows
+becomes a diffusers ``GGUFLinear`` (blocks that cross its rows: a ``GGUFShapedLinear``), every GGUF convolution a
+``GGUFConv2d``, every fp8 layer an ``Fp8Linear`` / ``Fp8Conv2d`` (with its scale); the rest is dense in the compute
+dtype. Shapes are checked as logical shapes (a GGUF weight's rows × values, or the shape ComfyUI-GGUF recorded
+before reshaping it — not its bytes) before anything is assigned."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import torch
 
 from ..errors import ModelError
-from .layers import FP8, Fp8Conv2d, Fp8Linear, Fp8Weight
+from .files import ORIG_SHAPE
+from .layers import FP8, Fp8Conv2d, Fp8Linear, Fp8Weight, GGUFConv2d, GGUFShapedLinear
 
 
 def fill_quantized(model: torch.nn.Module, state: dict[str, torch.Tensor], scales: dict[str, torch.Tensor],
                    path: Path, what: str, compute_dtype: torch.dtype) -> torch.nn.Module:
     """``model`` (built on ``meta``) with its Linears swapped for quantized ones where ``state`` has quantized
     weights, and every parameter taken from ``state`` (``ModelError`` for a missing, extra or mis-shaped one)."""
-    _swap_linears(model, state, scales, compute_dtype)
+    _swap_layers(model, state, scales, compute_dtype)
     expected = dict(model.named_parameters())
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
@@ -38,29 +42,35 @@ def _kept(t: torch.Tensor) -> bool:
     return hasattr(t, "quant_type") or t.dtype in FP8
 
 
-def _swap_linears(model: torch.nn.Module, state: dict[str, torch.Tensor], scales: dict[str, torch.Tensor],
-                  compute_dtype: torch.dtype) -> None:
-    from diffusers.quantizers.gguf.utils import GGUFLinear
-
+def _swap_layers(model: torch.nn.Module, state: dict[str, torch.Tensor], scales: dict[str, torch.Tensor],
+                 compute_dtype: torch.dtype) -> None:
     for name, module in list(model.named_modules()):
         weight = state.get(f"{name}.weight")
         if type(module) not in (torch.nn.Linear, torch.nn.Conv2d) or weight is None or not _kept(weight):
             continue
         owner, _, child = name.rpartition(".")
         parent = model.get_submodule(owner) if owner else model
-        gguf = hasattr(weight, "quant_type")
-        if isinstance(module, torch.nn.Conv2d):
-            if gguf:
-                raise ModelError(f"{name}: a GGUF-quantized convolution; lorakit reads GGUF Linears only")
-            made: torch.nn.Module = Fp8Conv2d(module, compute_dtype)
-        else:
-            with torch.device("meta"):
-                made = GGUFLinear(module.in_features, module.out_features, module.bias is not None,
-                                  compute_dtype=compute_dtype) if gguf else \
-                    Fp8Linear(module.in_features, module.out_features, module.bias is not None, compute_dtype)
+        made = _quantized_layer(module, weight, compute_dtype)
         if isinstance(made, Fp8Weight) and name in scales:
             setattr(made, "scale", scales[name])
         setattr(parent, child, made)
+
+
+def _quantized_layer(module: torch.nn.Module, weight: torch.Tensor, compute_dtype: torch.dtype) -> torch.nn.Module:
+    """The quantized layer (on ``meta``) that takes ``weight`` in ``module``'s place."""
+    from diffusers.quantizers.gguf.utils import GGUFLinear
+
+    gguf = hasattr(weight, "quant_type")
+    if isinstance(module, torch.nn.Conv2d):
+        return GGUFConv2d(module, compute_dtype) if gguf else Fp8Conv2d(module, compute_dtype)
+    linear = cast(torch.nn.Linear, module)
+    args = (linear.in_features, linear.out_features, linear.bias is not None)
+    if not gguf:
+        return Fp8Linear(*args, compute_dtype, device="meta")
+    if tuple(getattr(weight, "quant_shape")) != (linear.out_features, linear.in_features):  # blocks cross rows
+        return GGUFShapedLinear(*args, compute_dtype)
+    with torch.device("meta"):
+        return GGUFLinear(*args, compute_dtype=compute_dtype)
 
 
 def _check_shape(model: torch.nn.Module, name: str, value: torch.Tensor, path: Path, what: str) -> None:
@@ -73,5 +83,5 @@ def _check_shape(model: torch.nn.Module, name: str, value: torch.Tensor, path: P
 
 
 def _logical(value: torch.Tensor) -> tuple[int, ...]:
-    shape = getattr(value, "quant_shape", None)
+    shape = getattr(value, ORIG_SHAPE, None) or getattr(value, "quant_shape", None)
     return tuple(int(s) for s in shape) if shape is not None else tuple(value.shape)

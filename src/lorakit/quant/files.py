@@ -1,5 +1,8 @@
 """Quantized model files, read into tensors that keep their quantization: GGUF (city96 / stable-diffusion.cpp:
-every type diffusers dequantizes, BF16 and F16/F32 too) as diffusers ``GGUFParameter``s of raw blocks; safetensors
+every type diffusers dequantizes, BF16 and F16/F32 too) as diffusers ``GGUFParameter``s of raw blocks — with
+ComfyUI-GGUF's ``comfy.gguf.orig_shape.<name>`` (SD1/SDXL files store a tensor whose last axis is not a multiple of
+256 as rows of 256 values) read back: F16/F32 tensors take that shape, quantized ones keep their blocks, laid out as
+rows of the original first axis where the blocks divide them, and carry the shape as ``ORIG_SHAPE``; safetensors
 whose weights are fp8 (e4m3fn / e5m2), unscaled or with ComfyUI's scales — legacy ``scaled_fp8`` marker +
 ``<layer>.scale_weight``, new ``<layer>.comfy_quant`` (JSON format name) + ``<layer>.weight_scale``. Every bad file
 is a ``ModelError`` naming the file and the tensor; nothing is half-loaded (the model is built only after every
@@ -19,6 +22,8 @@ from .layers import FP8
 
 SCALE_KEYS = ("scale_weight", "weight_scale")  # legacy, new
 IGNORED = ("scale_input", "input_scale", "comfy_quant", "scaled_fp8")  # for fp8 matmuls; lorakit dequantizes
+ORIG_SHAPE = "gguf_orig_shape"  # attribute of a GGUFParameter: its tensor's shape before ComfyUI-GGUF reshaped it
+ORIG_KEY = "comfy.gguf.orig_shape."
 FP8_FORMATS = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
 
 
@@ -54,6 +59,7 @@ def read_gguf(path: Path) -> Quantized:
     except (ValueError, IndexError, KeyError, OSError, struct_error()) as e:
         raise ModelError(f"{path}: not a readable GGUF file ({type(e).__name__}: {str(e)[:160]})") from None
     plain = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+    shapes = _orig_shapes(reader, {e.name for e in entries}, path)
     out: dict[str, torch.Tensor] = {}
     for entry in entries:
         kind = entry.tensor_type
@@ -61,8 +67,67 @@ def read_gguf(path: Path) -> Quantized:
             raise ModelError(f"{path}: tensor {entry.name} is {getattr(kind, 'name', kind)}, which lorakit cannot "
                              f"dequantize (supported: F32, F16, {', '.join(t.name for t in SUPPORTED_GGUF_QUANT_TYPES)})")
         data = torch.from_numpy(np.array(entry.data))
-        out[entry.name] = data if kind in plain else GGUFParameter(data, quant_type=kind)
-    return Quantized(out, kind="gguf", architecture=_arch(reader))
+        orig = shapes.get(entry.name)
+        if kind in plain:
+            out[entry.name] = data if orig is None else data.reshape(_checked(orig, data.numel(), entry.name, path))
+        else:
+            out[entry.name] = _blocks(GGUFParameter(data, quant_type=kind), orig, entry.name, path)
+    return Quantized(out, kind="gguf", architecture=architecture(reader))
+
+
+def gguf_names(path: Path) -> list[str]:
+    """A GGUF file's tensor names (its tensor table; no data read). ``ModelError`` for an unreadable file."""
+    import gguf
+
+    try:
+        return [t.name for t in gguf.GGUFReader(str(path)).tensors]
+    except (ValueError, IndexError, KeyError, OSError, struct_error()) as e:
+        raise ModelError(f"{path}: not a readable GGUF file ({type(e).__name__}: {str(e)[:160]})") from None
+
+
+def _orig_shapes(reader: Any, names: set[str], path: Path) -> dict[str, tuple[int, ...]]:
+    """``comfy.gguf.orig_shape.<name>`` fields: an array of positive integers for a tensor of the file."""
+    out: dict[str, tuple[int, ...]] = {}
+    for key, field_ in reader.fields.items():
+        if not key.startswith(ORIG_KEY):
+            continue
+        name = key[len(ORIG_KEY):]
+        try:
+            dims = tuple(int(field_.parts[i][0]) for i in field_.data)
+        except (IndexError, TypeError, ValueError, OverflowError):
+            dims = ()
+        if name not in names or not 1 <= len(dims) <= 4 or min(dims) < 1 or \
+                any(not np.issubdtype(field_.parts[i].dtype, np.integer) for i in field_.data):
+            raise ModelError(f"{path}: {key} must be 1 to 4 positive integers for a tensor of the file, got "
+                             f"{list(dims) or 'something else'}" + ("" if name in names else " (no such tensor)"))
+        out[name] = dims
+    return out
+
+
+def _checked(orig: tuple[int, ...], numel: int, name: str, path: Path) -> tuple[int, ...]:
+    if int(np.prod(orig)) != numel:
+        raise ModelError(f"{path}: tensor {name} holds {numel} values; its {ORIG_KEY}{name} {list(orig)} needs "
+                         f"{int(np.prod(orig))}")
+    return orig
+
+
+def _blocks(param: torch.Tensor, orig: tuple[int, ...] | None, name: str, path: Path) -> torch.Tensor:
+    """A quantized tensor with its original shape: the bytes laid out as rows of ``orig[0]`` where whole blocks fit
+    a row (a byte reshape: values run row-major, block after block), the shape kept as ``ORIG_SHAPE``."""
+    from diffusers.quantizers.gguf.utils import GGUFParameter
+    import gguf
+
+    if orig is None:
+        return param
+    kind = getattr(param, "quant_type")
+    _checked(orig, int(np.prod(getattr(param, "quant_shape"))), name, path)
+    block, size = gguf.GGML_QUANT_SIZES[kind]
+    row = int(np.prod(orig[1:]))
+    if row % block == 0:
+        param = GGUFParameter(param.as_tensor().reshape(orig[0], row // block * size),  # type: ignore[attr-defined]
+                              quant_type=kind)
+    setattr(param, ORIG_SHAPE, orig)
+    return param
 
 
 def struct_error() -> type[Exception]:
@@ -71,7 +136,8 @@ def struct_error() -> type[Exception]:
     return struct.error
 
 
-def _arch(reader: Any) -> str | None:
+def architecture(reader: Any) -> str | None:
+    """A GGUF reader's ``general.architecture`` (``None`` when absent or unreadable)."""
     field_ = reader.get_field("general.architecture")
     if field_ is None:
         return None

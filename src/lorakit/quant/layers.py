@@ -13,11 +13,16 @@ such):
   ``scale`` (ComfyUI's ``scale_weight`` / ``weight_scale``); dq = ``w.to(c)`` unscaled, ``(fp32(w) · scale).to(c)``
   scaled — lorakit's rule for scaled fp8, fixed once (ComfyUI's own forward computes ``w.to(c) · scale.to(c)``,
   which rounds twice);
+- ``GGUFConv2d`` / ``GGUFShapedLinear`` (here): GGUF blocks that do not run along the weight's rows — an SD/SDXL
+  UNet's convolutions, and tensors ComfyUI-GGUF stored as rows of 256 values (``comfy.gguf.orig_shape``) whose
+  blocks cross the layer's rows (K-quants on 320-wide Linears); dq = ``dequantize_gguf_tensor(w)`` reshaped to the
+  layer's weight shape, cast to ``compute_dtype`` (the values ``GGUFLinear``'s dq gives, laid out in that shape);
 - bitsandbytes' ``Linear4bit`` (NF4/FP4, weight a ``Params4bit``; ``quant/nf4.py``): dq = bitsandbytes'
   ``dequantize_4bit(data, quant_state)`` cast to the layer's compute dtype.
 """
 from __future__ import annotations
 
+import abc
 from typing import Any
 
 import torch
@@ -38,20 +43,41 @@ def fp8_values(w: torch.Tensor, scale: torch.Tensor | None, c: torch.dtype) -> t
     return (w.float() * s).to(c)
 
 
-class Fp8Weight:
-    """What an fp8 layer shares: its stored fp8 weight, an optional fp32 scale (per tensor or per output row), and
-    the dequantization to ``compute_dtype``."""
+class QuantWeight(abc.ABC):
+    """What lorakit's own quantized layers share: a stored weight that is never written, its dequantization to
+    ``compute_dtype`` (``dequantized``), the bias in that dtype."""
 
     compute_dtype: torch.dtype
+
+    @abc.abstractmethod
+    def dequantized(self) -> torch.Tensor:
+        """The weight's values in ``compute_dtype``, in the layer's weight shape."""
+
+    def _bias(self) -> torch.Tensor | None:
+        bias = getattr(self, "bias", None)
+        return None if bias is None else bias.to(self.compute_dtype)
+
+
+class Fp8Weight(QuantWeight):
+    """An fp8 layer: its stored fp8 weight, an optional fp32 scale (per tensor or per output row), and the
+    dequantization to ``compute_dtype``."""
 
     def dequantized(self) -> torch.Tensor:
         stored = getattr(self, "scale", None)
         return fp8_values(getattr(self, "weight"), stored if isinstance(stored, torch.Tensor) else None,
                           self.compute_dtype)
 
-    def _bias(self) -> torch.Tensor | None:
-        bias = getattr(self, "bias", None)
-        return None if bias is None else bias.to(self.compute_dtype)
+
+class GGUFShaped(QuantWeight):
+    """A GGUF layer whose blocks (a diffusers ``GGUFParameter``, raw bytes) are read whole and laid out in
+    ``logical_shape``: ``dequantize_gguf_tensor(w).reshape(logical_shape).to(compute_dtype)``."""
+
+    logical_shape: tuple[int, ...]
+
+    def dequantized(self) -> torch.Tensor:
+        from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
+
+        return dequantize_gguf_tensor(getattr(self, "weight")).reshape(self.logical_shape).to(self.compute_dtype)
 
 
 class Fp8Linear(Fp8Weight, torch.nn.Linear):
@@ -68,18 +94,49 @@ class Fp8Linear(Fp8Weight, torch.nn.Linear):
         return F.linear(inputs, self.dequantized(), self._bias())
 
 
+def _meta_conv(layer: torch.nn.Conv2d, conv: torch.nn.Conv2d) -> None:
+    """``layer`` initialised (on ``meta``: its weight comes from a file) with ``conv``'s geometry."""
+    torch.nn.Conv2d.__init__(layer, conv.in_channels, conv.out_channels, conv.kernel_size,  # type: ignore[arg-type]
+                             conv.stride, conv.padding, conv.dilation, conv.groups,  # type: ignore[arg-type]
+                             conv.bias is not None, conv.padding_mode, device="meta")
+
+
 class Fp8Conv2d(Fp8Weight, torch.nn.Conv2d):
     """A Conv2d whose weight is stored in fp8 (SDXL fp8 checkpoints quantize the UNet's convolutions too)."""
 
     def __init__(self, conv: torch.nn.Conv2d, compute_dtype: torch.dtype) -> None:
-        torch.nn.Conv2d.__init__(self, conv.in_channels, conv.out_channels, conv.kernel_size,  # type: ignore[arg-type]
-                                 conv.stride, conv.padding, conv.dilation, conv.groups,  # type: ignore[arg-type]
-                                 conv.bias is not None, conv.padding_mode, device="meta")
+        _meta_conv(self, conv)
         self.compute_dtype = compute_dtype
         self.register_buffer("scale", None)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(inputs, self.dequantized(), self._bias())
+
+
+class GGUFConv2d(GGUFShaped, torch.nn.Conv2d):
+    """A Conv2d whose weight is GGUF blocks (SD/SDXL GGUF UNets): ``F.conv2d(x, dq(W).reshape(out, in, kh, kw), b)``."""
+
+    def __init__(self, conv: torch.nn.Conv2d, compute_dtype: torch.dtype) -> None:
+        _meta_conv(self, conv)
+        self.compute_dtype = compute_dtype
+        self.logical_shape = tuple(int(s) for s in conv.weight.shape)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(inputs, self.dequantized(), self._bias())
+
+
+class GGUFShapedLinear(GGUFShaped, torch.nn.Linear):
+    """A Linear whose GGUF blocks cross its rows (stored as rows of 256 values, ``comfy.gguf.orig_shape``, in a
+    type whose blocks do not divide the row): ``F.linear(x, dq(W).reshape(out, in), b)``. Where blocks divide the
+    rows the loader lays the bytes out as rows and uses diffusers' ``GGUFLinear``."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, compute_dtype: torch.dtype) -> None:
+        torch.nn.Linear.__init__(self, in_features, out_features, bias, device="meta")
+        self.compute_dtype = compute_dtype
+        self.logical_shape = (out_features, in_features)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return F.linear(inputs, self.dequantized(), self._bias())
 
 
 def is_gguf(module: torch.nn.Module) -> bool:
@@ -89,7 +146,7 @@ def is_gguf(module: torch.nn.Module) -> bool:
 
 def is_quantized(module: torch.nn.Module) -> bool:
     """A layer whose stored weight is not its values (GGUF blocks, fp8 storage): LoRAs never write it."""
-    return isinstance(module, Fp8Weight) or is_gguf(module) or nf4.is_bnb4(module)
+    return isinstance(module, QuantWeight) or is_gguf(module) or nf4.is_bnb4(module)
 
 
 def compute_dtype(module: torch.nn.Module) -> torch.dtype:
@@ -101,13 +158,20 @@ def compute_dtype(module: torch.nn.Module) -> torch.dtype:
 
 def dq(module: torch.nn.Module) -> torch.Tensor:
     """The weight the layer's forward uses, in its compute dtype (the loader's own dequantization)."""
-    if isinstance(module, Fp8Weight):
+    if isinstance(module, QuantWeight):
         return module.dequantized()
     if nf4.is_bnb4(module):
         return nf4.dequantized(module)
+    return gguf_values(getattr(module, "weight"), compute_dtype(module))
+
+
+def gguf_values(w: torch.Tensor, c: torch.dtype) -> torch.Tensor:
+    """A GGUF weight's values in ``c`` (a ``GGUFParameter`` of raw blocks → (out, in)): diffusers'
+    ``dequantize_gguf_tensor`` cast to ``c``, as ``GGUFLinear``'s own forward computes it. Layers and the file tools
+    share it."""
     from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
 
-    return dequantize_gguf_tensor(module.weight).to(compute_dtype(module))
+    return dequantize_gguf_tensor(w).to(c)
 
 
 def weight_values(module: torch.nn.Module) -> torch.Tensor:
@@ -126,7 +190,8 @@ def weight_shape(module: torch.nn.Module) -> tuple[int, ...] | None:
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor):
         return None
-    shape = nf4.logical_shape(module) if nf4.is_bnb4(module) else getattr(weight, "quant_shape", None)
+    shape = nf4.logical_shape(module) if nf4.is_bnb4(module) else module.logical_shape \
+        if isinstance(module, GGUFShaped) else getattr(weight, "quant_shape", None)
     out = tuple(int(s) for s in shape) if shape is not None else tuple(weight.shape)
     narrow = getattr(module, "lorakit_inputs", None)  # widened for a control LoRA: the model's own width
     return (out[0], int(narrow), *out[2:]) if isinstance(narrow, int) else out

@@ -24,7 +24,7 @@ from ..files.output import write_atomic
 from .guards import MAX_DEPTH
 
 log = logging.getLogger("lorakit.server")
-SUFFIXES = (".safetensors", ".ckpt", ".gguf")  # .gguf: quantized FLUX.1 (with --components)
+SUFFIXES = (".safetensors", ".ckpt", ".gguf")  # .gguf: quantized FLUX.1 / SD UNets (with --components)
 MAX_MODELS = 10_000
 DEFAULT_OPTIONS_FILE = Path("~/.config/lorakit/server-options.json").expanduser()
 MAX_OPTIONS_BYTES = 4 * 2 ** 20  # A1111's config.json is a few KB

@@ -4,12 +4,15 @@ dtypes, every other tensor and file copied unchanged.
 Each changed parameter is computed by the same ``Patcher`` that ``apply_loras`` uses, on a stand-in model that
 holds only that layer (its tensors read from the file in their own dtype, the model's config for the
 architecture checks), so the baked weights are bit-identical to what ``apply_loras`` fuses into the loaded model —
-one layer in memory at a time. All checks (architecture, shapes, weight specs) run on the whole set first.
+one layer (a fused layer's parts) in memory at a time. All checks (architecture, shapes, weight specs) run on the
+whole set first.
 
-A quantized base (fp8, ComfyUI scaled fp8): a changed layer is written in bf16 — ``round_bf16(fp32(dq(Wq)) + ΣΔW)``,
-the weight ``apply_loras`` computes per forward on that base in bf16 — and its scale/marker tensors are dropped;
-every unchanged tensor keeps its stored bytes. Requantizing instead would erase part of the LoRA (§ quantized bases
-in docs/formats.md), so bake does not; the report says which layers changed dtype and the size it costs.
+A quantized base (fp8, ComfyUI scaled fp8, GGUF): a changed layer is written in bf16 — ``round_bf16(fp32(dq(Wq)) +
+ΣΔW)``, the weight ``apply_loras`` computes per forward on that base in bf16 — and its scale/marker tensors are
+dropped; every unchanged tensor keeps its stored bytes, except GGUF blocks, which safetensors cannot hold: they are
+written as their bf16 dequantization. Requantizing would erase part of the LoRA (§ quantized bases in
+docs/formats.md), so bake does not unless asked: ``--requant`` (GGUF bases, ``gguf_bake.py``) writes a GGUF of the
+base's types with each layer's loss reported. The report says which layers changed dtype and the sizes.
 """
 from __future__ import annotations
 
@@ -37,17 +40,22 @@ from ..quant.layers import FP8, weight_values
 from .flux_bake import fused_siblings, scatter_rows
 from .modelfile import ModelFile, Ref, TensorFile, open_model
 from .output import Entry, bar, check_output, write_safetensors
-from .quant_bake import DENSE, patched, quantized_leaf
+from .gguf_bake import check_requant, requantized, write_requantized
+from .gguf_modelfile import GgufFile
+from .quant_bake import DENSE, patched, quantized_leaf, stand_in
 from .report import LayerResult, ToolReport
 from .sources import Source, load_sources
+from .svd import diff_dot
 
 Tensor = torch.Tensor
+KEEP = 4  # patched modules held by the baker: the most parts a fused layer has (FLUX.1's linear1: q, k, v, MLP)
 
 
 @dataclass
 class BakeOptions:
     configs: Mapping[str, Mapping[str, Any]] | None = None  # single files of non-default configs
     dry_run: bool = False
+    requant: bool = False  # a GGUF base: write a GGUF of its types (lossy, the error reported), not bf16 safetensors
 
 
 def bake(model: str | Path, inputs: Sequence[str | Source], output: str | Path | None,
@@ -56,30 +64,65 @@ def bake(model: str | Path, inputs: Sequence[str | Source], output: str | Path |
     mf = open_model(model, opts.configs)
     sources = [s for s in inputs if isinstance(s, Source)] + load_sources([s for s in inputs if isinstance(s, str)])
     out = Path(output) if output is not None else None
-    if out is not None:
-        if mf.form == "single" and out.suffix.lower() != ".safetensors":  # else no tool could open what it wrote
-            raise ToolError(f"{out}: a single-file model is baked into a single file: name it NAME.safetensors")
-        check_output(out, [mf.path] + [s.path for s in sources], folder=mf.form == "folder")
+    _check_output(mf, out, opts, [s.path for s in sources])
     pairs = [(s.lora, s.weight) for s in sources]
     report = ToolReport("bake", None if opts.dry_run else (str(out) if out else None))
     touched = _check(mf, pairs, report)
-    rewritten = sorted(p for p in touched if (ref := mf.params.get(f"{p}.weight")) is not None and ref.quantized)
-    if rewritten:
-        report.notes.append(f"{len(rewritten)} changed fp8 layers written in bf16 (exact: the weights apply_loras "
-                            "computes on this base in bf16); the other quantized tensors are kept as stored")
-        report.size_before = sum(f.path.stat().st_size for f in mf.files)
+    _notes(mf, touched, opts, report)
     baker = _Baker(mf, pairs, touched, report)
+    if opts.requant:
+        check_requant(mf, touched)  # a K-quant layer to change: refused before anything is computed
     if out is None or opts.dry_run:
         for module in bar(sorted(touched), desc="baking", total=len(touched)):
-            baker.module(module)
+            requantized(baker, module) if opts.requant else baker.module(module)
         return report
     meta = {"lorakit.tool": "bake", "lorakit.sources": json.dumps([s.describe() for s in sources])}
-    if mf.form == "single":
+    if opts.requant:
+        write_requantized(out, mf, baker, meta)
+    elif mf.form == "single":
         write_safetensors(out, baker.entries(mf.files[0]), {**mf.files[0].header.metadata, **meta}, desc="baking")
     else:
         _write_folder(mf, out, baker, meta)
     report.size_bytes = sum(f.stat().st_size for f in ([out] if out.is_file() else out.rglob("*")) if f.is_file())
     return report
+
+
+def _check_output(mf: ModelFile, out: Path | None, opts: BakeOptions, loras: list[Path]) -> None:
+    """Before any work: ``--requant`` takes a GGUF base and writes ``.gguf``; a single file is baked into a
+    ``.safetensors`` file (else no tool could open what it wrote); the output replaces no input."""
+    gguf = isinstance(mf.files[0], GgufFile)
+    if opts.requant and not gguf:
+        raise ToolError(f"{mf.path}: --requant writes a GGUF of the base's own quantization types; this base is "
+                        "no GGUF file (an fp8 base is baked exactly, its changed layers in bf16)")
+    if out is None:
+        return
+    suffix = ".gguf" if opts.requant else ".safetensors"
+    if mf.form == "single" and out.suffix.lower() != suffix:
+        what = "--requant writes a GGUF file" if opts.requant else "a single-file model is baked into a single file"
+        raise ToolError(f"{out}: {what}: name it NAME{suffix}")
+    check_output(out, [mf.path, *loras], folder=mf.form == "folder")
+
+
+def _notes(mf: ModelFile, touched: set[str], opts: BakeOptions, report: ToolReport) -> None:
+    """What a quantized base's output holds, in the report."""
+    refs = [ref for p in touched if (ref := mf.params.get(f"{p}.weight")) is not None and ref.quantized]
+    kinds = ", ".join(sorted({ref.file.stored(ref.key) for ref in refs}))
+    if refs or isinstance(mf.files[0], GgufFile):
+        report.size_before = sum(f.path.stat().st_size for f in mf.files)
+    if opts.requant:
+        report.notes.append(f"{len(refs)} changed quantized layers ({kinds}) requantized to their own types (lossy: "
+                            "each layer's share of ΔW kept and relative error reported); every other tensor copied "
+                            "as stored")
+    elif refs:
+        report.notes.append(f"{len(refs)} changed quantized layers ({kinds}) written in bf16 (exact: the weights "
+                            "apply_loras computes on this base in bf16)" +
+                            ("" if isinstance(mf.files[0], GgufFile) else "; the other quantized tensors are kept as "
+                             "stored"))
+    gguf = [k for tf in mf.files for k in tf.header.tensors if not tf.holds(k)]
+    if gguf and not opts.requant:
+        report.notes.append(f"safetensors cannot hold GGUF blocks: the {len(gguf)} quantized tensors are written "
+                            "dequantized in bf16 (the values a base loaded in bf16 computes with), F32/F16 tensors "
+                            "as stored; --requant writes a GGUF of the base's types instead")
 
 
 def _skeleton(mf: ModelFile, shapes: Mapping[str, tuple[int, ...]], device: str = "meta",
@@ -100,10 +143,10 @@ def _skeleton(mf: ModelFile, shapes: Mapping[str, tuple[int, ...]], device: str 
             if getattr(leaf, name, None) is None:
                 continue
             key = f"{path}.{name}"
-            t = tensors[key] if tensors is not None else torch.empty(mf.shape(key), dtype=mf.params[key].dtype,
-                                                                     device=device)
-            setattr(leaf, name, torch.nn.Parameter(t, requires_grad=False))
-        if tensors is not None:  # an fp8 weight: lorakit's fp8 layer, merged per forward as on the loaded base
+            setattr(leaf, name, stand_in(tensors[key], mf.params[key]) if tensors is not None else
+                    torch.nn.Parameter(torch.empty(mf.shape(key), dtype=mf.params[key].dtype, device=device),
+                                       requires_grad=False))
+        if tensors is not None:  # a quantized weight: the loader's layer, merged per forward as on the loaded base
             leaf = quantized_leaf(leaf, mf.params[f"{path}.weight"])
         _attach(roots[component], rest, leaf)
     return roots
@@ -140,16 +183,22 @@ def _check(mf: ModelFile, pairs: list[tuple[LoraModel, Weight]], report: ToolRep
 
 
 class _Baker:
-    """Computes the patched tensors of one module at a time (cached until both weight and bias are taken)."""
+    """Computes the patched tensors of one module at a time (the last ``KEEP`` cached: a fused tensor's parts, until
+    both its weight and bias are taken)."""
 
     def __init__(self, mf: ModelFile, pairs: list[tuple[LoraModel, Weight]], touched: set[str],
                  report: ToolReport) -> None:
         self.mf, self.pairs, self.touched, self.report = mf, pairs, touched, report
         self._cache: dict[str, dict[str, Tensor]] = {}
+        self.results: dict[str, LayerResult] = {}  # module → its report line (a module computed again: not twice)
 
     def module(self, path: str) -> dict[str, Tensor]:
+        """The patched tensors of ``path``; the last ``KEEP`` modules are held (the parts of one fused layer, so its
+        weight and bias keys compute each part once)."""
         if path not in self._cache:
-            self._cache = {path: self._patch(path)}  # one module held at a time
+            if len(self._cache) >= KEEP:
+                del self._cache[next(iter(self._cache))]
+            self._cache[path] = self._patch(path)
         return self._cache[path]
 
     def _patch(self, path: str) -> dict[str, Tensor]:
@@ -165,19 +214,23 @@ class _Baker:
         patcher = Patcher(components)
         leaf = components[path.split(".", 1)[0]].get_submodule(path.split(".", 1)[1])
         before = weight_values(leaf)  # an fp8 weight's values (dq), not its stored numbers
+        bias = getattr(leaf, "bias", None)
+        bias = bias.detach() if isinstance(bias, torch.Tensor) else None
         patcher.set(subset, log_reports=False)
-        out = patched(leaf, {n.rsplit(".", 1)[1]: self.mf.params[n].dtype for n in names})
+        out = patched(leaf, {n.rsplit(".", 1)[1]: self.mf.params[n].dtype for n in names}, bias)
         patcher.restore()
         bad = [n for n, t in out.items() if not all_finite(t)]
         if bad:
             raise ToolError(f"layer {path}: the baked {bad[0]} holds NaN or infinite values (a LoRA weight too large "
                             f"for {out[bad[0]].dtype}?); nothing was written")
         after = out["weight"]
-        d2 = float((after.double() - before.double()).pow(2).sum())
-        stored = self.mf.params[f"{path}.weight"].dtype
-        note = f"; written {DENSE} (was {str(stored).removeprefix('torch.')})" if stored in FP8 else ""
-        self.report.add(LayerResult(path, "+".join(sorted({kind_of(lora.layers[path]) for lora, _ in subset})), None,
-                                    d2, 0.0, f"changed by ‖ΔW‖ {d2 ** 0.5:.3g}{note}"))
+        d2 = diff_dot(after, before, after, before)
+        ref = self.mf.params[f"{path}.weight"]
+        note = f"; written {DENSE} (was {ref.file.stored(ref.key)})" if ref.quantized else ""
+        if path not in self.results:
+            self.results[path] = LayerResult(path, "+".join(sorted({kind_of(lora.layers[path]) for lora, _ in subset})),
+                                             None, d2, 0.0, f"changed by ‖ΔW‖ {d2 ** 0.5:.3g}{note}")
+            self.report.add(self.results[path])
         return out
 
     def entries(self, tf: TensorFile) -> list[Entry]:
@@ -187,11 +240,10 @@ class _Baker:
             if key in dropped:
                 continue
             refs = tf.refs.get(key, [])
-            dtype = Ref(tf, key).dtype
+            ref = Ref(tf, key)
             changed = any(c.rsplit(".", 1)[0] in self.touched for c, _ in refs)
-            if changed and dtype in FP8:
-                dtype = DENSE
-            out.append(Entry(key, dtype, tuple(info.shape), self._getter(tf, key, refs if changed else None)))
+            dtype = DENSE if (changed and ref.quantized) or not tf.holds(key) else ref.dtype
+            out.append(Entry(key, dtype, tuple(info.shape), self._getter(tf, key, dtype, refs if changed else None)))
         return out
 
     def _dropped(self, tf: TensorFile) -> set[str]:
@@ -203,11 +255,13 @@ class _Baker:
                 out |= {f"{layer}.{leaf}" for leaf in (*SCALE_KEYS, *IGNORED)}
         return out
 
-    def _getter(self, tf: TensorFile, key: str, refs: list[tuple[str, Ref]] | None) -> Callable[[], Tensor]:
-        """How to get one file tensor: as stored, or rebuilt from its patched parts."""
+    def _getter(self, tf: TensorFile, key: str, dtype: torch.dtype, refs: list[tuple[str, Ref]] | None) \
+            -> Callable[[], Tensor]:
+        """How to get one file tensor: as stored, dequantized (GGUF blocks, which safetensors cannot hold), or
+        rebuilt from its patched parts (a GGUF file's changed F32 tensor: the bf16 result, exactly, in F32)."""
         if refs is None:
-            return lambda: tf.read(key)
-        return lambda: self._assemble(tf, key, refs)
+            return (lambda: tf.read(key)) if tf.holds(key) else lambda: Ref(tf, key).values(DENSE)
+        return lambda: self._assemble(tf, key, refs).to(dtype)
 
     def _assemble(self, tf: TensorFile, key: str, refs: list[tuple[str, Ref]]) -> Tensor:
         """The file tensor from its canonical parts, patched where a LoRA changed them (q/k/v of a fused
@@ -215,8 +269,9 @@ class _Baker:
         parts, rows = [], []
         for canonical, ref in sorted(refs, key=lambda cr: cr[1].part or (0, 1)):
             module, _, leaf = canonical.rpartition(".")
-            t = self.module(module)[leaf] if module in self.touched else \
-                ref.values(DENSE) if ref.quantized else ref.load()  # a part of a rewritten fp8 tensor
+            t = self.module(module).get(leaf) if module in self.touched else None  # None: a bias no LoRA changed
+            if t is None:  # a part of a rewritten quantized tensor, or a bias kept as stored
+                t = ref.values(DENSE) if ref.quantized else ref.load()
             parts.append(t.T.contiguous() if ref.transposed else t)
             rows.append(ref.rows)
         if rows[0]:  # FLUX.1's fused BFL layers: each part's rows back where the file has them

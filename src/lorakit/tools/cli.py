@@ -93,14 +93,25 @@ def _add_merge(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def _bake(args: argparse.Namespace) -> int:
     from .bake import BakeOptions, bake
 
-    return _print(bake(args.model, args.loras, _output(args), BakeOptions(dry_run=args.dry_run)), args)
+    return _print(bake(args.model, args.loras, _output(args), BakeOptions(dry_run=args.dry_run, requant=args.requant)),
+                  args)
 
 
 def _add_bake(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("bake", help="fuse LoRAs into a base model (same form and dtype; bit-identical to apply)")
-    p.add_argument("model", metavar="MODEL", help="a diffusers model folder or a .safetensors single file")
+    p = sub.add_parser("bake", help="fuse LoRAs into a base model (same form and dtype; bit-identical to apply)",
+                       description="Quantized bases: an fp8 / scaled-fp8 base keeps its unchanged layers and writes "
+                       "the changed ones in bf16; a FLUX.1 GGUF base is written as a bf16 .safetensors file in its own "
+                       "key layout (changed layers: the weights apply_loras computes on it in bf16; unchanged "
+                       "quantized tensors dequantized to bf16, F32/F16 ones as stored), or with --requant as a .gguf "
+                       "of its own types (lossy; each layer's loss reported).")
+    p.add_argument("model", metavar="MODEL", help="a diffusers model folder, a .safetensors single file or a FLUX.1 "
+                   ".gguf file")
     p.add_argument("loras", nargs="+", metavar="FILE[:WEIGHTS]", help="LoRAs and weights, as for merge")
-    _common(p, "output folder (for a folder model) or .safetensors file")
+    p.add_argument("--requant", action="store_true", help="GGUF base only: write a .gguf, each changed layer "
+                   "requantized to its own type (Q8_0, Q5_0/1, Q4_0/1, BF16; K-quants are refused: gguf has no "
+                   "quantizer for them) with the share of the LoRA kept and the error reported per layer; without "
+                   "it the output is bf16 .safetensors, exact")
+    _common(p, "output folder (for a folder model), .safetensors file (.gguf with --requant)")
     p.set_defaults(func=_bake)
 
 
@@ -117,7 +128,8 @@ def _extract(args: argparse.Namespace) -> int:
 
 def _add_extract(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("extract", help="a LoRA from the difference of a fine-tuned model and its base")
-    p.add_argument("base", metavar="BASE", help="the base model (folder or .safetensors)")
+    p.add_argument("base", metavar="BASE", help="the base model (folder, .safetensors, or a FLUX.1 .gguf: its "
+                   "quantized weights read dequantized in bf16, the values a base loaded in bf16 computes with)")
     p.add_argument("tuned", metavar="TUNED", help="the fine-tuned model")
     _common(p)
     _rank_flags(p, "the rank (default 32; with --sv-*, the cap)")

@@ -40,10 +40,11 @@ def read(p: Path, configs: Configs | None, family: Family) -> ModelFile | None:
 
 
 def single(p: Path, header: Header, configs: Configs, family: Family, layout: SingleFile,
-           components: tuple[str, ...], arch: str | None = None) -> ModelFile:
+           components: tuple[str, ...], arch: str | None = None, tf: TensorFile | None = None) -> ModelFile:
     """A single file's transformer (``layout``) and an all-in-one file's text encoders, under canonical names;
-    ``arch``: the file's size, for a family of several (SD3)."""
-    tf = TensorFile(p, header)
+    ``arch``: the file's size, for a family of several (SD3); ``tf``: the file read otherwise than as safetensors
+    (a GGUF file: ``gguf_modelfile``)."""
+    tf = tf or TensorFile(p, header)
     params: dict[str, Ref] = {}
     names = layout.transformer_keys(header.tensors)  # the layout's name → the file's key
     width = header.tensors.get(names.get(layout.hidden, ""))

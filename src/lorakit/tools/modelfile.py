@@ -22,11 +22,12 @@ from ..files.inputs import read_json
 from ..keymap.families import FAMILIES, SD, SUPPORTED, Family
 from ..keymap.names import canonical_te_path
 from ..quant.files import SCALE_KEYS
-from ..quant.layers import FP8, fp8_values
+from ..quant.layers import FP8, fp8_values, gguf_values
 
 TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                 "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+DENSE = torch.bfloat16  # the tools' compute dtype for quantized weights: a changed (or GGUF) layer is written in it
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,8 @@ class Ref:
 
     @property
     def dtype(self) -> torch.dtype:
-        return TORCH_DTYPES[self.file.header.tensors[self.key].dtype]
+        """The stored dtype (a GGUF-quantized weight: ``DENSE``, the dtype its values are read in)."""
+        return self.file.dtype(self.key)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -70,12 +72,16 @@ class Ref:
 
     @property
     def quantized(self) -> bool:
-        return self.dtype in FP8
+        """An fp8 or GGUF-quantized weight: its stored numbers are not its values."""
+        return self.file.quantized(self.key)
 
     def values(self, c: torch.dtype) -> torch.Tensor:
         """The parameter's numbers in ``c``: an fp8 weight through lorakit's dequantization (``quant.layers.
-        fp8_values``, its scale's rows selected as the weight's), never the stored bytes read as numbers."""
+        fp8_values``, its scale's rows selected as the weight's), a GGUF one through ``quant.layers.gguf_values`` in
+        ``DENSE`` (the numbers a base loaded in bf16 computes with), never the stored bytes read as numbers."""
         t = self.load()
+        if hasattr(t, "quant_type"):  # GGUF blocks (a row range of them: blocks run along rows)
+            return gguf_values(t, DENSE).to(c)
         if not self.quantized:
             if t.is_floating_point():
                 return t.to(c)
@@ -100,6 +106,20 @@ class TensorFile:
     path: Path
     header: Header
     refs: dict[str, list[tuple[str, Ref]]] = field(default_factory=dict)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return TORCH_DTYPES[self.header.tensors[key].dtype]
+
+    def quantized(self, key: str) -> bool:
+        return self.dtype(key) in FP8
+
+    def holds(self, key: str) -> bool:
+        """Whether a safetensors output can hold the tensor as stored (a GGUF file's blocks it cannot)."""
+        return True
+
+    def stored(self, key: str) -> str:
+        """The stored type's name for reports: ``float8_e4m3fn``, ``Q8_0``…"""
+        return str(self.dtype(key)).removeprefix("torch.")
 
     def read(self, key: str) -> torch.Tensor:
         info = self.header.tensors[key]
@@ -144,12 +164,13 @@ class ModelFile:
 
 def open_model(path: str | Path, configs: Mapping[str, Mapping[str, Any]] | None = None) -> ModelFile:
     """A diffusers folder (``model_index.json``) or a single ``.safetensors`` checkpoint of any family, read by the
-    family's reader (``family_readers``); ``configs`` (UNet/text encoder constructor arguments) for single files of
-    other than the full-size configs."""
+    family's reader (``family_readers``), or a FLUX.1 ``.gguf`` file (``gguf_modelfile``); ``configs`` (UNet/text
+    encoder constructor arguments) for single files of other than the full-size configs."""
+    from .gguf_modelfile import gguf_model
+
     p = Path(path)
     if p.is_file() and p.suffix.lower() == ".gguf":
-        raise ToolError(f"{p}: a GGUF model; the tools read safetensors bases (fp8 and scaled fp8 included). Apply "
-                        "LoRAs to a GGUF base at load time (generate/serve), or bake onto the dense model")
+        return gguf_model(p, configs)  # FLUX.1 GGUF (BFL or diffusers names), read block rows at a time
     for family, reader in family_readers():
         found = reader.read(p, configs, family)
         if found is not None:

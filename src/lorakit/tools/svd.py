@@ -183,3 +183,14 @@ def square_norm(t: Tensor) -> float:
     if t.device.type == "mps":
         return float(torch.linalg.vector_norm(t.float())) ** 2
     return float(t.double().pow(2).sum())
+
+
+def diff_dot(a: Tensor, b: Tensor, c: Tensor, d: Tensor, rows: int = 1024) -> float:
+    """Σ (a − b)·(c − d) over all elements, in fp64 (fp32 on MPS), a block of rows at a time: never a full-size fp64
+    copy (a FLUX.1 layer's is 0.4 GB). ``diff_dot(a, b, a, b)`` = ‖a − b‖²."""
+    wide = torch.float32 if a.device.type == "mps" else torch.float64
+    total = 0.0
+    for i in range(0, a.shape[0], rows):
+        rs = slice(i, i + rows)
+        total += float(((a[rs].to(wide) - b[rs].to(wide)) * (c[rs].to(wide) - d[rs].to(wide))).sum())
+    return total

@@ -24,6 +24,7 @@ from ..formats.base import Grouped
 from ..lora_model import LoraModel
 from ..patch.hooks import _LayerHook
 from ..patch.plan import Contribution
+from ..quant.layers import weight_values
 
 NETWORKS = ("lora", "locon", "loha", "lokr", "dora")
 TRANSFORMER_PARENTS = ("Transformer2DModel",)
@@ -125,7 +126,8 @@ class Network:
             if not isinstance(w, torch.Tensor):
                 raise TrainingError(f"{path}: the layer has no weight")
             rank, alpha = spec.for_layer(module)
-            leaves = init_leaves(spec.kind, w.detach(), rank, alpha, gen)
+            # W as numbers: a quantized layer's dequantized weight (its stored bytes are not its shape nor values)
+            leaves = init_leaves(spec.kind, weight_values(module), rank, alpha, gen)
             self.leaves[path] = {k: _param(v, w.device) for k, v in leaves.items()}
         self._hooks: list[_LayerHook] = []
 
