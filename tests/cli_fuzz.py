@@ -16,7 +16,8 @@ error's excerpt and caret excepted) are fine; the findings are ``traceback``, ``
 Extension point: ``COMMANDS`` (each command's slots: flag, value kind, valid values) and ``POOLS`` (the bad values
 of each kind) are plain tables — a new command, flag or input kind (FLUX and quantized models, Ray Serve) is a
 row here and its files in ``cli_fuzz_inputs.Workspace``; FLUX.1 and quantized (GGUF) models and LoRAs are the
-``NAME@flux`` rows, with their files from ``cli_fuzz_flux``.
+``NAME@flux`` rows, with their files from ``cli_fuzz_flux``; SD3, Chroma, Qwen-Image, quantized files and
+``serve --ray`` are the rows of ``cli_fuzz_dit_rows`` (files from ``cli_fuzz_dits``).
 """
 from __future__ import annotations
 
@@ -35,8 +36,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .cli_fuzz_dit_rows import DIT_ROWS, POOLS_ALL
 from .cli_fuzz_inputs import Workspace
-from .cli_fuzz_table import COMMANDS, POOLS, Slot, command_of
+from .cli_fuzz_table import COMMANDS as FIRST_ROWS
+from .cli_fuzz_table import Slot, command_of
+
+COMMANDS = FIRST_ROWS | DIT_ROWS
+POOLS = POOLS_ALL
 
 BAD = ("traceback", "hang", "replaced", "unloadable", "multiline", "memory", "exit")
 MEMORY_LIMIT = 2 << 30
@@ -209,7 +215,7 @@ def run(ws: Workspace, counts: dict[str, int], seed: int = 0, timeout: float = 1
     cwd = os.getcwd()
     os.chdir(ws.root)  # a ./lorakit.toml of the caller's must not steer the cases
     try:
-        with serve_once():
+        with serve_once(), ray_once():
             for i, case in enumerate(cases(seed, counts, ws)):
                 sub = bool(subprocess_every) and i % subprocess_every == 0 and case.argv[0] != "serve" and \
                     _argv_passable(case.argv)
@@ -239,6 +245,45 @@ def serve_once() -> Iterator[None]:
         yield
     finally:
         uvicorn.Server.run = original  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def ray_once() -> Iterator[None]:
+    """``lorakit serve --ray`` without a Ray cluster: where it would start Ray and deploy, the address is checked
+    as Ray would be reached and the Serve application is built from the config (Ray's own checks of the
+    deployments' options run there); then the command returns 0. A flag lorakit let by that Ray refuses is a
+    traceback here, as it would be after Ray started."""
+    from lorakit.serve_ray import run as ray_run
+
+    def once(cfg: object, host: str, port: int, address: str | None, gpus_flag: float | None) -> int:
+        from lorakit.serve_ray.deployments import build
+
+        if address:
+            ray_run.check_reachable(address)
+        ray_run.import_serve()
+        _as_serve_sends_it(build(cfg))  # type: ignore[arg-type]
+        return 0
+
+    original = ray_run.serve_forever
+    ray_run.serve_forever = once  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        ray_run.serve_forever = original  # type: ignore[assignment]
+
+
+def _as_serve_sends_it(app: object) -> None:
+    """Each deployment of a Serve application serialised as ``serve.run`` sends it to the controller (where an
+    option out of Serve's range — an int32 field — fails)."""
+    todo, seen = [getattr(app, "_bound_deployment")], set()
+    while todo:
+        node = todo.pop()
+        deployment = getattr(node, "_bound_deployment", node)
+        if id(deployment) in seen or not hasattr(deployment, "_deployment_config"):
+            continue
+        seen.add(id(deployment))
+        deployment._deployment_config.to_proto_bytes()
+        todo += [a for a in getattr(deployment, "init_args", ()) if hasattr(a, "_bound_deployment")]
 
 
 # -- checks -----------------------------------------------------------------------------------------------------
@@ -287,7 +332,17 @@ def _batch(folder: Path) -> None:
             _png(folder / name)
 
 
-CHECKS: dict[str, Callable[[Path], None]] = {"lora": _lora, "png": _png, "model": _model, "batch": _batch}
+def _serve_config(path: Path) -> None:
+    """A written Serve config: YAML whose application builds (``serve deploy`` would run its ``app_builder``)."""
+    import yaml
+
+    from lorakit.serve_ray.deployments import app_builder
+
+    app_builder(yaml.safe_load(path.read_text())["applications"][0]["args"])
+
+
+CHECKS: dict[str, Callable[[Path], None]] = {"lora": _lora, "png": _png, "model": _model, "batch": _batch,
+                                             "serve_config": _serve_config}
 
 
 def _multiline(err: str) -> bool:

@@ -4,7 +4,8 @@ and bad ones: missing, a folder, a FIFO, a socket, a character device (as root: 
 made here, so the machine's own is never at stake), a symlink loop, a symlink leading outside, a path under a
 file, a path under /proc; truncated, empty, binary, sparse-huge and deeply nested files; mutated LoRA files
 (``file_mutations``); jobs, options, prompts and caption files with bad JSON, NaN, surrogates, NULs; FLUX.1 LoRAs,
-a tiny FLUX.1 folder, BFL single files and GGUF files, good and bad (``cli_fuzz_flux``).
+a tiny FLUX.1 folder, BFL single files and GGUF files, good and bad (``cli_fuzz_flux``); SD3, Chroma and
+Qwen-Image folders and LoRAs, fp8 and broken quantized files (``cli_fuzz_dits``).
 
 ``Workspace.specials`` are the non-regular paths whose identity (inode, type, device numbers) the harness checks
 after every case: a command that replaced one is a finding."""
@@ -49,9 +50,11 @@ class Workspace:
         self.texts = self._texts()
         self.data = self._data()
         self.folders = {"loras": DEMO_LORAS, "empty": self._dir("in/empty"), "file": self.loras["good"],
-                        "outside": self.outside.parent, "missing": root / "in/no-such-folder", **{
+                        "outside": self.outside.parent, "missing": root / "in/no-such-folder",
+                        "specials": root / "special", **{  # a folder holding a FIFO, a socket, a symlink loop
                             k: v for k, v in self.specials.items() if k in ("fifo", "loop", "dir", "link_out")}}
         self._flux()
+        self._dits()
 
     def fresh(self, suffix: str = ".safetensors") -> Path:
         self._n += 1
@@ -158,6 +161,17 @@ class Workspace:
         self.models.update(models)
         self.folders["flux_loras"] = loras["flux"].parent
 
+    def _dits(self) -> None:
+        """SD3, Chroma, Qwen-Image and quantized inputs (``cli_fuzz_dits``), added to the tables."""
+        from .cli_fuzz_dits import dit_inputs, quant_inputs
+
+        made = dit_inputs(self.root / "dits")
+        self.loras.update(made["loras"])
+        self.models.update(made["models"])
+        self.folders.update(made["folders"])
+        self.texts.update(made["texts"])
+        self.models.update(quant_inputs(self.root / "quant", self.models["flux_bfl"], self.models["flux_gguf"]))
+
     def _texts(self) -> dict[str, Path]:
         d = self.root / "in"
         lines = {
@@ -189,7 +203,8 @@ class Workspace:
 
     def _data(self) -> dict[str, Path]:
         """Training folders: a good one, then one defect each."""
-        out = {name: self._dir(f"data/{name}") for name in ("good", "nul", "big", "outside", "loop", "empty")}
+        out = {name: self._dir(f"data/{name}") for name in ("good", "nul", "big", "outside", "loop", "empty",
+                                                            "self_loop")}
         for name, folder in out.items():
             if name == "empty":
                 continue
@@ -200,6 +215,7 @@ class Workspace:
         _sparse(out["big"] / "img1.txt", 3 << 30)
         (out["outside"] / "img2.png").symlink_to(self.root / "in" / "image.png")
         (out["loop"] / "10_again").symlink_to(out["loop"])
+        (out["self_loop"] / "self").symlink_to(out["self_loop"] / "self")  # ELOOP when followed
         return out
 
 

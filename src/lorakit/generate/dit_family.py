@@ -29,7 +29,12 @@ class DiffusersDiT(PipelineFamily):
         return self.rules.family
 
     def set_scheduler(self, settings: Any) -> None:
-        self.model.pipe.scheduler = self.scheduler  # one sampler: the model's own scheduler
+        """One sampler: the model's own scheduler; for a single step without its terminal stretch
+        (``shift_terminal``, Qwen-Image's 0.02: stretching a one-sigma schedule divides 0 by 0, so every run of
+        ``--steps 1`` ended in NaN latents, blamed on the LoRAs)."""
+        one_step = settings.steps == 1 and getattr(self.scheduler.config, "shift_terminal", None)
+        self.model.pipe.scheduler = type(self.scheduler).from_config(self.scheduler.config, shift_terminal=None) \
+            if one_step else self.scheduler
 
     def _kwargs(self, settings: Any, cond: Conditioning, uncond: Conditioning, seeds: list[int],
                 step_end: StepEnd, per_prompt: int) -> dict[str, Any]:

@@ -26,7 +26,8 @@ MAX_SEED = 2 ** 64 - 1
 class Rules:
     """What a model family's requests may ask for: defaults (``steps``, ``cfg``, ``sampler``, and ``guidance``
     where the family has a distilled guidance), its sampler names, whether fast (LCM/Turbo/Hyper) LoRA settings and
-    clip skip apply, and the step sizes must be multiples of."""
+    clip skip apply, the step sizes must be multiples of, and the largest width and height the model's positional
+    table covers (``None``: no limit of the model's own; SD3's ``pos_embed_max_size``)."""
 
     defaults: dict[str, Any] = field(default_factory=lambda: dict(DEFAULTS))
     samplers: tuple[str, ...] = tuple(SAMPLERS)
@@ -34,6 +35,7 @@ class Rules:
     clip_skip: bool = True
     size_step: int = 8
     family: str = "Stable Diffusion"
+    max_size: int | None = None
 
 
 SD_RULES = Rules()
@@ -122,7 +124,7 @@ def resolve_job(req: Request, library: LoraSource, clip_layers: int, native: int
     added = _missing_triggers(pos.text, entries[:len(pos.loras)]) if req.auto_triggers else ""
     notes: list[str] = []
     settings = _settings(req, loras, notes, clip_layers, rules)
-    _check_limits(req, settings, width, height, rules.size_step)
+    _check_limits(req, settings, width, height, rules)
     seed = _seed(req.seed)
     return Job(req, req.prompt + added, pos.text + added, neg.text, refs, loras, settings,
                [seed + i for i in range(req.batch)], notes, width=width, height=height)
@@ -216,14 +218,17 @@ def _seed(seed: int | None) -> int:
     return seed
 
 
-def _check_limits(req: Request, settings: Settings, width: int, height: int, step: int = 8) -> None:
+def _check_limits(req: Request, settings: Settings, width: int, height: int, rules: Rules = SD_RULES) -> None:
     values = {"width": width, "height": height, "steps": settings.steps, "batch": req.batch,
               "cfg": settings.cfg, "guidance": 0.0 if settings.guidance is None else settings.guidance}
     for key, (low, high) in LIMITS.items():
         if not low <= values[key] <= high:  # also False for NaN
             raise LorakitError(f"{key} must be between {low:g} and {high:g}, got {values[key]}")
     for key in ("width", "height"):
-        if values[key] % step:
-            raise LorakitError(f"{key} must be a multiple of {step} for this model, got {values[key]}")
+        if values[key] % rules.size_step:
+            raise LorakitError(f"{key} must be a multiple of {rules.size_step} for this model, got {values[key]}")
+        if rules.max_size is not None and values[key] > rules.max_size:
+            raise LorakitError(f"{key} must be at most {rules.max_size} for this model (its positional embedding's "
+                               f"size), got {values[key]}")
     if req.init is not None:
         req.init.check()

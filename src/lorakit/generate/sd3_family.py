@@ -37,8 +37,10 @@ class SD3(DiffusersDiT):
         super().__init__(model, embeddings)
         pipe = model.pipe
         step = int(pipe.vae_scale_factor) * int(pipe.transformer.config.patch_size)
+        table = pipe.transformer.config.get("pos_embed_max_size")  # latent patches a side (SD3-Medium: 192)
         self.rules = Rules(defaults=dict(DEFAULTS.get(model.variant, DEFAULTS[Arch.SD3_MEDIUM])), samplers=("Euler",),
-                           fast_loras=False, clip_skip=False, size_step=step, family="Stable Diffusion 3")
+                           fast_loras=False, clip_skip=False, size_step=step, family="Stable Diffusion 3",
+                           max_size=int(table) * step if table else None)
 
     def encode(self, text: str, negative: str, settings: Any) -> tuple[Conditioning, Conditioning]:
         cond = self._encode(text)

@@ -246,8 +246,8 @@ def walk(root: Path) -> list[Found]:
             if (st.st_dev, st.st_ino) in seen:
                 continue
             seen.add((st.st_dev, st.st_ino))
-            with os.scandir(folder) as it:
-                items = sorted(it, key=lambda d: d.name)
+            with os.scandir(folder) as it:  # a symlink that loops or leads nowhere is no entry (is_dir raises)
+                items = sorted((d for d in it if not d.is_symlink() or os.path.exists(d.path)), key=lambda d: d.name)
         except OSError:
             continue  # an unreadable sub-folder is skipped, not fatal
         loras = [d for d in items if d.name.lower().endswith(SUFFIXES)]

@@ -40,11 +40,11 @@ def check_ray_flags(args: argparse.Namespace) -> None:
 def cluster_config(args: argparse.Namespace, settings: Any) -> ClusterConfig:
     """The deployment the flags describe (paths made absolute: replicas may start in another folder)."""
     def absolute(paths: Any) -> list[str]:
-        return [str(Path(p).expanduser().resolve()) for p in paths or []]
+        return [_resolved(p) for p in paths or []]
 
     model = args.model or settings.model
     if model not in (None, "demo") and Path(str(model)).expanduser().exists():
-        model = str(Path(str(model)).expanduser().resolve())
+        model = _resolved(str(model))
     return ClusterConfig(
         model=None if model == "demo" else model, lora_dirs=absolute(args.lora_dir or settings.lora_dirs),
         embedding_dirs=absolute(args.embeddings_dir or settings.embedding_dirs),
@@ -54,7 +54,16 @@ def cluster_config(args: argparse.Namespace, settings: Any) -> ClusterConfig:
         autoscale=parse_autoscale(args.autoscale) if args.autoscale is not None else None,
         replica_gpus=args.replica_gpus or 0.0, max_ongoing_requests=args.max_ongoing or 0,
         sets_per_replica=args.sets_per_replica or ClusterConfig.sets_per_replica,
-        options_file=str(Path(args.options_file).expanduser().resolve()) if args.options_file else None)
+        options_file=_resolved(args.options_file) if args.options_file else None)
+
+
+def _resolved(path: str) -> str:
+    """``path`` made absolute, its symlinks resolved; a symlink loop is a ``ServeConfigError`` (``resolve()`` raises
+    RuntimeError there)."""
+    try:
+        return str(Path(path).expanduser().resolve())
+    except (OSError, RuntimeError):
+        raise ServeConfigError(f"{path}: a symlink that loops; name the folder itself") from None
 
 
 def ray_serve(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ Choices (``docs/serving.md`` explains them):
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -23,6 +24,8 @@ from ..patch.plan import PLANS_KEEP
 APP_NAME = "lorakit"
 AUTOSCALE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 MAX_REPLICAS = 1024
+MAX_ONGOING = 2 ** 31 - 1  # Serve keeps max_ongoing_requests in an int32 (a larger one fails at deploy)
+RESOURCE_STEP = 1e-4  # Ray's finest fraction of a CPU or GPU
 
 
 class ServeConfigError(LorakitError):
@@ -74,6 +77,10 @@ class ClusterConfig:
             raise ServeConfigError(f"ingress_replicas must be 1 to {MAX_REPLICAS}, got {self.ingress_replicas}")
         if self.sets_per_replica < 1 or self.retries < 0 or self.max_ongoing_requests < 0:
             raise ServeConfigError("sets_per_replica must be ≥ 1, retries and max_ongoing_requests ≥ 0")
+        if self.max_ongoing_requests > MAX_ONGOING:
+            raise ServeConfigError(f"--max-ongoing must be at most {MAX_ONGOING}, got {self.max_ongoing_requests}")
+        _check_resource("--replica-gpus", self.replica_gpus)
+        _check_resource("replica_cpus", self.replica_cpus)
 
     @property
     def ongoing(self) -> int:
@@ -105,6 +112,17 @@ class ClusterConfig:
         if values.get("autoscale") is not None:
             values["autoscale"] = tuple(values["autoscale"])
         return cls(**values)
+
+
+def _check_resource(name: str, value: float) -> None:
+    """A replica's CPUs or GPUs as Ray takes them: a finite number ≥ 0, 0 or at least Ray's step (1e-4), at most
+    ``MAX_REPLICAS`` (checked here: Ray would refuse NaN, inf, negatives and finer fractions only after it started,
+    with a traceback)."""
+    ok = isinstance(value, (int, float)) and math.isfinite(value) and (value == 0 or
+                                                                        RESOURCE_STEP <= value <= MAX_REPLICAS)
+    if not ok or abs(value / RESOURCE_STEP - round(value / RESOURCE_STEP)) > 1e-6:
+        raise ServeConfigError(f"{name} must be a number from 0 to {MAX_REPLICAS} in steps of {RESOURCE_STEP:g} "
+                               f"(Ray's finest fraction), got {value!r}")
 
 
 def _coerce(name: str, kind: str, value: Any) -> Any:

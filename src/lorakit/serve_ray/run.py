@@ -38,10 +38,15 @@ def check_reachable(address: str) -> None:
     if address == "auto":
         return
     parsed = urlparse(address if "://" in address else f"tcp://{address}")
-    if not parsed.hostname or not parsed.port:
-        raise ServeConfigError(f"--address must be auto, host:port or ray://host:port, got {address!r}")
     try:
-        socket.create_connection((parsed.hostname, parsed.port), timeout=REACH_S).close()
+        port = parsed.port  # a port past 65535 or not a number raises here
+    except ValueError:
+        port = None
+    if not parsed.hostname or not port:
+        raise ServeConfigError(f"--address must be auto, host:port or ray://host:port (a port 1…65535), got "
+                               f"{address!r}")
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=REACH_S).close()
     except OSError as e:
         raise ServeConfigError(f"cannot reach Ray at {address}: {e.strerror or e}") from None
 

@@ -53,14 +53,14 @@ def serve(args: argparse.Namespace) -> int:
     check_batching(args.max_batch, args.batch_window_ms)
     options_file = Path(args.options_file).expanduser() if args.options_file is not None else DEFAULT_OPTIONS_FILE
     check_target(options_file)  # /sdapi/v1/options saves there: a device, FIFO or folder is refused now
+    if not 0 <= args.port <= 65535:  # with --ray too (bind() raised OverflowError there)
+        print(f"lorakit serve: port {args.port} cannot be opened: a port is 0…65535", file=sys.stderr)
+        return 2
     if args.ray or args.write_serve_config:
         from ..serve_ray.cli import ray_serve
 
         return ray_serve(args)
     check_ray_flags(args)
-    if not 0 <= args.port <= 65535:
-        print(f"lorakit serve: port {args.port} cannot be opened: a port is 0…65535", file=sys.stderr)
-        return 2
     try:  # before the model loads: a port in use is one line at once, not a traceback after "serving on …"
         sock = listen(args.host, args.port)
     except OSError as e:
