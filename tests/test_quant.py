@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from lorakit import apply_loras, restore
 from lorakit.lora_model import lora_from_state_dict
+from lorakit.patch.quantized import MergedForward
 from lorakit.quant.layers import compute_dtype, dq, is_quantized, weight_values
 from lorakit.quant.make import fp8_linear, gguf_linear, gguf_param, quantize_linears, random_kquant
 from tests.factories import adapter_tensors, fused_sum
@@ -219,3 +220,25 @@ def test_fp32_compute_merge_is_the_fused_sum_and_never_writes_what_dq_returns(qu
             assert torch.equal(layer(x), _reference(layer, adapters, x))  # the stored values did not move
         assert torch.equal(dq(layer), w_before) and _stored(layer) == stored
     assert torch.equal(layer(x), plain)
+
+
+def test_requant_makes_every_part_of_a_fused_layer_from_the_original_weights() -> None:
+    """A per-input DoRA on FLUX.1's fused ``linear1`` reads the whole fused weight: in requant mode every part
+    (to_q, to_k, to_v, proj_mlp) is requantized from the exact merge over the original weights, not from siblings
+    already requantized."""
+    from lorakit.patch.quantized import requantize
+
+    comps, loras = _model("Q8_0", seed=7)
+    tr = comps["transformer"]
+    lora = loras[KINDS.index("dora-in")]
+    parts = [n for n, m in tr.named_modules() if is_quantized(m) and n.startswith("single_transformer_blocks.0.")
+             and n.split(".")[-1] in ("to_q", "to_k", "to_v", "proj_mlp")]
+    assert len(parts) == 4
+    with apply_loras(comps, [(lora, 0.8)]):  # the exact merge, per forward, over the stored originals
+        want = {n: requantize(tr.get_submodule(n), MergedForward(tr.get_submodule(n),  # type: ignore[arg-type]
+                                                                 vars(tr.get_submodule(n))["forward"].contribs)
+                              .weight().float()) for n in parts}
+    with apply_loras(comps, [(lora, 0.8)], mode="requant"):
+        for n in parts:
+            got = tr.get_submodule(n).weight
+            assert torch.equal(got.as_tensor().view(torch.uint8), want[n].as_tensor().view(torch.uint8)), n

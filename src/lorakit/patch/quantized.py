@@ -111,20 +111,32 @@ class Requantized:
         self.report: dict[str, tuple[float, float]] = {}  # path → (kept, error)
 
     def apply(self, modules: dict[str, torch.nn.Module], layers: dict[str, Weighted]) -> None:
+        """Every layer's new weight is made from the original weights — a type that reads a fused layer's whole
+        weight (per-input DoRA on ``linear1``) reads its siblings' originals, not their requantized values — and
+        only then are they all put in place (the new quantized weights are held meanwhile: no dense copy)."""
         self.restore()
+        made: dict[str, torch.nn.Parameter] = {}
         for path, contribs in layers.items():
             module = modules[path]
+            original = getattr(module, "weight")
             before = dq(module).float()
             wanted = MergedForward(module, contribs).weight().float()
-            weight = requantize(module, wanted)
-            self.originals[path] = (module, getattr(module, "weight"))
-            setattr(module, "weight", weight)
-            after = dq(module).float()
-            delta, effective = wanted - before, after - before
-            norm = float((delta * delta).sum())
-            kept = float((effective * delta).sum()) / norm if norm else 1.0
-            error = float((effective - delta).norm()) / norm ** 0.5 if norm else 0.0
-            self.report[path] = (kept, error)
+            made[path] = requantize(module, wanted)
+            setattr(module, "weight", made[path])
+            try:
+                after = dq(module).float()
+            finally:
+                setattr(module, "weight", original)
+            self._report(path, wanted - before, after - before)
+        for path, weight in made.items():
+            self.originals[path] = (modules[path], getattr(modules[path], "weight"))
+            setattr(modules[path], "weight", weight)
+
+    def _report(self, path: str, delta: torch.Tensor, effective: torch.Tensor) -> None:
+        norm = float((delta * delta).sum())
+        kept = float((effective * delta).sum()) / norm if norm else 1.0
+        error = float((effective - delta).norm()) / norm ** 0.5 if norm else 0.0
+        self.report[path] = (kept, error)
 
     def restore(self) -> None:
         for module, weight in self.originals.values():
