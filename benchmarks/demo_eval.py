@@ -30,7 +30,7 @@ from lorakit.models.loading import demo_model, place_model
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model-dir", type=Path, default=None, help="a folder with demo.safetensors + demo.json")
-    p.add_argument("--slice", action="store_true", help="only the CI slice (every sixth case)")
+    p.add_argument("--slice", action="store_true", help="only the CI slice (every twelfth case)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--cfg", type=float, default=None)
     p.add_argument("--sampler", default=None)

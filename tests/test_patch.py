@@ -82,7 +82,7 @@ def test_thousand_random_cycles_restore_exactly(dtype: torch.dtype) -> None:
              enumerate(["lora", "loha", "dora-out", "full", "oft", lambda p: _kind_for(p)])]
     rnd = random.Random(1)
     patcher = patcher_for(c)
-    for _ in range(1000):
+    for _ in range(1000 if dtype == torch.float32 else 400):  # half precision: the same paths, fewer cycles (CI time)
         action = rnd.random()
         if action < 0.15:
             patcher.restore()
