@@ -66,9 +66,9 @@ def crops(x: Tensor, size: int, rng: np.random.Generator) -> Tensor:
 
 
 def anchor_loss(mean: Tensor, x: Tensor) -> Tensor:
-    """Keep the latents a picture: channels 0-2 ≈ the RGB picture pooled 4×, channel 3 small. Colour is then
-    the latents' largest, simplest signal, which the denoiser learns first."""
-    pooled = nn.functional.avg_pool2d(x, 4)
+    """Keep the latents a picture: channels 0-2 ≈ the RGB picture pooled to the latents' size (4× for the shipped
+    VAE), channel 3 small. Colour is then the latents' largest, simplest signal, which the denoiser learns first."""
+    pooled = nn.functional.avg_pool2d(x, x.shape[-1] // mean.shape[-1])
     return (mean[:, :3] - pooled).pow(2).mean() + 0.1 * mean[:, 3].pow(2).mean()
 
 

@@ -54,6 +54,7 @@ class Recipe:
     vae_steps: int = 3000
     vae_groups: int = 1  # GroupNorm groups in the VAE (the shipped VAE: 8)
     vae_width: int = 1  # the VAE's channels × this (the shipped VAE: 16, 32, 32)
+    vae_blocks: int = 3  # VAE blocks: 3 = 4× down-sampling (16×16 latents), 2 = 2× (32×32; only --vae-only so far)
     vae_batch: int = 24
     vae_crop: int = 32  # the VAE trains on 4-aligned crops of the 64-px pictures (4× cheaper)
     vae_lr: float = 2e-3
@@ -106,7 +107,9 @@ def configs(r: Recipe) -> dict[str, dict[str, Any]]:
     """The shipped architecture, with the recipe's VAE GroupNorm groups."""
     out = {name: dict(config) for name, config in demo_weights.CONFIGS.items()}
     out["vae"]["norm_num_groups"] = r.vae_groups
-    out["vae"]["block_out_channels"] = [c * r.vae_width for c in out["vae"]["block_out_channels"]]
+    out["vae"]["block_out_channels"] = [c * r.vae_width for c in out["vae"]["block_out_channels"]][:r.vae_blocks]
+    out["vae"]["down_block_types"] = out["vae"]["down_block_types"][:r.vae_blocks]
+    out["vae"]["up_block_types"] = out["vae"]["up_block_types"][:r.vae_blocks]
     return out
 
 
