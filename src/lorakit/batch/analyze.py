@@ -22,9 +22,8 @@ from ..errors import GridError
 from ..files.output import write_atomic
 from ..generate.pipeline import Generator, Request
 from ..keymap import block_id
-from ..keymap.arch import Arch
+from ..keymap.families import unet_last_out, unet_vector
 from ..lora_model import load_cached
-from ..patch.weights import VECTORS
 from .axes import num, set_lora_args
 from .common import Progress
 from .draw import draw_grid
@@ -57,8 +56,8 @@ class Analysis:
 
 
 def vector_names(arch: str) -> list[str]:
-    """The block ids of the full lbw vector for ``arch`` (20 for SDXL, else 26)."""
-    return list(VECTORS[20 if arch == Arch.SDXL else 26].blocks)
+    """The block ids of the full UNet lbw vector for ``arch`` (20 for SDXL, else 26): the family's data."""
+    return list(unet_vector(arch).blocks)
 
 
 def lora_blocks(gen: Generator, name: str) -> list[str]:
@@ -66,7 +65,7 @@ def lora_blocks(gen: Generator, name: str) -> list[str]:
     lora = load_cached(str(gen.index.resolve(name).path))
     arch = gen.model.arch
     names = vector_names(arch)
-    touched = {block_id(path, last_out=8 if arch == Arch.SDXL else 11) or "BASE" for path in lora.layers}
+    touched = {block_id(path, last_out=unet_last_out(arch)) or "BASE" for path in lora.layers}
     return [b for b in names if b in touched]
 
 

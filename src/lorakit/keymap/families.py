@@ -319,6 +319,18 @@ def block_vectors(arch: str) -> tuple[BlockVector, ...]:
     return table.get(arch, table.get("*", ()))
 
 
+def unet_vector(arch: str) -> BlockVector:
+    """The longest UNet lbw vector of ``arch``'s family (SDXL's 20 values; SD1/SD2's 26 for every other model) and,
+    from its last block, the UNet's last output block (``unet_last_out``)."""
+    vectors = [v for v in block_vectors(arch) if v.blocks[-1].startswith("OUT")]
+    return max(vectors, key=lambda v: len(v.blocks)) if vectors else all_block_vectors()[26]
+
+
+def unet_last_out(arch: str) -> int:
+    """The number of ``arch``'s last UNet output block (SDXL 8, SD1/SD2 11): ``block_id``'s ``last_out``."""
+    return int(unet_vector(arch).blocks[-1][3:])
+
+
 def all_block_vectors() -> dict[int, BlockVector]:
     """Every family's lbw vectors by length (the length tells a vector apart)."""
     return {len(v.blocks): v for f in FAMILIES.values() for vs in f.lbw.values() for v in vs}

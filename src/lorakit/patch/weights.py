@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 from ..errors import WeightSpecError
 from ..keymap import block_id
-from ..keymap.arch import NAMES, Arch
+from ..keymap.arch import NAMES
 from ..keymap.blocks import DIT_GROUPS, BlockVector
-from ..keymap.families import FAMILIES, all_block_vectors, block_vectors, family_of_arch, vector_takers
+from ..keymap.families import FAMILIES, all_block_vectors, block_vectors, family_of_arch, unet_last_out, vector_takers
 
 _IN = [f"IN{i:02d}" for i in range(12)]
 _OUT = [f"OUT{i:02d}" for i in range(12)]
@@ -55,7 +55,7 @@ class Weight:
             self._check_family(arch)
         is_te = canonical_path.startswith("text_encoder")
         base = self.te if is_te else self.unet
-        block = block_id(canonical_path, last_out=8 if arch == Arch.SDXL else 11)
+        block = block_id(canonical_path, last_out=unet_last_out(arch))
         if block is not None and block not in self.blocks and block[0] in DIT_GROUPS:
             return base * self.blocks.get(DIT_GROUPS[block[0]], 1.0)  # double=/single= name every such block
         return base * self.blocks.get(block or "BASE", 1.0)
