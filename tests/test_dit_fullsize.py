@@ -12,7 +12,7 @@ import torch
 
 import lorakit
 from lorakit.errors import IncompatibleLora
-from lorakit.keymap import families
+from lorakit.keymap import detection, families
 from lorakit.lora_model import LoraModel, lora_from_state_dict
 from lorakit.models.flux_configs import T5_XXL
 from lorakit.patch.plan import Plan, build_plan
@@ -65,7 +65,7 @@ def _resolve(file: L.File, components: Components, name: str, arch: str) -> tupl
     """The file read (its family, no leftovers) and planned: every covered module that the model has is patched
     with a change of its shape; returns the LoRA and the plan for the unmatched check."""
     shaped = {k: torch.empty(s, device="meta") for k, s in file.shapes.items()}
-    assert families.detect(list(file.shapes), file.metadata, shaped) is FAMILY[arch]
+    assert detection.detect(list(file.shapes), file.metadata, shaped) is FAMILY[arch]
     lora = lora_from_state_dict(L.zeros(file.shapes), file.metadata, name=name)
     assert (lora.arch, lora.leftovers) == (arch, [])
     plan = build_plan(components, [(lora, Weight())])

@@ -11,7 +11,7 @@ import torch
 
 import lorakit
 from lorakit.errors import IncompatibleLora
-from lorakit.keymap import families
+from lorakit.keymap import detection, families
 from lorakit.models.sd3_configs import build_components
 from lorakit.patch.plan import build_plan
 from tests.sd3_listings import DIALECTS, SIZES, listing, zeros
@@ -41,7 +41,7 @@ def _expected(size: str, dialect: str) -> str:
 def test_every_dialect_covers_the_full_size_model(models: dict[str, dict[str, Any]], size: str,
                                                   dialect: str) -> None:
     shapes, meta = listing(dialect, SIZES[size])
-    assert families.detect(list(shapes), meta, {k: torch.empty(s, device="meta") for k, s in shapes.items()}) \
+    assert detection.detect(list(shapes), meta, {k: torch.empty(s, device="meta") for k, s in shapes.items()}) \
         is families.SD3
     lora = lorakit.lora_from_state_dict(zeros(shapes), meta, name=f"{dialect}-{size}")
     assert lora.leftovers == [] and lora.arch == _expected(size, dialect), (lora.leftovers[:3], lora.arch)

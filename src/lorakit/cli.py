@@ -17,7 +17,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .errors import LorakitError  # noqa: E402
 from .keymap.arch import LORA_BASES, Arch  # noqa: E402
-from .keymap.families import FLUX1_VARIANTS  # noqa: E402
+from .keymap.detection import FLUX1_VARIANTS  # noqa: E402
 
 if TYPE_CHECKING:
     from .generate.init_image import InitImage

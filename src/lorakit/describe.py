@@ -22,7 +22,7 @@ from .files.hashes import cached_hashes
 from .files.header import read_header
 from .files.io import StateDict, load_file
 from .formats import to_canonical
-from .keymap import families
+from .keymap import detection, families
 from .keymap.arch import NAMES
 from .keymap.flux import Fused
 from .library.summary import summarise
@@ -44,11 +44,11 @@ def describe(path: str | Path, lora: LoraModel | None = None, *, strict: bool = 
         return _report(p, lora, layout(*load_file(p), own) if own.to_model is not None else (None, []))
     if p.suffix.lower() == ".safetensors":  # a foreign file's tensors (often GBs) are never read
         header = read_header(p)
-        found = families.detect(list(header.tensors), header.metadata, header.tensors)
+        found = detection.detect(list(header.tensors), header.metadata, header.tensors)
         if isinstance(found, str):
             return _foreign(p, found, header.metadata, len(header.tensors))
     sd, metadata = load_file(p)
-    family = families.detect(list(sd), metadata, sd)
+    family = detection.detect(list(sd), metadata, sd)
     if isinstance(family, str):
         return _foreign(p, family, metadata, len(sd))
     lora = lora_from_state_dict(sd, metadata, name=p.stem, path=str(p), strict=strict)

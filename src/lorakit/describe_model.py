@@ -32,7 +32,7 @@ def is_model_file(path: Path) -> bool:
 
 def describe_model(path: Path) -> dict[str, Any]:
     """``{schema, file, family, layout, quantization: {type: count}, scaled, tensors}``."""
-    from .keymap.families import detect, foreign_name
+    from .keymap.detection import detect, foreign_name
 
     types, keys, scaled, arch = _types(path)
     stripped = [k.removeprefix("model.diffusion_model.").removeprefix("diffusion_model.") for k in keys]

@@ -15,7 +15,7 @@ from .errors import InvalidLora, UnmatchedKeys, UnsupportedLora
 from .files.io import StateDict, load_file
 from .formats import to_canonical
 from .keymap import arch as archmod
-from .keymap import families
+from .keymap import detection, families
 from .layout import build_layers
 
 T = TypeVar("T")
@@ -34,7 +34,7 @@ class LoraModel:
     embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
     leftovers: list[str] = field(default_factory=list)
     variant: str | None = None  # the finer base where the file shows it: flux-1-dev, flux-1-schnell, …
-    also_fits: tuple[str, ...] = ()  # archs its keys fit as well, no metadata saying which (families.alternatives)
+    also_fits: tuple[str, ...] = ()  # archs its keys fit as well, no metadata saying which (detection.alternatives)
 
     @property
     def base(self) -> str:
@@ -85,7 +85,7 @@ def lora_from_state_dict(sd: StateDict, metadata: dict[str, str], *, name: str =
                          strict: bool = False) -> LoraModel:
     """A ``LoraModel`` from tensors and metadata. Raises ``InvalidLora`` for a file whose layers contradict
     themselves or hold NaN/inf values (a LoRA carrying them only ever makes black images: refused, not applied)."""
-    family = families.detect(list(sd), metadata, sd)
+    family = detection.detect(list(sd), metadata, sd)
     if isinstance(family, str):
         raise UnsupportedLora(path, f"this is a LoRA for {family}; lorakit applies LoRAs to {families.SUPPORTED}")
     try:
@@ -106,9 +106,9 @@ def lora_from_state_dict(sd: StateDict, metadata: dict[str, str], *, name: str =
     _refuse_non_finite(path, layers, canonical.embeddings)
     arch = family.arch or (family.sizes.of_layers(layers, metadata) if family.sizes is not None
                            else archmod.detect(canonical.groups, metadata))
-    variant = families.variant(family, list(sd), metadata, sd)
+    variant = detection.variant(family, list(sd), metadata, sd)
     return LoraModel(name, path, canonical.dialect, arch, layers, metadata, canonical.embeddings, leftovers, variant,
-                     families.alternatives(list(sd), metadata, sd))
+                     detection.alternatives(list(sd), metadata, sd))
 
 
 def _refuse_non_finite(path: str | None, layers: dict[str, Adapter], embeddings: dict[str, torch.Tensor]) -> None:

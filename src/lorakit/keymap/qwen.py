@@ -13,7 +13,7 @@ Dialects differ only in prefixes and leaves (``families.QWEN_IMAGE``: diffusers 
 
 What tells a Qwen-Image file from FLUX.1's diffusers layout, which shares ``transformer_blocks.N.attn.*``: its own
 module names (``img_mlp``, ``txt_mlp``, ``img_mod``, ``txt_mod`` inside a block; ``txt_norm``), or a block index past
-FLUX.1's 19 double blocks (``families.detect``).
+FLUX.1's 19 double blocks (``detection.detect``).
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from .library import Library, LoraEntry
 
 SCHEMA = "lorakit.list/1"
 BASE_NAMES: dict[str, str] = {str(k): v for k, v in NAMES.items()}  # by value: bases travel as plain strings
-# FLUX.1 variants (``keymap.families.variant``): dev and schnell LoRAs are interchangeable on any FLUX.1 model; a
+# FLUX.1 variants (``keymap.detection.variant``): dev and schnell LoRAs are interchangeable on any FLUX.1 model; a
 # control or Fill LoRA is trained with a widened input layer (``img_in``: the control image's, or the masked
 # image's and the mask's latents beside the noise) and needs a model that has it.
 # Words of a FLUX.1 variant → (the model it was made for, what that model's input layer also reads, whether lorakit

@@ -14,8 +14,8 @@ writer's layout, ends that do not tell the base model or the types, a last offse
 read whole with ``files.header.read_header`` (the project's validating reader: schema, and tensors that tile the
 data exactly), and its base decided by every entry's shapes (``shapes.base_from_shapes``).
 
-The family comes first (``keymap.families.detect``, on the first and last entries' names and shapes). A FLUX.1 file
-is base ``flux1`` with a variant (``families.variant``: metadata, a widened ``img_in``, guidance layers); its ends
+The family comes first (``keymap.detection.detect``, on the first and last entries' names and shapes). A FLUX.1 file
+is base ``flux1`` with a variant (``detection.variant``: metadata, a widened ``img_in``, guidance layers); its ends
 tell only when the metadata names the variant and no component can hide between them (``_flux_from_ends``), else
 the whole header decides family, variant and components as the loader does. A family lorakit does not apply is
 the base by name (``"Chroma"``).
@@ -33,7 +33,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 from ..errors import UnreadableFile
 from ..files.header import check_header_length, read_header
 from ..keymap import arch as archmod
-from ..keymap import families
+from ..keymap import detection, families
 from ..keymap.leaves import LEAF_TYPE
 from .shapes import COMPONENTS, CONTEXT_WIDTH, TEXT_WIDTH, Shaped, base_from_shapes, dit_component, dit_components
 
@@ -76,7 +76,7 @@ class Summary:
 
 
 class EntryShape(NamedTuple):
-    """An entry's shape read from header text (what ``families.detect`` looks at)."""
+    """An entry's shape read from header text (what ``detection.detect`` looks at)."""
 
     shape: tuple[int, ...]
 
@@ -176,7 +176,7 @@ def _summarise_ends(path: Path, ends: Ends) -> Summary | None:
         return None  # truncated, appended to, or laid out in another order: the whole header says which
     text = body + "\n" + ends.tail
     keys = sample_keys(body, ends.tail)
-    if families.depth_decides(keys, entry_shapes(text, keys)):
+    if detection.depth_decides(keys, entry_shapes(text, keys)):
         return None  # diffusers-layout DiT blocks only: the deepest block (in the header's middle) tells the family
     summary = summarise_keys(keys, text, None, metadata,
                              lambda key: _tensor_value(path, text, key, ends.data_start), by_metadata=False)
@@ -201,7 +201,7 @@ def _flux_from_ends(summary: Summary, body: str, tail: str) -> Summary | None:
     middle) and no component can hide in the middle: sorted keys keep each component together, so the head's last
     entry and the tail's first must be of the same one. Its components are then those of every entry seen."""
     head, rest = entry_keys(body, cut_start=False, cut_end=True), entry_keys(tail, cut_start=True, cut_end=False)
-    if families.variant_from_metadata(summary.metadata) is None or not head or not rest or \
+    if detection.variant_from_metadata(summary.metadata) is None or not head or not rest or \
             dit_component(head[-1]) != dit_component(rest[0]):
         return None
     summary.components = dit_components(head + rest)
@@ -256,7 +256,7 @@ def summarise_keys(keys: list[str], body: str, count: int | None, metadata: dict
     if family is not families.SD:
         base = family if isinstance(family, str) else family.arch or (  # SD3: the size its block widths show
             family.sizes.of_header(body, metadata) if family.sizes is not None else archmod.UNKNOWN)
-        variant = None if isinstance(family, str) else families.variant(family, keys, metadata, shapes)
+        variant = None if isinstance(family, str) else detection.variant(family, keys, metadata, shapes)
         return Summary(base, types, rank, alpha, count, dit_components(keys), metadata, variant)
     base = _base(blob, body, metadata, shape_base, by_metadata)
     comps = [c for c, marks in COMPONENTS if any(m in blob for m in marks)]
@@ -272,16 +272,16 @@ def _family(keys: list[str], body: str, metadata: dict[str, str],
     a FLUX.1 file whose whole header was read is decided by every key and shape, as the loader decides it. A deep
     DiT's depth (Qwen-Image's 60 blocks) needs its deepest block, which a sample of sorted keys may miss
     (``…blocks.9`` sorts after ``…blocks.59``): it is added from the text."""
-    sample = keys[:4] + keys[-4:] + families.deepest_block_keys(body)
+    sample = keys[:4] + keys[-4:] + detection.deepest_block_keys(body)
     if shapes is None:
-        named = families.detect(sample, metadata)
+        named = detection.detect(sample, metadata)
         if named is families.SD:
             return named
-        found = families.detect(sample, metadata, entry_shapes(body, sample))
+        found = detection.detect(sample, metadata, entry_shapes(body, sample))
         # SD3's SAI embedders and final layer are named as FLUX.1's: then every sampled key decides
-        return families.detect(keys, metadata, entry_shapes(body, keys)) if found is families.FLUX1 else found
-    found = families.detect(sample, metadata, shapes)
-    return families.detect(keys, metadata, shapes) if found is families.FLUX1 else found
+        return detection.detect(keys, metadata, entry_shapes(body, keys)) if found is families.FLUX1 else found
+    found = detection.detect(sample, metadata, shapes)
+    return detection.detect(keys, metadata, shapes) if found is families.FLUX1 else found
 
 
 def _types(tails: set[str], blob: str, metadata: dict[str, str]) -> list[str]:

@@ -163,7 +163,8 @@ is_index = is_flux_index
 
 def is_file(sd: Mapping[str, Any]) -> bool:
     """Whether a single file's keys are a FLUX.1 transformer's."""
-    from ..keymap.families import FLUX1, detect
+    from ..keymap.detection import detect
+    from ..keymap.families import FLUX1
 
     keys = transformer_keys(sd)
     return bool(keys) and detect(list(keys)[:64], {}) is FLUX1

@@ -26,7 +26,7 @@ from .configs import CLIP_L
 _FLUX1: dict[str, Any] = dict(patch_size=1, in_channels=64, out_channels=None, num_layers=19, num_single_layers=38,
                               attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
                               pooled_projection_dim=768, axes_dims_rope=[16, 56, 56])
-# Variant names as ``keymap.families.variant`` gives a LoRA's base.
+# Variant names as ``keymap.detection.variant`` gives a LoRA's base.
 FLUX1_VARIANTS: dict[str, dict[str, Any]] = {
     "flux-1-dev": dict(_FLUX1, guidance_embeds=True),
     "flux-1-schnell": dict(_FLUX1, guidance_embeds=False),

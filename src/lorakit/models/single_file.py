@@ -15,7 +15,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..keymap.arch import Arch
-from ..keymap.families import foreign_name
+from ..keymap.detection import foreign_name
 from ..quant.layers import FP8
 
 UNET_PREFIX = "model.diffusion_model."
