@@ -17,6 +17,7 @@ import torch
 from lorakit.files.io import load_file, save_file
 
 from .file_mutations import as_safetensors, mutate_bytes, mutate_header, mutate_tensors
+from .flux_factories import fp8_state
 
 Files = dict[str, Path]
 SD3_META = {"modelspec.architecture": "stable-diffusion-3-medium/lora"}
@@ -160,29 +161,6 @@ def quant_inputs(d: Path, bfl: Path, gguf: Path) -> Files:
                           ("gguf_huge_count", raw[:8] + struct.pack("<Q", 1 << 60) + raw[16:])):
         out[name] = d / f"{name}.gguf"
         out[name].write_bytes(patched)
-    return out
-
-
-def fp8_state(state: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
-    """BFL weights as ComfyUI writes fp8 files: ``plain`` (fp8, no scales), ``legacy`` (``scaled_fp8`` marker +
-    ``scale_weight``) or ``new`` (``comfy_quant`` + ``weight_scale``)."""
-    out: dict[str, torch.Tensor] = {}
-    for key, t in state.items():
-        name = f"model.diffusion_model.{key}"
-        if not (key.endswith(".weight") and t.dim() == 2):
-            out[name] = t
-            continue
-        scale = t.float().abs().max() / 200 if layout != "plain" else torch.tensor(1.0)
-        out[name] = (t.float() / scale).to(torch.float8_e4m3fn)
-        layer = name.removesuffix(".weight")
-        if layout == "legacy":
-            out[f"{layer}.scale_weight"] = scale.reshape(())
-        elif layout == "new":
-            out[f"{layer}.weight_scale"] = scale.reshape(())
-            out[f"{layer}.comfy_quant"] = torch.tensor(list(json.dumps({"format": "float8_e4m3fn"}).encode()),
-                                                       dtype=torch.uint8)
-    if layout == "legacy":
-        out["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
     return out
 
 

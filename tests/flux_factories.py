@@ -3,6 +3,7 @@ and an independent reference for BFL-layout LoRAs: the BFL → diffusers table w
 weight rebuilt from the diffusers modules, the change computed on it, then sliced (and half-swapped)."""
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 
 import torch
@@ -212,3 +213,26 @@ def wide_qkv_lora(seed: int = 5) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.randn(2, 2 * H, generator=g),
             "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.randn(6 * H, 2, generator=g)}
+
+
+def fp8_state(state: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
+    """BFL weights as ComfyUI writes fp8 files: ``plain`` (fp8, no scales), ``legacy`` (``scaled_fp8`` marker +
+    ``scale_weight``) or ``new`` (``comfy_quant`` + ``weight_scale``)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, t in state.items():
+        name = f"model.diffusion_model.{key}"
+        if not (key.endswith(".weight") and t.dim() == 2):
+            out[name] = t
+            continue
+        scale = t.float().abs().max() / 200 if layout != "plain" else torch.tensor(1.0)
+        out[name] = (t.float() / scale).to(torch.float8_e4m3fn)
+        layer = name.removesuffix(".weight")
+        if layout == "legacy":
+            out[f"{layer}.scale_weight"] = scale.reshape(())
+        elif layout == "new":
+            out[f"{layer}.weight_scale"] = scale.reshape(())
+            out[f"{layer}.comfy_quant"] = torch.tensor(list(json.dumps({"format": "float8_e4m3fn"}).encode()),
+                                                       dtype=torch.uint8)
+    if layout == "legacy":
+        out["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    return out

@@ -19,7 +19,7 @@ from lorakit.models.loading import load_model, load_single_file, place_model
 from lorakit import apply_loras
 from lorakit.lora_model import lora_from_state_dict
 from lorakit.quant.layers import Fp8Linear, dq, is_quantized
-from tests.flux_factories import bfl_lora, bfl_state, kohya_keys, tiny_flux_pipeline
+from tests.flux_factories import bfl_lora, bfl_state, fp8_state, kohya_keys, tiny_flux_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -103,29 +103,8 @@ def test_generation_with_loras_on_a_gguf_base(dense: object, flux_dir: Path, tmp
 
 
 def _fp8_file(pipe: object, layout: str) -> dict[str, torch.Tensor]:
-    """BFL-keyed fp8 weights under ComfyUI's prefix: unscaled, legacy scaled (marker + scale_weight), or new
-    (comfy_quant + weight_scale)."""
-    out: dict[str, torch.Tensor] = {}
-    for key, t in bfl_state(pipe.transformer).items():
-        name = f"model.diffusion_model.{key}"
-        if not (key.endswith(".weight") and t.dim() == 2):
-            out[name] = t
-            continue
-        layer = name.removesuffix(".weight")
-        if layout == "plain":
-            out[name] = t.to(torch.float8_e4m3fn)
-            continue
-        scale = t.float().abs().max() / 200
-        out[name] = (t.float() / scale).to(torch.float8_e4m3fn)
-        if layout == "legacy":
-            out[f"{layer}.scale_weight"] = scale.reshape(())
-        else:
-            out[f"{layer}.weight_scale"] = scale.reshape(())
-            out[f"{layer}.comfy_quant"] = torch.tensor(list(json.dumps({"format": "float8_e4m3fn"}).encode()),
-                                                       dtype=torch.uint8)
-    if layout == "legacy":
-        out["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
-    return out
+    """The tiny transformer's BFL weights as a ComfyUI fp8 file (``flux_factories.fp8_state``)."""
+    return fp8_state(bfl_state(pipe.transformer), layout)  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("layout", ["plain", "legacy", "new"])
