@@ -67,13 +67,16 @@ def crops(x: Tensor, size: int, rng: np.random.Generator) -> Tensor:
 
 def anchor_loss(mean: Tensor, x: Tensor) -> Tensor:
     """Keep the latents a picture: channels 0-2 ≈ the RGB picture pooled to the latents' size (4× for the shipped
-    VAE), channel 3 small. Colour is then the latents' largest, simplest signal, which the denoiser learns first."""
+    VAE, 2× for the candidate's), the other channels small. Colour is then the latents' largest, simplest signal,
+    which the denoiser learns first."""
     pooled = nn.functional.avg_pool2d(x, x.shape[-1] // mean.shape[-1])
-    return (mean[:, :3] - pooled).pow(2).mean() + 0.1 * mean[:, 3].pow(2).mean()
+    rest = mean[:, 3] if mean.shape[1] == 4 else mean[:, 3:]
+    return (mean[:, :3] - pooled).pow(2).mean() + 0.1 * rest.pow(2).mean()
 
 
 def colour_loss(rec: Tensor, x: Tensor) -> Tensor:
-    """The picture's colours at the latents' resolution (4×4 means): flat colours must come back exactly."""
+    """The picture's colours as 4×4 means (the 4×-down-sampling VAE's latent cells, kept for the 2× one): flat
+    colours must come back exactly."""
     return (nn.functional.avg_pool2d(rec, 4) - nn.functional.avg_pool2d(x, 4)).pow(2).mean()
 
 
@@ -215,15 +218,26 @@ class Ema:
             s.copy_(tmp)
 
 
+def timesteps(schedule: diffusion.NoiseSchedule, n: int, gen: torch.Generator, logit_normal: tuple[float, float] | None
+              ) -> Tensor:
+    """``n`` training timesteps: uniform, or ``t/T = sigmoid(m + s·z)`` (logit-normal, as SD3 trains: most samples at
+    the middle noise levels where layout and shape form, few at the ends)."""
+    if logit_normal is None:
+        return diffusion.sample_timesteps(n, schedule, gen, DEVICE)
+    m, s = logit_normal
+    u = torch.sigmoid(m + s * torch.randn(n, generator=gen))
+    return (u * schedule.steps).long().clamp(0, schedule.steps - 1).to(DEVICE)
+
+
 def noised(schedule: diffusion.NoiseSchedule, x0: Tensor, gen: torch.Generator, offset: float,
-           pure_share: float) -> tuple[Tensor, Tensor, Tensor]:
+           pure_share: float, logit_normal: tuple[float, float] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(x_t, t, ε: the noise that makes x_t from x₀, for the ε or v target). A ``pure_share`` of the samples is
     drawn at the last timestep from pure noise —
     x_t = ε exactly, as a sampler's first step sees it — with the target that makes x₀ what the caption says:
     SD's schedule keeps √ᾱ_T ≈ 0.07 of the picture at t = T, from which a model learns to read the layout and
     background off the noise instead of the caption."""
     noise = diffusion.sample_noise(x0, gen, offset)
-    t = diffusion.sample_timesteps(x0.shape[0], schedule, gen, x0.device)
+    t = timesteps(schedule, x0.shape[0], gen, logit_normal)
     pure = torch.rand(x0.shape[0], generator=gen) < pure_share
     t = torch.where(pure.to(t.device), torch.full_like(t, schedule.steps - 1), t)
     eps = torch.randn(x0.shape, generator=gen).to(x0.device)
@@ -266,7 +280,8 @@ def train_denoiser(d: Denoising, r: Any, rng: np.random.Generator, gen: torch.Ge
         with torch.set_grad_enabled(r.te_lr_scale > 0):
             context = te(ids).last_hidden_state
         x0 = d.latents[torch.from_numpy(idx).to(DEVICE)]
-        x_t, t, noise = noised(schedule, x0, gen, r.noise_offset, r.pure_noise_share)
+        logit_normal = (r.t_mean, r.t_std) if r.t_std > 0 else None
+        x_t, t, noise = noised(schedule, x0, gen, r.noise_offset, r.pure_noise_share, logit_normal)
         pred = unet(x_t, t, context).sample
         loss = diffusion.diffusion_loss(pred, diffusion.target(schedule, x0, noise, t),
                                         diffusion.loss_weights(schedule, t, r.min_snr_gamma))

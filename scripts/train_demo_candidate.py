@@ -1,14 +1,14 @@
 #!/usr/bin/env python
 """A candidate recipe for lorakit's demo model — NOT the shipped one (that is ``train_demo_model.py``, which
-reproduces ``src/lorakit/data/demo/`` byte for byte). Written for issue 24 (a model that draws every advertised word);
-its one measured checkpoint (step 800 of 1,600, ε prediction, an earlier VAE) was better on colour, count, position
-and background and worse on shape and size than the shipped model on the development set, and no run of it has
-finished (docs/training.md, "Every advertised word"), so nothing ships from it. The defaults are the last run's
-(v prediction, the 3,000-step VAE); ``--set prediction=epsilon vae_steps=800 vae_colour=0`` approximates the
-measured one (whose VAE was trained in a separate process, so its random streams differ).
+reproduces ``src/lorakit/data/demo/`` byte for byte). Written for issue 24 (a model that draws every advertised word).
+The defaults are run A of docs/training.md ("A UNet at 32×32"): a 2× VAE (32×32×4 latents), a UNet with a 32-wide
+level in front of the shipped two, v prediction, 2,200 UNet steps at batch 32 — on the development set colour 1.000,
+count 0.931, size 0.875, position 0.986, background 0.931, but shape 0.514 (small and medium shapes drawn as blobs),
+so nothing ships from it. ``--set vae_blocks=3 unet_front=0`` gives the shipped model's layout (4× VAE, two-level
+UNet; ``vae_groups=8`` for its VAE's normalisation too).
 
 Deterministic: fixed seeds, ``threads`` CPU threads, torch's deterministic algorithms. Stages (``demo_stages.py``):
-(1) the VAE (4× down, 16×16×4 latents; channels 0-2 held to the 4×-pooled picture; ``vae_groups`` GroupNorm groups)
+(1) the VAE (2× down, 32×32×4 latents; channels 0-2 held to the 2×-pooled picture; ``vae_groups`` GroupNorm groups)
 on scenes in the palette's colours and in random RGB colours, so any flat colour round-trips; (2) the text encoder
 pre-trained to name every attribute of a caption (colour, shape, count, size, position, background or none) from its
 end-of-text states, whatever the phrasing; (3) a fixed set of scenes encoded to latents; (4) the UNet on lorakit's
@@ -20,6 +20,8 @@ judges each on a development set (never the frozen evaluation set).
     python scripts/train_demo_candidate.py --out DIR --dev        # the recipe below
     python scripts/train_demo_candidate.py --quick                # a smoke run into /tmp/lorakit-demo-quick
     python scripts/train_demo_candidate.py --out DIR --set steps=1200 pure_noise_share=0   # an ablation
+    python scripts/train_demo_candidate.py --out DIR --dev --reuse RUN_A --set unet_text_embed=1
+                                          # a UNet ablation on run A's VAE and text encoder (stages 1-2 skipped)
 """
 from __future__ import annotations
 
@@ -54,7 +56,11 @@ class Recipe:
     vae_steps: int = 3000
     vae_groups: int = 1  # GroupNorm groups in the VAE (the shipped VAE: 8)
     vae_width: int = 1  # the VAE's channels × this (the shipped VAE: 16, 32, 32)
-    vae_blocks: int = 3  # VAE blocks: 3 = 4× down-sampling (16×16 latents), 2 = 2× (32×32; only --vae-only so far)
+    vae_blocks: int = 2  # VAE blocks: 3 = 4× down-sampling (16×16 latents; shipped), 2 = 2× (32×32 latents)
+    latent_channels: int = 4  # the VAE's latent channels (the UNet's in and out channels follow)
+    unet_attn16: int = 0  # 1: cross-attention at the 16×16 level too (the UNet's middle level; 1.55× the step cost)
+    unet_text_embed: int = 0  # 1: the caption's attention-pooled states added to the time embedding (every resnet)
+    unet_front: int = 32  # >0: a first UNet level of this width (no attention) before the shipped two (0: none)
     vae_batch: int = 24
     vae_crop: int = 32  # the VAE trains on 4-aligned crops of the 64-px pictures (4× cheaper)
     vae_lr: float = 2e-3
@@ -69,7 +75,7 @@ class Recipe:
     pair_share: float = 0.15  # share of scenes with two shapes
     scenes: int = 12000
     prediction: str = "v_prediction"  # what the UNet predicts (the pipeline's scheduler is set to match)
-    steps: int = 1600
+    steps: int = 2200
     batch: int = 32
     lr: float = 1e-3
     te_lr_scale: float = 0.0  # text encoder's lr / the UNet's in stage 4 (0: frozen)
@@ -79,13 +85,15 @@ class Recipe:
     min_snr_gamma: float = 5.0
     noise_offset: float = 0.05
     pure_noise_share: float = 0.1
+    t_mean: float = 0.0  # training timesteps: t/T = sigmoid(t_mean + t_std·z) (logit-normal) …
+    t_std: float = 0.0  # … 0: uniform
     drop_caption: float = 0.1
     ema_decay: float = 0.998
     grad_clip: float = 1.0
 
 
 QUICK = {"vae_steps": 40, "te_pre_steps": 40, "scenes": 256, "steps": 40, "warmup": 10}
-SAVE_EVERY = 400
+SAVE_EVERY = 600
 
 
 class Clock:
@@ -110,6 +118,18 @@ def configs(r: Recipe) -> dict[str, dict[str, Any]]:
     out["vae"]["block_out_channels"] = [c * r.vae_width for c in out["vae"]["block_out_channels"]][:r.vae_blocks]
     out["vae"]["down_block_types"] = out["vae"]["down_block_types"][:r.vae_blocks]
     out["vae"]["up_block_types"] = out["vae"]["up_block_types"][:r.vae_blocks]
+    unet = out["unet"]
+    unet["sample_size"] = 64 // 2 ** (r.vae_blocks - 1)
+    if r.latent_channels != out["vae"]["latent_channels"]:
+        out["vae"]["latent_channels"] = unet["in_channels"] = unet["out_channels"] = r.latent_channels
+    if r.unet_front:  # the shipped levels keep their widths and attention, one level lower
+        unet["block_out_channels"] = [r.unet_front, *unet["block_out_channels"]]
+        unet["down_block_types"] = ["DownBlock2D", *unet["down_block_types"]]
+        unet["up_block_types"] = [*unet["up_block_types"], "UpBlock2D"]
+    if r.unet_attn16:  # the level at 16×16 (the middle of three) cross-attends too
+        unet["down_block_types"][-2], unet["up_block_types"][1] = "CrossAttnDownBlock2D", "CrossAttnUpBlock2D"
+    if r.unet_text_embed:  # diffusers' "text" addition embedding: AttentionPooling over the caption's states
+        unet["addition_embed_type"], unet["addition_embed_type_num_heads"] = "text", 4
     return out
 
 
@@ -134,14 +154,19 @@ def write(out: Path, modules: dict[str, torch.nn.Module], scaling: float, r: Rec
     os.replace(tmp, out / demo_weights.META.name)
 
 
-def train(r: Recipe, out: Path, save_every: int, judge: bool, clock: Clock, vae_only: bool = False) -> None:
+def train(r: Recipe, out: Path, save_every: int, judge: bool, clock: Clock, vae_only: bool = False,
+          reuse: Path | None = None) -> None:
     torch.manual_seed(r.seed)
     rng, gen = np.random.default_rng(r.seed), torch.Generator().manual_seed(r.seed)
     modules = {name: m.to(stages.DEVICE) for name, m in demo_weights.build(configs(r)).items()}
-    stages.train_vae(modules["vae"], r, rng, gen, clock.log)
+    if reuse is not None:  # a UNet ablation: the VAE and text encoder of an earlier run with the same layout
+        reused_stages(modules, reuse, clock)
+    else:
+        stages.train_vae(modules["vae"], r, rng, gen, clock.log)
     modules["vae"].requires_grad_(False)
     clock.lap("vae")
-    vae_ceiling(modules["vae"], clock)
+    if reuse is None:
+        vae_ceiling(modules["vae"], clock)
     if vae_only:
         from lorakit.demo.roundtrip import errors, random_pictures
 
@@ -150,7 +175,8 @@ def train(r: Recipe, out: Path, save_every: int, judge: bool, clock: Clock, vae_
                   f"shape inside max {fg.max():.3f} mean {fg.mean():.3f}")
         return
     captions = stages.Captions()
-    stages.pretrain_text_encoder(modules["text_encoder"], r, rng, captions, clock.log)
+    if reuse is None:
+        stages.pretrain_text_encoder(modules["text_encoder"], r, rng, captions, clock.log)
     clock.lap("text_encoder")
     scenes = [random_scene(rng, r.pair_share) for _ in range(r.scenes)]
     latents = stages.encode_scenes(modules["vae"], scenes)
@@ -168,6 +194,18 @@ def train(r: Recipe, out: Path, save_every: int, judge: bool, clock: Clock, vae_
 
     data = stages.Denoising(modules, latents * scaling, scenes, captions)
     stages.train_denoiser(data, r, rng, gen, save, save_every, clock.log)
+
+
+def reused_stages(modules: dict[str, torch.nn.Module], folder: Path, clock: Clock) -> None:
+    """Stages 1-2 taken from ``folder``'s ``demo.safetensors`` (its VAE and text encoder; fp16 there)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(folder / demo_weights.WEIGHTS.name))
+    for name in ("vae", "text_encoder"):
+        prefix = name + "."
+        modules[name].load_state_dict({k[len(prefix):]: v.float() for k, v in tensors.items()
+                                       if k.startswith(prefix)}, strict=True)
+    clock.log(f"VAE and text encoder from {folder} (stages 1-2 skipped)")
 
 
 @torch.no_grad()
@@ -248,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dev", action="store_true", help="judge each saved model on the development set")
     p.add_argument("--vae-only", action="store_true",
                    help="train the VAE, report its ceiling (the classifier on decoded renderings) and round trip, stop")
+    p.add_argument("--reuse", type=Path, default=None,
+                   help="take the VAE and text encoder from this run's folder (a UNet ablation; not reproducible alone)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override a recipe value")
     a = p.parse_args(argv)
     r = recipe_from(a.set, a.quick)
@@ -257,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.use_deterministic_algorithms(True, warn_only=True)
     clock = Clock()
     clock.log(f"recipe {asdict(r)} -> {out}")
-    train(r, out, a.save_every, a.dev, clock, a.vae_only)
+    train(r, out, a.save_every, a.dev, clock, a.vae_only, a.reuse)
     clock.log(f"done in {time.time() - clock.start:.0f}s")
     return 0
 
