@@ -20,6 +20,7 @@ from .file_mutations import as_safetensors, mutate_bytes, mutate_header, mutate_
 from .flux_factories import fp8_state
 
 Files = dict[str, Path]
+Second = tuple[str, str, dict[str, torch.Tensor], dict[str, str]]  # key, file stem, tensors, metadata
 SD3_META = {"modelspec.architecture": "stable-diffusion-3-medium/lora"}
 MUTATED = 4  # mutated LoRAs of each family
 
@@ -67,12 +68,8 @@ def _sd3(d: Path, folder: Path) -> tuple[Files, Files]:
     save_file(state, models["sd3_sai"])
     save_file({**state, "joint_blocks.0.x_block.attn.proj.weight": torch.zeros(8, 32)}, models["sd3_bad_shape"])
     layers = sai_lora(tr, "lora", rank=2, seed=3)
-    loras = {"sd3": folder / "sd3_style.safetensors", "sd3_diffusers": folder / "sd3_peft.safetensors",
-             "sd3_nan": d / "sd3_nan.safetensors"}
-    save_file(kohya_keys(layers), loras["sd3"], SD3_META)
-    save_file(_peft("transformer.", split_to_diffusers(tr, layers)), loras["sd3_diffusers"])
-    save_file(_nan(kohya_keys(layers)), loras["sd3_nan"], SD3_META)
-    return loras, models
+    second: Second = ("sd3_diffusers", "sd3_peft", _peft("transformer.", split_to_diffusers(tr, layers)), {})
+    return _family_loras(d, folder, "sd3", kohya_keys(layers), SD3_META, second), models
 
 
 def _chroma(d: Path, folder: Path) -> tuple[Files, Files]:
@@ -83,12 +80,9 @@ def _chroma(d: Path, folder: Path) -> tuple[Files, Files]:
     models = {"chroma": d / "chroma"}
     pipe.save_pretrained(models["chroma"])  # type: ignore[attr-defined]
     layers = chroma_lora(pipe.transformer, "lora", rank=2, seed=4)  # type: ignore[attr-defined]
-    loras = {"chroma": folder / "chroma_style.safetensors", "chroma_comfy": folder / "chroma_comfy.safetensors",
-             "chroma_nan": d / "chroma_nan.safetensors"}
-    save_file(kohya_keys(layers), loras["chroma"], {"ss_base_model_version": "chroma"})
-    save_file(_peft("diffusion_model.", layers), loras["chroma_comfy"], {"modelspec.architecture": "chroma/lora"})
-    save_file(_nan(kohya_keys(layers)), loras["chroma_nan"], {"ss_base_model_version": "chroma"})
-    return loras, models
+    comfy = _peft("diffusion_model.", layers)
+    second: Second = ("chroma_comfy", "chroma_comfy", comfy, {"modelspec.architecture": "chroma/lora"})
+    return _family_loras(d, folder, "chroma", kohya_keys(layers), {"ss_base_model_version": "chroma"}, second), models
 
 
 def _qwen(d: Path, folder: Path) -> tuple[Files, Files]:
@@ -99,12 +93,21 @@ def _qwen(d: Path, folder: Path) -> tuple[Files, Files]:
     pipe.save_pretrained(models["qwen"])  # type: ignore[attr-defined]
     layers = qwen_lora(pipe.transformer, "lora", rank=2, seed=5)  # type: ignore[attr-defined]
     kohya = {f"{kohya_name(m)}.{leaf}": t for m, leaves in layers.items() for leaf, t in leaves.items()}
-    loras = {"qwen": folder / "qwen_style.safetensors", "qwen_diffusers": folder / "qwen_peft.safetensors",
-             "qwen_nan": d / "qwen_nan.safetensors"}
-    save_file(kohya, loras["qwen"])
-    save_file(_peft("transformer.", layers), loras["qwen_diffusers"])
-    save_file(_nan(kohya), loras["qwen_nan"])
-    return loras, models
+    second: Second = ("qwen_diffusers", "qwen_peft", _peft("transformer.", layers), {})
+    return _family_loras(d, folder, "qwen", kohya, {}, second), models
+
+
+def _family_loras(d: Path, folder: Path, family: str, kohya: dict[str, torch.Tensor], meta: dict[str, str],
+                  second: Second) -> Files:
+    """A family's LoRA files: its kohya file (``FAMILY_style`` in the LoRA folder), a second dialect's (``second``:
+    key, file stem, tensors, metadata) beside it, and a NaN copy of the kohya file outside the folder."""
+    key, stem, tensors, second_meta = second
+    loras = {family: folder / f"{family}_style.safetensors", key: folder / f"{stem}.safetensors",
+             f"{family}_nan": d / f"{family}_nan.safetensors"}
+    save_file(kohya, loras[family], meta)
+    save_file(tensors, loras[key], second_meta)
+    save_file(_nan(kohya), loras[f"{family}_nan"], meta)
+    return loras
 
 
 def _peft(prefix: str, layers: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
