@@ -70,8 +70,7 @@ def anchor_loss(mean: Tensor, x: Tensor) -> Tensor:
     VAE, 2× for the candidate's), the other channels small. Colour is then the latents' largest, simplest signal,
     which the denoiser learns first."""
     pooled = nn.functional.avg_pool2d(x, x.shape[-1] // mean.shape[-1])
-    rest = mean[:, 3] if mean.shape[1] == 4 else mean[:, 3:]
-    return (mean[:, :3] - pooled).pow(2).mean() + 0.1 * rest.pow(2).mean()
+    return (mean[:, :3] - pooled).pow(2).mean() + 0.1 * mean[:, 3:].pow(2).mean()
 
 
 def colour_loss(rec: Tensor, x: Tensor) -> Tensor:

@@ -119,7 +119,7 @@ def configs(r: Recipe) -> dict[str, dict[str, Any]]:
     out["vae"]["down_block_types"] = out["vae"]["down_block_types"][:r.vae_blocks]
     out["vae"]["up_block_types"] = out["vae"]["up_block_types"][:r.vae_blocks]
     unet = out["unet"]
-    unet["sample_size"] = 64 // 2 ** (r.vae_blocks - 1)
+    unet["sample_size"] = int(out["vae"]["sample_size"]) // 2 ** (r.vae_blocks - 1)
     if r.latent_channels != out["vae"]["latent_channels"]:
         out["vae"]["latent_channels"] = unet["in_channels"] = unet["out_channels"] = r.latent_channels
     if r.unet_front:  # the shipped levels keep their widths and attention, one level lower
