@@ -4,10 +4,11 @@ three-level layouts for 32×32 (a 32-wide level in front; cross-attention at 8×
 
     python benchmarks/demo_unet_cost.py            # every layout, side by side
     python benchmarks/demo_unet_cost.py shipped16 front32
+    python benchmarks/demo_unet_cost.py front32 --channels-last --compile   # eager, channels-last, torch.compile
 """
 from __future__ import annotations
 
-import sys
+import argparse
 import time
 
 import torch
@@ -28,16 +29,22 @@ LAYOUTS = {
 }
 
 
-def step_seconds(size: int, layout: dict[str, object], steps: int = 4) -> tuple[float, list[float]]:
+def step_seconds(size: int, layout: dict[str, object], steps: int = 4, mode: str = "eager"
+                 ) -> tuple[float, list[float]]:
+    """Parameters (M) and the seconds of each step after a first (warm-up; compilation for ``compile``)."""
     torch.manual_seed(0)
     unet = UNet2DConditionModel(sample_size=size, **COMMON, **layout)  # type: ignore[arg-type]
     opt = torch.optim.AdamW(unet.parameters(), 1e-4)
     x, ctx = torch.randn(32, 4, size, size), torch.randn(32, 77, 64)
     t = torch.randint(0, 1000, (32,))
+    if mode == "channels_last":
+        unet = unet.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        x = x.contiguous(memory_format=torch.channels_last)
+    forward = torch.compile(unet) if mode == "compile" else unet
     times = []
-    for _ in range(steps):
+    for _ in range(steps + 1):
         start = time.perf_counter()
-        loss = unet(x, t, ctx).sample.pow(2).mean()
+        loss = forward(x, t, ctx).sample.pow(2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -45,15 +52,25 @@ def step_seconds(size: int, layout: dict[str, object], steps: int = 4) -> tuple[
     return sum(p.numel() for p in unet.parameters()) / 1e6, times
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    p.add_argument("layouts", nargs="*", default=list(LAYOUTS), help=f"some of: {', '.join(LAYOUTS)} (default: all)")
+    p.add_argument("--channels-last", action="store_true", help="also time channels-last memory format")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile (first step: compilation)")
+    a = p.parse_args(argv)
+    if unknown := [n for n in a.layouts if n not in LAYOUTS]:
+        p.error(f"unknown layout {unknown[0]!r}; known: {', '.join(LAYOUTS)}")
+    modes = ["eager"] + ["channels_last"] * a.channels_last + ["compile"] * a.compile
     torch.set_num_threads(2)
-    for name in argv or list(LAYOUTS):
+    for name in a.layouts:
         size, layout = LAYOUTS[name]
-        params, times = step_seconds(size, layout)
-        steps = " ".join(f"{t:.2f}" for t in times)
-        print(f"{name:15s} {size}x{size} latents  {params:.2f} M parameters  s/step {steps}")
+        for mode in modes:
+            params, times = step_seconds(size, layout, mode=mode)
+            steps = " ".join(f"{t:.2f}" for t in times[1:])
+            print(f"{name:15s} {mode:13s} {size}x{size} latents  {params:.2f} M parameters  "
+                  f"first step {times[0]:.2f} s, then s/step {steps}", flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))
+    raise SystemExit(main())

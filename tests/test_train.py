@@ -280,7 +280,7 @@ def test_a_trained_lora_moves_images_toward_its_data(demo: BaseModel, tmp_path: 
     _images(tmp_path / "data" / "4_bluestyle", 4, colour=(30, 70, 220), caption="bluestyle, a circle")
     out = tmp_path / "loras" / "blue.safetensors"
     # caption dropout: the unconditional branch learns the look too, so that it holds under CFG
-    Trainer(_cfg(tmp_path / "data", out, "locon", steps=150, lr=5e-3, batch=4, caption_dropout=0.25),
+    Trainer(_cfg(tmp_path / "data", out, "locon", steps=100, lr=5e-3, batch=4, caption_dropout=0.25),
             demo).run(progress=False)
     target = np.array([30, 70, 220], dtype=np.float64)
     gen = Generator(demo, LoraIndex([tmp_path / "loras"]))
