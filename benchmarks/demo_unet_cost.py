@@ -11,31 +11,45 @@ from __future__ import annotations
 import argparse
 import time
 
+import sys
+from pathlib import Path
+from typing import Any
+
 import torch
 from diffusers import UNet2DConditionModel
 
-COMMON = {"layers_per_block": 1, "norm_num_groups": 32, "cross_attention_dim": 64, "attention_head_dim": 8}
-TWO = {"block_out_channels": [64, 128], "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-       "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"]}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from lorakit.demo.weights import CONFIGS  # noqa: E402
+
+SHIPPED: dict[str, Any] = {k: v for k, v in CONFIGS["unet"].items() if k != "sample_size"}  # the shipped UNet
+
+
+def _front(attn16: bool) -> dict[str, Any]:
+    """The shipped levels one level lower, behind a 32-wide level without attention (the candidate's
+    ``unet_front=32``; ``attn16``: its 16×16 level cross-attends too, ``unet_attn16=1``)."""
+    middle = ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D") if attn16 else ("DownBlock2D", "UpBlock2D")
+    down, up = SHIPPED["down_block_types"], SHIPPED["up_block_types"]
+    return {**SHIPPED, "block_out_channels": [32, *SHIPPED["block_out_channels"]],
+            "down_block_types": ["DownBlock2D", middle[0], *down[1:]],
+            "up_block_types": [*up[:-1], middle[1], "UpBlock2D"]}
+
+
 LAYOUTS = {
-    "shipped16": (16, TWO),
-    "shipped32": (32, TWO),
-    "front32": (32, {"block_out_channels": [32, 64, 128],
-                     "down_block_types": ["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"],
-                     "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"]}),
-    "front32_attn16": (32, {"block_out_channels": [32, 64, 128],
-                            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-                            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]}),
+    "shipped16": (16, SHIPPED),
+    "shipped32": (32, SHIPPED),
+    "front32": (32, _front(attn16=False)),
+    "front32_attn16": (32, _front(attn16=True)),
 }
 
 
-def step_seconds(size: int, layout: dict[str, object], steps: int = 4, mode: str = "eager"
+def step_seconds(size: int, layout: dict[str, Any], steps: int = 4, mode: str = "eager"
                  ) -> tuple[float, list[float]]:
     """Parameters (M) and the seconds of each step after a first (warm-up; compilation for ``compile``)."""
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=size, **COMMON, **layout)  # type: ignore[arg-type]
+    unet = UNet2DConditionModel(sample_size=size, **layout)
     opt = torch.optim.AdamW(unet.parameters(), 1e-4)
-    x, ctx = torch.randn(32, 4, size, size), torch.randn(32, 77, 64)
+    x, ctx = torch.randn(32, 4, size, size), torch.randn(32, 77, layout["cross_attention_dim"])
     t = torch.randint(0, 1000, (32,))
     if mode == "channels_last":
         unet = unet.to(memory_format=torch.channels_last)  # type: ignore[call-overload]

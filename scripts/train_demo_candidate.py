@@ -5,8 +5,9 @@ The defaults are run A of docs/training.md ("A UNet at 32×32"): a 2× VAE (32×
 level in front of the shipped two, v prediction, 2,200 UNet steps at batch 32 — on the development set colour 1.000,
 count 0.931, size 0.875, position 0.986, background 0.931, but shape 0.514 (small and medium shapes drawn as blobs).
 ``--set steps=4400`` (run L) reaches the issue's target on the frozen evaluation set for every attribute but size
-(0.895), but one run takes ~69 minutes on the 2-core VM against the 45-minute cap, so nothing ships from it yet. ``--set vae_blocks=3 unet_front=0`` gives the shipped model's layout (4× VAE, two-level
-UNet; ``vae_groups=8`` for its VAE's normalisation too).
+(0.895), but one run takes ~69 minutes on the 2-core VM against the 45-minute cap, so nothing ships from it yet.
+``--set vae_blocks=3 unet_front=0`` gives the shipped model's layout (4× VAE, two-level UNet; ``vae_groups=8`` for
+its VAE's normalisation too).
 
 Deterministic: fixed seeds, ``threads`` CPU threads, torch's deterministic algorithms. Stages (``demo_stages.py``):
 (1) the VAE (2× down, 32×32×4 latents; channels 0-2 held to the 2×-pooled picture; ``vae_groups`` GroupNorm groups)
@@ -224,7 +225,8 @@ def vae_ceiling(vae: torch.nn.Module, clock: Clock, n: int = 240) -> None:
     right: dict[str, int] = {}
     for i in range(0, n, 48):
         batch = scenes[i:i + 48]
-        rec = vae.decode(vae.encode(stages.to_tensor([render(s) for s in batch])).latent_dist.mean).sample  # type: ignore[operator]
+        mean = vae.encode(stages.to_tensor([render(s) for s in batch])).latent_dist.mean  # type: ignore[operator]
+        rec = vae.decode(mean).sample  # type: ignore[operator]
         pixels = ((rec.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         for scene, px in zip(batch, pixels):
             got = classify(Image.fromarray(px)).attributes()
@@ -295,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vae-only", action="store_true",
                    help="train the VAE, report its ceiling (the classifier on decoded renderings) and round trip, stop")
     p.add_argument("--reuse", type=Path, default=None,
-                   help="take the VAE and text encoder from this run's folder (a UNet ablation; not reproducible alone)")
+                   help="take the VAE and text encoder from this run's folder "
+                        "(a UNet ablation; not reproducible alone)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override a recipe value")
     p.add_argument("--judge", type=Path, default=None, metavar="DIR",
                    help="train nothing: judge the model in DIR on the development set, with each sampling given")
